@@ -1,0 +1,11 @@
+"""qcowdisk: a pure-Python engine that reads and writes QEMU qcow2 disk images."""
+
+from .errors import (BackingChainError, CorruptImageError, ImageLockedError, InvalidImageError,
+                     QcowError, ReadOnlyError, RefcountOverflowError, UnsupportedFeatureError)
+from .format import Snapshot
+
+__all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError",
+           "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError",
+           "Snapshot", "QcowFile"]
+
+from .qcowfile import QcowFile  # noqa: E402

@@ -1,0 +1,35 @@
+"""The error hierarchy: one root, subclasses by what the caller can do about it."""
+
+from __future__ import annotations
+
+
+class QcowError(Exception):
+    """Root of every error qcowdisk raises on account of an image."""
+
+
+class InvalidImageError(QcowError):
+    """The file is not a valid image of the format it claims (bad header, bad field)."""
+
+
+class CorruptImageError(InvalidImageError):
+    """The image's metadata is inconsistent (bad table entry, overlapping metadata, corrupt bit)."""
+
+
+class UnsupportedFeatureError(QcowError):
+    """The image is valid but uses a feature qcowdisk does not implement (encryption, unknown bits)."""
+
+
+class BackingChainError(QcowError):
+    """The backing chain cannot be followed: missing file, loop, too deep."""
+
+
+class ImageLockedError(QcowError):
+    """Another process (or another QcowFile) holds the image's write lock."""
+
+
+class ReadOnlyError(QcowError):
+    """A write was attempted on an image opened read-only (or only openable read-only)."""
+
+
+class RefcountOverflowError(CorruptImageError):
+    """A cluster's reference count would exceed what the refcount width can hold."""

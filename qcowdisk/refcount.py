@@ -1,0 +1,271 @@
+"""Reference counts: read and update counts of every width, allocate and free clusters, grow the table.
+
+Crash-safe order (QEMU's): a new refcount block is written and synced before the table entry
+that points at it; a grown refcount table is written and synced before the header switches to
+it, and the old table is freed only after that. Decrements are not done here on the spot: the
+owner defers them until the references are gone on disk (see QcowFile._flush_locked).
+Every method expects the caller to hold the image lock.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Callable
+
+from .cache import TableCache, TableCodec
+from .errors import CorruptImageError, RefcountOverflowError
+from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
+from .hostio import HostFile
+
+
+class Refcounts:
+    """The refcount table and a write-back cache of refcount blocks for one image."""
+
+    def __init__(self, host: HostFile, cluster_bits: int, refcount_bits: int, reftable_offset: int,
+                 reftable_clusters: int, file_length: Callable[[], int], cache_bytes: int,
+                 on_table_moved: Callable[[int, int], None],
+                 metadata: set[int]) -> None:
+        self.host = host
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.refcount_bits = refcount_bits
+        self.max_refcount = (1 << refcount_bits) - 1
+        self.block_entries = self.cluster_size * 8 // refcount_bits
+        self.codec = TableCodec(refcount_bits, self.cluster_size)
+        self.file_length = file_length
+        self.cache = TableCache(host, self.codec, cache_bytes // self.cluster_size,
+                                on_load=self._check_block_offset)
+        self.reftable_offset = reftable_offset
+        self.reftable_clusters = reftable_clusters
+        self.on_table_moved = on_table_moved  # writes the header after a table switch
+        self.metadata = metadata  # host clusters holding metadata (overlap check), shared with owner
+        raw = host.pread(reftable_clusters * self.cluster_size, reftable_offset)
+        if len(raw) < reftable_clusters * self.cluster_size:
+            raise CorruptImageError(
+                f"refcount table at 0x{reftable_offset:x} ({reftable_clusters} clusters) runs past end of file")
+        self.reftable = TableCodec(64, len(raw)).decode(raw)
+        self.end_cluster = -(-file_length() // self.cluster_size)
+        self.free_hint = 0
+        self.append_only = False
+        self.dirty_since_sync = False
+        for c in range(reftable_offset >> cluster_bits, (reftable_offset >> cluster_bits) + reftable_clusters):
+            metadata.add(c)
+        for i, e in enumerate(self.reftable):
+            if e:
+                metadata.add(self._block_offset(i) >> cluster_bits)
+
+    # --- reading -------------------------------------------------------------------------
+    def _block_offset(self, reftable_index: int) -> int:
+        e = self.reftable[reftable_index]
+        if e & REFT_RESERVED_MASK:
+            raise CorruptImageError(
+                f"refcount table entry {reftable_index} = 0x{e:x} has reserved bits set (mask 0x{REFT_RESERVED_MASK:x})")
+        off = e & REFT_OFFSET_MASK
+        if off & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"Refblock offset 0x{off:x} unaligned (reftable index {reftable_index}, cluster size {self.cluster_size})")
+        return off
+
+    def _check_block_offset(self, host_offset: int) -> None:
+        if host_offset + self.cluster_size > self.file_length() and host_offset >= self.end_cluster * self.cluster_size:
+            raise CorruptImageError(
+                f"refcount block at 0x{host_offset:x} lies past the end of the file ({self.file_length()} bytes)")
+        if host_offset < self.cluster_size:
+            raise CorruptImageError(f"refcount block offset 0x{host_offset:x} overlaps the header")
+
+    def get(self, host_cluster: int) -> int:
+        """The refcount of one host cluster (0 where no block exists)."""
+        ri, idx = divmod(host_cluster, self.block_entries)
+        if ri >= len(self.reftable):
+            return 0
+        off = self._block_offset(ri)
+        if not off:
+            return 0
+        return self.cache.get(off).entries[idx]
+
+    # --- updating ------------------------------------------------------------------------
+    def update(self, host_cluster: int, delta: int) -> int:
+        """Add `delta` to a cluster's refcount; returns the new count. Refuses overflow/underflow."""
+        ri, idx = divmod(host_cluster, self.block_entries)
+        block = self._block_for_write(ri)
+        old = block.entries[idx]
+        new = old + delta
+        if new > self.max_refcount:
+            raise RefcountOverflowError(
+                f"refcount of host cluster {host_cluster} (offset 0x{host_cluster << self.cluster_bits:x}) would "
+                f"overflow: {old} + {delta} > {self.max_refcount} (refcount_bits {self.refcount_bits})")
+        if new < 0:
+            raise CorruptImageError(
+                f"refcount of host cluster {host_cluster} (offset 0x{host_cluster << self.cluster_bits:x}) "
+                f"would drop below zero: {old} {delta:+d}")
+        block.entries[idx] = new
+        block.mark(idx)
+        self.dirty_since_sync = True
+        if new == 0 and host_cluster < self.free_hint:
+            self.free_hint = host_cluster
+        return new
+
+    def set_range(self, first_cluster: int, count: int, value: int) -> None:
+        """Set the refcount of `count` clusters from `first_cluster` to `value` (used for fresh allocations)."""
+        c = first_cluster
+        end = first_cluster + count
+        while c < end:
+            ri, idx = divmod(c, self.block_entries)
+            n = min(end - c, self.block_entries - idx)
+            block = self._block_for_write(ri)
+            block.entries[idx:idx + n] = array(block.entries.typecode, [value]) * n
+            block.mark(idx, idx + n)
+            c += n
+        self.dirty_since_sync = True
+
+    def _block_for_write(self, ri: int):  # type: ignore[no-untyped-def]
+        if ri >= len(self.reftable):
+            self._grow_table(ri)
+        off = self._block_offset(ri)
+        if not off:
+            off = self._alloc_block(ri)
+        return self.cache.get(off)
+
+    def _alloc_block(self, ri: int) -> int:
+        """Append a new refcount block for table index `ri`; write and sync it before its table entry."""
+        cluster = self.end_cluster
+        self.end_cluster += 1
+        off = cluster << self.cluster_bits
+        self.metadata.add(cluster)
+        block = self.cache.install_new(off)
+        self_describing = cluster // self.block_entries == ri
+        if self_describing:
+            block.entries[cluster % self.block_entries] = 1
+        self.cache.write_table(block)
+        self.host.fsync()
+        self.reftable[ri] = off
+        self._write_reftable_entry(ri)
+        if not self_describing:
+            self.update(cluster, 1)
+        return off
+
+    def _write_reftable_entry(self, ri: int) -> None:
+        lo, hi = TableCodec(64, len(self.reftable) * 8).byte_range(ri, ri + 1)
+        data = TableCodec(64, 8).encode(self.reftable, lo, hi)
+        self.host.pwrite(data, self.reftable_offset + lo * 8)
+
+    def _grow_table(self, need_index: int) -> None:
+        """Move the refcount table to a bigger, self-describing one at the end of the file."""
+        cs, epb = self.cluster_size, self.block_entries
+        old_entries = len(self.reftable)
+        start = self.end_cluster
+        n_entries = max(need_index + 1, old_entries * 2)
+        new_blocks: list[int] = []  # reftable indices needing a new block
+        while True:
+            k = -(-n_entries * 8 // cs)
+            total = k + len(new_blocks)
+            first_ri = start // epb
+            last_ri = (start + total - 1) // epb
+            needed = [ri for ri in range(first_ri, last_ri + 1)
+                      if ri >= old_entries or not self.reftable[ri]]
+            if max(needed + [need_index]) >= n_entries:
+                n_entries = max(needed + [need_index]) + 1
+                continue
+            if needed == new_blocks:
+                break
+            new_blocks = needed
+        if k * cs > MAX_REFTABLE_BYTES:
+            raise CorruptImageError(
+                f"refcount table would grow to {k * cs} bytes, over the {MAX_REFTABLE_BYTES} byte limit")
+        table_cluster = start
+        block_clusters = {ri: start + k + i for i, ri in enumerate(new_blocks)}
+        self.end_cluster = start + k + len(new_blocks)
+        new_table = array("Q", bytes(k * cs))
+        new_table[:old_entries] = self.reftable
+        for ri, c in block_clusters.items():
+            new_table[ri] = c << self.cluster_bits
+            self.metadata.add(c)
+        # Fill counts for the new table and blocks: new blocks in memory, old ones through the cache.
+        new_block_tables = {ri: self.cache.install_new(c << self.cluster_bits) for ri, c in block_clusters.items()}
+        for c in range(start, self.end_cluster):
+            ri, idx = divmod(c, epb)
+            if ri in new_block_tables:
+                new_block_tables[ri].entries[idx] = 1
+            else:
+                b = self.cache.get(self._block_offset(ri))
+                b.entries[idx] += 1
+                b.mark(idx)
+        for b in new_block_tables.values():
+            self.cache.write_table(b)
+        self.cache.write_dirty()
+        raw = TableCodec(64, k * cs).encode(new_table, 0, len(new_table))
+        self.host.pwrite(raw, table_cluster << self.cluster_bits)
+        self.host.fsync()
+        old_offset, old_clusters = self.reftable_offset, self.reftable_clusters
+        self.reftable = new_table
+        self.reftable_offset = table_cluster << self.cluster_bits
+        self.reftable_clusters = k
+        for c in range(table_cluster, table_cluster + k):
+            self.metadata.add(c)
+        self.on_table_moved(self.reftable_offset, k)  # one header write + sync
+        first_old = old_offset >> self.cluster_bits
+        for c in range(first_old, first_old + old_clusters):
+            self.metadata.discard(c)
+            self.update(c, -1)
+
+    # --- allocation ----------------------------------------------------------------------
+    def alloc_clusters(self, count: int) -> list[tuple[int, int]]:
+        """Allocate `count` clusters with refcount 1; returns extents (first_cluster, n).
+
+        Free clusters below the end of the file are reused first (lowest first, as runs),
+        then the rest is appended as one contiguous extent.
+        """
+        extents: list[tuple[int, int]] = []
+        remaining = count
+        if not self.append_only:
+            while remaining and self.free_hint < self.end_cluster:
+                c = self._find_free(self.free_hint)
+                if c is None:
+                    self.free_hint = self.end_cluster
+                    break
+                n = 1
+                limit = min(remaining, self.end_cluster - c)
+                while n < limit and self.get(c + n) == 0:
+                    n += 1
+                self.set_range(c, n, 1)
+                extents.append((c, n))
+                remaining -= n
+                self.free_hint = c + n
+        if remaining:
+            c = self.end_cluster
+            self.end_cluster += remaining
+            self.set_range(c, remaining, 1)
+            if extents and extents[-1][0] + extents[-1][1] == c:
+                extents[-1] = (extents[-1][0], extents[-1][1] + remaining)
+            else:
+                extents.append((c, remaining))
+        return extents
+
+    def _find_free(self, start: int) -> int | None:
+        """Lowest cluster >= start, below end_cluster, with refcount 0."""
+        epb = self.block_entries
+        c = start
+        while c < self.end_cluster:
+            ri, idx = divmod(c, epb)
+            if ri >= len(self.reftable):
+                return c
+            off = self._block_offset(ri)
+            if not off:
+                return c
+            entries = self.cache.get(off).entries
+            try:
+                found = entries.index(0, idx)
+            except ValueError:
+                c = (ri + 1) * epb
+                continue
+            c = ri * epb + found
+            return c if c < self.end_cluster else None
+        return None
+
+    def write_dirty(self) -> bool:
+        """Write every dirty refcount block (no sync)."""
+        return self.cache.write_dirty()
+
+    def has_dirty(self) -> bool:
+        """Whether refcount blocks have unwritten changes."""
+        return self.cache.has_dirty()
