@@ -115,7 +115,7 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
 
     # Metadata layout: header | refcount table | refcount blocks | L1, sized to a fixed point.
     entries_per_block = cluster_size * 8 // refcount_bits
-    l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+    l1_clusters = -(-l1_size * 8 // cluster_size)  # none for an empty disk, as QEMU
     rt_clusters, rb_count = 1, 1
     while True:
         total = 1 + rt_clusters + rb_count + l1_clusters
@@ -127,7 +127,7 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
     h.refcount_table_offset = cluster_size
     h.refcount_table_clusters = rt_clusters
     rb_first = 1 + rt_clusters
-    h.l1_table_offset = (rb_first + rb_count) * cluster_size
+    h.l1_table_offset = (rb_first + rb_count) * cluster_size if l1_size else 0
     total = rb_first + rb_count + l1_clusters
 
     header_bytes = serialize_header(h)
@@ -156,7 +156,7 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
         host.pwrite(header_bytes, 0)
         host.pwrite(reftable.encode(rt_entries, 0, len(rt_entries)), cluster_size)
         host.pwritev(blocks, rb_first * cluster_size)
-        host.truncate(h.l1_table_offset + max(l1_size * 8, 8 if l1_size == 0 else 0))
+        host.truncate(h.l1_table_offset + l1_size * 8 if l1_size else total * cluster_size)
         host.fsync()
     finally:
         host.close()

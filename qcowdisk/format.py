@@ -306,14 +306,20 @@ def _parse_extensions(h: Header, buf: bytes, file_length: int) -> None:
         if pos + EXT_STRUCT.size > end:
             raise InvalidImageError(f"Header extension too large: extension header at {pos} runs past {end}")
         if pos + EXT_STRUCT.size > len(buf):
-            raise InvalidImageError(f"Header extension area truncated: file ends at {len(buf)}, extension header at {pos}")
+            raise InvalidImageError(
+                f"Header extension area truncated: extension header at {pos} but the file ends at {len(buf)}")
         ext_type, length = EXT_STRUCT.unpack_from(buf, pos)
         pos += EXT_STRUCT.size
         if ext_type == EXT_END:
             break
-        if pos + length > end or pos + length > len(buf):
+        if pos + length > end:
             raise InvalidImageError(
-                f"Header extension too large: extension 0x{ext_type:08x} length {length} at {pos} runs past {end}")
+                f"Header extension too large: extension 0x{ext_type:08x} length {length} at {pos} runs past "
+                f"cluster 0 / the backing file name (limit {end})")
+        if pos + length > len(buf):
+            raise InvalidImageError(
+                f"Header extension truncated: extension 0x{ext_type:08x} length {length} at {pos} but the file "
+                f"ends at {len(buf)}")
         data = bytes(buf[pos:pos + length])
         pos += _pad8(length)
         if ext_type in seen:
@@ -474,16 +480,25 @@ class Snapshot:
 
 
 def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int,
-                         file_length: int) -> tuple[list[Snapshot], int]:
+                         file_length: int, table_offset: int = 0) -> tuple[list[Snapshot], int]:
     """Decode `count` snapshot entries from `buf`; return them and the table's byte length.
 
     Each entry's L1 table is range-checked; every length comes from `buf` itself, never past it.
     """
     snaps: list[Snapshot] = []
     pos = 0
+    def incomplete(i: int, need: int) -> InvalidImageError:
+        if pos + need > MAX_SNAPSHOT_TABLE_BYTES:
+            return InvalidImageError(
+                f"Snapshot table too large: entry {i} ends past {MAX_SNAPSHOT_TABLE_BYTES} bytes "
+                f"(nb_snapshots {count})")
+        return InvalidImageError(
+            f"snapshot table entry {i} is incomplete: snapshots_offset 0x{table_offset:x} + {pos + need} bytes "
+            f"runs past the end of the file ({file_length} bytes)")
+
     for i in range(count):
         if pos + SNAPSHOT_HEADER_STRUCT.size > len(buf):
-            raise InvalidImageError(f"snapshot table entry {i} is incomplete (at byte {pos}, table holds {len(buf)})")
+            raise incomplete(i, SNAPSHOT_HEADER_STRUCT.size)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state_size,
          extra_size) = SNAPSHOT_HEADER_STRUCT.unpack_from(buf, pos)
         pos += SNAPSHOT_HEADER_STRUCT.size
@@ -492,7 +507,8 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
         if version >= 3 and extra_size < 16:
             raise InvalidImageError(f"snapshot {i}: extra_size {extra_size} too small for a v3 image (need 16)")
         if pos + extra_size + id_len + name_len > len(buf):
-            raise InvalidImageError(f"snapshot table entry {i} is incomplete (needs {extra_size + id_len + name_len} more bytes)")
+            pos -= SNAPSHOT_HEADER_STRUCT.size
+            raise incomplete(i, SNAPSHOT_HEADER_STRUCT.size + extra_size + id_len + name_len)
         extra = bytes(buf[pos:pos + extra_size]) + bytes(max(0, SNAPSHOT_EXTRA_STRUCT.size - extra_size))
         vm_state_large, disk_size, icount = SNAPSHOT_EXTRA_STRUCT.unpack_from(extra, 0)
         if extra_size >= 8:

@@ -81,9 +81,9 @@ class QcowFile(WritingMixin):
 
     def _load(self, chain: tuple[str, ...], max_nesting_depth: int) -> None:
         host = self.host
-        if not self.readonly:
-            from .locking import lock_image
-            self._image_lock = lock_image(host.fd, self.filename, write=True)
+        # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
+        from .locking import lock_image
+        self._image_lock = lock_image(host.fd, self.filename, write=not self.readonly)
         file_length = host.size()
         head = host.pread(min(file_length, 1 << 21), 0)
         h = parse_header(head, file_length)
@@ -116,7 +116,8 @@ class QcowFile(WritingMixin):
             avail = min(64 << 20, file_length - h.snapshots_offset)
             buf = host.pread(avail, h.snapshots_offset)
             self.snapshots, self._snapshot_table_length = parse_snapshot_table(
-                buf, h.nb_snapshots, h.version, self.cluster_size, file_length)
+                buf, h.nb_snapshots, h.version, self.cluster_size, file_length, h.snapshots_offset)
+        self._check_tables_vs_refblocks()
         # external data file
         self._data_file_limit = 0
         if h.has_data_file:
@@ -148,6 +149,25 @@ class QcowFile(WritingMixin):
         self.closed = False
         if not self.readonly:
             self._open_for_writing()
+
+    def _check_tables_vs_refblocks(self) -> None:
+        """The active and snapshot L1 tables must not sit on a refcount block (cheap, at open)."""
+        h, cs = self.header, self.cluster_size
+        raw = self.host.pread(h.refcount_table_clusters * cs, h.refcount_table_offset)
+        blocks = {e & ~0x1FF for e in TableCodec(64, len(raw) // 8 * 8).decode(raw[:len(raw) // 8 * 8])
+                  if e and not e & (cs - 1) & ~0x1FF}
+        if not blocks:
+            return
+        tables = [("l1_table_offset", h.l1_table_offset, h.l1_size)]
+        tables += [(f"snapshot {s.id} l1_table_offset", s.l1_table_offset, s.l1_size) for s in self.snapshots]
+        for name, offset, size in tables:
+            if not size:
+                continue
+            for c in range(offset, offset + size * 8, cs):
+                if c // cs * cs in blocks:
+                    raise InvalidImageError(
+                        f"{'Active' if name == 'l1_table_offset' else 'Snapshot'} L1 table offset invalid: "
+                        f"{name} 0x{offset:x} overlaps the refcount block at 0x{c // cs * cs:x}")
 
     def _open_for_writing(self) -> None:
         h = self.header

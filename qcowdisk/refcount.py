@@ -136,12 +136,15 @@ class Refcounts:
         self_describing = cluster // self.block_entries == ri
         if self_describing:
             block.entries[cluster % self.block_entries] = 1
+        else:
+            # Counted in another block (allocated first if need be); that count must be on disk
+            # before the table links this block, or a crash leaves a linked block with count 0.
+            self.update(cluster, 1)
+            self.cache.write_table(self.cache.get(self._block_offset(cluster // self.block_entries)))
         self.cache.write_table(block)
         self.host.fsync()
         self.reftable[ri] = off
         self._write_reftable_entry(ri)
-        if not self_describing:
-            self.update(cluster, 1)
         return off
 
     def _write_reftable_entry(self, ri: int) -> None:

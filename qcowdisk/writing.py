@@ -209,6 +209,8 @@ class WritingMixin(MappingMixin):
                     return [0, a, b, 0, cs, host, 0, 0]
                 return [0, a, b, a, b, host, 0, 0]
             return [0, a, b, 0, cs, None, 0, 0]
+        if not compressed:
+            self._bitmap_check(e, bitmap, gc)
         ssize = 1 << self._sub_bits
         s0, s1 = a // ssize, -(-b // ssize)
         mask = ((1 << (s1 - s0)) - 1) << s0
