@@ -1,0 +1,561 @@
+"""The `qcowdisk` command: `info`, `create`, and small `read` / `write` helpers.
+
+`info` and `create` follow `qemu-img`'s syntax and output (QEMU 7.2) closely enough that scripts
+written for one work with the other: `info --output=json` emits the same keys, value types and
+key order as `qemu-img info --output=json` for every field qcowdisk knows; the human output uses
+QEMU's layout and size formatting. Paths are reported the way QEMU reports them: as given on the
+command line, and backing files joined to the directory of the image that names them, without
+normalisation.
+
+Every image is read through `QcowFile.open(path, readonly=True)`; any `QcowError` (or OS error)
+becomes `qcowdisk: error: <message>` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+from .errors import QcowError
+from .backing import probe_format
+from .format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from .qcowfile import QcowFile
+
+PROG = "qcowdisk"
+INT64_MAX = (1 << 63) - 1
+
+# qemu_strtosz: the suffix multiplies by a power of 1024, case-insensitively; 'b' (or none) = bytes.
+_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+                  "p": 1 << 50, "e": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?\s*([bkmgtpe]?)\s*$", re.IGNORECASE)
+_SIZE_HINT = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, "
+              "terabytes, petabytes and exabytes.")
+
+
+class UsageError(Exception):
+    """A bad command-line value (size, option); reported like an image error, exit status 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing helpers
+# --------------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """Parse a qemu-img size: digits, an optional fraction, an optional suffix b/k/M/G/T/P/E.
+
+    Suffixes are binary (k = 1024) and case-insensitive, as in qemu-img. A fraction needs a
+    suffix larger than bytes ("1.5k" is 1536, "1.5" is refused). Raises ValueError.
+    """
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"Invalid size {text!r}. {_SIZE_HINT}")
+    whole, frac, suffix = m.group(1), m.group(2), m.group(3).lower()
+    mul = _SIZE_SUFFIXES[suffix]
+    value = int(whole) * mul
+    if frac is not None:
+        if mul == 1:
+            raise ValueError(f"Invalid size {text!r}: a fraction needs a k, M, G, T, P or E suffix")
+        value += int(frac) * mul // 10 ** len(frac)
+    if value > INT64_MAX:
+        raise ValueError(f"Invalid size {text!r}: must be between 0 and {INT64_MAX}")
+    return value
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """Parse an on/off option value the way QEMU does (on/off, yes/no, true/false)."""
+    low = text.lower()
+    if low in ("on", "yes", "true", "y"):
+        return True
+    if low in ("off", "no", "false", "n"):
+        return False
+    raise ValueError(f"Parameter '{name}' expects 'on' or 'off', got {text!r}")
+
+
+def split_options(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """Split `-o a=1,b=2` strings into (name, value) pairs; ',,' is a literal comma (QEMU's rule)."""
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        items: list[str] = []
+        cur = ""
+        i = 0
+        while i < len(spec):
+            if spec[i] == ",":
+                if spec[i + 1:i + 2] == ",":
+                    cur += ","
+                    i += 2
+                    continue
+                items.append(cur)
+                cur = ""
+            else:
+                cur += spec[i]
+            i += 1
+        items.append(cur)
+        for item in items:
+            if not item:
+                continue
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"Invalid option {item!r}: expected name=value")
+            pairs.append((name.strip(), value))
+    return pairs
+
+
+_COMPAT_ALIASES = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
+
+
+def create_options(pairs: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Map `-o` pairs onto `QcowFile.create` keyword arguments.
+
+    Returns the keywords and the (name, value-as-typed) pairs that were given, for the
+    `Formatting ...` line. `size`, `backing_file` and `backing_fmt` come back under those keys.
+    """
+    kw: dict[str, Any] = {}
+    given: list[tuple[str, str]] = []
+    for name, value in pairs:
+        given.append((name, value))
+        if name == "size":
+            kw["size"] = parse_size(value)
+        elif name == "cluster_size":
+            kw["cluster_size"] = parse_size(value)
+        elif name == "refcount_bits":
+            if not value.isdigit():
+                raise ValueError(f"Invalid refcount_bits {value!r}: expected a power of two 1..64")
+            kw["refcount_bits"] = int(value)
+        elif name == "compat":
+            if value not in _COMPAT_ALIASES:
+                raise ValueError(f"Invalid compatibility level: '{value}' (use 0.10, 1.1, v2 or v3)")
+            kw["compat"] = _COMPAT_ALIASES[value]
+        elif name in ("lazy_refcounts", "extended_l2", "data_file_raw"):
+            kw[name] = parse_bool(name, value)
+        elif name == "compression_type":
+            if value not in COMPRESSION_NAMES.values():
+                raise ValueError(f"Invalid compression_type {value!r} (use zlib or zstd)")
+            kw["compression_type"] = value
+        elif name == "preallocation":
+            if value not in ("off", "metadata", "falloc", "full"):
+                raise ValueError(f"Invalid preallocation mode: '{value}' (use off, metadata, falloc or full)")
+            kw["preallocation"] = value
+        elif name == "data_file":
+            kw["data_file"] = value
+        elif name == "backing_file":
+            kw["backing_file"] = value
+        elif name == "backing_fmt":
+            kw["backing_format"] = value
+        else:
+            raise ValueError(f"Invalid parameter '{name}'")
+    return kw, given
+
+
+def combine_path(base: str, name: str) -> str:
+    """Resolve a backing name against the naming image's path exactly as QEMU's path_combine does."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(base), name)
+
+
+def size_to_str(value: int) -> str:
+    """QEMU's size_to_str: three significant digits and a binary unit ("204 KiB", "1 GiB")."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    i = max(0, (exp - 1) // 10)
+    i = min(i, len(suffixes) - 1)
+    return "%0.3g %sB" % (value / (1 << (i * 10)), suffixes[i])
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+def open_image(path: str) -> Any:
+    """Open an image read-only: qcow v1 through qcowdisk.qcow1 when available, else QcowFile."""
+    try:
+        fmt = probe_format(path)
+    except OSError:
+        fmt = "qcow2"  # let QcowFile.open report the missing file in its own words
+    if fmt == "qcow":
+        try:
+            from .qcow1 import Qcow1File  # written separately; optional
+        except ImportError:
+            pass
+        else:
+            return Qcow1File.open(path, readonly=True)
+    return QcowFile.open(path, readonly=True)
+
+
+def image_format(img: Any) -> str:
+    """The format name qemu-img would print for an opened image or backing reader."""
+    name = getattr(img, "format_name", None)  # Qcow1File (and possibly other readers) say it
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(img, QcowFile):
+        return "qcow2"
+    try:
+        from .qcow1 import Qcow1File
+    except ImportError:
+        Qcow1File = None  # noqa: N806
+    if Qcow1File is not None and isinstance(img, Qcow1File):
+        return "qcow"
+    return "raw"
+
+
+def _actual_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
+def _snapshot_info(s: Any) -> dict[str, Any]:
+    """One snapshot as qemu-img's JSON has it (QEMU's key order)."""
+    d: dict[str, Any] = {}
+    icount = s.icount
+    if icount is not None and icount != 0xFFFFFFFFFFFFFFFF:  # QEMU: absent when unknown (-1)
+        d["icount"] = icount
+    date_sec = int(s.date.timestamp())
+    d["vm-clock-nsec"] = s.vm_clock_ns % 1_000_000_000
+    d["name"] = s.name
+    d["date-sec"] = date_sec
+    d["date-nsec"] = s.date.microsecond * 1000
+    d["vm-clock-sec"] = s.vm_clock_ns // 1_000_000_000
+    d["id"] = s.id
+    d["vm-state-size"] = s.vm_state_size
+    return d
+
+
+def _qcow2_specific(header: Any) -> dict[str, Any]:
+    """format-specific.data for a qcow2 image, with QEMU 7.2's presence rules and key order."""
+    data: dict[str, Any] = {}
+    if header.version == 2:
+        data["compat"] = "0.10"
+        data["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "zlib")
+        data["refcount-bits"] = header.refcount_bits
+        return data
+    data["compat"] = "1.1"
+    data["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "zlib")
+    data["lazy-refcounts"] = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+    data["refcount-bits"] = header.refcount_bits
+    if header.data_file is not None:
+        data["data-file"] = header.data_file
+    if header.has_data_file:  # QEMU: present whenever an external data file is in use
+        data["data-file-raw"] = header.data_file_raw
+    data["corrupt"] = bool(header.incompatible_features & INCOMPAT_CORRUPT)
+    data["extended-l2"] = header.extended_l2
+    return data
+
+
+def image_info(img: Any, filename: str) -> dict[str, Any]:
+    """qemu-img info's JSON object for one opened image; `filename` is the name QEMU would show."""
+    fmt = image_format(img)
+    header = getattr(img, "header", None) if fmt != "raw" else None
+    # qcow2 keeps the names in its header; Qcow1File exposes them on the image itself.
+    backing_name = getattr(header, "backing_file", None) or getattr(img, "backing_file", None)
+    backing_fmt = getattr(header, "backing_format", None) or getattr(img, "backing_format", None)
+    if fmt == "raw":
+        backing_name = backing_fmt = None
+    elif fmt == "qcow":
+        backing_fmt = None  # qcow v1 cannot record one; QEMU never shows it
+    snapshots = list(getattr(img, "snapshots", None) or []) if fmt == "qcow2" else []
+
+    info: dict[str, Any] = {}
+    if backing_name and backing_fmt:
+        info["backing-filename-format"] = backing_fmt
+    if snapshots:
+        info["snapshots"] = [_snapshot_info(s) for s in snapshots]
+    info["virtual-size"] = img.virtual_size
+    info["filename"] = filename
+    if fmt != "raw":
+        info["cluster-size"] = img.cluster_size
+    info["format"] = fmt
+    actual = _actual_size(filename)
+    if actual is not None:
+        info["actual-size"] = actual
+    if fmt == "qcow2":
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(header)}
+    if backing_name:
+        info["full-backing-filename"] = combine_path(filename, backing_name)
+        info["backing-filename"] = backing_name
+    dirty = False
+    if fmt == "qcow2" and header.version >= 3:
+        dirty = bool(header.incompatible_features & INCOMPAT_DIRTY)
+    info["dirty-flag"] = dirty
+    return info
+
+
+def chain_info(img: Any, filename: str) -> list[dict[str, Any]]:
+    """Info for the image and every image below it, top first (qemu-img info --backing-chain)."""
+    out: list[dict[str, Any]] = []
+    while img is not None:
+        entry = image_info(img, filename)
+        out.append(entry)
+        nxt = getattr(img, "backing", None)
+        if nxt is None or "full-backing-filename" not in entry:
+            break
+        img, filename = nxt, entry["full-backing-filename"]
+    return out
+
+
+def format_human(info: dict[str, Any]) -> str:
+    """qemu-img info's human-readable text for one image (bdrv_image_info_dump, QEMU 7.2)."""
+    lines = [f"image: {info['filename']}",
+             f"file format: {info['format']}",
+             f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)"]
+    if "actual-size" in info:
+        lines.append(f"disk size: {size_to_str(info['actual-size'])}")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"))
+        for s in info["snapshots"]:
+            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+            secs = s["vm-clock-sec"]
+            clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60,
+                                            s["vm-clock-nsec"] // 1_000_000 % 1000)
+            icount = str(s["icount"]) if "icount" in s else ""
+            lines.append("%-9s %-16s %8s%20s%13s%11s" % (s["id"], s["name"], size_to_str(s["vm-state-size"]),
+                                                         date, clock, icount))
+    if "format-specific" in info:
+        lines.append("Format specific information:")
+        for key, value in info["format-specific"]["data"].items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            lines.append(f"    {key.replace('-', ' ')}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
+    img = open_image(args.image)
+    try:
+        infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
+    finally:
+        img.close()
+    if args.output == "json":
+        payload: Any = infos if args.backing_chain else infos[0]
+        sys.stdout.write(json.dumps(payload, indent=4) + "\n")
+    else:
+        sys.stdout.write("\n".join(format_human(i) for i in infos))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# create
+# --------------------------------------------------------------------------------------------
+
+def _formatting_line(image: str, size: int, kw: dict[str, Any], given: list[tuple[str, str]]) -> str:
+    """qemu-img's `Formatting 'IMAGE', fmt=qcow2 ...` line: QEMU's option order, given spellings."""
+    shown = dict(given)
+
+    def val(name: str, default: str) -> str:
+        return shown.get(name, default)
+
+    parts = [f"Formatting '{image}', fmt=qcow2",
+             f"cluster_size={kw.get('cluster_size', 65536)}",
+             f"extended_l2={val('extended_l2', 'off')}"]
+    if "preallocation" in shown:
+        parts.append(f"preallocation={shown['preallocation']}")
+    parts.append(f"compression_type={val('compression_type', 'zlib')}")
+    parts.append(f"size={size}")
+    if kw.get("backing_file"):
+        parts.append(f"backing_file={kw['backing_file']}")
+    if kw.get("backing_format"):
+        parts.append(f"backing_fmt={kw['backing_format']}")
+    if "data_file" in shown:
+        parts.append(f"data_file={shown['data_file']}")
+    if "data_file_raw" in shown:
+        parts.append(f"data_file_raw={shown['data_file_raw']}")
+    if "compat" in shown:
+        parts.append(f"compat={shown['compat']}")
+    parts.append(f"lazy_refcounts={val('lazy_refcounts', 'off')}")
+    parts.append(f"refcount_bits={val('refcount_bits', '16')}")
+    return " ".join(parts)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """`qcowdisk create`: make a new qcow2 image (qemu-img create syntax)."""
+    if args.format != "qcow2":
+        raise UsageError(f"Unsupported format '{args.format}': qcowdisk creates qcow2 images only")
+    try:
+        kw, given = create_options(split_options(args.options))
+        size = parse_size(args.size) if args.size is not None else kw.pop("size", None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    kw.pop("size", None)
+    if args.backing:
+        kw["backing_file"] = args.backing
+    if args.backing_format:
+        if not kw.get("backing_file"):
+            raise UsageError(f"{args.image}: Backing format cannot be used without backing file")
+        kw["backing_format"] = args.backing_format
+    backing = kw.pop("backing_file", None)
+    backing_format = kw.pop("backing_format", None)
+    if backing is None:
+        if size is None:
+            raise UsageError(f"{args.image}: Image creation needs a size parameter")
+        shown_kw = dict(kw)
+        disk = QcowFile.create(args.image, size, **kw)
+    else:
+        # The name is stored as given and, like QEMU, resolved against the new image's directory.
+        backing_path = combine_path(args.image, backing)
+        if backing_format is None:
+            try:
+                backing_format = probe_format(backing_path)
+            except OSError as e:
+                raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': "
+                                 f"{e.strerror}") from None
+        shown_kw = dict(kw, backing_file=backing, backing_format=backing_format)
+        disk = QcowFile.create_from_backing(args.image, backing, backing_format=backing_format,
+                                            size=size, **kw)
+    with disk:
+        final_size = size if size is not None else disk.virtual_size
+    if not args.quiet:
+        print(_formatting_line(args.image, final_size, shown_kw, given))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# read / write (small helpers for demos and scripts)
+# --------------------------------------------------------------------------------------------
+
+def hexdump(data: bytes, base: int = 0) -> str:
+    """qemu-io style hex dump: 16 bytes a line, offset, hex, printable ASCII."""
+    lines = []
+    for pos in range(0, len(data), 16):
+        chunk = data[pos:pos + 16]
+        hexpart = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{base + pos:08x}:  {hexpart:<47}  {text}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset."""
+    try:
+        offset = parse_size(args.offset)
+        if args.pattern is not None:
+            if args.length is None or args.source is not None:
+                raise ValueError("--pattern needs --length and no FILE")
+            byte = int(args.pattern, 0)
+            if not 0 <= byte <= 255:
+                raise ValueError(f"--pattern {args.pattern}: must be a byte value 0..255")
+            data = bytes([byte]) * parse_size(args.length)
+        elif args.source is not None:
+            if args.length is not None:
+                raise ValueError("--length goes with --pattern only")
+            data = sys.stdin.buffer.read() if args.source == "-" else _read_file(args.source)
+        else:
+            raise ValueError("give a FILE (or '-') or --pattern BYTE --length N")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with QcowFile.open(args.image) as disk:
+        disk.write_at(offset, data)
+    if not args.quiet:
+        print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
+    return 0
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    """`qcowdisk read`: copy guest bytes to stdout (raw, or as a hex dump with --hexdump)."""
+    try:
+        offset = parse_size(args.offset)
+        length = parse_size(args.length)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    img = open_image(args.image)
+    try:
+        data = img.read_at(offset, length)
+    finally:
+        img.close()
+    if args.hexdump:
+        sys.stdout.write(hexdump(data, offset))
+    else:
+        out: BinaryIO = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    p = argparse.ArgumentParser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pi = sub.add_parser("info", help="show image metadata (like qemu-img info)")
+    pi.add_argument("--output", choices=("human", "json"), default="human")
+    pi.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    pi.add_argument("image", metavar="IMAGE")
+    pi.set_defaults(func=cmd_info)
+
+    pc = sub.add_parser("create", help="create a qcow2 image (like qemu-img create)")
+    pc.add_argument("-f", dest="format", default="qcow2", help="image format (only qcow2)")
+    pc.add_argument("-b", dest="backing", metavar="BACKING", help="backing file, stored as given")
+    pc.add_argument("-F", dest="backing_format", metavar="FMT", help="backing file format (probed if omitted)")
+    pc.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                    help="comma-separated name=value creation options")
+    pc.add_argument("-q", dest="quiet", action="store_true", help="do not print the Formatting line")
+    pc.add_argument("image", metavar="IMAGE")
+    pc.add_argument("size", metavar="SIZE", nargs="?", help="virtual size, e.g. 10G (optional with -b)")
+    pc.set_defaults(func=cmd_create)
+
+    pw = sub.add_parser("write", help="write a file or a byte pattern into the guest view")
+    pw.add_argument("image", metavar="IMAGE")
+    pw.add_argument("offset", metavar="OFFSET")
+    pw.add_argument("source", metavar="FILE", nargs="?", help="bytes to write ('-' for stdin)")
+    pw.add_argument("--pattern", metavar="BYTE", help="byte value to repeat (e.g. 0xab)")
+    pw.add_argument("--length", metavar="N", help="how many pattern bytes")
+    pw.add_argument("-q", dest="quiet", action="store_true")
+    pw.set_defaults(func=cmd_write)
+
+    pr = sub.add_parser("read", help="read guest bytes to stdout")
+    pr.add_argument("image", metavar="IMAGE")
+    pr.add_argument("offset", metavar="OFFSET")
+    pr.add_argument("length", metavar="LENGTH")
+    pr.add_argument("--hexdump", action="store_true", help="print a hex dump instead of raw bytes")
+    pr.set_defaults(func=cmd_read)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (QcowError, UsageError, OSError, ValueError) as e:
+        sys.stdout.flush()
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

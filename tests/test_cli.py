@@ -1,0 +1,441 @@
+"""The `qcowdisk` command line: `info` agrees with `qemu-img info`, `create` with `qemu-img create`.
+
+QEMU is the oracle: images are built with qemu-img, described by both tools, and the JSON compared
+key by key; images created by `qcowdisk create` must pass `qemu-img check` and show the requested
+options in `qemu-img info`. Also runs tools/quickstart.py end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
+
+from qcowdisk import cli
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Keys of qemu-img info's JSON that qcowdisk knows; anything else QEMU prints (bitmaps, ...) is
+# dropped from QEMU's side before comparing. qcowdisk must print nothing outside this set.
+TOP_KEYS = {"virtual-size", "filename", "cluster-size", "format", "actual-size", "dirty-flag",
+            "backing-filename", "full-backing-filename", "backing-filename-format", "snapshots",
+            "format-specific"}
+QCOW2_DATA_KEYS = {"compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",
+                   "extended-l2", "data-file", "data-file-raw"}
+
+
+def shared(qemu: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's info object restricted to the keys qcowdisk knows."""
+    out = {k: v for k, v in qemu.items() if k in TOP_KEYS}
+    if "format-specific" in out:
+        fs = out["format-specific"]
+        out["format-specific"] = {"type": fs["type"],
+                                  "data": {k: v for k, v in fs["data"].items() if k in QCOW2_DATA_KEYS}}
+    return out
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run cli.main in-process; return (status, stdout, stderr)."""
+    status = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def cli_info(capsys: pytest.CaptureFixture[str], image: str, *extra: str) -> Any:
+    status, out, err = run_cli(capsys, "info", "--output=json", *extra, image)
+    assert status == 0, err
+    return json.loads(out)
+
+
+# --------------------------------------------------------------------------- image zoo
+
+
+def _zoo(kind: str, d: Path) -> str:
+    """Build one image of the named kind with QEMU's tools; return its path."""
+    img = str(d / f"{kind}.qcow2")
+    if kind == "v3":
+        create(img, "1G")
+        qemu_io(img, "write -P 0x11 0 128k")
+    elif kind == "v2":
+        create(img, "1G", options="compat=0.10")
+        qemu_io(img, "write -P 0x22 1M 64k")
+    elif kind == "lazy":
+        create(img, "64M", options="lazy_refcounts=on")
+    elif kind == "extl2":
+        create(img, "64M", options="extended_l2=on,cluster_size=32k")
+        qemu_io(img, "write -P 0x33 4k 4k")
+    elif kind == "zstd":
+        create(img, "64M", options="compression_type=zstd")
+        qemu_io(img, "write -c -P 0x44 0 64k")
+    elif kind == "refcount8-4k":
+        create(img, "10M", options="refcount_bits=8,cluster_size=4k")
+    elif kind == "snapshots":
+        create(img, "64M")
+        qemu_img("snapshot", "-c", "first", img)
+        qemu_io(img, "write -P 0x55 0 64k")
+        qemu_img("snapshot", "-c", "second one", img)
+    elif kind == "v2-snapshots":
+        create(img, "64M", options="compat=0.10")
+        qemu_img("snapshot", "-c", "old", img)
+    elif kind == "backing-qcow2":
+        base = create(str(d / "base.qcow2"), "32M")
+        create(img, "32M", backing=base, backing_fmt="qcow2")
+    elif kind == "backing-raw":
+        base = write_raw(str(d / "base.raw"), pattern(3 * MiB))
+        create(img, "3M", backing=base, backing_fmt="raw")
+    elif kind == "backing-relative":
+        create(str(d / "rbase.qcow2"), "8M")
+        create(img, "8M", backing="rbase.qcow2", backing_fmt="qcow2")
+    elif kind == "data-file":
+        create(img, "8M", options=f"data_file={d / 'data.raw'}")
+        qemu_io(img, "write -P 0x66 0 64k")
+    elif kind == "data-file-raw":
+        create(img, "8M", options=f"data_file={d / 'data2.raw'},data_file_raw=on")
+    elif kind == "odd-size":
+        create(img, "1000")
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    return img
+
+
+ZOO = ["v3", "v2", "lazy", "extl2", "zstd", "refcount8-4k", "snapshots", "v2-snapshots",
+       "backing-qcow2", "backing-raw", "backing-relative", "data-file", "data-file-raw", "odd-size"]
+
+
+@pytest.mark.parametrize("kind", ZOO)
+def test_info_json_matches_qemu(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _zoo(kind, tmp_path)
+    ours = cli_info(capsys, img)
+    assert ours == shared(info(img))
+    # Same keys in the same order as QEMU prints them, too (diffable output).
+    assert list(ours) == [k for k in info(img) if k in TOP_KEYS]
+
+
+def test_info_json_relative_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """filename as given, full-backing-filename joined to the image's directory (QEMU's rules)."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    create(str(sub / "base.qcow2"), "4M")
+    create(str(sub / "top.qcow2"), "4M", backing="base.qcow2", backing_fmt="qcow2")
+    monkeypatch.chdir(tmp_path)
+    ours = cli_info(capsys, "sub/top.qcow2")
+    assert ours["filename"] == "sub/top.qcow2"
+    assert ours["backing-filename"] == "base.qcow2"
+    assert ours["full-backing-filename"] == "sub/base.qcow2"
+    assert ours == shared(info("sub/top.qcow2"))
+    chain = cli_info(capsys, "sub/top.qcow2", "--backing-chain")
+    assert chain == [shared(i) for i in info("sub/top.qcow2", "--backing-chain")]
+
+
+def test_info_backing_chain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = write_raw(str(tmp_path / "bottom.raw"), pattern(2 * MiB))
+    mid = create(str(tmp_path / "mid.qcow2"), "4M", backing=raw, backing_fmt="raw")
+    qemu_io(mid, "write -P 0x77 1M 64k")
+    top = create(str(tmp_path / "top.qcow2"), "4M", options="compat=0.10", backing=mid, backing_fmt="qcow2")
+    qemu_img("snapshot", "-c", "s", top)
+    ours = cli_info(capsys, top, "--backing-chain")
+    theirs = info(top, "--backing-chain")
+    assert isinstance(ours, list) and len(ours) == 3
+    assert [i["format"] for i in ours] == ["qcow2", "qcow2", "raw"]
+    assert ours == [shared(i) for i in theirs]
+
+
+def test_info_qcow1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = write_raw(str(tmp_path / "b.raw"), pattern(MiB))
+    img = create(str(tmp_path / "old.qcow"), "1M", fmt="qcow", backing=raw, backing_fmt="raw")
+    ours = cli_info(capsys, img)
+    assert ours["format"] == "qcow"
+    assert ours == shared(info(img))
+    assert cli_info(capsys, img, "--backing-chain") == [shared(i) for i in info(img, "--backing-chain")]
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2", "snapshots", "backing-raw", "data-file-raw", "extl2"])
+def test_info_human_matches_qemu(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _zoo(kind, tmp_path)
+    status, out, err = run_cli(capsys, "info", img)
+    assert status == 0, err
+    assert "virtual size:" in out and "cluster_size:" in out
+    assert out == qemu_img("info", img).stdout
+
+
+def test_info_human_backing_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = write_raw(str(tmp_path / "b.raw"), pattern(MiB))
+    top = create(str(tmp_path / "t.qcow2"), "1M", backing=raw, backing_fmt="raw")
+    status, out, _ = run_cli(capsys, "info", "--backing-chain", top)
+    assert status == 0
+    assert out == qemu_img("info", "--backing-chain", top).stdout
+    assert out.count("image: ") == 2 and "\n\nimage: " in out
+
+
+def test_info_dirty_and_corrupt_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Header bits read straight through: set the dirty bit and the corrupt bit by hand."""
+    img = create(str(tmp_path / "flags.qcow2"), "4M", options="lazy_refcounts=on")
+    with open(img, "r+b") as f:
+        f.seek(72)
+        incompat = int.from_bytes(f.read(8), "big") | 0b11  # dirty | corrupt
+        f.seek(72)
+        f.write(incompat.to_bytes(8, "big"))
+    ours = cli_info(capsys, img)
+    assert ours["dirty-flag"] is True
+    assert ours["format-specific"]["data"]["corrupt"] is True
+    assert ours == shared(info(img))
+    status, out, _ = run_cli(capsys, "info", img)
+    assert status == 0 and "cleanly shut down: no" in out
+
+
+def test_size_to_str_matches_qemu() -> None:
+    cases = {0: "0 B", 1: "1 B", 999: "999 B", 1000: "0.977 KiB", 1024: "1 KiB", 204 * 1024: "204 KiB",
+             1536 * 1024: "1.5 MiB", GiB: "1 GiB", 1000 * GiB: "0.977 TiB", (1 << 63) - 1: "8 EiB"}
+    for value, text in cases.items():
+        assert cli.size_to_str(value) == text, value
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_info_bad_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = create(str(tmp_path / "bad.qcow2"), "4M")
+    with open(img, "r+b") as f:  # cluster_bits 30: beyond qcow2's 2 MiB limit
+        f.seek(20)
+        f.write((30).to_bytes(4, "big"))
+    status, out, err = run_cli(capsys, "info", img)
+    assert status == 1
+    assert out == ""
+    assert err.startswith("qcowdisk: error: ") and "30" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"just some text, not an image\n" * 10])
+def test_info_not_an_image(content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_raw(str(tmp_path / "x.img"), content)
+    status, _, err = run_cli(capsys, "info", path)
+    assert status == 1 and err.startswith("qcowdisk: error: ")
+
+
+def test_info_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_cli(capsys, "info", str(tmp_path / "nope.qcow2"))
+    assert status == 1 and err.startswith("qcowdisk: error: ") and "nope.qcow2" in err
+
+
+def test_error_via_console_entry_point(tmp_path: Path) -> None:
+    """The real process: exit status 1 and one error line on stderr."""
+    path = write_raw(str(tmp_path / "bad.qcow2"), b"QFI\xfb\x00\x00\x00\x09" + bytes(200))
+    p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "info", path], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stdout == ""
+    assert p.stderr.startswith("qcowdisk: error: ") and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- create
+
+
+@pytest.mark.parametrize("text,value", [
+    ("0", 0), ("512", 512), ("100b", 100), ("100B", 100), ("1k", 1024), ("1K", 1024),
+    ("64k", 65536), ("1M", MiB), ("1m", MiB), ("1G", GiB), ("1.5G", 3 * GiB // 2),
+    ("1.5k", 1536), ("2T", 2 << 40), ("1P", 1 << 50), ("1E", 1 << 60), ("7E", 7 << 60),
+])
+def test_parse_size(text: str, value: int) -> None:
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "x", "1x", "-1", "1.5", "1.5b", "8E", "1kk", "0x10", "1 2"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        cli.parse_size(text)
+
+
+def test_split_options() -> None:
+    assert cli.split_options(["a=1,b=2", "c=x,,y"]) == [("a", "1"), ("b", "2"), ("c", "x,y")]
+    with pytest.raises(ValueError):
+        cli.split_options(["novalue"])
+
+
+CREATE_CASES = [
+    ([], "1G", {}),
+    (["-o", "compat=v2"], "64M", {"compat": "0.10"}),
+    (["-o", "compat=0.10,cluster_size=4k"], "64M", {"compat": "0.10"}),
+    (["-o", "compat=v3,refcount_bits=8", "-o", "lazy_refcounts=on"], "64M",
+     {"compat": "1.1", "refcount-bits": 8, "lazy-refcounts": True}),
+    (["-o", "cluster_size=16k,extended_l2=on,compression_type=zstd"], "100M",
+     {"extended-l2": True, "compression-type": "zstd"}),
+    (["-o", "refcount_bits=64,cluster_size=2M"], "5G", {"refcount-bits": 64}),
+    (["-o", "preallocation=metadata"], "8M", {}),
+    (["-o", "preallocation=falloc,cluster_size=128k"], "3M", {}),
+    (["-f", "qcow2", "-o", "size=20M,lazy_refcounts=off"], None, {"lazy-refcounts": False}),
+]
+
+
+@pytest.mark.parametrize("args,size,expect", CREATE_CASES)
+def test_create_matches_options(args: list[str], size: str | None, expect: dict[str, Any], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    img = str(tmp_path / "new.qcow2")
+    status, out, err = run_cli(capsys, "create", *args, img, *([size] if size else []))
+    assert status == 0, err
+    assert out.startswith(f"Formatting '{img}', fmt=qcow2 ")
+    assert_clean(img)
+    theirs = info(img)
+    assert theirs["format"] == "qcow2"
+    # The size and cluster size QEMU reads back are what qemu-img itself would have made.
+    ref = str(tmp_path / "ref.qcow2")
+    qemu_args = ["create", "-q", "-f", "qcow2", *args, ref] + ([size] if size else [])
+    qemu_img(*qemu_args)
+    want = info(ref)
+    assert theirs["virtual-size"] == want["virtual-size"]
+    assert theirs["cluster-size"] == want["cluster-size"]
+    assert shared(theirs)["format-specific"] == shared(want)["format-specific"]
+    for key, value in expect.items():
+        assert theirs["format-specific"]["data"][key] == value
+    # and qcowdisk reads back what QEMU reads
+    assert cli_info(capsys, img) == shared(info(img))
+
+
+def test_create_preallocation_metadata_maps_everything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = str(tmp_path / "pre.qcow2")
+    assert run_cli(capsys, "create", "-q", "-o", "preallocation=metadata", img, "4M")[0] == 0
+    m = json.loads(qemu_img("map", "--output=json", img).stdout)
+    assert all(e["data"] is True and e["zero"] is True for e in m), m
+    assert_clean(img)
+
+
+@pytest.mark.parametrize("size,expect", [("1.5G", 3 * GiB // 2), ("100", 512), ("1000", 1024), ("1b", 512),
+                                         ("64k", 65536), ("2T", 2 << 40)])
+def test_create_size_units(size: str, expect: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = str(tmp_path / "s.qcow2")
+    status, out, err = run_cli(capsys, "create", img, size)
+    assert status == 0, err
+    assert f"size={cli.parse_size(size)} " in out
+    assert info(img)["virtual-size"] == expect
+    assert_clean(img)
+
+
+def test_create_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = str(tmp_path / "meta.qcow2")
+    data = str(tmp_path / "guest.raw")
+    status, out, err = run_cli(capsys, "create", "-o", f"data_file={data},data_file_raw=on", img, "4M")
+    assert status == 0, err
+    assert f"data_file={data}" in out
+    d = info(img)["format-specific"]["data"]
+    assert d["data-file"] == data and d["data-file-raw"] is True
+    assert os.path.exists(data)
+    assert_clean(img)
+
+
+def test_create_with_backing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = create(str(tmp_path / "base.qcow2"), "16M")
+    qemu_io(base, "write -P 0xa5 1M 128k")
+    top = str(tmp_path / "top.qcow2")
+    status, out, err = run_cli(capsys, "create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    assert status == 0, err
+    assert f"backing_file={base} backing_fmt=qcow2" in out
+    theirs = info(top)
+    assert theirs["virtual-size"] == 16 * MiB
+    assert theirs["backing-filename"] == base and theirs["backing-filename-format"] == "qcow2"
+    assert_clean(top)
+    assert to_raw(top, str(tmp_path / "t.raw")) == to_raw(base, str(tmp_path / "b.raw"))
+
+
+def test_create_with_backing_probed_format_and_size(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """-b without -F: the format is probed and recorded; a relative name is resolved like QEMU."""
+    (tmp_path / "d").mkdir()
+    write_raw(str(tmp_path / "d" / "base.raw"), pattern(MiB, seed=3))
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(capsys, "create", "-b", "base.raw", "d/top.qcow2", "2M")
+    assert status == 0, err
+    theirs = info("d/top.qcow2")
+    assert theirs["backing-filename"] == "base.raw"
+    assert theirs["backing-filename-format"] == "raw"
+    assert theirs["virtual-size"] == 2 * MiB
+    assert_clean("d/top.qcow2")
+    guest = to_raw("d/top.qcow2", str(tmp_path / "g.raw"))
+    assert guest == pattern(MiB, seed=3) + bytes(MiB)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-o", "foo=1"], "Invalid parameter 'foo'"),
+    (["-o", "compat=2.0"], "compat"),
+    (["-o", "lazy_refcounts=maybe"], "lazy_refcounts"),
+    (["-o", "compression_type=lz4"], "compression_type"),
+    (["-o", "preallocation=sparse"], "preallocation"),
+    (["-F", "raw"], "without backing file"),
+    (["-f", "vmdk"], "vmdk"),
+])
+def test_create_rejects_bad_options(args: list[str], needle: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    img = str(tmp_path / "x.qcow2")
+    status, out, err = run_cli(capsys, "create", *args, img, "1M")
+    assert status == 1
+    assert err.startswith("qcowdisk: error: ") and needle in err
+    assert not os.path.exists(img)
+
+
+def test_create_needs_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_cli(capsys, "create", str(tmp_path / "x.qcow2"))
+    assert status == 1 and "size" in err
+
+
+def test_create_engine_refusal_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Values the engine refuses (lazy refcounts on v2, odd cluster size) become error lines."""
+    for opts in ("compat=0.10,lazy_refcounts=on", "cluster_size=1000", "refcount_bits=3"):
+        img = str(tmp_path / f"x{len(opts)}.qcow2")
+        status, _, err = run_cli(capsys, "create", "-o", opts, img, "1M")
+        assert status == 1, opts
+        assert err.startswith("qcowdisk: error: "), err
+
+
+# --------------------------------------------------------------------------- read / write
+
+
+def test_write_and_read_helpers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = create(str(tmp_path / "rw.qcow2"), "4M")
+    src = write_raw(str(tmp_path / "src.bin"), pattern(70000, seed=9))
+    assert run_cli(capsys, "write", img, "1M", src)[0] == 0
+    assert run_cli(capsys, "write", img, "3k", "--pattern", "0xcd", "--length", "2k")[0] == 0
+    assert_clean(img)
+    guest = to_raw(img, str(tmp_path / "g.raw"))
+    assert guest[MiB:MiB + 70000] == pattern(70000, seed=9)
+    assert guest[3072:5120] == b"\xcd" * 2048
+    assert guest[:3072] == bytes(3072)
+    status, out, _ = run_cli(capsys, "read", "--hexdump", img, "3k", "32")
+    assert status == 0
+    assert out.splitlines()[0].startswith("00000c00:  cd cd")
+    p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "read", img, "1M", "70000"], capture_output=True)
+    assert p.returncode == 0 and p.stdout == pattern(70000, seed=9)
+
+
+def test_write_past_end_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = create(str(tmp_path / "small.qcow2"), "1M")
+    status, _, err = run_cli(capsys, "write", img, "1M", "--pattern", "1", "--length", "512")
+    assert status == 1 and err.startswith("qcowdisk: error: ")
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+def test_quickstart_runs(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "stale-file").write_text("removed by the quickstart")
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "quickstart.py"), str(demo)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not (demo / "stale-file").exists()
+    assert "virtual size: 1 GiB" in p.stdout and "backing file format: qcow2" in p.stdout
+    assert "No errors were found on the image." in p.stdout
+    assert "Images are identical." in p.stdout
+    overlay = str(demo / "overlay.qcow2")
+    assert_clean(overlay)
+    assert_clean(str(demo / "base.qcow2"))
+    chain = info(overlay, "--backing-chain")
+    assert [i["format"] for i in chain] == ["qcow2", "qcow2"]
+    out = qemu_io(overlay, "read -P 0xb5 512M 192k", "read -P 0 256M 64k")
+    assert "read 196608/196608" in out
