@@ -171,18 +171,18 @@ class MappingMixin:
                 pos = table_end
                 continue
             entries = self.l2_cache.get(l2off).entries
+            if not ext:
+                last = self._standard_runs(runs, last, entries, pos, table_end, l2i)
+                pos = table_end
+                continue
             while pos < table_end:
                 inc = pos & (cs - 1)
                 n = min(cs - inc, table_end - pos)
-                if ext:
-                    e = entries[2 * l2i]
-                    bitmap = entries[2 * l2i + 1]
-                else:
-                    e = entries[l2i]
-                    bitmap = 0
+                e = entries[2 * l2i]
+                bitmap = entries[2 * l2i + 1]
                 gc = pos >> cbits
                 if e & OFLAG_COMPRESSED:
-                    if ext and bitmap:
+                    if bitmap:
                         raise CorruptImageError(
                             f"Invalid cluster entry found: compressed guest cluster {gc} has subcluster bitmap 0x{bitmap:x}")
                     last = [RUN_COMPRESSED, n, e, gc]
@@ -191,38 +191,79 @@ class MappingMixin:
                     l2i += 1
                     continue
                 host = self._data_offset(e, gc)
-                if ext:
-                    self._bitmap_check(e, bitmap, gc)
-                    alloc = bitmap & SUBCLUSTER_ALL
-                    if alloc != SUBCLUSTER_ALL:
-                        last = self._subcluster_runs(runs, last, pos, n, host, bitmap, gc)
-                        pos += n
-                        l2i += 1
-                        continue
-                    kind = RUN_DATA
-                elif e & OFLAG_ZERO:
-                    if self._v2:
-                        raise CorruptImageError(f"L2 entry for guest cluster {gc} = 0x{e:x}: zero flag in a version 2 image")
-                    kind = RUN_ZERO
-                elif host or (data_file and e & OFLAG_COPIED):
-                    kind = RUN_DATA
+                self._bitmap_check(e, bitmap, gc)
+                if bitmap & SUBCLUSTER_ALL != SUBCLUSTER_ALL:
+                    last = self._subcluster_runs(runs, last, pos, n, host, bitmap, gc)
                 else:
-                    kind = RUN_BACKING
-                if kind == RUN_DATA:
                     h = host + inc
                     if last is not None and last[0] == RUN_DATA and last[2] + last[1] == h:
                         last[1] += n
                     else:
                         last = [RUN_DATA, n, h, gc]
                         runs.append(last)
-                elif last is not None and last[0] == kind:
-                    last[1] += n
-                else:
-                    last = [kind, n, 0, gc]
-                    runs.append(last)
                 pos += n
                 l2i += 1
         return runs
+
+    def _standard_runs(self, runs: list[list[int]], last: list[int] | None, entries: array, pos: int,
+                       end: int, l2i: int) -> list[int] | None:
+        """Runs for [pos, end) within one standard L2 table starting at entry l2i.
+
+        Runs of identical-kind entries are swallowed in a tight loop (a host-contiguous data run
+        is a run of entries each one cluster above the last), so the per-cluster cost is one
+        comparison; only the first and last entry of a run are decoded and validated.
+        """
+        cs = self.cluster_size
+        cbits = self.cluster_bits
+        data_file = self._has_data_file
+        while pos < end:
+            inc = pos & (cs - 1)
+            gc = pos >> cbits
+            stop = l2i + ((end - pos + inc + cs - 1) >> cbits)  # entries this table still serves
+            e = entries[l2i]
+            k = l2i + 1
+            if e & OFLAG_COMPRESSED:
+                n = min(cs - inc, end - pos)
+                last = [RUN_COMPRESSED, n, e, gc]
+                runs.append(last)
+                pos += n
+                l2i = k
+                continue
+            host = self._data_offset(e, gc)
+            if e & OFLAG_ZERO:
+                if self._v2:
+                    raise CorruptImageError(f"L2 entry for guest cluster {gc} = 0x{e:x}: zero flag in a version 2 image")
+                kind = RUN_ZERO
+                while k < stop and entries[k] & (OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK) == OFLAG_ZERO:
+                    k += 1
+            elif host or (data_file and e & OFLAG_COPIED):
+                kind = RUN_DATA
+                expect = e + cs
+                while k < stop and entries[k] == expect:
+                    expect += cs
+                    k += 1
+                if k - l2i > 1:
+                    self._data_offset(expect - cs, gc + k - l2i - 1)
+            else:
+                kind = RUN_BACKING
+                while k < stop and not entries[k]:
+                    k += 1
+            n = min(((k - l2i) << cbits) - inc, end - pos)
+            if kind == RUN_DATA:
+                h = host + inc
+                if last is not None and last[0] == RUN_DATA and last[2] + last[1] == h:
+                    last[1] += n
+                else:
+                    last = [RUN_DATA, n, h, gc]
+                    runs.append(last)
+            elif last is not None and last[0] == kind:
+                last[1] += n
+            else:
+                last = [kind, n, 0, gc]
+                runs.append(last)
+            pos += n
+            l2i = k
+        return last
 
     def _subcluster_runs(self, runs: list[list[int]], last: list[int] | None, pos: int, n: int, host: int,
                          bitmap: int, gc: int) -> list[int] | None:
@@ -270,9 +311,14 @@ class MappingMixin:
                             if got < n:
                                 fill_zeros(mv, got, n)
                             return
+        self._execute_runs(mv, guest_offset, self._get_host_runs(guest_offset, n))
+
+    def _execute_runs(self, mv: memoryview, guest_offset: int, runs: list[list[int]]) -> None:
+        """Serve runs into mv: one preadv per data run, zero fills, backing reads, decompression."""
+        cs = self.cluster_size
         pos = 0
         goff = guest_offset
-        for kind, length, host, gc in self._get_host_runs(guest_offset, n):
+        for kind, length, host, gc in runs:
             if kind == RUN_DATA:
                 got = self.data_host.preadv([mv[pos:pos + length]], host)
                 if got < length:  # a cluster cut short by the end of the file reads as zeros
@@ -291,3 +337,14 @@ class MappingMixin:
                 mv[pos:pos + length] = data[inc:inc + length]
             pos += length
             goff += length
+
+    def _read_bytes_locked(self, guest_offset: int, n: int) -> bytes:
+        """Guest bytes as a new bytes object; a single data run is one os.pread (no extra copy)."""
+        runs = self._get_host_runs(guest_offset, n)
+        if len(runs) == 1 and runs[0][0] == RUN_DATA:
+            data = self.data_host.pread(n, runs[0][2])
+            if len(data) == n:
+                return data
+        buf = bytearray(n)
+        self._execute_runs(memoryview(buf), guest_offset, runs)
+        return bytes(buf)

@@ -14,6 +14,7 @@ leaks clusters at worst.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -23,7 +24,8 @@ from typing import Any
 from .cache import TableCache, TableCodec
 from .errors import (CorruptImageError, InvalidImageError, QcowError, ReadOnlyError, UnsupportedFeatureError)
 from .format import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT,
-                     INCOMPAT_DIRTY, L1E_OFFSET_MASK, MAX_L1_BYTES, Header, Snapshot, min_l1_size,
+                     INCOMPAT_DIRTY, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
+                     OFLAG_COMPRESSED, OFLAG_ZERO, MAX_L1_BYTES, Header, Snapshot, min_l1_size,
                      parse_header, parse_snapshot_table, serialize_header)
 from .hostio import HostFactory, HostFile
 from .refcount import Refcounts
@@ -47,6 +49,7 @@ class QcowFile(WritingMixin):
         self.closed = True
         self.backing: Any = None
         self._image_lock: Any = None
+        self._fast: tuple[Any, ...] | None = None
         self.host: HostFile | None = None  # type: ignore[assignment]
         self.data_host: HostFile | None = None  # type: ignore[assignment]
 
@@ -136,6 +139,17 @@ class QcowFile(WritingMixin):
         self.l2_cache = TableCache(host, TableCodec(64, self.cluster_size),
                                    DEFAULT_L2_CACHE_BYTES // self.cluster_size,
                                    before_writeback=self._before_l2_writeback)
+        self._l2_tables = self.l2_cache.tables
+        self._cmask = self.cluster_size - 1
+        self._fast_bad = (OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK | (self._cmask & L2E_OFFSET_MASK))
+        self._fast = None
+        if self.readonly and not self.extended_l2 and not h.has_data_file:
+            pread = self.host.pread
+            if type(self.host) is HostFile:  # no test seam to honour: call the OS directly
+                pread = functools.partial(os.pread, self.host.fd)
+            self._fast = (self.cluster_bits, self.cluster_bits + self.l2_entries.bit_length() - 1,
+                          self.l2_entries - 1, self._cmask, self.virtual_size, self.l1,
+                          self._l2_tables, self._fast_bad, self._alloc_limit, pread)
         self.metadata: set[int] = set()
         self._pending_frees: list[int] = []
         self._data_unsynced = False
@@ -294,15 +308,33 @@ class QcowFile(WritingMixin):
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read `length` bytes of the guest disk at `offset`, clipped at virtual_size."""
+        # Fast path: a read inside one plain data cluster whose L2 table is cached is a single
+        # pread. The small random read is all per-request cost, so every bytecode counts: on a
+        # read-only image nothing mutates the tables, so the path needs no lock and takes its
+        # constants from one tuple.
+        fast = self._fast
+        if fast is not None and offset >= 0 and length > 0:
+            cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, pread = fast
+            inc = offset & cmask
+            if inc + length <= cmask + 1 and offset + length <= vsize:
+                l1e = l1[offset >> l1shift]
+                l2i = (offset >> cbits) & l2mask
+                t = tables.get(l1e & 0x00FFFFFFFFFFFE00)
+                if t is not None and not l1e & 0x7F000000000001FF:
+                    e = t.entries[l2i]
+                    host = e & 0x00FFFFFFFFFFFE00
+                    if host and not e & bad and host < limit:
+                        data = pread(length, host + inc)
+                        if len(data) == length:
+                            return data
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length: offset={offset} length={length}")
         n = max(0, min(length, self.virtual_size - offset))
-        buf = bytearray(n)
-        if n:
-            with self._lock:
-                self._check_open()
-                self._readinto_locked(memoryview(buf), offset)
-        return bytes(buf)
+        if not n:
+            return b""
+        with self._lock:
+            self._check_open()
+            return self._read_bytes_locked(offset, n)
 
     def readinto_at(self, buffer: Any, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
@@ -376,6 +408,7 @@ class QcowFile(WritingMixin):
 
     def _release(self) -> None:
         self.closed = True
+        self._fast = None
         if self.backing is not None:
             try:
                 self.backing.close()
