@@ -140,6 +140,7 @@ class QcowFile(WritingMixin):
                                    DEFAULT_L2_CACHE_BYTES // self.cluster_size,
                                    before_writeback=self._before_l2_writeback)
         self._l2_tables = self.l2_cache.tables
+        self.l2_tables_get = self._l2_tables.get
         self._cmask = self.cluster_size - 1
         self._fast_bad = (OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK | (self._cmask & L2E_OFFSET_MASK))
         self._fast = None

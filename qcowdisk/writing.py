@@ -21,6 +21,9 @@ from .errors import CorruptImageError
 from .format import (L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTER_ALL)
 from .mapping import _ZEROS, MappingMixin
 
+# entry bits that keep a cluster off the in-place fast path (COPIED itself must be set)
+_FAST_WRITE_BAD = OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO | 0x3F000000000001FE
+
 
 class WritingMixin(MappingMixin):
     """Allocating writes, zeroing and hole punching (a layer of QcowFile)."""
@@ -88,6 +91,8 @@ class WritingMixin(MappingMixin):
     # --- writing ------------------------------------------------------------------------
     def _write_locked(self, guest_offset: int, mv: memoryview) -> None:
         """Write all of `mv` at `guest_offset` (bounds already checked)."""
+        if self._write_fast(guest_offset, mv):
+            return
         n = len(mv)
         span = self.cluster_size * self.l2_entries
         pos = 0
@@ -98,6 +103,62 @@ class WritingMixin(MappingMixin):
             table = self._l2_for_write(l1i)
             self._write_in_table(table, g, mv[pos:pos + chunk])
             pos += chunk
+
+    def _write_fast(self, guest_offset: int, mv: memoryview) -> bool:
+        """The two common writes without planning; False when the general path is needed.
+
+        Both stay inside one cached, exclusively owned standard L2 table: (a) an overwrite of
+        host-contiguous allocated clusters, written in place with one pwritev; (b) a
+        cluster-aligned write over unallocated clusters, which needs no copy-on-write at all.
+        """
+        if self.extended_l2 or self._has_data_file:
+            return False
+        n = len(mv)
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        first = guest_offset >> cbits
+        last = (guest_offset + n - 1) >> cbits
+        l1i, l2i = divmod(first, self.l2_entries)
+        if (last // self.l2_entries) != l1i:
+            return False
+        l1e = self.l1[l1i]
+        if not l1e & OFLAG_COPIED:
+            return False
+        table = self.l2_tables_get(l1e & L2E_OFFSET_MASK)
+        if table is None:
+            return False
+        entries = table.entries
+        count = last - first + 1
+        e = entries[l2i]
+        if e & _FAST_WRITE_BAD == OFLAG_COPIED and e & L2E_OFFSET_MASK:  # (a) in place
+            expect = e
+            for k in range(l2i + 1, l2i + count):
+                expect += cs
+                if entries[k] != expect:
+                    return False
+            host = (e & L2E_OFFSET_MASK) + (guest_offset & (cs - 1))
+            if (expect & L2E_OFFSET_MASK) + cs > self._alloc_limit:
+                return False
+            self._check_not_metadata(host, n)
+            self._pwritev_data([mv], host, host + n)
+            return True
+        if guest_offset & (cs - 1) or n & (cs - 1):
+            return False
+        for k in range(l2i, l2i + count):  # (b) all unallocated, whole clusters
+            if entries[k]:
+                return False
+        pos = 0
+        k = l2i
+        for c, m in self.refcounts.alloc_clusters(count):
+            host = c << cbits
+            self._check_not_metadata(host, m << cbits)
+            self._pwritev_data([mv[pos:pos + (m << cbits)]], host, host + (m << cbits))
+            for i in range(m):
+                entries[k + i] = (host + (i << cbits)) | OFLAG_COPIED
+            k += m
+            pos += m << cbits
+        table.mark(l2i, l2i + count)
+        return True
 
     def _write_in_table(self, table: Any, guest_offset: int, mv: memoryview) -> None:
         cs = self.cluster_size
