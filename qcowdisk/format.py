@@ -204,6 +204,10 @@ def parse_header(buf: bytes, file_length: int) -> Header:
      snapshots_offset) = HEADER_V2_STRUCT.unpack_from(buf, 0)
     if magic != QCOW_MAGIC:
         raise InvalidImageError(f"Image is not in qcow2 format (magic {magic!r}, expected {QCOW_MAGIC!r})")
+    if version == 1:
+        raise UnsupportedFeatureError(
+            "Unsupported qcow2 version 1 (supported: 2, 3): version 1 is the legacy qcow format; "
+            "open it read-only with qcowdisk.qcow1.Qcow1File")
     if version not in (2, 3):
         raise UnsupportedFeatureError(f"Unsupported qcow2 version {version} (supported: 2, 3)")
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:

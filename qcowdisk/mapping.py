@@ -37,6 +37,17 @@ def fill_zeros(mv: memoryview, start: int, end: int) -> None:
         start += n
 
 
+def _add_run(runs: list[list[int]], last: list[int] | None, kind: int, length: int, host: int,
+             guest_cluster: int) -> list[int]:
+    """Append a run, or extend the last one when it is the same kind (and host-contiguous data)."""
+    if last is not None and last[0] == kind and kind != RUN_COMPRESSED and (kind != RUN_DATA or last[2] + last[1] == host):
+        last[1] += length
+        return last
+    last = [kind, length, host, guest_cluster]
+    runs.append(last)
+    return last
+
+
 class MappingMixin:
     """Address translation and the read path (a layer of QcowFile)."""
 
@@ -195,12 +206,7 @@ class MappingMixin:
                 if bitmap & SUBCLUSTER_ALL != SUBCLUSTER_ALL:
                     last = self._subcluster_runs(runs, last, pos, n, host, bitmap, gc)
                 else:
-                    h = host + inc
-                    if last is not None and last[0] == RUN_DATA and last[2] + last[1] == h:
-                        last[1] += n
-                    else:
-                        last = [RUN_DATA, n, h, gc]
-                        runs.append(last)
+                    last = _add_run(runs, last, RUN_DATA, n, host + inc, gc)
                 pos += n
                 l2i += 1
         return runs
@@ -249,18 +255,7 @@ class MappingMixin:
                 while k < stop and not entries[k]:
                     k += 1
             n = min(((k - l2i) << cbits) - inc, end - pos)
-            if kind == RUN_DATA:
-                h = host + inc
-                if last is not None and last[0] == RUN_DATA and last[2] + last[1] == h:
-                    last[1] += n
-                else:
-                    last = [RUN_DATA, n, h, gc]
-                    runs.append(last)
-            elif last is not None and last[0] == kind:
-                last[1] += n
-            else:
-                last = [kind, n, 0, gc]
-                runs.append(last)
+            last = _add_run(runs, last, kind, n, host + inc if kind == RUN_DATA else 0, gc)
             pos += n
             l2i = k
         return last
@@ -281,11 +276,7 @@ class MappingMixin:
                 kind, h = RUN_ZERO, 0
             else:
                 kind, h = RUN_BACKING, 0
-            if last is not None and last[0] == kind and (kind != RUN_DATA or last[2] + last[1] == h):
-                last[1] += m
-            else:
-                last = [kind, m, h, gc]
-                runs.append(last)
+            last = _add_run(runs, last, kind, m, h, gc)
             pos += m
         return last
 

@@ -369,21 +369,19 @@ class QcowFile(WritingMixin):
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (also over a backing file)."""
-        self._check_range(offset, length)
-        with self._lock:
-            self._check_writable()
-            if length:
-                self._before_modify()
-                self._zero_locked(offset, length, punch=False)
+        self._zero(offset, length, punch=False)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Like write_zeroes, and hand the host space of whole clusters back."""
+        self._zero(offset, length, punch=True)
+
+    def _zero(self, offset: int, length: int, punch: bool) -> None:
         self._check_range(offset, length)
         with self._lock:
             self._check_writable()
             if length:
                 self._before_modify()
-                self._zero_locked(offset, length, punch=True)
+                self._zero_locked(offset, length, punch=punch)
 
     def flush(self) -> None:
         """Make everything written so far durable (and the image consistent on disk)."""
