@@ -165,7 +165,6 @@ class MappingMixin:
         end = guest_offset + length
         pos = guest_offset
         ext = self.extended_l2
-        data_file = self._has_data_file
         last: list[int] | None = None
         while pos < end:
             gc = pos >> cbits

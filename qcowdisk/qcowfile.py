@@ -15,17 +15,16 @@ leaks clusters at worst.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 from array import array
 from typing import Any
 
 from .cache import TableCache, TableCodec
-from .errors import (CorruptImageError, InvalidImageError, QcowError, ReadOnlyError, UnsupportedFeatureError)
+from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from .format import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT,
-                     INCOMPAT_DIRTY, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
-                     OFLAG_COMPRESSED, OFLAG_ZERO, MAX_L1_BYTES, Header, Snapshot, min_l1_size,
+                     INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
+                     OFLAG_COMPRESSED, OFLAG_ZERO, Snapshot,
                      parse_header, parse_snapshot_table, serialize_header)
 from .hostio import HostFactory, HostFile
 from .refcount import Refcounts
@@ -548,6 +547,3 @@ class QcowFile(WritingMixin):
             self.host.punch_hole(freed[i] << cbits, (freed[j] - freed[i] + 1) << cbits)
             i = j + 1
 
-
-def _unused() -> None:  # keep imports used by type checkers
-    _ = (math, QcowError, MAX_L1_BYTES, min_l1_size, Header)

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from .cache import TableCodec
-from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
+from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED
 
 
 def count_references(img: Any) -> Counter[int]:
@@ -59,10 +59,8 @@ def count_references(img: Any) -> Counter[int]:
                     ref_bytes(off, length)
                 elif not img._has_data_file:
                     host = le & L2E_OFFSET_MASK
-                    if host:
+                    if host:  # data and preallocated zero clusters alike
                         counts[host >> cbits] += 1
-                    del host
-                _ = OFLAG_ZERO
     return counts
 
 
