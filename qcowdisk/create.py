@@ -151,7 +151,7 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
             with open(dpath, "r+b") as f:
                 if os.fstat(f.fileno()).st_size < size:
                     f.truncate(size)
-    host = (host_factory or HostFile).create(path) if host_factory is None else _create_with(host_factory, path)
+    host = HostFile.create(path) if host_factory is None else _create_with(host_factory, path)
     try:
         host.pwrite(header_bytes, 0)
         host.pwrite(reftable.encode(rt_entries, 0, len(rt_entries)), cluster_size)
@@ -209,8 +209,11 @@ def preallocate(img: Any, mode: str) -> None:
                 last_end = max(last_end, host + cs)
             table.mark(0, 2 * n if ext else n)
         target = img.data_host
-        end = max(last_end, img._alloc_limit) if not img._has_data_file else img.virtual_size
-        img._grow_limit(end if not img._has_data_file else img._alloc_limit)
+        if img._has_data_file:
+            end = img.virtual_size
+        else:
+            end = max(last_end, img._alloc_limit)
+            img._grow_limit(end)
         if target.size() < end:
             target.truncate(end)
         if mode in ("falloc", "full") and first_data is not None:

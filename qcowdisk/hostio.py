@@ -85,7 +85,7 @@ class HostFile:
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
         """Write all `buffers` contiguously at `offset` (loops over short writes)."""
-        bufs = [memoryview(b).cast("B") for b in buffers if len(memoryview(b).cast("B"))]
+        bufs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
         pos = offset
         while bufs:
             n = os.pwritev(self.fd, bufs[:IOV_MAX], pos)

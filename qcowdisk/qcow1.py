@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import threading
 import zlib
 from array import array
@@ -26,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
+from .cache import TableCodec
 from .hostio import HostFile
+from .mapping import fill_zeros
 
 QCOW1_MAGIC = b"QFI\xfb"
 QCOW1_VERSION = 1
@@ -48,7 +49,6 @@ CRYPT_AES = 1
 
 COMPRESSED_FLAG = 1 << 63
 L2_CACHE_TABLES = 16  # QEMU's L2_CACHE_SIZE
-_ZERO_CHUNK = bytes(1 << 20)
 
 # Run kinds for the read path.
 _UNALLOCATED = 0
@@ -142,15 +142,6 @@ def parse_header(data: bytes, file_size: int, filename: str = "<image>") -> Qcow
     return header
 
 
-def _be_u64_array(data: bytes) -> array:
-    """Big-endian u64 table -> array('Q') of native ints."""
-    table = array("Q")
-    table.frombytes(data)
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
-
-
 class Qcow1File:
     """A qcow version 1 image, opened read-only. Thread-safe (one lock per image)."""
 
@@ -210,7 +201,7 @@ class Qcow1File:
         if len(data) != l1_bytes:  # the file shrank under us
             raise CorruptImageError(f"{path}: L1 table at {header.l1_table_offset:#x}: short read"
                                     f" ({len(data)} of {l1_bytes} bytes)")
-        self._l1 = _be_u64_array(data)
+        self._l1 = TableCodec(64, len(data)).decode(data)
 
         if header.backing_file_offset != 0 and header.backing_file_size:
             raw = host.pread(header.backing_file_size, header.backing_file_offset)
@@ -308,7 +299,7 @@ class Qcow1File:
         if len(data) != l2_bytes:
             raise CorruptImageError(f"{self.filename}: L2 table at {l2_offset:#x}: short read"
                                     f" ({len(data)} of {l2_bytes} bytes)")
-        table = _be_u64_array(data)
+        table = TableCodec(64, len(data)).decode(data)
         self._l2_cache[l2_offset] = table
         if len(self._l2_cache) > L2_CACHE_TABLES:
             self._l2_cache.popitem(last=False)
@@ -394,12 +385,7 @@ class Qcow1File:
                 want = min(length, backing.virtual_size - guest)
                 done = backing.readinto_at(mv[pos:pos + want], guest)
             # zeros past the backing file's end (valid) or with no backing file
-            p = pos + done
-            end = pos + length
-            while p < end:
-                step = min(end - p, len(_ZERO_CHUNK))
-                mv[p:p + step] = _ZERO_CHUNK[:step]
-                p += step
+            fill_zeros(mv, pos + done, pos + length)
 
     def _decompress(self, entry: int, guest: int) -> bytes:
         """The cluster_size bytes of one compressed cluster (last one cached, as QEMU does)."""

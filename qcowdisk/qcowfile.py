@@ -70,10 +70,7 @@ class QcowFile(WritingMixin):
         self.filename = path
         self.readonly = readonly
         self._host_factory = host_factory or HostFile
-        try:
-            self.host = self._host_factory(path, not readonly)
-        except FileNotFoundError:
-            raise
+        self.host = self._host_factory(path, not readonly)
         try:
             self._load(chain, max_nesting_depth)
         except BaseException:
@@ -301,11 +298,6 @@ class QcowFile(WritingMixin):
                               **create_options)
 
     # ------------------------------------------------------------------ public I/O
-    @property
-    def cluster_size_bytes(self) -> int:
-        """Alias of cluster_size."""
-        return self.cluster_size
-
     def read_at(self, offset: int, length: int) -> bytes:
         """Read `length` bytes of the guest disk at `offset`, clipped at virtual_size."""
         # Fast path: a read inside one plain data cluster whose L2 table is cached is a single
