@@ -33,3 +33,16 @@ class ReadOnlyError(QcowError):
 
 class RefcountOverflowError(CorruptImageError):
     """A cluster's reference count would exceed what the refcount width can hold."""
+
+
+class ImageFailedError(QcowError):
+    """An earlier host write or fsync failed, so the image refuses writes and flushes.
+
+    After such a failure the metadata in memory no longer matches the disk and the kernel may
+    have dropped unsynced pages, so nothing written since the last successful flush can be
+    promised. The failure that started it is `first_error` (also the exception's `__cause__`).
+    """
+
+    def __init__(self, message: str, first_error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.first_error = first_error
