@@ -1,11 +1,25 @@
-"""qcowdisk: a pure-Python engine that reads and writes QEMU qcow2 disk images."""
+"""qcowdisk: a pure-Python engine that reads and writes QEMU qcow2 disk images.
 
-from .errors import (BackingChainError, CorruptImageError, ImageLockedError, InvalidImageError,
+Layout (each layer imports only from the ones before it):
+
+- `errors`: the error hierarchy, one root `QcowError`.
+- `hostio`: positional host I/O, fsync, punch: the seam for fault injection and crash tests.
+- `locking`: QEMU's OFD lock bytes, with a lock-file fallback.
+- `image`: the `Image` protocol every format implements, and the `Extent` record.
+- `formats`: probing, backing-name resolution, the registry every format joins, chain opening.
+- `compress`: compressed-cluster codecs.
+- the formats: `qcow2` (a package, see its docstring), `qcow1` (legacy, read-only), `raw`.
+- `blockstatus`: format-independent block status over a backing chain (`qemu-img map`).
+- `cli`: the `qcowdisk` command.
+"""
+
+from .errors import (BackingChainError, CorruptImageError, ImageFailedError, ImageLockedError, InvalidImageError,
                      QcowError, ReadOnlyError, RefcountOverflowError, UnsupportedFeatureError)
-from .format import Snapshot
+from .image import Extent, Image
+from .qcow2.file import QcowFile
+from .qcow2.format import Snapshot
+from . import qcow1, raw  # noqa: F401  (registers the formats)
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError",
-           "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError",
-           "Snapshot", "QcowFile"]
-
-from .qcowfile import QcowFile  # noqa: E402
+           "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
+           "Snapshot", "QcowFile", "Extent", "Image"]

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from .errors import QcowError
-from .backing import probe_format
-from .format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
-from .qcowfile import QcowFile
+from .formats import probe_format
+from .qcow2.file import QcowFile
+from .qcow2.format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 
 PROG = "qcowdisk"
 INT64_MAX = (1 << 63) - 1

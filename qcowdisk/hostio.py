@@ -11,16 +11,17 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from typing import Any, Callable
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+from typing import Any
 
+_fallocate: Callable[[int, int, int, int], int] | None
 try:  # Linux: hand space back without changing the file length
-    import ctypes
-    import ctypes.util
-
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     _fallocate = _libc.fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    _fallocate.restype = ctypes.c_int
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    _libc.fallocate.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover - non-Linux
     _fallocate = None
 
@@ -30,7 +31,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 # Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
-Buffer = Any  # any object supporting the buffer protocol
+Buffer = Any  # any object supporting the buffer protocol (collections.abc.Buffer from 3.12)
 
 
 class HostFile:
@@ -40,6 +41,9 @@ class HostFile:
         """Open `path` read-only or read-write (never creates)."""
         self.path = path
         self.writable = writable
+        # Something was written (or truncated, punched) since the last fsync: lets the ordering
+        # code sync only when a sync has something to make durable.
+        self.unsynced = False
         flags = os.O_RDWR if writable else os.O_RDONLY
         self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
 
@@ -87,8 +91,12 @@ class HostFile:
         """Write all `buffers` contiguously at `offset` (loops over short writes)."""
         bufs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
         pos = offset
+        if bufs:
+            self.unsynced = True
         while bufs:
             n = os.pwritev(self.fd, bufs[:IOV_MAX], pos)
+            if n <= 0:  # no progress: retrying would spin forever
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (write made no progress)", self.path)
             pos += n
             while bufs and n >= len(bufs[0]):
                 n -= len(bufs[0])
@@ -99,15 +107,23 @@ class HostFile:
     def fsync(self) -> None:
         """Make everything written so far durable."""
         os.fsync(self.fd)
+        self.unsynced = False
+
+    def sync(self) -> None:
+        """fsync if anything was written since the last fsync."""
+        if self.unsynced:
+            self.fsync()
 
     def truncate(self, length: int) -> None:
         """Set the file's length."""
+        self.unsynced = True
         os.ftruncate(self.fd, length)
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Hand the host space of a range back (reads as zeros afterwards). False if unsupported."""
         if _fallocate is None or length <= 0:
             return False
+        self.unsynced = True
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
             return True
         err = ctypes.get_errno()

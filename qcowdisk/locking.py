@@ -82,12 +82,20 @@ USE_OFD = sys.platform.startswith("linux") and fcntl is not None
 
 
 class ImageLock:
-    """A lock held on one image; `release` drops it (idempotent, thread-safe)."""
+    """A lock held on one image; `release` drops it (idempotent, thread-safe).
 
-    def __init__(self, path: str, write: bool, release_fn: Callable[[], None] | None) -> None:
+    A process forked while the lock is held shares it with its parent (OFD locks belong to the
+    open file description, which the child inherits): `release` in the child only lets go of the
+    child's descriptors (`abandon_fn`), so the parent's lock stays intact.
+    """
+
+    def __init__(self, path: str, write: bool, release_fn: Callable[[], None] | None,
+                 abandon_fn: Callable[[], None] | None = None) -> None:
         self.path = path
         self.write = write
         self._release_fn = release_fn
+        self._abandon_fn = abandon_fn
+        self._owner_pid = os.getpid()
         self._mutex = threading.Lock()
 
     @property
@@ -99,8 +107,12 @@ class ImageLock:
         """Drop the lock. Calling it again does nothing."""
         with self._mutex:
             fn, self._release_fn = self._release_fn, None
+            abandon, self._abandon_fn = self._abandon_fn, None
         if fn is not None:
-            fn()
+            if os.getpid() != self._owner_pid:
+                fn = abandon
+            if fn is not None:
+                fn()
 
     def __enter__(self) -> "ImageLock":
         return self
@@ -202,7 +214,7 @@ def _lock_ofd(fd: int, path: str, write: bool) -> ImageLock:
     except BaseException:
         unlock()
         raise
-    return ImageLock(path, write, unlock)
+    return ImageLock(path, write, unlock, lambda: os.close(lock_fd))
 
 
 def _byte_locked(fd: int, offset: int) -> bool:

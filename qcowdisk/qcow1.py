@@ -24,10 +24,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import formats
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
-from .cache import TableCodec
 from .hostio import HostFile
-from .mapping import fill_zeros
+from .image import fill_zeros
+from .qcow2.entries import TableCodec
 
 QCOW1_MAGIC = b"QFI\xfb"
 QCOW1_VERSION = 1
@@ -212,16 +213,14 @@ class Qcow1File:
             if raw:
                 self.backing_file = os.fsdecode(raw)
         if self.backing_file is not None:
-            from .backing import open_backing  # late: backing.py may import this module
-
             # open_backing hands us a chain that already ends with this image; a top-level open
             # starts from (). Either way the backing's chain must end with exactly one of us.
             real = os.path.realpath(path)
             if not chain or chain[-1] != real:
                 chain = chain + (real,)
-            self.backing = open_backing(parent_path=self.filename, name=self.backing_file, fmt=None,
-                                        chain=chain,
-                                        max_nesting_depth=max_nesting_depth, host_factory=host_factory)
+            options = formats.OpenOptions(readonly=True, max_nesting_depth=max_nesting_depth,
+                                          host_factory=host_factory or HostFile)
+            self.backing = formats.open_backing(self.filename, self.backing_file, None, options, chain)
 
     # --- public read API -------------------------------------------------------------------
 
@@ -423,3 +422,17 @@ def probe(data: bytes) -> bool:
     """True when `data` (the first bytes of a file) starts with a qcow v1 header."""
     return len(data) >= HEADER_LENGTH and data[:4] == QCOW1_MAGIC and \
         struct.unpack_from(">I", data, 4)[0] == QCOW1_VERSION
+
+
+def _probe_score(head: bytes) -> int:
+    return 2 if probe(head) else 0
+
+
+def _open_qcow1(path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> Qcow1File:
+    if not options.readonly:
+        raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
+    return Qcow1File.open(path, readonly=True, max_nesting_depth=options.max_nesting_depth,
+                          host_factory=options.host_factory, _chain=chain)
+
+
+formats.register(formats.FormatDriver("qcow", _probe_score, _open_qcow1))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import inspect
 import os
 import struct
 import subprocess
@@ -317,18 +316,7 @@ def test_side_file_fallback(image, fds, monkeypatch):
 
 # --- QcowFile level ------------------------------------------------------------------------
 
-def _qcowfile_locks() -> None:
-    """Skip unless the engine's QcowFile calls into qcowdisk.locking."""
-    try:
-        from qcowdisk import qcowfile
-    except ImportError as e:
-        pytest.skip(f"QcowFile not importable yet: {e}")
-    if "lock_image" not in inspect.getsource(qcowfile):
-        pytest.skip("QcowFile does not take image locks yet")
-
-
 def test_qcowfile_open_twice_fails(image):
-    _qcowfile_locks()
     from qcowdisk import QcowFile
     with QcowFile.open(image) as disk:
         with pytest.raises(ImageLockedError, match=f"image '{image}' is locked"):
@@ -343,7 +331,6 @@ def test_qcowfile_open_twice_fails(image):
 
 def test_qcowfile_readonly_opens_mirror_qemu_readers(image):
     """Read-only opens take QEMU's reader locks: readers share, but exclude writers both ways."""
-    _qcowfile_locks()
     from qcowdisk import QcowFile
     with QcowFile.open(image):
         with pytest.raises(ImageLockedError):
@@ -355,7 +342,6 @@ def test_qcowfile_readonly_opens_mirror_qemu_readers(image):
 
 
 def test_qcowfile_create_holds_lock(tmp_path):
-    _qcowfile_locks()
     from qcowdisk import QcowFile
     path = str(tmp_path / "new.qcow2")
     with QcowFile.create(path, 1 << 20):
@@ -366,7 +352,6 @@ def test_qcowfile_create_holds_lock(tmp_path):
 
 @ofd_only
 def test_qcowfile_and_qemu_io_exclude_each_other(image):
-    _qcowfile_locks()
     from qcowdisk import QcowFile
     with QcowFile.open(image):
         p = qemu_io_write(image)

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .errors import InvalidImageError, UnsupportedFeatureError
+from ..errors import InvalidImageError, UnsupportedFeatureError
 
 QCOW_MAGIC = b"QFI\xfb"
 
@@ -60,19 +60,6 @@ EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
 EXT_STRUCT = struct.Struct(">II")
-
-# L1 / L2 / refcount table entries
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1 << 0
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L1E_RESERVED_MASK = 0x7F000000000001FF
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_RESERVED_MASK = 0x3F000000000001FE
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-REFT_RESERVED_MASK = 0x1FF
-SUBCLUSTERS_PER_CLUSTER = 32
-SUBCLUSTER_ALL = 0xFFFFFFFF
 
 SNAPSHOT_HEADER_STRUCT = struct.Struct(">QIHHIIQII")  # 40 bytes
 SNAPSHOT_EXTRA_STRUCT = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount

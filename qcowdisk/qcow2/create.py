@@ -1,22 +1,25 @@
 """Creating images: option checks as qemu-img does them, the initial layout, preallocation.
 
 Layout of a new image (QEMU's): cluster 0 header, then the refcount table, the refcount
-block(s) counting the metadata, then the L1 table (not padded to a cluster). Preallocation
-goes through the ordinary allocator of the opened image.
+block(s) counting the metadata, then the L1 table (not padded to a cluster). `create_image`
+writes that layout and nothing else; the caller opens the result, and preallocation then goes
+through the ordinary allocator of the opened image (`preallocate`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from .backing import open_backing, probe_format, resolve_backing_path
-from .cache import TableCodec
+from .. import formats
+from ..hostio import HostFactory, HostFile
+from .entries import OFLAG_COPIED, SUBCLUSTER_ALL, TableCodec, make_bitmap
 from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD, CRYPT_NONE,
                      HEADER_V3_LENGTH, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
-                     MAX_BACKING_FORMAT_LENGTH, MAX_BACKING_NAME_LENGTH, MAX_L1_BYTES, OFLAG_COPIED, SUBCLUSTER_ALL,
-                     Header, feature_table_extension, min_l1_size, serialize_header)
-from .hostio import HostFactory, HostFile
+                     MAX_BACKING_FORMAT_LENGTH, MAX_BACKING_NAME_LENGTH, MAX_L1_BYTES, Header, feature_table_extension,
+                     min_l1_size, serialize_header)
+from .ordering import flush
+from .state import Qcow2State
+from .writing import l2_for_write
 
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _PREALLOC = ("off", "metadata", "falloc", "full")
@@ -67,11 +70,11 @@ def check_options(size: int, cluster_size: int, refcount_bits: int, compat: str,
     return version
 
 
-def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_bits: int, compat: str,
+def create_image(path: str, size: int, *, cluster_size: int, refcount_bits: int, compat: str,
                  lazy_refcounts: bool, extended_l2: bool, compression_type: str, preallocation: str,
                  data_file: str | None, data_file_raw: bool, backing_file: str | None, backing_format: str | None,
-                 host_factory: HostFactory | None) -> Any:
-    """Write a new empty image at `path` and return it opened read-write."""
+                 host_factory: HostFactory | None) -> None:
+    """Write a new empty image at `path` (refusing to overwrite a file)."""
     version = check_options(size, cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2,
                             compression_type, preallocation, data_file, data_file_raw, backing_file, backing_format)
     size = -(-size // 512) * 512
@@ -82,10 +85,10 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
         raise ValueError(f"Image size {size} too large for cluster size {cluster_size}: L1 table of "
                          f"{l1_size * 8} bytes exceeds {MAX_L1_BYTES}")
     if backing_file and not backing_format:
-        bpath = resolve_backing_path(path, backing_file)
+        bpath = formats.resolve_backing_path(path, backing_file)
         if not os.path.exists(bpath):
             raise FileNotFoundError(f"backing file {bpath!r} does not exist")
-        backing_format = probe_format(bpath, host_factory)
+        backing_format = formats.probe_format(bpath, host_factory)
     if os.path.exists(path):
         raise FileExistsError(f"refusing to overwrite existing file {path!r}")
 
@@ -144,7 +147,7 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
         blocks.append(codec.encode(b, 0, len(b)))
 
     if data_file:
-        dpath = resolve_backing_path(path, data_file)
+        dpath = formats.resolve_backing_path(path, data_file)
         if not os.path.exists(dpath):
             HostFile.create(dpath).close()
         if data_file_raw:
@@ -160,14 +163,6 @@ def create_image(cls: Any, path: str, size: int, *, cluster_size: int, refcount_
         host.fsync()
     finally:
         host.close()
-    img = cls.open(path, host_factory=host_factory)
-    try:
-        if preallocation != "off":
-            preallocate(img, preallocation)
-    except BaseException:
-        img.close()
-        raise
-    return img
 
 
 def _create_with(host_factory: HostFactory, path: str) -> HostFile:
@@ -176,67 +171,50 @@ def _create_with(host_factory: HostFactory, path: str) -> HostFile:
     return host_factory(path, True)
 
 
-def preallocate(img: Any, mode: str) -> None:
+def preallocate(s: Qcow2State, mode: str) -> None:
     """Map every guest cluster to a host cluster (metadata), and allocate/zero the space (falloc/full)."""
-    with img._lock:
-        cs, cbits = img.cluster_size, img.cluster_bits
-        clusters = -(-img.virtual_size // cs)
-        ext = img.extended_l2
-        bitmap = 0 if img.backing is not None else (SUBCLUSTER_ALL << 32)
-        first_data = None
-        last_end = 0
-        for l1i in range(len(img.l1)):
-            first = l1i * img.l2_entries
-            n = min(img.l2_entries, clusters - first)
-            if n <= 0:
-                break
-            table = img._l2_for_write(l1i)
-            if img._has_data_file:
-                hosts = [(first + i) << cbits for i in range(n)]
-            else:
-                hosts = []
-                for c, k in img.refcounts.alloc_clusters(n):
-                    hosts.extend((c + i) << cbits for i in range(k))
-            e = table.entries
-            for i, host in enumerate(hosts):
-                if ext:
-                    e[2 * i] = host | OFLAG_COPIED
-                    e[2 * i + 1] = bitmap
-                else:
-                    e[i] = host | OFLAG_COPIED
-                if first_data is None or host < first_data:
-                    first_data = host
-                last_end = max(last_end, host + cs)
-            table.mark(0, 2 * n if ext else n)
-        target = img.data_host
-        if img._has_data_file:
-            end = img.virtual_size
+    rc = s.refcounts
+    assert rc is not None
+    cbits = s.cluster_bits
+    clusters = -(-s.virtual_size // s.cluster_size)
+    bitmap = 0 if s.backing is not None else make_bitmap(0, SUBCLUSTER_ALL)
+    first_data: int | None = None
+    last_end = 0
+    for l1i in range(len(s.l1.entries)):
+        first = l1i * s.l2_entries
+        n = min(s.l2_entries, clusters - first)
+        if n <= 0:
+            break
+        table = l2_for_write(s, l1i)
+        if s.has_data_file:
+            hosts = [(first + i) << cbits for i in range(n)]
         else:
-            end = max(last_end, img._alloc_limit)
-            img._grow_limit(end)
-        if target.size() < end:
-            target.truncate(end)
-        if mode in ("falloc", "full") and first_data is not None:
-            start = 0 if img._has_data_file else first_data
-            try:
-                os.posix_fallocate(target.fd, start, end - start)
-            except OSError:
-                pass
-        img._flush_locked()
-
-
-def create_overlay(cls: Any, path: str, backing_file: str, *, backing_format: str | None, size: int | None,
-                   **create_options: Any) -> Any:
-    """Create `path` as an overlay of `backing_file` (format probed when not given)."""
-    bpath = resolve_backing_path(path, backing_file)
-    if not os.path.exists(bpath):
-        raise FileNotFoundError(f"backing file {bpath!r} (named {backing_file!r}) does not exist")
-    fmt = backing_format or probe_format(bpath, create_options.get("host_factory"))
-    if size is None:
-        b = open_backing(path, backing_file, fmt, chain=(os.path.realpath(path),), max_nesting_depth=64,
-                         host_factory=create_options.get("host_factory"))
+            hosts = []
+            for c, k in rc.alloc_clusters(n):
+                hosts.extend((c + i) << cbits for i in range(k))
+        e = table.entries
+        for i, host in enumerate(hosts):
+            if s.extended_l2:
+                e[2 * i] = host | OFLAG_COPIED
+                e[2 * i + 1] = bitmap
+            else:
+                e[i] = host | OFLAG_COPIED
+            if first_data is None or host < first_data:
+                first_data = host
+            last_end = max(last_end, host + s.cluster_size)
+        table.mark(0, 2 * n if s.extended_l2 else n)
+    target = s.data_host
+    if s.has_data_file:
+        end = s.virtual_size
+    else:
+        end = max(last_end, s.alloc_limit)
+        s.grow_alloc_limit(end)
+    if target.size() < end:
+        target.truncate(end)
+    if mode in ("falloc", "full") and first_data is not None:
+        start = 0 if s.has_data_file else first_data
         try:
-            size = b.virtual_size
-        finally:
-            b.close()
-    return cls.create(path, size, backing_file=backing_file, backing_format=fmt, **create_options)
+            os.posix_fallocate(target.fd, start, end - start)
+        except OSError:
+            pass
+    flush(s)

@@ -11,7 +11,7 @@ import zlib
 
 import zstandard
 
-from .errors import CorruptImageError
+from ..errors import CorruptImageError
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 _zstd = zstandard.ZstdDecompressor()

@@ -1,21 +1,25 @@
-"""Reference counts: read and update counts of every width, allocate and free clusters, grow the table.
+"""Reference counts: read and update counts of every width, allocate and free clusters, grow the
+table, and the deferred-free queue.
 
 Crash-safe order (QEMU's): a new refcount block is written and synced before the table entry
 that points at it; a grown refcount table is written and synced before the header switches to
-it, and the old table is freed only after that. Decrements are not done here on the spot: the
-owner defers them until the references are gone on disk (see QcowFile._flush_locked).
-Every method expects the caller to hold the image lock.
+it, and the old table is freed only after that. A dropped reference is never decremented on the
+spot: `defer_free` queues the cluster, and `release_deferred` decrements only after the tables
+that dropped the references (declared with `frees_depend_on`) are durable, so a freed cluster is
+never reused while a table on disk still points at it. Every method expects the caller to hold
+the image lock.
 """
 
 from __future__ import annotations
 
 from array import array
-from typing import Callable
+from collections.abc import Callable
 
-from .cache import TableCache, TableCodec
-from .errors import CorruptImageError, RefcountOverflowError
-from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
-from .hostio import HostFile
+from ..errors import CorruptImageError, RefcountOverflowError
+from ..hostio import HostFile
+from .cache import CachedTable, Durable, TableCache
+from .entries import REFT_OFFSET_MASK, REFT_RESERVED_MASK, TableCodec
+from .format import MAX_REFTABLE_BYTES
 
 
 class Refcounts:
@@ -47,7 +51,8 @@ class Refcounts:
         self.end_cluster = -(-file_length() // self.cluster_size)
         self.free_hint = 0
         self.append_only = False
-        self.dirty_since_sync = False
+        self.deferred_frees: list[int] = []  # host clusters whose reference is gone in memory only
+        self.free_dependencies: list[Durable] = []
         for c in range(reftable_offset >> cluster_bits, (reftable_offset >> cluster_bits) + reftable_clusters):
             metadata.add(c)
         for i, e in enumerate(self.reftable):
@@ -100,7 +105,6 @@ class Refcounts:
                 f"would drop below zero: {old} {delta:+d}")
         block.entries[idx] = new
         block.mark(idx)
-        self.dirty_since_sync = True
         if new == 0 and host_cluster < self.free_hint:
             self.free_hint = host_cluster
         return new
@@ -116,9 +120,8 @@ class Refcounts:
             block.entries[idx:idx + n] = array(block.entries.typecode, [value]) * n
             block.mark(idx, idx + n)
             c += n
-        self.dirty_since_sync = True
 
-    def _block_for_write(self, ri: int):  # type: ignore[no-untyped-def]
+    def _block_for_write(self, ri: int) -> CachedTable:
         if ri >= len(self.reftable):
             self._grow_table(ri)
         off = self._block_offset(ri)
@@ -132,7 +135,7 @@ class Refcounts:
         self.end_cluster += 1
         off = cluster << self.cluster_bits
         self.metadata.add(cluster)
-        block = self.cache.install_new(off)
+        block = self.cache.install(off)
         self_describing = cluster // self.block_entries == ri
         if self_describing:
             block.entries[cluster % self.block_entries] = 1
@@ -142,13 +145,13 @@ class Refcounts:
             self.update(cluster, 1)
             self.cache.write_table(self.cache.get(self._block_offset(cluster // self.block_entries)))
         self.cache.write_table(block)
-        self.host.fsync()
+        self.host.sync()
         self.reftable[ri] = off
         self._write_reftable_entry(ri)
         return off
 
     def _write_reftable_entry(self, ri: int) -> None:
-        lo, hi = TableCodec(64, len(self.reftable) * 8).byte_range(ri, ri + 1)
+        lo, hi = TableCodec(64, len(self.reftable) * 8).sector_range(ri, ri + 1)
         data = TableCodec(64, 8).encode(self.reftable, lo, hi)
         self.host.pwrite(data, self.reftable_offset + lo * 8)
 
@@ -184,7 +187,7 @@ class Refcounts:
             new_table[ri] = c << self.cluster_bits
             self.metadata.add(c)
         # Fill counts for the new table and blocks: new blocks in memory, old ones through the cache.
-        new_block_tables = {ri: self.cache.install_new(c << self.cluster_bits) for ri, c in block_clusters.items()}
+        new_block_tables = {ri: self.cache.install(c << self.cluster_bits) for ri, c in block_clusters.items()}
         for c in range(start, self.end_cluster):
             ri, idx = divmod(c, epb)
             if ri in new_block_tables:
@@ -198,14 +201,14 @@ class Refcounts:
         self.cache.write_dirty()
         raw = TableCodec(64, k * cs).encode(new_table, 0, len(new_table))
         self.host.pwrite(raw, table_cluster << self.cluster_bits)
-        self.host.fsync()
+        self.host.sync()
         old_offset, old_clusters = self.reftable_offset, self.reftable_clusters
         self.reftable = new_table
         self.reftable_offset = table_cluster << self.cluster_bits
         self.reftable_clusters = k
         for c in range(table_cluster, table_cluster + k):
             self.metadata.add(c)
-        self.on_table_moved(self.reftable_offset, k)  # one header write + sync
+        self.on_table_moved(self.reftable_offset, k)  # one header switch (ordering.switch_header)
         first_old = old_offset >> self.cluster_bits
         for c in range(first_old, first_old + old_clusters):
             self.metadata.discard(c)
@@ -272,3 +275,33 @@ class Refcounts:
     def has_dirty(self) -> bool:
         """Whether refcount blocks have unwritten changes."""
         return self.cache.has_dirty()
+
+    def make_durable(self) -> None:
+        """Write every dirty refcount block and sync."""
+        self.cache.make_durable()
+
+    # --- deferred frees ------------------------------------------------------------------
+    def frees_depend_on(self, dependency: Durable) -> None:
+        """`dependency` (a table that drops references) must be durable before a deferred free."""
+        self.free_dependencies.append(dependency)
+
+    def defer_free(self, first_cluster: int, count: int = 1) -> None:
+        """Queue a reference drop of `count` clusters from `first_cluster` (one each)."""
+        if count == 1:
+            self.deferred_frees.append(first_cluster)
+        else:
+            self.deferred_frees.extend(range(first_cluster, first_cluster + count))
+
+    def release_deferred(self) -> list[int]:
+        """Decrement the queued clusters once the tables that dropped them are durable.
+
+        Returns the clusters whose count reached zero, sorted (free for reuse from now on).
+        """
+        if not self.deferred_frees:
+            return []
+        for dependency in self.free_dependencies:
+            dependency.make_durable()
+        freed = [c for c in self.deferred_frees if self.update(c, -1) == 0]
+        self.deferred_frees.clear()
+        freed.sort()
+        return freed

@@ -1,0 +1,117 @@
+"""Formats: probe, resolve and open any image by format; the registry every format joins.
+
+Each format module (qcow2/file.py, qcow1.py, raw.py) registers a `FormatDriver` here when it
+is imported (the package's __init__ imports them all), so this module sits below every format
+and each of them can open its backing file through `open_backing` without importing the others:
+the format graph has no import cycles. Backing chains are followed here: names are resolved
+against the naming image's directory, loops and excessive depth are caught before anything
+recurses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import BackingChainError, UnsupportedFeatureError
+from .hostio import HostFactory, HostFile
+from .image import Image
+
+PROBE_BYTES = 512
+DEFAULT_MAX_NESTING_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How to open an image and the images it names."""
+
+    readonly: bool = False
+    max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH
+    host_factory: HostFactory = HostFile
+
+
+@dataclass(frozen=True)
+class FormatDriver:
+    """One format: its name as qemu-img spells it, a probe score for the file's first bytes
+    (0 = not this format; the highest score wins) and its opener."""
+
+    name: str
+    probe: Callable[[bytes], int]
+    open: Callable[[str, OpenOptions, tuple[str, ...]], Image]
+
+
+_DRIVERS: dict[str, FormatDriver] = {}
+
+
+def register(driver: FormatDriver) -> None:
+    """Make a format known (called once by each format module)."""
+    _DRIVERS[driver.name] = driver
+
+
+def format_names() -> list[str]:
+    """The names of every known format."""
+    return sorted(_DRIVERS)
+
+
+def probe_format(path: str, host_factory: HostFactory | None = None) -> str:
+    """Guess an image's format from its first bytes, as QEMU's probing does."""
+    host = (host_factory or HostFile)(path, False)
+    try:
+        head = host.pread(PROBE_BYTES, 0)
+    finally:
+        host.close()
+    return max(_DRIVERS.values(), key=lambda d: d.probe(head)).name
+
+
+def resolve_backing_path(parent_path: str, name: str) -> str:
+    """A relative backing name is relative to the directory of the image naming it."""
+    if name.startswith("json:") or (":" in name.split("/")[0] and not os.path.exists(name)
+                                    and name.split(":", 1)[0] in ("nbd", "http", "https", "ftp", "ssh", "iscsi", "file")):
+        if name.startswith("file:"):
+            name = name[5:]
+        else:
+            raise UnsupportedFeatureError(f"backing file name {name!r}: protocols and json: names are not supported")
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(parent_path)), name)
+
+
+def open_image(path: str, fmt: str | None = None, options: OpenOptions = OpenOptions(),
+               chain: tuple[str, ...] = ()) -> Image:
+    """Open `path` as `fmt` (probed when None) with its backing chain."""
+    if not fmt:
+        fmt = probe_format(path, options.host_factory)
+    driver = _DRIVERS.get(fmt)
+    if driver is None:
+        raise UnsupportedFeatureError(
+            f"image {path!r}: format {fmt!r} is not supported ({', '.join(format_names())})")
+    return driver.open(path, options, chain or (os.path.realpath(path),))
+
+
+def open_backing(parent_path: str, name: str, fmt: str | None, options: OpenOptions,
+                 chain: tuple[str, ...]) -> Image:
+    """Open the backing image `name` of the image at `parent_path`, read-only.
+
+    `chain` holds the real paths of every image above (the parent last); its length is the
+    parent's depth. Raises BackingChainError for missing files, loops and chains deeper than
+    `options.max_nesting_depth`.
+    """
+    path = resolve_backing_path(parent_path, name)
+    if len(chain) > options.max_nesting_depth:
+        raise BackingChainError(
+            f"backing chain of {parent_path!r} is too deep: more than max_nesting_depth "
+            f"{options.max_nesting_depth} backing files")
+    if not os.path.exists(path):
+        raise BackingChainError(f"backing file {path!r} (named {name!r} by {parent_path!r}) does not exist")
+    real = os.path.realpath(path)
+    if real in chain:
+        raise BackingChainError(f"backing chain loops: {parent_path!r} names {name!r}, which is already in the chain")
+    backing_options = OpenOptions(readonly=True, max_nesting_depth=options.max_nesting_depth,
+                                  host_factory=options.host_factory)
+    try:
+        return open_image(path, fmt or None, backing_options, chain + (real,))
+    except OSError as e:
+        raise BackingChainError(f"cannot open backing file {path!r} of {parent_path!r}: {e.strerror}") from None
+    except RecursionError:  # pragma: no cover - depth is bounded above
+        raise BackingChainError(f"backing chain of {parent_path!r} is too deep") from None

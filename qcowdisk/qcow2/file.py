@@ -1,0 +1,557 @@
+"""QcowFile: open, close, flush and the public methods over one `Qcow2State`.
+
+Only the public methods here take the image lock; the functions of mapping, reading, writing,
+refcount and ordering expect it held. This module also owns the image's health:
+
+- **Failed state.** A host write, fsync, truncate or punch that fails during a write or flush
+  leaves the disk behind the metadata in memory, and after a failed fsync Linux may already have
+  dropped the unsynced pages. So the first such `OSError` reaches the caller unchanged (its
+  errno intact) and is kept in `failure`; from then on every write, zeroing, punch and flush
+  raises `ImageFailedError` naming it, nothing more is written, reads keep working, and `close()`
+  releases the descriptors and the lock and raises `ImageFailedError` instead of claiming a
+  clean close. Because nothing is written after the failure, the image on disk is exactly what
+  the crash-ordering rules left at that moment: free of corruption (leaks allowed), with every
+  byte of the last successful flush, even if the failed write landed only in part, provided the
+  part stops between two 8-byte table entries (QEMU is not proof against a tear inside an
+  entry either).
+- **fork().** A child inherits the parent's descriptors, and with them its OFD locks. In a
+  child, `close()` (explicit, at the end of a `with` block, or at exit) only closes descriptors:
+  no flush, no metadata write, no unlock; writes are refused.
+- **close() racing reads.** The lock-free read path of read-only images checks after its
+  `pread` that the image was not closed meanwhile, so a descriptor number reused by another
+  open can never hand another file's bytes back as guest data.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from .. import formats
+from ..errors import CorruptImageError, ImageFailedError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
+from ..hostio import Buffer, HostFactory, HostFile
+from ..image import Extent, Image
+from ..locking import ImageLock, lock_image
+from . import ordering, reading, writing
+from .create import create_image, preallocate
+from .entries import REFT_OFFSET_MASK, decode_u64_table, fast_read_reject_mask
+from .format import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot,
+                     parse_header, parse_snapshot_table)
+from .overlap import collect_metadata
+from .refcount import Refcounts
+from .repair import rebuild_refcounts
+from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
+
+_T = TypeVar("_T")
+
+# Every open state, so a forked child can disown them (see the module docstring).
+_OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for s in list(_OPEN_STATES):
+        s.inherited = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _in_forked_child(s: Qcow2State) -> bool:
+    return s.inherited
+
+
+class QcowFile:
+    """A qcow2 image opened for reading (and writing): the guest disk as byte ranges.
+
+    Thread-safe: every public method takes the image's lock. Implements `qcowdisk.image.Image`.
+    """
+
+    format_name = "qcow2"
+
+    def __init__(self, state: Qcow2State, image_lock: ImageLock | None) -> None:
+        """Wrap an opened state (use `open`, `create` or `create_from_backing`)."""
+        self._state = state
+        self._image_lock = image_lock
+        # The read-only fast path's constants in one tuple (every bytecode counts on a 4 KiB
+        # read); None on read-write images and once closed.
+        self._fast: tuple[Any, ...] | None = None
+        s = state
+        if s.readonly and not s.extended_l2 and not s.has_data_file:
+            pread: Callable[[int, int], bytes] = s.host.pread
+            if type(s.host) is HostFile:  # no test seam to honour: call the OS directly
+                pread = functools.partial(os.pread, s.host.fd)
+            self._fast = (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_entries - 1,
+                          s.cluster_mask, s.virtual_size, s.l1.entries, s.l2_cache.tables,
+                          fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread)
+        _OPEN_STATES.add(s)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False,
+             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+             host_factory: HostFactory | None = None) -> QcowFile:
+        """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
+
+        `host_factory(path, writable) -> HostFile` is the host I/O seam (tests inject faults there).
+        """
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
+                                      host_factory=host_factory or HostFile)
+        return cls._open(path, options, (os.path.realpath(path),))
+
+    @classmethod
+    def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile:
+        host = options.host_factory(path, not options.readonly)
+        image_lock: ImageLock | None = None
+        state: Qcow2State | None = None
+        try:
+            # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
+            image_lock = lock_image(host.fd, path, write=not options.readonly)
+            state = _load_state(path, host, options)
+            if state.header.backing_file:
+                state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
+                                                     options, chain)
+            if not options.readonly:
+                _prepare_for_writing(state)
+        except BaseException:
+            if state is not None:
+                if state.backing is not None:
+                    state.backing.close()
+                _close_files(state)
+            else:
+                host.close()
+            if image_lock is not None:
+                image_lock.release()
+            raise
+        return cls(state, image_lock)
+
+    # ------------------------------------------------------------------ create
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int, *, cluster_size: int = 65536, refcount_bits: int = 16,
+               compat: str = "1.1", lazy_refcounts: bool = False, extended_l2: bool = False,
+               compression_type: str = "zlib", preallocation: str = "off", data_file: str | None = None,
+               data_file_raw: bool = False, backing_file: str | None = None, backing_format: str | None = None,
+               host_factory: HostFactory | None = None) -> QcowFile:
+        """Create a new image (never overwriting an existing file) and return it open read-write.
+
+        Options mean what the same-named `qemu-img create -o` options mean; invalid combinations
+        raise ValueError as qemu-img refuses them.
+        """
+        path = os.fspath(path)
+        create_image(path, size, cluster_size=cluster_size, refcount_bits=refcount_bits,
+                     compat=compat, lazy_refcounts=lazy_refcounts, extended_l2=extended_l2,
+                     compression_type=compression_type, preallocation=preallocation, data_file=data_file,
+                     data_file_raw=data_file_raw, backing_file=backing_file, backing_format=backing_format,
+                     host_factory=host_factory)
+        img = cls.open(path, host_factory=host_factory)
+        if preallocation != "off":
+            try:
+                with img._state.lock:
+                    img._guarded(lambda: preallocate(img._state, preallocation))
+            except BaseException:
+                img.close()
+                raise
+        return img
+
+    @classmethod
+    def create_from_backing(cls, path: str | os.PathLike[str], backing_file: str, *, backing_format: str | None = None,
+                            size: int | None = None, **create_options: Any) -> QcowFile:
+        """Create an overlay on `backing_file` (size from the backing file unless given).
+
+        The backing name is stored as given (relative names resolve against the overlay's
+        directory) and the backing format is always recorded, probed when not given.
+        """
+        path = os.fspath(path)
+        host_factory = create_options.get("host_factory") or HostFile
+        bpath = formats.resolve_backing_path(path, backing_file)
+        if not os.path.exists(bpath):
+            raise FileNotFoundError(f"backing file {bpath!r} (named {backing_file!r}) does not exist")
+        fmt = backing_format or formats.probe_format(bpath, host_factory)
+        if size is None:
+            options = formats.OpenOptions(readonly=True, host_factory=host_factory)
+            backing = formats.open_backing(path, backing_file, fmt, options, (os.path.realpath(path),))
+            try:
+                size = backing.virtual_size
+            finally:
+                backing.close()
+        return cls.create(path, size, backing_file=backing_file, backing_format=fmt, **create_options)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def filename(self) -> str:
+        """The path the image was opened by."""
+        return self._state.filename
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the image was opened read-only."""
+        return self._state.readonly
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has run."""
+        return self._state.closed
+
+    @property
+    def header(self) -> Header:
+        """The decoded header (fields as on disk)."""
+        return self._state.header
+
+    @property
+    def virtual_size(self) -> int:
+        """The guest disk's size in bytes."""
+        return self._state.virtual_size
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return self._state.cluster_size
+
+    @property
+    def cluster_bits(self) -> int:
+        """log2 of the cluster size."""
+        return self._state.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        """Whether L2 entries carry subcluster bitmaps."""
+        return self._state.extended_l2
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots, in table order."""
+        return list(self._state.snapshots)
+
+    @property
+    def backing(self) -> Image | None:
+        """The opened backing image, or None."""
+        return self._state.backing
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name as stored in the image."""
+        return self._state.header.backing_file
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The host error that put the image in the failed state, or None while healthy."""
+        return self._state.failure
+
+    # ------------------------------------------------------------------ reading
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes of the guest disk at `offset`, clipped at virtual_size."""
+        # Fast path: a read inside one plain data cluster whose L2 table is cached is a single
+        # pread, without the lock (nothing mutates the tables of a read-only image). The check
+        # of `_fast` after the pread catches a close() that ran meanwhile: close clears it before
+        # closing the descriptor, so a pread that might have hit a reused descriptor number is
+        # always followed by seeing None here.
+        fast = self._fast
+        if fast is not None and offset >= 0 and length > 0:
+            cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, pread = fast
+            inc = offset & cmask
+            if inc + length <= cmask + 1 and offset + length <= vsize:
+                l1e = l1[offset >> l1shift]
+                t = tables.get(l1e & 0x00FFFFFFFFFFFE00)
+                if t is not None and not l1e & 0x7F000000000001FF:
+                    e = t.entries[(offset >> cbits) & l2mask]
+                    host = e & 0x00FFFFFFFFFFFE00
+                    if host and not e & bad and host < limit:
+                        try:
+                            data: bytes = pread(length, host + inc)
+                        except OSError:
+                            data = b""
+                        if self._fast is None:
+                            raise ValueError("I/O operation on closed QcowFile")
+                        if len(data) == length:
+                            return data
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length: offset={offset} length={length}")
+        s = self._state
+        n = max(0, min(length, s.virtual_size - offset))
+        with s.lock:
+            self._check_open()
+            if not n:
+                return b""
+            buf = bytearray(n)
+            reading.readinto(s, memoryview(buf), offset)
+            return bytes(buf)
+
+    def readinto_at(self, buffer: Buffer, offset: int) -> int:
+        """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
+        if offset < 0:
+            raise ValueError(f"negative offset: {offset}")
+        mv = memoryview(buffer)
+        if mv.readonly:
+            raise ValueError("buffer is read-only")
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        s = self._state
+        n = max(0, min(len(mv), s.virtual_size - offset))
+        with s.lock:
+            self._check_open()
+            if n:
+                reading.readinto(s, mv[:n], offset)
+        return n
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The extents covering [offset, offset + length) of the guest disk, merged as
+        `qemu-img map` merges them (see `qcowdisk.Extent`)."""
+        from ..blockstatus import block_status
+        return block_status(self, offset, length)
+
+    # ------------------------------------------------------------------ writing
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """Write `data` (any bytes-like object) at guest `offset`; returns len(data)."""
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        s = self._state
+        self._check_range(offset, n)
+        with s.lock:
+            self._check_writable()
+            if n:
+                self._guarded(lambda: self._write(offset, mv))
+        return n
+
+    def _write(self, offset: int, mv: memoryview) -> None:
+        ordering.mark_dirty_before_lazy_update(self._state)
+        writing.write(self._state, offset, mv)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros (also over a backing file)."""
+        self._zero(offset, length, punch=False)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Like write_zeroes, and hand the host space of whole clusters back."""
+        self._zero(offset, length, punch=True)
+
+    def _zero(self, offset: int, length: int, punch: bool) -> None:
+        s = self._state
+        self._check_range(offset, length)
+        with s.lock:
+            self._check_writable()
+            if length:
+                def run() -> None:
+                    ordering.mark_dirty_before_lazy_update(s)
+                    writing.zero(s, offset, length, punch)
+                self._guarded(run)
+
+    def flush(self) -> None:
+        """Make everything written so far durable (and the image consistent on disk)."""
+        s = self._state
+        with s.lock:
+            self._check_open()
+            if s.readonly:
+                return
+            self._check_healthy()
+            self._guarded(lambda: ordering.flush(s))
+
+    # ------------------------------------------------------------------ closing
+    def close(self) -> None:
+        """Flush, clear the dirty bit on a clean close, release locks and files. Idempotent.
+
+        In the failed state nothing is written: descriptors and the lock are released and
+        `ImageFailedError` is raised, since the close cannot be a clean one.
+        """
+        s = self._state
+        with s.lock:
+            if s.closed:
+                return
+            self._fast = None
+            if _in_forked_child(s):  # the parent's image: only our descriptors are ours
+                self._release(abandon=True)
+                return
+            try:
+                if not s.readonly and not s.corrupt and s.failure is None:
+                    self._guarded(self._close_cleanly)
+            finally:
+                self._release()
+            if s.failure is not None:
+                raise self._failed_error()
+
+    def _close_cleanly(self) -> None:
+        s = self._state
+        ordering.flush(s, final=True)
+        if s.header.incompatible_features & INCOMPAT_DIRTY:
+            ordering.switch_header(s, incompatible_features=s.header.incompatible_features & ~INCOMPAT_DIRTY)
+
+    def _release(self, abandon: bool = False) -> None:
+        s = self._state
+        s.closed = True
+        _OPEN_STATES.discard(s)
+        try:
+            if s.backing is not None:
+                backing, s.backing = s.backing, None
+                if abandon and isinstance(backing, QcowFile):
+                    backing._release(abandon=True)
+                else:
+                    backing.close()
+        finally:
+            if self._image_lock is not None:
+                self._image_lock.release()  # a forked child's release only closes its descriptor
+                self._image_lock = None
+            _close_files(s)
+
+    def __enter__(self) -> QcowFile:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except ImageFailedError:
+            if exc is None:
+                raise  # leaving the block by an exception: keep that one
+
+    def __del__(self) -> None:  # pragma: no cover - best effort for forgotten closes
+        try:
+            if not self._state.closed:
+                self._fast = None
+                self._release(abandon=_in_forked_child(self._state))
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        s = self._state
+        return f"<QcowFile {s.filename!r} size={s.virtual_size} {'ro' if s.readonly else 'rw'}>"
+
+    # ------------------------------------------------------------------ checks and the failed state
+    def _check_open(self) -> None:
+        if self._state.closed:
+            raise ValueError("I/O operation on closed QcowFile")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length: offset={offset} length={length}")
+        if offset + length > self._state.virtual_size:
+            raise ValueError(
+                f"write of {length} bytes at offset {offset} goes past the virtual size {self._state.virtual_size}")
+
+    def _check_writable(self) -> None:
+        s = self._state
+        self._check_open()
+        if s.readonly:
+            raise ReadOnlyError(f"image {s.filename!r} is open read-only")
+        if s.corrupt:
+            raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+        self._check_healthy()
+        if _in_forked_child(s):
+            raise ReadOnlyError(f"image {s.filename!r} was opened by the parent process; a forked child may not write it")
+
+    def _check_healthy(self) -> None:
+        if self._state.failure is not None:
+            raise self._failed_error()
+
+    def _failed_error(self) -> ImageFailedError:
+        s = self._state
+        first = s.failure
+        err = ImageFailedError(
+            f"image {s.filename!r} is in the failed state after a host I/O error ({first}); "
+            f"writes and flushes are refused and data written since the last successful flush may be lost",
+            first)
+        err.__cause__ = first
+        return err
+
+    def _guarded(self, operation: Callable[[], _T]) -> _T:
+        """Run a write-side operation; a host error puts the image in the failed state."""
+        try:
+            return operation()
+        except OSError as e:
+            if self._state.failure is None:
+                self._state.failure = e
+            raise
+
+
+# ---------------------------------------------------------------------- opening helpers
+def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow2State:
+    """Read and validate the header and tables; the state of an image opened without its chain."""
+    file_length = host.size()
+    h = parse_header(host.pread(min(file_length, 1 << 21), 0), file_length)
+    if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT:
+        raise CorruptImageError(
+            f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
+            f"it can only be opened read-only until repaired")
+    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS:
+        raise UnsupportedFeatureError(
+            f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
+            f"qcowdisk does not maintain them, so it opens such images read-only only")
+    raw = host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
+    if len(raw) < h.l1_size * 8:
+        raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} runs past end of file")
+    s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
+    if h.nb_snapshots:
+        buf = host.pread(min(64 << 20, file_length - h.snapshots_offset), h.snapshots_offset)
+        s.snapshots, s.snapshot_table_length = parse_snapshot_table(
+            buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
+    _check_l1_tables_vs_refblocks(s)
+    if h.has_data_file:
+        assert h.data_file is not None
+        dpath = formats.resolve_backing_path(path, h.data_file)
+        try:
+            s.data_host = options.host_factory(dpath, not options.readonly)
+        except OSError as e:
+            raise InvalidImageError(f"data file {dpath!r} named by {path!r} cannot be opened: {e.strerror}") from None
+        # read-only: an entry past the data file's end is corrupt; read-write: writes extend it
+        s.data_file_limit = s.data_host.size() if options.readonly else 1 << 62
+    return s
+
+
+def _check_l1_tables_vs_refblocks(s: Qcow2State) -> None:
+    """The active and snapshot L1 tables must not sit on a refcount block (cheap, at open)."""
+    h, cs = s.header, s.cluster_size
+    raw = s.host.pread(h.refcount_table_clusters * cs, h.refcount_table_offset)
+    blocks = {e & REFT_OFFSET_MASK for e in decode_u64_table(raw[:len(raw) // 8 * 8])
+              if e and not e & (cs - 1) & REFT_OFFSET_MASK}
+    if not blocks:
+        return
+    tables = [("l1_table_offset", h.l1_table_offset, h.l1_size)]
+    tables += [(f"snapshot {snap.id} l1_table_offset", snap.l1_table_offset, snap.l1_size) for snap in s.snapshots]
+    for name, offset, size in tables:
+        for c in range(offset, offset + size * 8, cs):
+            if c // cs * cs in blocks:
+                raise InvalidImageError(
+                    f"{'Active' if name == 'l1_table_offset' else 'Snapshot'} L1 table offset invalid: "
+                    f"{name} 0x{offset:x} overlaps the refcount block at 0x{c // cs * cs:x}")
+
+
+def _prepare_for_writing(s: Qcow2State) -> None:
+    """Set up allocation and ordering; clear unknown autoclear bits; repair a dirty image."""
+    h = s.header
+    collect_metadata(s)
+
+    def switch_reftable(offset: int, clusters: int) -> None:
+        ordering.switch_header(s, refcount_table_offset=offset, refcount_table_clusters=clusters)
+
+    rc = Refcounts(s.host, s.cluster_bits, h.refcount_bits, h.refcount_table_offset, h.refcount_table_clusters,
+                   lambda: s.alloc_limit, DEFAULT_REFBLOCK_CACHE_BYTES, switch_reftable, s.metadata)
+    s.refcounts = rc
+    ordering.declare_write_order(s, rc)
+    if h.incompatible_features & INCOMPAT_DIRTY:
+        rebuild_refcounts(s, rc)
+        ordering.flush(s, final=True)
+        ordering.switch_header(s, incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY,
+                               autoclear_features=h.autoclear_features & AUTOCLEAR_KNOWN)
+    elif h.autoclear_features & ~AUTOCLEAR_KNOWN:
+        ordering.switch_header(s, autoclear_features=h.autoclear_features & AUTOCLEAR_KNOWN)
+
+
+def _close_files(s: Qcow2State) -> None:
+    if s.data_host is not s.host:
+        s.data_host.close()
+    s.host.close()
+
+
+def _probe_score(head: bytes) -> int:
+    return 2 if head[:4] == b"QFI\xfb" and len(head) >= 8 and int.from_bytes(head[4:8], "big") != 1 else 0
+
+
+def _open_qcow2(path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile:
+    return QcowFile._open(path, options, chain)
+
+
+formats.register(formats.FormatDriver("qcow2", _probe_score, _open_qcow2))
+
+__all__ = ["QcowFile"]

@@ -1,0 +1,86 @@
+"""Raw images: the file is the guest disk. Used as backing files and external raw data views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from . import formats
+from .errors import ReadOnlyError
+from .hostio import Buffer, HostFactory, HostFile
+from .image import Extent, fill_zeros
+
+
+class RawImage:
+    """A raw file opened read-only as a guest disk (implements `qcowdisk.image.Image`)."""
+
+    format_name = "raw"
+    backing = None
+    backing_file = None
+
+    def __init__(self, path: str, host_factory: HostFactory | None = None) -> None:
+        """Open `path` read-only."""
+        self.filename = path
+        self.host = (host_factory or HostFile)(path, False)
+        self.virtual_size = self.host.size()
+
+    def readinto_at(self, buffer: Buffer, offset: int) -> int:
+        """Read into `buffer` from guest `offset`; short only at the end of the file."""
+        mv = memoryview(buffer).cast("B")
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        n = max(0, min(len(mv), self.virtual_size - offset))
+        if n == 0:
+            return 0
+        got = self.host.preadv([mv[:n]], offset)
+        if got < n:  # file shrank under us: the missing tail reads as zeros
+            fill_zeros(mv, got, n)
+        return n
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes at `offset`, clipped at the end of the file."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset/length ({offset}, {length})")
+        buf = bytearray(max(0, min(length, self.virtual_size - offset)))
+        self.readinto_at(buf, offset)
+        return bytes(buf)
+
+    def _refuse_write(self) -> ReadOnlyError:
+        return ReadOnlyError(f"raw image {self.filename!r} is open read-only")
+
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """Refused: raw images are opened read-only."""
+        raise self._refuse_write()
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Refused: raw images are opened read-only."""
+        raise self._refuse_write()
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Refused: raw images are opened read-only."""
+        raise self._refuse_write()
+
+    def flush(self) -> None:
+        """Nothing to flush on a read-only image."""
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The extents of [offset, offset + length): all data, one layer."""
+        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
+        if end > offset:
+            yield Extent(offset, end - offset, 0, True, False, True, offset, False, self.filename)
+
+    def close(self) -> None:
+        """Release the file."""
+        self.host.close()
+
+    def __enter__(self) -> RawImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_raw(path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> RawImage:
+    return RawImage(path, options.host_factory)
+
+
+formats.register(formats.FormatDriver("raw", lambda head: 1, _open_raw))
