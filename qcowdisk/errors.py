@@ -46,3 +46,9 @@ class ImageFailedError(QcowError):
     def __init__(self, message: str, first_error: BaseException | None = None) -> None:
         super().__init__(message)
         self.first_error = first_error
+
+
+class UnsafeFileError(QcowError):
+    """A file an image names (or the image itself) is refused: it is not a regular file or a
+    block device (a FIFO, socket, directory or character device), or it lies outside the
+    directory the caller confined the image to."""

@@ -10,11 +10,12 @@ recurses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import BackingChainError, UnsupportedFeatureError
+from .errors import BackingChainError, UnsafeFileError, UnsupportedFeatureError
 from .hostio import HostFactory, HostFile
 from .image import Image
 
@@ -24,11 +25,36 @@ DEFAULT_MAX_NESTING_DEPTH = 64
 
 @dataclass(frozen=True)
 class OpenOptions:
-    """How to open an image and the images it names."""
+    """How to open an image and the files it names.
+
+    `backing=False` opens the image alone (unallocated ranges read as zeros, QEMU's
+    `backing: null`). With `confine_to`, every backing file and data file must resolve (after
+    symlinks) inside that directory. `force_share` (read-only only) neither takes nor honours
+    the image lock, as `qemu-img -U` does.
+    """
 
     readonly: bool = False
     max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH
     host_factory: HostFactory = HostFile
+    backing: bool = True
+    confine_to: str | None = None
+    force_share: bool = False
+
+    def for_backing(self) -> OpenOptions:
+        """The options a backing file is opened with: read-only, the rest inherited."""
+        return dataclasses.replace(self, readonly=True)
+
+
+def check_confined(path: str, options: OpenOptions, what: str, named_by: str) -> None:
+    """Refuse a file an image names when it resolves outside `options.confine_to`."""
+    if options.confine_to is None:
+        return
+    root = os.path.realpath(options.confine_to)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise UnsafeFileError(
+            f"{what} {path!r} named by {named_by!r} resolves to {real!r}, outside the directory "
+            f"{options.confine_to!r} the image is confined to")
 
 
 @dataclass(frozen=True)
@@ -102,15 +128,14 @@ def open_backing(parent_path: str, name: str, fmt: str | None, options: OpenOpti
         raise BackingChainError(
             f"backing chain of {parent_path!r} is too deep: more than max_nesting_depth "
             f"{options.max_nesting_depth} backing files")
+    check_confined(path, options, "backing file", parent_path)
     if not os.path.exists(path):
         raise BackingChainError(f"backing file {path!r} (named {name!r} by {parent_path!r}) does not exist")
     real = os.path.realpath(path)
     if real in chain:
         raise BackingChainError(f"backing chain loops: {parent_path!r} names {name!r}, which is already in the chain")
-    backing_options = OpenOptions(readonly=True, max_nesting_depth=options.max_nesting_depth,
-                                  host_factory=options.host_factory)
     try:
-        return open_image(path, fmt or None, backing_options, chain + (real,))
+        return open_image(path, fmt or None, options.for_backing(), (*chain, real))
     except OSError as e:
         raise BackingChainError(f"cannot open backing file {path!r} of {parent_path!r}: {e.strerror}") from None
     except RecursionError:  # pragma: no cover - depth is bounded above

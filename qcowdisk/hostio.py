@@ -9,12 +9,16 @@ shared by threads without a file position.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import stat
 from collections.abc import Sequence
 import ctypes
 import ctypes.util
 from collections.abc import Callable
 from typing import Any
+
+from .errors import UnsafeFileError
 
 _fallocate: Callable[[int, int, int, int], int] | None
 try:  # Linux: hand space back without changing the file length
@@ -34,6 +38,42 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 Buffer = Any  # any object supporting the buffer protocol (collections.abc.Buffer from 3.12)
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path: str, writable: bool) -> int:
+    """Open a regular file or block device without ever blocking; refuse anything else.
+
+    O_NONBLOCK makes opening a FIFO return at once (instead of waiting for a writer); fstat
+    then tells what was opened, and only regular files and block devices are kept.
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
+            try:
+                kind = _file_kind(os.stat(path).st_mode)
+            except OSError:
+                raise e from None
+            raise UnsafeFileError(f"{path!r} is a {kind}, not a regular file or block device") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UnsafeFileError(f"{path!r} is a {_file_kind(mode)}, not a regular file or block device")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class HostFile:
     """Positional I/O on one host file. Short reads past EOF return what exists."""
 
@@ -44,18 +84,22 @@ class HostFile:
         # Something was written (or truncated, punched) since the last fsync: lets the ordering
         # code sync only when a sync has something to make durable.
         self.unsynced = False
-        flags = os.O_RDWR if writable else os.O_RDONLY
-        self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+        self.fd = -1
+        self.is_block_device = False
+        self.fd = open_regular(path, writable)
+        self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
     @classmethod
     def create(cls, path: str) -> "HostFile":
         """Create a new, empty file (refusing to overwrite) and open it read-write."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         os.close(fd)
         return cls(path, True)
 
     def size(self) -> int:
-        """Current length of the file in bytes."""
+        """Current length of the file (or block device) in bytes."""
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
 
     def pread(self, length: int, offset: int) -> bytes:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 import os
 import weakref
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -36,6 +38,7 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image
 from ..locking import ImageLock, lock_image
 from . import ordering, reading, writing
+from .cache import CachedTable
 from .create import create_image, preallocate
 from .entries import REFT_OFFSET_MASK, decode_u64_table, fast_read_reject_mask
 from .format import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot,
@@ -46,6 +49,11 @@ from .repair import rebuild_refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
 _T = TypeVar("_T")
+
+# The read-only fast path's constants: cluster_bits, l1 shift, l2 index mask, cluster mask,
+# virtual size, L1 entries, the L2 cache's tables, entry bits that reject, file length, pread.
+_FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
+                  Callable[[int, int], bytes]]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -77,7 +85,7 @@ class QcowFile:
         self._image_lock = image_lock
         # The read-only fast path's constants in one tuple (every bytecode counts on a 4 KiB
         # read); None on read-write images and once closed.
-        self._fast: tuple[Any, ...] | None = None
+        self._fast: _FastPath | None = None
         s = state
         if s.readonly and not s.extended_l2 and not s.has_data_file:
             pread: Callable[[int, int], bytes] = s.host.pread
@@ -90,16 +98,28 @@ class QcowFile:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False,
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
+             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
              host_factory: HostFactory | None = None) -> QcowFile:
         """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
 
+        An image is untrusted input and so are the files it names. By default its backing chain
+        and external data file are followed as QEMU follows them; `backing=False` opens the image
+        alone (unallocated ranges read as zeros), and `confine_to=DIR` refuses every backing or
+        data file that resolves (after symlinks) outside DIR. Whatever the options, a named file
+        that is not a regular file or block device is refused without blocking.
+        `force_share=True` (read-only only) neither takes nor honours the image lock, like
+        `qemu-img -U`: it can inspect an image a VM is running on, and may see it inconsistent.
         `host_factory(path, writable) -> HostFile` is the host I/O seam (tests inject faults there).
         """
         path = os.fspath(path)
+        if force_share and not readonly:
+            raise ValueError("force_share=True can only be used with readonly=True")
         options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
-                                      host_factory=host_factory or HostFile)
+                                      host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to),
+                                      force_share=force_share)
         return cls._open(path, options, (os.path.realpath(path),))
 
     @classmethod
@@ -109,9 +129,10 @@ class QcowFile:
         state: Qcow2State | None = None
         try:
             # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
-            image_lock = lock_image(host.fd, path, write=not options.readonly)
+            if not options.force_share:
+                image_lock = lock_image(host.fd, path, write=not options.readonly)
             state = _load_state(path, host, options)
-            if state.header.backing_file:
+            if state.header.backing_file and options.backing:
                 state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
                                                      options, chain)
             if not options.readonly:
@@ -490,6 +511,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow
     if h.has_data_file:
         assert h.data_file is not None
         dpath = formats.resolve_backing_path(path, h.data_file)
+        formats.check_confined(dpath, options, "data file", path)
         try:
             s.data_host = options.host_factory(dpath, not options.readonly)
         except OSError as e:
