@@ -21,12 +21,13 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
 
-from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from .cache import TableCodec
-from .hostio import HostFile
+from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
+from .hostio import Buffer, HostFile
+from .image import Image
 from .mapping import fill_zeros
 
 QCOW1_MAGIC = b"QFI\xfb"
@@ -153,13 +154,13 @@ class Qcow1File:
         self.header: Qcow1Header | None = None
         self.virtual_size = 0
         self.cluster_size = 0
-        self.backing: Any = None
+        self.backing: Image | None = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None  # qcow v1 never records one; it is probed
         self._host: HostFile | None = None
         self._file_size = 0
-        self._l1: array = array("Q")
-        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._l1: array[int] = array("Q")
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._zcache_entry = -1  # L2 entry whose decompressed cluster is in _zcache
         self._zcache = b""
         self._lock = threading.Lock()
@@ -167,7 +168,7 @@ class Qcow1File:
     @classmethod
     def open(cls, path: str, *, readonly: bool = True, max_nesting_depth: int = 64,
              host_factory: Callable[[str, bool], HostFile] | None = None,
-             _chain: tuple[str, ...] = ()) -> "Qcow1File":
+             _chain: tuple[str, ...] = ()) -> Qcow1File:
         """Open a qcow v1 image and its backing chain. `readonly=False` raises ReadOnlyError."""
         if not readonly:
             raise ReadOnlyError("qcow v1 images are supported read-only")
@@ -235,7 +236,7 @@ class Qcow1File:
             self.readinto_at(buf, offset)
         return bytes(buf)
 
-    def readinto_at(self, buffer: Any, offset: int) -> int:
+    def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Fill writable `buffer` from guest `offset`; returns bytes read (short only at the end)."""
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
@@ -265,7 +266,7 @@ class Qcow1File:
             self._zcache = b""
             self._zcache_entry = -1
 
-    def __enter__(self) -> "Qcow1File":
+    def __enter__(self) -> Qcow1File:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -276,7 +277,7 @@ class Qcow1File:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _l2_table(self, l1_index: int) -> array | None:
+    def _l2_table(self, l1_index: int) -> array[int] | None:
         """The L2 table for one L1 entry (validated, LRU-cached), or None if unallocated."""
         l2_offset = self._l1[l1_index]
         if l2_offset == 0:
