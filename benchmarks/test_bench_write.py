@@ -21,8 +21,20 @@ from typing import Any
 
 import pytest
 
-from run_benchmarks import (CLUSTER, CREATE_SIZE, KiB, MiB, WRITE_CHUNK, WRITE_PATTERN, parse_size, qemu_img,
-                            qemu_img_bench, write_all_qcow, write_all_raw, write_random_raw)
+from run_benchmarks import (
+    CLUSTER,
+    CREATE_SIZE,
+    WRITE_CHUNK,
+    WRITE_PATTERN,
+    KiB,
+    MiB,
+    parse_size,
+    qemu_img,
+    qemu_img_bench,
+    write_all_qcow,
+    write_all_raw,
+    write_random_raw,
+)
 
 SIZE = parse_size(os.environ.get("QCOWDISK_BENCH_SIZE", "64M"))
 ROUNDS = 3

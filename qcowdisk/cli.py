@@ -92,7 +92,15 @@ SnapshotInfo = TypedDict("SnapshotInfo", {
 Qcow2SpecificInfo = TypedDict("Qcow2SpecificInfo", {
     "compat": str, "compression-type": str, "lazy-refcounts": bool, "refcount-bits": int,
     "data-file": str, "data-file-raw": bool, "corrupt": bool, "extended-l2": bool}, total=False)
-FormatSpecificInfo = TypedDict("FormatSpecificInfo", {"type": str, "data": Qcow2SpecificInfo})
+
+
+class FormatSpecificInfo(TypedDict):
+    """ImageInfoSpecific: the format's name and its data (qcow2 is the only one shown)."""
+
+    type: str
+    data: Qcow2SpecificInfo
+
+
 ImageInfo = TypedDict("ImageInfo", {
     "backing-filename-format": str, "snapshots": list[SnapshotInfo], "virtual-size": int, "filename": str,
     "cluster-size": int, "format": str, "actual-size": int, "format-specific": FormatSpecificInfo,

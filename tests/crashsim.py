@@ -77,7 +77,7 @@ class CrashLog:
         self.initial: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def factory(self) -> Callable[[str, bool], "RecordingHost"]:
+    def factory(self) -> Callable[[str, bool], RecordingHost]:
         """A `host_factory` for QcowFile.open/create that records into this log."""
         def make(path: str, writable: bool) -> RecordingHost:
             return RecordingHost(path, writable, log=self)
@@ -89,14 +89,14 @@ class CrashLog:
             self.ops.append(Op("mark", label=label))
             return len(self.ops) - 1
 
-    def ensure_initial(self, host: "RecordingHost") -> None:
+    def ensure_initial(self, host: RecordingHost) -> None:
         """Before the first mutation of a file, take its contents as the durable starting point."""
         with self._lock:
             if host.key not in self.initial:
                 size = host.size()
                 self.initial[host.key] = os.pread(host.fd, size, 0) if size else b""
 
-    def record(self, host: "RecordingHost", op: Op) -> None:
+    def record(self, host: RecordingHost, op: Op) -> None:
         """Append a host op (the caller has called ensure_initial before performing it)."""
         with self._lock:
             self.ops.append(op)
@@ -125,7 +125,7 @@ class RecordingHost(HostFile):
         self.key = os.path.abspath(path)
 
     @classmethod
-    def create(cls, path: str) -> "RecordingHost":  # type: ignore[override]
+    def create(cls, path: str) -> RecordingHost:  # type: ignore[override]
         """Create an empty file; the result is not attached to a log (use CrashLog.factory)."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         os.close(fd)
@@ -413,7 +413,7 @@ class GuestModel:
         self.virtual_size = virtual_size
         self.base_chunks: dict[int, bytes] = {}
         if base:
-            for c in range(0, (min(len(base), virtual_size) + CHUNK - 1) // CHUNK):
+            for c in range((min(len(base), virtual_size) + CHUNK - 1) // CHUNK):
                 piece = base[c * CHUNK:(c + 1) * CHUNK]
                 if piece.count(0) != len(piece):
                     self.base_chunks[c] = piece + bytes(self.chunk_len(c) - len(piece))
@@ -436,7 +436,7 @@ class GuestModel:
         i = bisect_right(h[0], j) - 1
         return h[1][i] if i >= 0 else self.base(c)
 
-    def apply_all(self, ops: Sequence[GuestOp]) -> "GuestModel":
+    def apply_all(self, ops: Sequence[GuestOp]) -> GuestModel:
         """Apply a whole op list in order (returns self)."""
         for j, op in enumerate(ops):
             self.apply(j, op)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import random
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from qemutools import create, pattern, qemu_img, qemu_io, run
 

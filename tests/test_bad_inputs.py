@@ -16,15 +16,14 @@ import shutil
 import struct
 import tracemalloc
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pytest
 import zstandard
 
 import imagepatch as ip
-from qcowdisk import (BackingChainError, InvalidImageError, QcowError, QcowFile,
-                      UnsupportedFeatureError)
+from qcowdisk import BackingChainError, InvalidImageError, QcowError, QcowFile, UnsupportedFeatureError
 from qemutools import create, pattern, qemu_img, qemu_io, to_raw, write_raw
 
 CS = 65536  # cluster size of the standard test images

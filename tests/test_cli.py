@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
-
 from qcowdisk import cli
+from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

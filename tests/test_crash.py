@@ -28,8 +28,8 @@ import pytest
 
 import crashsim as cs
 from crashsim import CHUNK, CrashLog, CutWalker, Finding, GuestModel, RecordingHost
-from qemutools import assert_clean, check, qemu_img, write_raw
 from qcowdisk import QcowFile
+from qemutools import assert_clean, check, qemu_img, write_raw
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
@@ -84,7 +84,7 @@ class Recorded:
     contexts: list[cs.CutContext]
     initial: bytes
     final: bytes
-    exams: dict[str, "Exam"] = field(default_factory=dict)
+    exams: dict[str, Exam] = field(default_factory=dict)
 
 
 def make_backing(workdir: str, size: int, seed: int) -> tuple[str, bytes]:

@@ -18,11 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from qemutools import create, qemu_img, qemu_io, run
-
 from qcowdisk import locking
 from qcowdisk.errors import ImageLockedError, QcowError
 from qcowdisk.locking import ImageLock, lock_image
+from qemutools import create, qemu_img, qemu_io, run
 
 ofd_only = pytest.mark.skipif(not locking.USE_OFD, reason="OFD locks are Linux-only")
 

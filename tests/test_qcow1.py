@@ -11,8 +11,14 @@ from array import array
 
 import pytest
 
-from qcowdisk.errors import (BackingChainError, CorruptImageError, InvalidImageError, QcowError,
-                             ReadOnlyError, UnsupportedFeatureError)
+from qcowdisk.errors import (
+    BackingChainError,
+    CorruptImageError,
+    InvalidImageError,
+    QcowError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
 from qcowdisk.hostio import HostFile
 from qcowdisk.qcow1 import Qcow1File
 from qemutools import create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
@@ -502,7 +508,7 @@ def test_random_corruption_raises_only_qcow_errors(tmp_path) -> None:
     with open(image, "rb") as f:
         pristine = f.read()
     l1 = header_fields(image)["l1_table_offset"]
-    hot = list(range(0, 48)) + list(range(l1, l1 + 16)) + list(range(l2, l2 + 64))
+    hot = list(range(48)) + list(range(l1, l1 + 16)) + list(range(l2, l2 + 64))
     rnd = random.Random(11)
     fuzzed = str(tmp_path / "fuzz.qcow")
     for _ in range(150):

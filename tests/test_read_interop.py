@@ -12,19 +12,43 @@ import array
 import itertools
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imagefactory import (CLUSTER_SIZES, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE, REFCOUNT_BITS,
-                          KiB, MiB, compressed_host_sharing, decode_feature_table, feature_table, file_digest,
-                          kill_writer, l2_entries, make_image, map_at, mixed_raw, or_be, patch_be, qemu_map,
-                          read_be, read_cluster0, set_header_length, snapshot_table, text_like, write_cluster0,
-                          write_pattern_file)
+from imagefactory import (
+    CLUSTER_SIZES,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_FEATURE_TABLE,
+    REFCOUNT_BITS,
+    KiB,
+    MiB,
+    compressed_host_sharing,
+    decode_feature_table,
+    feature_table,
+    file_digest,
+    kill_writer,
+    l2_entries,
+    make_image,
+    map_at,
+    mixed_raw,
+    or_be,
+    patch_be,
+    qemu_map,
+    read_be,
+    read_cluster0,
+    set_header_length,
+    snapshot_table,
+    text_like,
+    write_cluster0,
+    write_pattern_file,
+)
 from qcowdisk import BackingChainError, QcowFile, UnsupportedFeatureError
 from qemutools import create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 

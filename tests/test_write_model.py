@@ -27,8 +27,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from qcowdisk import QcowFile
 from qemutools import assert_clean, check, compare, create, qemu_img, qemu_io
@@ -69,7 +68,7 @@ class Mirror:
         self.size = size
         self.chunks: dict[int, bytearray] = {}
 
-    def resized(self, size: int) -> "Mirror":
+    def resized(self, size: int) -> Mirror:
         """A copy of this disk cut or zero-extended to `size` (an overlay over a shorter backing)."""
         m = Mirror(size)
         for idx, chunk in self.chunks.items():
