@@ -388,9 +388,8 @@ def format_human(info: ImageInfo) -> str:
     if "format-specific" in info:
         lines.append("Format specific information:")
         for key, value in info["format-specific"]["data"].items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"    {key.replace('-', ' ')}: {value}")
+            shown = ("true" if value else "false") if isinstance(value, bool) else value
+            lines.append(f"    {key.replace('-', ' ')}: {shown}")
     return "\n".join(lines) + "\n"
 
 

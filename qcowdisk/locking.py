@@ -110,9 +110,10 @@ class ImageLock:
 
     def __del__(self) -> None:
         # A forgotten lock must not outlive its owner (and our dup'ed fd must not leak).
-        try:
+        # Not contextlib.suppress: at interpreter shutdown module globals may already be gone.
+        try:  # noqa: SIM105
             self.release()
-        except Exception:  # pragma: no cover - interpreter shutdown
+        except Exception:  # noqa: BLE001 # pragma: no cover - interpreter shutdown
             pass
 
     def __repr__(self) -> str:

@@ -219,7 +219,7 @@ class Qcow1File:
             # starts from (). Either way the backing's chain must end with exactly one of us.
             real = os.path.realpath(path)
             if not chain or chain[-1] != real:
-                chain = chain + (real,)
+                chain = (*chain, real)
             self.backing = open_backing(parent_path=self.filename, name=self.backing_file, fmt=None,
                                         chain=chain,
                                         max_nesting_depth=max_nesting_depth, host_factory=host_factory)
