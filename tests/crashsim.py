@@ -24,6 +24,7 @@ The guest workloads are deterministic (`make_guest_ops`), so a SIGKILLed child p
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from qcowdisk.hostio import HostFile
 
@@ -174,7 +175,7 @@ class RecordingHost(HostFile):
 # --------------------------------------------------------------------------------------------
 # Materialising crash states
 
-Subset = Union[str, tuple[str, int]]
+Subset = str | tuple[str, int]
 """"all" | "none" | ("random", seed) | ("torn", seed): which unsynced ops survive the cut."""
 
 
@@ -187,8 +188,8 @@ def apply_op(buf: bytearray, op: Op, keep_sectors: Callable[[int, int], bool] | 
         if keep_sectors is None:
             pieces = [(op.offset, end)]
         else:
-            cuts = [op.offset] + list(range((op.offset // SECTOR + 1) * SECTOR, end, SECTOR)) + [end]
-            pieces = [(a, b) for a, b in zip(cuts, cuts[1:]) if keep_sectors(a, b)]
+            cuts = [op.offset, *range((op.offset // SECTOR + 1) * SECTOR, end, SECTOR), end]
+            pieces = [(a, b) for a, b in itertools.pairwise(cuts) if keep_sectors(a, b)]
         for a, b in pieces:
             if b > len(buf):
                 buf.extend(bytes(b - len(buf)))
@@ -323,7 +324,8 @@ def make_guest_ops(seed: int, virtual_size: int, cluster_size: int, count: int, 
         regions = [(0, min(4 << 20, virtual_size))]
         boundary = l2_reach
         if boundary < virtual_size:
-            regions.append((max(0, boundary - 4 * cluster_size), min(8 * cluster_size, virtual_size - boundary + 4 * cluster_size)))
+            regions.append((max(0, boundary - 4 * cluster_size),
+                            min(8 * cluster_size, virtual_size - boundary + 4 * cluster_size)))
         if virtual_size > (8 << 20):
             regions.append((virtual_size - (1 << 20), 1 << 20))
     ops: list[GuestOp] = []

@@ -245,10 +245,7 @@ CONFIGS: list[Config] = [
 def random_range(rng: random.Random, cfg: Config) -> tuple[int, int]:
     """A guest range near a hotspot (or anywhere), with mixed alignments and lengths."""
     size, cs = cfg.virtual_size, cfg.cluster_size
-    if rng.random() < 0.8:
-        offset = rng.choice(cfg.hotspots()) + rng.randint(-3 * cs, 3 * cs)
-    else:
-        offset = rng.randrange(size)
+    offset = rng.choice(cfg.hotspots()) + rng.randint(-3 * cs, 3 * cs) if rng.random() < 0.8 else rng.randrange(size)
     a = rng.random()
     if a < 0.3:
         offset = offset // cs * cs
@@ -671,9 +668,9 @@ class WriteMachine(RuleBasedStateMachine):
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-_HYP_COMMON = dict(deadline=None, database=None, derandomize=False,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                          HealthCheck.filter_too_much])
+_HYP_COMMON = {"deadline": None, "database": None, "derandomize": False,
+               "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                         HealthCheck.filter_too_much]}
 
 
 def test_stateful_writes() -> None:
