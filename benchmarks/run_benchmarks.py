@@ -53,7 +53,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 KiB = 1024
@@ -119,7 +119,7 @@ def write_random_raw(path: str, size: int) -> None:
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     """Run qemu-img, raising with its output on failure."""
-    p = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    p = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise RuntimeError(f"qemu-img {' '.join(args)} exited {p.returncode}: {p.stdout}{p.stderr}")
     return p
@@ -150,7 +150,7 @@ def qemu_img_bench(image: str, *, count: int, bufsize: int, step: int | None = N
         args += ["-w", f"--pattern={WRITE_PATTERN}"]
     args.append(image)
     t0 = time.perf_counter()
-    p = subprocess.run(args, capture_output=True, text=True)
+    p = subprocess.run(args, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     m = _RUN_RE.search(p.stdout)
     if p.returncode != 0 or not m:
@@ -434,24 +434,20 @@ def bench_reads(QcowFile: Any, engine_error: str | None, workdir: str, size: int
     finally:
         os.close(fd)
         if disk is not None:
-            try:
+            with suppress(Exception):
                 disk.close()
-            except Exception:
-                pass
         for p in (img, raw):
             _unlink(p)
 
 
 def _unlink(path: str) -> None:
-    try:
+    with suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _check_note(image: str) -> str:
     """'check ok' or a one-line summary of what `qemu-img check` found."""
-    p = subprocess.run(["qemu-img", "check", "--output=json", image], capture_output=True, text=True)
+    p = subprocess.run(["qemu-img", "check", "--output=json", image], capture_output=True, text=True, check=False)
     if p.returncode == 0:
         return "qemu-img check ok"
     return f"qemu-img check exit {p.returncode}: {(p.stdout + p.stderr).strip().splitlines()[-1][:120]}"
@@ -641,7 +637,7 @@ def render_table(rows: list[Row]) -> str:
     out = []
     for j, line in enumerate(lines):
         cells = [line[0].ljust(widths[0])] + [line[i].rjust(widths[i]) for i in range(1, len(widths))]
-        out.append("  ".join(cells + [line[-1]]))
+        out.append("  ".join([*cells, line[-1]]))
         if j == 0:
             out.append("-" * (sum(widths) + 2 * len(widths) + 20))
     return "\n".join(out)
@@ -655,7 +651,7 @@ def machine_info() -> dict[str, Any]:
             model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     except OSError:
         pass
-    qv = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()
+    qv = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True, check=False).stdout.splitlines()
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": model,
             "cpus": os.cpu_count(), "qemu_img": qv[0] if qv else ""}
 

@@ -18,9 +18,20 @@ from typing import Any
 
 import pytest
 
-from run_benchmarks import (MiB, SEQ_CHUNK, aligned_buffer, make_read_images, parse_size, seq_pread_raw,
-                            seq_preadv_raw, seq_read_qcow, seq_readinto_qcow, stride_offsets, stride_pread_raw,
-                            stride_read_qcow)
+from run_benchmarks import (
+    SEQ_CHUNK,
+    MiB,
+    aligned_buffer,
+    make_read_images,
+    parse_size,
+    seq_pread_raw,
+    seq_preadv_raw,
+    seq_read_qcow,
+    seq_readinto_qcow,
+    stride_offsets,
+    stride_pread_raw,
+    stride_read_qcow,
+)
 
 SIZE = parse_size(os.environ.get("QCOWDISK_BENCH_SIZE", "64M"))
 

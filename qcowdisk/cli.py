@@ -21,12 +21,13 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import BinaryIO, Protocol, TypedDict
 
 from .errors import QcowError
 from .formats import probe_format
+from .qcow1 import Qcow1File
 from .qcow2.file import QcowFile
-from .qcow2.format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+from .qcow2.format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot
 
 PROG = "qcowdisk"
 INT64_MAX = (1 << 63) - 1
@@ -41,6 +42,69 @@ _SIZE_HINT = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes,
 
 class UsageError(Exception):
     """A bad command-line value (size, option); reported like an image error, exit status 1."""
+
+
+class AnyImage(Protocol):
+    """What the CLI needs of an opened image of any format: the part of `image.Image` it uses.
+
+    QcowFile, Qcow1File and backing.RawImage have it (as does every `Image`); format-specific
+    fields (header, backing, snapshots) are read after an isinstance check.
+    """
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    @property
+    def format_name(self) -> str: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class CreateKeywords(TypedDict, total=False):
+    """The `QcowFile.create` keywords that `-o` options set."""
+
+    cluster_size: int
+    refcount_bits: int
+    compat: str
+    lazy_refcounts: bool
+    extended_l2: bool
+    compression_type: str
+    preallocation: str
+    data_file: str
+    data_file_raw: bool
+
+
+class CreateOptions(CreateKeywords, total=False):
+    """Everything `-o` can set: the `QcowFile.create` keywords, the size and the backing file."""
+
+    size: int
+    backing_file: str
+    backing_format: str
+
+
+# qemu-img info --output=json, as QEMU's QAPI types (SnapshotInfo, ImageInfoSpecificQCow2, ImageInfo)
+# spell their keys; a key is absent where QEMU leaves it out, and insertion order is QEMU's.
+SnapshotInfo = TypedDict("SnapshotInfo", {
+    "icount": int, "vm-clock-nsec": int, "name": str, "date-sec": int, "date-nsec": int,
+    "vm-clock-sec": int, "id": str, "vm-state-size": int}, total=False)
+Qcow2SpecificInfo = TypedDict("Qcow2SpecificInfo", {
+    "compat": str, "compression-type": str, "lazy-refcounts": bool, "refcount-bits": int,
+    "data-file": str, "data-file-raw": bool, "corrupt": bool, "extended-l2": bool}, total=False)
+
+
+class FormatSpecificInfo(TypedDict):
+    """ImageInfoSpecific: the format's name and its data (qcow2 is the only one shown)."""
+
+    type: str
+    data: Qcow2SpecificInfo
+
+
+ImageInfo = TypedDict("ImageInfo", {
+    "backing-filename-format": str, "snapshots": list[SnapshotInfo], "virtual-size": int, "filename": str,
+    "cluster-size": int, "format": str, "actual-size": int, "format-specific": FormatSpecificInfo,
+    "full-backing-filename": str, "backing-filename": str, "dirty-flag": bool}, total=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,13 +174,13 @@ def split_options(specs: Sequence[str]) -> list[tuple[str, str]]:
 _COMPAT_ALIASES = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 
 
-def create_options(pairs: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def create_options(pairs: Sequence[tuple[str, str]]) -> tuple[CreateOptions, list[tuple[str, str]]]:
     """Map `-o` pairs onto `QcowFile.create` keyword arguments.
 
     Returns the keywords and the (name, value-as-typed) pairs that were given, for the
     `Formatting ...` line. `size`, `backing_file` and `backing_fmt` come back under those keys.
     """
-    kw: dict[str, Any] = {}
+    kw: CreateOptions = {}
     given: list[tuple[str, str]] = []
     for name, value in pairs:
         given.append((name, value))
@@ -132,8 +196,12 @@ def create_options(pairs: Sequence[tuple[str, str]]) -> tuple[dict[str, Any], li
             if value not in _COMPAT_ALIASES:
                 raise ValueError(f"Invalid compatibility level: '{value}' (use 0.10, 1.1, v2 or v3)")
             kw["compat"] = _COMPAT_ALIASES[value]
-        elif name in ("lazy_refcounts", "extended_l2", "data_file_raw"):
-            kw[name] = parse_bool(name, value)
+        elif name == "lazy_refcounts":
+            kw["lazy_refcounts"] = parse_bool(name, value)
+        elif name == "extended_l2":
+            kw["extended_l2"] = parse_bool(name, value)
+        elif name == "data_file_raw":
+            kw["data_file_raw"] = parse_bool(name, value)
         elif name == "compression_type":
             if value not in COMPRESSION_NAMES.values():
                 raise ValueError(f"Invalid compression_type {value!r} (use zlib or zstd)")
@@ -173,36 +241,20 @@ def size_to_str(value: int) -> str:
 # info
 # --------------------------------------------------------------------------------------------
 
-def open_image(path: str) -> Any:
-    """Open an image read-only: qcow v1 through qcowdisk.qcow1 when available, else QcowFile."""
+def open_image(path: str) -> QcowFile | Qcow1File:
+    """Open an image read-only: qcow v1 through qcowdisk.qcow1, everything else as QcowFile."""
     try:
         fmt = probe_format(path)
     except OSError:
         fmt = "qcow2"  # let QcowFile.open report the missing file in its own words
     if fmt == "qcow":
-        try:
-            from .qcow1 import Qcow1File  # written separately; optional
-        except ImportError:
-            pass
-        else:
-            return Qcow1File.open(path, readonly=True)
+        return Qcow1File.open(path, readonly=True)
     return QcowFile.open(path, readonly=True)
 
 
-def image_format(img: Any) -> str:
+def image_format(img: AnyImage) -> str:
     """The format name qemu-img would print for an opened image or backing reader."""
-    name = getattr(img, "format_name", None)  # Qcow1File (and possibly other readers) say it
-    if isinstance(name, str) and name:
-        return name
-    if isinstance(img, QcowFile):
-        return "qcow2"
-    try:
-        from .qcow1 import Qcow1File
-    except ImportError:
-        Qcow1File = None  # noqa: N806
-    if Qcow1File is not None and isinstance(img, Qcow1File):
-        return "qcow"
-    return "raw"
+    return img.format_name  # "qcow2" (QcowFile), "qcow" (Qcow1File), "raw" (RawImage)
 
 
 def _actual_size(path: str) -> int | None:
@@ -212,9 +264,9 @@ def _actual_size(path: str) -> int | None:
         return None
 
 
-def _snapshot_info(s: Any) -> dict[str, Any]:
+def _snapshot_info(s: Snapshot) -> SnapshotInfo:
     """One snapshot as qemu-img's JSON has it (QEMU's key order)."""
-    d: dict[str, Any] = {}
+    d: SnapshotInfo = {}
     icount = s.icount
     if icount is not None and icount != 0xFFFFFFFFFFFFFFFF:  # QEMU: absent when unknown (-1)
         d["icount"] = icount
@@ -229,9 +281,9 @@ def _snapshot_info(s: Any) -> dict[str, Any]:
     return d
 
 
-def _qcow2_specific(header: Any) -> dict[str, Any]:
+def _qcow2_specific(header: Header) -> Qcow2SpecificInfo:
     """format-specific.data for a qcow2 image, with QEMU 7.2's presence rules and key order."""
-    data: dict[str, Any] = {}
+    data: Qcow2SpecificInfo = {}
     if header.version == 2:
         data["compat"] = "0.10"
         data["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "zlib")
@@ -250,58 +302,58 @@ def _qcow2_specific(header: Any) -> dict[str, Any]:
     return data
 
 
-def image_info(img: Any, filename: str) -> dict[str, Any]:
+def image_info(img: AnyImage, filename: str) -> ImageInfo:
     """qemu-img info's JSON object for one opened image; `filename` is the name QEMU would show."""
     fmt = image_format(img)
-    header = getattr(img, "header", None) if fmt != "raw" else None
+    header = img.header if isinstance(img, QcowFile) else None  # the qcow2 header; None otherwise
     # qcow2 keeps the names in its header; Qcow1File exposes them on the image itself.
-    backing_name = getattr(header, "backing_file", None) or getattr(img, "backing_file", None)
-    backing_fmt = getattr(header, "backing_format", None) or getattr(img, "backing_format", None)
-    if fmt == "raw":
-        backing_name = backing_fmt = None
-    elif fmt == "qcow":
-        backing_fmt = None  # qcow v1 cannot record one; QEMU never shows it
-    snapshots = list(getattr(img, "snapshots", None) or []) if fmt == "qcow2" else []
+    backing_name: str | None = None
+    backing_fmt: str | None = None
+    if header is not None:
+        backing_name, backing_fmt = header.backing_file, header.backing_format
+    elif isinstance(img, Qcow1File):
+        backing_name = img.backing_file  # qcow v1 cannot record a format; QEMU never shows one
+    snapshots = list(img.snapshots) if isinstance(img, QcowFile) else []
 
-    info: dict[str, Any] = {}
+    info: ImageInfo = {}
     if backing_name and backing_fmt:
         info["backing-filename-format"] = backing_fmt
     if snapshots:
         info["snapshots"] = [_snapshot_info(s) for s in snapshots]
     info["virtual-size"] = img.virtual_size
     info["filename"] = filename
-    if fmt != "raw":
+    if isinstance(img, (QcowFile, Qcow1File)):
         info["cluster-size"] = img.cluster_size
     info["format"] = fmt
     actual = _actual_size(filename)
     if actual is not None:
         info["actual-size"] = actual
-    if fmt == "qcow2":
+    if header is not None:
         info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(header)}
     if backing_name:
         info["full-backing-filename"] = combine_path(filename, backing_name)
         info["backing-filename"] = backing_name
     dirty = False
-    if fmt == "qcow2" and header.version >= 3:
+    if header is not None and header.version >= 3:
         dirty = bool(header.incompatible_features & INCOMPAT_DIRTY)
     info["dirty-flag"] = dirty
     return info
 
 
-def chain_info(img: Any, filename: str) -> list[dict[str, Any]]:
+def chain_info(img: AnyImage, filename: str) -> list[ImageInfo]:
     """Info for the image and every image below it, top first (qemu-img info --backing-chain)."""
-    out: list[dict[str, Any]] = []
+    out: list[ImageInfo] = []
     while img is not None:
         entry = image_info(img, filename)
         out.append(entry)
-        nxt = getattr(img, "backing", None)
+        nxt = img.backing if isinstance(img, (QcowFile, Qcow1File)) else None  # a raw image has none
         if nxt is None or "full-backing-filename" not in entry:
             break
         img, filename = nxt, entry["full-backing-filename"]
     return out
 
 
-def format_human(info: dict[str, Any]) -> str:
+def format_human(info: ImageInfo) -> str:
     """qemu-img info's human-readable text for one image (bdrv_image_info_dump, QEMU 7.2)."""
     lines = [f"image: {info['filename']}",
              f"file format: {info['format']}",
@@ -336,9 +388,8 @@ def format_human(info: dict[str, Any]) -> str:
     if "format-specific" in info:
         lines.append("Format specific information:")
         for key, value in info["format-specific"]["data"].items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"    {key.replace('-', ' ')}: {value}")
+            shown = ("true" if value else "false") if isinstance(value, bool) else value
+            lines.append(f"    {key.replace('-', ' ')}: {shown}")
     return "\n".join(lines) + "\n"
 
 
@@ -350,7 +401,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     finally:
         img.close()
     if args.output == "json":
-        payload: Any = infos if args.backing_chain else infos[0]
+        payload: list[ImageInfo] | ImageInfo = infos if args.backing_chain else infos[0]
         sys.stdout.write(json.dumps(payload, indent=4) + "\n")
     else:
         sys.stdout.write("\n".join(format_human(i) for i in infos))
@@ -361,7 +412,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # create
 # --------------------------------------------------------------------------------------------
 
-def _formatting_line(image: str, size: int, kw: dict[str, Any], given: list[tuple[str, str]]) -> str:
+def _formatting_line(image: str, size: int, kw: CreateOptions, given: list[tuple[str, str]]) -> str:
     """qemu-img's `Formatting 'IMAGE', fmt=qcow2 ...` line: QEMU's option order, given spellings."""
     shown = dict(given)
 
@@ -408,11 +459,13 @@ def cmd_create(args: argparse.Namespace) -> int:
         kw["backing_format"] = args.backing_format
     backing = kw.pop("backing_file", None)
     backing_format = kw.pop("backing_format", None)
+    create_kw: CreateKeywords = kw  # size and the backing keys are popped: the rest are create() keywords
+    shown_kw: CreateOptions
     if backing is None:
         if size is None:
             raise UsageError(f"{args.image}: Image creation needs a size parameter")
-        shown_kw = dict(kw)
-        disk = QcowFile.create(args.image, size, **kw)
+        shown_kw = kw.copy()
+        disk = QcowFile.create(args.image, size, **create_kw)
     else:
         # The name is stored as given and, like QEMU, resolved against the new image's directory.
         backing_path = combine_path(args.image, backing)
@@ -422,9 +475,9 @@ def cmd_create(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': "
                                  f"{e.strerror}") from None
-        shown_kw = dict(kw, backing_file=backing, backing_format=backing_format)
+        shown_kw = {**kw, "backing_file": backing, "backing_format": backing_format}
         disk = QcowFile.create_from_backing(args.image, backing, backing_format=backing_format,
-                                            size=size, **kw)
+                                            size=size, **create_kw)
     with disk:
         final_size = size if size is not None else disk.virtual_size
     if not args.quiet:

@@ -32,7 +32,7 @@ import os
 import struct
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import ImageLockedError
 
@@ -114,7 +114,7 @@ class ImageLock:
             if fn is not None:
                 fn()
 
-    def __enter__(self) -> "ImageLock":
+    def __enter__(self) -> ImageLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -122,9 +122,10 @@ class ImageLock:
 
     def __del__(self) -> None:
         # A forgotten lock must not outlive its owner (and our dup'ed fd must not leak).
-        try:
+        # Not contextlib.suppress: at interpreter shutdown module globals may already be gone.
+        try:  # noqa: SIM105
             self.release()
-        except Exception:  # pragma: no cover - interpreter shutdown
+        except Exception:  # noqa: BLE001 # pragma: no cover - interpreter shutdown
             pass
 
     def __repr__(self) -> str:
@@ -163,7 +164,8 @@ def _flock_op(fd: int, cmd: int, lock_type: int, offset: int) -> int:
     """One fcntl on a single byte; returns the l_type the kernel hands back."""
     arg = _FLOCK.pack(lock_type, os.SEEK_SET, offset, 1, 0)  # l_pid must be 0 for OFD locks
     result = fcntl.fcntl(fd, cmd, arg)
-    return _FLOCK.unpack(result)[0]
+    l_type: int = _FLOCK.unpack(result)[0]
+    return l_type
 
 
 def _lock_ofd(fd: int, path: str, write: bool) -> ImageLock:

@@ -21,13 +21,13 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from . import formats
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
-from .hostio import HostFile
-from .image import fill_zeros
+from .hostio import Buffer, HostFile
+from .image import Image, fill_zeros
 from .qcow2.entries import TableCodec
 
 QCOW1_MAGIC = b"QFI\xfb"
@@ -154,13 +154,13 @@ class Qcow1File:
         self.header: Qcow1Header | None = None
         self.virtual_size = 0
         self.cluster_size = 0
-        self.backing: Any = None
+        self.backing: Image | None = None
         self.backing_file: str | None = None
         self.backing_format: str | None = None  # qcow v1 never records one; it is probed
         self._host: HostFile | None = None
         self._file_size = 0
-        self._l1: array = array("Q")
-        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._l1: array[int] = array("Q")
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._zcache_entry = -1  # L2 entry whose decompressed cluster is in _zcache
         self._zcache = b""
         self._lock = threading.Lock()
@@ -168,7 +168,7 @@ class Qcow1File:
     @classmethod
     def open(cls, path: str, *, readonly: bool = True, max_nesting_depth: int = 64,
              host_factory: Callable[[str, bool], HostFile] | None = None,
-             _chain: tuple[str, ...] = ()) -> "Qcow1File":
+             _chain: tuple[str, ...] = ()) -> Qcow1File:
         """Open a qcow v1 image and its backing chain. `readonly=False` raises ReadOnlyError."""
         if not readonly:
             raise ReadOnlyError("qcow v1 images are supported read-only")
@@ -217,7 +217,7 @@ class Qcow1File:
             # starts from (). Either way the backing's chain must end with exactly one of us.
             real = os.path.realpath(path)
             if not chain or chain[-1] != real:
-                chain = chain + (real,)
+                chain = (*chain, real)
             options = formats.OpenOptions(readonly=True, max_nesting_depth=max_nesting_depth,
                                           host_factory=host_factory or HostFile)
             self.backing = formats.open_backing(self.filename, self.backing_file, None, options, chain)
@@ -234,7 +234,7 @@ class Qcow1File:
             self.readinto_at(buf, offset)
         return bytes(buf)
 
-    def readinto_at(self, buffer: Any, offset: int) -> int:
+    def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Fill writable `buffer` from guest `offset`; returns bytes read (short only at the end)."""
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
@@ -250,6 +250,21 @@ class Qcow1File:
                 self._read_into(mv[:n], offset)
             return n
 
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """Refused: qcow v1 images are read-only here."""
+        raise ReadOnlyError(f"qcow v1 image {self.filename!r}: qcow v1 images are supported read-only")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Refused: qcow v1 images are read-only here."""
+        self.write_at(offset, b"")
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Refused: qcow v1 images are read-only here."""
+        self.write_at(offset, b"")
+
+    def flush(self) -> None:
+        """Nothing to flush on a read-only image."""
+
     def close(self) -> None:
         """Close the image and its backing chain (idempotent)."""
         backing, self.backing = self.backing, None
@@ -264,7 +279,7 @@ class Qcow1File:
             self._zcache = b""
             self._zcache_entry = -1
 
-    def __enter__(self) -> "Qcow1File":
+    def __enter__(self) -> Qcow1File:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -275,7 +290,7 @@ class Qcow1File:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _l2_table(self, l1_index: int) -> array | None:
+    def _l2_table(self, l1_index: int) -> array[int] | None:
         """The L2 table for one L1 entry (validated, LRU-cached), or None if unallocated."""
         l2_offset = self._l1[l1_index]
         if l2_offset == 0:

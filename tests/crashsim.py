@@ -24,6 +24,7 @@ The guest workloads are deterministic (`make_guest_ops`), so a SIGKILLed child p
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from qcowdisk.hostio import HostFile
 
@@ -77,7 +78,7 @@ class CrashLog:
         self.initial: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def factory(self) -> Callable[[str, bool], "RecordingHost"]:
+    def factory(self) -> Callable[[str, bool], RecordingHost]:
         """A `host_factory` for QcowFile.open/create that records into this log."""
         def make(path: str, writable: bool) -> RecordingHost:
             return RecordingHost(path, writable, log=self)
@@ -89,14 +90,14 @@ class CrashLog:
             self.ops.append(Op("mark", label=label))
             return len(self.ops) - 1
 
-    def ensure_initial(self, host: "RecordingHost") -> None:
+    def ensure_initial(self, host: RecordingHost) -> None:
         """Before the first mutation of a file, take its contents as the durable starting point."""
         with self._lock:
             if host.key not in self.initial:
                 size = host.size()
                 self.initial[host.key] = os.pread(host.fd, size, 0) if size else b""
 
-    def record(self, host: "RecordingHost", op: Op) -> None:
+    def record(self, host: RecordingHost, op: Op) -> None:
         """Append a host op (the caller has called ensure_initial before performing it)."""
         with self._lock:
             self.ops.append(op)
@@ -125,7 +126,7 @@ class RecordingHost(HostFile):
         self.key = os.path.abspath(path)
 
     @classmethod
-    def create(cls, path: str) -> "RecordingHost":  # type: ignore[override]
+    def create(cls, path: str) -> RecordingHost:  # type: ignore[override]
         """Create an empty file; the result is not attached to a log (use CrashLog.factory)."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         os.close(fd)
@@ -174,7 +175,7 @@ class RecordingHost(HostFile):
 # --------------------------------------------------------------------------------------------
 # Materialising crash states
 
-Subset = Union[str, tuple[str, int]]
+Subset = str | tuple[str, int]
 """"all" | "none" | ("random", seed) | ("torn", seed): which unsynced ops survive the cut."""
 
 
@@ -187,8 +188,8 @@ def apply_op(buf: bytearray, op: Op, keep_sectors: Callable[[int, int], bool] | 
         if keep_sectors is None:
             pieces = [(op.offset, end)]
         else:
-            cuts = [op.offset] + list(range((op.offset // SECTOR + 1) * SECTOR, end, SECTOR)) + [end]
-            pieces = [(a, b) for a, b in zip(cuts, cuts[1:]) if keep_sectors(a, b)]
+            cuts = [op.offset, *range((op.offset // SECTOR + 1) * SECTOR, end, SECTOR), end]
+            pieces = [(a, b) for a, b in itertools.pairwise(cuts) if keep_sectors(a, b)]
         for a, b in pieces:
             if b > len(buf):
                 buf.extend(bytes(b - len(buf)))
@@ -323,7 +324,8 @@ def make_guest_ops(seed: int, virtual_size: int, cluster_size: int, count: int, 
         regions = [(0, min(4 << 20, virtual_size))]
         boundary = l2_reach
         if boundary < virtual_size:
-            regions.append((max(0, boundary - 4 * cluster_size), min(8 * cluster_size, virtual_size - boundary + 4 * cluster_size)))
+            regions.append((max(0, boundary - 4 * cluster_size),
+                            min(8 * cluster_size, virtual_size - boundary + 4 * cluster_size)))
         if virtual_size > (8 << 20):
             regions.append((virtual_size - (1 << 20), 1 << 20))
     ops: list[GuestOp] = []
@@ -413,7 +415,7 @@ class GuestModel:
         self.virtual_size = virtual_size
         self.base_chunks: dict[int, bytes] = {}
         if base:
-            for c in range(0, (min(len(base), virtual_size) + CHUNK - 1) // CHUNK):
+            for c in range((min(len(base), virtual_size) + CHUNK - 1) // CHUNK):
                 piece = base[c * CHUNK:(c + 1) * CHUNK]
                 if piece.count(0) != len(piece):
                     self.base_chunks[c] = piece + bytes(self.chunk_len(c) - len(piece))
@@ -436,7 +438,7 @@ class GuestModel:
         i = bisect_right(h[0], j) - 1
         return h[1][i] if i >= 0 else self.base(c)
 
-    def apply_all(self, ops: Sequence[GuestOp]) -> "GuestModel":
+    def apply_all(self, ops: Sequence[GuestOp]) -> GuestModel:
         """Apply a whole op list in order (returns self)."""
         for j, op in enumerate(ops):
             self.apply(j, op)

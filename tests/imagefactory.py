@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import random
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from qemutools import create, pattern, qemu_img, qemu_io, run
 
@@ -271,7 +271,7 @@ def l2_entries(path: str) -> Iterator[L2Entry]:
     with open(path, "rb") as f:
         head = f.read(112)
         cluster_bits = struct.unpack_from(">I", head, 20)[0]
-        size, _crypt, l1_size, l1_offset = struct.unpack_from(">QIIQ", head, 24)
+        _size, _crypt, l1_size, l1_offset = struct.unpack_from(">QIIQ", head, 24)
         version = struct.unpack_from(">I", head, 4)[0]
         incompat = struct.unpack_from(">Q", head, 72)[0] if version >= 3 else 0
         ext_l2 = bool(incompat & (1 << 4))

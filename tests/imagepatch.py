@@ -383,7 +383,7 @@ def snapshot_entries(path: str) -> list[SnapshotEntry]:
     for _ in range(h.nb_snapshots):
         raw = read_bytes(path, pos, SNAPSHOT_ENTRY_HEADER)
         values = struct.unpack(">QIHHIIQII", raw)
-        fields = dict(zip(SNAPSHOT_ENTRY_FIELDS, values))
+        fields = dict(zip(SNAPSHOT_ENTRY_FIELDS, values, strict=True))
         length = SNAPSHOT_ENTRY_HEADER + fields["extra_data_size"] + fields["id_str_size"] + fields["name_size"]
         length += -length % 8
         out.append(SnapshotEntry(pos, length, fields))

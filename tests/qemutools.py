@@ -10,7 +10,7 @@ from typing import Any
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output; raise with its output on failure when `check`."""
-    p = subprocess.run(list(args), capture_output=True, text=True)
+    p = subprocess.run(list(args), capture_output=True, text=True, check=False)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
@@ -70,8 +70,8 @@ def check(image: str) -> dict[str, Any]:
     p = qemu_img("check", "--output=json", image, check=False)
     try:
         result = json.loads(p.stdout)
-    except json.JSONDecodeError:
-        raise AssertionError(f"qemu-img check failed to run: {p.stdout}\n{p.stderr}")
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"qemu-img check failed to run: {p.stdout}\n{p.stderr}") from e
     result["returncode"] = p.returncode
     return result
 

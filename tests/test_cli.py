@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
-
 from qcowdisk import cli
+from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -229,7 +228,7 @@ def test_info_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_error_via_console_entry_point(tmp_path: Path) -> None:
     """The real process: exit status 1 and one error line on stderr."""
     path = write_raw(str(tmp_path / "bad.qcow2"), b"QFI\xfb\x00\x00\x00\x09" + bytes(200))
-    p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "info", path], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "info", path], capture_output=True, text=True, check=False)
     assert p.returncode == 1
     assert p.stdout == ""
     assert p.stderr.startswith("qcowdisk: error: ") and "Traceback" not in p.stderr
@@ -249,13 +248,13 @@ def test_parse_size(text: str, value: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "x", "1x", "-1", "1.5", "1.5b", "8E", "1kk", "0x10", "1 2"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Invalid size"):
         cli.parse_size(text)
 
 
 def test_split_options() -> None:
     assert cli.split_options(["a=1,b=2", "c=x,,y"]) == [("a", "1"), ("b", "2"), ("c", "x,y")]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected name=value"):
         cli.split_options(["novalue"])
 
 
@@ -349,7 +348,7 @@ def test_create_with_backing_probed_format_and_size(tmp_path: Path, capsys: pyte
     (tmp_path / "d").mkdir()
     write_raw(str(tmp_path / "d" / "base.raw"), pattern(MiB, seed=3))
     monkeypatch.chdir(tmp_path)
-    status, out, err = run_cli(capsys, "create", "-b", "base.raw", "d/top.qcow2", "2M")
+    status, _, err = run_cli(capsys, "create", "-b", "base.raw", "d/top.qcow2", "2M")
     assert status == 0, err
     theirs = info("d/top.qcow2")
     assert theirs["backing-filename"] == "base.raw"
@@ -372,7 +371,7 @@ def test_create_with_backing_probed_format_and_size(tmp_path: Path, capsys: pyte
 def test_create_rejects_bad_options(args: list[str], needle: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     img = str(tmp_path / "x.qcow2")
-    status, out, err = run_cli(capsys, "create", *args, img, "1M")
+    status, _, err = run_cli(capsys, "create", *args, img, "1M")
     assert status == 1
     assert err.startswith("qcowdisk: error: ") and needle in err
     assert not os.path.exists(img)
@@ -408,7 +407,7 @@ def test_write_and_read_helpers(tmp_path: Path, capsys: pytest.CaptureFixture[st
     status, out, _ = run_cli(capsys, "read", "--hexdump", img, "3k", "32")
     assert status == 0
     assert out.splitlines()[0].startswith("00000c00:  cd cd")
-    p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "read", img, "1M", "70000"], capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "read", img, "1M", "70000"], capture_output=True, check=False)
     assert p.returncode == 0 and p.stdout == pattern(70000, seed=9)
 
 
@@ -426,7 +425,7 @@ def test_quickstart_runs(tmp_path: Path) -> None:
     demo.mkdir()
     (demo / "stale-file").write_text("removed by the quickstart")
     p = subprocess.run([sys.executable, str(REPO / "tools" / "quickstart.py"), str(demo)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert not (demo / "stale-file").exists()
     assert "virtual size: 1 GiB" in p.stdout and "backing file format: qcow2" in p.stdout

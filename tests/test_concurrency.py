@@ -179,10 +179,10 @@ def test_second_rw_open_from_subprocess_refused(tmp_path: Path) -> None:
     img = tmp_path / "l.qcow2"
     create(str(img), "1M")
     with QcowFile.open(str(img)):
-        p = subprocess.run([sys.executable, "-c", _OPEN_IN_CHILD, str(img)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", _OPEN_IN_CHILD, str(img)], capture_output=True, text=True, check=False)
         assert p.returncode == 3, f"child was not refused: rc={p.returncode} {p.stdout}{p.stderr}"
         assert "locked" in p.stdout.lower()
-    p = subprocess.run([sys.executable, "-c", _OPEN_IN_CHILD, str(img)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", _OPEN_IN_CHILD, str(img)], capture_output=True, text=True, check=False)
     assert p.returncode == 0 and "OPENED" in p.stdout, p.stdout + p.stderr
 
 

@@ -23,13 +23,14 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 import crashsim as cs
 from crashsim import CHUNK, CrashLog, CutWalker, Finding, GuestModel, RecordingHost
-from qemutools import assert_clean, check, qemu_img, write_raw
 from qcowdisk import QcowFile
+from qemutools import assert_clean, check, qemu_img, write_raw
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
@@ -84,7 +85,7 @@ class Recorded:
     contexts: list[cs.CutContext]
     initial: bytes
     final: bytes
-    exams: dict[str, "Exam"] = field(default_factory=dict)
+    exams: dict[str, Exam] = field(default_factory=dict)
 
 
 def make_backing(workdir: str, size: int, seed: int) -> tuple[str, bytes]:
@@ -105,14 +106,14 @@ def record_workload(wl: Workload, workdir: str) -> Recorded:
     the guest ops through QcowFile.open(host_factory=...) with every host op recorded."""
     image = os.path.join(workdir, "disk.qcow2")
     base_bytes = None
-    kwargs: dict = dict(cluster_size=wl.cluster_size, refcount_bits=wl.refcount_bits,
-                        lazy_refcounts=wl.lazy)
+    kwargs: dict = {"cluster_size": wl.cluster_size, "refcount_bits": wl.refcount_bits,
+                    "lazy_refcounts": wl.lazy}
     if wl.overlay:
         backing, base_bytes = make_backing(workdir, wl.virtual_size, wl.seed)
         kwargs.update(backing_file=backing, backing_format="qcow2")
     QcowFile.create(image, wl.virtual_size, **kwargs).close()
     assert_clean(image)
-    initial = open(image, "rb").read()
+    initial = Path(image).read_bytes()
 
     big = 0
     if wl.grow_reftable:
@@ -131,7 +132,7 @@ def record_workload(wl: Workload, workdir: str) -> Recorded:
     disk = QcowFile.open(image, host_factory=log.factory())
     cs.run_guest_ops(disk, ops, log)
     model = GuestModel(wl.virtual_size, base_bytes).apply_all(ops)
-    final = open(image, "rb").read()
+    final = Path(image).read_bytes()
     return Recorded(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, final)
 
 
@@ -377,7 +378,7 @@ def test_crashsim_materialise_semantics(tmp_path) -> None:
     h.truncate(1500)                     # 4
     punched = h.punch_hole(0, 512)       # 5 (if supported)
     h.close()
-    live = open(path, "rb").read()
+    live = Path(path).read_bytes()
     initial = b"A" * 1024
     assert log.initial[os.path.abspath(path)] == initial
     assert cs.materialise(initial, log.ops, path, len(log.ops), "all") == live
@@ -388,7 +389,7 @@ def test_crashsim_materialise_semantics(tmp_path) -> None:
     assert cs.materialise(initial, log.ops, path, len(log.ops), "none") == bytes(after_sync)
     out = str(tmp_path / "state")
     cs.materialise(initial, log.ops, path, 3, "all", out)
-    three = open(out, "rb").read()
+    three = Path(out).read_bytes()
     assert len(three) == 2010 and three[1000:1010] == b"C" * 10 and three[1010:] == b"D" * 1000
     # Random subsets: some whole subset of the unsynced ops (after the fsync: write, truncate,
     # punch), applied in issue order.
@@ -634,8 +635,8 @@ def sigkill_run(tmp_path, case: KillCase, count: int, max_target: int = 25) -> t
     mid-write as often as not); returns (last flush reported, problems)."""
     image = str(tmp_path / "k.qcow2")
     QcowFile.create(image, case.virtual_size, cluster_size=case.cluster_size, lazy_refcounts=case.lazy).close()
-    params = dict(seed=case.seed * 1000, virtual_size=case.virtual_size, cluster_size=case.cluster_size,
-                  count=count)
+    params = {"seed": case.seed * 1000, "virtual_size": case.virtual_size, "cluster_size": case.cluster_size,
+              "count": count}
     ops = cs.make_guest_ops(**params)
     model = GuestModel(case.virtual_size).apply_all(ops)
     flush_idx = [j for j, op in enumerate(ops) if op[0] in ("flush", "close")]
@@ -697,11 +698,12 @@ def sigkill_run(tmp_path, case: KillCase, count: int, max_target: int = 25) -> t
     return f, problems
 
 
-@pytest.mark.parametrize("case", KILL_CASES, ids=[f"seed{c.seed}-c{c.cluster_size}{'-lazy' if c.lazy else ''}" for c in KILL_CASES])
+@pytest.mark.parametrize("case", KILL_CASES,
+                         ids=[f"seed{c.seed}-c{c.cluster_size}{'-lazy' if c.lazy else ''}" for c in KILL_CASES])
 def test_sigkill_loses_nothing_flushed(tmp_path, case: KillCase) -> None:
     """SIGKILL a writer after its n-th reported flush: the image checks clean (leaks at most)
     and everything up to the last reported flush reads back."""
-    f, problems = sigkill_run(tmp_path, case, count=400)
+    _flushed, problems = sigkill_run(tmp_path, case, count=400)
     assert not problems, "\n".join(problems[:10])
 
 

@@ -15,6 +15,7 @@ a failure is reproducible from its report alone:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -246,10 +247,8 @@ class FuzzWorker:
                 self.proc.wait()
         for stream in (self.proc.stdout, self.proc.stdin):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
 
 @dataclass

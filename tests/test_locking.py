@@ -17,11 +17,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from qemutools import create, qemu_img, qemu_io, run
-
 from qcowdisk import locking
 from qcowdisk.errors import ImageLockedError, QcowError
 from qcowdisk.locking import ImageLock, lock_image
+from qemutools import create, qemu_img, qemu_io, run
 
 ofd_only = pytest.mark.skipif(not locking.USE_OFD, reason="OFD locks are Linux-only")
 
@@ -145,7 +144,7 @@ def test_readers_share(image, fds):
 def test_reader_and_writer_exclude_each_other(image, fds):
     # As in QEMU: a reader does not share "write", a writer does not share "write".
     reader = lock_image(open_fd(fds, image, write=False), image, write=False)
-    with pytest.raises(ImageLockedError, match='shared "write" lock|"write" lock'):
+    with pytest.raises(ImageLockedError, match=r'shared "write" lock|"write" lock'):
         lock_image(open_fd(fds, image), image, write=True)
     reader.release()
     writer = lock_image(open_fd(fds, image), image, write=True)
@@ -281,7 +280,7 @@ except ImageLockedError as e:
 
 def child_lock(path: str, write: bool) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", CHILD, path, "w" if write else "r"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def test_other_process_cannot_lock_while_we_hold(image, fds):

@@ -11,8 +11,14 @@ from array import array
 
 import pytest
 
-from qcowdisk.errors import (BackingChainError, CorruptImageError, InvalidImageError, QcowError,
-                             ReadOnlyError, UnsupportedFeatureError)
+from qcowdisk.errors import (
+    BackingChainError,
+    CorruptImageError,
+    InvalidImageError,
+    QcowError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
 from qcowdisk.hostio import HostFile
 from qcowdisk.qcow1 import Qcow1File
 from qemutools import create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
@@ -60,8 +66,8 @@ def assert_reads_match(disk: Qcow1File, expect: bytes) -> None:
     """read_at and readinto_at (several buffer types) agree with QEMU's guest view."""
     assert disk.virtual_size == len(expect)
     assert disk.read_at(0, len(expect)) == expect
-    for off, length in slices(len(expect), disk.cluster_size):
-        length = min(length, len(expect) - off)
+    for off, want in slices(len(expect), disk.cluster_size):
+        length = min(want, len(expect) - off)
         assert disk.read_at(off, length) == expect[off:off + length], (off, length)
         ba = bytearray(length + 8)
         mv = memoryview(ba)[4:4 + length]  # a view into the middle of a bigger buffer
@@ -231,7 +237,7 @@ def test_missing_backing_file(tmp_path) -> None:
     write_raw(str(tmp_path / "gone.raw"), bytes(MiB))
     top = create(str(tmp_path / "t.qcow"), MiB, fmt="qcow", backing="gone.raw", backing_fmt="raw")
     os.unlink(tmp_path / "gone.raw")
-    with pytest.raises(BackingChainError, match="gone.raw"):
+    with pytest.raises(BackingChainError, match=r"gone\.raw"):
         Qcow1File.open(top)
 
 
@@ -259,7 +265,7 @@ def test_max_nesting_depth(tmp_path) -> None:
     # d4 has four backing files: a limit of 4 allows it, 3 does not (each level counted once)
     with Qcow1File.open(prev, max_nesting_depth=4) as disk:
         assert disk.read_at(0, 512) == bytes(512)
-    with pytest.raises(BackingChainError, match="deep|depth"):
+    with pytest.raises(BackingChainError, match=r"deep|depth"):
         Qcow1File.open(prev, max_nesting_depth=3)
 
 
@@ -278,15 +284,15 @@ def test_clipping_and_argument_checks(images: dict[str, str]) -> None:
         assert disk.readinto_at(buf, vs - 1000) == 1000
         assert buf[:1000] == data[-1000:] and buf[1000:] == bytes(3096)
         assert disk.readinto_at(buf, vs) == 0
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="negative"):
             disk.read_at(-1, 10)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="negative"):
             disk.read_at(0, -1)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="negative"):
             disk.readinto_at(bytearray(10), -5)
         with pytest.raises(TypeError):
             disk.readinto_at(b"immutable", 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="closed"):
         disk.read_at(0, 10)  # closed
     disk.close()  # idempotent
 
@@ -328,7 +334,7 @@ def header_fields(path: str) -> dict[str, int]:
         v = HEADER.unpack(f.read(HEADER.size))
     names = ["magic", "version", "backing_file_offset", "backing_file_size", "mtime", "size",
              "cluster_bits", "l2_bits", "padding", "crypt_method", "l1_table_offset"]
-    return dict(zip(names, v))
+    return dict(zip(names, v, strict=True))
 
 
 @pytest.fixture
@@ -502,7 +508,7 @@ def test_random_corruption_raises_only_qcow_errors(tmp_path) -> None:
     with open(image, "rb") as f:
         pristine = f.read()
     l1 = header_fields(image)["l1_table_offset"]
-    hot = list(range(0, 48)) + list(range(l1, l1 + 16)) + list(range(l2, l2 + 64))
+    hot = list(range(48)) + list(range(l1, l1 + 16)) + list(range(l2, l2 + 64))
     rnd = random.Random(11)
     fuzzed = str(tmp_path / "fuzz.qcow")
     for _ in range(150):

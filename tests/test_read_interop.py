@@ -12,19 +12,43 @@ import array
 import itertools
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imagefactory import (CLUSTER_SIZES, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_FEATURE_TABLE, REFCOUNT_BITS,
-                          KiB, MiB, compressed_host_sharing, decode_feature_table, feature_table, file_digest,
-                          kill_writer, l2_entries, make_image, map_at, mixed_raw, or_be, patch_be, qemu_map,
-                          read_be, read_cluster0, set_header_length, snapshot_table, text_like, write_cluster0,
-                          write_pattern_file)
+from imagefactory import (
+    CLUSTER_SIZES,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_FEATURE_TABLE,
+    REFCOUNT_BITS,
+    KiB,
+    MiB,
+    compressed_host_sharing,
+    decode_feature_table,
+    feature_table,
+    file_digest,
+    kill_writer,
+    l2_entries,
+    make_image,
+    map_at,
+    mixed_raw,
+    or_be,
+    patch_be,
+    qemu_map,
+    read_be,
+    read_cluster0,
+    set_header_length,
+    snapshot_table,
+    text_like,
+    write_cluster0,
+    write_pattern_file,
+)
 from qcowdisk import BackingChainError, QcowFile, UnsupportedFeatureError
 from qemutools import create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 
@@ -43,10 +67,7 @@ def qemu_view(image: str | Path, scratch: Path, fmt: str | None = None) -> bytes
 
 def first_difference(got: bytes, expected: bytes) -> str:
     """Describe where two byte strings first differ (never dump megabytes into the report)."""
-    if len(got) != len(expected):
-        head = f"length {len(got)} != expected {len(expected)}; "
-    else:
-        head = ""
+    head = f"length {len(got)} != expected {len(expected)}; " if len(got) != len(expected) else ""
     n = min(len(got), len(expected))
     block = 4096
     for start in range(0, n, block):
@@ -69,9 +90,9 @@ def probe_slices(size: int, cluster_size: int) -> list[tuple[int, int]]:
     raw = [(0, 1), (1, 511), (cs - 3, 7), (cs + 17, 2 * cs + 1), (size // 3 + 5, cs // 2 + 13),
            (size // 2 - 4099, 8194), (size - 517, 517), (size - 1, 1)]
     out = []
-    for off, n in raw:
+    for off, want in raw:
         if 0 <= off < size:
-            n = min(n, size - off)
+            n = min(want, size - off)
             if n > 0:
                 out.append((off, n))
     return out
@@ -411,7 +432,7 @@ def _expected_snapshots(img: str) -> list[dict]:
     lines = qemu_img("snapshot", "-l", img).stdout.splitlines()
     rows = [ln.split(None, 1) for ln in lines[2:] if ln.strip()]
     assert len(rows) == len(listed), (lines, listed)
-    for row, s in zip(rows, listed):  # columns: ID, TAG (may contain spaces), VM SIZE, ...
+    for row, s in zip(rows, listed, strict=True):  # columns: ID, TAG (may contain spaces), VM SIZE, ...
         assert row[0] == s["id"] and row[1].startswith(s["name"] + " "), (row, s)
     return listed
 
@@ -449,7 +470,7 @@ def test_internal_snapshots(tmp_path: Path, compat: str) -> None:
     with QcowFile.open(img, readonly=True) as disk:
         snaps = list(disk.snapshots)
         assert [(s.id, s.name) for s in snaps] == [(e["id"], e["name"]) for e in expected]
-        for s, e, t in zip(snaps, expected, table):
+        for s, e, t in zip(snaps, expected, table, strict=True):
             assert isinstance(s.date, datetime)
             want_ts = e["date-sec"] + e["date-nsec"] / 1e9
             assert abs(s.date.timestamp() - want_ts) < 2e-6, (s.date, e)
@@ -613,7 +634,7 @@ def test_missing_backing_file(tmp_path: Path) -> None:
     base = make_image(str(tmp_path / "gone.qcow2"), MiB)
     img = make_image(str(tmp_path / "img.qcow2"), MiB, backing=base, backing_fmt="qcow2")
     os.unlink(base)
-    with pytest.raises(BackingChainError, match="gone.qcow2"):
+    with pytest.raises(BackingChainError, match=r"gone\.qcow2"):
         QcowFile.open(img, readonly=True)
 
 
@@ -770,9 +791,9 @@ def test_read_api_edges(rich: OpenedImage) -> None:
     assert disk.read_at(123, 0) == b""
     assert disk.read_at(0, 0) == b""
     for bad in ((-1, 1), (0, -1), (-512, -512)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="negative"):
             disk.read_at(*bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="negative"):
         disk.readinto_at(bytearray(4), -1)
     buf = bytearray(8192)
     assert disk.readinto_at(buf, size - 1000) == 1000

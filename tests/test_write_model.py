@@ -27,8 +27,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from qcowdisk import QcowFile
 from qemutools import assert_clean, check, compare, create, qemu_img, qemu_io
@@ -69,7 +68,7 @@ class Mirror:
         self.size = size
         self.chunks: dict[int, bytearray] = {}
 
-    def resized(self, size: int) -> "Mirror":
+    def resized(self, size: int) -> Mirror:
         """A copy of this disk cut or zero-extended to `size` (an overlay over a shorter backing)."""
         m = Mirror(size)
         for idx, chunk in self.chunks.items():
@@ -246,10 +245,7 @@ CONFIGS: list[Config] = [
 def random_range(rng: random.Random, cfg: Config) -> tuple[int, int]:
     """A guest range near a hotspot (or anywhere), with mixed alignments and lengths."""
     size, cs = cfg.virtual_size, cfg.cluster_size
-    if rng.random() < 0.8:
-        offset = rng.choice(cfg.hotspots()) + rng.randint(-3 * cs, 3 * cs)
-    else:
-        offset = rng.randrange(size)
+    offset = rng.choice(cfg.hotspots()) + rng.randint(-3 * cs, 3 * cs) if rng.random() < 0.8 else rng.randrange(size)
     a = rng.random()
     if a < 0.3:
         offset = offset // cs * cs
@@ -672,9 +668,9 @@ class WriteMachine(RuleBasedStateMachine):
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-_HYP_COMMON = dict(deadline=None, database=None, derandomize=False,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                          HealthCheck.filter_too_much])
+_HYP_COMMON = {"deadline": None, "database": None, "derandomize": False,
+               "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                         HealthCheck.filter_too_much]}
 
 
 def test_stateful_writes() -> None:
