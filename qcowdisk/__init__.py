@@ -13,12 +13,21 @@ Layout (each layer imports only from the ones before it):
 - `cli`: the `qcowdisk` command.
 """
 
-from .errors import (BackingChainError, CorruptImageError, ImageFailedError, ImageLockedError, InvalidImageError,
-                     QcowError, ReadOnlyError, RefcountOverflowError, UnsupportedFeatureError)
+from . import qcow1, raw  # noqa: F401  (registers the formats)
+from .errors import (
+                     BackingChainError,
+                     CorruptImageError,
+                     ImageFailedError,
+                     ImageLockedError,
+                     InvalidImageError,
+                     QcowError,
+                     ReadOnlyError,
+                     RefcountOverflowError,
+                     UnsupportedFeatureError,
+)
 from .image import Extent, Image
 from .qcow2.file import QcowFile
 from .qcow2.format import Snapshot
-from . import qcow1, raw  # noqa: F401  (registers the formats)
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",

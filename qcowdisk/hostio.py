@@ -8,14 +8,13 @@ shared by threads without a file position.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
 import stat
-from collections.abc import Sequence
-import ctypes
-import ctypes.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import UnsafeFileError
@@ -90,7 +89,7 @@ class HostFile:
         self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
     @classmethod
-    def create(cls, path: str) -> "HostFile":
+    def create(cls, path: str) -> HostFile:
         """Create a new, empty file (refusing to overwrite) and open it read-write."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         os.close(fd)

@@ -32,7 +32,7 @@ class Durable(Protocol):
 class CachedTable:
     """One decoded table plus its dirty entry range [dirty_lo, dirty_hi)."""
 
-    __slots__ = ("host_offset", "entries", "dirty_lo", "dirty_hi")
+    __slots__ = ("dirty_hi", "dirty_lo", "entries", "host_offset")
 
     def __init__(self, host_offset: int, entries: array[int]) -> None:
         """A clean table at `host_offset`."""

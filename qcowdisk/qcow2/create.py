@@ -8,15 +8,30 @@ through the ordinary allocator of the opened image (`preallocate`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .. import formats
 from ..hostio import HostFactory, HostFile
 from .entries import OFLAG_COPIED, SUBCLUSTER_ALL, TableCodec, make_bitmap
-from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD, CRYPT_NONE,
-                     HEADER_V3_LENGTH, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
-                     MAX_BACKING_FORMAT_LENGTH, MAX_BACKING_NAME_LENGTH, MAX_L1_BYTES, Header, feature_table_extension,
-                     min_l1_size, serialize_header)
+from .format import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_ZLIB,
+    COMPRESSION_ZSTD,
+    CRYPT_NONE,
+    HEADER_V3_LENGTH,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_EXTL2,
+    MAX_BACKING_FORMAT_LENGTH,
+    MAX_BACKING_NAME_LENGTH,
+    MAX_L1_BYTES,
+    Header,
+    feature_table_extension,
+    min_l1_size,
+    serialize_header,
+)
 from .ordering import flush
 from .state import Qcow2State
 from .writing import l2_for_write
@@ -42,7 +57,8 @@ def check_options(size: int, cluster_size: int, refcount_bits: int, compat: str,
         raise ValueError(f"Refcount width must be a power of two and may not exceed 64 bits, got {refcount_bits}")
     if version < 3:
         if refcount_bits != 16:
-            raise ValueError(f"Different refcount widths than 16 bits require compatibility level 1.1 or above (refcount_bits {refcount_bits})")
+            raise ValueError("Different refcount widths than 16 bits require compatibility level 1.1 or above "
+                             f"(refcount_bits {refcount_bits})")
         if lazy_refcounts:
             raise ValueError("Lazy refcounts only supported with compatibility level 1.1 and above")
         if extended_l2:
@@ -54,7 +70,8 @@ def check_options(size: int, cluster_size: int, refcount_bits: int, compat: str,
     if compression_type not in ("zlib", "zstd"):
         raise ValueError(f"Unknown compression type {compression_type!r} (expected 'zlib' or 'zstd')")
     if extended_l2 and cluster_size < 16384:
-        raise ValueError(f"Extended L2 entries are only supported with cluster sizes of at least 16384 bytes (cluster_size {cluster_size})")
+        raise ValueError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes "
+                         f"(cluster_size {cluster_size})")
     if preallocation not in _PREALLOC:
         raise ValueError(f"Invalid preallocation mode {preallocation!r} (expected one of {', '.join(_PREALLOC)})")
     if backing_file and preallocation != "off" and not extended_l2:
@@ -213,8 +230,6 @@ def preallocate(s: Qcow2State, mode: str) -> None:
         target.truncate(end)
     if mode in ("falloc", "full") and first_data is not None:
         start = 0 if s.has_data_file else first_data
-        try:
+        with contextlib.suppress(OSError):  # not every file system can; the space is mapped anyway
             os.posix_fallocate(target.fd, start, end - start)
-        except OSError:
-            pass
     flush(s)

@@ -41,8 +41,16 @@ from . import ordering, reading, writing
 from .cache import CachedTable
 from .create import create_image, preallocate
 from .entries import REFT_OFFSET_MASK, decode_u64_table, fast_read_reject_mask
-from .format import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot,
-                     parse_header, parse_snapshot_table)
+from .format import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_KNOWN,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    Header,
+    Snapshot,
+    parse_header,
+    parse_snapshot_table,
+)
 from .overlap import collect_metadata
 from .refcount import Refcounts
 from .repair import rebuild_refcounts
@@ -432,7 +440,7 @@ class QcowFile:
             if not self._state.closed:
                 self._fast = None
                 self._release(abandon=_in_forked_child(self._state))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a finalizer must not raise, even at interpreter shutdown
             pass
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ..errors import InvalidImageError, UnsupportedFeatureError
 
@@ -517,7 +517,7 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
                 f"Snapshot L1 table offset invalid: snapshot {i} l1_table_offset 0x{l1_offset:x} (size {l1_size}, file {file_length})")
         if date_nsec >= 1_000_000_000:
             date_nsec = 0
-        date = datetime.fromtimestamp(date_sec, tz=timezone.utc).replace(microsecond=date_nsec // 1000)
+        date = datetime.fromtimestamp(date_sec, tz=UTC).replace(microsecond=date_nsec // 1000)
         snaps.append(Snapshot(sid, name, date, vm_clock, vm_state_size,
                               disk_size if extra_size >= 16 else None,
                               icount if extra_size >= 24 else None,

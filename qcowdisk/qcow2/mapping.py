@@ -13,9 +13,20 @@ from array import array
 from dataclasses import dataclass
 
 from ..errors import CorruptImageError
-from .entries import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK, L2E_RESERVED_MASK,
-                      L2E_RESERVED_MASK_EXTL2, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTER_ALL,
-                      bitmap_allocated, bitmap_zero)
+from .entries import (
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2E_NOT_PLAIN_DATA,
+    L2E_OFFSET_MASK,
+    L2E_RESERVED_MASK,
+    L2E_RESERVED_MASK_EXTL2,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    SUBCLUSTER_ALL,
+    bitmap_allocated,
+    bitmap_zero,
+)
 from .state import Qcow2State
 
 RUN_DATA = 0        # stored uncompressed at `host` (host byte offset of the run's first byte)

@@ -10,6 +10,7 @@ write on metadata"). The caller holds the image lock.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NoReturn
 
 from ..errors import CorruptImageError
@@ -81,8 +82,6 @@ def describe_metadata(state: Qcow2State, host_cluster: int) -> str:
 def mark_corrupt(state: Qcow2State, message: str) -> NoReturn:
     """Set the corrupt bit on disk, refuse further writes, raise CorruptImageError."""
     state.corrupt = True
-    try:
+    with contextlib.suppress(OSError):  # the refusal stands in memory; the error below says why
         switch_header(state, incompatible_features=state.header.incompatible_features | INCOMPAT_CORRUPT)
-    except OSError:
-        pass  # the refusal stands in memory; the error raised below says why
     raise CorruptImageError(f"{message}; image {state.filename!r} marked corrupt")

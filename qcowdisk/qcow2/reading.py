@@ -7,8 +7,8 @@ a small cache keyed by descriptor). Everything here expects the caller to hold t
 
 from __future__ import annotations
 
-from .compress import decompress_cluster
 from ..image import fill_zeros
+from .compress import decompress_cluster
 from .entries import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK
 from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, compressed_location, data_offset, get_host_runs
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State

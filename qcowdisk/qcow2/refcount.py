@@ -169,8 +169,8 @@ class Refcounts:
             last_ri = (start + total - 1) // epb
             needed = [ri for ri in range(first_ri, last_ri + 1)
                       if ri >= old_entries or not self.reftable[ri]]
-            if max(needed + [need_index]) >= n_entries:
-                n_entries = max(needed + [need_index]) + 1
+            if max([*needed, need_index]) >= n_entries:
+                n_entries = max([*needed, need_index]) + 1
                 continue
             if needed == new_blocks:
                 break

@@ -17,11 +17,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..image import ZERO_BLOCK_LENGTH, zero_block
 from ..hostio import Buffer
+from ..image import ZERO_BLOCK_LENGTH, zero_block
 from .cache import CachedTable
-from .entries import (L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTER_ALL,
-                      bitmap_allocated, bitmap_zero, make_bitmap, subcluster_range_mask)
+from .entries import (
+    L2E_OFFSET_MASK,
+    L2E_RESERVED_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    SUBCLUSTER_ALL,
+    bitmap_allocated,
+    bitmap_zero,
+    make_bitmap,
+    subcluster_range_mask,
+)
 from .mapping import bitmap_check, compressed_location, data_offset, l2_table_offset
 from .overlap import check_not_metadata
 from .reading import read_copy
@@ -204,7 +214,7 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
     run_bufs: list[Buffer] = []
     run_start = -1
     run_end = -1
-    for p, bufs in zip(plans, pieces):
+    for p, bufs in zip(plans, pieces, strict=True):
         assert p.host is not None
         h = p.host + p.region_start
         check_not_metadata(s, h, p.region_end - p.region_start)
