@@ -19,7 +19,9 @@ from .image import Extent, Image
 from .qcow2.file import QcowFile
 from .qcow2.format import Snapshot
 from . import qcow1, raw  # noqa: F401  (registers the formats)
+from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
            "Snapshot", "QcowFile", "Extent", "Image"]
+__all__ += ["QcowIO", "open"]
