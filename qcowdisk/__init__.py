@@ -13,22 +13,24 @@ Layout (each layer imports only from the ones before it):
 - `cli`: the `qcowdisk` command.
 """
 
-from . import qcow1, raw  # noqa: F401  (registers the formats)
+from . import qcow1, raw  # noqa: F401  (importing a format registers it)
 from .errors import (
-                     BackingChainError,
-                     CorruptImageError,
-                     ImageFailedError,
-                     ImageLockedError,
-                     InvalidImageError,
-                     QcowError,
-                     ReadOnlyError,
-                     RefcountOverflowError,
-                     UnsupportedFeatureError,
+    BackingChainError,
+    CorruptImageError,
+    ImageFailedError,
+    ImageLockedError,
+    InvalidImageError,
+    QcowError,
+    ReadOnlyError,
+    RefcountOverflowError,
+    UnsafeFileError,
+    UnsupportedFeatureError,
 )
 from .image import Extent, Image
 from .qcow2.file import QcowFile
 from .qcow2.format import Snapshot
+from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
-__all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError",
+__all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
-           "Snapshot", "QcowFile", "Extent", "Image"]
+           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]
