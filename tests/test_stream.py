@@ -232,14 +232,14 @@ def test_seek_and_tell(tmp_path: Path, qemu_img_with_data: str, buffering: int) 
         # A negative result is refused as FileIO refuses it, and the position stays.
         f.seek(777)
         for args in [(-1,), (-SIZE - 1, io.SEEK_END), (-778, io.SEEK_CUR)]:
-            with pytest.raises(OSError) as e:
+            with pytest.raises(OSError, match="negative position") as e:
                 f.seek(*args)
             assert e.value.errno == errno.EINVAL
             assert f.tell() == 777
         with pytest.raises(TypeError):
             f.seek(1.5)  # type: ignore[arg-type]
     with qcowdisk.open(qemu_img_with_data, "rb", buffering=0) as raw:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid whence"):
             raw.seek(0, 7)
 
 
@@ -292,17 +292,17 @@ def test_raw_write_past_the_end_writes_nothing(tmp_path: Path, qemu_img_with_dat
     before = to_raw(qemu_img_with_data, str(tmp_path / "before.raw"))
     with qcowdisk.open(qemu_img_with_data, "r+b", buffering=0) as f:
         f.seek(SIZE - 10)
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match="past") as e:
             f.write(b"A" * 20)  # starts inside, runs past: refused whole
         assert e.value.errno == errno.ENOSPC and e.value.filename == qemu_img_with_data
         assert f.tell() == SIZE - 10
         f.seek(SIZE + 100)
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match="past") as e:
             f.write(b"B")
         assert e.value.errno == errno.ENOSPC
         assert f.write(b"") == 0
         f.seek(SIZE)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="past"):
             f.write(b"C")
         f.seek(SIZE - 8)
         assert f.write(array("H", [0x4443] * 4)) == 8  # exactly to the end: fine (a typed buffer counts bytes)
@@ -317,16 +317,16 @@ def test_buffered_write_past_the_end_fails_loudly_and_writes_nothing(tmp_path: P
     f = qcowdisk.open(qemu_img_with_data, "r+b")
     f.seek(SIZE - 10)
     f.write(b"A" * 20)  # small: still in the buffer, so the refusal comes at flush
-    with pytest.raises(OSError) as e:
+    with pytest.raises(OSError, match="past") as e:
         f.flush()
     assert e.value.errno == errno.ENOSPC
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="past"):
         f.close()  # flushing again fails again; the image is closed regardless
     assert f.closed and f.raw.disk.closed  # type: ignore[attr-defined]
     # A write bigger than the buffer goes to the raw stream at once and is refused there.
     with qcowdisk.open(qemu_img_with_data, "r+b") as g:
         g.seek(SIZE - DEFAULT_BUFFER_SIZE)
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match="past") as e:
             g.write(b"B" * (2 * DEFAULT_BUFFER_SIZE))
         assert e.value.errno == errno.ENOSPC
     assert to_raw(qemu_img_with_data, str(tmp_path / "after.raw")) == before
@@ -396,7 +396,7 @@ def test_mode_picks_the_object_open_would(img: str, mode: str, kind: type) -> No
                                   "b", "+b", "rU", "rq"])
 def test_bad_modes_raise_value_error_and_leave_the_image_alone(img: str, mode: str) -> None:
     before = Path(img).read_bytes()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid mode"):
         qcowdisk.open(img, mode)
     assert Path(img).read_bytes() == before  # "w" did not truncate, nothing was opened
     with qcowdisk.open(img, "r+b"):  # and no lock was left behind
@@ -496,7 +496,7 @@ def test_flush_flushes_the_disk_when_writable(img: str) -> None:
         with QcowFile.open(img, readonly=readonly) as disk:
             flushes: list[None] = []
             real_flush = disk.flush
-            disk.flush = lambda: flushes.append(real_flush())  # type: ignore[method-assign, func-returns-value]
+            disk.flush = lambda flushes=flushes, real_flush=real_flush: flushes.append(real_flush())  # type: ignore[method-assign, func-returns-value, misc]
             s = QcowIO(disk)
             s.flush()
             assert len(flushes) == (0 if readonly else 1)
@@ -525,7 +525,7 @@ def test_closed_stream_raises_value_error(img: str, buffering: int) -> None:
         method = getattr(f, name, None)
         if method is None:  # read1/peek are buffered-only, readall raw-only
             continue
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="closed"):
             method(*args)
         tried.append(name)
     assert len(tried) >= 13
