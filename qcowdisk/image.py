@@ -8,6 +8,7 @@ version 1 and raw images all implement it. `Extent` is one range of a guest disk
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -107,3 +108,16 @@ def zero_block(length: int) -> memoryview:
 
 
 ZERO_BLOCK_LENGTH = len(_ZEROS)
+
+
+def as_index(value: object, name: str) -> int:
+    """`value` as a non-negative int, or TypeError/ValueError naming the parameter."""
+    if type(value) is not int:
+        try:
+            value = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    assert isinstance(value, int)
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+    return value

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from .. import formats
 from ..errors import CorruptImageError, ImageFailedError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Extent, Image
+from ..image import Extent, Image, as_index
 from ..locking import ImageLock, lock_image
 from . import ordering, reading, writing
 from .cache import CachedTable
@@ -161,8 +161,9 @@ class QcowFile:
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, *, cluster_size: int = 65536, refcount_bits: int = 16,
                compat: str = "1.1", lazy_refcounts: bool = False, extended_l2: bool = False,
-               compression_type: str = "zlib", preallocation: str = "off", data_file: str | None = None,
-               data_file_raw: bool = False, backing_file: str | None = None, backing_format: str | None = None,
+               compression_type: str = "zlib", preallocation: str = "off",
+               data_file: str | os.PathLike[str] | None = None, data_file_raw: bool = False,
+               backing_file: str | os.PathLike[str] | None = None, backing_format: str | None = None,
                host_factory: HostFactory | None = None) -> QcowFile:
         """Create a new image (never overwriting an existing file) and return it open read-write.
 
@@ -170,6 +171,8 @@ class QcowFile:
         raise ValueError as qemu-img refuses them.
         """
         path = os.fspath(path)
+        data_file = None if data_file is None else os.fspath(data_file)
+        backing_file = None if backing_file is None else os.fspath(backing_file)
         create_image(path, size, cluster_size=cluster_size, refcount_bits=refcount_bits,
                      compat=compat, lazy_refcounts=lazy_refcounts, extended_l2=extended_l2,
                      compression_type=compression_type, preallocation=preallocation, data_file=data_file,
@@ -186,14 +189,16 @@ class QcowFile:
         return img
 
     @classmethod
-    def create_from_backing(cls, path: str | os.PathLike[str], backing_file: str, *, backing_format: str | None = None,
-                            size: int | None = None, **create_options: Any) -> QcowFile:
+    def create_from_backing(cls, path: str | os.PathLike[str], backing_file: str | os.PathLike[str], *,
+                            backing_format: str | None = None, size: int | None = None,
+                            **create_options: Any) -> QcowFile:
         """Create an overlay on `backing_file` (size from the backing file unless given).
 
         The backing name is stored as given (relative names resolve against the overlay's
         directory) and the backing format is always recorded, probed when not given.
         """
         path = os.fspath(path)
+        backing_file = os.fspath(backing_file)
         host_factory = create_options.get("host_factory") or HostFile
         bpath = formats.resolve_backing_path(path, backing_file)
         if not os.path.exists(bpath):
@@ -264,6 +269,10 @@ class QcowFile:
         """The backing file name as stored in the image."""
         return self._state.header.backing_file
 
+    def __len__(self) -> int:
+        """The virtual size: `len(disk)` bytes of guest disk."""
+        return self._state.virtual_size
+
     @property
     def failure(self) -> BaseException | None:
         """The host error that put the image in the failed state, or None while healthy."""
@@ -278,7 +287,7 @@ class QcowFile:
         # closing the descriptor, so a pread that might have hit a reused descriptor number is
         # always followed by seeing None here.
         fast = self._fast
-        if fast is not None and offset >= 0 and length > 0:
+        if fast is not None and type(offset) is int and type(length) is int and offset >= 0 and length > 0:
             cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, pread = fast
             inc = offset & cmask
             if inc + length <= cmask + 1 and offset + length <= vsize:
@@ -296,8 +305,8 @@ class QcowFile:
                             raise ValueError("I/O operation on closed QcowFile")
                         if len(data) == length:
                             return data
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative offset or length: offset={offset} length={length}")
+        offset = as_index(offset, "offset")
+        length = as_index(length, "length")
         s = self._state
         n = max(0, min(length, s.virtual_size - offset))
         with s.lock:
@@ -310,8 +319,7 @@ class QcowFile:
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
-        if offset < 0:
-            raise ValueError(f"negative offset: {offset}")
+        offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
             raise ValueError("buffer is read-only")
@@ -339,7 +347,7 @@ class QcowFile:
             mv = mv.cast("B")
         n = len(mv)
         s = self._state
-        self._check_range(offset, n)
+        offset = self._check_range(offset, n)
         with s.lock:
             self._check_writable()
             if n:
@@ -360,7 +368,8 @@ class QcowFile:
 
     def _zero(self, offset: int, length: int, punch: bool) -> None:
         s = self._state
-        self._check_range(offset, length)
+        offset = self._check_range(offset, length)
+        length = as_index(length, "length")
         with s.lock:
             self._check_writable()
             if length:
@@ -452,12 +461,14 @@ class QcowFile:
         if self._state.closed:
             raise ValueError("I/O operation on closed QcowFile")
 
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative offset or length: offset={offset} length={length}")
+    def _check_range(self, offset: int, length: int) -> int:
+        """The offset as an int after checking the range lies inside the disk."""
+        offset = as_index(offset, "offset")
+        length = as_index(length, "length")
         if offset + length > self._state.virtual_size:
             raise ValueError(
                 f"write of {length} bytes at offset {offset} goes past the virtual size {self._state.virtual_size}")
+        return offset
 
     def _check_writable(self) -> None:
         s = self._state
