@@ -256,7 +256,13 @@ class QcowFile:
 
     @property
     def snapshots(self) -> list[Snapshot]:
-        """The internal snapshots, in table order."""
+        """The internal snapshots, in table order.
+
+        Raises the InvalidImageError that describes a broken snapshot table (an image whose
+        snapshot table is broken opens read-only for its active layer only).
+        """
+        if self._state.snapshot_error is not None:
+            raise self._state.snapshot_error
         return list(self._state.snapshots)
 
     @property
@@ -523,9 +529,16 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow
         raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} runs past end of file")
     s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
     if h.nb_snapshots:
-        buf = host.pread(min(64 << 20, file_length - h.snapshots_offset), h.snapshots_offset)
-        s.snapshots, s.snapshot_table_length = parse_snapshot_table(
-            buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
+        try:
+            buf = host.pread(min(64 << 20, max(0, file_length - h.snapshots_offset)), h.snapshots_offset)
+            s.snapshots, s.snapshot_table_length = parse_snapshot_table(
+                buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
+        except InvalidImageError as e:
+            if not options.readonly:
+                raise
+            # As QEMU: a broken snapshot table does not hide an intact active layer from a
+            # reader. `snapshots` raises this error; a writer is refused above.
+            s.snapshot_error = e
     _check_l1_tables_vs_refblocks(s)
     if h.has_data_file:
         assert h.data_file is not None

@@ -12,6 +12,7 @@ from array import array
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidImageError
 from ..hostio import HostFactory, HostFile
 from .cache import TableCache
 from .entries import CompressedDescriptor, TableCodec
@@ -65,6 +66,7 @@ class Qcow2State:
                                    DEFAULT_L2_CACHE_BYTES // header.cluster_size)
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_length = 0      # bytes of the snapshot table (0 without snapshots)
+        self.snapshot_error: InvalidImageError | None = None  # a broken table (read-only opens only)
         self.compressed_cache: OrderedDict[int, bytes] = OrderedDict()  # descriptor -> cluster
 
         # --- writing (read-write opens only) -------------------------------------------------
