@@ -19,11 +19,16 @@ from .errors import CorruptImageError
 from .format import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, OFLAG_COMPRESSED,
                      OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTER_ALL, Header)
 from .hostio import HostFile
+from .image import LayerExtent
 
 RUN_DATA = 0
 RUN_ZERO = 1
 RUN_BACKING = 2
 RUN_COMPRESSED = 3
+# Host slot of a zero or backing run whose cluster has no host offset. Those runs carry the host
+# offset when there is one (a preallocated zero cluster, an unallocated subcluster of an allocated
+# cluster): QEMU reports it, and `qemu-img map` shows it.
+NO_HOST = -1
 
 _ZEROS = bytes(1 << 21)
 _L2E_RESERVED_EXTL2 = L2E_RESERVED_MASK | OFLAG_ZERO
@@ -39,8 +44,13 @@ def fill_zeros(mv: memoryview, start: int, end: int) -> None:
 
 def _add_run(runs: list[list[int]], last: list[int] | None, kind: int, length: int, host: int,
              guest_cluster: int) -> list[int]:
-    """Append a run, or extend the last one when it is the same kind (and host-contiguous data)."""
-    if last is not None and last[0] == kind and kind != RUN_COMPRESSED and (kind != RUN_DATA or last[2] + last[1] == host):
+    """Append a run, or extend the last one when it is the same kind and continues it.
+
+    Runs with a host offset extend only host-contiguously; runs without one (NO_HOST) only runs
+    without one.
+    """
+    if last is not None and last[0] == kind and kind != RUN_COMPRESSED and (
+            last[2] + last[1] == host if host != NO_HOST and last[2] != NO_HOST else last[2] == host):
         last[1] += length
         return last
     last = [kind, length, host, guest_cluster]
@@ -52,6 +62,7 @@ class MappingMixin:
     """Address translation and the read path (a layer of QcowFile)."""
 
     header: Header
+    filename: str
     host: HostFile
     data_host: HostFile
     backing: Any
@@ -155,7 +166,9 @@ class MappingMixin:
     def _get_host_runs(self, guest_offset: int, length: int) -> list[list[int]]:
         """Translate [guest_offset, +length) into runs [kind, length, host_offset_or_entry, guest_cluster].
 
-        Data runs are merged while host-contiguous; zero and backing runs while adjacent.
+        The host slot: data runs, the host offset; compressed runs, the L2 entry; zero and
+        backing runs, the host offset of a cluster that has one, else NO_HOST. Runs with a host
+        offset are merged while host-contiguous, the others while adjacent.
         """
         runs: list[list[int]] = []
         cbits = self.cluster_bits
@@ -173,10 +186,10 @@ class MappingMixin:
             l2off = self._l2_table_offset(l1i) if l1i < len(self.l1) else 0
             if not l2off:
                 n = table_end - pos
-                if last is not None and last[0] == RUN_BACKING:
+                if last is not None and last[0] == RUN_BACKING and last[2] == NO_HOST:
                     last[1] += n
                 else:
-                    last = [RUN_BACKING, n, 0, gc]
+                    last = [RUN_BACKING, n, NO_HOST, gc]
                     runs.append(last)
                 pos = table_end
                 continue
@@ -203,6 +216,8 @@ class MappingMixin:
                 host = self._data_offset(e, gc)
                 self._bitmap_check(e, bitmap, gc)
                 if bitmap & SUBCLUSTER_ALL != SUBCLUSTER_ALL:
+                    if not host and not (self._has_data_file and e & OFLAG_COPIED):
+                        host = NO_HOST  # an unallocated cluster (offset 0 is real in a data file)
                     last = self._subcluster_runs(runs, last, pos, n, host, bitmap, gc)
                 else:
                     last = _add_run(runs, last, RUN_DATA, n, host + inc, gc)
@@ -239,8 +254,17 @@ class MappingMixin:
                 if self._v2:
                     raise CorruptImageError(f"L2 entry for guest cluster {gc} = 0x{e:x}: zero flag in a version 2 image")
                 kind = RUN_ZERO
-                while k < stop and entries[k] & (OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK) == OFLAG_ZERO:
-                    k += 1
+                if host:  # preallocated zero clusters keep their host offset: host-contiguous only
+                    expect = e + cs
+                    while k < stop and entries[k] == expect:
+                        expect += cs
+                        k += 1
+                    if k - l2i > 1:
+                        self._data_offset(expect - cs, gc + k - l2i - 1)
+                else:
+                    zero_mask = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK | L2E_OFFSET_MASK
+                    while k < stop and entries[k] & zero_mask == OFLAG_ZERO:
+                        k += 1
             elif host or (data_file and e & OFLAG_COPIED):
                 kind = RUN_DATA
                 expect = e + cs
@@ -254,13 +278,15 @@ class MappingMixin:
                 while k < stop and not entries[k]:
                     k += 1
             n = min(((k - l2i) << cbits) - inc, end - pos)
-            last = _add_run(runs, last, kind, n, host + inc if kind == RUN_DATA else 0, gc)
+            has_host = kind == RUN_DATA or (kind == RUN_ZERO and host)
+            last = _add_run(runs, last, kind, n, host + inc if has_host else NO_HOST, gc)
             pos += n
             l2i = k
         return last
 
     def _subcluster_runs(self, runs: list[list[int]], last: list[int] | None, pos: int, n: int, host: int,
                          bitmap: int, gc: int) -> list[int] | None:
+        """Runs for [pos, pos+n) within one extended-L2 cluster (`host` NO_HOST if unallocated)."""
         sbits = self._sub_bits
         ssize = 1 << sbits
         cmask = self.cluster_size - 1
@@ -269,12 +295,13 @@ class MappingMixin:
             inc = pos & cmask
             sc = inc >> sbits
             m = min(ssize - (inc & (ssize - 1)), end - pos)
+            h = NO_HOST if host == NO_HOST else host + inc
             if bitmap >> sc & 1:
-                kind, h = RUN_DATA, host + inc
+                kind = RUN_DATA
             elif bitmap >> (32 + sc) & 1:
-                kind, h = RUN_ZERO, 0
+                kind = RUN_ZERO
             else:
-                kind, h = RUN_BACKING, 0
+                kind = RUN_BACKING
             last = _add_run(runs, last, kind, m, h, gc)
             pos += m
         return last
@@ -338,3 +365,29 @@ class MappingMixin:
         buf = bytearray(n)
         self._execute_runs(memoryview(buf), guest_offset, runs)
         return bytes(buf)
+
+    # --- block status -------------------------------------------------------------------
+    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
+        """What this qcow2 layer alone says about [guest_offset, +length) (QEMU's qcow2_co_block_status).
+
+        One LayerExtent per run, covering the range exactly, by QEMU's (sub)cluster types:
+        data (NORMAL): allocated, data, host offset, probe_holes; a zero cluster or subcluster:
+        allocated, zero, with its host offset when it has one (ZERO_ALLOC: a preallocated zero
+        cluster, or a zero subcluster of an allocated cluster), without it (ZERO_PLAIN);
+        compressed: allocated, data, compressed, no host offset; unallocated: not allocated, with
+        the host offset of its cluster when that is allocated (UNALLOCATED_ALLOC: extended L2)
+        or none. The host file is the external data file (named as stored) when there is one.
+        Expects the caller to hold the image lock.
+        """
+        path = self.header.data_file if self._has_data_file else self.filename
+        out: list[LayerExtent] = []
+        for kind, n, host, _gc in self._get_host_runs(guest_offset, length):
+            if kind == RUN_DATA:
+                out.append(LayerExtent(n, True, False, True, host, False, path, True))
+            elif kind == RUN_COMPRESSED:
+                out.append(LayerExtent(n, True, False, True, None, True))
+            elif host == NO_HOST:
+                out.append(LayerExtent(n, kind == RUN_ZERO, kind == RUN_ZERO, False))
+            else:
+                out.append(LayerExtent(n, kind == RUN_ZERO, kind == RUN_ZERO, False, host, False, path))
+        return out
