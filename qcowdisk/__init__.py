@@ -3,9 +3,10 @@
 from .errors import (BackingChainError, CorruptImageError, ImageLockedError, InvalidImageError,
                      QcowError, ReadOnlyError, RefcountOverflowError, UnsupportedFeatureError)
 from .format import Snapshot
+from .image import Extent
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError",
-           "Snapshot", "QcowFile"]
+           "Snapshot", "Extent", "QcowFile"]
 
 from .qcowfile import QcowFile  # noqa: E402

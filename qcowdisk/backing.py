@@ -7,10 +7,12 @@ are caught before anything recurses.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from .errors import BackingChainError, QcowError, UnsupportedFeatureError
-from .hostio import HostFactory, HostFile
+from .hostio import HostFactory, HostFile, host_extent
+from .image import Extent, LayerExtent
 
 
 class ReadableImage(Protocol):
@@ -58,6 +60,30 @@ class RawImage:
         buf = bytearray(max(0, min(length, self.virtual_size - offset)))
         self.readinto_at(buf, offset)
         return bytes(buf)
+
+    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
+        """What the raw file says about [guest_offset, +length) (QEMU's raw format over file-posix).
+
+        Everything is allocated (a raw file has no backing file) and maps to the same host
+        offset: data where the host file has data, zero where it has a hole or has ended
+        (SEEK_DATA/SEEK_HOLE). The range may run to the end of the file's last 512-byte sector.
+        """
+        out: list[LayerExtent] = []
+        pos, end = guest_offset, guest_offset + length
+        while pos < end:
+            n, data = host_extent(self.host.fd, pos, end - pos)
+            if out and out[-1].data == data:  # the system split an extent: one run
+                last = out.pop()
+                out.append(LayerExtent(last.length + n, True, not data, data, last.host_offset, False, self.filename))
+            else:
+                out.append(LayerExtent(n, True, not data, data, pos, False, self.filename))
+            pos += n
+        return out
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The extents of [offset, offset + length), as `qemu-img map` reports them."""
+        from .blockstatus import block_status
+        return block_status(self, offset, length)
 
     def close(self) -> None:
         """Release the file."""

@@ -18,6 +18,7 @@ import functools
 import os
 import threading
 from array import array
+from collections.abc import Iterator
 from typing import Any
 
 from .cache import TableCache, TableCodec
@@ -27,6 +28,7 @@ from .format import (AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, 
                      OFLAG_COMPRESSED, OFLAG_ZERO, Snapshot,
                      parse_header, parse_snapshot_table, serialize_header)
 from .hostio import HostFactory, HostFile
+from .image import Extent
 from .refcount import Refcounts
 from .writing import WritingMixin
 
@@ -427,6 +429,18 @@ class QcowFile(WritingMixin):
 
     def __repr__(self) -> str:
         return f"<QcowFile {self.filename!r} size={self.virtual_size} {'ro' if self.readonly else 'rw'}>"
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The extents of [offset, offset + length) of the guest disk, as `qemu-img map` reports them.
+
+        Lazy and merged (see qcowdisk.blockstatus); takes the image lock around each batch of
+        extents, never across a yield.
+        """
+        from .blockstatus import block_status, locked
+        with self._lock:
+            self._check_open()
+            extents = block_status(self, offset, length)
+        return locked(extents, self._lock, self._check_open)
 
     # ------------------------------------------------------------------ helpers
     @property
