@@ -82,11 +82,17 @@ class QcowFile(WritingMixin):
 
     def _load(self, chain: tuple[str, ...], max_nesting_depth: int) -> None:
         host = self.host
+        assert host is not None
         # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
         from .locking import lock_image
         self._image_lock = lock_image(host.fd, self.filename, write=not self.readonly)
         file_length = host.size()
-        head = host.pread(min(file_length, 1 << 21), 0)
+        # Cluster 0 only (its size is in the first bytes): reading guest data would pull it into
+        # the page cache, which changes what SEEK_DATA says of unwritten extents (block status).
+        head = host.pread(min(file_length, 512), 0)
+        cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+        if len(head) == 512 and 9 < cluster_bits <= 21:
+            head = host.pread(min(file_length, 1 << cluster_bits), 0)
         h = parse_header(head, file_length)
         self.header = h
         if self.readonly is False and h.incompatible_features & INCOMPAT_CORRUPT:
