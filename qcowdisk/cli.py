@@ -23,8 +23,11 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol, TypedDict
 
+from . import formats
+from .blockstatus import qemu_length
 from .errors import QcowError
-from .formats import probe_format
+from .formats import OpenOptions, format_names, probe_format
+from .image import Extent
 from .qcow1 import Qcow1File
 from .qcow2.file import QcowFile
 from .qcow2.format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot
@@ -553,6 +556,170 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# map
+# --------------------------------------------------------------------------------------------
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """`qcowdisk map`: where the guest disk's data lives, printed exactly as `qemu-img map` (7.2) does.
+
+    The extents are `block_status`'s; this only formats them. Errors are qemu-img's messages
+    (with this program's name in front) and exit status 1: a bad number or --output value,
+    an image to open that is not exactly one, and, in the human format, an extent stored
+    without a host offset (compressed clusters), after the lines before it.
+    """
+    from collections.abc import Iterator
+
+
+    def err(*lines: str, hint: str = "") -> int:
+        sys.stdout.flush()
+        for line in lines:  # error_report: one prefixed line each
+            print(f"{PROG}: {line}", file=sys.stderr)
+        sys.stderr.write(hint)
+        return 1
+
+    def number(name: str, text: str) -> int:
+        # qemu-img's cvtnum: qemu_strtosz, then 0 .. INT64_MAX
+        try:
+            value, hex_suffix = _qemu_strtosz(text)
+        except OverflowError:
+            value, hex_suffix = INT64_MAX + 1, False
+        except ValueError:
+            return -err(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for",
+                        "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        if hex_suffix:
+            print(f"{PROG}: warning: Using a multiplier suffix on hex numbers is deprecated: {text}", file=sys.stderr)
+        if value > INT64_MAX:
+            return -err(f"Invalid {name} specified. Must be between 0 and {INT64_MAX}.")
+        return value
+
+    def reported(extents: Iterator[Extent]) -> Iterator[Extent]:
+        # a failure to read the image's tables, in qemu-img's words
+        try:
+            yield from extents
+        except (QcowError, OSError) as e:
+            raise QcowError(f"Could not read file metadata: {e}") from e
+
+    def hex16(value: int) -> str:
+        # printf("%#-16" PRIx64): 0x-prefixed (but plain 0), left-aligned in 16 columns
+        return f"{value:#x}".ljust(16) if value else "0".ljust(16)
+
+    def json_entry(e: Extent) -> str:
+        # one entry of qemu-img map --output=json (7.2: no "compressed" key)
+        def b(v: bool) -> str:
+            return "true" if v else "false"
+        text = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, "present": {b(e.present)}, '
+                f'"zero": {b(e.zero)}, "data": {b(e.data)}')
+        if e.offset is not None:
+            text += f', "offset": {e.offset}'
+        return text + "}"
+
+    start, max_length = 0, -1
+    if args.start_offset is not None and (start := number("start offset", args.start_offset)) < 0:
+        return 1
+    if args.max_length is not None and (max_length := number("max length", args.max_length)) < 0:
+        return 1
+    if args.output not in ("human", "json"):
+        return err("--output must be used with human or json as argument.")
+    if len(args.image) != 1:
+        return err("Expecting one image file name", hint=f"Try '{PROG} --help' for more information\n")
+    path = args.image[0]
+    fmt = args.format or probe_format(path)
+    if fmt not in format_names():
+        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+    img = formats.open_image(path, fmt, OpenOptions(readonly=True))
+    out = sys.stdout
+    try:
+        human = args.output == "human"
+        out.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File") if human else "[")
+        end = qemu_length(img)
+        if max_length != -1:
+            limit = start + max_length
+            if limit > INT64_MAX:  # qemu-img's int64 addition wraps negative: nothing to map
+                limit -= 1 << 64
+            end = min(limit, end)
+        extents = img.block_status(start, end - start) if start < end else iter(())
+        if human:
+            for e in reported(extents):
+                if e.data and e.offset is None:
+                    return err("File contains external, encrypted or compressed clusters.")
+                if e.data and not e.zero:
+                    out.write(f"{hex16(e.start)}{hex16(e.length)}{hex16(e.offset or 0)}{e.filename or ''}\n")
+        else:
+            # qemu-img prints an entry with its ",\n" once it knows another follows (merged ones
+            # are yielded just then): so also before failing on a later table entry.
+            last: Extent | None = None
+            try:
+                for e in reported(extents):
+                    if last is not None:
+                        out.write(json_entry(last) + ",\n")
+                    last = e
+            except QcowError:
+                if last is not None:
+                    out.write(json_entry(last) + ",\n")
+                raise
+            # nothing to map: qemu-img prints its empty starting entry
+            out.write(json_entry(last or Extent(start, 0, 0, False, False, False, None)) + "]\n")
+    finally:
+        img.close()
+    return 0
+
+
+_STRTOSZ_SUFFIXES = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}  # powers of 1024
+_STRTOULL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(\d+)")
+_STRTOULL_HEX = re.compile(r"[ \t\n\v\f\r]*[+-]?0[xX]([0-9a-fA-F]+)")
+_STRTOD_FRACTION = re.compile(r"\.\d+(?:[eE][+-]?\d+)?")
+
+
+def _qemu_strtosz(text: str) -> tuple[int, bool]:
+    """QEMU 7.2's qemu_strtosz: (bytes, whether a hex number took a suffix, which QEMU warns of).
+
+    Decimal with an optional fraction, or 0x hex, then an optional B/K/M/G/T/P/E suffix (powers
+    of 1024, either case); nothing may follow. Raises ValueError where QEMU says EINVAL and
+    OverflowError where it says ERANGE (past 2**64 - 1).
+    """
+    m = _STRTOULL.match(text)
+    if m is None or m.group(1) == "-":
+        raise ValueError(text)
+    value, end = int(m.group(2)), m.end()
+    if value >= 1 << 64:
+        raise OverflowError(text) if end == len(text) else ValueError(text)
+    is_hex, fraction = False, 0
+    if value == 0 and text[end:end + 1] in ("x", "X"):
+        is_hex = True
+        h = _STRTOULL_HEX.match(text)
+        if h is not None:  # else "0x" without digits: strtoull stopped after the 0
+            value, end = int(h.group(1), 16), h.end()
+        if value >= 1 << 64:  # strtoull's ERANGE; anything after the digits makes it EINVAL
+            raise OverflowError(text) if end == len(text) else ValueError(text)
+        if text[end:end + 1] == ".":
+            raise ValueError(text)
+    elif text[end:end + 1] == ".":
+        f = _STRTOD_FRACTION.match(text, end)
+        if f is None:
+            end += 1  # "1.k": no fraction digits, the suffix still counts
+        elif "e" in f.group(0).lower():
+            raise ValueError(text)
+        else:  # a 64-bit fixed-point fraction, as QEMU keeps it
+            fraction, end = int(float(f.group(0)) * 2.0 ** 64), f.end()
+            if fraction >= 1 << 64:  # ".99999999999999999999" rounds to 1.0: QEMU's cast gives 0
+                fraction = 0
+    exponent = _STRTOSZ_SUFFIXES.get(text[end:end + 1].upper()) if end < len(text) else None
+    if exponent is not None:
+        end += 1
+    if end != len(text):
+        raise ValueError(text)
+    if exponent is None or exponent == 0:
+        if fraction:
+            raise ValueError(text)
+        return value, False
+    part = fraction << (10 * exponent)
+    value = (value << (10 * exponent)) + (part >> 64) + ((part >> 63) & 1)  # half a byte rounds up
+    if value >= 1 << 64:
+        raise OverflowError(text)
+    return value, is_hex
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
 
@@ -586,6 +753,15 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--length", metavar="N", help="how many pattern bytes")
     pw.add_argument("-q", dest="quiet", action="store_true")
     pw.set_defaults(func=cmd_write)
+
+    pm = sub.add_parser("map", help="show where the guest disk's data lives (like qemu-img map)")
+    pm.add_argument("--output", default="human", help="human (default) or json")  # checked by cmd_map, as qemu-img does
+    pm.add_argument("-s", "--start-offset", dest="start_offset", metavar="OFFSET", help="first guest byte to map")
+    pm.add_argument("-l", "--max-length", dest="max_length", metavar="LENGTH", help="how many bytes to map at most")
+    pm.add_argument("-f", dest="format", metavar="FMT", help="image format (qcow2, qcow, raw; probed if omitted)")
+    pm.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    pm.add_argument("image", metavar="IMAGE", nargs="*")
+    pm.set_defaults(func=cmd_map)
 
     pr = sub.add_parser("read", help="read guest bytes to stdout")
     pr.add_argument("image", metavar="IMAGE")

@@ -182,3 +182,27 @@ class HostFile:
 
 
 HostFactory = Callable[[str, bool], HostFile]
+
+
+def host_extent(fd: int, offset: int, length: int) -> tuple[int, bool]:
+    """(n, is_data): how far from `offset` (at most `length`) the host file is data, or a hole.
+
+    QEMU's file-posix rule (`find_allocation` + `raw_co_block_status`): SEEK_DATA/SEEK_HOLE at
+    `offset`; a hole reaching the end of the file (ENXIO), and anything past the end, is one
+    hole of `length`; when the system cannot tell (any other error) the whole range is data.
+    """
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        return length, e.errno != errno.ENXIO
+    if data > offset:
+        return min(length, data - offset), False
+    if data < offset:  # not a valid answer: we learned nothing
+        return length, True
+    try:
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    except OSError as e:
+        return length, e.errno != errno.ENXIO
+    if hole <= offset:  # a hole dug between the two calls (QEMU: -EBUSY, "no info")
+        return length, True
+    return min(length, hole - offset), True

@@ -3,7 +3,8 @@
 `Image` is what an overlay needs of its backing file and what format-independent code
 (block status, the CLI, later convert/commit/compare) needs of any image: qcow2, legacy qcow
 version 1 and raw images all implement it. `Extent` is one range of a guest disk as
-`qemu-img map --output=json` describes it.
+`qemu-img map --output=json` describes it; `LayerExtent` is what one layer of a backing chain
+says about a range (qcowdisk.blockstatus combines them into extents).
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ class Extent:
     """One range of the guest disk and where its bytes come from (a `qemu-img map` entry).
 
     `start`/`length` are guest bytes. `depth` is the layer of the backing chain that answered
-    (0 the image itself, 1 its backing file, ...; one past the bottom for ranges no layer
-    allocates). `present` is whether some layer allocates the range, `zero` whether it reads as
-    zeros, `data` whether bytes are stored for it, `offset` the host offset of those bytes in
-    `filename` when they are stored uncompressed (None otherwise), `compressed` whether they are
-    a compressed cluster.
+    (0 the image itself, 1 its backing file, ...); a range no layer allocates is answered by the
+    bottom layer, or by the first layer whose backing file ends before the range. `present` is
+    whether that layer allocates the range, `zero` whether it reads as zeros, `data` whether the
+    layer stores bytes for it, `offset` the host offset of those bytes (or of a preallocated
+    cluster) in `filename` when QEMU reports one (None otherwise, e.g. compressed clusters),
+    `compressed` whether they are compressed clusters. `filename` names the file holding the
+    bytes as QEMU names it (the image path as given, backing names joined to the directory of
+    the image naming them, external data files as stored); it is set exactly when `offset` is.
+    Adjacent extents always differ in some field (or `offset` is not contiguous), as
+    `qemu-img map --output=json` merges them.
     """
 
     start: int
@@ -37,6 +43,29 @@ class Extent:
     offset: int | None
     compressed: bool = False
     filename: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerExtent:
+    """What ONE layer of a chain says about a range, before the chain is consulted.
+
+    The per-format answer QEMU's drivers give (`bdrv_co_block_status` flags): `allocated`
+    (BDRV_BLOCK_ALLOCATED: this layer decides the contents; false sends the range to the
+    backing file), `zero` (reads as zeros), `data` (bytes are stored), `host_offset`
+    (OFFSET_VALID: the host position of the range's first byte in `host_path`; also set for
+    preallocated zero clusters and for unallocated subclusters of an allocated cluster), `compressed`,
+    and `host_path` (the file holding the bytes as the image names it: its own `filename`, or an
+    external data file's name as stored in its header). A format that consults its host file's
+    holes (raw; a metadata-preallocated qcow2) reports them here already.
+    """
+
+    length: int
+    allocated: bool
+    zero: bool
+    data: bool
+    host_offset: int | None = None
+    compressed: bool = False
+    host_path: str | None = None
 
 
 @runtime_checkable
@@ -56,6 +85,16 @@ class Image(Protocol):
     @property
     def format_name(self) -> str:
         """The format's name as qemu-img spells it: "qcow2", "qcow", "raw"."""
+        ...
+
+    @property
+    def backing(self) -> Image | None:
+        """The opened backing image, or None."""
+        ...
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name as the image stores it, or None."""
         ...
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
@@ -84,6 +123,10 @@ class Image(Protocol):
 
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """The extents covering [offset, offset + length), in order, merged as `qemu-img map` merges."""
+        ...
+
+    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
+        """What this layer alone says about [guest_offset, +length), in order, covering it exactly."""
         ...
 
     def close(self) -> None:

@@ -21,13 +21,14 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import formats
+from .blockstatus import block_status, locked
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from .hostio import Buffer, HostFile
-from .image import Image, fill_zeros
+from .image import Extent, Image, LayerExtent, fill_zeros
 from .qcow2.entries import TableCodec
 
 QCOW1_MAGIC = b"QFI\xfb"
@@ -431,6 +432,63 @@ class Qcow1File:
                                     f" not the cluster size {cs}")
         self._zcache_entry, self._zcache = entry, out
         return out
+
+    # --- block status ----------------------------------------------------------------------
+
+    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
+        """What this qcow layer alone says about [guest_offset, +length) (QEMU's qcow_co_block_status).
+
+        Per cluster: an entry of 0 (or no L2 table) is unallocated; a compressed cluster is
+        data without a host offset; any other entry is data at entry + offset in cluster, in
+        this image's file. Host holes are never consulted. Adjacent runs of one kind (data
+        host-contiguously) come as one. Expects the caller to hold the image lock.
+        """
+        cbits = self._cluster_bits
+        cmask = self.cluster_size - 1
+        span_bits = cbits + self._l2_bits
+        l2_mask = self._l2_entries - 1
+        out: list[LayerExtent] = []
+        kind = -1  # of the last run: 0 unallocated, 1 data, 2 compressed
+        run_len = run_host = 0
+        pos, end = guest_offset, guest_offset + length
+        while pos < end:
+            table = self._l2_table(pos >> span_bits) if (pos >> span_bits) < len(self._l1) else None
+            if table is None:
+                k, n, host = 0, min(end, ((pos >> span_bits) + 1) << span_bits) - pos, 0
+            else:
+                n = min(cmask + 1 - (pos & cmask), end - pos)
+                entry = table[(pos >> cbits) & l2_mask]
+                k, host = (0, 0) if entry == 0 else (2, 0) if entry & COMPRESSED_FLAG else (1, entry + (pos & cmask))
+            if k == kind and (k != 1 or run_host + run_len == host):
+                run_len += n
+            else:
+                if kind >= 0:
+                    out.append(self._layer_extent(kind, run_len, run_host))
+                kind, run_len, run_host = k, n, host
+            pos += n
+        if kind >= 0:
+            out.append(self._layer_extent(kind, run_len, run_host))
+        return out
+
+    def _layer_extent(self, kind: int, length: int, host: int) -> LayerExtent:
+        if kind == 1:
+            return LayerExtent(length, True, False, True, host, False, self.filename)
+        return LayerExtent(length, kind == 2, False, kind == 2, None, kind == 2)
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The extents of [offset, offset + length), as `qemu-img map` reports them.
+
+        Takes the image lock around each batch of extents, never across a yield.
+        """
+
+        def check_open() -> None:
+            if self._host is None:
+                raise ValueError(f"{self.filename}: I/O on a closed image")
+
+        with self._lock:
+            check_open()
+            extents = block_status(self, offset, length)
+        return locked(extents, self._lock, check_open)
 
 
 def probe(data: bytes) -> bool:

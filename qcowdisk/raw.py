@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from . import formats
+from .blockstatus import block_status
 from .errors import ReadOnlyError
-from .hostio import Buffer, HostFactory, HostFile
-from .image import Extent, fill_zeros
+from .hostio import Buffer, HostFactory, HostFile, host_extent
+from .image import Extent, LayerExtent, fill_zeros
 
 
 class RawImage:
     """A raw file opened read-only as a guest disk (implements `qcowdisk.image.Image`)."""
 
     format_name = "raw"
-    backing = None
-    backing_file = None
+    backing: None = None
+    backing_file: None = None
 
     def __init__(self, path: str, host_factory: HostFactory | None = None) -> None:
         """Open `path` read-only."""
@@ -62,11 +63,28 @@ class RawImage:
     def flush(self) -> None:
         """Nothing to flush on a read-only image."""
 
+    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
+        """What the raw file says about [guest_offset, +length) (QEMU's raw format over file-posix).
+
+        Everything is allocated (a raw file has no backing file) and maps to the same host
+        offset: data where the host file has data, zero where it has a hole or has ended
+        (SEEK_DATA/SEEK_HOLE). The range may run to the end of the file's last 512-byte sector.
+        """
+        out: list[LayerExtent] = []
+        pos, end = guest_offset, guest_offset + length
+        while pos < end:
+            n, data = host_extent(self.host.fd, pos, end - pos)
+            if out and out[-1].data == data:  # the system split an extent: one run
+                last = out.pop()
+                out.append(LayerExtent(last.length + n, True, not data, data, last.host_offset, False, self.filename))
+            else:
+                out.append(LayerExtent(n, True, not data, data, pos, False, self.filename))
+            pos += n
+        return out
+
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        """The extents of [offset, offset + length): all data, one layer."""
-        end = self.virtual_size if length is None else min(self.virtual_size, offset + length)
-        if end > offset:
-            yield Extent(offset, end - offset, 0, True, False, True, offset, False, self.filename)
+        """The extents of [offset, offset + length), as `qemu-img map` reports them."""
+        return block_status(self, offset, length)
 
     def close(self) -> None:
         """Release the file."""

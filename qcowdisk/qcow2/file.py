@@ -33,11 +33,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .. import formats
+from ..blockstatus import block_status, locked
 from ..errors import CorruptImageError, ImageFailedError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Extent, Image, as_index
+from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
-from . import ordering, reading, writing
+from . import ordering, reading, status, writing
 from .cache import CachedTable
 from .create import create_image, preallocate
 from .entries import REFT_OFFSET_MASK, decode_u64_table, fast_read_reject_mask
@@ -340,10 +341,27 @@ class QcowFile:
         return n
 
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        """The extents covering [offset, offset + length) of the guest disk, merged as
-        `qemu-img map` merges them (see `qcowdisk.Extent`)."""
-        from ..blockstatus import block_status
-        return block_status(self, offset, length)
+        """The extents covering [offset, offset + length) of the guest disk and its backing
+        chain, merged as `qemu-img map` merges them (see `qcowdisk.Extent`).
+
+        Lazy: memory stays bounded whatever the disk's size. Takes the image lock around each
+        batch of extents, never across a yield.
+        """
+        s = self._state
+        offset = as_index(offset, "offset")
+        if length is not None:
+            length = as_index(length, "length")
+        with s.lock:
+            self._check_open()
+            s.metadata_preallocated = None  # detected afresh for each query, as a new open would
+            extents = block_status(self, offset, length)
+        return locked(extents, s.lock, self._check_open)
+
+    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
+        """What this image alone says about [guest_offset, +length) (see qcowdisk.qcow2.status)."""
+        with self._state.lock:
+            self._check_open()
+            return status.layer_status(self._state, guest_offset, length)
 
     # ------------------------------------------------------------------ writing
     def write_at(self, offset: int, data: Buffer) -> int:
@@ -515,7 +533,13 @@ class QcowFile:
 def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
-    h = parse_header(host.pread(min(file_length, 1 << 21), 0), file_length)
+    # Cluster 0 only (its size is in the first bytes): reading guest data would pull it into the
+    # page cache, which changes what SEEK_DATA says of unwritten extents (block status).
+    head = host.pread(min(file_length, 512), 0)
+    cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+    if len(head) == 512 and 9 < cluster_bits <= 21:
+        head = host.pread(min(file_length, 1 << cluster_bits), 0)
+    h = parse_header(head, file_length)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "

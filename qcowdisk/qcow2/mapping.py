@@ -30,9 +30,14 @@ from .entries import (
 from .state import Qcow2State
 
 RUN_DATA = 0        # stored uncompressed at `host` (host byte offset of the run's first byte)
-RUN_ZERO = 1        # reads as zeros (zero flag or subcluster zero bits); `host` set if preallocated
+RUN_ZERO = 1        # reads as zeros (zero flag or subcluster zero bits)
 RUN_BACKING = 2     # unallocated here: the backing file's bytes, zeros without one
 RUN_COMPRESSED = 3  # part of one compressed cluster; `host` is the L2 entry (the descriptor)
+# `host` of a zero or backing run whose cluster has no host offset. Those runs carry the host
+# offset when there is one (a preallocated zero cluster, an unallocated or zero subcluster of an
+# allocated cluster): QEMU reports it, and `qemu-img map` shows it. (0 is a real offset in an
+# external data file, so it cannot mean "none".)
+NO_HOST = -1
 
 
 @dataclass(slots=True)
@@ -46,15 +51,13 @@ class Run:
 
 
 def _add_run(runs: list[Run], last: Run | None, kind: int, length: int, host: int, guest_cluster: int) -> Run:
-    """Append a run, or extend the last one when it is the same kind (and host-contiguous data).
+    """Append a run, or extend the last one when it is the same kind and continues it.
 
-    Zero runs merge only when they agree on being preallocated (contiguously) or not, so block
-    status can report the host offset of preallocated zero clusters.
+    Runs with a host offset extend only host-contiguously; runs without one (NO_HOST) only runs
+    without one.
     """
     if last is not None and last.kind == kind and kind != RUN_COMPRESSED and (
-            kind == RUN_BACKING
-            or (kind == RUN_DATA and last.host + last.length == host)
-            or (kind == RUN_ZERO and (last.host + last.length == host if last.host else not host))):
+            last.host + last.length == host if host != NO_HOST and last.host != NO_HOST else last.host == host):
         last.length += length
         return last
     last = Run(kind, length, host, guest_cluster)
@@ -141,7 +144,7 @@ def get_host_runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
         table_end = min(end, (l1i + 1) * span)
         l2off = l2_table_offset(s, l1i) if l1i < l1_count else 0
         if not l2off:
-            last = _add_run(runs, last, RUN_BACKING, table_end - pos, 0, gc)
+            last = _add_run(runs, last, RUN_BACKING, table_end - pos, NO_HOST, gc)
             pos = table_end
             continue
         entries = s.l2_cache.get(l2off).entries
@@ -164,6 +167,8 @@ def get_host_runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
                 host = data_offset(s, e, gc)
                 bitmap_check(s, e, bitmap, gc)
                 if bitmap_allocated(bitmap) != SUBCLUSTER_ALL:
+                    if not host and not (s.has_data_file and e & OFLAG_COPIED):
+                        host = NO_HOST  # an unallocated cluster
                     last = _subcluster_runs(s, runs, last, pos, n, host, bitmap, gc)
                 else:
                     last = _add_run(runs, last, RUN_DATA, n, host + inc, gc)
@@ -208,7 +213,7 @@ def _standard_runs(s: Qcow2State, runs: list[Run], last: Run | None, entries: ar
                 if k - l2i > 1:
                     data_offset(s, expect - cs, gc + k - l2i - 1)
             else:
-                while k < stop and entries[k] & L2E_NOT_PLAIN_DATA == OFLAG_ZERO and not entries[k] & L2E_OFFSET_MASK:
+                while k < stop and entries[k] & (L2E_NOT_PLAIN_DATA | L2E_OFFSET_MASK) == OFLAG_ZERO:
                     k += 1
         elif host or (data_file and e & OFLAG_COPIED):
             kind = RUN_DATA
@@ -223,7 +228,8 @@ def _standard_runs(s: Qcow2State, runs: list[Run], last: Run | None, entries: ar
             while k < stop and not entries[k]:
                 k += 1
         n = min(((k - l2i) << cbits) - inc, end - pos)
-        last = _add_run(runs, last, kind, n, host + inc if kind == RUN_DATA or host else 0, gc)
+        has_host = kind == RUN_DATA or (kind == RUN_ZERO and host)
+        last = _add_run(runs, last, kind, n, host + inc if has_host else NO_HOST, gc)
         pos += n
         l2i = k
     return last
@@ -231,6 +237,7 @@ def _standard_runs(s: Qcow2State, runs: list[Run], last: Run | None, entries: ar
 
 def _subcluster_runs(s: Qcow2State, runs: list[Run], last: Run | None, pos: int, n: int, host: int,
                      bitmap: int, gc: int) -> Run | None:
+    """Runs for [pos, pos+n) within one extended-L2 cluster (`host` NO_HOST if unallocated)."""
     sbits = s.subcluster_bits
     ssize = 1 << sbits
     end = pos + n
@@ -238,11 +245,12 @@ def _subcluster_runs(s: Qcow2State, runs: list[Run], last: Run | None, pos: int,
         inc = pos & s.cluster_mask
         sc = inc >> sbits
         m = min(ssize - (inc & (ssize - 1)), end - pos)
+        h = NO_HOST if host == NO_HOST else host + inc
         if bitmap >> sc & 1:
-            last = _add_run(runs, last, RUN_DATA, m, host + inc, gc)
+            last = _add_run(runs, last, RUN_DATA, m, h, gc)
         elif bitmap >> (32 + sc) & 1:
-            last = _add_run(runs, last, RUN_ZERO, m, 0, gc)
+            last = _add_run(runs, last, RUN_ZERO, m, h, gc)
         else:
-            last = _add_run(runs, last, RUN_BACKING, m, 0, gc)
+            last = _add_run(runs, last, RUN_BACKING, m, h, gc)
         pos += m
     return last

@@ -68,6 +68,7 @@ class Qcow2State:
         self.snapshot_table_length = 0      # bytes of the snapshot table (0 without snapshots)
         self.snapshot_error: InvalidImageError | None = None  # a broken table (read-only opens only)
         self.compressed_cache: OrderedDict[int, bytes] = OrderedDict()  # descriptor -> cluster
+        self.metadata_preallocated: bool | None = None  # block status: detected once per query
 
         # --- writing (read-write opens only) -------------------------------------------------
         self.refcounts: Refcounts | None = None   # counts, allocation, deferred frees
