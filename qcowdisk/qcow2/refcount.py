@@ -214,6 +214,25 @@ class Refcounts:
             self.metadata.discard(c)
             self.update(c, -1)
 
+    def _keep_table_ahead(self, count: int) -> None:
+        """Grow the refcount table before `count` appended clusters get near what it covers.
+
+        The switch to a new table writes its offset (header bytes 48..55) and cluster count
+        (56..59) in one header write. Were that write torn after the offset, the new table would
+        be read with the old count; growing early, while the new table and its blocks still lie
+        below what the old count covers, keeps that torn state as consistent as the other two.
+        (Growth is by doubling; an image that arrives already too close grows late, as QEMU's do.)
+        """
+        epb = self.block_entries
+        while True:
+            covered = len(self.reftable) * epb
+            growth = 2 * self.reftable_clusters + 2  # the doubled table and the blocks counting it
+            if self.end_cluster + count + count // epb + 2 + growth <= covered:
+                return
+            if 2 * self.reftable_clusters * self.cluster_size > MAX_REFTABLE_BYTES:
+                return  # no room to double: the late path grows exactly as far as needed
+            self._grow_table(0)
+
     # --- allocation ----------------------------------------------------------------------
     def alloc_clusters(self, count: int) -> list[tuple[int, int]]:
         """Allocate `count` clusters with refcount 1; returns extents (first_cluster, n).
@@ -238,6 +257,7 @@ class Refcounts:
                 remaining -= n
                 self.free_hint = c + n
         if remaining:
+            self._keep_table_ahead(remaining)
             c = self.end_cluster
             self.end_cluster += remaining
             self.set_range(c, remaining, 1)
