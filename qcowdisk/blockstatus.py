@@ -62,7 +62,7 @@ def combine_path(base: str, name: str) -> str:
 class _Layer:
     """One image of the chain, with what the walk needs to know of it."""
 
-    __slots__ = ("image", "name", "length", "granule", "window")
+    __slots__ = ("granule", "image", "length", "name", "window")
 
     def __init__(self, image: Image, name: str) -> None:
         self.image = image
@@ -146,7 +146,7 @@ def _merged(entries: Iterator[_Entry], start: int) -> Iterator[Extent]:
     """Merge adjacent answers exactly as img_map's entry_mergeable does."""
     cur: list[Any] | None = None
     for e in entries:
-        n, depth, present, zero, data, off, compressed, name = e
+        n, depth, present, zero, data, off, _compressed, name = e  # compressed: implied by offset None
         if cur is not None and cur[1] == depth and cur[2] == present and cur[3] == zero and cur[4] == data \
                 and cur[7] == name and (cur[5] is None) == (off is None) \
                 and (off is None or cur[5] + cur[0] == off):
@@ -187,7 +187,7 @@ def locked(extents: Iterator[Extent], lock: AbstractContextManager[Any], check: 
             check()
             try:
                 chunk.extend(islice(extents, batch))
-            except Exception as e:  # what came before the failure is still answered first
+            except Exception as e:  # noqa: BLE001 - re-raised below, after what came before it
                 error = e
         yield from chunk
         if error is not None:

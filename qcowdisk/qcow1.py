@@ -28,8 +28,10 @@ from . import formats
 from .blockstatus import block_status, locked
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from .hostio import Buffer, HostFile
-from .image import Extent, Image, LayerExtent, fill_zeros
+from .image import Extent, Image, LayerExtent, as_index, fill_zeros
+from .locking import ImageLock, lock_image
 from .qcow2.entries import TableCodec
+from .qcow2.format import Snapshot
 
 QCOW1_MAGIC = b"QFI\xfb"
 QCOW1_VERSION = 1
@@ -165,27 +167,41 @@ class Qcow1File:
         self._zcache_entry = -1  # L2 entry whose decompressed cluster is in _zcache
         self._zcache = b""
         self._lock = threading.Lock()
+        self._image_lock: ImageLock | None = None
 
     @classmethod
-    def open(cls, path: str, *, readonly: bool = True, max_nesting_depth: int = 64,
-             host_factory: Callable[[str, bool], HostFile] | None = None,
-             _chain: tuple[str, ...] = ()) -> Qcow1File:
-        """Open a qcow v1 image and its backing chain. `readonly=False` raises ReadOnlyError."""
-        if not readonly:
-            raise ReadOnlyError("qcow v1 images are supported read-only")
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = True, backing: bool = True,
+             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+             host_factory: Callable[[str, bool], HostFile] | None = None) -> Qcow1File:
+        """Open a qcow v1 image and its backing chain (options as `QcowFile.open`).
+
+        `readonly=False` raises ReadOnlyError: qcow v1 images are read here, never written.
+        """
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
+                                      host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to),
+                                      force_share=force_share)
+        return cls._open(path, options, (os.path.realpath(path),))
+
+    @classmethod
+    def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> Qcow1File:
+        if not options.readonly:
+            raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
         self = cls()
         self.filename = path
-        factory = host_factory or HostFile
-        self._host = factory(path, False)
+        self._host = options.host_factory(path, False)
         try:
-            self._load(path, max_nesting_depth, host_factory, _chain)
+            if not options.force_share:  # a reader's locks, as QEMU takes them for any image
+                self._image_lock = lock_image(self._host.fd, path, write=False)
+            self._load(path, options, chain)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _load(self, path: str, max_nesting_depth: int,
-              host_factory: Callable[[str, bool], HostFile] | None, chain: tuple[str, ...]) -> None:
+    def _load(self, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> None:
         host = self._host
         assert host is not None
         self._file_size = host.size()
@@ -213,22 +229,15 @@ class Qcow1File:
             raw = raw.split(b"\0", 1)[0]  # QEMU reads it as a C string
             if raw:
                 self.backing_file = os.fsdecode(raw)
-        if self.backing_file is not None:
-            # open_backing hands us a chain that already ends with this image; a top-level open
-            # starts from (). Either way the backing's chain must end with exactly one of us.
-            real = os.path.realpath(path)
-            if not chain or chain[-1] != real:
-                chain = (*chain, real)
-            options = formats.OpenOptions(readonly=True, max_nesting_depth=max_nesting_depth,
-                                          host_factory=host_factory or HostFile)
+        if self.backing_file is not None and options.backing:
             self.backing = formats.open_backing(self.filename, self.backing_file, None, options, chain)
 
     # --- public read API -------------------------------------------------------------------
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read `length` bytes at guest `offset`, clipped at virtual_size."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative offset {offset} or length {length}")
+        offset = as_index(offset, "offset")
+        length = as_index(length, "length")
         n = max(0, min(length, self.virtual_size - offset))
         buf = bytearray(n)
         if n:
@@ -237,8 +246,7 @@ class Qcow1File:
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Fill writable `buffer` from guest `offset`; returns bytes read (short only at the end)."""
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
+        offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
             raise TypeError("readinto_at needs a writable buffer")
@@ -266,14 +274,31 @@ class Qcow1File:
     def flush(self) -> None:
         """Nothing to flush on a read-only image."""
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has run."""
+        return self._host is None
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """Always empty: qcow v1 has no internal snapshots."""
+        return []
+
+    def __len__(self) -> int:
+        """The virtual size."""
+        return self.virtual_size
+
     def close(self) -> None:
         """Close the image and its backing chain (idempotent)."""
         backing, self.backing = self.backing, None
         host, self._host = self._host, None
+        image_lock, self._image_lock = self._image_lock, None
         try:
             if backing is not None:
                 backing.close()
         finally:
+            if image_lock is not None:
+                image_lock.release()
             if host is not None:
                 host.close()
             self._l2_cache.clear()
@@ -502,10 +527,7 @@ def _probe_score(head: bytes) -> int:
 
 
 def _open_qcow1(path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> Qcow1File:
-    if not options.readonly:
-        raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
-    return Qcow1File.open(path, readonly=True, max_nesting_depth=options.max_nesting_depth,
-                          host_factory=options.host_factory, _chain=chain)
+    return Qcow1File._open(path, options, chain)
 
 
 formats.register(formats.FormatDriver("qcow", _probe_score, _open_qcow1))

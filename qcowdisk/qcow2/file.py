@@ -30,7 +30,7 @@ import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
@@ -38,6 +38,7 @@ from ..errors import CorruptImageError, ImageFailedError, InvalidImageError, Rea
 from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
+from ..qcow1 import Qcow1File
 from . import ordering, reading, status, writing
 from .cache import CachedTable
 from .create import create_image, preallocate
@@ -80,6 +81,10 @@ def _in_forked_child(s: Qcow2State) -> bool:
     return s.inherited
 
 
+class _LegacyQcow(Exception):
+    """The file is a qcow version 1 image (QcowFile.open hands it to the qcow v1 reader)."""
+
+
 class QcowFile:
     """A qcow2 image opened for reading (and writing): the guest disk as byte ranges.
 
@@ -106,12 +111,31 @@ class QcowFile:
         _OPEN_STATES.add(s)
 
     # ------------------------------------------------------------------ opening
+    @overload
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, readonly: Literal[False] = False, backing: bool = True,
+             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+             host_factory: HostFactory | None = None) -> QcowFile: ...
+
+    @overload
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool, backing: bool = True,
+             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+             host_factory: HostFactory | None = None) -> QcowFile | Qcow1File: ...
+
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None) -> QcowFile:
+             host_factory: HostFactory | None = None) -> QcowFile | Qcow1File:
         """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
+
+        A read-only open also opens a legacy qcow version 1 image, returning a
+        `qcowdisk.qcow1.Qcow1File` with the same reading API (read_at, readinto_at, block_status,
+        backing, snapshots: none); writing one raises ReadOnlyError, as does opening one
+        read-write.
 
         An image is untrusted input and so are the files it names. By default its backing chain
         and external data file are followed as QEMU follows them; `backing=False` opens the image
@@ -129,7 +153,15 @@ class QcowFile:
                                       host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
                                       force_share=force_share)
-        return cls._open(path, options, (os.path.realpath(path),))
+        return cls._open_any(path, options, (os.path.realpath(path),))
+
+    @classmethod
+    def _open_any(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile | Qcow1File:
+        """`_open`, or a qcow v1 reader when the file turns out to be one (read-only opens)."""
+        try:
+            return cls._open(path, options, chain)
+        except _LegacyQcow:
+            return Qcow1File._open(path, options, chain)
 
     @classmethod
     def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile:
@@ -138,6 +170,8 @@ class QcowFile:
         state: Qcow2State | None = None
         try:
             # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
+            if options.readonly and host.pread(8, 0) == b"QFI\xfb\0\0\0\1":
+                raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
             state = _load_state(path, host, options)
@@ -179,7 +213,7 @@ class QcowFile:
                      compression_type=compression_type, preallocation=preallocation, data_file=data_file,
                      data_file_raw=data_file_raw, backing_file=backing_file, backing_format=backing_format,
                      host_factory=host_factory)
-        img = cls.open(path, host_factory=host_factory)
+        img = cls._open(path, formats.OpenOptions(host_factory=host_factory or HostFile), (os.path.realpath(path),))
         if preallocation != "off":
             try:
                 with img._state.lock:
@@ -400,6 +434,25 @@ class QcowFile:
                 def run() -> None:
                     ordering.mark_dirty_before_lazy_update(s)
                     writing.zero(s, offset, length, punch)
+                self._guarded(run)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Allocate host space for [offset, offset+length) without changing what it reads.
+
+        Every cluster touching the range gets its own uncompressed host cluster (the data it
+        showed, from the backing file, zeros, a compressed or shared cluster, is written into
+        it), so later writes there land in place without allocating, and `qemu-img map` shows
+        the range as data (crosvm's `FileAllocate`, QEMU's `write -z` without unmap).
+        """
+        s = self._state
+        offset = self._check_range(offset, length)
+        length = as_index(length, "length")
+        with s.lock:
+            self._check_writable()
+            if length:
+                def run() -> None:
+                    ordering.mark_dirty_before_lazy_update(s)
+                    writing.allocate(s, offset, length)
                 self._guarded(run)
 
     def flush(self) -> None:

@@ -15,6 +15,7 @@ deferred-free queue. Everything here expects the caller to hold the image lock.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from ..hostio import Buffer
@@ -401,3 +402,51 @@ def _write_zero_bytes(s: Qcow2State, guest_offset: int, length: int) -> None:
         n = min(length - pos, ZERO_BLOCK_LENGTH)
         write(s, guest_offset + pos, zero_block(n))
         pos += n
+
+
+# --- allocating without changing contents ----------------------------------------------------
+ALLOCATE_CHUNK = 1 << 20
+
+
+def _is_plain_owned(s: Qcow2State, entries: array[int], l2i: int) -> bool:
+    """Whether a guest cluster is already stored uncompressed in a cluster it alone owns."""
+    if s.extended_l2:
+        e, bitmap = entries[2 * l2i], entries[2 * l2i + 1]
+        if bitmap_allocated(bitmap) != SUBCLUSTER_ALL:
+            return False
+    else:
+        e = entries[l2i]
+    if e & (OFLAG_COMPRESSED | OFLAG_ZERO) or not e & OFLAG_COPIED:
+        return False
+    return bool(e & L2E_OFFSET_MASK) or s.has_data_file
+
+
+def allocate(s: Qcow2State, guest_offset: int, length: int) -> None:
+    """Give every cluster touching [guest_offset, +length) its own uncompressed host cluster,
+    keeping what it reads (backing data, zeros, compressed or shared contents are written in).
+
+    Afterwards writes there land in place without allocating, and block status shows data.
+    """
+    cs, cbits = s.cluster_size, s.cluster_bits
+    pos = guest_offset // cs * cs
+    end = min(s.virtual_size, -(-(guest_offset + length) // cs) * cs)
+    while pos < end:
+        l1i = (pos >> cbits) // s.l2_entries
+        table_end = min(end, (l1i + 1) * s.l2_span)
+        l2off = l2_table_offset(s, l1i) if l1i < len(s.l1.entries) else 0
+        entries = s.l2_cache.get(l2off).entries if l2off else None
+        while pos < table_end:
+            # the next run of clusters that need allocating, at most ALLOCATE_CHUNK long
+            l2i = (pos >> cbits) % s.l2_entries
+            if entries is not None and _is_plain_owned(s, entries, l2i):
+                pos += cs
+                continue
+            run_end = pos + cs
+            while run_end < table_end and run_end - pos < ALLOCATE_CHUNK and (
+                    entries is None or not _is_plain_owned(s, entries, (run_end >> cbits) % s.l2_entries)):
+                run_end += cs
+            run_end = min(run_end, s.virtual_size)
+            write(s, pos, memoryview(read_copy(s, pos, run_end - pos)))
+            # the table may have been allocated or copied on write: look it up again
+            entries = s.l2_cache.get(l2_table_offset(s, l1i)).entries
+            pos = run_end
