@@ -10,43 +10,63 @@ tell us which clusters are free are exactly what is being repaired. Caller holds
 from __future__ import annotations
 
 from collections import Counter
+from itertools import compress
 from typing import Any
 
 from .cache import TableCodec
+from .errors import CorruptImageError
 from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED
 
 
 def count_references(img: Any) -> Counter[int]:
-    """How many references each host cluster has, from the image's own structures."""
+    """How many references each host cluster has, from the image's own structures.
+
+    Every reference must lie inside the file, give or take the one cluster QEMU tolerates
+    (`qcow2_inc_refcounts_imrt`): one further out (an entry pointing near 2^48, a refcount block
+    at 2^63) raises CorruptImageError at once, so nothing here or in the rebuild ever counts up to
+    a cluster number the file does not have. Only nonzero L1 entries are visited (at C speed), so
+    an empty image with a huge virtual size costs nothing per entry.
+    """
     cs, cbits = img.cluster_size, img.cluster_bits
     h = img.header
     rc = img.refcounts
+    file_length = img.host.size()
     counts: Counter[int] = Counter()
 
-    def ref_bytes(offset: int, length: int) -> None:
+    def check(offset: int, length: int, what: str) -> None:
+        if offset + length - file_length > cs:
+            raise CorruptImageError(
+                f"{what} at host offset 0x{offset:x} ({length} bytes) lies past the end of the file "
+                f"({file_length} bytes); cannot rebuild the refcounts of this dirty image")
+
+    def ref_bytes(offset: int, length: int, what: str) -> None:
+        check(offset, max(length, 1), what)
         for c in range(offset >> cbits, (offset + max(length, 1) - 1 >> cbits) + 1):
             counts[c] += 1
 
+    def ref_cluster(offset: int, what: str) -> None:
+        check(offset, cs, what)
+        counts[offset >> cbits] += 1
+
     counts[0] += 1
-    ref_bytes(rc.reftable_offset, rc.reftable_clusters * cs)
-    for i, e in enumerate(rc.reftable):
-        if e:
-            counts[rc._block_offset(i) >> cbits] += 1
+    ref_bytes(rc.reftable_offset, rc.reftable_clusters * cs, "the refcount table")
+    for i in compress(range(len(rc.reftable)), rc.reftable):
+        ref_cluster(rc._block_offset(i), f"refcount block {i} (refcount table entry)")
     if h.nb_snapshots:
-        ref_bytes(h.snapshots_offset, img._snapshot_table_length)
-    l1_tables = [(list(img.l1), h.l1_table_offset, len(img.l1))]
+        ref_bytes(h.snapshots_offset, img._snapshot_table_length, "the snapshot table")
+    l1_tables = [(img.l1, h.l1_table_offset, len(img.l1))]
     for s in img.snapshots:
         raw = img.host.pread(s.l1_size * 8, s.l1_table_offset)
-        l1_tables.append((list(TableCodec(64, len(raw)).decode(raw)) if raw else [], s.l1_table_offset, s.l1_size))
+        l1_tables.append((TableCodec(64, len(raw)).decode(raw) if raw else [], s.l1_table_offset, s.l1_size))
     codec = TableCodec(64, cs)
     for entries, offset, size in l1_tables:
         if size:
-            ref_bytes(offset, size * 8)
-        for l1i, e in enumerate(entries):
-            l2off = e & L1E_OFFSET_MASK
+            ref_bytes(offset, size * 8, "an L1 table")
+        for l1i in compress(range(len(entries)), entries):  # nonzero entries only
+            l2off = entries[l1i] & L1E_OFFSET_MASK
             if not l2off:
                 continue
-            counts[l2off >> cbits] += 1
+            ref_cluster(l2off, f"the L2 table of L1 index {l1i}")
             cached = img.l2_cache.peek(l2off)
             l2 = cached.entries if cached is not None else codec.decode(img.host.pread(cs, l2off).ljust(cs, b"\0"))
             step = 2 if img.extended_l2 else 1
@@ -56,11 +76,11 @@ def count_references(img: Any) -> Counter[int]:
                     continue
                 if le & OFLAG_COMPRESSED:
                     off, length = img._compressed_location(le, l1i * img.l2_entries + i // step)
-                    ref_bytes(off, length)
+                    ref_bytes(off, length, f"compressed data of guest cluster {l1i * img.l2_entries + i // step}")
                 elif not img._has_data_file:
                     host = le & L2E_OFFSET_MASK
                     if host:  # data and preallocated zero clusters alike
-                        counts[host >> cbits] += 1
+                        ref_cluster(host, f"data of guest cluster {l1i * img.l2_entries + i // step}")
     return counts
 
 

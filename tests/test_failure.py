@@ -944,35 +944,45 @@ def test_dirty_image_with_far_pointer_refused_at_once(tmp_path: Path, case: str,
 
 
 def _open_cost(path: str) -> tuple[float, int]:
-    tracemalloc.start()
-    try:
+    """(best wall time of two read-write opens, tracemalloc peak of a third)."""
+    times = []
+    for _ in range(2):
         t = time.perf_counter()
         disk = QcowFile.open(path)
-        took = time.perf_counter() - t
+        times.append(time.perf_counter() - t)
+        disk.close()
+        ip.set_header_bits(path, "incompatible_features", dirty_bit_of[path])  # close() cleared it
+    tracemalloc.start()
+    try:
+        disk = QcowFile.open(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     disk.close()
-    return took, peak
+    return min(times), peak
+
+
+dirty_bit_of: dict[str, int] = {}
 
 
 def test_dirty_rebuild_cost_follows_metadata_not_virtual_size(tmp_path: Path) -> None:
     """Bug: rebuilding the refcounts of a dirty image copied the whole L1 table into a list and
     walked every entry in Python, so a nearly empty image claiming a huge virtual size (here 256 TiB,
-    512 Ki L1 entries) paid for every L1 entry. The rebuild must cost what its metadata costs: a
-    read-write open of the dirty image may take at most a little more time and memory (tracemalloc
-    peak) than a read-write open of the same image clean."""
+    512 Ki L1 entries) paid per L1 entry (+4 MiB here; 2.8 s and 330 MiB reported for bigger ones).
+    The rebuild must cost what its metadata costs: a read-write open of the dirty image may take at
+    most a little more memory (tracemalloc peak) and time than a read-write open of it clean."""
     clean = create(str(tmp_path / "clean.qcow2"), str(1 << 48), options="lazy_refcounts=on")
     qemu_io(clean, "write -P 0x11 0 64k", "write -P 0x22 100G 64k", "write -P 0x33 200T 64k")
     dirty = str(tmp_path / "dirty.qcow2")
     shutil.copyfile(clean, dirty)
+    dirty_bit_of.update({clean: 0, dirty: 1})
     ip.set_header_bits(dirty, "incompatible_features", 1)
     clean_time, clean_peak = _open_cost(clean)
     dirty_time, dirty_peak = _open_cost(dirty)
-    assert dirty_peak <= clean_peak + 2 * MiB, (
-        f"rebuild raised the peak from {clean_peak / MiB:.1f} MiB (clean open) to {dirty_peak / MiB:.1f} MiB")
-    assert dirty_time <= 2 * clean_time + 0.5, (
-        f"dirty open took {dirty_time:.2f} s, clean open {clean_time:.2f} s (under tracemalloc)")
+    assert dirty_peak <= clean_peak + MiB, (
+        f"the rebuild raised the open's tracemalloc peak from {clean_peak / MiB:.1f} MiB (clean) "
+        f"to {dirty_peak / MiB:.1f} MiB (dirty)")
+    assert dirty_time <= 2 * clean_time + 0.25, f"dirty open took {dirty_time:.2f} s, clean open {clean_time:.2f} s"
     assert_no_corruption_json(dirty)
     with QcowFile.open(dirty, readonly=True) as disk:
         assert disk.read_at(200 << 40, 65536) == b"\x33" * 65536
