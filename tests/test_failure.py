@@ -991,10 +991,13 @@ def test_dirty_rebuild_cost_follows_metadata_not_virtual_size(tmp_path: Path) ->
 # --------------------------------------------------------------------------------------------
 # 8. Names with NUL bytes (data file, backing file): cut at the first NUL, as QEMU reads C strings
 
-def _data_file_image(tmp_path: Path) -> str:
-    path = create(str(tmp_path / "d.qcow2"), "1M", options="data_file=data.raw")
+def _data_file_image(tmp_path: Path) -> tuple[str, str]:
+    """An image with an external data file, named by its absolute path (QEMU 7.2 resolves a
+    relative data-file name against its cwd, qcowdisk against the image's directory)."""
+    data = str(tmp_path / "data.raw")
+    path = create(str(tmp_path / "d.qcow2"), "1M", options=f"data_file={data}")
     qemu_io(path, "write -P 0x55 0 64k")
-    return path
+    return path, data
 
 
 def _set_data_file_name(path: str, name: bytes) -> None:
@@ -1006,25 +1009,26 @@ def _qemu_data_file(path: str) -> str | None:
     return info(path).get("format-specific", {}).get("data", {}).get("data-file")
 
 
-@pytest.mark.parametrize("name", [b"data.raw\0junk", b"data.raw\0\0\0"], ids=["nul-junk", "trailing-nuls"])
-def test_data_file_name_with_nul_is_cut(tmp_path: Path, name: bytes) -> None:
+@pytest.mark.parametrize("tail", [b"\0junk", b"\0\0\0"], ids=["nul-junk", "trailing-nuls"])
+def test_data_file_name_with_nul_is_cut(tmp_path: Path, tail: bytes) -> None:
     """Bug: a data-file name (header extension 0x44415441) containing a NUL reached os.open and
     escaped as a bare ValueError ("embedded null byte"). QEMU reads it as a C string; so do we."""
-    path = _data_file_image(tmp_path)
-    _set_data_file_name(path, name)
-    assert _qemu_data_file(path) == "data.raw"
+    path, data = _data_file_image(tmp_path)
+    _set_data_file_name(path, data.encode() + tail)
+    assert _qemu_data_file(path) == data
     want = to_raw(path, str(tmp_path / "q.raw"))
+    assert want[:65536] == b"\x55" * 65536
     for readonly in (True, False):
         with QcowFile.open(path, readonly=readonly) as disk:
-            assert disk.header.data_file == "data.raw"
+            assert disk.header.data_file == data
             assert disk.read_at(0, len(want)) == want
 
 
 def test_data_file_name_starting_with_nul_is_refused(tmp_path: Path) -> None:
     """A data-file name that is empty once cut at its NUL: QEMU cannot open the image ('file' driver
     requires a file name); we refuse with a QcowError, not a bare ValueError."""
-    path = _data_file_image(tmp_path)
-    _set_data_file_name(path, b"\0data.raw")
+    path, data = _data_file_image(tmp_path)
+    _set_data_file_name(path, b"\0" + data.encode())
     assert qemu_img("convert", "-O", "raw", path, str(tmp_path / "q.raw"), check=False).returncode != 0
     with pytest.raises(QcowError):
         QcowFile.open(path, readonly=True).close()
