@@ -292,6 +292,8 @@ def parse_header(buf: bytes, file_length: int) -> Header:
         h.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
 
     _check_table_fields(h, file_length)
+    # QEMU sees whole sectors only (bs->total_sectors = size / BDRV_SECTOR_SIZE).
+    h.size -= h.size % 512
     return h
 
 
