@@ -27,7 +27,6 @@ import random
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import tracemalloc
@@ -313,6 +312,8 @@ def small_tmpfs(tmp_path: Path):
     """A real 4 MiB tmpfs (root only); skipped where mount is not permitted. Yields (dir, resize)."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
+    if not shutil.which("mount") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
     p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
@@ -395,8 +396,8 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, tmp_path: Path, cluster_size: int) 
 @pytest.mark.parametrize("budget", [0, 4096 + 100, 150_000, 700_000, 1_500_000])
 def test_enospc_at_the_seam(tmp_path: Path, budget: int) -> None:
     """The same at the HostFile seam: the image file cannot grow past its size + `budget` (the part of
-    a write that fits lands, then ENOSPC, for good), so the error hits data and metadata writes at
-    different points. Same expectations as on the real tmpfs."""
+    a write that fits lands, then ENOSPC, for good), so the error hits at different points of the
+    workload (guest data writes, copy-on-write zeroing). Same expectations as on the real tmpfs."""
     plan = FaultPlan()
     path, disk = new_image(tmp_path, plan, cluster_size=4096)
     mirror = Mirror(disk.virtual_size)
