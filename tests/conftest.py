@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+
+# Child Python processes (fuzz workers, crash writers, fork scenarios) must import qcowdisk from
+# this checkout, not from wherever an editable install of the package points.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -275,9 +275,12 @@ def parse_header(buf: bytes, file_length: int) -> Header:
             raise InvalidImageError(
                 f"Invalid backing file offset: backing_file_offset {backing_file_offset} past end of file ({len(buf)})")
         raw = bytes(buf[backing_file_offset:backing_file_offset + backing_file_size])
-        h.backing_file = raw.decode("utf-8", "surrogateescape")
+        # QEMU reads the name as a C string: it ends at the first NUL (empty: no backing file).
+        h.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
 
     _check_table_fields(h, file_length)
+    # QEMU sees whole sectors only (bs->total_sectors = size / BDRV_SECTOR_SIZE).
+    h.size -= h.size % 512
     return h
 
 
@@ -324,7 +327,8 @@ def _parse_extensions(h: Header, buf: bytes, file_length: int) -> None:
         elif ext_type == EXT_DATA_FILE:
             if length == 0 or length > MAX_BACKING_NAME_LENGTH:
                 raise InvalidImageError(f"data file name extension: length {length} out of range 1..{MAX_BACKING_NAME_LENGTH}")
-            h.data_file = data.decode("utf-8", "surrogateescape")
+            # A C string to QEMU (g_strndup): cut at the first NUL; empty means no name.
+            h.data_file = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
         elif ext_type == EXT_FEATURE_TABLE:
             for i in range(length // FEATURE_ENTRY_STRUCT.size):
                 kind, bit, name = FEATURE_ENTRY_STRUCT.unpack_from(data, i * FEATURE_ENTRY_STRUCT.size)

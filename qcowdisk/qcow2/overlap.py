@@ -11,6 +11,7 @@ write on metadata"). The caller holds the image lock.
 from __future__ import annotations
 
 import contextlib
+from itertools import compress
 from typing import NoReturn
 
 from ..errors import CorruptImageError
@@ -25,11 +26,12 @@ def collect_metadata(state: Qcow2State) -> None:
     cbits, cs = state.cluster_bits, state.cluster_size
     h = state.header
     meta = state.metadata
-    meta.add(0)
     if h.l1_size:
         first = h.l1_table_offset >> cbits
         meta.update(range(first, first + max(1, -(-h.l1_size * 8 // cs))))
-    meta.update((e & L1E_OFFSET_MASK) >> cbits for e in state.l1.entries if e & L1E_OFFSET_MASK)
+    l1 = state.l1.entries
+    meta.update((l1[i] & L1E_OFFSET_MASK) >> cbits for i in compress(range(len(l1)), l1))  # nonzero only
+    meta.add(0)  # the header (and where an entry with only reserved bits set would point)
     if h.nb_snapshots:
         first = h.snapshots_offset >> cbits
         meta.update(range(first, first + max(1, -(-state.snapshot_table_length // cs))))
@@ -38,8 +40,8 @@ def collect_metadata(state: Qcow2State) -> None:
             first = s.l1_table_offset >> cbits
             meta.update(range(first, first + -(-s.l1_size * 8 // cs)))
             raw = state.host.pread(s.l1_size * 8, s.l1_table_offset)
-            meta.update((e & L1E_OFFSET_MASK) >> cbits for e in decode_u64_table(raw[:len(raw) // 8 * 8])
-                        if e & L1E_OFFSET_MASK)
+            snap_l1 = decode_u64_table(raw[:len(raw) // 8 * 8])
+            meta.update((snap_l1[i] & L1E_OFFSET_MASK) >> cbits for i in compress(range(len(snap_l1)), snap_l1))
     for ext in h.extensions:
         if ext.ext_type == EXT_BITMAPS and len(ext.data) >= 24:
             size, off = int.from_bytes(ext.data[8:16], "big"), int.from_bytes(ext.data[16:24], "big")

@@ -28,22 +28,22 @@ def count_references(s: Qcow2State, rc: Refcounts) -> Counter[int]:
     """How many references each host cluster has, from the image's own structures."""
     cs, cbits = s.cluster_size, s.cluster_bits
     h = s.header
-    end_cluster = -(-s.alloc_limit // cs)
+    file_length = s.host.size()
     counts: Counter[int] = Counter()
 
     def ref(what: str, host_offset: int, length: int = 1) -> None:
-        last = (host_offset + max(length, 1) - 1) >> cbits
-        if last >= end_cluster:
+        # QEMU's tolerance (qcow2_inc_refcounts_imrt): up to one cluster past the end of the file
+        if host_offset + max(length, 1) - file_length > cs:
             raise CorruptImageError(
-                f"{what} at host offset 0x{host_offset:x} lies past the end of the file ({s.alloc_limit} bytes); "
-                f"refusing to rebuild the refcounts of {s.filename!r}")
-        for c in range(host_offset >> cbits, last + 1):
+                f"{what} at host offset 0x{host_offset:x} ({max(length, 1)} bytes) lies past the end of the file "
+                f"({file_length} bytes); refusing to rebuild the refcounts of {s.filename!r}")
+        for c in range(host_offset >> cbits, ((host_offset + max(length, 1) - 1) >> cbits) + 1):
             counts[c] += 1
 
-    ref("header", 0)
+    ref("header", 0, cs)
     ref("refcount table", rc.reftable_offset, rc.reftable_clusters * cs)
     for ri in compress(range(len(rc.reftable)), rc.reftable):
-        ref(f"refcount block (reftable index {ri})", rc.reftable[ri] & REFT_OFFSET_MASK)
+        ref(f"refcount block (reftable index {ri})", rc.reftable[ri] & REFT_OFFSET_MASK, cs)
     if h.nb_snapshots:
         ref("snapshot table", h.snapshots_offset, s.snapshot_table_length)
     l1_tables = [("active L1", s.l1.entries, h.l1_table_offset)]
@@ -58,7 +58,7 @@ def count_references(s: Qcow2State, rc: Refcounts) -> Counter[int]:
             l2off = l1[l1i] & L1E_OFFSET_MASK
             if not l2off:
                 continue
-            ref(f"L2 table ({name} index {l1i})", l2off)
+            ref(f"L2 table ({name} index {l1i})", l2off, cs)
             cached = s.l2_cache.peek(l2off)
             l2 = cached.entries if cached is not None else decode_u64_table(s.host.pread(cs, l2off).ljust(cs, b"\0"))
             for i in compress(range(0, len(l2), step), l2[::step]):
@@ -67,7 +67,7 @@ def count_references(s: Qcow2State, rc: Refcounts) -> Counter[int]:
                     off, length = compressed_location(s, le, l1i * s.l2_entries + i // step)
                     ref("compressed cluster", off, length)
                 elif not s.has_data_file and le & L2E_OFFSET_MASK:  # data and preallocated zero
-                    ref(f"data cluster (L2 at 0x{l2off:x} index {i // step})", le & L2E_OFFSET_MASK)
+                    ref(f"data cluster (L2 at 0x{l2off:x} index {i // step})", le & L2E_OFFSET_MASK, cs)
     return counts
 
 
