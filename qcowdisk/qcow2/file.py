@@ -42,7 +42,14 @@ from ..qcow1 import Qcow1File
 from . import ordering, reading, status, writing
 from .cache import CachedTable
 from .create import create_image, preallocate
-from .entries import REFT_OFFSET_MASK, decode_u64_table, fast_read_reject_mask
+from .entries import (
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2E_OFFSET_MASK,
+    REFT_OFFSET_MASK,
+    decode_u64_table,
+    fast_read_reject_mask,
+)
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
@@ -333,10 +340,10 @@ class QcowFile:
             inc = offset & cmask
             if inc + length <= cmask + 1 and offset + length <= vsize:
                 l1e = l1[offset >> l1shift]
-                t = tables.get(l1e & 0x00FFFFFFFFFFFE00)
-                if t is not None and not l1e & 0x7F000000000001FF:
+                t = tables.get(l1e & L1E_OFFSET_MASK)
+                if t is not None and not l1e & L1E_RESERVED_MASK:
                     e = t.entries[(offset >> cbits) & l2mask]
-                    host = e & 0x00FFFFFFFFFFFE00
+                    host = e & L2E_OFFSET_MASK
                     if host and not e & bad and host < limit:
                         try:
                             data: bytes = pread(length, host + inc)
