@@ -86,7 +86,7 @@ class FaultPlan:
         self.size_limits: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def factory(self) -> Callable[[str, bool], "FaultHost"]:
+    def factory(self) -> Callable[[str, bool], FaultHost]:
         """A host_factory for QcowFile.open/create."""
         def make(path: str, writable: bool) -> FaultHost:
             h = FaultHost(path, writable, self)
@@ -124,7 +124,7 @@ class FaultPlan:
         """How many ops of `kind` were attempted so far."""
         return sum(1 for op in self.ops if op.kind == kind)
 
-    def open_hosts(self) -> list["FaultHost"]:
+    def open_hosts(self) -> list[FaultHost]:
         """FaultHosts whose descriptor is still open."""
         return [h for h in self.hosts if h.fd >= 0]
 

@@ -24,24 +24,25 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import imagepatch as ip
-from faulthost import FaultPlan, Mirror, fds_open_on, half_at_8
-from qemutools import check, create, info, qemu_img, qemu_io, run, to_raw
-
 import qcowdisk
+from faulthost import FaultPlan, Mirror, fds_open_on, half_at_8
 from qcowdisk import CorruptImageError, QcowError, QcowFile
 from qcowdisk.errors import ImageFailedError
+from qemutools import check, create, info, qemu_img, qemu_io, run, to_raw
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
@@ -64,13 +65,15 @@ def expect_image_failed(name: str, call, first: OSError) -> ImageFailedError:
     try:
         call()
     except ImageFailedError as e:
-        assert e.first_error is first, f"{name}: ImageFailedError.first_error is {e.first_error!r}, not {first!r}"
-        assert first.strerror and first.strerror in str(e), (
-            f"{name}: ImageFailedError message {str(e)!r} does not name the first failure ({first.strerror!r})")
-        return e
+        got = e
     except BaseException as e:  # noqa: BLE001 - report what came instead
         pytest.fail(f"{name} after the failure {first!r} raised {type(e).__name__}: {e} -- expected ImageFailedError")
-    pytest.fail(f"{name} returned normally after the host failure {first!r}; expected ImageFailedError")
+    else:
+        pytest.fail(f"{name} returned normally after the host failure {first!r}; expected ImageFailedError")
+    assert got.first_error is first, f"{name}: ImageFailedError.first_error is {got.first_error!r}, not {first!r}"
+    assert first.strerror and first.strerror in str(got), (
+        f"{name}: ImageFailedError message {str(got)!r} does not name the first failure ({first.strerror!r})")
+    return got
 
 
 def qemu_io_can_write(path: str) -> subprocess.CompletedProcess[str]:
@@ -143,6 +146,21 @@ def seeded(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def strerror_re(err: int) -> str:
+    """`match=` pattern for an OSError(err): its strerror (what faulthost and the kernel put in it)."""
+    return re.escape(os.strerror(err))
+
+
+EIO_RE = strerror_re(errno.EIO)
+ENOSPC_RE = strerror_re(errno.ENOSPC)
+
+
+def call_then_flush(disk: QcowFile, call: Callable[[], object]) -> None:
+    """`call()`, then `disk.flush()`: a host error planned for either reaches the caller."""
+    call()
+    disk.flush()
+
+
 # --------------------------------------------------------------------------------------------
 # The API: the error class is exported
 
@@ -156,7 +174,7 @@ def test_image_failed_error_is_exported() -> None:
 def test_healthy_image_has_no_failure(tmp_path: Path) -> None:
     """`disk.failure` is None while the image is healthy (the attribute does not exist today)."""
     plan = FaultPlan()
-    path, disk = new_image(tmp_path, plan)
+    _path, disk = new_image(tmp_path, plan)
     with disk:
         disk.write_at(0, b"a" * 4096)
         disk.flush()
@@ -184,7 +202,7 @@ def test_fsync_eio_in_flush_is_not_forgotten(tmp_path: Path) -> None:
     path, disk, mirror = _setup_flushed(tmp_path, plan)
     write(disk, mirror, 16 * MiB, seeded(200_000, 3))
     fault = plan.arm("fsync", errno.EIO)  # once: a later fsync would "succeed", as on Linux
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(OSError, match=EIO_RE) as ei:
         disk.flush()
     assert ei.value.errno == errno.EIO and not isinstance(ei.value, QcowError), repr(ei.value)
     assert fault.fired
@@ -199,7 +217,7 @@ def test_data_write_eio(tmp_path: Path) -> None:
     data = seeded(131072, 4)
     fault = plan.arm("write", errno.EIO, matches=lambda op: op.data[:64] in data)  # the guest data itself
     mirror.write(4 * MiB, data)
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(OSError, match=EIO_RE) as ei:
         disk.write_at(4 * MiB, data)
     assert ei.value.errno == errno.EIO and fault.fired, repr(ei.value)
     assert_failed_state(disk, plan, ei.value, mirror, path, tmp_path, (0, 256 * 1024))
@@ -212,9 +230,9 @@ def test_metadata_write_eio(tmp_path: Path) -> None:
     path, disk, mirror = _setup_flushed(tmp_path, plan)
     data = seeded(300_000, 5)
     fault = plan.arm("write", errno.EIO, matches=lambda op: op.data[:64] not in data)
-    with pytest.raises(OSError) as ei:
-        write(disk, mirror, 20 * MiB, data)  # allocating: new refcounts and an L2 entry to write
-        disk.flush()  # (today they are written here)
+    # allocating: new refcounts and an L2 entry to write (today they are written by the flush)
+    with pytest.raises(OSError, match=EIO_RE) as ei:
+        call_then_flush(disk, lambda: write(disk, mirror, 20 * MiB, data))
     assert ei.value.errno == errno.EIO and fault.fired, repr(ei.value)
     assert_failed_state(disk, plan, ei.value, mirror, path, tmp_path, (0, 256 * 1024))
 
@@ -227,9 +245,9 @@ def test_punch_error_in_flush(tmp_path: Path) -> None:
     path, disk, mirror = _setup_flushed(tmp_path, plan)
     fault = plan.arm("punch", errno.EIO)
     mirror.zero(8 * MiB, 65536)
-    with pytest.raises(OSError) as ei:
-        disk.punch_hole(8 * MiB, 65536)  # frees a cluster: its space is handed back
-        disk.flush()  # (today that happens here)
+    # frees a cluster: its space is handed back (today that happens in the flush)
+    with pytest.raises(OSError, match=EIO_RE) as ei:
+        call_then_flush(disk, lambda: disk.punch_hole(8 * MiB, 65536))
     assert ei.value.errno == errno.EIO and fault.fired, repr(ei.value)
     assert_failed_state(disk, plan, ei.value, mirror, path, tmp_path, (0, 256 * 1024))
 
@@ -242,9 +260,8 @@ def test_zeroing_write_eio(tmp_path: Path, call: str) -> None:
     path, disk, mirror = _setup_flushed(tmp_path, plan)
     fault = plan.arm("write", errno.EIO)
     mirror.zero(8 * MiB + 1000, 3000)
-    with pytest.raises(OSError) as ei:
-        getattr(disk, call)(8 * MiB + 1000, 3000)
-        disk.flush()
+    with pytest.raises(OSError, match=EIO_RE) as ei:
+        call_then_flush(disk, lambda: getattr(disk, call)(8 * MiB + 1000, 3000))
     assert ei.value.errno == errno.EIO and fault.fired, repr(ei.value)
     assert_failed_state(disk, plan, ei.value, mirror, path, tmp_path, (0, 256 * 1024))
 
@@ -256,7 +273,7 @@ def test_fsync_eio_in_close(tmp_path: Path) -> None:
     path, disk, mirror = _setup_flushed(tmp_path, plan)
     write(disk, mirror, 12 * MiB, seeded(70_000, 6))
     plan.arm("fsync", errno.EIO)
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(OSError, match=EIO_RE) as ei:
         disk.close()
     assert ei.value.errno == errno.EIO and not isinstance(ei.value, QcowError), repr(ei.value)
     assert getattr(disk, "failure", None) is ei.value, "disk.failure is not the error close() raised"
@@ -274,10 +291,10 @@ def test_with_block_keeps_the_host_error(tmp_path: Path) -> None:
     """Bug: on a disk that keeps failing, leaving `with` by the write's OSError ran close(), whose
     flush failed again and replaced the original exception. The caller must see the first one."""
     plan = FaultPlan()
-    path, disk, mirror = _setup_flushed(tmp_path, plan)
+    path, disk, _mirror = _setup_flushed(tmp_path, plan)
     disk.close()
     fault = plan.arm("write", errno.EIO, persistent=True)
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(OSError, match=EIO_RE) as ei:
         with QcowFile.open(path, host_factory=plan.factory()) as disk:
             disk.write_at(30 * MiB, seeded(65536, 7))
     assert ei.value is fault.raised[0], (
@@ -289,18 +306,21 @@ def test_with_block_keeps_the_callers_exception(tmp_path: Path) -> None:
     """Bug: a caller's own exception leaving `with` after a host failure was replaced by the error
     from close(). close() must not mask it (it still releases everything)."""
     plan = FaultPlan()
-    path, disk, mirror = _setup_flushed(tmp_path, plan)
+    path, disk, _mirror = _setup_flushed(tmp_path, plan)
     disk.close()
     plan.arm("write", errno.EIO, persistent=True)
 
     class Mine(Exception):
         pass
 
-    with pytest.raises(Mine):
+    def fail_then_raise_mine() -> None:
         with QcowFile.open(path, host_factory=plan.factory()) as disk:
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match=EIO_RE):
                 disk.write_at(30 * MiB, seeded(65536, 8))
             raise Mine()
+
+    with pytest.raises(Mine):
+        fail_then_raise_mine()
     assert not plan.open_hosts() and not fds_open_on(path)
 
 
@@ -314,7 +334,8 @@ def small_tmpfs(tmp_path: Path):
     mnt.mkdir()
     if not shutil.which("mount") or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True,
+                       check=False)
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
 
@@ -324,8 +345,8 @@ def small_tmpfs(tmp_path: Path):
     try:
         yield mnt, grow
     finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def fill_until_error(disk: QcowFile, mirror: Mirror, seed: int, max_ops: int = 5000) -> tuple[OSError, str]:
@@ -389,7 +410,7 @@ def test_enospc_on_a_full_tmpfs(small_tmpfs, tmp_path: Path, cluster_size: int) 
     mirror = Mirror(disk.virtual_size)
     write(disk, mirror, 0, seeded(65536, 10))
     flush(disk, mirror)
-    first, call = fill_until_error(disk, mirror, seed=cluster_size)
+    first, _call = fill_until_error(disk, mirror, seed=cluster_size)
     _after_enospc(disk, plan, first, mirror, path, tmp_path, before_lock_probe=grow)
 
 
@@ -404,7 +425,7 @@ def test_enospc_at_the_seam(tmp_path: Path, budget: int) -> None:
     write(disk, mirror, 0, seeded(65536, 11))
     flush(disk, mirror)
     plan.limit_size(path, os.path.getsize(path) + budget)
-    first, call = fill_until_error(disk, mirror, seed=budget)
+    first, _call = fill_until_error(disk, mirror, seed=budget)
     _after_enospc(disk, plan, first, mirror, path, tmp_path)
 
 
@@ -419,7 +440,7 @@ def test_enospc_in_flush_at_the_seam(tmp_path: Path) -> None:
     data = seeded(3 * MiB, 13)
     write(disk, mirror, 5 * MiB, data)
     plan.arm("write", errno.ENOSPC, persistent=True)
-    with pytest.raises(OSError) as ei:
+    with pytest.raises(OSError, match=ENOSPC_RE) as ei:
         disk.flush()
     _after_enospc(disk, plan, ei.value, mirror, path, tmp_path)
 
@@ -467,7 +488,7 @@ def torn_ops(wl: TornWorkload) -> list[tuple]:
             ops.append(("punch", rng.randrange(0, vs - n), n))
         else:
             ops.append(("flush",))
-    return ops + [("flush",), ("close",)]
+    return [*ops, ("flush",), ("close",)]
 
 
 def build_torn_base(wl: TornWorkload, path: str) -> bytes:
@@ -657,7 +678,7 @@ def test_write_returning_zero_is_eio(tmp_path: Path, where: str) -> None:
     QcowFile.create(path, 64 * MiB).close()
     try:
         p = subprocess.run([sys.executable, "-c", _ZERO_WRITE_CHILD, path, where], capture_output=True,
-                           text=True, timeout=10, env=child_env())
+                           text=True, timeout=10, env=child_env(), check=False)
     except subprocess.TimeoutExpired:
         p = None
     if p is None:
@@ -781,7 +802,7 @@ def test_fork_child_leaves_the_parents_image_alone(tmp_path: Path, variant: str,
     try:
         p = subprocess.run([sys.executable, "-c", _FORK_SCENARIO, path, variant, "1" if dirty_at_fork else "0",
                             str(log), json.dumps(FORK_PLAN)], capture_output=True, text=True, timeout=60,
-                           env=child_env())
+                           env=child_env(), check=False)
     except subprocess.TimeoutExpired:
         p = None
     if p is None:
@@ -820,6 +841,25 @@ def test_fork_child_leaves_the_parents_image_alone(tmp_path: Path, variant: str,
 READERS = 3
 
 
+def _read_until_closed(disk: QcowFile, off: int, n: int, expected: bytes, stop: threading.Event,
+                       running: threading.Event, seen: list[object]) -> None:
+    """Reader thread: read_at until ValueError (closed) or `stop`; wrong bytes or other errors go to `seen`."""
+    while True:
+        running.set()
+        try:
+            data = disk.read_at(off, n)
+        except ValueError:
+            return
+        except BaseException as e:  # noqa: BLE001
+            seen.append(e)
+            return
+        if data != expected:
+            seen.append(data)
+            return
+        if stop.is_set():
+            return
+
+
 def test_close_racing_reads_never_returns_foreign_bytes(tmp_path: Path) -> None:
     """Bug: read_at's lock-free fast path (read-only image, cached L2 table) kept using the image's
     descriptor number after close() in another thread; once that number was reused by a newly
@@ -846,23 +886,8 @@ def test_close_racing_reads_never_returns_foreign_bytes(tmp_path: Path) -> None:
             running = threading.Event()
             seen: list[object] = []
 
-            def reader() -> None:
-                while True:
-                    running.set()
-                    try:
-                        data = disk.read_at(off, n)
-                    except ValueError:
-                        return
-                    except BaseException as e:  # noqa: BLE001
-                        seen.append(e)
-                        return
-                    if data != expected:
-                        seen.append(data)
-                        return
-                    if stop.is_set():
-                        return
-
-            threads = [threading.Thread(target=reader) for _ in range(READERS)]
+            threads = [threading.Thread(target=_read_until_closed, args=(disk, off, n, expected, stop, running, seen))
+                       for _ in range(READERS)]
             for t in threads:
                 t.start()
             running.wait()
@@ -1116,5 +1141,5 @@ def test_virtual_size_rounded_down_to_a_sector(tmp_path: Path, delta: int) -> No
         assert disk.readinto_at(buf, 0) == want_size
     with QcowFile.open(path) as disk:
         assert disk.virtual_size == want_size
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="goes past the virtual size"):
             disk.write_at(want_size, b"x")

@@ -256,7 +256,8 @@ def parse_header(buf: bytes, file_length: int) -> Header:
         raise InvalidImageError(
             f"Unsupported subcluster size: extended L2 needs cluster_bits >= 14, image has {cluster_bits}")
     if h.has_data_file and h.data_file is None:
-        raise InvalidImageError("'data-file' is required for this image: external data file bit set without a data file name extension")
+        raise InvalidImageError(
+            "'data-file' is required for this image: external data file bit set without a data file name extension")
     if h.data_file_raw and not h.has_data_file:
         raise InvalidImageError("data-file-raw autoclear bit set without the external data file bit")
     if size >= 1 << 63:
@@ -285,10 +286,7 @@ def parse_header(buf: bytes, file_length: int) -> Header:
 
 
 def _parse_extensions(h: Header, buf: bytes, file_length: int) -> None:
-    if h.version == 2:
-        start = HEADER_V2_LENGTH
-    else:
-        start = h.header_length
+    start = HEADER_V2_LENGTH if h.version == 2 else h.header_length
     end = h.backing_file_offset if h.backing_file_offset else h.cluster_size
     end = min(end, h.cluster_size)
     if h.backing_file_offset and h.backing_file_offset < start:
@@ -359,7 +357,8 @@ def _check_table_fields(h: Header, file_length: int) -> None:
     if h.l1_size:
         _check_region("l1_table_offset", h.l1_table_offset, h.l1_size * 8, cs, file_length)
         if _overlaps(h.l1_table_offset, h.l1_size * 8, 0, cs):
-            raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} overlaps the header")
+            raise InvalidImageError(
+                f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} overlaps the header")
         if _overlaps(h.l1_table_offset, h.l1_size * 8, h.refcount_table_offset, h.refcount_table_clusters * cs):
             raise InvalidImageError(
                 f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} overlaps the refcount table")
@@ -371,10 +370,12 @@ def _check_table_fields(h: Header, file_length: int) -> None:
         raise InvalidImageError(f"Snapshot table too large: nb_snapshots {h.nb_snapshots} > {MAX_SNAPSHOTS}")
     if h.nb_snapshots:
         if h.snapshots_offset % cs:
-            raise InvalidImageError(f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} not cluster aligned")
+            raise InvalidImageError(
+                f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} not cluster aligned")
         if h.snapshots_offset < cs or h.snapshots_offset >= file_length:
             raise InvalidImageError(
-                f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} outside the file (length {file_length})")
+                f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} "
+                f"outside the file (length {file_length})")
 
 
 def _overlaps(a: int, alen: int, b: int, blen: int) -> bool:
@@ -518,7 +519,8 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
             raise InvalidImageError(f"Snapshot L1 table too large: snapshot {i} l1_size {l1_size} > {MAX_L1_BYTES // 8}")
         if l1_size and (l1_offset % cluster_size or l1_offset + l1_size * 8 > file_length or l1_offset < cluster_size):
             raise InvalidImageError(
-                f"Snapshot L1 table offset invalid: snapshot {i} l1_table_offset 0x{l1_offset:x} (size {l1_size}, file {file_length})")
+                f"Snapshot L1 table offset invalid: snapshot {i} l1_table_offset 0x{l1_offset:x} "
+                f"(size {l1_size}, file {file_length})")
         if date_nsec >= 1_000_000_000:
             date_nsec = 0
         date = datetime.fromtimestamp(date_sec, tz=UTC).replace(microsecond=date_nsec // 1000)
