@@ -326,6 +326,8 @@ class QcowFile:
         """The host error that put the image in the failed state, or None while healthy."""
         return self._state.failure
 
+    # ------------------------------------------------------------------ internal snapshots (snapshot.py)
+
     # ------------------------------------------------------------------ reading
     def read_at(self, offset: int, length: int) -> bytes:
         """Read `length` bytes of the guest disk at `offset`, clipped at virtual_size."""
@@ -404,6 +406,8 @@ class QcowFile:
             self._check_open()
             return status.layer_status(self._state, guest_offset, length)
 
+    # ------------------------------------------------------------------ resize (resize.py)
+
     # ------------------------------------------------------------------ writing
     def write_at(self, offset: int, data: Buffer) -> int:
         """Write `data` (any bytes-like object) at guest `offset`; returns len(data)."""
@@ -471,6 +475,8 @@ class QcowFile:
                 return
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s))
+
+    # ------------------------------------------------------------------ compressed writes (compressed.py)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
