@@ -421,6 +421,36 @@ def _data_file(d: Path) -> tuple[str, str | None, set[int]]:
     return img, None, {0, 3}
 
 
+def _data_file_raw(d: Path) -> tuple[str, str | None, set[int]]:
+    img = create(str(d / "img.qcow2"), "1M", options=f"data_file={d / 'data-raw.raw'},data_file_raw=on")
+    qemu_io(img, "write -P 0x77 0 64k", "write -P 0x78 200k 1k")
+    return img, None, set(range(16))  # qemu-img create maps every cluster of a raw data file: nothing moves
+
+
+def _snapshot_then_allocate(d: Path) -> tuple[str, str | None, set[int]]:
+    """Every L2 table and data cluster shared with the snapshot taken just before allocate."""
+    img = create(str(d / "img.qcow2"), "1M")
+    qemu_io(img, "write -P 0x11 0 64k", "write -c -P 0x22 128k 64k", "write -z 256k 64k")
+    qemu_img("snapshot", "-c", "snap1", img)
+    return img, "snap1", set()
+
+
+def _small_clusters(d: Path) -> tuple[str, str | None, set[int]]:
+    """512-byte clusters: an L2 table maps 32 KiB, so the ranges cross many tables, some absent."""
+    base = create(str(d / "base.qcow2"), "256k", options="cluster_size=512")
+    qemu_io(base, "write -P 0x11 0 256k")
+    img = create(str(d / "img.qcow2"), "320k", options="cluster_size=512", backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(img, "write -P 0x22 40k 1k", "write -z 100k 4k", "write -P 0x23 290k 512")
+    return img, None, {80, 81, 580}
+
+
+def _chunked(d: Path) -> tuple[str, str | None, set[int]]:
+    """A range of several MiB, mostly unallocated: allocated in chunks."""
+    img = create(str(d / "img.qcow2"), "5M")
+    qemu_io(img, "write -P 0x11 1M 64k", "write -c -P 0x22 2M 64k", "write -P 0x33 4M 64k")
+    return img, None, {16, 64}
+
+
 ALLOCATE_CASES: dict[str, tuple[Callable[[Path], tuple[str, str | None, set[int]]], list[tuple[int, int]]]] = {
     # (builder, ranges to allocate): ranges start and end mid-cluster
     "standalone-head": (_standalone, [(100, 5 * CS)]),
@@ -430,13 +460,17 @@ ALLOCATE_CASES: dict[str, tuple[Callable[[Path], tuple[str, str | None, set[int]
     "overlay": (_overlay(False), [(0, MiB)]),
     "overlay-extended-l2": (_overlay(True), [(4 * KiB, 250 * KiB), (800 * KiB, 100 * KiB)]),
     "data-file": (_data_file, [(0, MiB)]),
+    "data-file-raw": (_data_file_raw, [(0, MiB)]),
+    "snapshot-then-allocate": (_snapshot_then_allocate, [(0, MiB)]),
+    "small-clusters": (_small_clusters, [(30 * KiB + 7, 100 * KiB), (280 * KiB, 40 * KiB)]),
+    "chunked": (_chunked, [(512, 5 * MiB - 1024)]),
 }
 
 
-def _touched(ranges: list[tuple[int, int]], size: int) -> set[int]:
+def _touched(ranges: list[tuple[int, int]], size: int, cs: int) -> set[int]:
     out: set[int] = set()
     for off, n in ranges:
-        out.update(range(off // CS, min(-(-(off + n) // CS), -(-size // CS))))
+        out.update(range(off // cs, min(-(-(off + n) // cs), -(-size // cs))))
     return out
 
 
@@ -444,17 +478,17 @@ def _touched(ranges: list[tuple[int, int]], size: int) -> set[int]:
 def test_allocate(tmp_path: Path, case: str) -> None:
     build, ranges = ALLOCATE_CASES[case]
     img, snapshot, owned = build(tmp_path)
-    size = info(img)["virtual-size"]
-    clusters = -(-size // CS)
-    touched = _touched(ranges, size)
+    size, cs = info(img)["virtual-size"], info(img)["cluster-size"]
+    clusters = -(-size // cs)
+    touched = _touched(ranges, size, cs)
     expected = to_raw(img, str(tmp_path / "before.raw"))
     snap_raw = str(tmp_path / "snap.raw")
     if snapshot:
         qemu_img("convert", "-l", snapshot, "-O", "raw", img, snap_raw)
         snap_expected = Path(snap_raw).read_bytes()
     before = qemu_map(img)
-    assert any(not cluster_view(before, c * CS)[3] or cluster_view(before, c * CS)[0] > 0
-               or cluster_view(before, c * CS)[4] is None for c in touched), "nothing to allocate in this case"
+    assert touched <= owned or any(not cluster_view(before, c * cs)[3] or cluster_view(before, c * cs)[0] > 0
+               or cluster_view(before, c * cs)[4] is None for c in touched), "nothing to allocate in this case"
 
     with QcowFile.open(img) as disk:
         for off, n in ranges:
@@ -466,7 +500,7 @@ def test_allocate(tmp_path: Path, case: str) -> None:
     after = qemu_map(img)
     assert as_qemu_json(ours) == after
     for c in range(clusters):
-        was, now = cluster_view(before, c * CS), cluster_view(after, c * CS)
+        was, now = cluster_view(before, c * cs), cluster_view(after, c * cs)
         if c in touched:
             depth, present, zero, data, offset = now
             assert (depth, present, zero, data) == (0, True, False, True), f"cluster {c}: {now} (was {was})"
@@ -480,19 +514,19 @@ def test_allocate(tmp_path: Path, case: str) -> None:
         assert Path(snap_raw).read_bytes() == snap_expected
 
     # later writes over the allocated clusters land in place: same host offsets, no growth
-    files = [img] + ([str(tmp_path / "data.raw")] if case == "data-file" else [])
+    files = [img] + [str(f) for f in tmp_path.glob("data*.raw")]
     sizes = [os.path.getsize(f) for f in files]
     new = bytearray(expected)
     with QcowFile.open(img) as disk:
         for i, c in enumerate(sorted(touched)):
-            start, end = c * CS, min(size, (c + 1) * CS)
+            start, end = c * cs, min(size, (c + 1) * cs)
             payload = bytes([0xA0 + i % 16]) * (end - start)
             disk.write_at(start, payload)
             new[start:end] = payload
     assert [os.path.getsize(f) for f in files] == sizes
     final = qemu_map(img)
     for c in touched:
-        assert cluster_view(final, c * CS) == cluster_view(after, c * CS), f"cluster {c} moved"
+        assert cluster_view(final, c * cs) == cluster_view(after, c * cs), f"cluster {c} moved"
     assert to_raw(img, str(tmp_path / "final.raw")) == bytes(new)
     assert_clean(img)
     if snapshot:
