@@ -207,6 +207,7 @@ def test_readonly_open_of_qcow1_returns_its_reader(v1_chain: dict[str, str], tmp
 
 def test_readonly_open_of_qcow1_without_backing(v1_chain: dict[str, str], tmp_path: Path) -> None:
     alone = v1_chain["alone"]
+    fds = fd_count()
     with QcowFile.open(alone, readonly=True) as disk:
         assert isinstance(disk, Qcow1File)
         assert disk.backing is None
@@ -216,6 +217,7 @@ def test_readonly_open_of_qcow1_without_backing(v1_chain: dict[str, str], tmp_pa
         assert disk.read_at(0, len(disk)) == expected
         assert as_qemu_json(list(disk.block_status())) == qemu_map(alone)
         assert any(e.compressed for e in disk.block_status())
+    assert fd_count() == fds  # the qcow2 attempt's descriptor was closed before the v1 reader took over
 
 
 def test_readwrite_open_of_qcow1_leaves_nothing_behind(v1_chain: dict[str, str], tmp_path: Path) -> None:
@@ -444,6 +446,12 @@ def _small_clusters(d: Path) -> tuple[str, str | None, set[int]]:
     return img, None, {80, 81, 580}
 
 
+def _lazy_refcounts(d: Path) -> tuple[str, str | None, set[int]]:
+    img = create(str(d / "img.qcow2"), "1M", options="lazy_refcounts=on")
+    qemu_io(img, "write -P 0x11 0 64k", "write -c -P 0x22 128k 64k", "write -z 256k 64k")
+    return img, None, {0}
+
+
 def _chunked(d: Path) -> tuple[str, str | None, set[int]]:
     """A range of several MiB, mostly unallocated: allocated in chunks."""
     img = create(str(d / "img.qcow2"), "5M")
@@ -464,6 +472,7 @@ ALLOCATE_CASES: dict[str, tuple[Callable[[Path], tuple[str, str | None, set[int]
     "snapshot-then-allocate": (_snapshot_then_allocate, [(0, MiB)]),
     "small-clusters": (_small_clusters, [(30 * KiB + 7, 100 * KiB), (280 * KiB, 40 * KiB)]),
     "chunked": (_chunked, [(512, 5 * MiB - 1024)]),
+    "lazy-refcounts": (_lazy_refcounts, [(0, 320 * KiB)]),
 }
 
 
@@ -601,6 +610,8 @@ def test_force_share_needs_readonly(plain_image: str) -> None:
         QcowFile.open(plain_image, force_share=True, host_factory=rec)
     with pytest.raises(ValueError, match="readonly"):
         QcowFile.open(plain_image, readonly=False, force_share=True, host_factory=rec)
+    with pytest.raises(ValueError, match="readonly"):
+        qcowdisk.open(plain_image, "r+b", force_share=True, host_factory=rec)
     assert rec.opened == []
     assert digest(plain_image) == before
     with held_for_writing(plain_image):  # still refused while someone writes

@@ -225,9 +225,14 @@ def test_confined_symlink_pointing_outside(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- data files
 
-@pytest.fixture
-def data_file_escape(tmp_path: Path) -> dict[str, Any]:
-    """DIR/img.qcow2 whose data-file name was patched to an existing file outside DIR."""
+@pytest.fixture(params=["absolute", "relative"])
+def data_file_escape(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """DIR/img.qcow2 whose data-file name was patched to an existing file outside DIR
+    (named by its absolute path, or as ../outside/victim.raw).
+
+    QEMU 7.2 resolves a relative data-file name against its working directory, qcowdisk against
+    the image's directory: the relative case runs from DIR, where the two agree.
+    """
     d, out = tmp_path / "confined", tmp_path / "outside"
     d.mkdir()
     out.mkdir()
@@ -235,7 +240,9 @@ def data_file_escape(tmp_path: Path) -> dict[str, Any]:
     qemu_io(img, "write -P 0x44 0 128k", "write -P 0x45 512k 64k")
     victim = out / "victim.raw"
     victim_data = write_pattern(victim, MiB, 7)
-    set_data_file_name(img, str(victim))
+    if request.param == "relative":
+        monkeypatch.chdir(d)
+    set_data_file_name(img, str(victim) if request.param == "absolute" else "../outside/victim.raw")
     return {"dir": d, "img": img, "victim": victim, "victim_data": victim_data}
 
 
