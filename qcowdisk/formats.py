@@ -45,16 +45,38 @@ class OpenOptions:
         return dataclasses.replace(self, readonly=True)
 
 
-def check_confined(path: str, options: OpenOptions, what: str, named_by: str) -> None:
-    """Refuse a file an image names when it resolves outside `options.confine_to`."""
+def check_confined(path: str, options: OpenOptions, what: str, named_by: str, real: str | None = None) -> None:
+    """Refuse a file an image names when it resolves (or `real` is) outside `options.confine_to`."""
     if options.confine_to is None:
         return
     root = os.path.realpath(options.confine_to)
-    real = os.path.realpath(path)
+    if real is None:
+        real = os.path.realpath(path)
     if os.path.commonpath([root, real]) != root:
         raise UnsafeFileError(
             f"{what} {path!r} named by {named_by!r} resolves to {real!r}, outside the directory "
             f"{options.confine_to!r} the image is confined to")
+
+
+def open_named_file(path: str, writable: bool, options: OpenOptions, what: str, named_by: str) -> HostFile:
+    """Open a file an image names (backing or data file), honouring `options.confine_to`.
+
+    The name is checked before the open (for a clear message) and the opened descriptor after it
+    (/proc/self/fd), so a symlink swapped in between cannot lead outside the directory.
+    """
+    check_confined(path, options, what, named_by)
+    host = options.host_factory(path, writable)
+    if options.confine_to is not None:
+        try:
+            real = os.readlink(f"/proc/self/fd/{host.fd}")
+        except OSError:  # no /proc: the check by name above is what there is
+            return host
+        try:
+            check_confined(path, options, what, named_by, real)
+        except BaseException:
+            host.close()
+            raise
+    return host
 
 
 @dataclass(frozen=True)

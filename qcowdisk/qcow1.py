@@ -191,7 +191,10 @@ class Qcow1File:
             raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
         self = cls()
         self.filename = path
-        self._host = options.host_factory(path, False)
+        if len(chain) > 1:  # a backing file: named by the image above, so confined
+            self._host = formats.open_named_file(path, False, options, "backing file", chain[-2])
+        else:
+            self._host = options.host_factory(path, False)
         try:
             if not options.force_share:  # a reader's locks, as QEMU takes them for any image
                 self._image_lock = lock_image(self._host.fd, path, write=False)
@@ -249,7 +252,7 @@ class Qcow1File:
         offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
-            raise TypeError("readinto_at needs a writable buffer")
+            raise TypeError("readinto_at() needs a writable buffer, not a read-only one")
         mv = mv.cast("B")
         with self._lock:
             if self._host is None:
@@ -510,6 +513,9 @@ class Qcow1File:
             if self._host is None:
                 raise ValueError(f"{self.filename}: I/O on a closed image")
 
+        offset = as_index(offset, "offset")
+        if length is not None:
+            length = as_index(length, "length")
         with self._lock:
             check_open()
             extents = block_status(self, offset, length)

@@ -9,6 +9,7 @@ from .blockstatus import block_status
 from .errors import ReadOnlyError
 from .hostio import Buffer, HostFactory, HostFile, host_extent
 from .image import Extent, LayerExtent, fill_zeros
+from .locking import ImageLock, lock_image
 
 
 class RawImage:
@@ -18,11 +19,20 @@ class RawImage:
     backing: None = None
     backing_file: None = None
 
-    def __init__(self, path: str, host_factory: HostFactory | None = None) -> None:
-        """Open `path` read-only."""
+    def __init__(self, path: str, host_factory: HostFactory | None = None, *, host: HostFile | None = None,
+                 force_share: bool = False) -> None:
+        """Open `path` read-only (or take the already opened `host`), with QEMU's reader locks
+        unless `force_share`."""
         self.filename = path
-        self.host = (host_factory or HostFile)(path, False)
-        self.virtual_size = self.host.size()
+        self.host = host if host is not None else (host_factory or HostFile)(path, False)
+        self._image_lock: ImageLock | None = None
+        try:
+            if not force_share:
+                self._image_lock = lock_image(self.host.fd, path, write=False)
+            self.virtual_size = self.host.size()
+        except BaseException:
+            self.host.close()
+            raise
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` from guest `offset`; short only at the end of the file."""
@@ -87,7 +97,10 @@ class RawImage:
         return block_status(self, offset, length)
 
     def close(self) -> None:
-        """Release the file."""
+        """Release the file and its lock."""
+        image_lock, self._image_lock = self._image_lock, None
+        if image_lock is not None:
+            image_lock.release()
         self.host.close()
 
     def __enter__(self) -> RawImage:
@@ -98,7 +111,11 @@ class RawImage:
 
 
 def _open_raw(path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> RawImage:
-    return RawImage(path, options.host_factory)
+    if len(chain) > 1:  # a backing file: named by the image above, so confined
+        host = formats.open_named_file(path, False, options, "backing file", chain[-2])
+    else:
+        host = options.host_factory(path, False)
+    return RawImage(path, host=host, force_share=options.force_share)
 
 
 formats.register(formats.FormatDriver("raw", lambda head: 1, _open_raw))

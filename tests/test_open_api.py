@@ -235,9 +235,6 @@ def test_readwrite_open_of_qcow1_leaves_nothing_behind(v1_chain: dict[str, str],
     qemu_io(img, "write -P 0x66 0 512", fmt="qcow")
 
 
-@pytest.mark.xfail(strict=True, reason="QcowFile._open (qcowdisk/qcow2/file.py) only looks for the qcow v1 "
-                                       "magic on read-only opens; a read-write open parses the file as qcow2 and "
-                                       "raises UnsupportedFeatureError, not the ReadOnlyError documented")
 def test_readwrite_open_of_qcow1_raises_readonly_error(v1_chain: dict[str, str]) -> None:
     with pytest.raises(ReadOnlyError, match="read-only"):
         QcowFile.open(v1_chain["alone"])
@@ -352,16 +349,8 @@ def test_argument_checks_on_readonly_images(data_image: str, call: str) -> None:
             ARG_CALLS[call](disk, -512)
 
 
-_V1_BLOCK_STATUS_BUG = pytest.mark.xfail(
-    strict=True, reason="Qcow1File.block_status (qcowdisk/qcow1.py) never checks its arguments: a float "
-                        "length yields an Extent of float length, a float offset fails deep inside with "
-                        "an unrelated TypeError")
-
-
 @pytest.mark.parametrize("call", [
-    "read_at:offset", "read_at:length", "readinto_at:offset",
-    pytest.param("block_status:offset", marks=_V1_BLOCK_STATUS_BUG),
-    pytest.param("block_status:length", marks=_V1_BLOCK_STATUS_BUG),
+    "read_at:offset", "read_at:length", "readinto_at:offset", "block_status:offset", "block_status:length",
 ])
 def test_argument_checks_on_qcow1(v1_chain: dict[str, str], call: str) -> None:
     param = call.split(":")[1]
@@ -631,9 +620,6 @@ def test_force_share_reaches_the_backing_file(tmp_path: Path) -> None:
             assert disk.read_at(0, 128 * KiB) == b"\x22" * (64 * KiB) + b"\x11" * (64 * KiB)
 
 
-@pytest.mark.xfail(strict=True, reason="qcowdisk/raw.py RawImage takes no image lock, so a raw backing file held for "
-                                       "writing by qemu-io is read without ImageLockedError; QEMU 7.2 refuses "
-                                       "('Failed to get shared \"write\" lock')")
 def test_raw_backing_file_held_for_writing_is_refused_without_force_share(tmp_path: Path) -> None:
     base = create(str(tmp_path / "base.raw"), "1M", fmt="raw")
     top = create(str(tmp_path / "top.qcow2"), "1M", backing="base.raw", backing_fmt="raw")

@@ -172,12 +172,17 @@ class QcowFile:
 
     @classmethod
     def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile:
-        host = options.host_factory(path, not options.readonly)
+        if len(chain) > 1:  # a backing file: named by the image above, so confined
+            host = formats.open_named_file(path, not options.readonly, options, "backing file", chain[-2])
+        else:
+            host = options.host_factory(path, not options.readonly)
         image_lock: ImageLock | None = None
         state: Qcow2State | None = None
         try:
             # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
-            if options.readonly and host.pread(8, 0) == b"QFI\xfb\0\0\0\1":
+            if host.pread(8, 0) == b"QFI\xfb\0\0\0\1":
+                if not options.readonly:
+                    raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
                 raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
@@ -372,7 +377,7 @@ class QcowFile:
         offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
-            raise ValueError("buffer is read-only")
+            raise TypeError("readinto_at() needs a writable buffer, not a read-only one")
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         s = self._state
@@ -633,9 +638,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow
     if h.has_data_file:
         assert h.data_file is not None
         dpath = formats.resolve_backing_path(path, h.data_file)
-        formats.check_confined(dpath, options, "data file", path)
         try:
-            s.data_host = options.host_factory(dpath, not options.readonly)
+            s.data_host = formats.open_named_file(dpath, not options.readonly, options, "data file", path)
         except OSError as e:
             raise InvalidImageError(f"data file {dpath!r} named by {path!r} cannot be opened: {e.strerror}") from None
         # read-only: an entry past the data file's end is corrupt; read-write: writes extend it
