@@ -86,6 +86,34 @@ class Recorded:
     initial: bytes
     final: bytes
     exams: dict[str, Exam] = field(default_factory=dict)
+    pool: dict[bytes, bytes] = field(default_factory=dict)  # see chunk_pool()
+
+
+def chunk_pool(rec: Recorded) -> dict[bytes, bytes]:
+    """The content pool that every cached guest view's chunks are interned in.
+
+    `exams` keeps the two guest views of every distinct crashed image, because one image meets
+    many cut contexts (the same "none" state at every cut up to the next fsync) and each needs its
+    own judgement. Kept as they were read, those views cost ~10 MiB per image, and the exhaustive
+    runs see thousands of images: 8-20 GB per workload. But almost every chunk read back is byte-identical to
+    a version the guest model already holds (the flushed one or one written since), and the qemu
+    and qcowdisk views mostly agree; only torn / mixed chunks are new, about one per image. So each
+    chunk is stored as the pool's object with equal content: every check still gets exactly the
+    bytes that were read (judge() and check_chunk are unchanged, so nothing is weakened), and each
+    distinct chunk content costs memory once. Seeded with the model's versions of every chunk."""
+    if not rec.pool:
+        for c in rec.model.all_chunks():
+            for v in (rec.model.base(c), *rec.model.history.get(c, ((), ()))[1]):
+                rec.pool.setdefault(v, v)
+    return rec.pool
+
+
+def intern_chunk(pool: dict[bytes, bytes] | None, got: bytes) -> bytes:
+    """`got`, or the pool's object with the same content (added to the pool if new)."""
+    if pool is None:
+        return got
+    data = bytes(got)  # the same object if it already is bytes; hashable either way
+    return pool.setdefault(data, data)
 
 
 def make_backing(workdir: str, size: int, seed: int) -> tuple[str, bytes]:
@@ -173,14 +201,17 @@ class Exam:
     verdicts: dict[tuple[int, int], list[Finding]] = field(default_factory=dict)
 
 
-def read_raw_view(raw_path: str, model: GuestModel, static: list[Finding]) -> dict[int, bytes]:
-    """Chunks of interest from qemu-img's raw output; data anywhere else must be the start content."""
+def read_raw_view(raw_path: str, model: GuestModel, static: list[Finding],
+                  pool: dict[bytes, bytes] | None = None) -> dict[int, bytes]:
+    """Chunks of interest from qemu-img's raw output; data anywhere else must be the start content.
+    With `pool`, each chunk is interned there (an equal object is kept instead: see chunk_pool)."""
     interest = model.all_chunks()
     view: dict[int, bytes] = {}
     with open(raw_path, "rb") as f:
         fd = f.fileno()
         for c in interest:
-            view[c] = os.pread(fd, model.chunk_len(c), c * CHUNK)
+            got = os.pread(fd, model.chunk_len(c), c * CHUNK)
+            view[c] = intern_chunk(pool, got)
         # Anything allocated outside the chunks the workload ever touched: must read as zeros.
         pos, end = 0, os.fstat(fd).st_size
         while pos < end:
@@ -199,8 +230,10 @@ def read_raw_view(raw_path: str, model: GuestModel, static: list[Finding]) -> di
     return view
 
 
-def read_qcow_view(path: str, model: GuestModel, static: list[Finding], label: str) -> dict[int, bytes] | None:
-    """Chunks of interest read by a read-only QcowFile (None if it cannot even open the image)."""
+def read_qcow_view(path: str, model: GuestModel, static: list[Finding], label: str,
+                   pool: dict[bytes, bytes] | None = None) -> dict[int, bytes] | None:
+    """Chunks of interest read by a read-only QcowFile (None if it cannot even open the image).
+    With `pool`, each chunk is interned there (an equal object is kept instead: see chunk_pool)."""
     try:
         disk = QcowFile.open(path, readonly=True)
     except Exception as e:  # noqa: BLE001 - any failure to open a crash state is a finding
@@ -210,7 +243,8 @@ def read_qcow_view(path: str, model: GuestModel, static: list[Finding], label: s
     try:
         for c in sorted(model.all_chunks()):
             try:
-                view[c] = disk.read_at(c * CHUNK, model.chunk_len(c))
+                got = disk.read_at(c * CHUNK, model.chunk_len(c))
+                view[c] = intern_chunk(pool, got)
             except Exception as e:  # noqa: BLE001
                 static.append(Finding("QCOWDISK-READ-ERROR", f"{label}: read_at({c * CHUNK:#x}): "
                                       f"{type(e).__name__}: {e}"))
@@ -228,7 +262,8 @@ def examine(rec: Recorded, data: bytes, key: str) -> Exam:
     with open(state, "wb") as f:
         f.write(data)
     static: list[Finding] = []
-    qcow_view = read_qcow_view(state, rec.model, static, "qcowdisk read-only view")
+    pool = chunk_pool(rec)
+    qcow_view = read_qcow_view(state, rec.model, static, "qcowdisk read-only view", pool)
     if rec.wl.lazy:
         # A crashed lazy-refcount image is dirty: one read-write open by qcowdisk rebuilds the
         # refcounts; after that the image must be entirely clean.
@@ -251,7 +286,7 @@ def examine(rec: Recorded, data: bytes, key: str) -> Exam:
     if p.returncode != 0:
         static.append(Finding("QEMU-READ-ERROR", f"qemu-img convert failed: {p.stderr.strip()[:300]}"))
     else:
-        qemu_view = read_raw_view(raw, rec.model, static)
+        qemu_view = read_raw_view(raw, rec.model, static, pool)
         os.unlink(raw)
     exam = Exam(static, qemu_view, qcow_view)
     rec.exams[key] = exam
