@@ -360,17 +360,16 @@ class QcowFile:
                             raise ValueError("I/O operation on closed QcowFile")
                         if len(data) == length:
                             return data
-        offset = as_index(offset, "offset")
-        length = as_index(length, "length")
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
+            offset = as_index(offset, "offset")
+            length = as_index(length, "length")
         s = self._state
         n = max(0, min(length, s.virtual_size - offset))
         with s.lock:
             self._check_open()
             if not n:
                 return b""
-            buf = bytearray(n)
-            reading.readinto(s, memoryview(buf), offset)
-            return bytes(buf)
+            return reading.read_bytes(s, offset, n)
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
@@ -425,12 +424,14 @@ class QcowFile:
         with s.lock:
             self._check_writable()
             if n:
-                self._guarded(lambda: self._write(offset, mv))
+                try:  # what _guarded does, inline: this is the per-request path
+                    ordering.mark_dirty_before_lazy_update(s)
+                    writing.write(s, offset, mv)
+                except OSError as e:
+                    if s.failure is None:
+                        s.failure = e
+                    raise
         return n
-
-    def _write(self, offset: int, mv: memoryview) -> None:
-        ordering.mark_dirty_before_lazy_update(self._state)
-        writing.write(self._state, offset, mv)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (also over a backing file)."""
@@ -558,8 +559,9 @@ class QcowFile:
 
     def _check_range(self, offset: int, length: int) -> int:
         """The offset as an int after checking the range lies inside the disk."""
-        offset = as_index(offset, "offset")
-        length = as_index(length, "length")
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
+            offset = as_index(offset, "offset")
+            length = as_index(length, "length")
         if offset + length > self._state.virtual_size:
             raise ValueError(
                 f"write of {length} bytes at offset {offset} goes past the virtual size {self._state.virtual_size}")
@@ -567,13 +569,13 @@ class QcowFile:
 
     def _check_writable(self) -> None:
         s = self._state
-        self._check_open()
-        if s.readonly:
-            raise ReadOnlyError(f"image {s.filename!r} is open read-only")
-        if s.corrupt:
-            raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
-        self._check_healthy()
-        if _in_forked_child(s):
+        if s.closed or s.readonly or s.corrupt or s.failure is not None or s.inherited:  # one test per request
+            self._check_open()
+            if s.readonly:
+                raise ReadOnlyError(f"image {s.filename!r} is open read-only")
+            if s.corrupt:
+                raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+            self._check_healthy()
             raise ReadOnlyError(f"image {s.filename!r} was opened by the parent process; a forked child may not write it")
 
     def _check_healthy(self) -> None:

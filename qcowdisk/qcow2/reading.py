@@ -81,6 +81,18 @@ def decompressed(s: Qcow2State, e: int, guest_cluster: int) -> bytes:
     return data
 
 
+def read_bytes(s: Qcow2State, guest_offset: int, length: int) -> bytes:
+    """Guest bytes (inside the disk) as a new bytes object; one data run is one pread, no copy."""
+    runs = get_host_runs(s, guest_offset, length)
+    if len(runs) == 1 and runs[0].kind == RUN_DATA:
+        data = s.data_host.pread(length, runs[0].host)
+        if len(data) == length:
+            return data
+    buf = bytearray(length)
+    execute_runs(s, memoryview(buf), guest_offset, runs)
+    return bytes(buf)
+
+
 def read_copy(s: Qcow2State, guest_offset: int, length: int) -> bytes:
     """Guest bytes as they read now (copy-on-write sources)."""
     buf = bytearray(length)
