@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import BinaryIO, Protocol, TypedDict
 
 from . import formats
+from ._version import __version__
 from .blockstatus import qemu_length
 from .errors import QcowError
 from .formats import OpenOptions, format_names, probe_format
@@ -726,6 +727,7 @@ def _qemu_strtosz(text: str) -> tuple[int, bool]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = argparse.ArgumentParser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
+    p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pi = sub.add_parser("info", help="show image metadata (like qemu-img info)")

@@ -7,6 +7,7 @@ options in `qemu-img info`. Also runs tools/quickstart.py end to end.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import qcowdisk
 from qcowdisk import cli
 from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 
@@ -40,6 +42,14 @@ def shared(qemu: dict[str, Any]) -> dict[str, Any]:
         out["format-specific"] = {"type": fs["type"],
                                   "data": {k: v for k, v in fs["data"].items() if k in QCOW2_DATA_KEYS}}
     return out
+
+
+def run_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m qcowdisk ARGS` from this tree in a subprocess (stdin empty); capture the output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "qcowdisk", *args], capture_output=True, env=env,
+                          timeout=60, check=False, **kwargs)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -415,6 +425,37 @@ def test_write_past_end_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     img = create(str(tmp_path / "small.qcow2"), "1M")
     status, _, err = run_cli(capsys, "write", img, "1M", "--pattern", "1", "--length", "512")
     assert status == 1 and err.startswith("qcowdisk: error: ")
+
+
+# --------------------------------------------------------------------------- --version, python -m qcowdisk
+
+
+def test_version() -> None:
+    installed = importlib.metadata.version("qcowdisk")
+    assert qcowdisk.__version__ == installed
+    p = run_cmd("--version")
+    assert p.returncode == 0 and p.stderr == b""
+    assert p.stdout.decode() == f"qcowdisk version {installed}\n"
+
+
+def test_version_without_an_installation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree imported without installing it has no metadata: the version says so instead of failing."""
+    from qcowdisk import _version
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    with monkeypatch.context() as m:
+        m.setattr(importlib.metadata, "version", missing)
+        assert importlib.reload(_version).__version__ == "0+unknown"
+    assert importlib.reload(_version).__version__ == importlib.metadata.version("qcowdisk")
+
+
+def test_python_dash_m_qcowdisk(tmp_path: Path) -> None:
+    img = create(str(tmp_path / "m.qcow2"), "3M")
+    p = run_cmd("info", img)
+    assert p.returncode == 0 and p.stderr == b""
+    assert p.stdout.decode() == qemu_img("info", img).stdout
 
 
 # --------------------------------------------------------------------------- quickstart
