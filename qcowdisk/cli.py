@@ -7,21 +7,24 @@ QEMU's layout and size formatting. Paths are reported the way QEMU reports them:
 command line, and backing files joined to the directory of the image that names them, without
 normalisation.
 
-Every image is read through `QcowFile.open(path, readonly=True)`; any `QcowError` (or OS error)
-becomes `qcowdisk: error: <message>` on stderr and exit status 1.
+Every image is read through `QcowFile.open(path, readonly=True)`. Every failure, a bad argument
+included, is one line `qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image
+that cannot be opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's
+`Try ... --help` hint line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
-from typing import BinaryIO, Protocol, TypedDict
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, NoReturn, Protocol, TypedDict
 
 from . import formats
 from ._version import __version__
@@ -45,7 +48,34 @@ _SIZE_HINT = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes,
 
 
 class UsageError(Exception):
-    """A bad command-line value (size, option); reported like an image error, exit status 1."""
+    """A failure worded for the user (a bad value, a file that cannot be opened): `qcowdisk: <message>`, status 1."""
+
+
+class ArgumentsError(UsageError):
+    """argparse's usage error (unknown option, missing argument): also gets qemu-img's `Try ... --help` line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors reported as qemu-img reports them (status 1, not argparse's 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(message)
+
+
+def why(e: QcowError | OSError, path: str | None = None) -> str:
+    """The reason in an error: an OS error's strerror (with its file name unless that is `path`)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror if e.filename in (None, path) else f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+@contextlib.contextmanager
+def opening(path: str) -> Iterator[None]:
+    """Report an image (or file) that cannot be opened as qemu-img does: `Could not open 'PATH': why`."""
+    try:
+        yield
+    except (QcowError, OSError) as e:
+        raise UsageError(f"Could not open '{path}': {why(e, path)}") from e
 
 
 class AnyImage(Protocol):
@@ -246,14 +276,9 @@ def size_to_str(value: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 def open_image(path: str) -> QcowFile | Qcow1File:
-    """Open an image read-only: qcow v1 through qcowdisk.qcow1, everything else as QcowFile."""
-    try:
-        fmt = probe_format(path)
-    except OSError:
-        fmt = "qcow2"  # let QcowFile.open report the missing file in its own words
-    if fmt == "qcow":
-        return Qcow1File.open(path, readonly=True)
-    return QcowFile.open(path, readonly=True)
+    """Open an image read-only (qcow2, or qcow v1)."""
+    with opening(path):
+        return QcowFile.open(path, readonly=True)
 
 
 def image_format(img: AnyImage) -> str:
@@ -476,9 +501,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         if backing_format is None:
             try:
                 backing_format = probe_format(backing_path)
-            except OSError as e:
-                raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': "
-                                 f"{e.strerror}") from None
+            except (QcowError, OSError) as e:
+                raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': {why(e, backing_path)}") from e
         shown_kw = {**kw, "backing_file": backing, "backing_format": backing_format}
         disk = QcowFile.create_from_backing(args.image, backing, backing_format=backing_format,
                                             size=size, **create_kw)
@@ -504,6 +528,21 @@ def hexdump(data: bytes, base: int = 0) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+_PATTERN_RE = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def pattern_byte(text: str) -> int:
+    """qemu-io's pattern byte: a C integer (decimal, 0x hex, 0 octal, as strtol reads it) in 0..255."""
+    if _PATTERN_RE.fullmatch(text):
+        digits = text.lstrip("+-")
+        value = int(digits, 16 if digits[:2].lower() == "0x" else 8 if digits[0] == "0" else 10)
+        if text[0] == "-":
+            value = -value
+        if 0 <= value <= 255:
+            return value
+    raise ValueError(f"{text} is not a valid pattern byte")  # qemu-io's words
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset."""
     try:
@@ -511,19 +550,23 @@ def cmd_write(args: argparse.Namespace) -> int:
         if args.pattern is not None:
             if args.length is None or args.source is not None:
                 raise ValueError("--pattern needs --length and no FILE")
-            byte = int(args.pattern, 0)
-            if not 0 <= byte <= 255:
-                raise ValueError(f"--pattern {args.pattern}: must be a byte value 0..255")
+            byte = pattern_byte(args.pattern)
             data = bytes([byte]) * parse_size(args.length)
         elif args.source is not None:
             if args.length is not None:
                 raise ValueError("--length goes with --pattern only")
-            data = sys.stdin.buffer.read() if args.source == "-" else _read_file(args.source)
+            if args.source == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with opening(args.source):
+                    data = _read_file(args.source)
         else:
             raise ValueError("give a FILE (or '-') or --pattern BYTE --length N")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    with QcowFile.open(args.image) as disk:
+    with opening(args.image):
+        disk = QcowFile.open(args.image)
+    with disk:
         disk.write_at(offset, data)
     if not args.quiet:
         print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
@@ -568,9 +611,6 @@ def cmd_map(args: argparse.Namespace) -> int:
     an image to open that is not exactly one, and, in the human format, an extent stored
     without a host offset (compressed clusters), after the lines before it.
     """
-    from collections.abc import Iterator
-
-
     def err(*lines: str, hint: str = "") -> int:
         sys.stdout.flush()
         for line in lines:  # error_report: one prefixed line each
@@ -624,10 +664,11 @@ def cmd_map(args: argparse.Namespace) -> int:
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=f"Try '{PROG} --help' for more information\n")
     path = args.image[0]
-    fmt = args.format or probe_format(path)
-    if fmt not in format_names():
-        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
-    img = formats.open_image(path, fmt, OpenOptions(readonly=True))
+    with opening(path):
+        fmt = args.format or probe_format(path)
+        if fmt not in format_names():
+            return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+        img = formats.open_image(path, fmt, OpenOptions(readonly=True))
     out = sys.stdout
     try:
         human = args.output == "human"
@@ -726,7 +767,7 @@ def _qemu_strtosz(text: str) -> tuple[int, bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    p = argparse.ArgumentParser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
+    p = Parser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
     p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -775,8 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status: 0, or 1 after printing `qcowdisk: <message>`."""
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentsError as e:
+        print(f"{PROG}: {e}\nTry '{PROG} --help' for more information", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     try:
         return int(args.func(args))
     except (QcowError, UsageError, OSError, ValueError) as e:
@@ -784,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e)
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             msg = f"{e.filename}: {e.strerror}"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: {msg}", file=sys.stderr)
         return 1
 
 

@@ -220,19 +220,19 @@ def test_info_bad_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     status, out, err = run_cli(capsys, "info", img)
     assert status == 1
     assert out == ""
-    assert err.startswith("qcowdisk: error: ") and "30" in err and err.count("\n") == 1
+    assert err.startswith("qcowdisk: ") and "30" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("content", [b"", b"just some text, not an image\n" * 10])
 def test_info_not_an_image(content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_raw(str(tmp_path / "x.img"), content)
     status, _, err = run_cli(capsys, "info", path)
-    assert status == 1 and err.startswith("qcowdisk: error: ")
+    assert status == 1 and err.startswith("qcowdisk: ")
 
 
 def test_info_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run_cli(capsys, "info", str(tmp_path / "nope.qcow2"))
-    assert status == 1 and err.startswith("qcowdisk: error: ") and "nope.qcow2" in err
+    assert status == 1 and err.startswith("qcowdisk: ") and "nope.qcow2" in err
 
 
 def test_error_via_console_entry_point(tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ def test_error_via_console_entry_point(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "info", path], capture_output=True, text=True, check=False)
     assert p.returncode == 1
     assert p.stdout == ""
-    assert p.stderr.startswith("qcowdisk: error: ") and "Traceback" not in p.stderr
+    assert p.stderr.startswith("qcowdisk: ") and "Traceback" not in p.stderr
 
 
 # --------------------------------------------------------------------------- create
@@ -383,7 +383,7 @@ def test_create_rejects_bad_options(args: list[str], needle: str, tmp_path: Path
     img = str(tmp_path / "x.qcow2")
     status, _, err = run_cli(capsys, "create", *args, img, "1M")
     assert status == 1
-    assert err.startswith("qcowdisk: error: ") and needle in err
+    assert err.startswith("qcowdisk: ") and needle in err
     assert not os.path.exists(img)
 
 
@@ -398,7 +398,7 @@ def test_create_engine_refusal_is_reported(tmp_path: Path, capsys: pytest.Captur
         img = str(tmp_path / f"x{len(opts)}.qcow2")
         status, _, err = run_cli(capsys, "create", "-o", opts, img, "1M")
         assert status == 1, opts
-        assert err.startswith("qcowdisk: error: "), err
+        assert err.startswith("qcowdisk: "), err
 
 
 # --------------------------------------------------------------------------- read / write
@@ -424,7 +424,7 @@ def test_write_and_read_helpers(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_write_past_end_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     img = create(str(tmp_path / "small.qcow2"), "1M")
     status, _, err = run_cli(capsys, "write", img, "1M", "--pattern", "1", "--length", "512")
-    assert status == 1 and err.startswith("qcowdisk: error: ")
+    assert status == 1 and err.startswith("qcowdisk: ")
 
 
 # --------------------------------------------------------------------------- --version, python -m qcowdisk
@@ -456,6 +456,38 @@ def test_python_dash_m_qcowdisk(tmp_path: Path) -> None:
     p = run_cmd("info", img)
     assert p.returncode == 0 and p.stderr == b""
     assert p.stdout.decode() == qemu_img("info", img).stdout
+    p = run_cmd()
+    assert p.returncode == 1 and p.stderr.startswith(b"qcowdisk: ")
+
+
+# --------------------------------------------------------------------------- errors: qemu-img's form
+
+
+def test_usage_errors_look_like_qemu_img(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own errors: status 1 (not 2), qemu-img's two lines, also from cli.main in-process."""
+    img = create(str(tmp_path / "u.qcow2"), "1M")
+    theirs = qemu_img("info", "--bogus", img, check=False)
+    assert theirs.returncode == 1
+    hint = theirs.stderr.splitlines()[1].replace("qemu-img", "qcowdisk")
+    status, out, err = run_cli(capsys, "info", "--bogus", img)
+    assert (status, out) == (1, "")
+    assert err == f"qcowdisk: unrecognized arguments: --bogus\n{hint}\n"
+    assert run_cli(capsys, "--help")[0] == 0  # --help still exits 0
+
+
+@pytest.mark.parametrize("text", ["0", "255", "0xff", "0XaB", "010", "0377", "+7", "-0", "256", "0x100", "-1", "08",
+                                  "1_0", "0x", "a", "1.0", "0o7", "0b1", "7k"])
+def test_pattern_byte_accepted_as_qemu_io_does(text: str, tmp_path: Path) -> None:
+    img = create(str(tmp_path / "p.qcow2"), "64k")
+    theirs = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {text} 0 1", img],
+                            capture_output=True, text=True, check=False)
+    accepted = "wrote 1/1 bytes" in theirs.stdout
+    if accepted:
+        assert cli.pattern_byte(text) == to_raw(img, str(tmp_path / "p.raw"))[0]
+    else:
+        assert f"{text} is not a valid pattern byte" in theirs.stdout
+        with pytest.raises(ValueError, match="is not a valid pattern byte"):
+            cli.pattern_byte(text)
 
 
 # --------------------------------------------------------------------------- quickstart
