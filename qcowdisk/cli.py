@@ -10,7 +10,7 @@ normalisation.
 Every image is read through `QcowFile.open(path, readonly=True)`. Every failure, a bad argument
 included, is one line `qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image
 that cannot be opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's
-`Try ... --help` hint line.
+`Try ... --help` hint line. `read` and `write` stream through a bounded buffer, whatever the length.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(message)
+
+
+CHUNK = 1 << 20  # read and write stream through buffers this large
+HEXDUMP_CHUNK = 16 << 10  # --hexdump's text is about 4.3 times the bytes: smaller steps
 
 
 def why(e: QcowError | OSError, path: str | None = None) -> str:
@@ -517,14 +522,15 @@ def cmd_create(args: argparse.Namespace) -> int:
 # read / write (small helpers for demos and scripts)
 # --------------------------------------------------------------------------------------------
 
+_PRINTABLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))  # hexdump's text column
+
+
 def hexdump(data: bytes, base: int = 0) -> str:
     """qemu-io style hex dump: 16 bytes a line, offset, hex, printable ASCII."""
     lines = []
+    text = data.translate(_PRINTABLE).decode("ascii")
     for pos in range(0, len(data), 16):
-        chunk = data[pos:pos + 16]
-        hexpart = " ".join(f"{b:02x}" for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{base + pos:08x}:  {hexpart:<47}  {text}")
+        lines.append(f"{base + pos:08x}:  {data[pos:pos + 16].hex(' '):<47}  {text[pos:pos + 16]}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -544,42 +550,79 @@ def pattern_byte(text: str) -> int:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset."""
+    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset.
+
+    The bytes stream through a buffer of CHUNK bytes. A write past the end of the disk fails as
+    `qemu-io -c write` does (`write failed: Input/output error`), before anything is written
+    when the length is known (a pattern, a regular file); from a pipe, the chunks before the
+    one that would cross the end are written first.
+    """
     try:
         offset = parse_size(args.offset)
+        name: str | None = args.source  # the file to copy ('-': stdin), or None with --pattern
+        byte = length = None
         if args.pattern is not None:
-            if args.length is None or args.source is not None:
+            if args.length is None or name is not None:
                 raise ValueError("--pattern needs --length and no FILE")
             byte = pattern_byte(args.pattern)
-            data = bytes([byte]) * parse_size(args.length)
-        elif args.source is not None:
+            length = parse_size(args.length)
+        elif name is not None:
             if args.length is not None:
                 raise ValueError("--length goes with --pattern only")
-            if args.source == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with opening(args.source):
-                    data = _read_file(args.source)
         else:
             raise ValueError("give a FILE (or '-') or --pattern BYTE --length N")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    with opening(args.image):
-        disk = QcowFile.open(args.image)
-    with disk:
-        disk.write_at(offset, data)
+    with contextlib.ExitStack() as stack:
+        source: BinaryIO | None = None
+        if name is not None:
+            if name == "-":
+                source = sys.stdin.buffer
+            else:
+                with opening(name):
+                    source = stack.enter_context(open(name, "rb"))
+            try:
+                st = os.fstat(source.fileno())
+                length = st.st_size if stat.S_ISREG(st.st_mode) else None
+            except (OSError, ValueError):  # a stdin without a descriptor: its length is unknown
+                length = None
+        with opening(args.image):
+            disk = stack.enter_context(QcowFile.open(args.image))
+
+        def put(pos: int, data: memoryview) -> None:
+            if offset + pos + len(data) > disk.virtual_size:
+                raise UsageError("write failed: Input/output error")  # qemu-io's words
+            try:
+                disk.write_at(offset + pos, data)
+            except (QcowError, OSError) as e:
+                raise UsageError(f"write failed: {why(e)}") from e
+
+        if offset + (length or 0) > disk.virtual_size:  # a known length fails before anything is written
+            raise UsageError("write failed: Input/output error")
+        written = 0
+        if source is None:
+            assert byte is not None and length is not None
+            block = memoryview(bytes([byte]) * min(length, CHUNK))
+            while written < length:
+                n = min(len(block), length - written)
+                put(written, block[:n])
+                written += n
+        else:
+            while data := source.read(CHUNK):
+                put(written, memoryview(data))
+                written += len(data)
     if not args.quiet:
-        print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
+        print(f"wrote {written}/{written} bytes at offset {offset}")
     return 0
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def cmd_read(args: argparse.Namespace) -> int:
-    """`qcowdisk read`: copy guest bytes to stdout (raw, or as a hex dump with --hexdump)."""
+    """`qcowdisk read`: copy guest bytes to stdout (raw, or as a hex dump with --hexdump).
+
+    The bytes stream through a buffer of CHUNK bytes (HEXDUMP_CHUNK with --hexdump). A range
+    past the end of the disk fails before any output, as `qemu-io -c read` does:
+    `read failed: Input/output error`, status 1.
+    """
     try:
         offset = parse_size(args.offset)
         length = parse_size(args.length)
@@ -587,15 +630,26 @@ def cmd_read(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     img = open_image(args.image)
     try:
-        data = img.read_at(offset, length)
+        if offset + length > img.virtual_size:
+            raise UsageError("read failed: Input/output error")  # qemu-io's words
+        step = HEXDUMP_CHUNK if args.hexdump else CHUNK
+        buf = memoryview(bytearray(min(length, step)))
+        out: BinaryIO = sys.stdout.buffer
+        pos = 0
+        while pos < length:
+            data = buf[:min(step, length - pos)]
+            try:
+                img.readinto_at(data, offset + pos)
+            except (QcowError, OSError) as e:
+                raise UsageError(f"read failed: {why(e)}") from e
+            if args.hexdump:
+                sys.stdout.write(hexdump(bytes(data), offset + pos))
+            else:
+                out.write(data)
+            pos += len(data)
+        sys.stdout.flush()
     finally:
         img.close()
-    if args.hexdump:
-        sys.stdout.write(hexdump(data, offset))
-    else:
-        out: BinaryIO = sys.stdout.buffer
-        out.write(data)
-        out.flush()
     return 0
 
 
@@ -826,8 +880,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # the reader went away (`qcowdisk read ... | head`): no more output
+        with contextlib.suppress(OSError, ValueError):  # nor a second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (QcowError, UsageError, OSError, ValueError) as e:
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
         msg = str(e)
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             msg = f"{e.filename}: {e.strerror}"

@@ -8,10 +8,12 @@ options in `qemu-img info`. Also runs tools/quickstart.py end to end.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 
 import qcowdisk
 from qcowdisk import cli
-from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
+from qemutools import assert_clean, compare, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -488,6 +490,134 @@ def test_pattern_byte_accepted_as_qemu_io_does(text: str, tmp_path: Path) -> Non
         assert f"{text} is not a valid pattern byte" in theirs.stdout
         with pytest.raises(ValueError, match="is not a valid pattern byte"):
             cli.pattern_byte(text)
+
+
+# --------------------------------------------------------------------------- read / write: the end of the disk, streaming
+
+
+@pytest.mark.parametrize("command,offset,length", [
+    ("read", "0", "2M"), ("read", "1M", "1"), ("read", "1048575", "2"), ("read", "2M", "0"), ("read", "5G", "1"),
+    ("read", "1M", "0"), ("read", "0", "1M"), ("read", "1048575", "1"),
+    ("write", "1M", "512"), ("write", "1048064", "1024"), ("write", "2M", "0"), ("write", "0", "2M"),
+    ("write", "1M", "0"), ("write", "1048064", "512"),
+])
+def test_end_of_disk_as_qemu_io(command: str, offset: str, length: str, tmp_path: Path,
+                                capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """Past the end: qemu-io's message (which it prints on stdout) after `qcowdisk: `, and its status."""
+    theirs_img = create(str(tmp_path / "q.qcow2"), "1M")
+    qemu_io(theirs_img, "write -P 0x11 960k 64k")
+    ours_img = str(tmp_path / "o.qcow2")
+    Path(ours_img).write_bytes(Path(theirs_img).read_bytes())
+    pat = "-P 0x5a " if command == "write" else ""
+    theirs = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"{command} {pat}{offset} {length}", theirs_img],
+                            capture_output=True, text=True, check=False)
+    extra = ["--pattern", "0x5a", "--length", length] if command == "write" else [length]
+    status = cli.main([command, ours_img, offset, *extra])
+    out, err = capsysbinary.readouterr()
+    assert status == theirs.returncode
+    if theirs.returncode:
+        assert theirs.stdout == f"{command} failed: Input/output error\n" and theirs.stderr == ""
+        assert err.decode() == f"qcowdisk: {theirs.stdout}"
+        assert out == b""
+    else:
+        assert err == b""
+        if command == "read":
+            assert out == to_raw(theirs_img, str(tmp_path / "q.raw"))[cli.parse_size(offset):][:cli.parse_size(length)]
+    compare(theirs_img, ours_img, strict=True)
+
+
+def test_write_from_a_pipe_past_the_end(tmp_path: Path) -> None:
+    """An unknown length (a pipe): the chunks before the one crossing the end are written, then the error."""
+    img = create(str(tmp_path / "pipe.qcow2"), "2M")
+    data = pattern(MiB + MiB // 2, seed=5)
+    p = run_cmd("write", img, "1M", "-", input=data, stdin=None)
+    assert p.returncode == 1 and p.stderr == b"qcowdisk: write failed: Input/output error\n"
+    guest = to_raw(img, str(tmp_path / "g.raw"))
+    assert guest[MiB:] == data[:MiB] and guest[:MiB] == bytes(MiB)
+    p = run_cmd("write", img, "512k", "-", input=data[:MiB], stdin=None)
+    assert p.returncode == 0 and p.stdout == b"wrote 1048576/1048576 bytes at offset 524288\n"
+    assert to_raw(img, str(tmp_path / "g.raw"))[512 << 10:(512 << 10) + MiB] == data[:MiB]
+    assert_clean(img)
+
+
+def _peak_memory(*args: str) -> int:
+    """Run cli.main(args) in-process under tracemalloc; return the peak of traced allocations."""
+    tracemalloc.start()
+    try:
+        status = cli.main(list(args))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 0
+    return peak
+
+
+def test_read_and_write_stream_in_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 64 * MiB
+    bound = 8 * MiB  # well below the 64 MiB moved; the whole range in memory would be at least that much
+    img = create(str(tmp_path / "big.qcow2"), "80M")
+    src = tmp_path / "src.bin"
+    with open(src, "wb") as f:
+        for i in range(size // MiB):
+            f.write(pattern(MiB, seed=i))
+    assert _peak_memory("write", "-q", img, "8M", str(src)) < bound
+    assert _peak_memory("write", "-q", img, "4M", "--pattern", "0x5a", "--length", "4M") < bound
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as f:
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(f, write_through=True))
+        peak = _peak_memory("read", img, "8M", "64M")
+        sys.stdout.flush()
+    assert peak < bound
+    assert os.path.getsize(out) == size
+    with open(src, "rb") as a, open(out, "rb") as b:
+        while chunk := a.read(MiB):
+            assert b.read(MiB) == chunk
+    assert "read 4194304/4194304" in qemu_io(img, "read -P 0x5a 4M 4M")
+    assert_clean(img)
+    hexout = tmp_path / "hex.txt"
+    with open(hexout, "wb") as f:
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(f, write_through=True))
+        peak = _peak_memory("read", "--hexdump", img, "7M", "1M")  # (slow under tracemalloc: a smaller range)
+        sys.stdout.flush()
+    assert peak < MiB  # the text of 1 MiB alone would be 4.3 MB
+    with open(hexout, encoding="ascii") as h:
+        lines = h.read().splitlines()
+    assert len(lines) == MiB // 16
+    assert lines[0] == "00700000:  " + " ".join(["5a"] * 16) + "  " + "Z" * 16
+    assert lines[-1].startswith("007ffff0:  5a 5a")
+
+
+def test_read_rss_stays_small_in_a_subprocess(tmp_path: Path) -> None:
+    """The same from outside: the process reading 64 MiB to a file grows by far less than that."""
+    img = create(str(tmp_path / "rss.qcow2"), "64M")
+    qemu_io(img, "write -P 0x77 0 64M")
+    code = ("import resource, sys\nfrom qcowdisk import cli\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "status = cli.main(sys.argv[1:])\n"
+            "sys.stdout.flush()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, file=sys.stderr)\n"
+            "sys.exit(status)\n")
+    with open(tmp_path / "out.bin", "wb") as f:
+        p = subprocess.run([sys.executable, "-c", code, "read", img, "0", "64M"], stdout=f, stderr=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    grown_kib = int(p.stderr.decode().split()[-1])
+    assert grown_kib < 16 * 1024, grown_kib  # ru_maxrss is in KiB on Linux
+    assert os.path.getsize(tmp_path / "out.bin") == 64 * MiB
+
+
+def test_read_into_a_closed_pipe(tmp_path: Path) -> None:
+    """`qcowdisk read ... | head -c1`: status 1, nothing on stderr (no BrokenPipeError traceback)."""
+    img = create(str(tmp_path / "pipe.qcow2"), "64M")
+    p = subprocess.Popen([sys.executable, "-m", "qcowdisk", "read", img, "0", "64M"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.read(1) == b"\0"
+    p.stdout.close()
+    err = p.stderr.read()
+    p.stderr.close()
+    assert p.wait(timeout=60) == 1
+    assert err == b""
 
 
 # --------------------------------------------------------------------------- quickstart
