@@ -7,10 +7,11 @@ QEMU's layout and size formatting. Paths are reported the way QEMU reports them:
 command line, and backing files joined to the directory of the image that names them, without
 normalisation.
 
-Every image is read through `QcowFile.open(path, readonly=True)`. Every failure, a bad argument
-included, is one line `qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image
-that cannot be opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's
-`Try ... --help` hint line. `read` and `write` stream through a bounded buffer, whatever the length.
+Every image is read through `QcowFile.open(path, readonly=True)` (`--confine-to` and `-U` passed
+on as `confine_to` and `force_share`). Every failure, a bad argument included, is one line
+`qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image that cannot be
+opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's `Try ... --help`
+hint line. `read` and `write` stream through a bounded buffer, whatever the length.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ def opening(path: str) -> Iterator[None]:
         yield
     except (QcowError, OSError) as e:
         raise UsageError(f"Could not open '{path}': {why(e, path)}") from e
+
+
+def confine_dir(args: argparse.Namespace) -> str | None:
+    """The --confine-to directory, checked to be one (None when not given)."""
+    path: str | None = args.confine_to
+    if path is not None and not os.path.isdir(path):
+        raise UsageError(f"--confine-to '{path}': not a directory")
+    return path
 
 
 class AnyImage(Protocol):
@@ -280,10 +289,11 @@ def size_to_str(value: int) -> str:
 # info
 # --------------------------------------------------------------------------------------------
 
-def open_image(path: str) -> QcowFile | Qcow1File:
-    """Open an image read-only (qcow2, or qcow v1)."""
+def open_image(path: str, args: argparse.Namespace) -> QcowFile | Qcow1File:
+    """Open an image read-only (qcow2, or qcow v1) with the command's --confine-to and -U."""
+    confine_to = confine_dir(args)
     with opening(path):
-        return QcowFile.open(path, readonly=True)
+        return QcowFile.open(path, readonly=True, confine_to=confine_to, force_share=args.force_share)
 
 
 def image_format(img: AnyImage) -> str:
@@ -429,7 +439,7 @@ def format_human(info: ImageInfo) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
-    img = open_image(args.image)
+    img = open_image(args.image, args)
     try:
         infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
     finally:
@@ -479,6 +489,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     """`qcowdisk create`: make a new qcow2 image (qemu-img create syntax)."""
     if args.format != "qcow2":
         raise UsageError(f"Unsupported format '{args.format}': qcowdisk creates qcow2 images only")
+    confine_to = confine_dir(args)
     try:
         kw, given = create_options(split_options(args.options))
         size = parse_size(args.size) if args.size is not None else kw.pop("size", None)
@@ -503,11 +514,17 @@ def cmd_create(args: argparse.Namespace) -> int:
     else:
         # The name is stored as given and, like QEMU, resolved against the new image's directory.
         backing_path = combine_path(args.image, backing)
-        if backing_format is None:
-            try:
+        options = OpenOptions(readonly=True, confine_to=confine_to)
+        try:
+            formats.check_confined(backing_path, options, "backing file", args.image)
+            if backing_format is None:
                 backing_format = probe_format(backing_path)
-            except (QcowError, OSError) as e:
-                raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': {why(e, backing_path)}") from e
+            if size is None:  # the backing file's size; its chain confined as well
+                chain = (os.path.realpath(args.image),)
+                with contextlib.closing(formats.open_backing(args.image, backing, backing_format, options, chain)) as b:
+                    size = b.virtual_size
+        except (QcowError, OSError) as e:
+            raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': {why(e, backing_path)}") from e
         shown_kw = {**kw, "backing_file": backing, "backing_format": backing_format}
         disk = QcowFile.create_from_backing(args.image, backing, backing_format=backing_format,
                                             size=size, **create_kw)
@@ -573,6 +590,7 @@ def cmd_write(args: argparse.Namespace) -> int:
             raise ValueError("give a FILE (or '-') or --pattern BYTE --length N")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    confine_to = confine_dir(args)
     with contextlib.ExitStack() as stack:
         source: BinaryIO | None = None
         if name is not None:
@@ -587,7 +605,7 @@ def cmd_write(args: argparse.Namespace) -> int:
             except (OSError, ValueError):  # a stdin without a descriptor: its length is unknown
                 length = None
         with opening(args.image):
-            disk = stack.enter_context(QcowFile.open(args.image))
+            disk = stack.enter_context(QcowFile.open(args.image, confine_to=confine_to))
 
         def put(pos: int, data: memoryview) -> None:
             if offset + pos + len(data) > disk.virtual_size:
@@ -628,7 +646,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         length = parse_size(args.length)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    img = open_image(args.image)
+    img = open_image(args.image, args)
     try:
         if offset + length > img.virtual_size:
             raise UsageError("read failed: Input/output error")  # qemu-io's words
@@ -718,11 +736,12 @@ def cmd_map(args: argparse.Namespace) -> int:
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=f"Try '{PROG} --help' for more information\n")
     path = args.image[0]
+    options = OpenOptions(readonly=True, confine_to=confine_dir(args), force_share=args.force_share)
     with opening(path):
         fmt = args.format or probe_format(path)
         if fmt not in format_names():
             return err(f"Could not open '{path}': Unknown driver '{fmt}'")
-        img = formats.open_image(path, fmt, OpenOptions(readonly=True))
+        img = formats.open_image(path, fmt, options)
     out = sys.stdout
     try:
         human = args.output == "human"
@@ -825,9 +844,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def confine(sp: argparse.ArgumentParser, what: str = "the image") -> None:
+        sp.add_argument("--confine-to", metavar="DIR",
+                        help=f"refuse backing and data files {what} names that resolve outside DIR")
+
+    def force_share(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-U", "--force-share", action="store_true",
+                        help="neither take nor honour the image lock (qemu-img -U); may see it inconsistent")
+
     pi = sub.add_parser("info", help="show image metadata (like qemu-img info)")
     pi.add_argument("--output", choices=("human", "json"), default="human")
     pi.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    confine(pi)
+    force_share(pi)
     pi.add_argument("image", metavar="IMAGE")
     pi.set_defaults(func=cmd_info)
 
@@ -838,6 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                     help="comma-separated name=value creation options")
     pc.add_argument("-q", dest="quiet", action="store_true", help="do not print the Formatting line")
+    confine(pc, "the new image")
     pc.add_argument("image", metavar="IMAGE")
     pc.add_argument("size", metavar="SIZE", nargs="?", help="virtual size, e.g. 10G (optional with -b)")
     pc.set_defaults(func=cmd_create)
@@ -849,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--pattern", metavar="BYTE", help="byte value to repeat (e.g. 0xab)")
     pw.add_argument("--length", metavar="N", help="how many pattern bytes")
     pw.add_argument("-q", dest="quiet", action="store_true")
+    confine(pw)
     pw.set_defaults(func=cmd_write)
 
     pm = sub.add_parser("map", help="show where the guest disk's data lives (like qemu-img map)")
@@ -856,7 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("-s", "--start-offset", dest="start_offset", metavar="OFFSET", help="first guest byte to map")
     pm.add_argument("-l", "--max-length", dest="max_length", metavar="LENGTH", help="how many bytes to map at most")
     pm.add_argument("-f", dest="format", metavar="FMT", help="image format (qcow2, qcow, raw; probed if omitted)")
-    pm.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    confine(pm)
+    force_share(pm)
     pm.add_argument("image", metavar="IMAGE", nargs="*")
     pm.set_defaults(func=cmd_map)
 
@@ -865,6 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("offset", metavar="OFFSET")
     pr.add_argument("length", metavar="LENGTH")
     pr.add_argument("--hexdump", action="store_true", help="print a hex dump instead of raw bytes")
+    confine(pr)
+    force_share(pr)
     pr.set_defaults(func=cmd_read)
     return p
 

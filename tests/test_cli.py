@@ -7,13 +7,18 @@ options in `qemu-img info`. Also runs tools/quickstart.py end to end.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -618,6 +623,115 @@ def test_read_into_a_closed_pipe(tmp_path: Path) -> None:
     p.stderr.close()
     assert p.wait(timeout=60) == 1
     assert err == b""
+
+
+# --------------------------------------------------------------------------- --confine-to, -U
+
+
+def test_confine_to_refuses_a_backing_file_outside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    top = create(str(tmp_path / "top.qcow2"), "1M", backing="/etc/passwd", backing_fmt="raw")
+    with open("/etc/passwd", "rb") as f:
+        head = f.read(16)
+    d = str(tmp_path)
+    for command, rest in (("info", []), ("map", []), ("read", ["0", "16"]),
+                          ("write", ["0", "--pattern", "1", "--length", "1"])):
+        status, out, err = run_cli(capsys, command, "--confine-to", d, top, *rest)
+        assert (status, out) == (1, ""), (command, err)
+        assert err.startswith(f"qcowdisk: Could not open '{top}': backing file '/etc/passwd'"), err
+        assert f"outside the directory '{d}'" in err and err.count("\n") == 1, err
+    p = run_cmd("read", top, "0", "16")  # without it, QEMU's rules: the backing file is read
+    assert p.returncode == 0 and p.stdout == head
+    assert run_cli(capsys, "info", "--backing-chain", top)[0] == 0
+    # create probes (and sizes from) the backing file it is given: confined too
+    new = str(tmp_path / "new.qcow2")
+    status, _, err = run_cli(capsys, "create", "--confine-to", d, "-b", "/etc/passwd", "-F", "raw", new)
+    assert status == 1 and not os.path.exists(new)
+    assert err.startswith(f"qcowdisk: {new}: Could not open backing file '/etc/passwd': backing file '/etc/passwd'")
+    assert f"outside the directory '{d}'" in err
+    # ... and so is the backing file's own chain when the size comes from it
+    status, _, err = run_cli(capsys, "create", "--confine-to", d, "-b", top, "-F", "qcow2", new)
+    assert status == 1 and not os.path.exists(new) and "'/etc/passwd'" in err
+    assert run_cli(capsys, "create", "-q", "-b", "/etc/passwd", "-F", "raw", new)[0] == 0
+    ref = str(tmp_path / "ref.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", ref)
+    assert info(new)["virtual-size"] == info(ref)["virtual-size"]
+
+
+def test_confine_to_accepts_a_chain_inside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sub").mkdir()
+    write_raw(str(tmp_path / "sub" / "base.raw"), pattern(MiB, seed=8))
+    mid = create(str(tmp_path / "sub" / "mid.qcow2"), "1M", backing="base.raw", backing_fmt="raw")
+    top = str(tmp_path / "top.qcow2")
+    d = str(tmp_path)
+    status, _, err = run_cli(capsys, "create", "-q", "--confine-to", d, "-b", mid, top)
+    assert status == 0, err
+    assert cli_info(capsys, top, "--backing-chain", "--confine-to", d) == [shared(i) for i in info(top, "--backing-chain")]
+    status, out, _ = run_cli(capsys, "map", "--confine-to", d, "--output=json", top)
+    assert status == 0 and json.loads(out) == json.loads(qemu_img("map", "--output=json", top).stdout)
+    assert run_cli(capsys, "write", "-q", "--confine-to", d, top, "0", "--pattern", "9", "--length", "512")[0] == 0
+    p = run_cmd("read", "--confine-to", d, top, "0", "1M")
+    assert p.returncode == 0 and p.stdout == b"\x09" * 512 + pattern(MiB, seed=8)[512:]
+    # The image itself may lie outside DIR: only the files it names are confined.
+    status, _, err = run_cli(capsys, "info", "--confine-to", str(tmp_path / "sub"), top)
+    assert status == 0, err
+    # A name inside DIR that is a symlink to a file outside is refused (the check follows symlinks).
+    os.symlink("/etc/passwd", tmp_path / "sub" / "link.raw")
+    sneaky = create(str(tmp_path / "sneaky.qcow2"), "1M", backing="sub/link.raw", backing_fmt="raw")
+    status, _, err = run_cli(capsys, "read", "--confine-to", d, sneaky, "0", "1")
+    assert status == 1 and "resolves to '/etc/passwd'" in err and f"outside the directory '{d}'" in err
+
+
+@contextlib.contextmanager
+def qemu_io_holding(image: str) -> Iterator[subprocess.Popen[bytes]]:
+    """An interactive qemu-io with the image open for writing (its locks held) until the block ends."""
+    p = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        # Its first prompt comes once the image is open. (Not polled with qemu-img info: that
+        # takes a shared lock, and qemu-io's open fails if it comes in between.)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while not seen.endswith(b"qemu-io> "):
+            assert select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], seen
+            chunk = p.stdout.read1(4096)
+            assert chunk, f"qemu-io exited: {seen!r}"
+            seen += chunk
+        yield p
+    finally:
+        p.stdin.close()  # end of input: qemu-io quits
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        p.stdout.close()
+
+
+def test_force_share_reads_an_image_qemu_io_holds(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    img = create(str(tmp_path / "busy.qcow2"), "4M")
+    qemu_io(img, "write -P 0x6b 1M 64k")
+
+    def run(*args: str) -> tuple[int, bytes, str]:
+        status = cli.main(list(args))
+        out, err = capsysbinary.readouterr()
+        return status, out, err.decode()
+
+    with qemu_io_holding(img):
+        for args in (["info", img], ["map", img], ["read", img, "1M", "16"]):
+            status, out, err = run(*args)
+            assert (status, out) == (1, b""), args
+            assert err.startswith(f"qcowdisk: Could not open '{img}': ") and "lock" in err, err
+        status, out, err = run("info", "-U", img)
+        assert status == 0, err
+        assert out.decode() == qemu_img("info", "-U", img).stdout
+        status, out, err = run("map", "--force-share", img)
+        assert status == 0, err
+        assert out.decode() == qemu_img("map", "-U", img).stdout
+        assert run("read", "-U", img, "1M", "16") == (0, b"\x6b" * 16, "")
+        status, _, err = run("write", img, "0", "--pattern", "1", "--length", "1")  # no -U for writes
+        assert status == 1 and "lock" in err
+    assert run("info", img)[0] == 0  # released
 
 
 # --------------------------------------------------------------------------- quickstart
