@@ -14,6 +14,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -465,6 +466,185 @@ def test_python_dash_m_qcowdisk(tmp_path: Path) -> None:
     assert p.stdout.decode() == qemu_img("info", img).stdout
     p = run_cmd()
     assert p.returncode == 1 and p.stderr.startswith(b"qcowdisk: ")
+
+
+# --------------------------------------------------------------------------- bad arguments
+#
+# Every subcommand with bad values, bad files and bad options, each in its own directory holding
+# img.qcow2 (1 MiB, qcow2), src.bin (4 KiB), text.txt, a directory, a FIFO and a socket; names
+# are relative to it. Each must exit 1 with one `qcowdisk: ` message containing the needle, print
+# nothing on stdout, and leave img.qcow2 as it was and new.qcow2 uncreated. (Every line is prefixed:
+# map splits one message over two lines as qemu-img does.)
+
+BAD_ARGS: list[tuple[list[str], str]] = [
+    ([], "the following arguments are required: COMMAND"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["--bogus"], "the following arguments are required: COMMAND"),  # argparse checks that first
+    # info
+    (["info"], "the following arguments are required: IMAGE"),
+    (["info", "--bogus", "img.qcow2"], "unrecognized arguments: --bogus"),
+    (["info", "--output=xml", "img.qcow2"], "invalid choice: 'xml'"),
+    (["info", "missing.qcow2"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["info", "dir"], "Could not open 'dir': 'dir' is a directory, not a regular file or block device"),
+    (["info", "fifo"], "Could not open 'fifo': 'fifo' is a FIFO, not a regular file or block device"),
+    (["info", "sock"], "Could not open 'sock': 'sock' is a socket, not a regular file or block device"),
+    (["info", "/dev/null"], "Could not open '/dev/null': '/dev/null' is a character device"),
+    (["info", "text.txt"], "Could not open 'text.txt': "),
+    (["info", "--confine-to", "missing", "img.qcow2"], "--confine-to 'missing': not a directory"),
+    (["info", "--confine-to"], "argument --confine-to: expected one argument"),
+    # create
+    (["create", "new.qcow2"], "new.qcow2: Image creation needs a size parameter"),
+    (["create", "new.qcow2", "1Q"], "Invalid size '1Q'"),
+    (["create", "new.qcow2", "-1"], "Invalid size '-1'"),
+    (["create", "new.qcow2", "8E"], "Invalid size '8E'"),
+    (["create", "new.qcow2", "1M", "2M"], "unrecognized arguments: 2M"),
+    (["create", "-o", "cluster_size=zz", "new.qcow2", "1M"], "Invalid size 'zz'"),
+    (["create", "-o", "nosuch=1", "new.qcow2", "1M"], "Invalid parameter 'nosuch'"),
+    (["create", "-o", "refcount_bits=3", "new.qcow2", "1M"], "got 3"),
+    (["create", "-f", "vmdk", "new.qcow2", "1M"], "Unsupported format 'vmdk'"),
+    (["create", "-f"], "argument -f: expected one argument"),
+    (["create", "-x", "new.qcow2", "1M"], "unrecognized arguments: -x"),
+    (["create", "-F", "raw", "new.qcow2", "1M"], "Backing format cannot be used without backing file"),
+    (["create", "-b", "missing.qcow2", "new.qcow2"], "Could not open backing file 'missing.qcow2': No such file"),
+    (["create", "-b", "dir", "new.qcow2"], "Could not open backing file 'dir': 'dir' is a directory"),
+    (["create", "-b", "fifo", "new.qcow2"], "Could not open backing file 'fifo': 'fifo' is a FIFO"),
+    (["create", "-b", "/dev/null", "new.qcow2"], "'/dev/null' is a character device"),
+    (["create", "-b", "img.qcow2", "-F", "vmdk", "new.qcow2"], "Could not open backing file 'img.qcow2'"),
+    (["create", "--confine-to", "dir", "-b", "img.qcow2", "new.qcow2"], "outside the directory 'dir'"),
+    (["create", "missing/new.qcow2", "1M"], "missing/new.qcow2"),
+    # write
+    (["write", "img.qcow2"], "the following arguments are required: OFFSET"),
+    (["write", "img.qcow2", "0"], "give a FILE"),
+    (["write", "img.qcow2", "0", "--pattern", "zz", "--length", "1"], "zz is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "256", "--length", "1"], "256 is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "-1", "--length", "1"], "-1 is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "08", "--length", "1"], "08 is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "1"], "--pattern needs --length"),
+    (["write", "img.qcow2", "0", "--pattern", "1", "--length", "x"], "Invalid size 'x'"),
+    (["write", "img.qcow2", "0", "src.bin", "--length", "1"], "--length goes with --pattern only"),
+    (["write", "img.qcow2", "-512", "src.bin"], "Invalid size '-512'"),
+    (["write", "img.qcow2", "1M", "--pattern", "1", "--length", "1"], "write failed: Input/output error"),
+    (["write", "img.qcow2", "0", "--pattern", "1", "--length", "7E"], "write failed: Input/output error"),
+    (["write", "img.qcow2", "1021k", "src.bin"], "write failed: Input/output error"),
+    (["write", "img.qcow2", "0", "missing.bin"], "Could not open 'missing.bin': No such file or directory"),
+    (["write", "img.qcow2", "0", "dir"], "Could not open 'dir': Is a directory"),
+    (["write", "missing.qcow2", "0", "src.bin"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["write", "dir", "0", "src.bin"], "Could not open 'dir': 'dir' is a directory"),
+    (["write", "fifo", "0", "src.bin"], "Could not open 'fifo': 'fifo' is a FIFO"),
+    (["write", "/dev/null", "0", "src.bin"], "'/dev/null' is a character device"),
+    (["write", "text.txt", "0", "src.bin"], "Could not open 'text.txt': "),
+    (["write", "-U", "img.qcow2", "0", "src.bin"], "unrecognized arguments: -U"),
+    (["write", "--confine-to", "missing", "img.qcow2", "0", "src.bin"], "--confine-to 'missing': not a directory"),
+    # read
+    (["read", "img.qcow2", "0"], "the following arguments are required: LENGTH"),
+    (["read", "img.qcow2", "0", "2M"], "read failed: Input/output error"),
+    (["read", "img.qcow2", "2M", "0"], "read failed: Input/output error"),
+    (["read", "img.qcow2", "0", "7E"], "read failed: Input/output error"),
+    (["read", "img.qcow2", "-1", "1"], "Invalid size '-1'"),
+    (["read", "img.qcow2", "0", "-1"], "Invalid size '-1'"),
+    (["read", "img.qcow2", "zz", "1"], "Invalid size 'zz'"),
+    (["read", "img.qcow2", "0", "8E"], "Invalid size '8E'"),
+    (["read", "img.qcow2", "0", "1", "--bogus"], "unrecognized arguments: --bogus"),
+    (["read", "missing.qcow2", "0", "1"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["read", "dir", "0", "1"], "Could not open 'dir': 'dir' is a directory"),
+    (["read", "fifo", "0", "1"], "Could not open 'fifo': 'fifo' is a FIFO"),
+    (["read", "sock", "0", "1"], "Could not open 'sock': 'sock' is a socket"),
+    (["read", "/dev/null", "0", "1"], "'/dev/null' is a character device"),
+    (["read", "--confine-to", "src.bin", "img.qcow2", "0", "1"], "--confine-to 'src.bin': not a directory"),
+    # map
+    (["map"], "Expecting one image file name"),
+    (["map", "-s", "-1", "img.qcow2"], "Invalid start offset specified"),
+    (["map", "-l", "zz", "img.qcow2"], "Invalid max length specified"),
+    (["map", "--output=xml", "img.qcow2"], "--output must be used with human or json as argument."),
+    (["map", "-f", "vmdk", "img.qcow2"], "Could not open 'img.qcow2': Unknown driver 'vmdk'"),
+    (["map", "-f"], "argument -f: expected one argument"),
+    (["map", "missing.qcow2"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["map", "dir"], "Could not open 'dir': 'dir' is a directory"),
+    (["map", "fifo"], "Could not open 'fifo': 'fifo' is a FIFO"),
+    (["map", "/dev/null"], "'/dev/null' is a character device"),
+    (["map", "-U", "--confine-to", "missing", "img.qcow2"], "--confine-to 'missing': not a directory"),
+]
+
+
+# Runs each case in a process of its own, as `python -m qcowdisk` would, but forked from one that
+# has imported qcowdisk already (84 fresh interpreters would cost about 20 s): stdin /dev/null,
+# stdout and stderr to files, an uncaught exception printed by traceback as the interpreter does.
+_FORK_RUNNER = r"""
+import json, os, runpy, sys, traceback
+import qcowdisk.cli
+results = []
+for cwd, args in json.load(sys.stdin):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(cwd)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(os.open("stdout.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+            os.dup2(os.open("stderr.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+            sys.argv = ["qcowdisk", *args]
+            try:
+                runpy.run_module("qcowdisk", run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+json.dump(results, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_arg_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, subprocess.CompletedProcess[bytes]]]:
+    """Every BAD_ARGS case run in a directory of its own: {case: (directory, what the process did)}."""
+    root = tmp_path_factory.mktemp("badargs")
+    img = create(str(root / "img.qcow2"), "1M")
+    qemu_io(img, "write -P 0x3c 0 64k")
+    dirs = []
+    for i in range(len(BAD_ARGS)):
+        d = root / f"case{i}"
+        d.mkdir()
+        (d / "img.qcow2").write_bytes(Path(img).read_bytes())
+        (d / "src.bin").write_bytes(pattern(4096))
+        (d / "text.txt").write_text("not an image\n")
+        (d / "dir").mkdir()
+        os.mkfifo(d / "fifo")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(d / "sock"))
+        dirs.append(d)
+    cases = json.dumps([[str(d), args] for d, (args, _) in zip(dirs, BAD_ARGS, strict=True)])
+    p = subprocess.run([sys.executable, "-c", _FORK_RUNNER], input=cases.encode(), capture_output=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300, check=True)
+    codes = json.loads(p.stdout)
+    return {i: (d, subprocess.CompletedProcess(BAD_ARGS[i][0], codes[i], (d / "stdout.out").read_bytes(),
+                                               (d / "stderr.out").read_bytes()))
+            for i, d in enumerate(dirs)}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGS)), ids=[" ".join(a) or "(none)" for a, _ in BAD_ARGS])
+def test_bad_arguments_exit_1_with_one_message(case: int, bad_arg_runs: dict[int, tuple[Path, Any]]) -> None:
+    args, needle = BAD_ARGS[case]
+    d, p = bad_arg_runs[case]
+    err = p.stderr.decode()
+    assert p.returncode == 1, (args, err)
+    assert err.startswith("qcowdisk: "), err
+    assert "Traceback" not in err and "qcowdisk: error:" not in err
+    assert needle in err.splitlines()[0], err
+    hint = "Try 'qcowdisk --help' for more information"  # qemu-img's line after a usage error
+    assert all(line.startswith("qcowdisk: ") for line in err.splitlines() if line != hint), err
+    assert p.stdout == b""
+    assert not (d / "new.qcow2").exists()
+    assert (d / "img.qcow2").read_bytes() == (d.parent / "img.qcow2").read_bytes()
+    if case % 8 == 0:  # now and then, the same again from a fresh `python -m qcowdisk`
+        fresh = run_cmd(*args, cwd=d)
+        assert (fresh.returncode, fresh.stdout, fresh.stderr) == (p.returncode, p.stdout, p.stderr)
 
 
 # --------------------------------------------------------------------------- errors: qemu-img's form
