@@ -14,6 +14,7 @@ Layout (each layer imports only from the ones before it):
 """
 
 from . import qcow1, raw  # noqa: F401  (importing a format registers it)
+from ._version import __version__ as __version__  # the installed version, "0+unknown" in a bare tree
 from .errors import (
     BackingChainError,
     CorruptImageError,

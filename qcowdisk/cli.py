@@ -7,23 +7,29 @@ QEMU's layout and size formatting. Paths are reported the way QEMU reports them:
 command line, and backing files joined to the directory of the image that names them, without
 normalisation.
 
-Every image is read through `QcowFile.open(path, readonly=True)`; any `QcowError` (or OS error)
-becomes `qcowdisk: error: <message>` on stderr and exit status 1.
+Every image is read through `QcowFile.open(path, readonly=True)` (`--confine-to` and `-U` passed
+on as `confine_to` and `force_share`). Every failure, a bad argument included, is one line
+`qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image that cannot be
+opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's `Try ... --help`
+hint line. `read` and `write` stream through a bounded buffer, whatever the length.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import stat
 import sys
 import time
-from collections.abc import Sequence
-from typing import BinaryIO, Protocol, TypedDict
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, NoReturn, Protocol, TypedDict
 
 from . import formats
+from ._version import __version__
 from .blockstatus import qemu_length
 from .errors import QcowError
 from .formats import OpenOptions, format_names, probe_format
@@ -44,7 +50,46 @@ _SIZE_HINT = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes,
 
 
 class UsageError(Exception):
-    """A bad command-line value (size, option); reported like an image error, exit status 1."""
+    """A failure worded for the user (a bad value, a file that cannot be opened): `qcowdisk: <message>`, status 1."""
+
+
+class ArgumentsError(UsageError):
+    """argparse's usage error (unknown option, missing argument): also gets qemu-img's `Try ... --help` line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors reported as qemu-img reports them (status 1, not argparse's 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(message)
+
+
+CHUNK = 1 << 20  # read and write stream through buffers this large
+HEXDUMP_CHUNK = 16 << 10  # --hexdump's text is about 4.3 times the bytes: smaller steps
+
+
+def why(e: QcowError | OSError, path: str | None = None) -> str:
+    """The reason in an error: an OS error's strerror (with its file name unless that is `path`)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror if e.filename in (None, path) else f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+@contextlib.contextmanager
+def opening(path: str) -> Iterator[None]:
+    """Report an image (or file) that cannot be opened as qemu-img does: `Could not open 'PATH': why`."""
+    try:
+        yield
+    except (QcowError, OSError) as e:
+        raise UsageError(f"Could not open '{path}': {why(e, path)}") from e
+
+
+def confine_dir(args: argparse.Namespace) -> str | None:
+    """The --confine-to directory, checked to be one (None when not given)."""
+    path: str | None = args.confine_to
+    if path is not None and not os.path.isdir(path):
+        raise UsageError(f"--confine-to '{path}': not a directory")
+    return path
 
 
 class AnyImage(Protocol):
@@ -244,15 +289,11 @@ def size_to_str(value: int) -> str:
 # info
 # --------------------------------------------------------------------------------------------
 
-def open_image(path: str) -> QcowFile | Qcow1File:
-    """Open an image read-only: qcow v1 through qcowdisk.qcow1, everything else as QcowFile."""
-    try:
-        fmt = probe_format(path)
-    except OSError:
-        fmt = "qcow2"  # let QcowFile.open report the missing file in its own words
-    if fmt == "qcow":
-        return Qcow1File.open(path, readonly=True)
-    return QcowFile.open(path, readonly=True)
+def open_image(path: str, args: argparse.Namespace) -> QcowFile | Qcow1File:
+    """Open an image read-only (qcow2, or qcow v1) with the command's --confine-to and -U."""
+    confine_to = confine_dir(args)
+    with opening(path):
+        return QcowFile.open(path, readonly=True, confine_to=confine_to, force_share=args.force_share)
 
 
 def image_format(img: AnyImage) -> str:
@@ -398,7 +439,7 @@ def format_human(info: ImageInfo) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
-    img = open_image(args.image)
+    img = open_image(args.image, args)
     try:
         infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
     finally:
@@ -448,6 +489,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     """`qcowdisk create`: make a new qcow2 image (qemu-img create syntax)."""
     if args.format != "qcow2":
         raise UsageError(f"Unsupported format '{args.format}': qcowdisk creates qcow2 images only")
+    confine_to = confine_dir(args)
     try:
         kw, given = create_options(split_options(args.options))
         size = parse_size(args.size) if args.size is not None else kw.pop("size", None)
@@ -472,12 +514,17 @@ def cmd_create(args: argparse.Namespace) -> int:
     else:
         # The name is stored as given and, like QEMU, resolved against the new image's directory.
         backing_path = combine_path(args.image, backing)
-        if backing_format is None:
-            try:
+        options = OpenOptions(readonly=True, confine_to=confine_to)
+        try:
+            formats.check_confined(backing_path, options, "backing file", args.image)
+            if backing_format is None:
                 backing_format = probe_format(backing_path)
-            except OSError as e:
-                raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': "
-                                 f"{e.strerror}") from None
+            if size is None:  # the backing file's size; its chain confined as well
+                chain = (os.path.realpath(args.image),)
+                with contextlib.closing(formats.open_backing(args.image, backing, backing_format, options, chain)) as b:
+                    size = b.virtual_size
+        except (QcowError, OSError) as e:
+            raise UsageError(f"{args.image}: Could not open backing file '{backing_path}': {why(e, backing_path)}") from e
         shown_kw = {**kw, "backing_file": backing, "backing_format": backing_format}
         disk = QcowFile.create_from_backing(args.image, backing, backing_format=backing_format,
                                             size=size, **create_kw)
@@ -492,66 +539,135 @@ def cmd_create(args: argparse.Namespace) -> int:
 # read / write (small helpers for demos and scripts)
 # --------------------------------------------------------------------------------------------
 
+_PRINTABLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))  # hexdump's text column
+
+
 def hexdump(data: bytes, base: int = 0) -> str:
     """qemu-io style hex dump: 16 bytes a line, offset, hex, printable ASCII."""
     lines = []
+    text = data.translate(_PRINTABLE).decode("ascii")
     for pos in range(0, len(data), 16):
-        chunk = data[pos:pos + 16]
-        hexpart = " ".join(f"{b:02x}" for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{base + pos:08x}:  {hexpart:<47}  {text}")
+        lines.append(f"{base + pos:08x}:  {data[pos:pos + 16].hex(' '):<47}  {text[pos:pos + 16]}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+_PATTERN_RE = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def pattern_byte(text: str) -> int:
+    """qemu-io's pattern byte: a C integer (decimal, 0x hex, 0 octal, as strtol reads it) in 0..255."""
+    if _PATTERN_RE.fullmatch(text):
+        digits = text.lstrip("+-")
+        value = int(digits, 16 if digits[:2].lower() == "0x" else 8 if digits[0] == "0" else 10)
+        if text[0] == "-":
+            value = -value
+        if 0 <= value <= 255:
+            return value
+    raise ValueError(f"{text} is not a valid pattern byte")  # qemu-io's words
+
+
 def cmd_write(args: argparse.Namespace) -> int:
-    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset."""
+    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset.
+
+    The bytes stream through a buffer of CHUNK bytes. A write past the end of the disk fails as
+    `qemu-io -c write` does (`write failed: Input/output error`), before anything is written
+    when the length is known (a pattern, a regular file); from a pipe, the chunks before the
+    one that would cross the end are written first.
+    """
     try:
         offset = parse_size(args.offset)
+        name: str | None = args.source  # the file to copy ('-': stdin), or None with --pattern
+        byte = length = None
         if args.pattern is not None:
-            if args.length is None or args.source is not None:
+            if args.length is None or name is not None:
                 raise ValueError("--pattern needs --length and no FILE")
-            byte = int(args.pattern, 0)
-            if not 0 <= byte <= 255:
-                raise ValueError(f"--pattern {args.pattern}: must be a byte value 0..255")
-            data = bytes([byte]) * parse_size(args.length)
-        elif args.source is not None:
+            byte = pattern_byte(args.pattern)
+            length = parse_size(args.length)
+        elif name is not None:
             if args.length is not None:
                 raise ValueError("--length goes with --pattern only")
-            data = sys.stdin.buffer.read() if args.source == "-" else _read_file(args.source)
         else:
             raise ValueError("give a FILE (or '-') or --pattern BYTE --length N")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    with QcowFile.open(args.image) as disk:
-        disk.write_at(offset, data)
+    confine_to = confine_dir(args)
+    with contextlib.ExitStack() as stack:
+        source: BinaryIO | None = None
+        if name is not None:
+            if name == "-":
+                source = sys.stdin.buffer
+            else:
+                with opening(name):
+                    source = stack.enter_context(open(name, "rb"))
+            try:
+                st = os.fstat(source.fileno())
+                length = st.st_size if stat.S_ISREG(st.st_mode) else None
+            except (OSError, ValueError):  # a stdin without a descriptor: its length is unknown
+                length = None
+        with opening(args.image):
+            disk = stack.enter_context(QcowFile.open(args.image, confine_to=confine_to))
+
+        def put(pos: int, data: memoryview) -> None:
+            if offset + pos + len(data) > disk.virtual_size:
+                raise UsageError("write failed: Input/output error")  # qemu-io's words
+            try:
+                disk.write_at(offset + pos, data)
+            except (QcowError, OSError) as e:
+                raise UsageError(f"write failed: {why(e)}") from e
+
+        if offset + (length or 0) > disk.virtual_size:  # a known length fails before anything is written
+            raise UsageError("write failed: Input/output error")
+        written = 0
+        if source is None:
+            assert byte is not None and length is not None
+            block = memoryview(bytes([byte]) * min(length, CHUNK))
+            while written < length:
+                n = min(len(block), length - written)
+                put(written, block[:n])
+                written += n
+        else:
+            while data := source.read(CHUNK):
+                put(written, memoryview(data))
+                written += len(data)
     if not args.quiet:
-        print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
+        print(f"wrote {written}/{written} bytes at offset {offset}")
     return 0
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def cmd_read(args: argparse.Namespace) -> int:
-    """`qcowdisk read`: copy guest bytes to stdout (raw, or as a hex dump with --hexdump)."""
+    """`qcowdisk read`: copy guest bytes to stdout (raw, or as a hex dump with --hexdump).
+
+    The bytes stream through a buffer of CHUNK bytes (HEXDUMP_CHUNK with --hexdump). A range
+    past the end of the disk fails before any output, as `qemu-io -c read` does:
+    `read failed: Input/output error`, status 1.
+    """
     try:
         offset = parse_size(args.offset)
         length = parse_size(args.length)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    img = open_image(args.image)
+    img = open_image(args.image, args)
     try:
-        data = img.read_at(offset, length)
+        if offset + length > img.virtual_size:
+            raise UsageError("read failed: Input/output error")  # qemu-io's words
+        step = HEXDUMP_CHUNK if args.hexdump else CHUNK
+        buf = memoryview(bytearray(min(length, step)))
+        out: BinaryIO = sys.stdout.buffer
+        pos = 0
+        while pos < length:
+            data = buf[:min(step, length - pos)]
+            try:
+                img.readinto_at(data, offset + pos)
+            except (QcowError, OSError) as e:
+                raise UsageError(f"read failed: {why(e)}") from e
+            if args.hexdump:
+                sys.stdout.write(hexdump(bytes(data), offset + pos))
+            else:
+                out.write(data)
+            pos += len(data)
+        sys.stdout.flush()
     finally:
         img.close()
-    if args.hexdump:
-        sys.stdout.write(hexdump(data, offset))
-    else:
-        out: BinaryIO = sys.stdout.buffer
-        out.write(data)
-        out.flush()
     return 0
 
 
@@ -567,9 +683,6 @@ def cmd_map(args: argparse.Namespace) -> int:
     an image to open that is not exactly one, and, in the human format, an extent stored
     without a host offset (compressed clusters), after the lines before it.
     """
-    from collections.abc import Iterator
-
-
     def err(*lines: str, hint: str = "") -> int:
         sys.stdout.flush()
         for line in lines:  # error_report: one prefixed line each
@@ -623,10 +736,12 @@ def cmd_map(args: argparse.Namespace) -> int:
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=f"Try '{PROG} --help' for more information\n")
     path = args.image[0]
-    fmt = args.format or probe_format(path)
-    if fmt not in format_names():
-        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
-    img = formats.open_image(path, fmt, OpenOptions(readonly=True))
+    options = OpenOptions(readonly=True, confine_to=confine_dir(args), force_share=args.force_share)
+    with opening(path):
+        fmt = args.format or probe_format(path)
+        if fmt not in format_names():
+            return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+        img = formats.open_image(path, fmt, options)
     out = sys.stdout
     try:
         human = args.output == "human"
@@ -725,12 +840,23 @@ def _qemu_strtosz(text: str) -> tuple[int, bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    p = argparse.ArgumentParser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
+    p = Parser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
+    p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def confine(sp: argparse.ArgumentParser, what: str = "the image") -> None:
+        sp.add_argument("--confine-to", metavar="DIR",
+                        help=f"refuse backing and data files {what} names that resolve outside DIR")
+
+    def force_share(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-U", "--force-share", action="store_true",
+                        help="neither take nor honour the image lock (qemu-img -U); may see it inconsistent")
 
     pi = sub.add_parser("info", help="show image metadata (like qemu-img info)")
     pi.add_argument("--output", choices=("human", "json"), default="human")
     pi.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    confine(pi)
+    force_share(pi)
     pi.add_argument("image", metavar="IMAGE")
     pi.set_defaults(func=cmd_info)
 
@@ -741,6 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                     help="comma-separated name=value creation options")
     pc.add_argument("-q", dest="quiet", action="store_true", help="do not print the Formatting line")
+    confine(pc, "the new image")
     pc.add_argument("image", metavar="IMAGE")
     pc.add_argument("size", metavar="SIZE", nargs="?", help="virtual size, e.g. 10G (optional with -b)")
     pc.set_defaults(func=cmd_create)
@@ -752,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--pattern", metavar="BYTE", help="byte value to repeat (e.g. 0xab)")
     pw.add_argument("--length", metavar="N", help="how many pattern bytes")
     pw.add_argument("-q", dest="quiet", action="store_true")
+    confine(pw)
     pw.set_defaults(func=cmd_write)
 
     pm = sub.add_parser("map", help="show where the guest disk's data lives (like qemu-img map)")
@@ -759,7 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("-s", "--start-offset", dest="start_offset", metavar="OFFSET", help="first guest byte to map")
     pm.add_argument("-l", "--max-length", dest="max_length", metavar="LENGTH", help="how many bytes to map at most")
     pm.add_argument("-f", dest="format", metavar="FMT", help="image format (qcow2, qcow, raw; probed if omitted)")
-    pm.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    confine(pm)
+    force_share(pm)
     pm.add_argument("image", metavar="IMAGE", nargs="*")
     pm.set_defaults(func=cmd_map)
 
@@ -768,21 +897,34 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("offset", metavar="OFFSET")
     pr.add_argument("length", metavar="LENGTH")
     pr.add_argument("--hexdump", action="store_true", help="print a hex dump instead of raw bytes")
+    confine(pr)
+    force_share(pr)
     pr.set_defaults(func=cmd_read)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status: 0, or 1 after printing `qcowdisk: <message>`."""
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentsError as e:
+        print(f"{PROG}: {e}\nTry '{PROG} --help' for more information", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # the reader went away (`qcowdisk read ... | head`): no more output
+        with contextlib.suppress(OSError, ValueError):  # nor a second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (QcowError, UsageError, OSError, ValueError) as e:
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
         msg = str(e)
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             msg = f"{e.filename}: {e.strerror}"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: {msg}", file=sys.stderr)
         return 1
 
 

@@ -7,17 +7,27 @@ options in `qemu-img info`. Also runs tools/quickstart.py end to end.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import io
 import json
 import os
+import select
+import signal
+import socket
 import subprocess
 import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import qcowdisk
 from qcowdisk import cli
-from qemutools import assert_clean, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
+from qemutools import assert_clean, compare, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -40,6 +50,14 @@ def shared(qemu: dict[str, Any]) -> dict[str, Any]:
         out["format-specific"] = {"type": fs["type"],
                                   "data": {k: v for k, v in fs["data"].items() if k in QCOW2_DATA_KEYS}}
     return out
+
+
+def run_cmd(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m qcowdisk ARGS` from this tree in a subprocess (stdin empty); capture the output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "qcowdisk", *args], capture_output=True, env=env,
+                          timeout=60, check=False, **kwargs)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -210,19 +228,19 @@ def test_info_bad_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     status, out, err = run_cli(capsys, "info", img)
     assert status == 1
     assert out == ""
-    assert err.startswith("qcowdisk: error: ") and "30" in err and err.count("\n") == 1
+    assert err.startswith("qcowdisk: ") and "30" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("content", [b"", b"just some text, not an image\n" * 10])
 def test_info_not_an_image(content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_raw(str(tmp_path / "x.img"), content)
     status, _, err = run_cli(capsys, "info", path)
-    assert status == 1 and err.startswith("qcowdisk: error: ")
+    assert status == 1 and err.startswith("qcowdisk: ")
 
 
 def test_info_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run_cli(capsys, "info", str(tmp_path / "nope.qcow2"))
-    assert status == 1 and err.startswith("qcowdisk: error: ") and "nope.qcow2" in err
+    assert status == 1 and err.startswith("qcowdisk: ") and "nope.qcow2" in err
 
 
 def test_error_via_console_entry_point(tmp_path: Path) -> None:
@@ -231,7 +249,7 @@ def test_error_via_console_entry_point(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "qcowdisk.cli", "info", path], capture_output=True, text=True, check=False)
     assert p.returncode == 1
     assert p.stdout == ""
-    assert p.stderr.startswith("qcowdisk: error: ") and "Traceback" not in p.stderr
+    assert p.stderr.startswith("qcowdisk: ") and "Traceback" not in p.stderr
 
 
 # --------------------------------------------------------------------------- create
@@ -373,7 +391,7 @@ def test_create_rejects_bad_options(args: list[str], needle: str, tmp_path: Path
     img = str(tmp_path / "x.qcow2")
     status, _, err = run_cli(capsys, "create", *args, img, "1M")
     assert status == 1
-    assert err.startswith("qcowdisk: error: ") and needle in err
+    assert err.startswith("qcowdisk: ") and needle in err
     assert not os.path.exists(img)
 
 
@@ -388,7 +406,7 @@ def test_create_engine_refusal_is_reported(tmp_path: Path, capsys: pytest.Captur
         img = str(tmp_path / f"x{len(opts)}.qcow2")
         status, _, err = run_cli(capsys, "create", "-o", opts, img, "1M")
         assert status == 1, opts
-        assert err.startswith("qcowdisk: error: "), err
+        assert err.startswith("qcowdisk: "), err
 
 
 # --------------------------------------------------------------------------- read / write
@@ -414,7 +432,486 @@ def test_write_and_read_helpers(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_write_past_end_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     img = create(str(tmp_path / "small.qcow2"), "1M")
     status, _, err = run_cli(capsys, "write", img, "1M", "--pattern", "1", "--length", "512")
-    assert status == 1 and err.startswith("qcowdisk: error: ")
+    assert status == 1 and err.startswith("qcowdisk: ")
+
+
+# --------------------------------------------------------------------------- --version, python -m qcowdisk
+
+
+def test_version() -> None:
+    installed = importlib.metadata.version("qcowdisk")
+    assert qcowdisk.__version__ == installed
+    p = run_cmd("--version")
+    assert p.returncode == 0 and p.stderr == b""
+    assert p.stdout.decode() == f"qcowdisk version {installed}\n"
+
+
+def test_version_without_an_installation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree imported without installing it has no metadata: the version says so instead of failing."""
+    from qcowdisk import _version
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    with monkeypatch.context() as m:
+        m.setattr(importlib.metadata, "version", missing)
+        assert importlib.reload(_version).__version__ == "0+unknown"
+    assert importlib.reload(_version).__version__ == importlib.metadata.version("qcowdisk")
+
+
+def test_python_dash_m_qcowdisk(tmp_path: Path) -> None:
+    img = create(str(tmp_path / "m.qcow2"), "3M")
+    p = run_cmd("info", img)
+    assert p.returncode == 0 and p.stderr == b""
+    assert p.stdout.decode() == qemu_img("info", img).stdout
+    p = run_cmd()
+    assert p.returncode == 1 and p.stderr.startswith(b"qcowdisk: ")
+
+
+# --------------------------------------------------------------------------- bad arguments
+#
+# Every subcommand with bad values, bad files and bad options, each in its own directory holding
+# img.qcow2 (1 MiB, qcow2), src.bin (4 KiB), text.txt, a directory, a FIFO and a socket; names
+# are relative to it. Each must exit 1 with one `qcowdisk: ` message containing the needle, print
+# nothing on stdout, and leave img.qcow2 as it was and new.qcow2 uncreated. (Every line is prefixed:
+# map splits one message over two lines as qemu-img does.)
+
+BAD_ARGS: list[tuple[list[str], str]] = [
+    ([], "the following arguments are required: COMMAND"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["--bogus"], "the following arguments are required: COMMAND"),  # argparse checks that first
+    # info
+    (["info"], "the following arguments are required: IMAGE"),
+    (["info", "--bogus", "img.qcow2"], "unrecognized arguments: --bogus"),
+    (["info", "--output=xml", "img.qcow2"], "invalid choice: 'xml'"),
+    (["info", "missing.qcow2"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["info", "dir"], "Could not open 'dir': 'dir' is a directory, not a regular file or block device"),
+    (["info", "fifo"], "Could not open 'fifo': 'fifo' is a FIFO, not a regular file or block device"),
+    (["info", "sock"], "Could not open 'sock': 'sock' is a socket, not a regular file or block device"),
+    (["info", "/dev/null"], "Could not open '/dev/null': '/dev/null' is a character device"),
+    (["info", "text.txt"], "Could not open 'text.txt': "),
+    (["info", "--confine-to", "missing", "img.qcow2"], "--confine-to 'missing': not a directory"),
+    (["info", "--confine-to"], "argument --confine-to: expected one argument"),
+    # create
+    (["create", "new.qcow2"], "new.qcow2: Image creation needs a size parameter"),
+    (["create", "new.qcow2", "1Q"], "Invalid size '1Q'"),
+    (["create", "new.qcow2", "-1"], "Invalid size '-1'"),
+    (["create", "new.qcow2", "8E"], "Invalid size '8E'"),
+    (["create", "new.qcow2", "1M", "2M"], "unrecognized arguments: 2M"),
+    (["create", "-o", "cluster_size=zz", "new.qcow2", "1M"], "Invalid size 'zz'"),
+    (["create", "-o", "nosuch=1", "new.qcow2", "1M"], "Invalid parameter 'nosuch'"),
+    (["create", "-o", "refcount_bits=3", "new.qcow2", "1M"], "got 3"),
+    (["create", "-f", "vmdk", "new.qcow2", "1M"], "Unsupported format 'vmdk'"),
+    (["create", "-f"], "argument -f: expected one argument"),
+    (["create", "-x", "new.qcow2", "1M"], "unrecognized arguments: -x"),
+    (["create", "-F", "raw", "new.qcow2", "1M"], "Backing format cannot be used without backing file"),
+    (["create", "-b", "missing.qcow2", "new.qcow2"], "Could not open backing file 'missing.qcow2': No such file"),
+    (["create", "-b", "dir", "new.qcow2"], "Could not open backing file 'dir': 'dir' is a directory"),
+    (["create", "-b", "fifo", "new.qcow2"], "Could not open backing file 'fifo': 'fifo' is a FIFO"),
+    (["create", "-b", "/dev/null", "new.qcow2"], "'/dev/null' is a character device"),
+    (["create", "-b", "img.qcow2", "-F", "vmdk", "new.qcow2"], "Could not open backing file 'img.qcow2'"),
+    (["create", "--confine-to", "dir", "-b", "img.qcow2", "new.qcow2"], "outside the directory 'dir'"),
+    (["create", "missing/new.qcow2", "1M"], "missing/new.qcow2"),
+    # write
+    (["write", "img.qcow2"], "the following arguments are required: OFFSET"),
+    (["write", "img.qcow2", "0"], "give a FILE"),
+    (["write", "img.qcow2", "0", "--pattern", "zz", "--length", "1"], "zz is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "256", "--length", "1"], "256 is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "-1", "--length", "1"], "-1 is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "08", "--length", "1"], "08 is not a valid pattern byte"),
+    (["write", "img.qcow2", "0", "--pattern", "1"], "--pattern needs --length"),
+    (["write", "img.qcow2", "0", "--pattern", "1", "--length", "x"], "Invalid size 'x'"),
+    (["write", "img.qcow2", "0", "src.bin", "--length", "1"], "--length goes with --pattern only"),
+    (["write", "img.qcow2", "-512", "src.bin"], "Invalid size '-512'"),
+    (["write", "img.qcow2", "1M", "--pattern", "1", "--length", "1"], "write failed: Input/output error"),
+    (["write", "img.qcow2", "0", "--pattern", "1", "--length", "7E"], "write failed: Input/output error"),
+    (["write", "img.qcow2", "1021k", "src.bin"], "write failed: Input/output error"),
+    (["write", "img.qcow2", "0", "missing.bin"], "Could not open 'missing.bin': No such file or directory"),
+    (["write", "img.qcow2", "0", "dir"], "Could not open 'dir': Is a directory"),
+    (["write", "missing.qcow2", "0", "src.bin"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["write", "dir", "0", "src.bin"], "Could not open 'dir': 'dir' is a directory"),
+    (["write", "fifo", "0", "src.bin"], "Could not open 'fifo': 'fifo' is a FIFO"),
+    (["write", "/dev/null", "0", "src.bin"], "'/dev/null' is a character device"),
+    (["write", "text.txt", "0", "src.bin"], "Could not open 'text.txt': "),
+    (["write", "-U", "img.qcow2", "0", "src.bin"], "unrecognized arguments: -U"),
+    (["write", "--confine-to", "missing", "img.qcow2", "0", "src.bin"], "--confine-to 'missing': not a directory"),
+    # read
+    (["read", "img.qcow2", "0"], "the following arguments are required: LENGTH"),
+    (["read", "img.qcow2", "0", "2M"], "read failed: Input/output error"),
+    (["read", "img.qcow2", "2M", "0"], "read failed: Input/output error"),
+    (["read", "img.qcow2", "0", "7E"], "read failed: Input/output error"),
+    (["read", "img.qcow2", "-1", "1"], "Invalid size '-1'"),
+    (["read", "img.qcow2", "0", "-1"], "Invalid size '-1'"),
+    (["read", "img.qcow2", "zz", "1"], "Invalid size 'zz'"),
+    (["read", "img.qcow2", "0", "8E"], "Invalid size '8E'"),
+    (["read", "img.qcow2", "0", "1", "--bogus"], "unrecognized arguments: --bogus"),
+    (["read", "missing.qcow2", "0", "1"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["read", "dir", "0", "1"], "Could not open 'dir': 'dir' is a directory"),
+    (["read", "fifo", "0", "1"], "Could not open 'fifo': 'fifo' is a FIFO"),
+    (["read", "sock", "0", "1"], "Could not open 'sock': 'sock' is a socket"),
+    (["read", "/dev/null", "0", "1"], "'/dev/null' is a character device"),
+    (["read", "--confine-to", "src.bin", "img.qcow2", "0", "1"], "--confine-to 'src.bin': not a directory"),
+    # map
+    (["map"], "Expecting one image file name"),
+    (["map", "-s", "-1", "img.qcow2"], "Invalid start offset specified"),
+    (["map", "-l", "zz", "img.qcow2"], "Invalid max length specified"),
+    (["map", "--output=xml", "img.qcow2"], "--output must be used with human or json as argument."),
+    (["map", "-f", "vmdk", "img.qcow2"], "Could not open 'img.qcow2': Unknown driver 'vmdk'"),
+    (["map", "-f"], "argument -f: expected one argument"),
+    (["map", "missing.qcow2"], "Could not open 'missing.qcow2': No such file or directory"),
+    (["map", "dir"], "Could not open 'dir': 'dir' is a directory"),
+    (["map", "fifo"], "Could not open 'fifo': 'fifo' is a FIFO"),
+    (["map", "/dev/null"], "'/dev/null' is a character device"),
+    (["map", "-U", "--confine-to", "missing", "img.qcow2"], "--confine-to 'missing': not a directory"),
+]
+
+
+# Runs each case in a process of its own, as `python -m qcowdisk` would, but forked from one that
+# has imported qcowdisk already (84 fresh interpreters would cost about 20 s): stdin /dev/null,
+# stdout and stderr to files, an uncaught exception printed by traceback as the interpreter does.
+_FORK_RUNNER = r"""
+import json, os, runpy, sys, traceback
+import qcowdisk.cli
+results = []
+for cwd, args in json.load(sys.stdin):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(cwd)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(os.open("stdout.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+            os.dup2(os.open("stderr.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+            sys.argv = ["qcowdisk", *args]
+            try:
+                runpy.run_module("qcowdisk", run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+json.dump(results, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_arg_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, subprocess.CompletedProcess[bytes]]]:
+    """Every BAD_ARGS case run in a directory of its own: {case: (directory, what the process did)}."""
+    root = tmp_path_factory.mktemp("badargs")
+    img = create(str(root / "img.qcow2"), "1M")
+    qemu_io(img, "write -P 0x3c 0 64k")
+    dirs = []
+    for i in range(len(BAD_ARGS)):
+        d = root / f"case{i}"
+        d.mkdir()
+        (d / "img.qcow2").write_bytes(Path(img).read_bytes())
+        (d / "src.bin").write_bytes(pattern(4096))
+        (d / "text.txt").write_text("not an image\n")
+        (d / "dir").mkdir()
+        os.mkfifo(d / "fifo")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(d / "sock"))
+        dirs.append(d)
+    cases = json.dumps([[str(d), args] for d, (args, _) in zip(dirs, BAD_ARGS, strict=True)])
+    p = subprocess.run([sys.executable, "-c", _FORK_RUNNER], input=cases.encode(), capture_output=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300, check=True)
+    codes = json.loads(p.stdout)
+    return {i: (d, subprocess.CompletedProcess(BAD_ARGS[i][0], codes[i], (d / "stdout.out").read_bytes(),
+                                               (d / "stderr.out").read_bytes()))
+            for i, d in enumerate(dirs)}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGS)), ids=[" ".join(a) or "(none)" for a, _ in BAD_ARGS])
+def test_bad_arguments_exit_1_with_one_message(case: int, bad_arg_runs: dict[int, tuple[Path, Any]]) -> None:
+    args, needle = BAD_ARGS[case]
+    d, p = bad_arg_runs[case]
+    err = p.stderr.decode()
+    assert p.returncode == 1, (args, err)
+    assert err.startswith("qcowdisk: "), err
+    assert "Traceback" not in err and "qcowdisk: error:" not in err
+    assert needle in err.splitlines()[0], err
+    hint = "Try 'qcowdisk --help' for more information"  # qemu-img's line after a usage error
+    assert all(line.startswith("qcowdisk: ") for line in err.splitlines() if line != hint), err
+    assert p.stdout == b""
+    assert not (d / "new.qcow2").exists()
+    assert (d / "img.qcow2").read_bytes() == (d.parent / "img.qcow2").read_bytes()
+    if case % 8 == 0:  # now and then, the same again from a fresh `python -m qcowdisk`
+        fresh = run_cmd(*args, cwd=d)
+        assert (fresh.returncode, fresh.stdout, fresh.stderr) == (p.returncode, p.stdout, p.stderr)
+
+
+# --------------------------------------------------------------------------- errors: qemu-img's form
+
+
+def test_usage_errors_look_like_qemu_img(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own errors: status 1 (not 2), qemu-img's two lines, also from cli.main in-process."""
+    img = create(str(tmp_path / "u.qcow2"), "1M")
+    theirs = qemu_img("info", "--bogus", img, check=False)
+    assert theirs.returncode == 1
+    hint = theirs.stderr.splitlines()[1].replace("qemu-img", "qcowdisk")
+    status, out, err = run_cli(capsys, "info", "--bogus", img)
+    assert (status, out) == (1, "")
+    assert err == f"qcowdisk: unrecognized arguments: --bogus\n{hint}\n"
+    assert run_cli(capsys, "--help")[0] == 0  # --help still exits 0
+
+
+@pytest.mark.parametrize("text", ["0", "255", "0xff", "0XaB", "010", "0377", "+7", "-0", "256", "0x100", "-1", "08",
+                                  "1_0", "0x", "a", "1.0", "0o7", "0b1", "7k"])
+def test_pattern_byte_accepted_as_qemu_io_does(text: str, tmp_path: Path) -> None:
+    img = create(str(tmp_path / "p.qcow2"), "64k")
+    theirs = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {text} 0 1", img],
+                            capture_output=True, text=True, check=False)
+    accepted = "wrote 1/1 bytes" in theirs.stdout
+    if accepted:
+        assert cli.pattern_byte(text) == to_raw(img, str(tmp_path / "p.raw"))[0]
+    else:
+        assert f"{text} is not a valid pattern byte" in theirs.stdout
+        with pytest.raises(ValueError, match="is not a valid pattern byte"):
+            cli.pattern_byte(text)
+
+
+# --------------------------------------------------------------------------- read / write: the end of the disk, streaming
+
+
+@pytest.mark.parametrize("command,offset,length", [
+    ("read", "0", "2M"), ("read", "1M", "1"), ("read", "1048575", "2"), ("read", "2M", "0"), ("read", "5G", "1"),
+    ("read", "1M", "0"), ("read", "0", "1M"), ("read", "1048575", "1"),
+    ("write", "1M", "512"), ("write", "1048064", "1024"), ("write", "2M", "0"), ("write", "0", "2M"),
+    ("write", "1M", "0"), ("write", "1048064", "512"),
+])
+def test_end_of_disk_as_qemu_io(command: str, offset: str, length: str, tmp_path: Path,
+                                capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """Past the end: qemu-io's message (which it prints on stdout) after `qcowdisk: `, and its status."""
+    theirs_img = create(str(tmp_path / "q.qcow2"), "1M")
+    qemu_io(theirs_img, "write -P 0x11 960k 64k")
+    ours_img = str(tmp_path / "o.qcow2")
+    Path(ours_img).write_bytes(Path(theirs_img).read_bytes())
+    pat = "-P 0x5a " if command == "write" else ""
+    theirs = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"{command} {pat}{offset} {length}", theirs_img],
+                            capture_output=True, text=True, check=False)
+    extra = ["--pattern", "0x5a", "--length", length] if command == "write" else [length]
+    status = cli.main([command, ours_img, offset, *extra])
+    out, err = capsysbinary.readouterr()
+    assert status == theirs.returncode
+    if theirs.returncode:
+        assert theirs.stdout == f"{command} failed: Input/output error\n" and theirs.stderr == ""
+        assert err.decode() == f"qcowdisk: {theirs.stdout}"
+        assert out == b""
+    else:
+        assert err == b""
+        if command == "read":
+            assert out == to_raw(theirs_img, str(tmp_path / "q.raw"))[cli.parse_size(offset):][:cli.parse_size(length)]
+    compare(theirs_img, ours_img, strict=True)
+
+
+def test_write_from_a_pipe_past_the_end(tmp_path: Path) -> None:
+    """An unknown length (a pipe): the chunks before the one crossing the end are written, then the error."""
+    img = create(str(tmp_path / "pipe.qcow2"), "2M")
+    data = pattern(MiB + MiB // 2, seed=5)
+    p = run_cmd("write", img, "1M", "-", input=data, stdin=None)
+    assert p.returncode == 1 and p.stderr == b"qcowdisk: write failed: Input/output error\n"
+    guest = to_raw(img, str(tmp_path / "g.raw"))
+    assert guest[MiB:] == data[:MiB] and guest[:MiB] == bytes(MiB)
+    p = run_cmd("write", img, "512k", "-", input=data[:MiB], stdin=None)
+    assert p.returncode == 0 and p.stdout == b"wrote 1048576/1048576 bytes at offset 524288\n"
+    assert to_raw(img, str(tmp_path / "g.raw"))[512 << 10:(512 << 10) + MiB] == data[:MiB]
+    assert_clean(img)
+
+
+def _peak_memory(*args: str) -> int:
+    """Run cli.main(args) in-process under tracemalloc; return the peak of traced allocations."""
+    tracemalloc.start()
+    try:
+        status = cli.main(list(args))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 0
+    return peak
+
+
+def test_read_and_write_stream_in_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 64 * MiB
+    bound = 8 * MiB  # well below the 64 MiB moved; the whole range in memory would be at least that much
+    img = create(str(tmp_path / "big.qcow2"), "80M")
+    src = tmp_path / "src.bin"
+    with open(src, "wb") as f:
+        for i in range(size // MiB):
+            f.write(pattern(MiB, seed=i))
+    assert _peak_memory("write", "-q", img, "8M", str(src)) < bound
+    assert _peak_memory("write", "-q", img, "4M", "--pattern", "0x5a", "--length", "4M") < bound
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as f:
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(f, write_through=True))
+        peak = _peak_memory("read", img, "8M", "64M")
+        sys.stdout.flush()
+    assert peak < bound
+    assert os.path.getsize(out) == size
+    with open(src, "rb") as a, open(out, "rb") as b:
+        while chunk := a.read(MiB):
+            assert b.read(MiB) == chunk
+    assert "read 4194304/4194304" in qemu_io(img, "read -P 0x5a 4M 4M")
+    assert_clean(img)
+    hexout = tmp_path / "hex.txt"
+    with open(hexout, "wb") as f:
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(f, write_through=True))
+        peak = _peak_memory("read", "--hexdump", img, "7M", "1M")  # (slow under tracemalloc: a smaller range)
+        sys.stdout.flush()
+    assert peak < MiB  # the text of 1 MiB alone would be 4.3 MB
+    with open(hexout, encoding="ascii") as h:
+        lines = h.read().splitlines()
+    assert len(lines) == MiB // 16
+    assert lines[0] == "00700000:  " + " ".join(["5a"] * 16) + "  " + "Z" * 16
+    assert lines[-1].startswith("007ffff0:  5a 5a")
+
+
+def test_read_rss_stays_small_in_a_subprocess(tmp_path: Path) -> None:
+    """The same from outside: the process reading 64 MiB to a file grows by far less than that."""
+    img = create(str(tmp_path / "rss.qcow2"), "64M")
+    qemu_io(img, "write -P 0x77 0 64M")
+    code = ("import resource, sys\nfrom qcowdisk import cli\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "status = cli.main(sys.argv[1:])\n"
+            "sys.stdout.flush()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, file=sys.stderr)\n"
+            "sys.exit(status)\n")
+    with open(tmp_path / "out.bin", "wb") as f:
+        p = subprocess.run([sys.executable, "-c", code, "read", img, "0", "64M"], stdout=f, stderr=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    grown_kib = int(p.stderr.decode().split()[-1])
+    assert grown_kib < 16 * 1024, grown_kib  # ru_maxrss is in KiB on Linux
+    assert os.path.getsize(tmp_path / "out.bin") == 64 * MiB
+
+
+def test_read_into_a_closed_pipe(tmp_path: Path) -> None:
+    """`qcowdisk read ... | head -c1`: status 1, nothing on stderr (no BrokenPipeError traceback)."""
+    img = create(str(tmp_path / "pipe.qcow2"), "64M")
+    p = subprocess.Popen([sys.executable, "-m", "qcowdisk", "read", img, "0", "64M"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.read(1) == b"\0"
+    p.stdout.close()
+    err = p.stderr.read()
+    p.stderr.close()
+    assert p.wait(timeout=60) == 1
+    assert err == b""
+
+
+# --------------------------------------------------------------------------- --confine-to, -U
+
+
+def test_confine_to_refuses_a_backing_file_outside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    top = create(str(tmp_path / "top.qcow2"), "1M", backing="/etc/passwd", backing_fmt="raw")
+    with open("/etc/passwd", "rb") as f:
+        head = f.read(16)
+    d = str(tmp_path)
+    for command, rest in (("info", []), ("map", []), ("read", ["0", "16"]),
+                          ("write", ["0", "--pattern", "1", "--length", "1"])):
+        status, out, err = run_cli(capsys, command, "--confine-to", d, top, *rest)
+        assert (status, out) == (1, ""), (command, err)
+        assert err.startswith(f"qcowdisk: Could not open '{top}': backing file '/etc/passwd'"), err
+        assert f"outside the directory '{d}'" in err and err.count("\n") == 1, err
+    p = run_cmd("read", top, "0", "16")  # without it, QEMU's rules: the backing file is read
+    assert p.returncode == 0 and p.stdout == head
+    assert run_cli(capsys, "info", "--backing-chain", top)[0] == 0
+    # create probes (and sizes from) the backing file it is given: confined too
+    new = str(tmp_path / "new.qcow2")
+    status, _, err = run_cli(capsys, "create", "--confine-to", d, "-b", "/etc/passwd", "-F", "raw", new)
+    assert status == 1 and not os.path.exists(new)
+    assert err.startswith(f"qcowdisk: {new}: Could not open backing file '/etc/passwd': backing file '/etc/passwd'")
+    assert f"outside the directory '{d}'" in err
+    # ... and so is the backing file's own chain when the size comes from it
+    status, _, err = run_cli(capsys, "create", "--confine-to", d, "-b", top, "-F", "qcow2", new)
+    assert status == 1 and not os.path.exists(new) and "'/etc/passwd'" in err
+    assert run_cli(capsys, "create", "-q", "-b", "/etc/passwd", "-F", "raw", new)[0] == 0
+    ref = str(tmp_path / "ref.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", ref)
+    assert info(new)["virtual-size"] == info(ref)["virtual-size"]
+
+
+def test_confine_to_accepts_a_chain_inside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sub").mkdir()
+    write_raw(str(tmp_path / "sub" / "base.raw"), pattern(MiB, seed=8))
+    mid = create(str(tmp_path / "sub" / "mid.qcow2"), "1M", backing="base.raw", backing_fmt="raw")
+    top = str(tmp_path / "top.qcow2")
+    d = str(tmp_path)
+    status, _, err = run_cli(capsys, "create", "-q", "--confine-to", d, "-b", mid, top)
+    assert status == 0, err
+    assert cli_info(capsys, top, "--backing-chain", "--confine-to", d) == [shared(i) for i in info(top, "--backing-chain")]
+    status, out, _ = run_cli(capsys, "map", "--confine-to", d, "--output=json", top)
+    assert status == 0 and json.loads(out) == json.loads(qemu_img("map", "--output=json", top).stdout)
+    assert run_cli(capsys, "write", "-q", "--confine-to", d, top, "0", "--pattern", "9", "--length", "512")[0] == 0
+    p = run_cmd("read", "--confine-to", d, top, "0", "1M")
+    assert p.returncode == 0 and p.stdout == b"\x09" * 512 + pattern(MiB, seed=8)[512:]
+    # The image itself may lie outside DIR: only the files it names are confined.
+    status, _, err = run_cli(capsys, "info", "--confine-to", str(tmp_path / "sub"), top)
+    assert status == 0, err
+    # A name inside DIR that is a symlink to a file outside is refused (the check follows symlinks).
+    os.symlink("/etc/passwd", tmp_path / "sub" / "link.raw")
+    sneaky = create(str(tmp_path / "sneaky.qcow2"), "1M", backing="sub/link.raw", backing_fmt="raw")
+    status, _, err = run_cli(capsys, "read", "--confine-to", d, sneaky, "0", "1")
+    assert status == 1 and "resolves to '/etc/passwd'" in err and f"outside the directory '{d}'" in err
+
+
+@contextlib.contextmanager
+def qemu_io_holding(image: str) -> Iterator[subprocess.Popen[bytes]]:
+    """An interactive qemu-io with the image open for writing (its locks held) until the block ends."""
+    p = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        # Its first prompt comes once the image is open. (Not polled with qemu-img info: that
+        # takes a shared lock, and qemu-io's open fails if it comes in between.)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while not seen.endswith(b"qemu-io> "):
+            assert select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], seen
+            chunk = p.stdout.read1(4096)
+            assert chunk, f"qemu-io exited: {seen!r}"
+            seen += chunk
+        yield p
+    finally:
+        p.stdin.close()  # end of input: qemu-io quits
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        p.stdout.close()
+
+
+def test_force_share_reads_an_image_qemu_io_holds(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    img = create(str(tmp_path / "busy.qcow2"), "4M")
+    qemu_io(img, "write -P 0x6b 1M 64k")
+
+    def run(*args: str) -> tuple[int, bytes, str]:
+        status = cli.main(list(args))
+        out, err = capsysbinary.readouterr()
+        return status, out, err.decode()
+
+    with qemu_io_holding(img):
+        for args in (["info", img], ["map", img], ["read", img, "1M", "16"]):
+            status, out, err = run(*args)
+            assert (status, out) == (1, b""), args
+            assert err.startswith(f"qcowdisk: Could not open '{img}': ") and "lock" in err, err
+        status, out, err = run("info", "-U", img)
+        assert status == 0, err
+        assert out.decode() == qemu_img("info", "-U", img).stdout
+        status, out, err = run("map", "--force-share", img)
+        assert status == 0, err
+        assert out.decode() == qemu_img("map", "-U", img).stdout
+        assert run("read", "-U", img, "1M", "16") == (0, b"\x6b" * 16, "")
+        status, _, err = run("write", img, "0", "--pattern", "1", "--length", "1")  # no -U for writes
+        assert status == 1 and "lock" in err
+    assert run("info", img)[0] == 0  # released
 
 
 # --------------------------------------------------------------------------- quickstart

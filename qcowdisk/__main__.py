@@ -1,0 +1,7 @@
+"""`python -m qcowdisk`: the `qcowdisk` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
