@@ -504,7 +504,7 @@ def hexdump(data: bytes, base: int = 0) -> str:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset."""
+    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset (-c: compressed)."""
     try:
         offset = parse_size(args.offset)
         if args.pattern is not None:
@@ -523,7 +523,10 @@ def cmd_write(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     with QcowFile.open(args.image) as disk:
-        disk.write_at(offset, data)
+        if args.compressed:  # whole clusters only, as qemu-io's write -c (ValueError: exit 1)
+            disk.write_compressed(offset, data)
+        else:
+            disk.write_at(offset, data)
     if not args.quiet:
         print(f"wrote {len(data)}/{len(data)} bytes at offset {offset}")
     return 0
@@ -751,6 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("source", metavar="FILE", nargs="?", help="bytes to write ('-' for stdin)")
     pw.add_argument("--pattern", metavar="BYTE", help="byte value to repeat (e.g. 0xab)")
     pw.add_argument("--length", metavar="N", help="how many pattern bytes")
+    pw.add_argument("-c", dest="compressed", action="store_true",
+                    help="write compressed: whole clusters at a cluster-aligned offset (like qemu-io write -c)")
     pw.add_argument("-q", dest="quiet", action="store_true")
     pw.set_defaults(func=cmd_write)
 
