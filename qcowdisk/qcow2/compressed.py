@@ -17,7 +17,10 @@ What QEMU 7.2 does (`qcow2_co_pwritev_compressed_part` / `_task`,
   is written, its refcounts raised, then the L2 entry switched, and the old cluster's
   references (a data cluster, a preallocated zero cluster, or the host clusters of an old
   payload) go to the deferred-free queue, so they are dropped only once the L2 entry that no
-  longer names them is on disk.
+  longer names them is on disk. Since every replacement allocates new bytes, a compressed write
+  that leaves many frees queued flushes by itself (AUTO_RELEASE_*): rewriting clusters without
+  ever calling flush() does not grow the file without bound. (Ordinary overwrites land in place
+  and need no such release.)
 - Extended L2: a compressed entry's subcluster bitmap is 0, as QEMU writes it.
 - Images with an external data file are refused, as QEMU refuses them (ENOTSUP): compressed
   clusters cannot live in a raw-mapped data file.
