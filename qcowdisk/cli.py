@@ -567,12 +567,13 @@ def pattern_byte(text: str) -> int:
 
 
 def cmd_write(args: argparse.Namespace) -> int:
-    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset.
+    """`qcowdisk write`: write a file's bytes, or a repeated byte, at a guest offset (-c: compressed).
 
-    The bytes stream through a buffer of CHUNK bytes. A write past the end of the disk fails as
-    `qemu-io -c write` does (`write failed: Input/output error`), before anything is written
-    when the length is known (a pattern, a regular file); from a pipe, the chunks before the
-    one that would cross the end are written first.
+    The bytes stream through a buffer of CHUNK bytes (a whole number of clusters with -c). A
+    write past the end of the disk fails as `qemu-io -c write` does (`write failed: Input/output
+    error`), before anything is written when the length is known (a pattern, a regular file);
+    from a pipe, the chunks before the one that would cross the end are written first. With -c
+    the range must be whole clusters, as qemu-io's `write -c` (`write failed: Invalid argument`).
     """
     try:
         offset = parse_size(args.offset)
@@ -607,11 +608,18 @@ def cmd_write(args: argparse.Namespace) -> int:
         with opening(args.image):
             disk = stack.enter_context(QcowFile.open(args.image, confine_to=confine_to))
 
+        chunk = max(CHUNK, disk.cluster_size) if args.compressed else CHUNK  # whole clusters with -c
+
         def put(pos: int, data: memoryview) -> None:
             if offset + pos + len(data) > disk.virtual_size:
                 raise UsageError("write failed: Input/output error")  # qemu-io's words
             try:
-                disk.write_at(offset + pos, data)
+                if args.compressed:
+                    disk.write_compressed(offset + pos, data)
+                else:
+                    disk.write_at(offset + pos, data)
+            except ValueError:  # -c on a range that is not whole clusters
+                raise UsageError("write failed: Invalid argument") from None  # qemu-io's words
             except (QcowError, OSError) as e:
                 raise UsageError(f"write failed: {why(e)}") from e
 
@@ -620,13 +628,13 @@ def cmd_write(args: argparse.Namespace) -> int:
         written = 0
         if source is None:
             assert byte is not None and length is not None
-            block = memoryview(bytes([byte]) * min(length, CHUNK))
+            block = memoryview(bytes([byte]) * min(length, chunk))
             while written < length:
                 n = min(len(block), length - written)
                 put(written, block[:n])
                 written += n
         else:
-            while data := source.read(CHUNK):
+            while data := source.read(chunk):
                 put(written, memoryview(data))
                 written += len(data)
     if not args.quiet:
@@ -878,6 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("source", metavar="FILE", nargs="?", help="bytes to write ('-' for stdin)")
     pw.add_argument("--pattern", metavar="BYTE", help="byte value to repeat (e.g. 0xab)")
     pw.add_argument("--length", metavar="N", help="how many pattern bytes")
+    pw.add_argument("-c", dest="compressed", action="store_true",
+                    help="write compressed: whole clusters at a cluster-aligned offset (like qemu-io write -c)")
     pw.add_argument("-q", dest="quiet", action="store_true")
     confine(pw)
     pw.set_defaults(func=cmd_write)

@@ -39,7 +39,7 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
-from . import ordering, reading, status, writing
+from . import compressed, ordering, reading, status, writing
 from .cache import CachedTable
 from .create import create_image, preallocate
 from .entries import (
@@ -483,6 +483,40 @@ class QcowFile:
             self._guarded(lambda: ordering.flush(s))
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
+    def write_compressed(self, offset: int, data: Buffer) -> int:
+        """Write whole clusters of `data` compressed at the cluster-aligned guest `offset`; returns len(data).
+
+        `len(data)` must be a multiple of the cluster size, except for a write that ends at the
+        end of the disk (its last cluster is zero-padded before compressing, as QEMU pads it).
+        A cluster that compression does not make smaller is stored uncompressed. Unlike QEMU,
+        which refuses, an allocated cluster is replaced: the new payload and its refcounts
+        before the L2 entry, the old cluster released after a flush. Raises ValueError for a
+        misaligned or partial request, UnsupportedFeatureError on an image with an external
+        data file (see qcowdisk.qcow2.compressed).
+        """
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        s = self._state
+        offset = self._check_range(offset, n)
+        with s.lock:
+            self._check_writable()
+            compressed.check_request(s, offset, n)
+            compression_type = s.header.compression_type
+        cs = s.cluster_size
+        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
+        for pos in range(0, n, step):
+            piece = mv[pos:pos + step]
+            payloads = compressed.compress_clusters(piece, cs, compression_type)  # without the lock
+            with s.lock:
+                self._check_writable()
+
+                def run(at: int = offset + pos, piece: memoryview = piece, payloads: list[bytes | None] = payloads) -> None:
+                    ordering.mark_dirty_before_lazy_update(s)
+                    compressed.write_compressed(s, at, piece, payloads)
+                self._guarded(run)
+        return n
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:

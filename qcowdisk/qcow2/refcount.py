@@ -53,6 +53,10 @@ class Refcounts:
         self.append_only = False
         self.deferred_frees: list[int] = []  # host clusters whose reference is gone in memory only
         self.free_dependencies: list[Durable] = []
+        # Byte allocator (alloc_bytes): where the next compressed payload may start, inside the
+        # host cluster the last one ended in; 0 = none. Per open, as QEMU's s->free_byte_offset:
+        # after a reopen the first payload starts a fresh cluster (nothing on disk records it).
+        self.free_byte_offset = 0
         for c in range(reftable_offset >> cluster_bits, (reftable_offset >> cluster_bits) + reftable_clusters):
             metadata.add(c)
         for i, e in enumerate(self.reftable):
@@ -105,8 +109,13 @@ class Refcounts:
                 f"would drop below zero: {old} {delta:+d}")
         block.entries[idx] = new
         block.mark(idx)
-        if new == 0 and host_cluster < self.free_hint:
-            self.free_hint = host_cluster
+        if new == 0:
+            if host_cluster < self.free_hint:
+                self.free_hint = host_cluster
+            if self.free_byte_offset and host_cluster == self.free_byte_offset >> self.cluster_bits:
+                # The byte allocator's cluster is free now and may be handed out whole: packing
+                # more payloads into its tail would write over whoever gets it (QEMU 7.2 does).
+                self.free_byte_offset = 0
         return new
 
     def set_range(self, first_cluster: int, count: int, value: int) -> None:
@@ -325,3 +334,35 @@ class Refcounts:
         self.deferred_frees.clear()
         freed.sort()
         return freed
+
+    # --- byte allocation (compressed payloads) --------------------------------------------
+    def alloc_bytes(self, length: int) -> int:
+        """Host byte offset for a compressed payload of `length` bytes (QEMU's qcow2_alloc_bytes).
+
+        Payloads are packed byte-contiguously: the next one starts at `free_byte_offset`, inside
+        the host cluster the last one ended in. Every host cluster a payload touches gets one
+        more reference. When the rest of the current cluster is too short, a new cluster is
+        allocated; if it directly follows the current one, the payload crosses into it (the
+        current cluster +1, the new one 1), else the payload starts at the new cluster. A
+        cluster whose count is at the maximum takes no further payloads.
+
+        Only the counts change here (in the refcount cache); the caller writes the payload and
+        then the L2 entry, which the declared order keeps behind both.
+        """
+        cs, cbits = self.cluster_size, self.cluster_bits
+        if not 0 < length < cs:
+            raise ValueError(f"compressed payload of {length} bytes: must be 1 .. {cs - 1} (cluster size {cs})")
+        offset = self.free_byte_offset
+        if offset and self.get(offset >> cbits) in (0, self.max_refcount):
+            offset = 0  # full count (or freed meanwhile, which update() already caught)
+        if offset and cs - (offset & (cs - 1)) >= length:
+            self.update(offset >> cbits, 1)
+        else:
+            (new_cluster, _), = self.alloc_clusters(1)
+            if offset and (offset >> cbits) + 1 == new_cluster:
+                self.update(offset >> cbits, 1)  # crosses into the new, contiguous cluster
+            else:
+                offset = new_cluster << cbits
+        end = offset + length
+        self.free_byte_offset = end if end & (cs - 1) else 0
+        return offset
