@@ -90,7 +90,8 @@ def rebuild_refcounts(s: Qcow2State, rc: Refcounts) -> int:
                 break
             have = rc.get(c)
             want = counts.get(c, 0)
-            if want < have and c not in rc.metadata:
+            # (a cluster the rebuild itself appended, a new refcount block, is metadata nobody counted)
+            if want < have and (c in counts or c not in rc.metadata):
                 rc.update(c, want - have)
                 changed += 1
     finally:
