@@ -557,3 +557,23 @@ def test_cli_in_process_main(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "Could not delete snapshot 'nosuch': snapshot not found" in capsys.readouterr().err
     assert cli_main(["snapshot", "-d", "s", img]) == 0
     assert json.loads(qemu_img("info", "--output=json", img).stdout).get("snapshots") is None
+
+
+def test_snapshot_l2_on_metadata_refused(tmp_path: Path) -> None:
+    """A snapshot L1 entry naming the refcount table as an L2 table: apply and delete refuse
+    before writing anything (apply would clear COPIED bits in that 'L2 table')."""
+    img = str(tmp_path / "meta.qcow2")
+    create(img, "4M")
+    qemu_io(img, "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "s", img)
+    t = raw_table(img)[0]
+    reftable = struct.unpack_from(">Q", Path(img).read_bytes(), 48)[0]
+    with open(img, "r+b") as f:
+        f.seek(t["l1_offset"])
+        f.write(struct.pack(">Q", reftable))
+    before = Path(img).read_bytes()
+    with QcowFile.open(img) as disk:
+        for op in (disk.apply_snapshot, disk.delete_snapshot):
+            with pytest.raises(CorruptImageError, match=f"L2 table offset 0x{reftable:x} overlaps other metadata"):
+                op("s")
+    assert Path(img).read_bytes() == before

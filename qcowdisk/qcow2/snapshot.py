@@ -61,6 +61,7 @@ from .entries import (
     L1E_RESERVED_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
+    REFT_OFFSET_MASK,
     decode_u64_table,
     encode_u64_entries,
 )
@@ -172,6 +173,30 @@ def _l2_offset(s: Qcow2State, e: int, where: str) -> int:
     return off
 
 
+def _not_l2_tables(s: Qcow2State) -> set[int]:
+    """Host clusters no L2 table may be: the refcount table and blocks, every L1 table, the
+    snapshot table (a snapshot's L2 tables are written when it is applied, so an entry of an
+    untrusted table pointing there must be refused, not followed)."""
+    cs, cbits = s.cluster_size, s.cluster_bits
+    out: set[int] = set()
+
+    def add(offset: int, length: int) -> None:
+        if length:
+            out.update(range(offset >> cbits, ((offset + length - 1) >> cbits) + 1))
+
+    rc = s.refcounts
+    if rc is not None:
+        add(rc.reftable_offset, rc.reftable_clusters * cs)
+        out.update((e & REFT_OFFSET_MASK) >> cbits for e in rc.reftable if e)
+    add(s.header.l1_table_offset, s.header.l1_size * 8)
+    add(s.l1.table_offset, len(s.l1.entries) * 8)
+    if s.header.nb_snapshots:
+        add(s.header.snapshots_offset, max(1, s.snapshot_table_length))
+    for sn in s.snapshots:
+        add(sn.l1_table_offset, sn.l1_size * 8)
+    return out
+
+
 def tree_references(s: Qcow2State, l1: array[int], what: str) -> Counter[int]:
     """Host cluster -> references the tree under `l1` holds (as `qemu-img check` counts them:
     each L2 table once per L1 entry, each data or preallocated-zero cluster once per L2 entry,
@@ -179,10 +204,14 @@ def tree_references(s: Qcow2State, l1: array[int], what: str) -> Counter[int]:
     refs: Counter[int] = Counter()
     cbits = s.cluster_bits
     step = 2 if s.extended_l2 else 1
+    forbidden = _not_l2_tables(s)
     for l1i in compress(range(len(l1)), l1):
         l2off = _l2_offset(s, l1[l1i], f"{what} L1 entry {l1i}")
         if not l2off:
             continue
+        if l2off >> cbits in forbidden:
+            raise CorruptImageError(f"{what} L1 entry {l1i} = 0x{l1[l1i]:x}: L2 table offset 0x{l2off:x} "
+                                    f"overlaps other metadata (a refcount structure, an L1 or the snapshot table)")
         refs[l2off >> cbits] += 1
         entries = s.l2_cache.get(l2off).entries
         base = l1i * s.l2_entries
