@@ -24,6 +24,8 @@ from .errors import (
     QcowError,
     ReadOnlyError,
     RefcountOverflowError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
     UnsafeFileError,
     UnsupportedFeatureError,
 )
@@ -34,4 +36,4 @@ from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
-           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]
+           "SnapshotNotFoundError", "SnapshotExistsError", "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]

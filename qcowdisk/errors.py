@@ -52,3 +52,12 @@ class UnsafeFileError(QcowError):
     """A file an image names (or the image itself) is refused: it is not a regular file or a
     block device (a FIFO, socket, directory or character device), or it lies outside the
     directory the caller confined the image to."""
+
+
+class SnapshotNotFoundError(QcowError, LookupError):
+    """No internal snapshot has the id or name asked for."""
+
+
+class SnapshotExistsError(QcowError):
+    """An internal snapshot with that name exists already (qemu-img would accept a duplicate;
+    qcowdisk refuses one, so that a name always resolves to one snapshot)."""

@@ -34,12 +34,19 @@ from typing import Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
-from ..errors import CorruptImageError, ImageFailedError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
+from ..errors import (
+    CorruptImageError,
+    ImageFailedError,
+    InvalidImageError,
+    ReadOnlyError,
+    SnapshotNotFoundError,
+    UnsupportedFeatureError,
+)
 from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
-from . import compressed, ordering, reading, status, writing
+from . import compressed, ordering, reading, snapshot, status, writing
 from .cache import CachedTable
 from .create import create_image, preallocate
 from .entries import (
@@ -104,18 +111,22 @@ class QcowFile:
         """Wrap an opened state (use `open`, `create` or `create_from_backing`)."""
         self._state = state
         self._image_lock = image_lock
+        self._snapshot: Snapshot | None = None
         # The read-only fast path's constants in one tuple (every bytecode counts on a 4 KiB
         # read); None on read-write images and once closed.
-        self._fast: _FastPath | None = None
-        s = state
-        if s.readonly and not s.extended_l2 and not s.has_data_file:
-            pread: Callable[[int, int], bytes] = s.host.pread
-            if type(s.host) is HostFile:  # no test seam to honour: call the OS directly
-                pread = functools.partial(os.pread, s.host.fd)
-            self._fast = (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_entries - 1,
-                          s.cluster_mask, s.virtual_size, s.l1.entries, s.l2_cache.tables,
-                          fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread)
-        _OPEN_STATES.add(s)
+        self._fast = self._fast_path()
+        _OPEN_STATES.add(state)
+
+    def _fast_path(self) -> _FastPath | None:
+        s = self._state
+        if not (s.readonly and not s.extended_l2 and not s.has_data_file):
+            return None
+        pread: Callable[[int, int], bytes] = s.host.pread
+        if type(s.host) is HostFile:  # no test seam to honour: call the OS directly
+            pread = functools.partial(os.pread, s.host.fd)
+        return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_entries - 1,
+                s.cluster_mask, s.virtual_size, s.l1.entries, s.l2_cache.tables,
+                fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread)
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -123,20 +134,28 @@ class QcowFile:
     def open(cls, path: str | os.PathLike[str], *, readonly: Literal[False] = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None) -> QcowFile: ...
+             host_factory: HostFactory | None = None, snapshot: None = None) -> QcowFile: ...
+
+    @overload
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, readonly: Literal[True], backing: bool = True,
+             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+             host_factory: HostFactory | None = None, snapshot: str | Snapshot) -> QcowFile: ...
 
     @overload
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None) -> QcowFile | Qcow1File: ...
+             host_factory: HostFactory | None = None, snapshot: None = None) -> QcowFile | Qcow1File: ...
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None) -> QcowFile | Qcow1File:
+             host_factory: HostFactory | None = None,
+             snapshot: str | Snapshot | None = None) -> QcowFile | Qcow1File:
         """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
 
         A read-only open also opens a legacy qcow version 1 image, returning a
@@ -152,15 +171,40 @@ class QcowFile:
         `force_share=True` (read-only only) neither takes nor honours the image lock, like
         `qemu-img -U`: it can inspect an image a VM is running on, and may see it inconsistent.
         `host_factory(path, writable) -> HostFile` is the host I/O seam (tests inject faults there).
+
+        `snapshot=ID_OR_NAME` (read-only opens only; a `Snapshot` from `snapshots` works too)
+        shows that internal snapshot's disk instead of the active one, with the same reading
+        API and block status: what `qemu-img convert -l snapshot.name=NAME` exports, except
+        that the disk has the snapshot's size (QEMU's export keeps the active disk's size).
+        The id is tried first, then the name. A snapshot whose L1 table is bad is refused with
+        an InvalidImageError naming the field and value.
         """
         path = os.fspath(path)
         if force_share and not readonly:
             raise ValueError("force_share=True can only be used with readonly=True")
+        if snapshot is not None and not readonly:
+            raise ValueError("snapshot= can only be used with readonly=True (apply_snapshot reverts the disk)")
         options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
                                       host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
                                       force_share=force_share)
-        return cls._open_any(path, options, (os.path.realpath(path),))
+        img = cls._open_any(path, options, (os.path.realpath(path),))
+        if snapshot is not None:
+            try:
+                if not isinstance(img, QcowFile):
+                    raise SnapshotNotFoundError(f"{path!r} is a qcow version 1 image: it has no internal snapshots")
+                img._show_snapshot(snapshot)
+            except BaseException:
+                img.close()
+                raise
+        return img
+
+    def _show_snapshot(self, ref: str | Snapshot) -> None:
+        s = self._state
+        with s.lock:
+            self._fast = None
+            self._snapshot = snapshot.load_for_reading(s, ref)
+            self._fast = self._fast_path()
 
     @classmethod
     def _open_any(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile | Qcow1File:
@@ -332,6 +376,49 @@ class QcowFile:
         return self._state.failure
 
     # ------------------------------------------------------------------ internal snapshots (snapshot.py)
+    def create_snapshot(self, name: str) -> Snapshot:
+        """Take an internal snapshot of the disk as it is now, as `qemu-img snapshot -c NAME` does
+        (same id, date, disk size and extra data), and return it. Durable when it returns.
+
+        A name already in use raises SnapshotExistsError (qemu-img would add a duplicate); a
+        name over 255 bytes or with a NUL raises ValueError (qemu-img would cut it). Images with
+        an external data file raise UnsupportedFeatureError, as QEMU refuses them.
+        """
+        s = self._state
+        with s.lock:
+            self._check_writable()
+            return self._guarded(lambda: snapshot.create(s, name))
+
+    def apply_snapshot(self, ref: str | Snapshot) -> Snapshot:
+        """Revert the disk to a snapshot (`qemu-img snapshot -a`), its size included; `ref` is an
+        id or else a name (as qemu-img resolves it), or a `Snapshot` from `snapshots`. The
+        snapshot stays. Returns it. Raises SnapshotNotFoundError. Durable when it returns."""
+        s = self._state
+        with s.lock:
+            self._check_writable()
+            return self._guarded(lambda: snapshot.apply(s, ref))
+
+    def delete_snapshot(self, ref: str | Snapshot) -> Snapshot:
+        """Delete a snapshot (`qemu-img snapshot -d`), freeing every cluster only it used;
+        `ref` as for `apply_snapshot` (note that `qemu-img snapshot -d` itself matches names
+        only). Returns the deleted snapshot. Durable when it returns."""
+        s = self._state
+        with s.lock:
+            self._check_writable()
+            return self._guarded(lambda: snapshot.delete(s, ref))
+
+    def find_snapshot(self, ref: str) -> Snapshot:
+        """The snapshot `ref` names: an id, else a name. Raises SnapshotNotFoundError."""
+        s = self._state
+        with s.lock:
+            self._check_open()
+            return s.snapshots[snapshot.find(s, ref)]
+
+    @property
+    def opened_snapshot(self) -> Snapshot | None:
+        """The snapshot this object shows (`open(..., snapshot=...)`), or None for the active disk."""
+        return self._snapshot
+
 
     # ------------------------------------------------------------------ reading
     def read_at(self, offset: int, length: int) -> bytes:

@@ -462,6 +462,42 @@ def feature_table_extension() -> HeaderExtension:
 
 
 @dataclass(frozen=True)
+class SnapshotEntry:
+    """One snapshot table entry exactly as stored, so that rewriting the table keeps every byte
+    of the entries it does not change (ids and names are bytes, dates keep their nanoseconds,
+    unknown extra data stays).
+    """
+
+    l1_table_offset: int
+    l1_size: int
+    id_raw: bytes
+    name_raw: bytes
+    date_sec: int
+    date_nsec: int
+    vm_clock_ns: int
+    vm_state_size: int  # the header's 32-bit field (the extra data may hold a larger one)
+    extra: bytes        # extra data verbatim: vm_state_size_large, disk_size, icount, unknown
+
+    def encode(self) -> bytes:
+        """The entry's bytes, padded to 8."""
+        head = SNAPSHOT_HEADER_STRUCT.pack(
+            self.l1_table_offset, self.l1_size, len(self.id_raw), len(self.name_raw), self.date_sec,
+            self.date_nsec, self.vm_clock_ns, self.vm_state_size, len(self.extra))
+        out = head + self.extra + self.id_raw + self.name_raw
+        return out + bytes(_pad8(len(out)) - len(out))
+
+    @property
+    def id_c(self) -> bytes:
+        """The id as QEMU compares it (a C string: up to the first NUL)."""
+        return self.id_raw.split(b"\0", 1)[0]
+
+    @property
+    def name_c(self) -> bytes:
+        """The name as QEMU compares it (a C string: up to the first NUL)."""
+        return self.name_raw.split(b"\0", 1)[0]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One internal snapshot, as listed in the snapshot table (table order)."""
 
@@ -474,6 +510,7 @@ class Snapshot:
     icount: int | None
     l1_table_offset: int = field(default=0, repr=False)
     l1_size: int = field(default=0, repr=False)
+    entry: SnapshotEntry | None = field(default=None, repr=False, compare=False)  # as stored
 
 
 def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int,
@@ -494,6 +531,7 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
             f"runs past the end of the file ({file_length} bytes)")
 
     for i in range(count):
+        start = pos
         if pos + SNAPSHOT_HEADER_STRUCT.size > len(buf):
             raise incomplete(i, SNAPSHOT_HEADER_STRUCT.size)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state_size,
@@ -515,6 +553,11 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
         pos += id_len
         name = bytes(buf[pos:pos + name_len]).decode("utf-8", "replace")
         pos += name_len
+        raw_extra = bytes(buf[start + SNAPSHOT_HEADER_STRUCT.size:start + SNAPSHOT_HEADER_STRUCT.size + extra_size])
+        raw_id_at = start + SNAPSHOT_HEADER_STRUCT.size + extra_size
+        entry = SnapshotEntry(l1_offset, l1_size, bytes(buf[raw_id_at:raw_id_at + id_len]),
+                              bytes(buf[raw_id_at + id_len:pos]), date_sec, date_nsec, vm_clock,
+                              SNAPSHOT_HEADER_STRUCT.unpack_from(buf, start)[7], raw_extra)
         pos = _pad8(pos)
         if l1_size * 8 > MAX_L1_BYTES:
             raise InvalidImageError(f"Snapshot L1 table too large: snapshot {i} l1_size {l1_size} > {MAX_L1_BYTES // 8}")
@@ -528,7 +571,7 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
         snaps.append(Snapshot(sid, name, date, vm_clock, vm_state_size,
                               disk_size if extra_size >= 16 else None,
                               icount if extra_size >= 24 else None,
-                              l1_offset, l1_size))
+                              l1_offset, l1_size, entry))
     return snaps, pos
 
 

@@ -276,6 +276,29 @@ class Refcounts:
                 extents.append((c, remaining))
         return extents
 
+    def alloc_contiguous(self, count: int) -> int:
+        """Allocate `count` adjacent clusters with refcount 1 (a table that must be contiguous:
+        an L1 table, the snapshot table); returns the first. Reuses the lowest free run below the
+        end of the file that is long enough, else appends."""
+        if not self.append_only:
+            c: int | None = self.free_hint
+            while c is not None and c < self.end_cluster:
+                c = self._find_free(c)
+                if c is None:
+                    break
+                n = 1
+                while n < count and c + n < self.end_cluster and self.get(c + n) == 0:
+                    n += 1
+                if n == count:
+                    self.set_range(c, count, 1)
+                    return c
+                c += n + 1
+        self._keep_table_ahead(count)
+        first = self.end_cluster
+        self.end_cluster += count
+        self.set_range(first, count, 1)
+        return first
+
     def _find_free(self, start: int) -> int | None:
         """Lowest cluster >= start, below end_cluster, with refcount 0."""
         epb = self.block_entries

@@ -18,8 +18,8 @@ from collections import Counter
 from itertools import compress
 
 from ..errors import CorruptImageError
-from .entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, REFT_OFFSET_MASK, decode_u64_table
-from .mapping import compressed_location
+from .entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK, decode_u64_table
+from .mapping import compressed_location, l2_table_offset
 from .refcount import Refcounts
 from .state import Qcow2State
 
@@ -90,10 +90,59 @@ def rebuild_refcounts(s: Qcow2State, rc: Refcounts) -> int:
                 break
             have = rc.get(c)
             want = counts.get(c, 0)
-            if want < have and c not in rc.metadata:
+            # (a cluster the rebuild itself appended, a new refcount block, is metadata nobody counted)
+            if want < have and (c in counts or c not in rc.metadata):
                 rc.update(c, want - have)
                 changed += 1
     finally:
         rc.append_only = False
     rc.free_hint = 0
+    if not s.has_data_file:
+        changed += set_copied_flags(s, rc)
+    return changed
+
+
+def set_copied_flags(s: Qcow2State, rc: Refcounts, pending: Counter[int] | None = None) -> int:
+    """Make COPIED in the active L1 and L2 entries say exactly whether the refcount is 1.
+
+    QEMU's `qemu-img check` counts a mismatch either way as a corruption, so this runs after
+    every change of sharing (snapshot create, apply, delete) and after a refcount rebuild.
+    `pending` holds reference drops queued but not applied yet (deferred frees): the count that
+    decides is the one after them. Changed entries go back through the L2 cache and the L1's
+    dirty set, so the declared ordering edges hold (an L2 table reaches the disk after the
+    refcount blocks, unless refcounts are lazy). Images with an external data file keep their
+    flags (their data clusters have no refcounts). Returns how many entries changed.
+    """
+    if s.has_data_file:
+        return 0
+    cbits = s.cluster_bits
+    step = 2 if s.extended_l2 else 1
+
+    def exclusive(host_offset: int) -> bool:
+        c = host_offset >> cbits
+        return rc.get(c) - (pending.get(c, 0) if pending else 0) == 1
+
+    changed = 0
+    l1 = s.l1.entries
+    for l1i in compress(range(len(l1)), l1):
+        l2off = l2_table_offset(s, l1i)
+        if not l2off:
+            continue
+        table = s.l2_cache.get(l2off)
+        entries = table.entries
+        for i in compress(range(0, len(entries), step), entries[::step]):
+            e = entries[i]
+            if e & OFLAG_COMPRESSED:
+                continue  # never COPIED (mapping refuses one that is)
+            off = e & L2E_OFFSET_MASK
+            want = OFLAG_COPIED if off and exclusive(off) else 0
+            if e & OFLAG_COPIED != want:
+                entries[i] = e & ~OFLAG_COPIED | want
+                table.mark(i)
+                changed += 1
+        e = l1[l1i]
+        want = OFLAG_COPIED if exclusive(l2off) else 0
+        if e & OFLAG_COPIED != want:
+            s.l1.set(l1i, e & ~OFLAG_COPIED | want)
+            changed += 1
     return changed
