@@ -23,6 +23,7 @@ from .errors import (
     QcowError,
     ReadOnlyError,
     RefcountOverflowError,
+    ResizeError,
     UnsafeFileError,
     UnsupportedFeatureError,
 )
@@ -33,4 +34,5 @@ from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
+           "ResizeError",
            "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]

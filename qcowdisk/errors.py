@@ -52,3 +52,8 @@ class UnsafeFileError(QcowError):
     """A file an image names (or the image itself) is refused: it is not a regular file or a
     block device (a FIFO, socket, directory or character device), or it lies outside the
     directory the caller confined the image to."""
+
+
+class ResizeError(QcowError):
+    """A resize refused before anything was written, for a reason `qemu-img resize` refuses it
+    too; the message is qemu-img's ("Use the --shrink option to perform a shrink operation.")."""
