@@ -26,7 +26,9 @@ data_file_raw the new area is mapped onto it, as QEMU preallocates its metadata)
 contents), with leaks at most. Every header change is one `switch_header` (sync, one header
 write, fsync) that changes a single 8-byte word of the header, so a header write torn at any
 8-byte boundary leaves the old or the new value of that word, and every intermediate header
-is valid:
+is valid. (That holds as long as the header on disk is what `serialize_header` writes for it,
+as it is for every header QEMU 7.2 or qcowdisk wrote; a refcount table that must grow on the
+way is switched as refcount.py switches it, torn-safe in its own way.)
 
 - grow: flush (the old image durable); external data file cut to the old size then extended
   to the new one; if the L1 must grow: new table written and synced, switch l1_table_offset
