@@ -233,7 +233,8 @@ def _print_totals(request: pytest.FixtureRequest):  # type: ignore[no-untyped-de
     if TOTALS:
         line = (f"[resize crash totals] cut points={TOTALS['cuts']} states checked={TOTALS['states']} "
                 f"distinct images={TOTALS['images']} old={TOTALS['old']} new={TOTALS['new']} "
-                f"leaky={TOTALS['leaky']} sigkills={TOTALS['kills']}")
+                f"leaky={TOTALS['leaky']} sigkills={TOTALS['kills']} (during a resize: {TOTALS['kill-in-resize']}, "
+                f"a write or flush: {TOTALS['kill-in-flush']}, after the end: {TOTALS['kill-in-none']})")
         capture = request.config.pluginmanager.get_plugin("capturemanager")
         if capture is not None:
             with capture.global_and_fixture_disabled():
@@ -524,8 +525,10 @@ def sigkill_once(tmp_path: Path, wl: Workload, seed: int) -> tuple[str, list[str
     states = guest_states(initial, steps)
     rng = random.Random(seed)
     durable_steps = [j for j, s in enumerate(steps) if s[0] != "write"]
-    target = rng.randrange(len(durable_steps) - 1)
-    delay = rng.choice([0.0, 0.0002, 0.001, 0.003, 0.01])
+    # Aim at a resize: kill a seeded moment after the flush just before it returned.
+    resizes = [j for j, s in enumerate(steps) if s[0] == "resize"]
+    target_step = rng.choice(resizes) - 1
+    delay = rng.choice([0.0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.01])
     p = subprocess.Popen([sys.executable, "-c", CHILD, TESTS_DIR, image, wl.name], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stderr is not None
@@ -533,7 +536,7 @@ def sigkill_once(tmp_path: Path, wl: Workload, seed: int) -> tuple[str, list[str
     for line in p.stdout:
         if line.startswith("DONE "):
             done = int(line.split()[1])
-            if done >= durable_steps[target]:
+            if done >= target_step:
                 time.sleep(delay)
                 p.send_signal(signal.SIGKILL)
                 break
@@ -556,7 +559,10 @@ def sigkill_once(tmp_path: Path, wl: Workload, seed: int) -> tuple[str, list[str
                     for jj in range(f, last + 1)]
         if all(verdicts):
             found.append(verdicts[0][0])
-    where = f"{wl.name} seed {seed}: killed after step #{done} (delay {delay}s), next durable step #{last}"
+    in_flight = steps[last][0] if p.returncode and last > done else "none (finished)"
+    TOTALS[f"kill-in-{in_flight.split()[0]}"] += 1
+    where = (f"{wl.name} seed {seed}: killed after step #{done} (delay {delay}s), next durable step #{last} "
+             f"({in_flight})")
     return where, [f"{where}: {x}" for x in found]
 
 
@@ -590,8 +596,9 @@ def test_sigkill_during_resizes(tmp_path: Path, seed: int) -> None:
 @pytest.mark.parametrize("seed", range(100, 140))
 def test_sigkill_many(tmp_path: Path, seed: int) -> None:
     wl = KILL_WORKLOADS[seed % len(KILL_WORKLOADS)]
-    _, problems = sigkill_once(tmp_path, wl, seed)
+    where, problems = sigkill_once(tmp_path, wl, seed)
     TOTALS["kills"] += 1
+    print(f"[resize sigkill] {where}")
     assert not problems, "\n".join(problems[:5])
 
 
