@@ -24,6 +24,7 @@ from .errors import (
     QcowError,
     ReadOnlyError,
     RefcountOverflowError,
+    ResizeError,
     SnapshotExistsError,
     SnapshotNotFoundError,
     UnsafeFileError,
@@ -36,4 +37,5 @@ from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
-           "SnapshotNotFoundError", "SnapshotExistsError", "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]
+           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError",
+           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]

@@ -61,3 +61,8 @@ class SnapshotNotFoundError(QcowError, LookupError):
 class SnapshotExistsError(QcowError):
     """An internal snapshot with that name exists already (qemu-img would accept a duplicate;
     qcowdisk refuses one, so that a name always resolves to one snapshot)."""
+
+
+class ResizeError(QcowError):
+    """A resize refused before anything was written, for a reason `qemu-img resize` refuses it
+    too; the message is qemu-img's ("Use the --shrink option to perform a shrink operation.")."""

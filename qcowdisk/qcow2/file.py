@@ -25,6 +25,7 @@ refcount and ordering expect it held. This module also owns the image's health:
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import weakref
 from array import array
@@ -47,6 +48,7 @@ from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import compressed, ordering, reading, snapshot, status, writing
+from . import resize as resizing
 from .cache import CachedTable
 from .create import create_image, preallocate
 from .entries import (
@@ -498,6 +500,25 @@ class QcowFile:
             return status.layer_status(self._state, guest_offset, length)
 
     # ------------------------------------------------------------------ resize (resize.py)
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size to `new_size` bytes, as `qemu-img resize` does; durable on return.
+
+        Shrinking needs `shrink=True` (qemu-img's --shrink) and discards everything past the new
+        end. The new area of a grown disk reads as zeros (also over a backing file that is
+        longer). Sizes are not rounded: what qemu-img refuses (not a multiple of 512, not
+        positive, too large, a v2 image with snapshots, ...) raises `ResizeError` with
+        qemu-img's message, and nothing is written. A power cut during the resize leaves the
+        old or the new image. See `qcowdisk.qcow2.resize`.
+        """
+        s = self._state
+        try:
+            new_size = operator.index(new_size)
+        except TypeError:
+            raise TypeError(f"new_size must be an integer, not {type(new_size).__name__}") from None
+        with s.lock:
+            self._check_writable()
+            resizing.check(s, new_size, shrink)
+            self._guarded(lambda: resizing.resize(s, new_size))
 
     # ------------------------------------------------------------------ writing
     def write_at(self, offset: int, data: Buffer) -> int:
