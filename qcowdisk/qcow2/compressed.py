@@ -47,7 +47,7 @@ from .ordering import flush
 from .overlap import check_not_metadata
 from .refcount import Refcounts
 from .state import Qcow2State
-from .writing import _free_entry, l2_for_write, write
+from .writing import free_entry, l2_for_write, write
 
 # A request is compressed and written in pieces of this many bytes (at least one cluster), so
 # the lock is never held across compressing a large request, and its payloads are never all in
@@ -174,7 +174,7 @@ def _write_in_table(s: Qcow2State, l1_index: int, todo: list[tuple[int, bytes]])
             entries[2 * l2i + 1] = 0  # compressed clusters have no subcluster bitmap
         table.mark(step * l2i, step * l2i + step)
         s.compressed_cache.pop(new_e, None)  # a freed payload's descriptor may come back
-        _free_entry(s, old, 0)
+        free_entry(s, old, 0)
 
 
 def _write_run(s: Qcow2State, bufs: list[Buffer], host_start: int, host_end: int) -> None:

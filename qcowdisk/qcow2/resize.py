@@ -59,7 +59,7 @@ from .overlap import check_not_metadata
 from .reading import read_copy
 from .refcount import Refcounts
 from .state import Qcow2State
-from .writing import _free_entry, _zero_in_table, l2_for_write, write, zero
+from .writing import free_entry, l2_for_write, write, zero, zero_in_table
 
 SECTOR = 512
 BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)  # QEMU's limit on any image length (offset(..) exceeds maximum(..))
@@ -189,7 +189,7 @@ def _zero_new_area(s: Qcow2State, old: int, new: int) -> None:
     while pos < end:
         l1i = (pos >> s.cluster_bits) // s.l2_entries
         chunk_end = min(end, (l1i + 1) * s.l2_span)
-        _zero_in_table(s, l2_for_write(s, l1i), pos, chunk_end)
+        zero_in_table(s, l2_for_write(s, l1i), pos, chunk_end)
         pos = chunk_end
 
 
@@ -279,7 +279,7 @@ def _discard(s: Qcow2State, start: int, end: int) -> None:
         table = l2_for_write(s, l1i)
         e = table.entries
         for i in compress(range(first * step, last * step, step), e[first * step:last * step:step]):
-            _free_entry(s, e[i], 0)
+            free_entry(s, e[i], 0)
         e[first * step:last * step] = array(e.typecode, bytes((last - first) * step * e.itemsize))
         table.mark(first * step, last * step)
 
@@ -297,7 +297,7 @@ def _drop_l2_tables(s: Qcow2State, l1_index: int) -> None:
         off = entry & L1E_OFFSET_MASK
         entries = s.l2_cache.get(off).entries
         for i in compress(range(0, len(entries), step), entries[::step]):
-            _free_entry(s, entries[i], 0)
+            free_entry(s, entries[i], 0)
         rc.defer_free(off >> s.cluster_bits)
 
 

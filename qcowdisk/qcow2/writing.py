@@ -244,7 +244,7 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
             entries[l2i] = new_e
             table.mark(l2i)
         if (old_e & ~OFLAG_ZERO) != (new_e & ~OFLAG_ZERO) or (old_e & OFLAG_COMPRESSED):
-            _free_entry(s, old_e, p.host)
+            free_entry(s, old_e, p.host)
 
 
 def _write_data(s: Qcow2State, bufs: list[Buffer], host_start: int, host_end: int) -> None:
@@ -304,7 +304,7 @@ def _alloc_data_clusters(s: Qcow2State, plans: list[ClusterWrite], guest_offset:
     return out
 
 
-def _free_entry(s: Qcow2State, e: int, new_host: int) -> None:
+def free_entry(s: Qcow2State, e: int, new_host: int) -> None:
     """Queue the clusters an overwritten entry referenced for a deferred refcount decrement."""
     if s.has_data_file:
         return
@@ -349,11 +349,11 @@ def zero(s: Qcow2State, guest_offset: int, length: int, punch: bool) -> None:
             pos = chunk_end  # no table, no backing: already reads as zeros
             continue
         table = l2_for_write(s, l1i)
-        _zero_in_table(s, table, pos, chunk_end)
+        zero_in_table(s, table, pos, chunk_end)
         pos = chunk_end
 
 
-def _zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> None:
+def zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> None:
     cs = s.cluster_size
     cbits = s.cluster_bits
     entries = table.entries
@@ -369,7 +369,7 @@ def _zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> N
             old = entries[l2i]
             entries[l2i] = zero_flag
             table.mark(l2i)
-            _free_entry(s, old, 0)
+            free_entry(s, old, 0)
         else:
             old, bitmap = entries[2 * l2i], entries[2 * l2i + 1]
             ssize = 1 << s.subcluster_bits
@@ -377,7 +377,7 @@ def _zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> N
             if a == 0 and b == cs:
                 entries[2 * l2i] = 0
                 entries[2 * l2i + 1] = make_bitmap(0, SUBCLUSTER_ALL) if has_backing else 0
-                _free_entry(s, old, 0)
+                free_entry(s, old, 0)
             elif old & OFLAG_COMPRESSED or (
                     (old & L2E_OFFSET_MASK) and not _cluster_exclusive(s, old, old & L2E_OFFSET_MASK)):
                 _write_zero_bytes(s, pos, b - a)  # shared/compressed: copy-on-write zeros
@@ -390,7 +390,7 @@ def _zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> N
                 zeros = (bitmap_zero(bitmap) | mask) if has_backing else (bitmap_zero(bitmap) & ~mask)
                 if not alloc and old & L2E_OFFSET_MASK:
                     entries[2 * l2i] = 0
-                    _free_entry(s, old, 0)
+                    free_entry(s, old, 0)
                 entries[2 * l2i + 1] = make_bitmap(alloc, zeros)
             table.mark(2 * l2i, 2 * l2i + 2)
         pos += b - a
