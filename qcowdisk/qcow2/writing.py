@@ -354,6 +354,7 @@ def zero(s: Qcow2State, guest_offset: int, length: int, punch: bool) -> None:
 
 
 def zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> None:
+    """Make [start, end) (inside one L2 table, whole subclusters) read as zeros, freeing clusters."""
     cs = s.cluster_size
     cbits = s.cluster_bits
     entries = table.entries
