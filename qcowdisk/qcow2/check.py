@@ -589,8 +589,9 @@ def read_reftable(s: Qcow2State) -> array[int]:
 class DiskRefcounts:
     """The refcounts as the image's refcount structures say (read from disk, decoded per block)."""
 
-    def __init__(self, s: Qcow2State) -> None:
+    def __init__(self, s: Qcow2State, report: Report = _no_report) -> None:
         self.s = s
+        self.report = report
         self.reftable = read_reftable(s)
         self.codec = TableCodec(s.header.refcount_bits, s.cluster_size)
         self.epb = self.codec.entry_count
@@ -607,6 +608,10 @@ class DiskRefcounts:
             self.blocks[ri] = None
             return None
         if offset & (self.s.cluster_size - 1):
+            if not self.s.signaled_corruption:  # qcow2_signal_corruption, once per open image
+                self.s.signaled_corruption = True
+                self.report(f"qcow2: Image is corrupt: Refblock offset {_hx(offset)} unaligned (reftable index: "
+                            f"{_hx(ri)}); further non-fatal corruption events will be suppressed")
             raise _Failed(errno.EIO)
         cs = self.s.cluster_size
         counts = self.codec.decode(self.s.host.pread(cs, offset).ljust(cs, b"\0"))
@@ -723,7 +728,7 @@ class _Check:
     # --- compare_refcounts ---------------------------------------------------------------
     def compare(self, walk: RefcountWalk, res: _Res, fix: int) -> int:
         """compare_refcounts; applies the fixes `fix` allows. Returns the highest used cluster."""
-        disk = DiskRefcounts(self.s)
+        disk = DiskRefcounts(self.s, self.report)
         epb = disk.epb
         imrt = walk.imrt
         wide = "I" if self.s.header.refcount_bits <= 32 else "Q"
@@ -906,7 +911,7 @@ class _Check:
             repair = not res.check_errors and not res.corruptions and not res.leaks
         else:
             repair = False
-        disk = DiskRefcounts(s)
+        disk = DiskRefcounts(s, self.report)
         step = 2 if s.extended_l2 else 1
         clean_reject = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_STD_RESERVED_MASK
         l1 = s.l1.entries
