@@ -583,6 +583,54 @@ def read_reftable(s: Qcow2State) -> array[int]:
     return decode_u64_table(s.host.pread(length, h.refcount_table_offset).ljust(length, b"\0"))
 
 
+def signal_corruption(s: Qcow2State, report: Report, message: str) -> None:
+    """qcow2_signal_corruption: say so once per open image; on a writable image also set the
+    corrupt bit, after which nothing more is written (QEMU makes the image unusable)."""
+    fatal = not s.readonly
+    if s.signaled_corruption and (not fatal or s.header.incompatible_features & INCOMPAT_CORRUPT):
+        return
+    if fatal:
+        report(f"qcow2: Marking image as corrupt: {message}; further corruption events will be suppressed")
+        s.corrupt = True
+        ordering.switch_header(s, incompatible_features=s.header.incompatible_features | INCOMPAT_CORRUPT)
+    else:
+        report(f"qcow2: Image is corrupt: {message}; further non-fatal corruption events will be suppressed")
+    s.signaled_corruption = True
+
+
+def metadata_overlap(s: Qcow2State, offset: int, size: int) -> str | None:
+    """What metadata [offset, offset + size) would overwrite, named and ordered as
+    qcow2_check_metadata_overlap names them (None: nothing)."""
+    cs, h = s.cluster_size, s.header
+    if offset < cs:
+        return "qcow2_header"
+    start = offset // cs * cs
+    end = -(-(offset + size) // cs) * cs
+
+    def hits(off: int, length: int) -> bool:
+        return length > 0 and off < end and start < off + length
+
+    if h.l1_size and hits(h.l1_table_offset, h.l1_size * 8):
+        return "active L1 table"
+    if hits(h.refcount_table_offset, h.refcount_table_clusters * cs):
+        return "refcount table"
+    if h.nb_snapshots and hits(h.snapshots_offset, snapshot_table_size(s)):
+        return "snapshot table"
+    if any(sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8) for sn in s.snapshots):
+        return "inactive L1 table"
+    l1 = s.l1.entries
+    if any(hits(e & L1E_OFFSET_MASK, cs) for e in compress(l1, l1) if e & L1E_OFFSET_MASK):
+        return "active L2 table"
+    reftable = read_reftable(s)
+    if any(hits(e & REFT_OFFSET_MASK, cs) for e in compress(reftable, reftable) if e & REFT_OFFSET_MASK):
+        return "refcount block"
+    for sn in s.snapshots:
+        table = decode_u64_table(s.host.pread(sn.l1_size * 8, sn.l1_table_offset).ljust(sn.l1_size * 8, b"\0"))
+        if any(hits(e & L1E_OFFSET_MASK, cs) for e in compress(table, table) if e & L1E_OFFSET_MASK):
+            return "inactive L2 table"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 # The on-disk counts
 
@@ -608,10 +656,7 @@ class DiskRefcounts:
             self.blocks[ri] = None
             return None
         if offset & (self.s.cluster_size - 1):
-            if not self.s.signaled_corruption:  # qcow2_signal_corruption, once per open image
-                self.s.signaled_corruption = True
-                self.report(f"qcow2: Image is corrupt: Refblock offset {_hx(offset)} unaligned (reftable index: "
-                            f"{_hx(ri)}); further non-fatal corruption events will be suppressed")
+            signal_corruption(self.s, self.report, f"Refblock offset {_hx(offset)} unaligned (reftable index: {_hx(ri)})")
             raise _Failed(errno.EIO)
         cs = self.s.cluster_size
         counts = self.codec.decode(self.s.host.pread(cs, offset).ljust(cs, b"\0"))
@@ -838,6 +883,18 @@ class _Check:
             walk.imrt[cluster:cluster + count] = array("I", [1]) * count
             return cluster << cb, first_free
 
+        def checked_write(what: str, data: bytes, offset: int) -> None:
+            # qcow2_pre_write_overlap_check: never onto live metadata (the old structure stays
+            # intact until the header switches), and nothing once the image was marked corrupt.
+            if not s.corrupt:
+                overlap = metadata_overlap(s, offset, len(data))
+                if overlap is not None:
+                    signal_corruption(s, self.report, f"Preventing invalid write on metadata (overlaps with {overlap})")
+            if s.corrupt:
+                self.report(f"qcowdisk: ERROR writing {what}: Input/output error")
+                raise _Failed(errno.EIO)
+            s.host.pwrite(data, offset)
+
         def write_refblocks(first_cluster: int, end_cluster: int) -> bool:
             grown = False
             first_free = 0
@@ -864,7 +921,7 @@ class _Check:
                 block = array(typecode, walk.imrt[start:start + epb])
                 if len(block) < epb:
                     block.extend(array(typecode, bytes(block.itemsize * (epb - len(block)))))
-                s.host.pwrite(codec.encode(block, 0, epb), offset)
+                checked_write("refblock", codec.encode(block, 0, epb), offset)
                 cluster = start + epb
             return grown
 
@@ -878,7 +935,7 @@ class _Check:
                 if not write_refblocks(first, first + clusters):
                     break
             table = array("Q", reftable)
-            s.host.pwrite(TableCodec(64, length).encode(table, 0, len(table)), table_offset)
+            checked_write("reftable", TableCodec(64, length).encode(table, 0, len(table)), table_offset)
         except OSError as e:
             self.report(f"qcowdisk: ERROR writing refblock: {e.strerror}")
             raise
