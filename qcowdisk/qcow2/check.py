@@ -682,6 +682,10 @@ class _Check:
         self.report = report
         self.cs = s.cluster_size
         self.cb = s.cluster_bits
+        # OFLAG_COPIED flags cleared ahead of a refcount increase (see `preclear_copied`), with
+        # the entries as they were: check_oflag_copied judges those, as QEMU's would.
+        self.precleared_l1: dict[int, int] = {}
+        self.precleared_l2: dict[tuple[int, int], int] = {}
 
     def run(self) -> _Res:
         s = self.s
@@ -714,6 +718,7 @@ class _Check:
             fresh_leaks = 0
             self.report("Rebuilding refcount structure")
             try:
+                self.preclear_copied(walk)
                 self.rebuild_refcount_structure(walk)
             except _Failed:
                 res.check_errors += 1
@@ -824,9 +829,50 @@ class _Check:
                     res.corruptions += 1
                 else:
                     res.leaks += 1
+        if increments:
+            self.preclear_copied(walk)
         if increments or decrements:
             self.apply_refcount_fixes(increments, decrements)
         return highest
+
+    def preclear_copied(self, walk: RefcountWalk) -> None:
+        """Before any count goes up: clear OFLAG_COPIED, durably, on every active entry whose
+        cluster will not have refcount 1. A clear flag is always safe (a writer copies the
+        cluster); a set one on a cluster that is now counted twice would tell a writer to write
+        a shared cluster in place, and a crash between the increase and the flag's correction
+        would leave exactly that. check_oflag_copied still judges the entries as they were."""
+        s, cb, cs = self.s, self.cb, self.cs
+        imrt, nb = walk.imrt, walk.nb
+        step = 2 if s.extended_l2 else 1
+        l1 = s.l1.entries
+        changed = False
+        for i in compress(range(len(l1)), l1):
+            l1e = l1[i]
+            l2_offset = l1e & L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            if l1e & OFLAG_COPIED and (l2_offset >> cb) < nb and imrt[l2_offset >> cb] != 1:
+                self.precleared_l1.setdefault(i, l1e)
+                s.l1.set(i, l1e & ~OFLAG_COPIED)
+                changed = True
+            if s.has_data_file:
+                continue
+            words = decode_u64_table(s.host.pread(cs, l2_offset).ljust(cs, b"\0"))
+            entries = words[::2] if step == 2 else words
+            copied = [j for j in compress(range(len(entries)), map(OFLAG_COPIED.__and__, entries))
+                      if not entries[j] & OFLAG_COMPRESSED]
+            doomed = [j for j in copied if (entries[j] & L2E_OFFSET_MASK) >> cb < nb
+                      and imrt[(entries[j] & L2E_OFFSET_MASK) >> cb] != 1 and entries[j] & L2E_OFFSET_MASK]
+            if not doomed:
+                continue
+            table = s.l2_cache.get(l2_offset)
+            for j in doomed:
+                self.precleared_l2.setdefault((l2_offset, j), entries[j])
+                table.entries[j * step] = entries[j] & ~OFLAG_COPIED
+                table.mark(j * step)
+            changed = True
+        if changed:
+            ordering.flush(s, final=True)
 
     def apply_refcount_fixes(self, increments: Sequence[tuple[int, int]], decrements: Sequence[tuple[int, int]]) -> None:
         """Raise the counts that are too low and make that durable; then drop the leaked ones
@@ -974,7 +1020,7 @@ class _Check:
         l1 = s.l1.entries
         changed = False
         for i in compress(range(len(l1)), l1):
-            l1e = l1[i]
+            l1e = self.precleared_l1.get(i, l1[i])
             l2_offset = l1e & L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -991,13 +1037,22 @@ class _Check:
                     changed = True
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
+            if i in self.precleared_l1:  # cleared ahead: the flag follows the count now, fixed or not
+                want = l1e | OFLAG_COPIED if refcount == 1 else l1e & ~OFLAG_COPIED
+                if s.l1.entries[i] != want:
+                    s.l1.set(i, want)
+                    changed = True
             raw = s.host.pread(self.cs, l2_offset)
             words = decode_u64_table(raw.ljust(self.cs, b"\0"))
             entries = words[::2] if step == 2 else words
+            on_disk = entries[:]
+            pre = {j: e for (off, j), e in self.precleared_l2.items() if off == l2_offset}
+            for j, e in pre.items():
+                entries[j] = e
             nz = list(compress(entries, entries))
             if not nz:
                 continue
-            if not s.has_data_file and not reduce(operator.or_, nz) & clean_reject:
+            if not pre and not s.has_data_file and not reduce(operator.or_, nz) & clean_reject:
                 clusters = list(map(cb.__rrshift__, map(L2E_OFFSET_MASK.__and__, nz)))
                 if 0 not in clusters:
                     try:
@@ -1008,6 +1063,7 @@ class _Check:
                             list(map(bool, map(OFLAG_COPIED.__and__, nz))):
                         continue
             dirty: list[tuple[int, int]] = []
+            restore: list[tuple[int, int]] = []  # entries cleared ahead whose flag was right after all
             for j in compress(range(len(entries)), entries):
                 e = entries[j]
                 if e & OFLAG_COMPRESSED:
@@ -1031,6 +1087,16 @@ class _Check:
                                 f"refcount={refcount}")
                     if repair:
                         dirty.append((j, e | OFLAG_COPIED if refcount == 1 else e & ~OFLAG_COPIED))
+                elif j in pre:
+                    want = e | OFLAG_COPIED if refcount == 1 else e & ~OFLAG_COPIED
+                    if on_disk[j] != want:
+                        restore.append((j, want))
+            if restore:
+                table = s.l2_cache.get(l2_offset)
+                for j, e in restore:
+                    table.entries[j * step] = e
+                    table.mark(j * step)
+                changed = True
             if dirty:
                 if self.overlaps_metadata(l2_offset):
                     self.report("ERROR: Could not write L2 table; metadata overlap check failed: Input/output error")
