@@ -516,7 +516,8 @@ def test_clean_image_figures_match_qemu(kind: str, tmp_path: Path) -> None:
     assert rc == 0
 
 
-@pytest.mark.parametrize("kind", ["v3", "snapshots", "compressed", "extended-l2", "fragmented"])
+@pytest.mark.parametrize("kind", ["v3", "snapshots", "compressed", "extended-l2", "fragmented", "prealloc-falloc",
+                                  "prealloc-metadata", "c512", "data-file-raw", "lazy"])
 def test_exact_walk_agrees_with_fast_walk(kind: str, tmp_path: Path) -> None:
     """The whole-table fast path computes exactly what QEMU's per-entry loop computes."""
     from qcowdisk.qcow2 import check as ck

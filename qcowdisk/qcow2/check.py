@@ -27,9 +27,11 @@ the cluster on write) and the next `check -r all` fixes it. The caller holds the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import os
+import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +68,9 @@ INT_MAX = (1 << 31) - 1
 _IMRT_LIMIT = 0xFFFFFFFF  # the in-memory table holds 32-bit counts
 
 Report = Callable[[str], None]
+_ONES = array("I", [1]) * 65536
+_TOP_BYTE = 0xFF << 56
+_TOP_LANE = 7 if sys.byteorder == "little" else 0  # where a native u64's top byte lies
 
 
 class CheckFailedError(QcowError):
@@ -362,6 +367,19 @@ class RefcountWalk:
     def _l2_fast(self, words: array[int], frag: bool) -> bool:
         """Count a table whose nonzero entries are all plain data (or preallocated zeros) at aligned,
         nonzero offsets inside the file with consistent bitmaps; False leaves it to `_l2_exact`."""
+        if self.step == 1:
+            run = contiguous_run(words, self.cs)
+            if run is not None and not run & self.fast_reject and run & L2E_OFFSET_MASK:
+                lo, n = (run & L2E_OFFSET_MASK) >> self.cb, len(words)
+                if self.s.has_data_file or lo + n <= self.nb:
+                    if not self.s.has_data_file:
+                        if self.imrt[lo:lo + n].count(0) == n:
+                            self.imrt[lo:lo + n] = _ONES[:n] if n <= len(_ONES) else array("I", [1]) * n
+                        else:
+                            self._count_runs(list(range(lo, lo + n)), [1] * (n - 1))
+                    if frag:
+                        self.res.allocated_clusters += n
+                    return True
         entries = words[::2] if self.step == 2 else words
         nz = list(compress(entries, entries))
         if self.step == 2:
@@ -381,18 +399,32 @@ class RefcountWalk:
         if 0 in offsets:
             return False  # entries without an offset but with flags: their type needs a closer look
         clusters = list(map(self.cb.__rrshift__, offsets))
+        steps = list(map(operator.sub, clusters[1:], clusters[:-1]))
         if not self.s.has_data_file:
             if max(clusters) >= self.nb:
                 return False  # something past the end of the file
-            imrt = self.imrt
-            for c in clusters:
-                imrt[c] += 1
+            self._count_runs(clusters, steps)
         if frag:
             res = self.res
             res.allocated_clusters += len(clusters)
-            steps = list(map(operator.sub, clusters[1:], clusters[:-1]))
             res.fragmented_clusters += len(steps) - steps.count(1)
         return True
+
+    def _count_runs(self, clusters: list[int], steps: list[int]) -> None:
+        """One reference to each of `clusters` (in table order; `steps` between neighbours):
+        host-contiguous runs over clusters not yet counted become one slice assignment."""
+        imrt = self.imrt
+        breaks = bytes(map((1).__ne__, steps))  # 1 where the next cluster does not follow
+        start = 0
+        while start < len(clusters):
+            stop = breaks.find(1, start) + 1 or len(clusters)  # the run is clusters[start:stop]
+            lo, n = clusters[start], stop - start
+            if n > 8 and imrt[lo:lo + n].count(0) == n:
+                imrt[lo:lo + n] = _ONES[:n] if n <= len(_ONES) else array("I", [1]) * n
+            else:
+                for c in clusters[start:stop]:
+                    imrt[c] += 1
+            start = stop
 
     def _l2_exact(self, words: array[int], l2_offset: int, l1_index: int, frag: bool, active: bool) -> None:
         """QEMU's per-entry loop over one L2 table."""
@@ -557,6 +589,24 @@ class RefcountWalk:
                 self.rebuild = True
 
 
+def contiguous_run(entries: array[int], cluster_size: int) -> int | None:
+    """The first entry when every entry is the one before it plus one cluster (a fully allocated,
+    host-contiguous table, the commonest there is), compared at C speed; else None."""
+    n = len(entries)
+    first = entries[0]
+    if not first or entries[-1] != first + (n - 1) * cluster_size:
+        return None
+    flags, offset = first & ~L2E_OFFSET_MASK, first & L2E_OFFSET_MASK
+    if flags & ~_TOP_BYTE:
+        return None  # flags in the low bits (zero flag, reserved): the general path judges them
+    got = entries.tobytes()
+    want = array("Q", range(offset, offset + n * cluster_size, cluster_size)).tobytes()  # < 2^56: C ints
+    top = _TOP_LANE
+    if got[top::8] != bytes([flags >> 56]) * n:
+        return None
+    return first if all(got[lane::8] == want[lane::8] for lane in range(8) if lane != top) else None
+
+
 def snapshot_table_size(s: Qcow2State) -> int:
     """QEMU's snapshots_size: the table's bytes up to the end of the last entry (no padding after it)."""
     h = s.header
@@ -662,6 +712,17 @@ class DiskRefcounts:
         counts = self.codec.decode(self.s.host.pread(cs, offset).ljust(cs, b"\0"))
         self.blocks[ri] = counts
         return counts
+
+    def flat(self, count: int) -> array[int] | None:
+        """The counts of clusters [0, count) in one array (None if a block cannot be read)."""
+        out = array("Q")
+        try:
+            for ri in range(-(-count // self.epb)):
+                block = self.block(ri)
+                out.extend(array("Q", bytes(8 * self.epb)) if block is None else array("Q", block))
+        except _Failed:
+            return None
+        return out
 
     def get(self, cluster: int) -> int:
         """One cluster's count (qcow2_get_refcount)."""
@@ -1015,6 +1076,7 @@ class _Check:
         else:
             repair = False
         disk = DiskRefcounts(s, self.report)
+        flat = disk.flat(-(-s.host.size() // self.cs))
         step = 2 if s.extended_l2 else 1
         clean_reject = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_STD_RESERVED_MASK
         l1 = s.l1.entries
@@ -1049,16 +1111,25 @@ class _Check:
             pre = {j: e for (off, j), e in self.precleared_l2.items() if off == l2_offset}
             for j, e in pre.items():
                 entries[j] = e
+            if not pre and not s.has_data_file and step == 1 and flat is not None:
+                run = contiguous_run(entries, self.cs)
+                if run is not None and not run & clean_reject and run & L2E_OFFSET_MASK:
+                    lo, n = (run & L2E_OFFSET_MASK) >> cb, len(entries)
+                    ones = flat[lo:lo + n].count(1)
+                    if lo + n <= len(flat) and ones == (n if run & OFLAG_COPIED else 0):
+                        continue
             nz = list(compress(entries, entries))
             if not nz:
                 continue
             if not pre and not s.has_data_file and not reduce(operator.or_, nz) & clean_reject:
                 clusters = list(map(cb.__rrshift__, map(L2E_OFFSET_MASK.__and__, nz)))
                 if 0 not in clusters:
-                    try:
-                        counts = list(map(disk.get, clusters))
-                    except _Failed:
-                        counts = None
+                    counts: list[int] | None = None
+                    if flat is not None and max(clusters) < len(flat):
+                        counts = list(map(flat.__getitem__, clusters))
+                    else:
+                        with contextlib.suppress(_Failed):
+                            counts = list(map(disk.get, clusters))
                     if counts is not None and list(map((1).__eq__, counts)) == \
                             list(map(bool, map(OFLAG_COPIED.__and__, nz))):
                         continue
