@@ -351,6 +351,22 @@ def _extl2_bad_bitmap(d: Path) -> str:
     return p
 
 
+def _snapshot_incomplete(d: Path) -> str:
+    """A v3 snapshot entry with 8 bytes of extra data (QEMU's open refuses it, its check reports it)."""
+    p = base_image(d)
+    qemu_img("snapshot", "-c", "snap1", p)
+    ip.patch_u32(p, ip.snapshot_entries(p)[0].field_offset("extra_data_size"), 8)
+    return p
+
+
+def _snapshot_l1_unaligned(d: Path) -> str:
+    p = base_image(d)
+    qemu_img("snapshot", "-c", "snap1", p)
+    e = ip.snapshot_entries(p)[0]
+    ip.patch_u64(p, e.field_offset("l1_table_offset"), e.fields["l1_table_offset"] + 0x200)
+    return p
+
+
 BROKEN: dict[str, Callable[[Path], str]] = {
     "leak-l1-cluster": _leak_l1_cluster,
     "leak-orphan-data": _leak_orphan_data,
@@ -382,7 +398,11 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "overflow": _overflow,
     "v2-leak-and-copied": _v2_leak_and_copied,
     "extl2-bad-bitmap": _extl2_bad_bitmap,
+    "snapshot-incomplete": _snapshot_incomplete,
+    "snapshot-l1-unaligned": _snapshot_l1_unaligned,
 }
+# qemu-img check -r all rewrites the snapshot table; qcowdisk does not write snapshot tables.
+NOT_REPAIRED = {("snapshot-incomplete", "all")}
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
@@ -395,6 +415,8 @@ def test_broken_image_report_matches_qemu(case: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["leaks", "all"])
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_image_repair_matches_qemu(case: str, mode: str, tmp_path: Path) -> None:
+    if (case, mode) in NOT_REPAIRED:
+        pytest.xfail("qcowdisk does not rewrite snapshot tables")
     path = BROKEN[case](tmp_path)
     assert_same_repair(tmp_path, os.path.basename(path), mode)
 
@@ -637,3 +659,14 @@ def test_json_strings_escaped_as_qemu(tmp_path: Path) -> None:
     name = 'we\u00efrd "name"\\\t.qcow2'
     create(str(d / name), "64M")
     assert_same_check(d, name, "--output=json")
+
+
+def test_snapshot_table_repair_is_refused_cleanly(tmp_path: Path) -> None:
+    """qemu-img check -r all rewrites a snapshot table with incomplete entries; qcowdisk cannot
+    write snapshot tables, so it says the check failed and leaves the image as it was."""
+    path = BROKEN["snapshot-incomplete"](tmp_path)
+    before = Path(path).read_bytes()
+    rc, out, err = run_ours(tmp_path, "-r", "all", "img.qcow2")
+    assert (rc, out) == (1, "")
+    assert err.splitlines()[-1] == "qcowdisk: Check failed: Operation not supported", err
+    assert Path(path).read_bytes() == before

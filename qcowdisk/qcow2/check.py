@@ -54,7 +54,17 @@ from .entries import (
     TableCodec,
     decode_u64_table,
 )
-from .format import AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES
+from .format import (
+    AUTOCLEAR_BITMAPS,
+    EXT_BITMAPS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    MAX_L1_BYTES,
+    MAX_SNAPSHOT_EXTRA,
+    MAX_SNAPSHOT_TABLE_BYTES,
+    MAX_SNAPSHOTS,
+    SNAPSHOT_HEADER_STRUCT,
+)
 from .state import Qcow2State
 
 FIX_LEAKS = 1   # BDRV_FIX_LEAKS
@@ -264,7 +274,8 @@ class RefcountWalk:
         self.align_mask = (self.cs - 1) & L2E_OFFSET_MASK
         self.fast_reject = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | self.align_mask
         self.snapshots_offset = s.header.snapshots_offset if s.snapshot_error is None else 0
-        self.snapshots = list(s.snapshots) if s.snapshot_error is None else []
+        self.snapshots: list[SnapshotRef] = [] if s.snapshot_error is not None else [
+            SnapshotRef(sn.id, sn.name, sn.l1_table_offset, sn.l1_size, 16) for sn in s.snapshots]
         self.snapshots_size = snapshot_table_size(s) if self.snapshots else 0
 
     # --- counting (qcow2_inc_refcounts_imrt) ---------------------------------------------
@@ -607,6 +618,81 @@ def contiguous_run(entries: array[int], cluster_size: int) -> int | None:
     return first if all(got[lane::8] == want[lane::8] for lane in range(8) if lane != top) else None
 
 
+@dataclass(frozen=True)
+class SnapshotRef:
+    """What the check needs of one snapshot table entry (read as QEMU reads it in check mode)."""
+
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    extra_data_size: int
+
+
+def _c_string(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def read_snapshot_table(s: Qcow2State, report: Report, res: _Res, fix: int) -> tuple[list[SnapshotRef], int, int]:
+    """qcow2_check_read_snapshot_table (without repairs): the entries, the table's offset and its
+    size as QEMU computes them. Entries QEMU's open would refuse (v3 entries without the 16 bytes
+    of extra data) are corruptions here; a table that cannot be read at all ends the check."""
+    h, cs = s.header, s.cluster_size
+    count, offset = h.nb_snapshots, h.snapshots_offset
+    if count > MAX_SNAPSHOTS:
+        res.check_errors += 1
+        report("qcowdisk: ERROR snapshot table too large")
+        report(f"You can force-remove all {count - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all")
+        raise _Failed(errno.EFBIG)
+    if (1 << 63) - 1 - count * 40 < offset or offset & (cs - 1):
+        res.check_errors += 1
+        report("qcowdisk: ERROR snapshot table offset invalid")
+        raise _Failed(errno.EINVAL)
+    if not count:
+        return [], offset, 0
+    file_len = s.host.size()
+    buf = s.host.pread(max(0, min(file_len - offset, MAX_SNAPSHOT_TABLE_BYTES + (1 << 20))), offset)
+
+    def take(pos: int, length: int) -> bytes:
+        if pos + length > len(buf):
+            return (buf[pos:] + s.host.pread(pos + length - max(pos, len(buf)), offset + max(pos, len(buf)))).ljust(
+                length, b"\0")
+        return buf[pos:pos + length]
+
+    def fail(message: str, hint: str) -> _Failed:
+        res.check_errors += 1
+        report(f"qcowdisk: ERROR failed to read the snapshot table: {message}")
+        report(hint)
+        return _Failed(errno.EFBIG)
+
+    snaps: list[SnapshotRef] = []
+    pos = table_length = 0
+    for i in range(count):
+        table_length = -(-table_length // 8) * 8
+        pos = -(-pos // 8) * 8
+        l1_offset, l1_size, id_len, name_len, _, _, _, _, extra = SNAPSHOT_HEADER_STRUCT.unpack(take(pos, 40))
+        pos += 40
+        if extra > MAX_SNAPSHOT_EXTRA:
+            raise fail(f"Too much extra metadata in snapshot table entry {i}",
+                       "You can force-remove this extra metadata with qemu-img check -r all")
+        pos += extra
+        sid = _c_string(take(pos, id_len))
+        pos += id_len
+        name = _c_string(take(pos, name_len))
+        pos += name_len
+        table_length += 40 + extra + id_len + name_len
+        if table_length > MAX_SNAPSHOT_TABLE_BYTES or pos > INT_MAX:
+            raise fail("Snapshot table is too big",
+                       f"You can force-remove all {count - i} overhanging snapshots with qemu-img check -r all")
+        snaps.append(SnapshotRef(sid, name, l1_offset, l1_size, extra))
+    if h.version >= 3:
+        for i, sn in enumerate(snaps):
+            if sn.extra_data_size < 16:
+                res.corruptions += 1
+                report(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is incomplete")
+    return snaps, offset, pos
+
+
 def snapshot_table_size(s: Qcow2State) -> int:
     """QEMU's snapshots_size: the table's bytes up to the end of the last entry (no padding after it)."""
     h = s.header
@@ -747,22 +833,30 @@ class _Check:
         # the entries as they were: check_oflag_copied judges those, as QEMU's would.
         self.precleared_l1: dict[int, int] = {}
         self.precleared_l2: dict[tuple[int, int], int] = {}
+        self.snapshots: tuple[list[SnapshotRef], int, int] = ([], 0, 0)  # entries, offset, size
 
     def run(self) -> _Res:
         s = self.s
+        snapshot_res = _Res()
+        self.snapshots = read_snapshot_table(s, self.report, snapshot_res, self.fix)
         res = _Res()
-        if s.snapshot_error is not None:
-            # qcow2_check_read_snapshot_table: a table that cannot be read ends the check.
-            self.report(f"qcowdisk: ERROR failed to read the snapshot table: {s.snapshot_error}")
-            res.check_errors += 1
-            raise _Failed(errno.EINVAL)
         self.check_refcounts(res)
+        if snapshot_res.corruptions and self.fix & FIX_ERRORS:
+            # qcow2_check_fix_snapshot_table rewrites the table; qcowdisk does not write
+            # snapshot tables (yet), so this repair fails as QEMU's would on a write error.
+            res.check_errors += 1
+            self.report("ERROR failed to update snapshot table: Operation not supported")
+            raise _Failed(errno.ENOTSUP)
+        for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+            setattr(res, name, getattr(res, name) + getattr(snapshot_res, name))
         if self.fix and not res.check_errors and not res.corruptions:
             self.mark_clean_and_consistent()
         return res
 
     def new_walk(self, res: _Res, fix: int) -> RefcountWalk:
-        return RefcountWalk(self.s, res, self.report, fix)
+        walk = RefcountWalk(self.s, res, self.report, fix)
+        walk.snapshots, walk.snapshots_offset, walk.snapshots_size = self.snapshots
+        return walk
 
     def check_refcounts(self, res: _Res) -> None:
         s, fix = self.s, self.fix

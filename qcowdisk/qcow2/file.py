@@ -670,7 +670,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
             s.snapshots, s.snapshot_table_length = parse_snapshot_table(
                 buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
         except InvalidImageError as e:
-            if not options.readonly:
+            if not options.readonly and not for_check:
                 raise
             # As QEMU: a broken snapshot table does not hide an intact active layer from a
             # reader. `snapshots` raises this error; a writer is refused above.
