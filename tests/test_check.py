@@ -351,6 +351,15 @@ def _extl2_bad_bitmap(d: Path) -> str:
     return p
 
 
+def _bitmaps_leak(d: Path) -> str:
+    """An image with persistent bitmaps and a leaked cluster (the repair leaves the bitmaps alone)."""
+    p = base_image(d, size="64M", commands=("write -P 0x11 0 1M",))
+    qemu_img("bitmap", "--add", p, "b0")
+    qemu_io(p, "write -P 0x12 0 64k")
+    set_l2_entry(p, 512 * KiB, 0)
+    return p
+
+
 def _snapshot_incomplete(d: Path) -> str:
     """A v3 snapshot entry with 8 bytes of extra data (QEMU's open refuses it, its check reports it)."""
     p = base_image(d)
@@ -398,6 +407,7 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "overflow": _overflow,
     "v2-leak-and-copied": _v2_leak_and_copied,
     "extl2-bad-bitmap": _extl2_bad_bitmap,
+    "bitmaps-leak": _bitmaps_leak,
     "snapshot-incomplete": _snapshot_incomplete,
     "snapshot-l1-unaligned": _snapshot_l1_unaligned,
 }

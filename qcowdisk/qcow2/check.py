@@ -18,11 +18,18 @@ something unusual in it is walked entry by entry exactly as QEMU's loop does.
 Repair keeps the crash-ordering rules (ordering.py): refcount increments are made durable before
 decrements, decrements go through the deferred-free queue, a rebuilt refcount structure is
 written to clusters nothing references and switched to with `switch_header`, and OFLAG_COPIED is
-rewritten only after the counts it follows are durable. A repair cut by a crash therefore leaves
+cleared ahead of any count going up and set only after the counts it follows are durable. A repair cut by a crash therefore leaves
 an image whose check is no worse than before, with one inherent exception: a leaked cluster whose
 count drops to exactly 1 has COPIED clear until the flag is rewritten (QEMU's window too), which
 `qemu-img check` reports as an OFLAG_COPIED corruption; that state is harmless (a writer copies
 the cluster on write) and the next `check -r all` fixes it. The caller holds the image lock.
+
+Where qcowdisk differs from qemu-img check: a snapshot table that must be rewritten (`-r all` on
+incomplete entries, too much extra data, too many snapshots) is not repaired (`Check failed:
+Operation not supported`); encrypted images are refused at open; images whose header or tables
+qcowdisk refuses to open fail with qcowdisk's reason where qemu-img may open them; the metadata
+overlap check of `fix_l2_entry_by_zero` is not made; the messages of a malformed bitmap
+directory are not QEMU's (only its corruption count is).
 """
 
 from __future__ import annotations
@@ -734,9 +741,10 @@ def signal_corruption(s: Qcow2State, report: Report, message: str) -> None:
     s.signaled_corruption = True
 
 
-def metadata_overlap(s: Qcow2State, offset: int, size: int) -> str | None:
+def metadata_overlap(s: Qcow2State, offset: int, size: int, ignore_active_l2: bool = False) -> str | None:
     """What metadata [offset, offset + size) would overwrite, named and ordered as
-    qcow2_check_metadata_overlap names them (None: nothing)."""
+    qcow2_check_metadata_overlap names them, with QEMU's default `overlap-check=cached` (snapshot
+    L1 and L2 tables are not looked at); None: nothing."""
     cs, h = s.cluster_size, s.header
     if offset < cs:
         return "qcow2_header"
@@ -752,18 +760,12 @@ def metadata_overlap(s: Qcow2State, offset: int, size: int) -> str | None:
         return "refcount table"
     if h.nb_snapshots and hits(h.snapshots_offset, snapshot_table_size(s)):
         return "snapshot table"
-    if any(sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8) for sn in s.snapshots):
-        return "inactive L1 table"
     l1 = s.l1.entries
-    if any(hits(e & L1E_OFFSET_MASK, cs) for e in compress(l1, l1) if e & L1E_OFFSET_MASK):
+    if not ignore_active_l2 and any(hits(e & L1E_OFFSET_MASK, cs) for e in compress(l1, l1) if e & L1E_OFFSET_MASK):
         return "active L2 table"
     reftable = read_reftable(s)
     if any(hits(e & REFT_OFFSET_MASK, cs) for e in compress(reftable, reftable) if e & REFT_OFFSET_MASK):
         return "refcount block"
-    for sn in s.snapshots:
-        table = decode_u64_table(s.host.pread(sn.l1_size * 8, sn.l1_table_offset).ljust(sn.l1_size * 8, b"\0"))
-        if any(hits(e & L1E_OFFSET_MASK, cs) for e in compress(table, table) if e & L1E_OFFSET_MASK):
-            return "inactive L2 table"
     return None
 
 
@@ -1263,7 +1265,10 @@ class _Check:
                     table.mark(j * step)
                 changed = True
             if dirty:
-                if self.overlaps_metadata(l2_offset):
+                overlap = metadata_overlap(s, l2_offset, self.cs, ignore_active_l2=True)
+                if overlap is not None or s.corrupt:
+                    if overlap is not None:
+                        signal_corruption(s, self.report, f"Preventing invalid write on metadata (overlaps with {overlap})")
                     self.report("ERROR: Could not write L2 table; metadata overlap check failed: Input/output error")
                     res.check_errors += 1
                     raise _Failed(errno.EIO)
@@ -1276,19 +1281,6 @@ class _Check:
                 res.corruptions_fixed += len(dirty)
         if changed:
             ordering.flush(s, final=True)
-
-    def overlaps_metadata(self, l2_offset: int) -> bool:
-        """Whether an active L2 table lies on other metadata (QEMU refuses to write it there)."""
-        s, cs, h = self.s, self.cs, self.s.header
-        start, end = l2_offset, l2_offset + cs
-        if start < cs:
-            return True
-        regions = [(h.l1_table_offset, h.l1_size * 8),
-                   (h.refcount_table_offset, h.refcount_table_clusters * cs),
-                   (h.snapshots_offset, snapshot_table_size(s) if h.nb_snapshots else 0)]
-        regions += [(sn.l1_table_offset, sn.l1_size * 8) for sn in s.snapshots]
-        regions += [(e & REFT_OFFSET_MASK, cs) for e in read_reftable(s) if e & REFT_OFFSET_MASK]
-        return any(length and off < end and start < -(-(off + length) // cs) * cs for off, length in regions)
 
     def mark_clean_and_consistent(self) -> None:
         """After a repair that left no errors: clear the dirty and corrupt bits (flushed first)."""

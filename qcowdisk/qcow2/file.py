@@ -656,7 +656,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
             f"it can only be opened read-only until repaired")
-    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS:
+    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check:
+        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write)
         raise UnsupportedFeatureError(
             f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
             f"qcowdisk does not maintain them, so it opens such images read-only only")
