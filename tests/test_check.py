@@ -680,3 +680,14 @@ def test_snapshot_table_repair_is_refused_cleanly(tmp_path: Path) -> None:
     assert (rc, out) == (1, "")
     assert err.splitlines()[-1] == "qcowdisk: Check failed: Operation not supported", err
     assert Path(path).read_bytes() == before
+
+
+def test_snapshot_table_read_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot table longer than what is read ahead is read on, entry by entry."""
+    from qcowdisk.qcow2 import check as ck
+    monkeypatch.setattr(ck, "SNAPSHOT_READ_AHEAD", 40)
+    path = base_image(tmp_path)
+    for name in ("one", "two", "three"):
+        qemu_img("snapshot", "-c", name, path)
+    ip.patch_u32(path, ip.snapshot_entries(path)[1].field_offset("extra_data_size"), 8)
+    assert_same_all_outputs(tmp_path, "img.qcow2")

@@ -86,6 +86,7 @@ _IMRT_LIMIT = 0xFFFFFFFF  # the in-memory table holds 32-bit counts
 
 Report = Callable[[str], None]
 _ONES = array("I", [1]) * 65536
+SNAPSHOT_READ_AHEAD = 1 << 16  # bytes of a snapshot table read at once when its length is unknown
 _TOP_BYTE = 0xFF << 56
 _TOP_LANE = 7 if sys.byteorder == "little" else 0  # where a native u64's top byte lies
 
@@ -391,10 +392,7 @@ class RefcountWalk:
                 lo, n = (run & L2E_OFFSET_MASK) >> self.cb, len(words)
                 if self.s.has_data_file or lo + n <= self.nb:
                     if not self.s.has_data_file:
-                        if self.imrt[lo:lo + n].count(0) == n:
-                            self.imrt[lo:lo + n] = _ONES[:n] if n <= len(_ONES) else array("I", [1]) * n
-                        else:
-                            self._count_runs(list(range(lo, lo + n)), [1] * (n - 1))
+                        self._count_run(lo, n)
                     if frag:
                         self.res.allocated_clusters += n
                     return True
@@ -437,12 +435,24 @@ class RefcountWalk:
         while start < len(clusters):
             stop = breaks.find(1, start) + 1 or len(clusters)  # the run is clusters[start:stop]
             lo, n = clusters[start], stop - start
-            if n > 8 and imrt[lo:lo + n].count(0) == n:
-                imrt[lo:lo + n] = _ONES[:n] if n <= len(_ONES) else array("I", [1]) * n
+            if n > 8:
+                self._count_run(lo, n)
             else:
                 for c in clusters[start:stop]:
                     imrt[c] += 1
             start = stop
+
+    def _count_run(self, lo: int, n: int) -> None:
+        """One more reference to each of clusters [lo, lo + n): one slice assignment where they
+        all have the same count so far (not yet counted, or all shared alike with a snapshot)."""
+        imrt = self.imrt
+        seg = imrt[lo:lo + n]
+        v = seg[0]
+        if seg.count(v) == n:
+            imrt[lo:lo + n] = _ONES[:n] if v == 0 and n <= len(_ONES) else array("I", [v + 1]) * n
+        else:
+            for c in range(lo, lo + n):
+                imrt[c] += 1
 
     def _l2_exact(self, words: array[int], l2_offset: int, l1_index: int, frag: bool, active: bool) -> None:
         """QEMU's per-entry loop over one L2 table."""
@@ -658,7 +668,8 @@ def read_snapshot_table(s: Qcow2State, report: Report, res: _Res, fix: int) -> t
     if not count:
         return [], offset, 0
     file_len = s.host.size()
-    buf = s.host.pread(max(0, min(file_len - offset, MAX_SNAPSHOT_TABLE_BYTES + (1 << 20))), offset)
+    want = s.snapshot_table_length if s.snapshot_error is None and s.snapshot_table_length else SNAPSHOT_READ_AHEAD
+    buf = s.host.pread(max(0, min(file_len - offset, want)), offset)  # `take` reads on past it if need be
 
     def take(pos: int, length: int) -> bytes:
         if pos + length > len(buf):
