@@ -9,6 +9,7 @@ Layers, each importing only from those above it in this list:
   dependencies; `state`: `Qcow2State`, every field of an open image declared in one place.
 - `refcount`: counts, allocation, table growth, the deferred-free queue.
 - `ordering`: the crash-ordering edges, the header switch, the flush pipeline.
-- `overlap`, `mapping`, `reading`, `writing`, `repair`, `create`, `resize`: functions over the state.
+- `overlap`, `mapping`, `reading`, `writing`, `check`, `repair`, `create`, `resize`: functions over
+  the state (`repair` reuses `check`'s reference walker).
 - `file`: `QcowFile`, the public object: opening, the lock, the failed state, closing.
 """

@@ -50,6 +50,7 @@ from ..qcow1 import Qcow1File
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
 from .cache import CachedTable
+from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
     L1E_OFFSET_MASK,
@@ -217,7 +218,8 @@ class QcowFile:
             return Qcow1File._open(path, options, chain)
 
     @classmethod
-    def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -> QcowFile:
+    def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...], *,
+              for_check: bool = False) -> QcowFile:
         if len(chain) > 1:  # a backing file: named by the image above, so confined
             host = formats.open_named_file(path, not options.readonly, options, "backing file", chain[-2])
         else:
@@ -232,12 +234,12 @@ class QcowFile:
                 raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
-            state = _load_state(path, host, options)
+            state = _load_state(path, host, options, for_check)
             if state.header.backing_file and options.backing:
                 state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
                                                      options, chain)
             if not options.readonly:
-                _prepare_for_writing(state)
+                _prepare_for_writing(state, for_check)
         except BaseException:
             if state is not None:
                 if state.backing is not None:
@@ -590,6 +592,43 @@ class QcowFile:
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s))
 
+    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None) -> CheckResult:
+        """Check the image's refcounts and tables as `qemu-img check` does; with `repair="leaks"`
+        fix leaked clusters, with `repair="all"` corruptions too (see qcowdisk.qcow2.check).
+
+        Returns qemu-img check's figures (after a repair that fixed something, those of the
+        image checked again, with the fixed counts). `report` receives each line qemu-img prints
+        on stderr while checking. A repair needs a read-write image; an image with the corrupt or
+        dirty bit opens read-write for it with `QcowFile.open_for_check(path, repair=True)`.
+        Raises `CheckFailedError` where qemu-img says `Check failed`.
+        """
+        s = self._state
+        with s.lock:
+            self._check_open()
+            if repair is not None:
+                self._check_writable()
+            else:
+                self._check_healthy()
+            return self._guarded(lambda: check_image(s, repair, report))
+
+    @classmethod
+    def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
+                       confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+                       host_factory: HostFactory | None = None) -> QcowFile:
+        """Open an image to check it, as qemu-img check opens it (BDRV_O_CHECK).
+
+        With `repair`, the image opens read-write even with the corrupt bit set, and a dirty
+        image is not rebuilt at open (the check reports and repairs it); a repair that leaves no
+        corruption clears both bits. Without, this is a read-only `open`.
+        """
+        path = os.fspath(path)
+        if force_share and repair:
+            raise ValueError("force_share=True cannot be used to repair an image")
+        options = formats.OpenOptions(readonly=not repair, host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to),
+                                      force_share=force_share)
+        return cls._open(path, options, (os.path.realpath(path),), for_check=True)
+
     # ------------------------------------------------------------------ compressed writes (compressed.py)
     def write_compressed(self, offset: int, data: Buffer) -> int:
         """Write whole clusters of `data` compressed at the cluster-aligned guest `offset`; returns len(data).
@@ -745,7 +784,7 @@ class QcowFile:
 
 
 # ---------------------------------------------------------------------- opening helpers
-def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow2State:
+def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
     # Cluster 0 only (its size is in the first bytes): reading guest data would pull it into the
@@ -755,11 +794,12 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow
     if len(head) == 512 and 9 < cluster_bits <= 21:
         head = host.pread(min(file_length, 1 << cluster_bits), 0)
     h = parse_header(head, file_length)
-    if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT:
+    if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
             f"it can only be opened read-only until repaired")
-    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS:
+    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check:
+        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write)
         raise UnsupportedFeatureError(
             f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
             f"qcowdisk does not maintain them, so it opens such images read-only only")
@@ -773,7 +813,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions) -> Qcow
             s.snapshots, s.snapshot_table_length = parse_snapshot_table(
                 buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
         except InvalidImageError as e:
-            if not options.readonly:
+            if not options.readonly and not for_check:
                 raise
             # As QEMU: a broken snapshot table does not hide an intact active layer from a
             # reader. `snapshots` raises this error; a writer is refused above.
@@ -809,8 +849,9 @@ def _check_l1_tables_vs_refblocks(s: Qcow2State) -> None:
                     f"{name} 0x{offset:x} overlaps the refcount block at 0x{c // cs * cs:x}")
 
 
-def _prepare_for_writing(s: Qcow2State) -> None:
-    """Set up allocation and ordering; clear unknown autoclear bits; repair a dirty image."""
+def _prepare_for_writing(s: Qcow2State, for_check: bool = False) -> None:
+    """Set up allocation and ordering; clear unknown autoclear bits; repair a dirty image (unless
+    opened `for_check`: the check reports and repairs it)."""
     h = s.header
     collect_metadata(s)
 
@@ -821,7 +862,7 @@ def _prepare_for_writing(s: Qcow2State) -> None:
                    lambda: s.alloc_limit, DEFAULT_REFBLOCK_CACHE_BYTES, switch_reftable, s.metadata)
     s.refcounts = rc
     ordering.declare_write_order(s, rc)
-    if h.incompatible_features & INCOMPAT_DIRTY:
+    if h.incompatible_features & INCOMPAT_DIRTY and not for_check:
         rebuild_refcounts(s, rc)
         ordering.flush(s, final=True)
         ordering.switch_header(s, incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY,

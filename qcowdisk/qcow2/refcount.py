@@ -59,9 +59,9 @@ class Refcounts:
         self.free_byte_offset = 0
         for c in range(reftable_offset >> cluster_bits, (reftable_offset >> cluster_bits) + reftable_clusters):
             metadata.add(c)
-        for i, e in enumerate(self.reftable):
-            if e:
-                metadata.add(self._block_offset(i) >> cluster_bits)
+        for e in self.reftable:  # entries are validated where a block is used (`_block_offset`)
+            if e & REFT_OFFSET_MASK:
+                metadata.add((e & REFT_OFFSET_MASK) >> cluster_bits)
 
     # --- reading -------------------------------------------------------------------------
     def _block_offset(self, reftable_index: int) -> int:

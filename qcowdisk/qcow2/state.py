@@ -79,6 +79,7 @@ class Qcow2State:
 
         # --- health --------------------------------------------------------------------------
         self.corrupt = False                # an inconsistency was found: writes refused
+        self.signaled_corruption = False    # check.py printed QEMU's one corruption notice
         self.failure: BaseException | None = None  # first failed host write/fsync: writes refused
         self.closed = False
         self.inherited = False              # this process is a fork() child of the opener
