@@ -13,7 +13,9 @@ differ.
 The status words and their lengths are QEMU's own, because strict mode's verdict and offset
 depend on them (a run ending at the end of the disk carries QEMU's EOF flag, a qcow2 answer
 stops at the end of an L2 table, a qcow answer at the end of a cluster...): `_Chain` rebuilds
-them from each format's `layer_status` runs. Memory stays bounded whatever the disks' sizes:
+them from each format's `layer_status` runs. (Host holes in a metadata-preallocated qcow2 make
+its data read as zero there, as `layer_status` reports; QEMU's RECURSE flag itself is cleared
+once used, as in QEMU 7.2's stable releases, so it never shows.) Memory stays bounded whatever the disks' sizes:
 runs are fetched window by window, and data is read into two buffers of `IO_BUF_SIZE`.
 """
 
@@ -31,7 +33,6 @@ from ..blockstatus import qemu_length
 from ..errors import QcowError
 from ..image import Image, LayerExtent, fill_zeros, zero_block
 from ..qcow1 import Qcow1File
-from ..qcow2 import status as qcow2_status
 from ..qcow2.file import QcowFile
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most compared in one step
@@ -44,7 +45,6 @@ ZERO = 0x02
 OFFSET_VALID = 0x04
 ALLOCATED = 0x10
 EOF = 0x20
-RECURSE = 0x40
 
 Progress = Callable[[int, int], object]
 Reason = Literal["identical", "content", "block-status", "size"]
@@ -189,8 +189,7 @@ class _Runs:
 class _Layer:
     """One image of a chain, answering as QEMU's bdrv_co_block_status does for that node."""
 
-    __slots__ = ("backing_length", "has_backing", "int_max", "length", "raw", "recurse", "runs", "span",
-                 "supports_backing")
+    __slots__ = ("backing_length", "has_backing", "int_max", "length", "raw", "runs", "span", "supports_backing")
 
     def __init__(self, image: Image, backing_length: int | None) -> None:
         self.length = qemu_length(image)
@@ -200,13 +199,11 @@ class _Layer:
         self.backing_length = backing_length or 0
         self.span = 0  # QEMU's answers never cross a multiple of this (0: no limit)
         self.int_max = False  # qcow2 answers at most INT_MAX bytes
-        self.recurse = False  # qcow2 with metadata preallocation: data answers carry RECURSE
         granule = 4096
         if isinstance(image, QcowFile):
             cs = image.cluster_size
             self.span = cs * (cs // (16 if image.extended_l2 else 8))  # one L2 table
             self.int_max = True
-            self.recurse = qcow2_status.metadata_preallocated(image._state)
             granule = cs >> 5 if image.extended_l2 else cs
         elif isinstance(image, Qcow1File):
             self.span = image.cluster_size  # qcow_co_block_status: one cluster at a time
@@ -230,9 +227,7 @@ class _Layer:
         else:
             flags = 0 if ext.host_offset is None else OFFSET_VALID
             if ext.data:
-                flags |= DATA
-                if self.recurse and ext.host_offset is not None:
-                    flags |= RECURSE
+                flags |= DATA  # (with metadata preallocation, QEMU's RECURSE is gone once used)
             if ext.zero:
                 flags |= ZERO
         if flags & (DATA | ZERO):
@@ -295,7 +290,7 @@ def first_difference(a: bytearray, b: memoryview, n: int) -> int:
         return -1
     lo, hi = 0, n  # the first difference lies in [lo, hi)
     while hi - lo > SECTOR:
-        mid = lo + (hi - lo) // 2 // SECTOR * SECTOR or lo + SECTOR
+        mid = lo + max(SECTOR, (hi - lo) // 2 // SECTOR * SECTOR)
         if a.startswith(b[lo:mid], lo):
             lo = mid
         else:
