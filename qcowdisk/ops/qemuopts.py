@@ -123,13 +123,11 @@ def strtou64(text: str) -> int:
     else:
         m = re.compile(r"[0-9]+").match(text, pos)
         base = 10
-    if m is None:
-        raise ValueError(text)  # no conversion
-    if m.end() != len(text):
-        raise ValueError(text)
+    if m is None or m.end() != len(text):  # no digits, or something after them
+        raise ValueError(f"not a number: {text!r}")
     value = int(m.group(0), base)
     if value > UINT64_MAX:
-        raise OverflowError(text)
+        raise OverflowError(f"out of range: {text!r}")
     return (-value) & UINT64_MAX if negative else value
 
 
