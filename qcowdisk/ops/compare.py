@@ -167,6 +167,8 @@ class _Runs:
             else:
                 items.append(_Run(pos, ext))
             pos += ext.length
+        if pos == self._fetched:  # the protocol promises the whole range: never spin on an empty answer
+            raise QcowError(f"block status of {self._image.filename!r} at {pos} covers nothing")
         self._fetched = pos
 
     def at(self, offset: int, limit: int) -> tuple[LayerExtent, int]:
