@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .image import Extent, Image
+from .ops import compare, measure  # qemu-img compare and measure over any image
 from .qcow2.file import QcowFile
 from .qcow2.format import Snapshot
 from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
@@ -38,4 +39,4 @@ from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
            "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError",
-           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open"]
+           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure"]

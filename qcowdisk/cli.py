@@ -24,17 +24,20 @@ import math
 import os
 import re
 import stat
+import struct
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO, NoReturn, Protocol, TypedDict
+from typing import BinaryIO, NoReturn, Protocol, TextIO, TypedDict
 
 from . import formats
 from ._version import __version__
 from .blockstatus import qemu_length
 from .errors import QcowError, SnapshotNotFoundError
 from .formats import OpenOptions, format_names, probe_format
-from .image import Extent
+from .image import Extent, Image
+from .ops import CompareError, compare, measure, qemuopts
 from .qcow1 import Qcow1File
 from .qcow2.check import CheckFailedError
 from .qcow2.file import QcowFile
@@ -1175,6 +1178,194 @@ def cmd_resize(args: argparse.Namespace) -> int:
 # entry point
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# compare / measure (qcowdisk.ops; this only parses, opens and prints)
+# --------------------------------------------------------------------------------------------
+
+def _open_for_op(path: str, fmt: str | None, args: argparse.Namespace) -> Image:
+    """Open an image of any format read-only with its chain, as qemu-img's img_open (UsageError if not)."""
+    options = OpenOptions(readonly=True, confine_to=confine_dir(args), force_share=args.force_share)
+    with opening(path):
+        fmt = fmt or probe_format(path)
+        if fmt not in format_names():
+            raise UsageError(f"Could not open '{path}': Unknown driver '{fmt}'")
+        return formats.open_image(path, fmt, options)
+
+
+def _f32(value: float) -> float:
+    """`value` rounded to a C float (qemu-img's progress arithmetic is single precision)."""
+    result: float = struct.unpack("f", struct.pack("f", value))[0]
+    return result
+
+
+class QemuProgress:
+    """qemu-img's progress line (util/qemu-progress.c with min_skip 2): `    (12.34/100%)\r`,
+    printed at 0, at 100 and whenever the percentage grew by more than 2 since the last line;
+    a newline at the end."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.current = self.last_print = 0.0
+        self.done = 0
+
+    def print_delta(self, delta: float, max_: int = 100) -> None:
+        """qemu_progress_print(delta, max)."""
+        current = _f32(self.current + _f32(_f32(delta / 100) * max_)) if max_ else delta
+        current = min(current, 100.0)
+        self.current = current
+        if current > _f32(self.last_print + 2.0) or current in (0.0, 100.0):
+            self.last_print = current
+            self.out.write("    (%3.2f/100%%)\r" % current)
+            self.out.flush()
+
+    def advance(self, done: int, total: int) -> None:
+        """An operation's progress(done, total): the step since the last call, as qemu-img reports it."""
+        chunk, self.done = done - self.done, done
+        self.print_delta(_f32(_f32(_f32(chunk) / _f32(total)) * 100) if total else 0.0)
+
+    def end(self) -> None:
+        """qemu_progress_end."""
+        self.out.write("\n")
+        self.out.flush()
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`qcowdisk compare`: qemu-img compare's verdict, messages and exit status (0 identical,
+    1 different, 2 an image cannot be opened, 3 its block status cannot be read, 4 its data);
+    `-p` shows qemu-img's progress line when stdout is a terminal."""
+    def err(status: int, *lines: str, hint: str = "") -> int:
+        sys.stdout.flush()
+        for line in lines:
+            print(f"{PROG}: {line}", file=sys.stderr)
+        sys.stderr.write(hint)
+        return status
+
+    if len(args.image) != 2:
+        return err(1, "Expecting two image file names", hint=f"Try '{PROG} --help' for more information\n")
+    bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
+    shown: list[str] = []
+
+    def say(line: str) -> None:
+        shown.append(line)
+        if not args.quiet:
+            print(line)
+
+    try:
+        with contextlib.ExitStack() as stack:
+            images: list[Image] = []
+            for path, fmt in zip(args.image, (args.format, args.b_format), strict=True):
+                try:
+                    img = _open_for_op(path, fmt, args)
+                except UsageError as e:
+                    return err(2, str(e))
+                stack.callback(img.close)
+                images.append(img)
+            shorter = min(qemu_length(images[0]), qemu_length(images[1]))
+            sizes_differ = qemu_length(images[0]) != qemu_length(images[1])
+
+            def progress(done: int, total: int) -> None:
+                assert bar is not None
+                if sizes_differ and done > shorter and not shown:  # qemu-img warns before the tail
+                    say("Warning: Image size mismatch!")
+                bar.advance(done, total)
+
+            try:
+                result = compare(images[0], images[1], strict=args.strict, progress=progress if bar else None)
+            except CompareError as e:
+                return err(e.status, str(e))
+            for line in result.messages[len(shown):]:
+                say(line)
+            return 0 if result.identical else 1
+    finally:
+        if bar is not None:
+            bar.end()
+
+
+class _InOrder(argparse.Action):
+    """Collect options in command-line order (qemu-img checks each as getopt returns it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[object] | None, option_string: str | None = None) -> None:
+        ordered: list[tuple[str, str]] = list(getattr(namespace, "ordered", None) or [])
+        ordered.append((self.dest, str(values)))
+        namespace.ordered = ordered
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    """`qcowdisk measure`: qemu-img measure's sizes, its output formats and its refusals (status 1)."""
+    def err(*lines: str, hint: str = "") -> int:
+        sys.stdout.flush()
+        for line in lines:
+            print(f"{PROG}: {line}", file=sys.stderr)
+        sys.stderr.write(hint)
+        return 1
+
+    output, size, options = "human", None, None
+    for name, value in args.ordered or []:
+        if name == "output":
+            if value not in ("human", "json"):
+                return err("--output must be used with human or json as argument.")
+            output = value
+        elif name == "size":
+            try:
+                size, hex_suffix = qemuopts.strtosz(value)
+            except OverflowError:
+                size, hex_suffix = INT64_MAX + 1, False
+            except ValueError:
+                return err("Invalid image size specified. You may use k, M, G, T, P or E suffixes for",
+                           "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            if hex_suffix:
+                print(f"{PROG}: warning: Using a multiplier suffix on hex numbers is deprecated: {value}",
+                      file=sys.stderr)
+            if size > INT64_MAX:
+                return err(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
+        elif not qemuopts.valid_option_list(value):
+            return err(f"Invalid option list: {value}")
+        else:
+            options = value if options is None else f"{options},{value}"
+    if len(args.image) > 1:
+        return err("At most one filename argument is allowed.")
+    filename = args.image[0] if args.image else None
+    if filename is None and args.format:
+        return err("--image-opts, -f, and -l require a filename argument.")
+    if filename is not None and size is not None:
+        return err("--size N cannot be used together with a filename.")
+    if filename is None and size is None:
+        return err("Either --size N or one filename must be specified.")
+    with contextlib.ExitStack() as stack:
+        source = None
+        if filename is not None:
+            source = _open_for_op(filename, args.format, args)
+            stack.callback(source.close)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", qemuopts.SizeSuffixWarning)
+            try:
+                result = measure(size=size, src=source, options=options, out_format=args.out_format)
+            except qemuopts.OptionError as e:
+                _print_warnings(caught)
+                err(str(e), hint=e.hint)
+                return err(f"Invalid options for file format '{args.out_format}'")
+            except ValueError as e:
+                _print_warnings(caught)
+                return err(str(e))
+        _print_warnings(caught)
+    if output == "json":
+        shown: dict[str, int] = {} if result.bitmaps is None else {"bitmaps": result.bitmaps}
+        shown.update({"required": result.required, "fully-allocated": result.fully_allocated})
+        sys.stdout.write(json.dumps(shown, indent=4) + "\n")
+    else:
+        sys.stdout.write(f"required size: {result.required}\nfully allocated size: {result.fully_allocated}\n")
+        if result.bitmaps is not None:
+            sys.stdout.write(f"bitmaps size: {result.bitmaps}\n")
+    return 0
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        if issubclass(w.category, qemuopts.SizeSuffixWarning):
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = Parser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
@@ -1262,6 +1453,28 @@ def build_parser() -> argparse.ArgumentParser:
     confine(pr)
     force_share(pr)
     pr.set_defaults(func=cmd_read)
+
+    pcmp = sub.add_parser("compare", help="compare two guest disks (like qemu-img compare)")
+    pcmp.add_argument("-f", dest="format", metavar="FMT", help="first image's format (probed if omitted)")
+    pcmp.add_argument("-F", dest="b_format", metavar="FMT", help="second image's format (probed if omitted)")
+    pcmp.add_argument("-s", dest="strict", action="store_true", help="strict: sizes and block status must match too")
+    pcmp.add_argument("-q", dest="quiet", action="store_true", help="print nothing (the exit status tells)")
+    pcmp.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
+    confine(pcmp, "either image")
+    force_share(pcmp)
+    pcmp.add_argument("image", metavar="IMAGE", nargs="*", help="the two images")
+    pcmp.set_defaults(func=cmd_compare)
+
+    pme = sub.add_parser("measure", help="size a new image would need (like qemu-img measure)")
+    pme.add_argument("--output", action=_InOrder, help="human (default) or json")
+    pme.add_argument("--size", action=_InOrder, metavar="SIZE", help="a new disk of this size")
+    pme.add_argument("-o", dest="options", action=_InOrder, metavar="OPTIONS", help="the new image's options")
+    pme.add_argument("-O", dest="out_format", default="raw", metavar="FMT", help="the new image's format (raw)")
+    pme.add_argument("-f", dest="format", metavar="FMT", help="the source image's format (probed if omitted)")
+    confine(pme, "the source image")
+    force_share(pme)
+    pme.add_argument("image", metavar="SOURCE", nargs="*", help="the image to convert")
+    pme.set_defaults(func=cmd_measure, ordered=None)
 
     # qemu-img's own parsing (cmd_resize): the words after "resize" arrive untouched, so that a
     # size such as -1G is never taken for an option. No word is an option here ("\0" prefix).
