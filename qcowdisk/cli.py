@@ -706,7 +706,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     def number(name: str, text: str) -> int:
         # qemu-img's cvtnum: qemu_strtosz, then 0 .. INT64_MAX
         try:
-            value, hex_suffix = _qemu_strtosz(text)
+            value, hex_suffix = qemuopts.strtosz(text)
         except OverflowError:
             value, hex_suffix = INT64_MAX + 1, False
         except ValueError:
@@ -947,61 +947,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
-_STRTOSZ_SUFFIXES = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}  # powers of 1024
-_STRTOULL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(\d+)")
-_STRTOULL_HEX = re.compile(r"[ \t\n\v\f\r]*[+-]?0[xX]([0-9a-fA-F]+)")
-_STRTOD_FRACTION = re.compile(r"\.\d+(?:[eE][+-]?\d+)?")
-
-
-def _qemu_strtosz(text: str) -> tuple[int, bool]:
-    """QEMU 7.2's qemu_strtosz: (bytes, whether a hex number took a suffix, which QEMU warns of).
-
-    Decimal with an optional fraction, or 0x hex, then an optional B/K/M/G/T/P/E suffix (powers
-    of 1024, either case); nothing may follow. Raises ValueError where QEMU says EINVAL and
-    OverflowError where it says ERANGE (past 2**64 - 1).
-    """
-    m = _STRTOULL.match(text)
-    if m is None or m.group(1) == "-":
-        raise ValueError(text)
-    value, end = int(m.group(2)), m.end()
-    if value >= 1 << 64:
-        raise OverflowError(text) if end == len(text) else ValueError(text)
-    is_hex, fraction = False, 0
-    if value == 0 and text[end:end + 1] in ("x", "X"):
-        is_hex = True
-        h = _STRTOULL_HEX.match(text)
-        if h is not None:  # else "0x" without digits: strtoull stopped after the 0
-            value, end = int(h.group(1), 16), h.end()
-        if value >= 1 << 64:  # strtoull's ERANGE; anything after the digits makes it EINVAL
-            raise OverflowError(text) if end == len(text) else ValueError(text)
-        if text[end:end + 1] == ".":
-            raise ValueError(text)
-    elif text[end:end + 1] == ".":
-        f = _STRTOD_FRACTION.match(text, end)
-        if f is None:
-            end += 1  # "1.k": no fraction digits, the suffix still counts
-        elif "e" in f.group(0).lower():
-            raise ValueError(text)
-        else:  # a 64-bit fixed-point fraction, as QEMU keeps it
-            fraction, end = int(float(f.group(0)) * 2.0 ** 64), f.end()
-            if fraction >= 1 << 64:  # ".99999999999999999999" rounds to 1.0: QEMU's cast gives 0
-                fraction = 0
-    exponent = _STRTOSZ_SUFFIXES.get(text[end:end + 1].upper()) if end < len(text) else None
-    if exponent is not None:
-        end += 1
-    if end != len(text):
-        raise ValueError(text)
-    if exponent is None or exponent == 0:
-        if fraction:
-            raise ValueError(text)
-        return value, False
-    part = fraction << (10 * exponent)
-    value = (value << (10 * exponent)) + (part >> 64) + ((part >> 63) & 1)  # half a byte rounds up
-    if value >= 1 << 64:
-        raise OverflowError(text)
-    return value, is_hex
-
-
 # --------------------------------------------------------------------------------------------
 # resize
 # --------------------------------------------------------------------------------------------
@@ -1123,7 +1068,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
     text = size_text[1:] if relative else size_text
     try:
-        n, hex_suffix = _qemu_strtosz(text)
+        n, hex_suffix = qemuopts.strtosz(text)
     except OverflowError:
         return err(f"Value '{text}' is out of range for parameter 'size'")
     except ValueError:

@@ -58,8 +58,8 @@ def strtosz(text: str) -> tuple[int, bool]:
 
     Decimal with an optional fraction, or 0x hex, then an optional B/K/M/G/T/P/E suffix (powers
     of 1024, either case); nothing may follow. Raises ValueError where QEMU says EINVAL and
-    OverflowError where it says ERANGE (past 2**64 - 1). (The same rules as qcowdisk.cli's
-    private helper for `map`, kept here for the operations below the command line.)
+    OverflowError where it says ERANGE (past 2**64 - 1). Shared by the operations and the
+    command line (map, resize, measure).
     """
     m = _STRTOULL.match(text)
     if m is None or m.group(1) == "-":
