@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from .. import formats
 from ..errors import QcowError
+from ..hostio import HostFactory, HostFile
 from ..image import Image, LayerExtent
 from ..qcow2.file import QcowFile
 
@@ -36,7 +37,8 @@ class CommitError(QcowError):
 
 
 def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, drop: bool = False,
-           progress: Progress | None = None, image_format: str | None = None) -> None:
+           progress: Progress | None = None, image_format: str | None = None,
+           host_factory: HostFactory | None = None) -> None:
     """Commit the qcow2 image at `image` into its backing file (or into the deeper layer of its
     backing chain that `base` names, by its name in the chain or its path), then empty the image
     unless `drop`, as `qemu-img commit [-d] [-b BASE] IMAGE` does.
@@ -46,14 +48,15 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
     commit and propagates, every image opened here closed (what was copied into the base stays:
     the guest view of the image is unchanged). Raises CommitError with qemu-img's message when
     the image has no backing file or `base` is not in its chain; errors opening the images
-    propagate as they are.
+    propagate as they are. `host_factory` is the host I/O seam (tests record every write there).
     """
     path = os.fspath(image)
+    hf = host_factory or HostFile
     if image_format not in (None, "qcow2"):
         raise CommitError(f"Cannot commit a {image_format} image: only qcow2 images can be emptied here")
     with contextlib.ExitStack() as stack:
         # The chain, opened read-only once to find the layers and the base's path and format.
-        chain_img = formats.open_image(path, image_format, formats.OpenOptions(readonly=True))
+        chain_img = formats.open_image(path, image_format, formats.OpenOptions(readonly=True, host_factory=hf))
         try:
             layers: list[tuple[str, str, str | None]] = []  # (path, format, stored backing name)
             node: Image | None = chain_img
@@ -68,14 +71,14 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         base_path, base_format, _ = layers[depth]
         if base_format != "qcow2":
             raise CommitError(f"Cannot commit into '{base_path}': only qcow2 base images can be written here")
-        top = QcowFile.open(path, backing=False)
+        top = QcowFile.open(path, backing=False, host_factory=hf)
         stack.callback(top.close)
         above: list[Image] = [top]
         for lpath, lformat, _ in layers[1:depth]:
-            img = formats.open_image(lpath, lformat, formats.OpenOptions(readonly=True, backing=False))
+            img = formats.open_image(lpath, lformat, formats.OpenOptions(readonly=True, backing=False, host_factory=hf))
             stack.callback(img.close)
             above.append(img)
-        target = QcowFile.open(base_path)
+        target = QcowFile.open(base_path, host_factory=hf)
         stack.callback(target.close)
         _copy(above, target, progress)
         target.flush()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .. import formats
 from ..errors import QcowError
+from ..hostio import HostFactory, HostFile
 from ..image import Image
 from ..qcow2.file import QcowFile
 
@@ -32,7 +33,8 @@ class RebaseError(QcowError):
 
 
 def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] | None, *,
-           backing_format: str | None = None, unsafe: bool = False, progress: Progress | None = None) -> None:
+           backing_format: str | None = None, unsafe: bool = False, progress: Progress | None = None,
+           host_factory: HostFactory | None = None) -> None:
     """Make the qcow2 image at `image` name `backing_file` (None or "": no backing file, the
     image becomes standalone) with `backing_format`, as `qemu-img rebase [-u] -b BACKING [-F FMT]`.
 
@@ -43,24 +45,26 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
     is called with the guest offset reached and the disk size (safe mode); an exception from it
     stops the rebase and propagates, with every image closed and the header unchanged. Raises
     RebaseError with qemu-img's message when the new backing file cannot be opened.
+    `host_factory` is the host I/O seam (tests record every write there).
     """
+    hf = host_factory or HostFile
     path = os.fspath(image)
     name = os.fspath(backing_file) if backing_file is not None else ""
     with contextlib.ExitStack() as stack:
         if unsafe:
-            img = QcowFile.open(path, backing=False)
+            img = QcowFile.open(path, backing=False, host_factory=hf)
             stack.callback(img.close)
             img.set_backing_file(name or None, backing_format if name else None, open_backing=False)
             return
-        img = QcowFile.open(path)
+        img = QcowFile.open(path, host_factory=hf)
         stack.callback(img.close)
         new: Image | None = None
         if name:
             bpath = formats.resolve_backing_path(path, name)
             try:
                 if backing_format is None:
-                    backing_format = formats.probe_format(bpath)
-                new = formats.open_image(bpath, backing_format, formats.OpenOptions(readonly=True))
+                    backing_format = formats.probe_format(bpath, hf)
+                new = formats.open_image(bpath, backing_format, formats.OpenOptions(readonly=True, host_factory=hf))
             except (QcowError, OSError) as e:
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 shown = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
