@@ -176,3 +176,17 @@ def test_cli_matches_qemu(tmp_path: Path) -> None:
     for case in CLI_CASES:
         assert cli(o, *case) == oracle(q, *case), case
         same_images(q, o)
+
+
+def test_commit_empties_an_image_with_snapshots(tmp_path: Path) -> None:
+    """Emptying frees only what the snapshot does not share; the snapshot still reads as before."""
+    q, o = twins(tmp_path, "lazy_refcounts=on")
+    for d in (q, o):
+        qemu_img("snapshot", "-c", "s1", str(d / "top.qcow2"))
+        qemu_io(str(d / "top.qcow2"), "write -P 0x51 64k 64k", "write -P 0x52 4M 64k")
+    qemu_img("commit", "-q", str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2")
+    same_images(q, o)
+    for d in (q, o):
+        qemu_img("snapshot", "-a", "s1", str(d / "top.qcow2"))
+    same_images(q, o)
