@@ -190,3 +190,31 @@ def test_commit_empties_an_image_with_snapshots(tmp_path: Path) -> None:
     for d in (q, o):
         qemu_img("snapshot", "-a", "s1", str(d / "top.qcow2"))
     same_images(q, o)
+
+
+def test_set_backing_file(tmp_path: Path) -> None:
+    """The QcowFile method under rebase: the new backing file is opened and read through; a
+    missing one leaves the image clean on disk and read-only until reopened."""
+    _, o = twins(tmp_path, "lazy_refcounts=on")
+    with QcowFile.open(o / "top.qcow2") as disk:
+        disk.write_at(4 * MiB, b"x" * 5000)
+        disk.set_backing_file("new.qcow2", "qcow2")
+        assert disk.read_at(1 * MiB + 512 * KiB, 4) == b"\x41" * 4  # from new.qcow2 now
+        assert disk.backing is not None and disk.backing_file == "new.qcow2"
+        disk.write_at(0, b"y")  # still writable
+        disk.set_backing_file("missing.qcow2", "qcow2")
+        assert disk.read_at(1 * MiB + 512 * KiB, 4) == bytes(4)
+        with pytest.raises(qcowdisk.ReadOnlyError):
+            disk.write_at(0, b"z")
+    create(str(o / "missing.qcow2"), 6 * MiB)  # qemu-img opens the chain to check it
+    assert_clean(str(o / "top.qcow2"))
+    i = info(str(o / "top.qcow2"))
+    assert i["backing-filename"] == "missing.qcow2" and i["backing-filename-format"] == "qcow2"
+    assert not i["format-specific"]["data"].get("corrupt")
+    with QcowFile.open(o / "top.qcow2", backing=False) as disk:
+        assert disk.read_at(0, 1) == b"y" and disk.read_at(4 * MiB, 5000) == b"x" * 5000
+        disk.set_backing_file(None)
+        assert disk.backing_file is None
+        disk.write_at(0, b"w")
+    assert_clean(str(o / "top.qcow2"))
+    assert "backing-filename" not in info(str(o / "top.qcow2"))

@@ -583,8 +583,14 @@ class QcowFile:
                          open_backing: bool = True) -> None:
         """Store a new backing file name and format in the header (None or "": no backing file)
         with one header switch, after everything written before is durable; nothing is copied
-        (`qcowdisk.rebase` copies first). The new backing file is opened as the image's backing
-        when `open_backing` and it can be opened (an unsafe rebase may name a missing file)."""
+        (`qcowdisk.rebase` copies first), so what unallocated ranges read changes with it.
+
+        The new backing file is opened as the image's backing when `open_backing`. When it is
+        not (`open_backing=False`, or it cannot be opened: an unsafe rebase may name a missing
+        file), the image is left consistent on disk (dirty bit cleared) and read-only from then
+        on, with unallocated ranges reading as zeros: writes would need the backing file, so
+        reopen the image to go on.
+        """
         s = self._state
         name = name or None
         if name is None:
@@ -597,19 +603,25 @@ class QcowFile:
             if name is not None and open_backing:
                 try:
                     new_backing = formats.open_backing(s.filename, name, backing_format, formats.OpenOptions(
-                        readonly=False, host_factory=s.host_factory), (os.path.realpath(s.filename),))
+                        readonly=True, host_factory=s.host_factory), (os.path.realpath(s.filename),))
                 except (OSError, QcowError):
                     new_backing = None
+            detached = name is not None and new_backing is None
             try:
                 def run() -> None:
-                    ordering.flush(s)
-                    ordering.switch_header(s, backing_file=name, backing_format=backing_format)
+                    ordering.flush(s, final=detached)
+                    fields: dict[str, Any] = {"backing_file": name, "backing_format": backing_format}
+                    if detached:
+                        fields["incompatible_features"] = s.header.incompatible_features & ~INCOMPAT_DIRTY
+                    ordering.switch_header(s, **fields)
                 self._guarded(run)
             except BaseException:
                 if new_backing is not None:
                     new_backing.close()
                 raise
             old, s.backing = s.backing, new_backing
+            if detached:
+                s.readonly = True  # closing writes nothing more
             if old is not None:
                 old.close()
 
