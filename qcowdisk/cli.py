@@ -1371,6 +1371,20 @@ def _open_failed(path: str, e: QcowError | OSError) -> UsageError:
     return UsageError(f"Could not open '{path}': {e}")
 
 
+def _check_chain(path: str) -> None:
+    """Refuse an image whose backing file is missing as qemu-img does when opening it."""
+    try:
+        with QcowFile.open(path, readonly=True, backing=False) as img:
+            name = img.backing_file
+    except (QcowError, OSError) as e:
+        raise _open_failed(path, e) from e
+    if name:
+        shown = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+        if not os.path.exists(shown):
+            raise UsageError(f"Could not open '{path}': Could not open backing file: Could not open '{shown}': "
+                             f"{os.strerror(2)}")
+
+
 def _bar(args: argparse.Namespace) -> QemuProgress | None:
     """qemu-img's progress line for -p (unless -q), on stdout whether or not it is a terminal."""
     return QemuProgress(sys.stdout) if args.progress and not args.quiet else None
@@ -1384,6 +1398,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
         raise UsageError(f"Could not open '{path}': only qcow2 images can be committed")
     if not os.path.exists(path):
         raise _open_failed(path, FileNotFoundError(2, os.strerror(2), path))
+    _check_chain(path)
     bar = _bar(args)
     try:
         commit(path, base=args.base, drop=args.drop or args.base is not None,
@@ -1417,6 +1432,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise UsageError(f"Could not change the backing file to '{backing}': backing format must be specified")
     if not os.path.exists(path):
         raise _open_failed(path, FileNotFoundError(2, os.strerror(2), path))
+    if not args.unsafe:
+        _check_chain(path)
     bar = _bar(args) if not args.unsafe else None
     try:
         rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,

@@ -218,3 +218,14 @@ def test_set_backing_file(tmp_path: Path) -> None:
         disk.write_at(0, b"w")
     assert_clean(str(o / "top.qcow2"))
     assert "backing-filename" not in info(str(o / "top.qcow2"))
+
+
+def test_cli_missing_backing_file(tmp_path: Path) -> None:
+    q, o = twins(tmp_path, "")
+    for d in (q, o):
+        (d / "base.qcow2").unlink()
+    for case in [("commit", "top.qcow2"), ("rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2")]:
+        assert cli(o, *case) == oracle(q, *case), case
+    case = ("commit", "ours/top.qcow2")
+    assert cli(tmp_path, *case) == oracle(tmp_path, *case[:-1], "qemu/top.qcow2")[:2] + (
+        oracle(tmp_path, *case[:-1], "qemu/top.qcow2")[2].replace("qemu/", "ours/"),)
