@@ -226,6 +226,5 @@ def test_cli_missing_backing_file(tmp_path: Path) -> None:
         (d / "base.qcow2").unlink()
     for case in [("commit", "top.qcow2"), ("rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2")]:
         assert cli(o, *case) == oracle(q, *case), case
-    case = ("commit", "ours/top.qcow2")
-    assert cli(tmp_path, *case) == oracle(tmp_path, *case[:-1], "qemu/top.qcow2")[:2] + (
-        oracle(tmp_path, *case[:-1], "qemu/top.qcow2")[2].replace("qemu/", "ours/"),)
+    status, out, err = oracle(tmp_path, "commit", "qemu/top.qcow2")  # names joined to the image's directory
+    assert cli(tmp_path, "commit", "ours/top.qcow2") == (status, out, err.replace("qemu/", "ours/"))
