@@ -37,7 +37,7 @@ from .blockstatus import qemu_length
 from .errors import QcowError, SnapshotNotFoundError
 from .formats import OpenOptions, format_names, probe_format
 from .image import Extent, Image
-from .ops import CompareError, compare, measure, qemuopts
+from .ops import CommitError, CompareError, RebaseError, commit, compare, measure, qemuopts, rebase
 from .qcow1 import Qcow1File
 from .qcow2.check import CheckFailedError
 from .qcow2.file import QcowFile
@@ -1305,6 +1305,92 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# commit / rebase (qcowdisk.ops; this only parses, checks and prints)
+# --------------------------------------------------------------------------------------------
+
+def _open_failed(path: str, e: QcowError | OSError) -> UsageError:
+    """qemu-img's message for an image it cannot open (an OS error names the file twice)."""
+    if isinstance(e, OSError) and e.strerror:
+        return UsageError(f"Could not open '{path}': Could not open '{e.filename or path}': {e.strerror}")
+    return UsageError(f"Could not open '{path}': {e}")
+
+
+def _check_chain(path: str) -> None:
+    """Refuse an image whose backing file is missing as qemu-img does when opening it."""
+    try:
+        with QcowFile.open(path, readonly=True, backing=False) as img:
+            name = img.backing_file
+    except (QcowError, OSError) as e:
+        raise _open_failed(path, e) from e
+    if name:
+        shown = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+        if not os.path.exists(shown):
+            raise UsageError(f"Could not open '{path}': Could not open backing file: Could not open '{shown}': "
+                             f"{os.strerror(2)}")
+
+
+def _bar(args: argparse.Namespace) -> QemuProgress | None:
+    """qemu-img's progress line for -p (unless -q), on stdout whether or not it is a terminal."""
+    return QemuProgress(sys.stdout) if args.progress and not args.quiet else None
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    """`qcowdisk commit`: qemu-img commit's copy into the backing file (or the -b layer, which
+    implies -d), the emptied image, "Image committed." and its errors (status 1)."""
+    path: str = args.image
+    if args.format not in (None, "qcow2"):
+        raise UsageError(f"Could not open '{path}': only qcow2 images can be committed")
+    if not os.path.exists(path):
+        raise _open_failed(path, FileNotFoundError(2, os.strerror(2), path))
+    _check_chain(path)
+    bar = _bar(args)
+    try:
+        commit(path, base=args.base, drop=args.drop or args.base is not None,
+               progress=bar.advance if bar else None, image_format=args.format)
+    except CommitError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.end()
+    if not args.quiet:
+        print("Image committed.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    """`qcowdisk rebase`: qemu-img rebase, safe (copy what reads differently) or -u (the name
+    only); -b '' makes the image standalone. Errors as qemu-img prints them (status 1)."""
+    path: str = args.image
+    if args.backing is None and not args.unsafe:
+        print(f"{PROG}: Must specify backing file (-b) or use unsafe mode (-u)\nTry '{PROG} --help' for more information",
+              file=sys.stderr)
+        return 1
+    if args.format not in (None, "qcow2"):
+        raise UsageError(f"Could not open '{path}': only qcow2 images can be rebased")
+    backing: str = args.backing or ""
+    if backing and args.backing_format is None:  # QEMU 7.2 refuses to record a name without a format
+        shown = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
+        if not args.unsafe and not os.path.exists(shown):  # safe mode opens it first
+            raise UsageError(f"Could not open new backing file '{backing}': Could not open '{shown}': "
+                             f"{os.strerror(2)}")
+        raise UsageError(f"Could not change the backing file to '{backing}': backing format must be specified")
+    if not os.path.exists(path):
+        raise _open_failed(path, FileNotFoundError(2, os.strerror(2), path))
+    if not args.unsafe:
+        _check_chain(path)
+    bar = _bar(args) if not args.unsafe else None
+    try:
+        rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,
+               progress=bar.advance if bar else None)
+    except RebaseError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.end()
+    return 0
+
+
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         if issubclass(w.category, qemuopts.SizeSuffixWarning):
@@ -1420,6 +1506,25 @@ def build_parser() -> argparse.ArgumentParser:
     force_share(pme)
     pme.add_argument("image", metavar="SOURCE", nargs="*", help="the image to convert")
     pme.set_defaults(func=cmd_measure, ordered=None)
+
+    pcm = sub.add_parser("commit", help="commit an overlay into its backing file (like qemu-img commit)")
+    pcm.add_argument("-f", dest="format", metavar="FMT", help="the image's format (qcow2; probed if omitted)")
+    pcm.add_argument("-b", dest="base", metavar="BASE", help="commit into this deeper layer of the chain (implies -d)")
+    pcm.add_argument("-d", dest="drop", action="store_true", help="leave the image as it is (do not empty it)")
+    pcm.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    pcm.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    pcm.add_argument("image", metavar="IMAGE")
+    pcm.set_defaults(func=cmd_commit)
+
+    prb = sub.add_parser("rebase", help="change an image's backing file (like qemu-img rebase)")
+    prb.add_argument("-f", dest="format", metavar="FMT", help="the image's format (qcow2; probed if omitted)")
+    prb.add_argument("-b", dest="backing", metavar="BACKING", help="the new backing file ('' for none)")
+    prb.add_argument("-F", dest="backing_format", metavar="FMT", help="the new backing file's format")
+    prb.add_argument("-u", dest="unsafe", action="store_true", help="only rewrite the name (copy nothing)")
+    prb.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    prb.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    prb.add_argument("image", metavar="IMAGE")
+    prb.set_defaults(func=cmd_rebase)
 
     # qemu-img's own parsing (cmd_resize): the words after "resize" arrive untouched, so that a
     # size such as -1G is never taken for an option. No word is an option here ("\0" prefix).

@@ -6,6 +6,8 @@ answer `qemu-img` (QEMU 7.2) gives for the same inputs; the command line prints 
 
 - `compare`: `qemu-img compare` (identical? where do they first differ, and why).
 - `measure`: `qemu-img measure` (the file size a new image needs, for a size or a source image).
+- `commit`: `qemu-img commit` (copy an overlay into its backing file, then empty it).
+- `rebase`: `qemu-img rebase` (change the backing file, safe or unsafe).
 - `qemuopts`: QEMU's option syntax (`-o name=value,...`, sizes with suffixes) and its messages.
 
 Long operations take `progress(done_bytes, total_bytes)`, called as they go with values that
@@ -13,7 +15,10 @@ never decrease; an exception raised by it stops the operation and propagates, wi
 the operation opened closed again.
 """
 
+from .commit import CommitError, commit
 from .compare import CompareError, CompareResult, compare
 from .measure import MeasureResult, measure
+from .rebase import RebaseError, rebase
 
-__all__ = ["compare", "CompareResult", "CompareError", "measure", "MeasureResult"]
+__all__ = ["compare", "CompareResult", "CompareError", "measure", "MeasureResult", "commit", "CommitError",
+           "rebase", "RebaseError"]

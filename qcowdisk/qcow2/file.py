@@ -39,6 +39,7 @@ from ..errors import (
     CorruptImageError,
     ImageFailedError,
     InvalidImageError,
+    QcowError,
     ReadOnlyError,
     SnapshotNotFoundError,
     UnsupportedFeatureError,
@@ -562,6 +563,67 @@ class QcowFile:
                     ordering.mark_dirty_before_lazy_update(s)
                     writing.zero(s, offset, length, punch)
                 self._guarded(run)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make the whole clusters of [offset, offset+length) unallocated, so they read through
+        to the backing file again (zeros without one) and their host clusters are freed; a range
+        ending at the end of the disk covers its partial last cluster (see writing.discard)."""
+        s = self._state
+        offset = self._check_range(offset, length)
+        length = as_index(length, "length")
+        with s.lock:
+            self._check_writable()
+            if length:
+                def run() -> None:
+                    ordering.mark_dirty_before_lazy_update(s)
+                    writing.discard(s, offset, length)
+                self._guarded(run)
+
+    def set_backing_file(self, name: str | None, backing_format: str | None = None, *,
+                         open_backing: bool = True) -> None:
+        """Store a new backing file name and format in the header (None or "": no backing file)
+        with one header switch, after everything written before is durable; nothing is copied
+        (`qcowdisk.rebase` copies first), so what unallocated ranges read changes with it.
+
+        The new backing file is opened as the image's backing when `open_backing`. When it is
+        not (`open_backing=False`, or it cannot be opened: an unsafe rebase may name a missing
+        file), the image is left consistent on disk (dirty bit cleared) and read-only from then
+        on, with unallocated ranges reading as zeros: writes would need the backing file, so
+        reopen the image to go on.
+        """
+        s = self._state
+        name = name or None
+        if name is None:
+            backing_format = None
+        if name is not None and len(name.encode("utf-8", "surrogateescape")) > 1023:
+            raise ValueError(f"backing file name {name!r} is too long")
+        with s.lock:
+            self._check_writable()
+            new_backing: Image | None = None
+            if name is not None and open_backing:
+                try:
+                    new_backing = formats.open_backing(s.filename, name, backing_format, formats.OpenOptions(
+                        readonly=True, host_factory=s.host_factory), (os.path.realpath(s.filename),))
+                except (OSError, QcowError):
+                    new_backing = None
+            detached = name is not None and new_backing is None
+            try:
+                def run() -> None:
+                    ordering.flush(s, final=detached)
+                    fields: dict[str, Any] = {"backing_file": name, "backing_format": backing_format}
+                    if detached:
+                        fields["incompatible_features"] = s.header.incompatible_features & ~INCOMPAT_DIRTY
+                    ordering.switch_header(s, **fields)
+                self._guarded(run)
+            except BaseException:
+                if new_backing is not None:
+                    new_backing.close()
+                raise
+            old, s.backing = s.backing, new_backing
+            if detached:
+                s.readonly = True  # closing writes nothing more
+            if old is not None:
+                old.close()
 
     def allocate(self, offset: int, length: int) -> None:
         """Allocate host space for [offset, offset+length) without changing what it reads.

@@ -397,6 +397,41 @@ def zero_in_table(s: Qcow2State, table: CachedTable, start: int, end: int) -> No
         pos += b - a
 
 
+def discard(s: Qcow2State, guest_offset: int, length: int) -> None:
+    """Make the whole clusters of [guest_offset, +length) unallocated (QEMU's full discard, what
+    `bdrv_make_empty` does to a committed overlay): they read through to the backing file again
+    (zeros without one), their clusters are freed. A range ending at the end of the disk covers
+    its last, partial cluster; other partial clusters at the edges are left alone."""
+    cs = s.cluster_size
+    end = guest_offset + length
+    first = -(-guest_offset // cs)
+    last = -(-end // cs) if end >= s.virtual_size else end // cs  # guest clusters [first, last)
+    gc = first
+    while gc < last:
+        l1i = gc // s.l2_entries
+        chunk_last = min(last, (l1i + 1) * s.l2_entries)
+        if l1i >= len(s.l1.entries) or not s.l1.entries[l1i]:
+            gc = chunk_last  # no table: nothing allocated here
+            continue
+        table = l2_for_write(s, l1i)
+        entries = table.entries
+        for c in range(gc, chunk_last):
+            l2i = c % s.l2_entries
+            if s.extended_l2:
+                old = entries[2 * l2i]
+                if old or entries[2 * l2i + 1]:
+                    entries[2 * l2i] = entries[2 * l2i + 1] = 0
+                    table.mark(2 * l2i, 2 * l2i + 2)
+                    free_entry(s, old, 0)
+            else:
+                old = entries[l2i]
+                if old:
+                    entries[l2i] = 0
+                    table.mark(l2i)
+                    free_entry(s, old, 0)
+        gc = chunk_last
+
+
 def _write_zero_bytes(s: Qcow2State, guest_offset: int, length: int) -> None:
     pos = 0
     while pos < length:

@@ -1,0 +1,168 @@
+"""Commit an overlay into its backing file as `qemu-img commit` (QEMU 7.2) does.
+
+qemu-img's img_commit runs a commit job (block/commit.c) from the image down to its backing
+file, or to the deeper layer `-b` names: every range some layer above the base allocates (data
+or zeros, `bdrv_is_allocated_above`) is read through those layers and written into the base,
+which is grown first if it is shorter. Then, unless `-d` (which `-b` implies on the command
+line), the image is emptied (`bdrv_make_empty`): its clusters become unallocated, so it reads
+through to the base again. Layers between the image and the base are left as they are.
+
+Here each layer above the base is opened alone (no chain, so no read lock on the base) and
+asked for its own `layer_status`; the topmost layer allocating a range decides it: its zeros
+become `write_zeroes` in the base, its data is copied in steps of `IO_BUF_SIZE`. The base is
+opened read-write with its own chain (its partial-cluster writes need what lies below it).
+Only a qcow2 base can be written (raw and qcow v1 images are read-only here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+from .. import formats
+from ..errors import QcowError
+from ..hostio import HostFactory, HostFile
+from ..image import Image, LayerExtent
+from ..qcow2.file import QcowFile
+
+IO_BUF_SIZE = 2 << 20  # the most copied in one step
+WINDOW = 256 << 20  # guest bytes of block status asked for at a time
+
+Progress = Callable[[int, int], object]
+
+
+class CommitError(QcowError):
+    """The commit cannot be done; the message is qemu-img's (e.g. "Image does not have a backing file")."""
+
+
+def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, drop: bool = False,
+           progress: Progress | None = None, image_format: str | None = None,
+           host_factory: HostFactory | None = None) -> None:
+    """Commit the qcow2 image at `image` into its backing file (or into the deeper layer of its
+    backing chain that `base` names, by its name in the chain or its path), then empty the image
+    unless `drop`, as `qemu-img commit [-d] [-b BASE] IMAGE` does.
+
+    `progress(done_bytes, total_bytes)` is called at the start and after every step with the
+    guest offset reached (never decreasing) and the disk size; an exception from it stops the
+    commit and propagates, every image opened here closed (what was copied into the base stays:
+    the guest view of the image is unchanged). Raises CommitError with qemu-img's message when
+    the image has no backing file or `base` is not in its chain; errors opening the images
+    propagate as they are. `host_factory` is the host I/O seam (tests record every write there).
+    """
+    path = os.fspath(image)
+    hf = host_factory or HostFile
+    if image_format not in (None, "qcow2"):
+        raise CommitError(f"Cannot commit a {image_format} image: only qcow2 images can be emptied here")
+    with contextlib.ExitStack() as stack:
+        # The chain, opened read-only once to find the layers and the base's path and format.
+        chain_img = formats.open_image(path, image_format, formats.OpenOptions(readonly=True, host_factory=hf))
+        try:
+            layers: list[tuple[str, str, str | None]] = []  # (path, format, stored backing name)
+            node: Image | None = chain_img
+            while node is not None:
+                layers.append((node.filename, node.format_name, node.backing_file))
+                node = node.backing
+        finally:
+            chain_img.close()
+        if len(layers) < 2:
+            raise CommitError("Image does not have a backing file")
+        depth = 1 if base is None else _find_base(layers, os.fspath(base), path)
+        base_path, base_format, _ = layers[depth]
+        if base_format != "qcow2":
+            raise CommitError(f"Cannot commit into '{base_path}': only qcow2 base images can be written here")
+        top = QcowFile.open(path, backing=False, host_factory=hf)
+        stack.callback(top.close)
+        above: list[Image] = [top]
+        for lpath, lformat, _ in layers[1:depth]:
+            img = formats.open_image(lpath, lformat, formats.OpenOptions(readonly=True, backing=False, host_factory=hf))
+            stack.callback(img.close)
+            above.append(img)
+        target = QcowFile.open(base_path, host_factory=hf)
+        stack.callback(target.close)
+        _copy(above, target, progress)
+        target.flush()
+        if not drop:
+            top.discard(0, top.virtual_size)
+            top.flush()
+
+
+def _find_base(layers: list[tuple[str, str, str | None]], base: str, image: str) -> int:
+    """The depth of the layer `base` names (bdrv_find_backing_image: the stored name or the path)."""
+    real = os.path.realpath(base)
+    for depth in range(1, len(layers)):
+        lpath = layers[depth][0]
+        if layers[depth - 1][2] == base or os.path.realpath(lpath) == real:
+            return depth
+    raise CommitError(f"Did not find '{base}' in the backing chain of '{image}'")
+
+
+def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int, int, LayerExtent | None]]:
+    """(start, end, depth, extent) runs of [start, end): the topmost layer allocating each, or
+    (depth -1, None) where no layer above the base allocates it."""
+    per_layer: list[list[tuple[int, int, LayerExtent]]] = []
+    for img in layers:
+        runs: list[tuple[int, int, LayerExtent]] = []
+        stop = min(end, img.virtual_size)
+        pos = start
+        if pos < stop:
+            for ext in img.layer_status(pos, stop - pos):
+                runs.append((pos, pos + ext.length, ext))
+                pos += ext.length
+        per_layer.append(runs)
+    out: list[tuple[int, int, int, LayerExtent | None]] = []
+    idx = [0] * len(layers)
+    pos = start
+    while pos < end:
+        seg_end = end
+        chosen: tuple[int, LayerExtent] | None = None
+        for d, runs in enumerate(per_layer):
+            while idx[d] < len(runs) and runs[idx[d]][1] <= pos:
+                idx[d] += 1
+            if idx[d] >= len(runs):
+                continue  # past this layer's end: it allocates nothing there
+            _, r_end, ext = runs[idx[d]]
+            seg_end = min(seg_end, r_end)
+            if chosen is None and ext.allocated:
+                chosen = (d, ext)
+        if chosen is None:
+            out.append((pos, seg_end, -1, None))
+        else:
+            out.append((pos, seg_end, chosen[0], chosen[1]))
+        pos = seg_end
+    return out
+
+
+def _copy(layers: list[Image], target: QcowFile, progress: Progress | None) -> None:
+    size = layers[0].virtual_size
+    if target.virtual_size < size:
+        target.resize(size)  # commit_run grows a shorter base first
+    if progress is not None:
+        progress(0, size)
+    buf = bytearray(IO_BUF_SIZE)
+    view = memoryview(buf)
+    pos = 0
+    while pos < size:
+        win_end = min(size, pos + WINDOW)
+        for start, end, depth, ext in _segments(layers, pos, win_end):
+            if ext is None:
+                continue
+            if ext.zero and not ext.data:
+                target.write_zeroes(start, end - start)
+            else:
+                at = start
+                while at < end:
+                    n = min(IO_BUF_SIZE, end - at)
+                    got = layers[depth].readinto_at(view[:n], at)
+                    if got < n:
+                        view[got:n] = bytes(n - got)
+                    target.write_at(at, view[:n])
+                    at += n
+                    if progress is not None:
+                        progress(at, size)
+        pos = win_end
+        if progress is not None:
+            progress(pos, size)
+
+
+__all__ = ["commit", "CommitError"]
