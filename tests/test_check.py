@@ -558,7 +558,7 @@ def test_exact_walk_agrees_with_fast_walk(kind: str, tmp_path: Path) -> None:
         s = disk._state
         walks = []
         for exact in (False, True):
-            res = ck._Res()
+            res = ck.CheckTally()
             walk = ck.RefcountWalk(s, res)
             walk.exact = exact
             walk.calculate()

@@ -216,7 +216,7 @@ def _hx(value: int) -> str:
     return f"{value:#x}" if value else "0"
 
 
-class _Res:
+class CheckTally:
     """QEMU's BdrvCheckResult (mutable while checking)."""
 
     __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
@@ -228,8 +228,8 @@ class _Res:
         self.image_end_offset = 0
         self.total_clusters = self.allocated_clusters = self.fragmented_clusters = self.compressed_clusters = 0
 
-    def copy(self) -> _Res:
-        r = _Res()
+    def copy(self) -> CheckTally:
+        r = CheckTally()
         for name in self.__slots__:
             setattr(r, name, getattr(self, name))
         return r
@@ -263,7 +263,7 @@ class RefcountWalk:
     counted as a corruption, and no messages are produced.
     """
 
-    def __init__(self, s: Qcow2State, res: _Res, report: Report = _no_report, fix: int = 0,
+    def __init__(self, s: Qcow2State, res: CheckTally, report: Report = _no_report, fix: int = 0,
                  strict: bool = False) -> None:
         self.s = s
         self.res = res
@@ -650,7 +650,7 @@ def _c_string(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def read_snapshot_table(s: Qcow2State, report: Report, res: _Res, fix: int) -> tuple[list[SnapshotRef], int, int]:
+def read_snapshot_table(s: Qcow2State, report: Report, res: CheckTally, fix: int) -> tuple[list[SnapshotRef], int, int]:
     """qcow2_check_read_snapshot_table (without repairs): the entries, the table's offset and its
     size as QEMU computes them. Entries QEMU's open would refuse (v3 entries without the 16 bytes
     of extra data) are corruptions here; a table that cannot be read at all ends the check."""
@@ -848,11 +848,11 @@ class _Check:
         self.precleared_l2: dict[tuple[int, int], int] = {}
         self.snapshots: tuple[list[SnapshotRef], int, int] = ([], 0, 0)  # entries, offset, size
 
-    def run(self) -> _Res:
+    def run(self) -> CheckTally:
         s = self.s
-        snapshot_res = _Res()
+        snapshot_res = CheckTally()
         self.snapshots = read_snapshot_table(s, self.report, snapshot_res, self.fix)
-        res = _Res()
+        res = CheckTally()
         self.check_refcounts(res)
         if snapshot_res.corruptions and self.fix & FIX_ERRORS:
             # qcow2_check_fix_snapshot_table rewrites the table; qcowdisk does not write
@@ -866,12 +866,12 @@ class _Check:
             self.mark_clean_and_consistent()
         return res
 
-    def new_walk(self, res: _Res, fix: int) -> RefcountWalk:
+    def new_walk(self, res: CheckTally, fix: int) -> RefcountWalk:
         walk = RefcountWalk(self.s, res, self.report, fix)
         walk.snapshots, walk.snapshots_offset, walk.snapshots_size = self.snapshots
         return walk
 
-    def check_refcounts(self, res: _Res) -> None:
+    def check_refcounts(self, res: CheckTally) -> None:
         s, fix = self.s, self.fix
         walk = self.new_walk(res, fix)
         if walk.nb > INT_MAX:
@@ -900,7 +900,7 @@ class _Check:
             self.calculate(walk)
             if fix & FIX_LEAKS:
                 saved = res.copy()
-                scratch = _Res()
+                scratch = CheckTally()
                 walk.res = scratch
                 highest = self.compare(walk, scratch, FIX_LEAKS)
                 if walk.rebuild:
@@ -924,8 +924,8 @@ class _Check:
         res.image_end_offset = (highest + 1) * self.cs
 
     @staticmethod
-    def _assign(res: _Res, other: _Res) -> _Res:
-        for name in _Res.__slots__:
+    def _assign(res: CheckTally, other: CheckTally) -> CheckTally:
+        for name in CheckTally.__slots__:
             setattr(res, name, getattr(other, name))
         return res
 
@@ -944,7 +944,7 @@ class _Check:
             walk.calculate()
 
     # --- compare_refcounts ---------------------------------------------------------------
-    def compare(self, walk: RefcountWalk, res: _Res, fix: int) -> int:
+    def compare(self, walk: RefcountWalk, res: CheckTally, fix: int) -> int:
         """compare_refcounts; applies the fixes `fix` allows. Returns the highest used cluster."""
         disk = DiskRefcounts(self.s, self.report)
         epb = disk.epb
@@ -1173,7 +1173,7 @@ class _Check:
         rc.free_hint = 0
 
     # --- check_oflag_copied --------------------------------------------------------------
-    def check_oflag_copied(self, res: _Res) -> None:
+    def check_oflag_copied(self, res: CheckTally) -> None:
         """OFLAG_COPIED of every active L1 and L2 entry against the on-disk refcount."""
         s, fix, cb = self.s, self.fix, self.cb
         if fix & FIX_ERRORS:

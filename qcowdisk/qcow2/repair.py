@@ -19,7 +19,7 @@ from array import array
 from collections import Counter
 from itertools import compress
 
-from .check import RefcountWalk, _Res
+from .check import CheckTally, RefcountWalk
 from .entries import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
 from .mapping import l2_table_offset
 from .refcount import Refcounts
@@ -29,7 +29,7 @@ from .state import Qcow2State
 def count_references(s: Qcow2State, rc: Refcounts) -> array[int]:
     """How many references each host cluster has, from the image's own structures (index = cluster)."""
     del rc  # the walk reads the refcount table the header names, as `rc` was loaded from
-    walk = RefcountWalk(s, _Res(), strict=True)
+    walk = RefcountWalk(s, CheckTally(), strict=True)
     walk.calculate()
     return walk.imrt
 
