@@ -69,7 +69,6 @@ class QcowIO(io.RawIOBase):
         super().__init__()
         self._disk = disk
         self._close_disk = close_disk
-        self._size = disk.virtual_size  # fixed: images are not resized while open
         self._writable = getattr(disk, "readonly", True) is False
         self._pos = 0
 
@@ -129,7 +128,7 @@ class QcowIO(io.RawIOBase):
         elif whence == os.SEEK_CUR:
             pos = self._pos + offset
         elif whence == os.SEEK_END:
-            pos = self._size + offset
+            pos = self._disk.virtual_size + offset
         else:
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         if pos < 0:
@@ -150,16 +149,16 @@ class QcowIO(io.RawIOBase):
         if not self._writable:
             raise io.UnsupportedOperation("File not open for writing")
         size = self._pos if size is None else operator.index(size)
-        if size != self._size:
+        if size != self._disk.virtual_size:
             raise io.UnsupportedOperation(
-                f"cannot truncate a guest disk to {size} bytes: its virtual size is fixed at {self._size}")
+                f"cannot truncate a guest disk to {size} bytes: its virtual size is fixed at {self._disk.virtual_size}")
         return size
 
     # ------------------------------------------------------------------ reading
     def readinto(self, buffer: Buffer) -> int:
         """Read into `buffer` (any writable bytes-like object) at the position; 0 at or past the end."""
         self._check_closed()
-        if self._pos >= self._size:
+        if self._pos >= self._disk.virtual_size:
             return 0
         n = self._disk.readinto_at(buffer, self._pos)  # into the caller's memory: no copy here
         self._pos += n
@@ -180,10 +179,10 @@ class QcowIO(io.RawIOBase):
         Like reading a whole file, this holds the rest of the disk in memory.
         """
         self._check_closed()
-        return self._read(self._size - self._pos)
+        return self._read(self._disk.virtual_size - self._pos)
 
     def _read(self, n: int) -> bytes:
-        if n <= 0 or self._pos >= self._size:
+        if n <= 0 or self._pos >= self._disk.virtual_size:
             return b""
         data = self._disk.read_at(self._pos, n)
         self._pos += len(data)
@@ -204,12 +203,12 @@ class QcowIO(io.RawIOBase):
         if n == 0:
             return 0
         end = self._pos + n
-        if end > self._size:
+        if end > self._disk.virtual_size:
             # ENOSPC, what Linux answers for writing at the end of a block device; EFBIG is for
             # regular files that may not grow, and this is not a file that could grow.
             raise OSError(errno.ENOSPC,
                           f"{os.strerror(errno.ENOSPC)}: write of {n} bytes at offset {self._pos} would end at {end},"
-                          f" past the end of the guest disk ({self._size} bytes); nothing was written", self.name)
+                          f" past the end of the guest disk ({self._disk.virtual_size} bytes); nothing was written", self.name)
         self._disk.write_at(self._pos, mv)
         self._pos = end
         return n

@@ -529,3 +529,16 @@ def test_closed_stream_raises_value_error(img: str, buffering: int) -> None:
             method(*args)
         tried.append(name)
     assert len(tried) >= 13
+
+
+def test_stream_follows_a_resize_of_its_disk(tmp_path: Path) -> None:
+    """The stream asks the disk for its size each time: after disk.resize, SEEK_END and the
+    write limit follow the new size (a cached size would refuse writes past the old end)."""
+    path = str(tmp_path / "grow.qcow2")
+    with QcowFile.create(path, 1 << 20) as disk:
+        f = QcowIO(disk)
+        disk.resize(2 << 20)
+        assert f.seek(0, io.SEEK_END) == 2 << 20
+        f.seek((1 << 20) + 10)
+        assert f.write(b"abc") == 3
+    assert to_raw(path, str(tmp_path / "grow.raw"))[(1 << 20) + 10:(1 << 20) + 13] == b"abc"
