@@ -481,3 +481,16 @@ def test_map_corrupt_entry_fails_after_the_ranges_before_it(tmp_path: Path, caps
         assert (status, out) == expected[:2] == (1, out)
         assert "Could not read file metadata" in err and "Could not read file metadata" in expected[2]
     assert out.count("\n") == 2  # the header and the first cluster
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_extended_l2_preallocation_maps_as_qemus(tmp_path: Path, mode: str) -> None:
+    """qcowdisk preallocates extended-L2 images as QEMU does: allocated clusters whose
+    subclusters are all unallocated ("present": false), not zero subclusters."""
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    QcowFile.create(ours, 1 << 20, extended_l2=True, preallocation=mode).close()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,preallocation={mode}",
+                    theirs, "1M"], check=True)
+    maps = [json.loads(subprocess.run(["qemu-img", "map", "--output=json", p], capture_output=True, text=True,
+                                      check=True).stdout) for p in (ours, theirs)]
+    assert maps[0] == maps[1]

@@ -13,7 +13,7 @@ import os
 
 from .. import formats
 from ..hostio import HostFactory, HostFile
-from .entries import OFLAG_COPIED, SUBCLUSTER_ALL, TableCodec, make_bitmap
+from .entries import OFLAG_COPIED, TableCodec
 from .format import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -194,7 +194,7 @@ def preallocate(s: Qcow2State, mode: str) -> None:
     assert rc is not None
     cbits = s.cluster_bits
     clusters = -(-s.virtual_size // s.cluster_size)
-    bitmap = 0 if s.backing is not None else make_bitmap(0, SUBCLUSTER_ALL)
+    bitmap = 0  # as QEMU: allocated clusters whose subclusters are all unallocated (they read as zeros)
     first_data: int | None = None
     last_end = 0
     for l1i in range(len(s.l1.entries)):
