@@ -34,7 +34,7 @@ from typing import BinaryIO, NoReturn, Protocol, TextIO, TypedDict
 from . import formats
 from ._version import __version__
 from .blockstatus import qemu_length
-from .errors import QcowError, SnapshotNotFoundError
+from .errors import AmendError, QcowError, SnapshotNotFoundError
 from .formats import OpenOptions, format_names, probe_format
 from .image import Extent, Image
 from .ops import CompareError, compare, measure, qemuopts
@@ -1360,6 +1360,163 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# amend (QcowFile.amend; qemu-img amend's parsing, output and messages)
+# --------------------------------------------------------------------------------------------
+
+AMEND_HELP = """usage: qcowdisk amend [-p] [-q] [-f FMT] [--force] [--confine-to DIR] -o OPTIONS IMAGE
+
+Change qcow2 image options in place (like qemu-img amend). -o help lists the options.
+"""
+AMEND_OPTIONS_HELP = """Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+"""
+_O = qemuopts.OptType
+AMEND_TABLE = {"backing_file": _O.STRING, "backing_fmt": _O.STRING, "compat": _O.STRING, "data_file": _O.STRING,
+               "data_file_raw": _O.BOOL, "encrypt.iter-time": _O.NUMBER, "encrypt.keyslot": _O.NUMBER,
+               "encrypt.new-secret": _O.STRING, "encrypt.old-secret": _O.STRING, "encrypt.state": _O.STRING,
+               "lazy_refcounts": _O.BOOL, "refcount_bits": _O.NUMBER, "size": _O.SIZE}
+# qcow2's creation-only options: named in qemu-img's hint when amend refuses them
+_CREATE_ONLY_TABLE = {"cluster_size": _O.SIZE, "compression_type": _O.STRING, "encrypt.cipher-alg": _O.STRING,
+                      "encrypt.cipher-mode": _O.STRING, "encrypt.format": _O.STRING, "encrypt.hash-alg": _O.STRING,
+                      "encrypt.ivgen-alg": _O.STRING, "encrypt.ivgen-hash-alg": _O.STRING,
+                      "encrypt.key-secret": _O.STRING, "encryption": _O.BOOL, "extended_l2": _O.BOOL,
+                      "preallocation": _O.STRING}
+_AMEND_SHORT = {"f": True, "h": False, "o": True, "p": False, "q": False, "t": True}
+_AMEND_LONG = {"help": False, "force": False, "confine-to": True}
+
+
+def cmd_amend(args: argparse.Namespace) -> int:
+    """`qcowdisk amend`: `qemu-img amend` (7.2) for qcow2 images: its syntax, messages, progress
+    output and exit status (1 on every failure)."""
+    def err(*lines: str, hint: str = "") -> int:
+        sys.stdout.flush()
+        for line in lines:
+            print(f"{PROG}: {line}", file=sys.stderr)
+        sys.stderr.write(hint)
+        return 1
+
+    usage_hint = f"Try '{PROG} --help' for more information\n"
+    try:
+        opts, operands = _getopt_long(list(args.argv), _AMEND_SHORT, _AMEND_LONG)
+    except _GetoptError as e:
+        return err(str(e), hint=usage_hint)
+    fmt: str | None = None
+    options: str | None = None
+    quiet = show_progress = False
+    confine_to: str | None = None
+    for name, value in opts:
+        if name in ("-h", "--help"):
+            sys.stdout.write(AMEND_HELP)
+            return 0
+        if name == "-o":
+            if not qemuopts.valid_option_list(value):
+                return err(f"Invalid option list: {value}")
+            options = value if options is None else f"{options},{value}"
+        elif name == "-f":
+            fmt = value
+        elif name == "-q":
+            quiet = True
+        elif name == "-p":
+            show_progress = True
+        elif name == "--confine-to":
+            confine_to = value
+    if options is None:
+        return err("Must specify options (-o)", hint=usage_hint)
+    if quiet:
+        show_progress = False
+    pairs = qemuopts.split_option_list(options)
+    wants_help = any(n in ("help", "?") for n, _ in pairs)
+    if fmt == "qcow2" and wants_help:
+        sys.stdout.write(AMEND_OPTIONS_HELP)
+        return 0
+    if len(operands) != 1:
+        return err("Expecting one image file name")
+    path = operands[0]
+    if fmt is not None and fmt not in format_names():
+        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+    try:
+        probed = fmt or probe_format(path)
+    except OSError as e:
+        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+    except QcowError as e:
+        return err(f"Could not open '{path}': {e}")
+    if probed != "qcow2":
+        return err(f"Format driver '{probed}' does not support option amendment")
+    try:
+        disk = QcowFile.open(path, confine_to=confine_to)
+    except OSError as e:
+        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+    except QcowError as e:
+        return err(f"Could not open '{path}': {e}")
+    progress = QemuProgress(sys.stdout) if show_progress else None
+    status = 0
+    try:
+        if wants_help:
+            sys.stdout.write(AMEND_OPTIONS_HELP)
+            return 0
+        parsed = qemuopts.QemuOpts(AMEND_TABLE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", qemuopts.SizeSuffixWarning)
+            try:
+                parsed.parse(pairs)
+            except qemuopts.OptionError as e:
+                hint = e.hint
+                try:
+                    qemuopts.QemuOpts({**AMEND_TABLE, **_CREATE_ONLY_TABLE}).parse(pairs)
+                    hint += "This option is only supported for image creation\n"
+                except qemuopts.OptionError:
+                    pass
+                _print_warnings(caught)
+                return err(str(e), hint=hint)
+        _print_warnings(caught)
+        if progress is not None:
+            progress.print_delta(0.0, 100)
+        try:
+            disk.amend(compat=parsed.string("compat") if parsed.given("compat") else None,
+                       lazy_refcounts=parsed.boolean("lazy_refcounts", False) if parsed.given("lazy_refcounts") else None,
+                       backing_file=parsed.string("backing_file"), backing_fmt=parsed.string("backing_fmt"),
+                       refcount_bits=parsed.number("refcount_bits", 0) if parsed.given("refcount_bits") else None,
+                       size=parsed.number("size", 0) or None,
+                       data_file=parsed.string("data_file"),
+                       data_file_raw=parsed.boolean("data_file_raw", False) if parsed.given("data_file_raw") else None,
+                       encrypt=any(n.startswith("encrypt.") for n in AMEND_TABLE if parsed.given(n)))
+        finally:
+            if progress is not None:
+                progress.print_delta(100.0, 0)
+        if progress is not None:
+            progress.end()
+            progress = None
+    except AmendError as e:
+        status = err(str(e), hint=e.hint)
+    except OSError as e:
+        status = err(e.strerror or str(e))
+    except QcowError as e:
+        status = err(str(e))
+    finally:
+        if progress is not None:
+            progress.end()
+        try:
+            disk.close()
+        except (QcowError, OSError) as e:
+            if not status:
+                status = err(str(e))
+    return status
+
+
+
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         if issubclass(w.category, qemuopts.SizeSuffixWarning):
@@ -1475,6 +1632,12 @@ def build_parser() -> argparse.ArgumentParser:
     force_share(pme)
     pme.add_argument("image", metavar="SOURCE", nargs="*", help="the image to convert")
     pme.set_defaults(func=cmd_measure, ordered=None)
+
+    # qemu-img's own parsing (cmd_amend), as for resize below
+    pa = sub.add_parser("amend", help="change image options in place (like qemu-img amend)", add_help=False,
+                        prefix_chars="\0", usage=AMEND_HELP.splitlines()[0][len("usage: "):])
+    pa.add_argument("argv", nargs=argparse.REMAINDER, metavar="[-p] [-q] [-f FMT] [--force] -o OPTIONS IMAGE")
+    pa.set_defaults(func=cmd_amend)
 
     # qemu-img's own parsing (cmd_resize): the words after "resize" arrive untouched, so that a
     # size such as -1G is never taken for an option. No word is an option here ("\0" prefix).

@@ -47,6 +47,7 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
+from . import amend as amending
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
 from .cache import CachedTable
@@ -521,6 +522,30 @@ class QcowFile:
             self._check_writable()
             resizing.check(s, new_size, shrink)
             self._guarded(lambda: resizing.resize(s, new_size))
+
+    # ------------------------------------------------------------------ amend (amend.py)
+    def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,
+              backing_file: str | None = None, backing_fmt: str | None = None, refcount_bits: int | None = None,
+              size: int | None = None, data_file: str | None = None, data_file_raw: bool | None = None,
+              encrypt: bool = False, progress: Callable[[int, int], None] | None = None) -> None:
+        """Change image options in place as `qemu-img amend -o ...` does; durable on return.
+
+        Options not given (None) are left alone. `compat` is "0.10"/"v2" or "1.1"/"v3";
+        `size` resizes to exactly that size (shrinking too); `encrypt` says some encrypt.*
+        option was given. What qemu-img amend refuses raises `AmendError` with its message, and
+        nothing is written; so does what qcowdisk does not implement (changing refcount_bits,
+        downgrading an image with snapshots and zero clusters). See `qcowdisk.qcow2.amend`.
+        """
+        s = self._state
+        options = amending.AmendOptions(compat=compat, lazy_refcounts=lazy_refcounts, backing_file=backing_file,
+                                        backing_fmt=backing_fmt, refcount_bits=refcount_bits, size=size,
+                                        data_file=data_file, data_file_raw=data_file_raw, encrypt=encrypt)
+        with s.lock:
+            self._check_writable()
+            new_version = amending.check(s, options)
+            if size:
+                resizing.check(s, size, True)
+            self._guarded(lambda: amending.amend(s, options, new_version, progress))
 
     # ------------------------------------------------------------------ writing
     def write_at(self, offset: int, data: Buffer) -> int:

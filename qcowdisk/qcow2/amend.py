@@ -1,0 +1,234 @@
+"""Amending an image's options in place: what `qemu-img amend` does (QEMU 7.2's
+`qcow2_amend_options`, `qcow2_downgrade`), with its refusals and their messages.
+
+**What is amended.** `compat` up (0.10 -> 1.1: a version 3 header with QEMU's feature table)
+and down (1.1 -> 0.10, as `qcow2_downgrade`: refcounts made consistent, zero clusters expanded,
+compatible and autoclear bits dropped, zstd switched back to zlib when no cluster is compressed);
+`lazy_refcounts` on and off (off: the refcounts are flushed first); `size` (a resize to exactly
+that size, shrinking included, as amend passes exact=true). `backing_file`/`backing_fmt`,
+`data_file` and `data_file_raw` are accepted only with the values the image has, as QEMU 7.2
+(it says to use `qemu-img rebase`). `refcount_bits` is accepted only with the current width:
+changing it (`qcow2_change_refcount_order`) is not implemented and refused with a message that
+says so. Encryption options are refused as QEMU refuses them on images without LUKS.
+
+**Order.** Every header change is one `ordering.switch_header` (sync, one header write, fsync),
+in QEMU's order: upgrade, lazy refcounts, size, downgrade last. A downgrade first makes the
+refcounts durable and the zero clusters plain (their data written and synced before the L2
+entries that lose the zero flag), so a power cut before the version switch leaves a valid v3
+image with the same guest view, and after it the v2 one.
+
+**Not done** (refused before anything is written, with qcowdisk's message): downgrading an
+image that has both internal snapshots and zero clusters, and changing `refcount_bits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AmendError
+from . import ordering, writing
+from . import resize as resizing
+from .entries import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
+from .format import (
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_ZLIB,
+    CRYPT_LUKS,
+    CRYPT_NONE,
+    EXT_FEATURE_TABLE,
+    HEADER_V2_LENGTH,
+    HEADER_V3_LENGTH,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_DIRTY,
+    feature_table_extension,
+    serialize_header,
+)
+from .mapping import l2_table_offset
+from .state import Qcow2State
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class AmendOptions:
+    """The options given (None: not given), already parsed to their QEMU types."""
+
+    compat: str | None = None
+    lazy_refcounts: bool | None = None
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    refcount_bits: int | None = None
+    size: int | None = None
+    data_file: str | None = None
+    data_file_raw: bool | None = None
+    encrypt: bool = False  # some encrypt.* option was given
+
+
+def check(s: Qcow2State, o: AmendOptions) -> int:
+    """Refuse what qemu-img amend refuses (AmendError, QEMU's message); the target version."""
+    h = s.header
+    old_version = h.version
+    new_version = old_version
+    if o.compat is not None:
+        if o.compat in ("0.10", "v2"):
+            new_version = 2
+        elif o.compat in ("1.1", "v3"):
+            new_version = 3
+        else:
+            raise AmendError(f"Unknown compatibility level {o.compat}")
+    if o.encrypt:
+        if h.crypt_method == CRYPT_NONE:
+            raise AmendError("Can't amend encryption options - encryption not present")
+        if h.crypt_method != CRYPT_LUKS:
+            raise AmendError("Only LUKS encryption options can be amended")
+        raise AmendError("qcowdisk does not amend LUKS encryption options")
+    if o.refcount_bits is not None:
+        rb = o.refcount_bits
+        if rb <= 0 or rb > 64 or rb & (rb - 1):
+            raise AmendError("Refcount width must be a power of two and may not exceed 64 bits")
+    if o.data_file is not None and not h.has_data_file:
+        raise AmendError("data-file can only be set for images that use an external data file")
+    if o.data_file_raw and not h.data_file_raw:
+        raise AmendError("data-file-raw cannot be set on existing images")
+    if (o.backing_file is not None or o.backing_fmt is not None) and (
+            o.backing_file != h.backing_file or o.backing_fmt != h.backing_format):
+        raise AmendError("Cannot amend the backing file", "You can use 'qemu-img rebase' instead.\n")
+    if o.refcount_bits is not None and o.refcount_bits != h.refcount_bits:
+        if new_version < 3 and o.refcount_bits != 16:
+            raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "
+                             "(use compat=1.1 or greater)")
+        raise AmendError(f"qcowdisk cannot change refcount_bits (from {h.refcount_bits} to {o.refcount_bits}): "
+                         f"rewriting the refcount structure is not implemented")
+    if o.data_file is not None and o.data_file != h.data_file:
+        raise AmendError("qcowdisk cannot change the external data file name")
+    lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
+    if o.lazy_refcounts is not None and o.lazy_refcounts != lazy and o.lazy_refcounts and new_version < 3:
+        raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and above "
+                         "(use compat=1.1 or greater)")
+    if new_version < old_version:
+        _check_downgrade(s, o)
+    return new_version
+
+
+def _check_downgrade(s: Qcow2State, o: AmendOptions) -> None:
+    """qcow2_downgrade's refusals, in its order (nothing written yet)."""
+    h = s.header
+    if h.refcount_order != 4:
+        raise AmendError("compat=0.10 requires refcount_bits=16")
+    if h.has_data_file:
+        raise AmendError("Cannot downgrade an image with a data file")
+    size = o.size if o.size else h.size
+    for snap in s.snapshots:
+        if snap.vm_state_size > 0xFFFFFFFF or snap.disk_size != size:
+            raise AmendError("Internal snapshots prevent downgrade of image")
+    rest = h.incompatible_features & ~INCOMPAT_DIRTY & ~INCOMPAT_COMPRESSION
+    if rest:
+        raise AmendError(f"Cannot downgrade an image with incompatible features 0x{rest:x} set")
+    if h.incompatible_features & INCOMPAT_COMPRESSION and _has_compressed(s):
+        raise AmendError("Cannot downgrade an image with zstd compression type and existing compressed clusters")
+    if s.snapshots and _active_zero_entries(s):
+        raise AmendError("qcowdisk cannot downgrade an image with internal snapshots and zero clusters "
+                         "(expanding zero clusters shared with snapshots is not implemented)")
+
+
+def _l2_tables(s: Qcow2State) -> list[tuple[int, int]]:
+    """(l1 index, L2 offset) of every allocated L2 table of the active layer."""
+    out = []
+    for i in range(len(s.l1.entries)):
+        off = l2_table_offset(s, i)
+        if off:
+            out.append((i, off))
+    return out
+
+
+def _has_compressed(s: Qcow2State) -> bool:
+    return any(any(e & OFLAG_COMPRESSED for e in s.l2_cache.get(off).entries) for _, off in _l2_tables(s))
+
+
+def _active_zero_entries(s: Qcow2State) -> bool:
+    return any(any(e & OFLAG_ZERO and not e & OFLAG_COMPRESSED for e in s.l2_cache.get(off).entries)
+               for _, off in _l2_tables(s))
+
+
+def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress | None = None) -> None:
+    """Apply checked options, in qcow2_amend_options' order."""
+    h = s.header
+    if new_version > h.version:
+        header_length = HEADER_V3_LENGTH
+        exts = [e for e in h.extensions if e.ext_type != EXT_FEATURE_TABLE] + [feature_table_extension()]
+        _switch_version(s, version=3, header_length=header_length, refcount_order=4,
+                        compression_type=COMPRESSION_ZLIB, extensions=exts)
+        s.v2 = False
+    if o.lazy_refcounts is not None:
+        h = s.header
+        lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        if o.lazy_refcounts and not lazy:
+            ordering.switch_header(s, compatible_features=h.compatible_features | COMPAT_LAZY_REFCOUNTS)
+        elif not o.lazy_refcounts and lazy:
+            ordering.flush(s, final=True)
+            ordering.switch_header(s, compatible_features=h.compatible_features & ~COMPAT_LAZY_REFCOUNTS,
+                                   incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY)
+    if o.size:
+        resizing.check(s, o.size, True)
+        resizing.resize(s, o.size)
+    if new_version < s.header.version:
+        _downgrade(s, progress)
+
+
+def _downgrade(s: Qcow2State, progress: Progress | None) -> None:
+    """qcow2_downgrade after its checks: clean, expand zero clusters, switch to version 2."""
+    ordering.flush(s, final=True)
+    tables = _l2_tables(s)
+    for n, (l1i, _) in enumerate(tables):
+        _expand_zero_clusters(s, l1i)
+        if progress is not None:
+            progress(n + 1, len(tables))
+    ordering.flush(s, final=True)
+    h = s.header
+    exts = [e for e in h.extensions if e.ext_type != EXT_FEATURE_TABLE]
+    _switch_version(s, version=2, header_length=HEADER_V2_LENGTH, incompatible_features=0,
+                    compatible_features=0, autoclear_features=0, compression_type=COMPRESSION_ZLIB,
+                    extra_header=b"", extensions=exts)
+    s.v2 = True
+
+
+def _switch_version(s: Qcow2State, **fields: Any) -> None:
+    """Switch the header to another version, then zero what the old header left past the new one
+    (QEMU rewrites all of cluster 0): bytes past the end-of-extensions mark, read by nobody."""
+    old_length = len(serialize_header(dataclasses.replace(s.header, extensions=list(s.header.extensions))))
+    ordering.switch_header(s, **fields)
+    new_length = len(serialize_header(dataclasses.replace(s.header, extensions=list(s.header.extensions))))
+    if old_length > new_length:
+        s.host.pwrite(bytes(old_length - new_length), new_length)
+        s.host.fsync()
+
+
+def _expand_zero_clusters(s: Qcow2State, l1i: int) -> None:
+    """Make every zero cluster of one L2 table plain: unallocated (no backing file), data written
+    as zeros (a preallocated zero cluster, or a new cluster over a backing file)."""
+    off = l2_table_offset(s, l1i)
+    entries = s.l2_cache.get(off).entries
+    zeros = [j for j, e in enumerate(entries) if e & OFLAG_ZERO and not e & OFLAG_COMPRESSED]
+    if not zeros:
+        return
+    cs = s.cluster_size
+    table = writing.l2_for_write(s, l1i)
+    for j in zeros:
+        e = table.entries[j]
+        host = e & L2E_OFFSET_MASK
+        guest = (l1i * s.l2_entries + j) * cs
+        if host:
+            s.data_host.pwrite(bytes(cs), host)
+            table.entries[j] = e & ~OFLAG_ZERO
+            table.mark(j)
+        elif s.backing is None:
+            table.entries[j] = 0
+            table.mark(j)
+        else:
+            table.entries[j] = 0
+            table.mark(j)
+            if guest < s.virtual_size:
+                writing.write(s, guest, memoryview(bytes(min(cs, s.virtual_size - guest))))
+                table = writing.l2_for_write(s, l1i)
