@@ -104,6 +104,14 @@ CASES = [
     ("plain.qcow2", ["-o", "refcount_bits=16"]),
     ("overlay.qcow2", ["-o", "backing_file=base.raw,backing_fmt=raw"]),
     ("plain.qcow2", ["-o", "help"]),
+    ("plain.qcow2", ["-o", "refcount_bits=1"]),
+    ("snap.qcow2", ["-o", "refcount_bits=2"]),
+    ("plain.qcow2", ["-o", "refcount_bits=64"]),
+    ("zeros.qcow2", ["-o", "refcount_bits=8"]),
+    ("rc8.qcow2", ["-o", "refcount_bits=16"]),
+    ("overlay.qcow2", ["-o", "refcount_bits=4"]),
+    ("rc8.qcow2", ["-o", "compat=0.10,refcount_bits=16"]),
+    ("v2.qcow2", ["-o", "compat=1.1,refcount_bits=4"]),
     # refusals
     ("extl2.qcow2", ["-o", "compat=0.10"]),
     ("datafile.qcow2", ["-o", "compat=0.10"]),
@@ -120,6 +128,9 @@ CASES = [
     ("plain.qcow2", ["-o", "foo=bar"]),
     ("plain.qcow2", ["-o", "lazy_refcounts=maybe"]),
     ("plain.qcow2", ["-o", "refcount_bits=3"]),
+    ("snap.qcow2", ["-o", "refcount_bits=1"]),
+    ("v2.qcow2", ["-o", "refcount_bits=8"]),
+    ("plain.qcow2", ["-o", "compat=0.10,refcount_bits=8"]),
     ("plain.qcow2", ["-o", "refcount_bits=abc"]),
     ("plain.qcow2", ["-o", "data_file=x"]),
     ("plain.qcow2", ["-o", "data_file_raw=on"]),
@@ -175,10 +186,15 @@ def test_api_amend_and_refusal(inputs: dict[str, str], tmp_path: Path) -> None:
     assert info(str(p))["format-specific"]["data"]["lazy-refcounts"] is True
 
 
-def test_refcount_bits_change_refused(inputs: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("bits", [1, 8, 64])
+def test_writes_after_refcount_width_change(inputs: dict[str, str], tmp_path: Path, bits: int) -> None:
     p = tmp_path / "a.qcow2"
     shutil.copy(inputs["plain.qcow2"], p)
-    before = p.read_bytes()
-    with QcowFile.open(p) as disk, pytest.raises(AmendError, match="cannot change refcount_bits"):
-        disk.amend(refcount_bits=8)
-    assert p.read_bytes() == before
+    with QcowFile.open(p) as disk:
+        disk.amend(refcount_bits=bits, lazy_refcounts=True)
+        disk.write_at(0, b"a" * 200000)
+        disk.flush()
+        disk.write_at(10 * MiB, b"b" * 3000000)
+        assert disk.read_at(10 * MiB, 3) == b"bbb"
+    assert_clean(str(p))
+    assert info(str(p))["format-specific"]["data"]["refcount-bits"] == bits

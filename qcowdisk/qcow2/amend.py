@@ -7,23 +7,26 @@ compatible and autoclear bits dropped, zstd switched back to zlib when no cluste
 `lazy_refcounts` on and off (off: the refcounts are flushed first); `size` (a resize to exactly
 that size, shrinking included, as amend passes exact=true). `backing_file`/`backing_fmt`,
 `data_file` and `data_file_raw` are accepted only with the values the image has, as QEMU 7.2
-(it says to use `qemu-img rebase`). `refcount_bits` is accepted only with the current width:
-changing it (`qcow2_change_refcount_order`) is not implemented and refused with a message that
-says so. Encryption options are refused as QEMU refuses them on images without LUKS.
+(it says to use `qemu-img rebase`). `refcount_bits` rewrites the refcount structure with the new
+width (`qcow2_change_refcount_order`; refused as QEMU refuses it when a count does not fit).
+Encryption options are refused as QEMU refuses them on images without LUKS (and, on LUKS
+images, as not implemented).
 
 **Order.** Every header change is one `ordering.switch_header` (sync, one header write, fsync),
-in QEMU's order: upgrade, lazy refcounts, size, downgrade last. A downgrade first makes the
+in QEMU's order: upgrade, refcount width, lazy refcounts, size, downgrade last. A new refcount
+structure is written past the end of the file and synced before the one switch that names it. A downgrade first makes the
 refcounts durable and the zero clusters plain (their data written and synced before the L2
 entries that lose the zero flag), so a power cut before the version switch leaves a valid v3
 image with the same guest view, and after it the v2 one.
 
 **Not done** (refused before anything is written, with qcowdisk's message): downgrading an
-image that has both internal snapshots and zero clusters, and changing `refcount_bits`.
+image that has both internal snapshots and zero clusters in its active layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,7 @@ from typing import Any
 from ..errors import AmendError
 from . import ordering, writing
 from . import resize as resizing
-from .entries import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
+from .entries import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, REFT_OFFSET_MASK, TableCodec
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZLIB,
@@ -46,7 +49,8 @@ from .format import (
     serialize_header,
 )
 from .mapping import l2_table_offset
-from .state import Qcow2State
+from .refcount import Refcounts
+from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
 Progress = Callable[[int, int], None]
 
@@ -99,8 +103,7 @@ def check(s: Qcow2State, o: AmendOptions) -> int:
         if new_version < 3 and o.refcount_bits != 16:
             raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "
                              "(use compat=1.1 or greater)")
-        raise AmendError(f"qcowdisk cannot change refcount_bits (from {h.refcount_bits} to {o.refcount_bits}): "
-                         f"rewriting the refcount structure is not implemented")
+        _check_refcount_width(s, o.refcount_bits)
     if o.data_file is not None and o.data_file != h.data_file:
         raise AmendError("qcowdisk cannot change the external data file name")
     lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
@@ -112,10 +115,29 @@ def check(s: Qcow2State, o: AmendOptions) -> int:
     return new_version
 
 
+def _host_clusters(s: Qcow2State) -> int:
+    return -(-max(s.host.size(), s.alloc_limit) // s.cluster_size)
+
+
+def _check_refcount_width(s: Qcow2State, bits: int) -> None:
+    """qcow2_change_refcount_order's refusal: a refcount that does not fit the new width."""
+    rc = s.refcounts
+    assert rc is not None
+    if bits >= s.header.refcount_bits:
+        return
+    limit = (1 << bits) - 1
+    for c in range(_host_clusters(s)):
+        count = rc.get(c)
+        if count > limit:
+            where = f"{c << s.cluster_bits:#x}" if c else "0"
+            raise AmendError(f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset {where} "
+                             f"has a refcount of {count}")
+
+
 def _check_downgrade(s: Qcow2State, o: AmendOptions) -> None:
     """qcow2_downgrade's refusals, in its order (nothing written yet)."""
     h = s.header
-    if h.refcount_order != 4:
+    if (o.refcount_bits or h.refcount_bits) != 16:
         raise AmendError("compat=0.10 requires refcount_bits=16")
     if h.has_data_file:
         raise AmendError("Cannot downgrade an image with a data file")
@@ -161,6 +183,8 @@ def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress |
         _switch_version(s, version=3, header_length=header_length, refcount_order=4,
                         compression_type=COMPRESSION_ZLIB, extensions=exts)
         s.v2 = False
+    if o.refcount_bits is not None and o.refcount_bits != s.header.refcount_bits:
+        _change_refcount_width(s, o.refcount_bits)
     if o.lazy_refcounts is not None:
         h = s.header
         lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
@@ -192,6 +216,69 @@ def _downgrade(s: Qcow2State, progress: Progress | None) -> None:
                     compatible_features=0, autoclear_features=0, compression_type=COMPRESSION_ZLIB,
                     extra_header=b"", extensions=exts)
     s.v2 = True
+
+
+def _change_refcount_width(s: Qcow2State, bits: int) -> None:
+    """Rewrite the refcount structure with `bits`-bit entries (qcow2_change_refcount_order).
+
+    The new blocks and table go past the end of the file, where nothing points, and are synced;
+    one header switch (refcount_order, refcount table offset and size) makes them the image's;
+    then the old table and blocks, which count 0 in the new structure, are punched. A power cut
+    before the switch leaves the old image with unreferenced bytes past its end; after it, the
+    new one.
+    """
+    rc = s.refcounts
+    assert rc is not None
+    ordering.flush(s, final=True)
+    cb, cs = s.cluster_bits, s.cluster_size
+    n = _host_clusters(s)
+    counts = [rc.get(c) for c in range(n)]
+    old_structure = set(range(rc.reftable_offset >> cb, (rc.reftable_offset >> cb) + rc.reftable_clusters))
+    old_structure.update((e & REFT_OFFSET_MASK) >> cb for e in rc.reftable if e & REFT_OFFSET_MASK)
+    for c in old_structure:
+        if c < n:
+            counts[c] = 0
+    per_block = cs * 8 // bits
+    blocks = table_clusters = 0
+    while True:
+        total = n + blocks + table_clusters
+        new_blocks = -(-total // per_block)
+        new_table = max(1, -(-new_blocks * 8 // cs))
+        if (new_blocks, new_table) == (blocks, table_clusters):
+            break
+        blocks, table_clusters = new_blocks, new_table
+    counts.extend([1] * (blocks + table_clusters))
+    codec = TableCodec(bits, cs)
+    reftable = array("Q", [0] * (table_clusters * cs // 8))
+    for i in range(blocks):
+        block = codec.new()
+        chunk = counts[i * per_block:(i + 1) * per_block]
+        block[:len(chunk)] = array(block.typecode, chunk)
+        s.host.pwrite(codec.encode(block, 0, per_block), (n + i) << cb)
+        reftable[i] = (n + i) << cb
+    table_offset = (n + blocks) << cb
+    s.host.pwrite(TableCodec(64, table_clusters * cs).encode(reftable, 0, len(reftable)), table_offset)
+    s.grow_alloc_limit(table_offset + table_clusters * cs)
+    ordering.switch_header(s, refcount_order=bits.bit_length() - 1, refcount_table_offset=table_offset,
+                           refcount_table_clusters=table_clusters)
+    # The in-memory allocator follows: same object (the ordering edges name it), new structure.
+    s.metadata.difference_update(old_structure)
+    new = Refcounts(s.host, cb, bits, table_offset, table_clusters, lambda: s.alloc_limit, DEFAULT_REFBLOCK_CACHE_BYTES,
+                    rc.on_table_moved, s.metadata)
+    new.free_dependencies = rc.free_dependencies
+    rc.__dict__.update(new.__dict__)
+    for first, count in _runs(sorted(c for c in old_structure if c < n)):
+        s.host.punch_hole(first << cb, count << cb)
+
+
+def _runs(clusters: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for c in clusters:
+        if out and out[-1][0] + out[-1][1] == c:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((c, 1))
+    return out
 
 
 def _switch_version(s: Qcow2State, **fields: Any) -> None:
