@@ -41,7 +41,17 @@ from .ops import CompareError, compare, measure, qemuopts
 from .qcow1 import Qcow1File
 from .qcow2.check import CheckFailedError
 from .qcow2.file import QcowFile
-from .qcow2.format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot
+from .qcow2.format import (
+    BME_FLAG_AUTO,
+    BME_FLAG_IN_USE,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    Bitmap,
+    Header,
+    Snapshot,
+)
 
 PROG = "qcowdisk"
 INT64_MAX = (1 << 63) - 1
@@ -142,8 +152,12 @@ class CreateOptions(CreateKeywords, total=False):
 SnapshotInfo = TypedDict("SnapshotInfo", {
     "icount": int, "vm-clock-nsec": int, "name": str, "date-sec": int, "date-nsec": int,
     "vm-clock-sec": int, "id": str, "vm-state-size": int}, total=False)
+class BitmapInfo(TypedDict):
+    flags: list[str]
+    name: str
+    granularity: int
 Qcow2SpecificInfo = TypedDict("Qcow2SpecificInfo", {
-    "compat": str, "compression-type": str, "lazy-refcounts": bool, "refcount-bits": int,
+    "compat": str, "compression-type": str, "lazy-refcounts": bool, "bitmaps": list[BitmapInfo], "refcount-bits": int,
     "data-file": str, "data-file-raw": bool, "corrupt": bool, "extended-l2": bool}, total=False)
 
 
@@ -330,7 +344,13 @@ def _snapshot_info(s: Snapshot) -> SnapshotInfo:
     return d
 
 
-def _qcow2_specific(header: Header) -> Qcow2SpecificInfo:
+def _bitmap_info(b: Bitmap) -> BitmapInfo:
+    """One bitmap as qemu-img's JSON has it (QEMU's key order; flags in-use, auto)."""
+    flags = [name for bit, name in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto")) if b.flags & bit]
+    return {"flags": flags, "name": b.name, "granularity": b.granularity}
+
+
+def _qcow2_specific(header: Header, bitmaps: Sequence[Bitmap] = ()) -> Qcow2SpecificInfo:
     """format-specific.data for a qcow2 image, with QEMU 7.2's presence rules and key order."""
     data: Qcow2SpecificInfo = {}
     if header.version == 2:
@@ -341,6 +361,8 @@ def _qcow2_specific(header: Header) -> Qcow2SpecificInfo:
     data["compat"] = "1.1"
     data["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "zlib")
     data["lazy-refcounts"] = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+    if bitmaps:
+        data["bitmaps"] = [_bitmap_info(b) for b in bitmaps]
     data["refcount-bits"] = header.refcount_bits
     if header.data_file is not None:
         data["data-file"] = header.data_file
@@ -378,7 +400,8 @@ def image_info(img: AnyImage, filename: str) -> ImageInfo:
     if actual is not None:
         info["actual-size"] = actual
     if header is not None:
-        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(header)}
+        assert isinstance(img, QcowFile)
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(header, img.bitmaps)}
     if backing_name:
         info["full-backing-filename"] = combine_path(filename, backing_name)
         info["backing-filename"] = backing_name
@@ -437,9 +460,61 @@ def format_human(info: ImageInfo) -> str:
     if "format-specific" in info:
         lines.append("Format specific information:")
         for key, value in info["format-specific"]["data"].items():
-            shown = ("true" if value else "false") if isinstance(value, bool) else value
-            lines.append(f"    {key.replace('-', ' ')}: {shown}")
+            _dump_value(lines, 1, key.replace("-", " "), value)
     return "\n".join(lines) + "\n"
+
+
+def _dump_value(lines: list[str], level: int, label: str, value: object) -> None:
+    """QEMU's dump_qobject: scalars on the label's line, lists as [i] and dicts as keys below it."""
+    pad = "    " * level
+    if isinstance(value, list):
+        lines.append(f"{pad}{label}:")
+        for i, item in enumerate(value):
+            _dump_value(lines, level + 1, f"[{i}]", item)
+    elif isinstance(value, dict):
+        lines.append(f"{pad}{label}:")
+        for key, item in value.items():
+            _dump_value(lines, level + 1, str(key).replace("-", " "), item)
+    else:
+        shown = ("true" if value else "false") if isinstance(value, bool) else value
+        lines.append(f"{pad}{label}: {shown}")
+
+
+def qemu_json(value: object, level: int = 0) -> str:
+    """QEMU's pretty JSON (qobject_to_json_pretty): json.dumps(indent=4), except that an empty
+    list or dict still opens and closes on lines of its own."""
+    pad = "    " * level
+    if isinstance(value, dict):
+        items = [f"{pad}    {_qemu_json_string(str(k))}: {qemu_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + ("\n" if items else "") + pad + "}"
+    if isinstance(value, list):
+        items = [f"{pad}    {qemu_json(v, level + 1)}" for v in value]
+        return "[\n" + ",\n".join(items) + ("\n" if items else "") + pad + "]"
+    if isinstance(value, str):
+        return _qemu_json_string(value)
+    return json.dumps(value)
+
+
+_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _qemu_json_string(text: str) -> str:
+    """A JSON string as QEMU's to_json writes it: control characters, DEL and everything past
+    ASCII as \\uXXXX (upper-case hex, surrogate pairs past the BMP)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in _JSON_ESCAPES:
+            out.append(_JSON_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append("\\u%04X\\u%04X" % (0xD800 | code >> 10, 0xDC00 | code & 0x3FF))
+        else:
+            out.append("\\u%04X" % code)
+    out.append('"')
+    return "".join(out)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -451,7 +526,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         img.close()
     if args.output == "json":
         payload: list[ImageInfo] | ImageInfo = infos if args.backing_chain else infos[0]
-        sys.stdout.write(json.dumps(payload, indent=4) + "\n")
+        sys.stdout.write(qemu_json(payload) + "\n")
     else:
         sys.stdout.write("\n".join(format_human(i) for i in infos))
     return 0

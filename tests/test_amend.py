@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qcowdisk import AmendError, QcowFile, cli
+from qcowdisk import AmendError, InvalidImageError, QcowFile, cli
 from qemutools import assert_clean, create, info, qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -198,3 +198,86 @@ def test_writes_after_refcount_width_change(inputs: dict[str, str], tmp_path: Pa
         assert disk.read_at(10 * MiB, 3) == b"bbb"
     assert_clean(str(p))
     assert info(str(p))["format-specific"]["data"]["refcount-bits"] == bits
+
+
+# --------------------------------------------------------------------------------------------
+# qcowdisk info: persistent bitmaps, as qemu-img info shows them
+
+def _bitmap_image(d: Path) -> str:
+    p = str(d / "bm.qcow2")
+    create(p, "64M")
+    qemu_io(p, "write -P 1 0 64k")
+    qemu_img("bitmap", "--add", p, "b0")
+    qemu_img("bitmap", "--add", "-g", "128k", p, "b1")
+    qemu_img("bitmap", "--add", "--disable", p, "b2")
+    qemu_img("bitmap", "--add", "-g", "1M", p, 'é"x\t/')
+    return p
+
+
+def _info_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.main(["info", *args])
+    finally:
+        os.chdir(old)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("extra", [[], ["--output=json"], ["-U"], ["-U", "--output=json"]])
+def test_info_bitmaps_match_qemu_img(tmp_path: Path, extra: list[str]) -> None:
+    _bitmap_image(tmp_path)
+    q = subprocess.run(["qemu-img", "info", *extra, "bm.qcow2"], capture_output=True, cwd=tmp_path, check=True)
+    status, out, _ = _info_cli([*extra, "bm.qcow2"], tmp_path)
+    assert status == 0
+    assert out == q.stdout.decode()
+
+
+def test_info_bitmaps_in_use(tmp_path: Path) -> None:
+    p = _bitmap_image(tmp_path)
+    subprocess.run(["qemu-io", "-c", "write -P 2 0 64k", "-c", "sigraise 9", p], capture_output=True, check=False)
+    for extra in ([], ["--output=json"]):
+        q = subprocess.run(["qemu-img", "info", "-U", *extra, "bm.qcow2"], capture_output=True, cwd=tmp_path,
+                           check=True)
+        status, out, _ = _info_cli(["-U", *extra, "bm.qcow2"], tmp_path)
+        assert status == 0
+        assert out == q.stdout.decode()
+    with QcowFile.open(p, readonly=True) as disk:
+        assert [(b.name, b.flags) for b in disk.bitmaps][:3] == [("b0", 3), ("b1", 3), ("b2", 1)]
+
+
+def _patch(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize(("where", "value", "field"), [
+    ("ext", 0, "nb_bitmaps"),                         # zero bitmaps
+    ("ext+4", 1, "Reserved"),                         # reserved32
+    ("ext+16", 0x200, "bitmap_directory_offset"),     # misaligned directory
+    ("ext+8", 1 << 40, "bitmap_directory_size"),      # huge directory
+    ("dir+16", 40, "granularity_bits"),               # type 1, granularity 2^40 (byte 17)
+    ("dir+12", 0x80, "flags"),                        # reserved flag (byte 15)
+    ("dir+18", 0, "name_size"),                       # empty name
+    ("dir+0", 0x123, "bitmap_table_offset"),          # misaligned table
+])
+def test_bad_bitmap_directory_refused(tmp_path: Path, where: str, value: int, field: str) -> None:
+    p = _bitmap_image(tmp_path)
+    with QcowFile.open(p, readonly=True) as disk:
+        ext = next(e for e in disk.header.extensions if e.ext_type == 0x23852875)
+        header = Path(p).read_bytes()[:65536]
+        ext_pos = header.index(ext.data)
+        dir_offset = int.from_bytes(ext.data[16:24], "big")
+    base, _, add = where.partition("+")
+    at = (ext_pos if base == "ext" else dir_offset) + int(add or 0)
+    widths = {"ext": 4, "ext+4": 4, "ext+16": 8, "ext+8": 8, "dir+16": 2, "dir+12": 4, "dir+18": 2, "dir+0": 8}
+    w = widths[where]
+    raw = value.to_bytes(w, "big") if where != "dir+16" else bytes([1, value])
+    _patch(p, at, raw)
+    with QcowFile.open(p, readonly=True) as disk, pytest.raises(InvalidImageError, match=field):
+        _ = disk.bitmaps
+    status, _, err = _info_cli([p], tmp_path)
+    assert status == 1 and field in err

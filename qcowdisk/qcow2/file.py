@@ -64,10 +64,14 @@ from .entries import (
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
+    Bitmap,
     Header,
     Snapshot,
+    parse_bitmap_directory,
+    parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
 )
@@ -360,6 +364,25 @@ class QcowFile:
         if self._state.snapshot_error is not None:
             raise self._state.snapshot_error
         return list(self._state.snapshots)
+
+    @property
+    def bitmaps(self) -> list[Bitmap]:
+        """The persistent dirty bitmaps, in directory order ([] without the bitmaps extension, or
+        when its autoclear bit is clear: QEMU then considers them stale and ignores them).
+
+        Raises InvalidImageError naming the field and value of a broken extension or directory.
+        """
+        s = self._state
+        with s.lock:
+            self._check_open()
+            h = s.header
+            ext = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
+            if ext is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
+                return []
+            file_length = s.host.size()
+            fields = parse_bitmaps_extension(ext.data, s.cluster_size, file_length)
+            raw = s.host.pread(fields.directory_size, fields.directory_offset)
+            return parse_bitmap_directory(raw, fields, s.cluster_size, file_length)
 
     @property
     def backing(self) -> Image | None:
