@@ -51,6 +51,13 @@ def _inputs(d: Path) -> dict[str, str]:
        backing="base.raw", backing_fmt="raw")
     mk("snap.qcow2", "64M", None, "write -P 1 0 64k")
     qemu_img("snapshot", "-c", "s1", paths["snap.qcow2"])
+    mk("snapzero.qcow2", "64M", None, "write -P 1 0 128k")
+    qemu_img("snapshot", "-c", "s1", paths["snapzero.qcow2"])
+    qemu_io(paths["snapzero.qcow2"], "write -z 0 64k", "write -z 3M 64k", "write -P 4 64k 64k")
+    mk("snapoverlay.qcow2", "64M", None, "write -z 0 64k", "write -P 3 1M 64k", backing="base.raw",
+       backing_fmt="raw")
+    qemu_img("snapshot", "-c", "s1", paths["snapoverlay.qcow2"])
+    qemu_io(paths["snapoverlay.qcow2"], "write -z 2M 64k", "write -P 4 64k 64k")
     data = str(d / "ext.raw")
     create(str(d / "datafile.qcow2"), "64M", options=f"data_file={data}")
     paths["datafile.qcow2"] = str(d / "datafile.qcow2")
@@ -94,6 +101,8 @@ CASES = [
     ("prealloc.qcow2", ["-o", "compat=0.10"]),
     ("overlay.qcow2", ["-o", "compat=0.10"]),
     ("snap.qcow2", ["-o", "compat=0.10"]),
+    ("snapzero.qcow2", ["-o", "compat=0.10"]),
+    ("snapoverlay.qcow2", ["-o", "compat=0.10"]),
     ("plain.qcow2", ["-o", "size=32M"]),
     ("plain.qcow2", ["-o", "size=128M"]),
     ("plain.qcow2", ["-o", "size=0"]),
@@ -184,6 +193,30 @@ def test_api_amend_and_refusal(inputs: dict[str, str], tmp_path: Path) -> None:
         assert disk.header.version == 3
     assert_clean(str(p))
     assert info(str(p))["format-specific"]["data"]["lazy-refcounts"] is True
+
+
+@pytest.mark.parametrize("name", ["snapzero.qcow2", "snapoverlay.qcow2"])
+def test_downgrade_keeps_snapshot_views(inputs: dict[str, str], tmp_path: Path, name: str) -> None:
+    """Zero clusters shared with a snapshot are expanded without changing the snapshot (where
+    QEMU 7.2 zeroes a preallocated cluster the snapshot still reads)."""
+    p = tmp_path / name
+    shutil.copy(inputs[name], p)
+    shutil.copy(os.path.join(os.path.dirname(inputs[name]), "base.raw"), tmp_path / "base.raw")
+
+    def views() -> list[bytes]:
+        out = []
+        for snap in (None, "s1"):
+            raw = tmp_path / "view.raw"
+            args = ["convert", "-O", "raw"] + (["-l", f"snapshot.name={snap}"] if snap else []) + [str(p), str(raw)]
+            qemu_img(*args)
+            out.append(raw.read_bytes())
+        return out
+
+    before = views()
+    with QcowFile.open(p) as disk:
+        disk.amend(compat="0.10")
+    assert views() == before
+    assert_clean(str(p))
 
 
 @pytest.mark.parametrize("bits", [1, 8, 64])

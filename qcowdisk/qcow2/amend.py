@@ -14,13 +14,16 @@ images, as not implemented).
 
 **Order.** Every header change is one `ordering.switch_header` (sync, one header write, fsync),
 in QEMU's order: upgrade, refcount width, lazy refcounts, size, downgrade last. A new refcount
-structure is written past the end of the file and synced before the one switch that names it. A downgrade first makes the
-refcounts durable and the zero clusters plain (their data written and synced before the L2
-entries that lose the zero flag), so a power cut before the version switch leaves a valid v3
+structure is written past the end of the file and synced before the one switch that names it.
+A downgrade first makes the refcounts durable and the zero clusters plain, in the active layer
+and in every snapshot (their data written and synced before the L2 entries that lose the zero
+flag), so a power cut before the version switch leaves a valid v3
 image with the same guest view, and after it the v2 one.
 
-**Not done** (refused before anything is written, with qcowdisk's message): downgrading an
-image that has both internal snapshots and zero clusters in its active layer.
+**Beyond QEMU**: a preallocated zero cluster whose data cluster is also referenced elsewhere
+(a snapshot's own L2 table) is not zeroed in place, which would change the snapshot (QEMU 7.2
+zeroes it); the entry drops its reference instead. **Not done**: amending LUKS encryption
+options (refused with qcowdisk's message).
 """
 
 from __future__ import annotations
@@ -32,9 +35,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AmendError
-from . import ordering, writing
+from . import ordering
 from . import resize as resizing
-from .entries import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, REFT_OFFSET_MASK, TableCodec
+from .entries import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    REFT_OFFSET_MASK,
+    TableCodec,
+    decode_u64_table,
+)
 from .format import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZLIB,
@@ -150,9 +162,6 @@ def _check_downgrade(s: Qcow2State, o: AmendOptions) -> None:
         raise AmendError(f"Cannot downgrade an image with incompatible features 0x{rest:x} set")
     if h.incompatible_features & INCOMPAT_COMPRESSION and _has_compressed(s):
         raise AmendError("Cannot downgrade an image with zstd compression type and existing compressed clusters")
-    if s.snapshots and _active_zero_entries(s):
-        raise AmendError("qcowdisk cannot downgrade an image with internal snapshots and zero clusters "
-                         "(expanding zero clusters shared with snapshots is not implemented)")
 
 
 def _l2_tables(s: Qcow2State) -> list[tuple[int, int]]:
@@ -165,13 +174,19 @@ def _l2_tables(s: Qcow2State) -> list[tuple[int, int]]:
     return out
 
 
+def _all_l2_tables(s: Qcow2State) -> list[int]:
+    """Offsets of the L2 tables of the active layer and of every snapshot, each once."""
+    seen = dict.fromkeys(off for _, off in _l2_tables(s))
+    for snap in s.snapshots:
+        raw = s.host.pread(snap.l1_size * 8, snap.l1_table_offset)
+        for e in decode_u64_table(raw[:len(raw) // 8 * 8]):
+            if e & L1E_OFFSET_MASK:
+                seen.setdefault(e & L1E_OFFSET_MASK)
+    return list(seen)
+
+
 def _has_compressed(s: Qcow2State) -> bool:
     return any(any(e & OFLAG_COMPRESSED for e in s.l2_cache.get(off).entries) for _, off in _l2_tables(s))
-
-
-def _active_zero_entries(s: Qcow2State) -> bool:
-    return any(any(e & OFLAG_ZERO and not e & OFLAG_COMPRESSED for e in s.l2_cache.get(off).entries)
-               for _, off in _l2_tables(s))
 
 
 def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress | None = None) -> None:
@@ -204,9 +219,9 @@ def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress |
 def _downgrade(s: Qcow2State, progress: Progress | None) -> None:
     """qcow2_downgrade after its checks: clean, expand zero clusters, switch to version 2."""
     ordering.flush(s, final=True)
-    tables = _l2_tables(s)
-    for n, (l1i, _) in enumerate(tables):
-        _expand_zero_clusters(s, l1i)
+    tables = _all_l2_tables(s)
+    for n, off in enumerate(tables):
+        _expand_zero_clusters(s, off)
         if progress is not None:
             progress(n + 1, len(tables))
     ordering.flush(s, final=True)
@@ -292,30 +307,34 @@ def _switch_version(s: Qcow2State, **fields: Any) -> None:
         s.host.fsync()
 
 
-def _expand_zero_clusters(s: Qcow2State, l1i: int) -> None:
-    """Make every zero cluster of one L2 table plain: unallocated (no backing file), data written
-    as zeros (a preallocated zero cluster, or a new cluster over a backing file)."""
-    off = l2_table_offset(s, l1i)
-    entries = s.l2_cache.get(off).entries
-    zeros = [j for j, e in enumerate(entries) if e & OFLAG_ZERO and not e & OFLAG_COMPRESSED]
-    if not zeros:
-        return
-    cs = s.cluster_size
-    table = writing.l2_for_write(s, l1i)
-    for j in zeros:
-        e = table.entries[j]
+def _expand_zero_clusters(s: Qcow2State, off: int) -> None:
+    """Make every zero cluster of the L2 table at `off` plain, in place (the table may be shared
+    with snapshots; every sharer keeps its view), as QEMU's expand_zero_clusters_in_l1:
+    unallocated without a backing file, else a new cluster of zeros counted once per reference
+    to the table; a preallocated zero cluster only the table references is zeroed and kept."""
+    rc = s.refcounts
+    assert rc is not None
+    cb, cs = s.cluster_bits, s.cluster_size
+    table = s.l2_cache.get(off)
+    l2_refcount = rc.get(off >> cb)
+    for j, e in enumerate(table.entries):
+        if not e & OFLAG_ZERO or e & OFLAG_COMPRESSED:
+            continue
         host = e & L2E_OFFSET_MASK
-        guest = (l1i * s.l2_entries + j) * cs
-        if host:
+        if host and rc.get(host >> cb) <= l2_refcount:
             s.data_host.pwrite(bytes(cs), host)
-            table.entries[j] = e & ~OFLAG_ZERO
-            table.mark(j)
-        elif s.backing is None:
-            table.entries[j] = 0
-            table.mark(j)
+            new = e & ~OFLAG_ZERO
         else:
-            table.entries[j] = 0
-            table.mark(j)
-            if guest < s.virtual_size:
-                writing.write(s, guest, memoryview(bytes(min(cs, s.virtual_size - guest))))
-                table = writing.l2_for_write(s, l1i)
+            if host:
+                rc.defer_free(host >> cb)  # a cluster shared otherwise keeps its data for the others
+            if s.backing is None:
+                new = 0
+            else:
+                (c, _), = rc.alloc_clusters(1)
+                if l2_refcount > 1:
+                    rc.update(c, l2_refcount - 1)
+                s.grow_alloc_limit((c + 1) << cb)
+                s.data_host.pwrite(bytes(cs), c << cb)
+                new = (c << cb) | (OFLAG_COPIED if l2_refcount == 1 else 0)
+        table.entries[j] = new
+        table.mark(j)
