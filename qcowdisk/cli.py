@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1278,8 +1279,9 @@ class QemuProgress:
     printed at 0, at 100 and whenever the percentage grew by more than 2 since the last line;
     a newline at the end."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, min_skip: float = 2.0) -> None:
         self.out = out
+        self.min_skip = min_skip
         self.current = self.last_print = 0.0
         self.done = 0
 
@@ -1288,7 +1290,7 @@ class QemuProgress:
         current = _f32(self.current + _f32(_f32(delta / 100) * max_)) if max_ else delta
         current = min(current, 100.0)
         self.current = current
-        if current > _f32(self.last_print + 2.0) or current in (0.0, 100.0):
+        if current > _f32(self.last_print + self.min_skip) or current in (0.0, 100.0):
             self.last_print = current
             self.out.write("    (%3.2f/100%%)\r" % current)
             self.out.flush()
@@ -1473,6 +1475,11 @@ _AMEND_SHORT = {"f": True, "h": False, "o": True, "p": False, "q": False, "t": T
 _AMEND_LONG = {"help": False, "force": False, "confine-to": True}
 
 
+def _amend_status(progress: QemuProgress, offset: int, total: int) -> None:
+    """img_amend's amend_status_cb: qemu_progress_print(100.f * offset / total_work_size, 0)."""
+    progress.print_delta(_f32(_f32(100.0 * offset) / total) if total else 0.0, 0)
+
+
 def cmd_amend(args: argparse.Namespace) -> int:
     """`qcowdisk amend`: `qemu-img amend` (7.2) for qcow2 images: its syntax, messages, progress
     output and exit status (1 on every failure)."""
@@ -1536,7 +1543,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
         return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:
         return err(f"Could not open '{path}': {e}")
-    progress = QemuProgress(sys.stdout) if show_progress else None
+    progress = QemuProgress(sys.stdout, 1.0) if show_progress else None  # qemu-img amend: min_skip 1
     status = 0
     try:
         if wants_help:
@@ -1567,7 +1574,8 @@ def cmd_amend(args: argparse.Namespace) -> int:
                        size=parsed.number("size", 0) or None,
                        data_file=parsed.string("data_file"),
                        data_file_raw=parsed.boolean("data_file_raw", False) if parsed.given("data_file_raw") else None,
-                       encrypt=any(n.startswith("encrypt.") for n in AMEND_TABLE if parsed.given(n)))
+                       encrypt=any(n.startswith("encrypt.") for n in AMEND_TABLE if parsed.given(n)),
+                       progress=None if progress is None else functools.partial(_amend_status, progress))
         finally:
             if progress is not None:
                 progress.print_delta(100.0, 0)

@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -58,10 +59,29 @@ def _inputs(d: Path) -> dict[str, str]:
        backing_fmt="raw")
     qemu_img("snapshot", "-c", "s1", paths["snapoverlay.qcow2"])
     qemu_io(paths["snapoverlay.qcow2"], "write -z 2M 64k", "write -P 4 64k 64k")
+    mk("v2oldsnap.qcow2", "64M", "compat=0.10", "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "old", paths["v2oldsnap.qcow2"])
+    _strip_snapshot_extra(paths["v2oldsnap.qcow2"])
     data = str(d / "ext.raw")
     create(str(d / "datafile.qcow2"), "64M", options=f"data_file={data}")
     paths["datafile.qcow2"] = str(d / "datafile.qcow2")
     return paths
+
+
+def _strip_snapshot_extra(path: str) -> None:
+    """Rewrite a one-snapshot table as pre-1.1 QEMU wrote it: no extra data."""
+    with open(path, "r+b") as f:
+        head = f.read(72)
+        (snap_offset,) = struct.unpack_from(">Q", head, 64)
+        f.seek(snap_offset)
+        entry = f.read(1024)
+        fixed = list(struct.unpack_from(">QIHHIIQII", entry))
+        id_size, name_size, extra = fixed[2], fixed[3], fixed[8]
+        names = entry[40 + extra:40 + extra + id_size + name_size]
+        fixed[8] = 0
+        new = struct.pack(">QIHHIIQII", *fixed) + names
+        f.seek(snap_offset)
+        f.write(new + bytes(-len(new) % 8))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +115,9 @@ CASES = [
     ("plain.qcow2", ["-o", "compat=v2"]),
     ("v2.qcow2", ["-o", "compat=1.1"]),
     ("v2.qcow2", ["-o", "compat=v3,lazy_refcounts=on"]),
+    ("v2oldsnap.qcow2", ["-o", "compat=1.1"]),
+    ("v2oldsnap.qcow2", ["-p", "-o", "compat=1.1,lazy_refcounts=on"]),
+    ("snapzero.qcow2", ["-p", "-o", "compat=0.10"]),
     ("lazy.qcow2", ["-o", "compat=0.10"]),
     ("zstd.qcow2", ["-o", "compat=0.10"]),
     ("zeros.qcow2", ["-o", "compat=0.10"]),

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AmendError
-from . import ordering
+from . import ordering, snapshot
 from . import resize as resizing
 from .entries import (
     L1E_OFFSET_MASK,
@@ -57,6 +57,7 @@ from .format import (
     HEADER_V3_LENGTH,
     INCOMPAT_COMPRESSION,
     INCOMPAT_DIRTY,
+    Snapshot,
     feature_table_extension,
     serialize_header,
 )
@@ -174,30 +175,53 @@ def _l2_tables(s: Qcow2State) -> list[tuple[int, int]]:
     return out
 
 
-def _all_l2_tables(s: Qcow2State) -> list[int]:
-    """Offsets of the L2 tables of the active layer and of every snapshot, each once."""
-    seen = dict.fromkeys(off for _, off in _l2_tables(s))
-    for snap in s.snapshots:
-        raw = s.host.pread(snap.l1_size * 8, snap.l1_table_offset)
-        for e in decode_u64_table(raw[:len(raw) // 8 * 8]):
-            if e & L1E_OFFSET_MASK:
-                seen.setdefault(e & L1E_OFFSET_MASK)
-    return list(seen)
-
-
 def _has_compressed(s: Qcow2State) -> bool:
     return any(any(e & OFLAG_COMPRESSED for e in s.l2_cache.get(off).entries) for _, off in _l2_tables(s))
+
+
+class _AmendProgress:
+    """qcow2_amend_helper_cb: each operation's own progress, scaled to the whole amend with the
+    operations not yet started projected from those done."""
+
+    def __init__(self, progress: Progress | None, total_operations: int) -> None:
+        self.progress = progress
+        self.total = total_operations
+        self.current = self.last = ""
+        self.offset_completed = self.operations_completed = self.last_work_size = 0
+
+    def __call__(self, offset: int, work_size: int) -> None:
+        if self.progress is None or not self.total:
+            return
+        if self.current != self.last:
+            if self.last:
+                self.offset_completed += self.last_work_size
+                self.operations_completed += 1
+            self.last = self.current
+        self.last_work_size = work_size
+        current_work = self.offset_completed + work_size
+        projected = current_work * (self.total - self.operations_completed - 1) // (self.operations_completed + 1)
+        self.progress(self.offset_completed + offset, current_work + projected)
 
 
 def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress | None = None) -> None:
     """Apply checked options, in qcow2_amend_options' order."""
     h = s.header
+    refcount_change = o.refcount_bits is not None and o.refcount_bits != h.refcount_bits
+    status = _AmendProgress(progress, int(new_version != h.version) + int(refcount_change))
     if new_version > h.version:
+        status.current = "upgrade"
+        status(0, 2)
+        if any(len(_snapshot_extra(sn)) < 16 for sn in s.snapshots):
+            # v3 needs each snapshot's 64-bit VM state size and disk size (qcow2_upgrade)
+            snapshot.write_table(s, snapshot.rewritten_entries(s))
+            ordering.flush(s, final=True)
+        status(1, 2)
         header_length = HEADER_V3_LENGTH
         exts = [e for e in h.extensions if e.ext_type != EXT_FEATURE_TABLE] + [feature_table_extension()]
         _switch_version(s, version=3, header_length=header_length, refcount_order=4,
                         compression_type=COMPRESSION_ZLIB, extensions=exts)
         s.v2 = False
+        status(2, 2)
     if o.refcount_bits is not None and o.refcount_bits != s.header.refcount_bits:
         _change_refcount_width(s, o.refcount_bits)
     if o.lazy_refcounts is not None:
@@ -213,17 +237,33 @@ def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress |
         resizing.check(s, o.size, True)
         resizing.resize(s, o.size)
     if new_version < s.header.version:
-        _downgrade(s, progress)
+        status.current = "downgrade"
+        _downgrade(s, status)
 
 
-def _downgrade(s: Qcow2State, progress: Progress | None) -> None:
-    """qcow2_downgrade after its checks: clean, expand zero clusters, switch to version 2."""
+def _snapshot_extra(sn: Snapshot) -> bytes:
+    return sn.entry.extra if sn.entry is not None else bytes(24)
+
+
+def _downgrade(s: Qcow2State, status: Progress) -> None:
+    """qcow2_downgrade after its checks: clean, expand zero clusters, switch to version 2.
+    Progress is reported per L1 entry, the active table's and then each snapshot's."""
     ordering.flush(s, final=True)
-    tables = _all_l2_tables(s)
-    for n, off in enumerate(tables):
-        _expand_zero_clusters(s, off)
-        if progress is not None:
-            progress(n + 1, len(tables))
+    l1_tables = [list(s.l1.entries)]
+    for snap in s.snapshots:
+        raw = s.host.pread(snap.l1_size * 8, snap.l1_table_offset)
+        l1_tables.append(list(decode_u64_table(raw[:len(raw) // 8 * 8])))
+    total = sum(len(t) for t in l1_tables)
+    visited = 0
+    done: set[int] = set()
+    for l1 in l1_tables:
+        for e in l1:
+            off = e & L1E_OFFSET_MASK
+            if off and off not in done:
+                done.add(off)
+                _expand_zero_clusters(s, off)
+            visited += 1
+            status(visited, total)
     ordering.flush(s, final=True)
     h = s.header
     exts = [e for e in h.extensions if e.ext_type != EXT_FEATURE_TABLE]
