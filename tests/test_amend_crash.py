@@ -32,6 +32,7 @@ class Case:
     io: tuple[str, ...]          # qemu-io commands writing the input
     amend: dict[str, Any]        # QcowFile.amend keywords
     fields: tuple[str, ...]      # format-specific keys that must be old or new
+    after_snapshot: tuple[str, ...] = ()  # if any: a snapshot is taken, then these commands run
 
 
 CASES = [
@@ -45,12 +46,20 @@ CASES = [
     Case("lazy-off", "lazy_refcounts=on", ("write -P 1 0 64k",), {"lazy_refcounts": False}, ("lazy-refcounts",)),
     Case("refcount-1", "cluster_size=4096", ("write -P 1 0 300k", "write -P 2 2M 64k"), {"refcount_bits": 1},
          ("refcount-bits",)),
+    Case("downgrade-snapshot-zeros", None, ("write -P 1 0 128k", "write -P 2 1M 64k"), {"compat": "0.10"},
+         ("compat",), ("write -z 0 64k", "write -z 1M 64k", "write -P 3 64k 64k")),
     Case("refcount-64", "cluster_size=4096", ("write -P 1 0 300k",), {"refcount_bits": 64}, ("refcount-bits",)),
 ]
 
 
 def _view(path: str, out: str) -> bytes:
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, out], check=True, capture_output=True)
+    return Path(out).read_bytes()
+
+
+def _snapshot_view(path: str, out: str) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-l", "snapshot.name=s1", "-O", "raw", path, out],
+                   check=True, capture_output=True)
     return Path(out).read_bytes()
 
 
@@ -65,6 +74,10 @@ def test_power_cut_during_amend(tmp_path: Path, case: Case) -> None:
     image = str(tmp_path / "img.qcow2")
     create(image, "4M", options=case.options)
     qemu_io(image, *case.io)
+    if case.after_snapshot:
+        subprocess.run(["qemu-img", "snapshot", "-c", "s1", image], check=True)
+        qemu_io(image, *case.after_snapshot)
+    before_snapshot = _snapshot_view(image, str(tmp_path / "snap.raw")) if case.after_snapshot else None
     before_view = _view(image, str(tmp_path / "before.raw"))
     before = _specific(image)
     log = CrashLog()
@@ -93,6 +106,9 @@ def test_power_cut_during_amend(tmp_path: Path, case: Case) -> None:
                 else:
                     if _view(cut_image, str(tmp_path / "cut.raw")) != before_view:
                         problems.append("guest view changed")
+                    if before_snapshot is not None and \
+                            _snapshot_view(cut_image, str(tmp_path / "cut.raw")) != before_snapshot:
+                        problems.append("snapshot view changed")
                     spec = _specific(cut_image)
                     for k in case.fields:
                         if spec.get(k) not in (before.get(k), after.get(k)):
