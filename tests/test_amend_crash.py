@@ -33,6 +33,7 @@ class Case:
     amend: dict[str, Any]        # QcowFile.amend keywords
     fields: tuple[str, ...]      # format-specific keys that must be old or new
     after_snapshot: tuple[str, ...] = ()  # if any: a snapshot is taken, then these commands run
+    backing: bool = False        # an overlay over a raw backing file with a long name
 
 
 CASES = [
@@ -48,6 +49,11 @@ CASES = [
          ("refcount-bits",)),
     Case("downgrade-snapshot-zeros", None, ("write -P 1 0 128k", "write -P 2 1M 64k"), {"compat": "0.10"},
          ("compat",), ("write -z 0 64k", "write -z 1M 64k", "write -P 3 64k 64k")),
+    # a v3 header with this backing name spans two sectors: a torn header write must not lose it
+    Case("upgrade-overlay", "compat=0.10", ("write -P 1 0 64k", "write -z 1M 64k"), {"compat": "1.1"},
+         ("compat",), backing=True),
+    Case("downgrade-overlay", None, ("write -P 1 0 64k", "write -z 1M 64k"), {"compat": "0.10"},
+         ("compat",), backing=True),
     Case("refcount-64", "cluster_size=4096", ("write -P 1 0 300k",), {"refcount_bits": 64}, ("refcount-bits",)),
 ]
 
@@ -72,7 +78,12 @@ def _specific(path: str) -> dict[str, Any]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_power_cut_during_amend(tmp_path: Path, case: Case) -> None:
     image = str(tmp_path / "img.qcow2")
-    create(image, "4M", options=case.options)
+    if case.backing:
+        base = "b" * 200 + ".raw"
+        (tmp_path / base).write_bytes(bytes(range(256)) * (4 * 4096))
+        create(image, "4M", options=case.options, backing=base, backing_fmt="raw")
+    else:
+        create(image, "4M", options=case.options)
     qemu_io(image, *case.io)
     if case.after_snapshot:
         subprocess.run(["qemu-img", "snapshot", "-c", "s1", image], check=True)

@@ -66,6 +66,7 @@ from .refcount import Refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
 Progress = Callable[[int, int], None]
+SECTOR = 512  # the unit a header write may tear at
 
 
 @dataclass
@@ -338,8 +339,17 @@ def _runs(clusters: list[int]) -> list[tuple[int, int]]:
 
 def _switch_version(s: Qcow2State, **fields: Any) -> None:
     """Switch the header to another version, then zero what the old header left past the new one
-    (QEMU rewrites all of cluster 0): bytes past the end-of-extensions mark, read by nobody."""
+    (QEMU rewrites all of cluster 0): bytes past the end-of-extensions mark, read by nobody.
+
+    A v3 header with the feature table and a backing name may pass the first sector where the v2
+    one did not; its part past the sector is written before the switch (unused by the old
+    header), so a tear between the sectors cannot cut the backing name or the extensions."""
     old_length = len(serialize_header(dataclasses.replace(s.header, extensions=list(s.header.extensions))))
+    new_bytes = serialize_header(dataclasses.replace(s.header, **fields))
+    if old_length <= SECTOR < len(new_bytes):
+        # The new header spans sectors the old one does not use: write that part first (switch_header
+        # syncs it), so a header write torn at a sector leaves the old header or the whole new one.
+        s.host.pwrite(new_bytes[SECTOR:], SECTOR)
     ordering.switch_header(s, **fields)
     new_length = len(serialize_header(dataclasses.replace(s.header, extensions=list(s.header.extensions))))
     if old_length > new_length:
