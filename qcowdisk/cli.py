@@ -35,7 +35,7 @@ from typing import BinaryIO, NoReturn, Protocol, TextIO, TypedDict
 from . import formats
 from ._version import __version__
 from .blockstatus import qemu_length
-from .errors import AmendError, QcowError, SnapshotNotFoundError
+from .errors import AmendError, ImageLockedError, QcowError, SnapshotNotFoundError
 from .formats import OpenOptions, format_names, probe_format
 from .image import Extent, Image
 from .ops import CompareError, compare, measure, qemuopts
@@ -1541,6 +1541,9 @@ def cmd_amend(args: argparse.Namespace) -> int:
         disk = QcowFile.open(path, confine_to=confine_to)
     except OSError as e:
         return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+    except ImageLockedError:
+        return err(f"Could not open '{path}': Failed to get \"write\" lock",
+                   hint=f"Is another process using the image [{path}]?\n")
     except QcowError as e:
         return err(f"Could not open '{path}': {e}")
     progress = QemuProgress(sys.stdout, 1.0) if show_progress else None  # qemu-img amend: min_skip 1

@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,23 @@ def test_bad_bitmap_directory_refused(tmp_path: Path, where: str, value: int, fi
         _ = disk.bitmaps
     status, _, err = _info_cli([p], tmp_path)
     assert status == 1 and field in err
+
+
+def test_locked_image_refused_as_qemu_img(inputs: dict[str, str], tmp_path: Path) -> None:
+    shutil.copy(inputs["plain.qcow2"], tmp_path / "a.qcow2")
+    holder = subprocess.Popen(["qemu-io", "-c", "sleep 20000", "a.qcow2"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait until qemu-io holds its lock
+            q = subprocess.run(["qemu-img", "amend", "-o", "lazy_refcounts=on", "a.qcow2"], capture_output=True,
+                               cwd=tmp_path, check=False)
+            if q.returncode or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        status, out, err = run_cli(["-o", "lazy_refcounts=on", "a.qcow2"], tmp_path)
+        assert q.returncode == 1 and status == 1
+        assert err.replace("qcowdisk", "qemu-img") == q.stderr.decode()
+    finally:
+        holder.kill()
+        holder.wait()
