@@ -354,6 +354,7 @@ def test_locked_image_refused_as_qemu_img(inputs: dict[str, str], tmp_path: Path
             time.sleep(0.1)
         status, out, err = run_cli(["-o", "lazy_refcounts=on", "a.qcow2"], tmp_path)
         assert q.returncode == 1 and status == 1
+        assert out == q.stdout.decode() == ""
         assert err.replace("qcowdisk", "qemu-img") == q.stderr.decode()
     finally:
         holder.kill()
