@@ -1290,7 +1290,8 @@ class QemuProgress:
         current = _f32(self.current + _f32(_f32(delta / 100) * max_)) if max_ else delta
         current = min(current, 100.0)
         self.current = current
-        if current > _f32(self.last_print + self.min_skip) or current in (0.0, 100.0):
+        if current > _f32(self.last_print + self.min_skip) or current < _f32(self.last_print - self.min_skip) \
+                or current in (0.0, 100.0):
             self.last_print = current
             self.out.write("    (%3.2f/100%%)\r" % current)
             self.out.flush()

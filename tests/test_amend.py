@@ -145,6 +145,9 @@ CASES = [
     ("overlay.qcow2", ["-o", "refcount_bits=4"]),
     ("rc8.qcow2", ["-o", "compat=0.10,refcount_bits=16"]),
     ("v2.qcow2", ["-o", "compat=1.1,refcount_bits=4"]),
+    ("plain.qcow2", ["-p", "-o", "refcount_bits=8"]),
+    ("v2.qcow2", ["-p", "-o", "compat=1.1,refcount_bits=8"]),
+    ("rc8.qcow2", ["-p", "-o", "compat=0.10,refcount_bits=16"]),
     # refusals
     ("extl2.qcow2", ["-o", "compat=0.10"]),
     ("datafile.qcow2", ["-o", "compat=0.10"]),
@@ -164,6 +167,7 @@ CASES = [
     ("snap.qcow2", ["-o", "refcount_bits=1"]),
     ("v2.qcow2", ["-o", "refcount_bits=8"]),
     ("plain.qcow2", ["-o", "compat=0.10,refcount_bits=8"]),
+    ("snap.qcow2", ["-p", "-o", "refcount_bits=1"]),
     ("plain.qcow2", ["-o", "refcount_bits=abc"]),
     ("plain.qcow2", ["-o", "data_file=x"]),
     ("plain.qcow2", ["-o", "data_file_raw=on"]),

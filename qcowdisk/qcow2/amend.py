@@ -113,11 +113,10 @@ def check(s: Qcow2State, o: AmendOptions) -> int:
     if (o.backing_file is not None or o.backing_fmt is not None) and (
             o.backing_file != h.backing_file or o.backing_fmt != h.backing_format):
         raise AmendError("Cannot amend the backing file", "You can use 'qemu-img rebase' instead.\n")
-    if o.refcount_bits is not None and o.refcount_bits != h.refcount_bits:
-        if new_version < 3 and o.refcount_bits != 16:
-            raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "
+    if o.refcount_bits is not None and o.refcount_bits != h.refcount_bits and new_version < 3 and \
+            o.refcount_bits != 16:
+        raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "
                              "(use compat=1.1 or greater)")
-        _check_refcount_width(s, o.refcount_bits)
     if o.data_file is not None and o.data_file != h.data_file:
         raise AmendError("qcowdisk cannot change the external data file name")
     lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
@@ -133,19 +132,21 @@ def _host_clusters(s: Qcow2State) -> int:
     return -(-max(s.host.size(), s.alloc_limit) // s.cluster_size)
 
 
-def _check_refcount_width(s: Qcow2State, bits: int) -> None:
-    """qcow2_change_refcount_order's refusal: a refcount that does not fit the new width."""
+def _refcount_too_wide(s: Qcow2State, bits: int) -> tuple[int, str] | None:
+    """qcow2_change_refcount_order's refusal: the first cluster whose refcount does not fit the
+    new width, and QEMU's message for it (None: every count fits)."""
     rc = s.refcounts
     assert rc is not None
     if bits >= s.header.refcount_bits:
-        return
+        return None
     limit = (1 << bits) - 1
     for c in range(_host_clusters(s)):
         count = rc.get(c)
         if count > limit:
             where = f"{c << s.cluster_bits:#x}" if c else "0"
-            raise AmendError(f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset {where} "
-                             f"has a refcount of {count}")
+            return c, (f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset {where} "
+                       f"has a refcount of {count}")
+    return None
 
 
 def _check_downgrade(s: Qcow2State, o: AmendOptions) -> None:
@@ -224,7 +225,18 @@ def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress |
         s.v2 = False
         status(2, 2)
     if o.refcount_bits is not None and o.refcount_bits != s.header.refcount_bits:
+        status.current = "refcount order"
+        bad = _refcount_too_wide(s, o.refcount_bits)
+        if bad is not None:  # found by QEMU's first walk, at that refcount table index
+            rc = s.refcounts
+            assert rc is not None
+            size = rc.reftable_clusters * s.cluster_size // 8
+            for i in range(bad[0] // rc.block_entries + 1):
+                status(i, 3 * size)
+            raise AmendError(bad[1])
+        _refcount_walk_progress(s, status, 0, 2)
         _change_refcount_width(s, o.refcount_bits)
+        _refcount_walk_progress(s, status, 2, 3)
     if o.lazy_refcounts is not None:
         h = s.header
         lazy = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
@@ -272,6 +284,18 @@ def _downgrade(s: Qcow2State, status: Progress) -> None:
                     compatible_features=0, autoclear_features=0, compression_type=COMPRESSION_ZLIB,
                     extra_header=b"", extensions=exts)
     s.v2 = True
+
+
+def _refcount_walk_progress(s: Qcow2State, status: Progress, first: int, end: int) -> None:
+    """The progress qcow2_change_refcount_order reports: three walks over the old refcount table
+    (allocate, check the allocation, write), each at every table index and at its end."""
+    rc = s.refcounts
+    assert rc is not None
+    size = rc.reftable_clusters * s.cluster_size // 8
+    for walk in range(first, end):
+        for i in range(size):
+            status(walk * size + i, 3 * size)
+        status((walk + 1) * size, 3 * size)
 
 
 def _change_refcount_width(s: Qcow2State, bits: int) -> None:

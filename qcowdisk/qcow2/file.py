@@ -556,7 +556,8 @@ class QcowFile:
         Options not given (None) are left alone. `compat` is "0.10"/"v2" or "1.1"/"v3";
         `size` resizes to exactly that size (shrinking too); `encrypt` says some encrypt.*
         option was given. What qemu-img amend refuses raises `AmendError` with its message, and
-        nothing is written; so does what qcowdisk does not implement (amending LUKS options). See `qcowdisk.qcow2.amend`.
+        nothing is written (except, as QEMU, an upgrade that came before a refcount width that
+        does not fit); so does what qcowdisk does not implement (amending LUKS options). See `qcowdisk.qcow2.amend`.
         """
         s = self._state
         options = amending.AmendOptions(compat=compat, lazy_refcounts=lazy_refcounts, backing_file=backing_file,
