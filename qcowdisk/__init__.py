@@ -16,6 +16,7 @@ Layout (each layer imports only from the ones before it):
 from . import qcow1, raw  # noqa: F401  (importing a format registers it)
 from ._version import __version__ as __version__  # the installed version, "0+unknown" in a bare tree
 from .errors import (
+    AmendError,
     BackingChainError,
     CorruptImageError,
     ImageFailedError,
@@ -38,6 +39,6 @@ from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
-           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError",
+           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError",
            "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
            "commit", "rebase"]

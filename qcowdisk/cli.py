@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,14 +35,24 @@ from typing import BinaryIO, NoReturn, Protocol, TextIO, TypedDict
 from . import formats
 from ._version import __version__
 from .blockstatus import qemu_length
-from .errors import QcowError, SnapshotNotFoundError
+from .errors import AmendError, ImageLockedError, QcowError, SnapshotNotFoundError
 from .formats import OpenOptions, format_names, probe_format
 from .image import Extent, Image
 from .ops import CommitError, CompareError, RebaseError, commit, compare, measure, qemuopts, rebase
 from .qcow1 import Qcow1File
 from .qcow2.check import CheckFailedError
 from .qcow2.file import QcowFile
-from .qcow2.format import COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Header, Snapshot
+from .qcow2.format import (
+    BME_FLAG_AUTO,
+    BME_FLAG_IN_USE,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    Bitmap,
+    Header,
+    Snapshot,
+)
 
 PROG = "qcowdisk"
 INT64_MAX = (1 << 63) - 1
@@ -142,8 +153,12 @@ class CreateOptions(CreateKeywords, total=False):
 SnapshotInfo = TypedDict("SnapshotInfo", {
     "icount": int, "vm-clock-nsec": int, "name": str, "date-sec": int, "date-nsec": int,
     "vm-clock-sec": int, "id": str, "vm-state-size": int}, total=False)
+class BitmapInfo(TypedDict):
+    flags: list[str]
+    name: str
+    granularity: int
 Qcow2SpecificInfo = TypedDict("Qcow2SpecificInfo", {
-    "compat": str, "compression-type": str, "lazy-refcounts": bool, "refcount-bits": int,
+    "compat": str, "compression-type": str, "lazy-refcounts": bool, "bitmaps": list[BitmapInfo], "refcount-bits": int,
     "data-file": str, "data-file-raw": bool, "corrupt": bool, "extended-l2": bool}, total=False)
 
 
@@ -330,7 +345,13 @@ def _snapshot_info(s: Snapshot) -> SnapshotInfo:
     return d
 
 
-def _qcow2_specific(header: Header) -> Qcow2SpecificInfo:
+def _bitmap_info(b: Bitmap) -> BitmapInfo:
+    """One bitmap as qemu-img's JSON has it (QEMU's key order; flags in-use, auto)."""
+    flags = [name for bit, name in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto")) if b.flags & bit]
+    return {"flags": flags, "name": b.name, "granularity": b.granularity}
+
+
+def _qcow2_specific(header: Header, bitmaps: Sequence[Bitmap] = ()) -> Qcow2SpecificInfo:
     """format-specific.data for a qcow2 image, with QEMU 7.2's presence rules and key order."""
     data: Qcow2SpecificInfo = {}
     if header.version == 2:
@@ -341,6 +362,8 @@ def _qcow2_specific(header: Header) -> Qcow2SpecificInfo:
     data["compat"] = "1.1"
     data["compression-type"] = COMPRESSION_NAMES.get(header.compression_type, "zlib")
     data["lazy-refcounts"] = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+    if bitmaps:
+        data["bitmaps"] = [_bitmap_info(b) for b in bitmaps]
     data["refcount-bits"] = header.refcount_bits
     if header.data_file is not None:
         data["data-file"] = header.data_file
@@ -378,7 +401,8 @@ def image_info(img: AnyImage, filename: str) -> ImageInfo:
     if actual is not None:
         info["actual-size"] = actual
     if header is not None:
-        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(header)}
+        assert isinstance(img, QcowFile)
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(header, img.bitmaps)}
     if backing_name:
         info["full-backing-filename"] = combine_path(filename, backing_name)
         info["backing-filename"] = backing_name
@@ -437,9 +461,61 @@ def format_human(info: ImageInfo) -> str:
     if "format-specific" in info:
         lines.append("Format specific information:")
         for key, value in info["format-specific"]["data"].items():
-            shown = ("true" if value else "false") if isinstance(value, bool) else value
-            lines.append(f"    {key.replace('-', ' ')}: {shown}")
+            _dump_value(lines, 1, key.replace("-", " "), value)
     return "\n".join(lines) + "\n"
+
+
+def _dump_value(lines: list[str], level: int, label: str, value: object) -> None:
+    """QEMU's dump_qobject: scalars on the label's line, lists as [i] and dicts as keys below it."""
+    pad = "    " * level
+    if isinstance(value, list):
+        lines.append(f"{pad}{label}:")
+        for i, item in enumerate(value):
+            _dump_value(lines, level + 1, f"[{i}]", item)
+    elif isinstance(value, dict):
+        lines.append(f"{pad}{label}:")
+        for key, item in value.items():
+            _dump_value(lines, level + 1, str(key).replace("-", " "), item)
+    else:
+        shown = ("true" if value else "false") if isinstance(value, bool) else value
+        lines.append(f"{pad}{label}: {shown}")
+
+
+def qemu_json(value: object, level: int = 0) -> str:
+    """QEMU's pretty JSON (qobject_to_json_pretty): json.dumps(indent=4), except that an empty
+    list or dict still opens and closes on lines of its own."""
+    pad = "    " * level
+    if isinstance(value, dict):
+        items = [f"{pad}    {_qemu_json_string(str(k))}: {qemu_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + ("\n" if items else "") + pad + "}"
+    if isinstance(value, list):
+        items = [f"{pad}    {qemu_json(v, level + 1)}" for v in value]
+        return "[\n" + ",\n".join(items) + ("\n" if items else "") + pad + "]"
+    if isinstance(value, str):
+        return _qemu_json_string(value)
+    return json.dumps(value)
+
+
+_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _qemu_json_string(text: str) -> str:
+    """A JSON string as QEMU's to_json writes it: control characters, DEL and everything past
+    ASCII as \\uXXXX (upper-case hex, surrogate pairs past the BMP)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in _JSON_ESCAPES:
+            out.append(_JSON_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append("\\u%04X\\u%04X" % (0xD800 | code >> 10, 0xDC00 | code & 0x3FF))
+        else:
+            out.append("\\u%04X" % code)
+    out.append('"')
+    return "".join(out)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -451,7 +527,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         img.close()
     if args.output == "json":
         payload: list[ImageInfo] | ImageInfo = infos if args.backing_chain else infos[0]
-        sys.stdout.write(json.dumps(payload, indent=4) + "\n")
+        sys.stdout.write(qemu_json(payload) + "\n")
     else:
         sys.stdout.write("\n".join(format_human(i) for i in infos))
     return 0
@@ -1148,8 +1224,9 @@ class QemuProgress:
     printed at 0, at 100 and whenever the percentage grew by more than 2 since the last line;
     a newline at the end."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, min_skip: float = 2.0) -> None:
         self.out = out
+        self.min_skip = min_skip
         self.current = self.last_print = 0.0
         self.done = 0
 
@@ -1158,7 +1235,8 @@ class QemuProgress:
         current = _f32(self.current + _f32(_f32(delta / 100) * max_)) if max_ else delta
         current = min(current, 100.0)
         self.current = current
-        if current > _f32(self.last_print + 2.0) or current in (0.0, 100.0):
+        if current > _f32(self.last_print + self.min_skip) or current < _f32(self.last_print - self.min_skip) \
+                or current in (0.0, 100.0):
             self.last_print = current
             self.out.write("    (%3.2f/100%%)\r" % current)
             self.out.flush()
@@ -1391,6 +1469,172 @@ def cmd_rebase(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# amend (QcowFile.amend; qemu-img amend's parsing, output and messages)
+# --------------------------------------------------------------------------------------------
+
+AMEND_HELP = """usage: qcowdisk amend [-p] [-q] [-f FMT] [--force] [--confine-to DIR] -o OPTIONS IMAGE
+
+Change qcow2 image options in place (like qemu-img amend). -o help lists the options.
+"""
+AMEND_OPTIONS_HELP = """Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+"""
+_O = qemuopts.OptType
+AMEND_TABLE = {"backing_file": _O.STRING, "backing_fmt": _O.STRING, "compat": _O.STRING, "data_file": _O.STRING,
+               "data_file_raw": _O.BOOL, "encrypt.iter-time": _O.NUMBER, "encrypt.keyslot": _O.NUMBER,
+               "encrypt.new-secret": _O.STRING, "encrypt.old-secret": _O.STRING, "encrypt.state": _O.STRING,
+               "lazy_refcounts": _O.BOOL, "refcount_bits": _O.NUMBER, "size": _O.SIZE}
+# qcow2's creation-only options: named in qemu-img's hint when amend refuses them
+_CREATE_ONLY_TABLE = {"cluster_size": _O.SIZE, "compression_type": _O.STRING, "encrypt.cipher-alg": _O.STRING,
+                      "encrypt.cipher-mode": _O.STRING, "encrypt.format": _O.STRING, "encrypt.hash-alg": _O.STRING,
+                      "encrypt.ivgen-alg": _O.STRING, "encrypt.ivgen-hash-alg": _O.STRING,
+                      "encrypt.key-secret": _O.STRING, "encryption": _O.BOOL, "extended_l2": _O.BOOL,
+                      "preallocation": _O.STRING}
+_AMEND_SHORT = {"f": True, "h": False, "o": True, "p": False, "q": False, "t": True}
+_AMEND_LONG = {"help": False, "force": False, "confine-to": True}
+
+
+def _amend_status(progress: QemuProgress, offset: int, total: int) -> None:
+    """img_amend's amend_status_cb: qemu_progress_print(100.f * offset / total_work_size, 0)."""
+    progress.print_delta(_f32(_f32(100.0 * offset) / total) if total else 0.0, 0)
+
+
+def cmd_amend(args: argparse.Namespace) -> int:
+    """`qcowdisk amend`: `qemu-img amend` (7.2) for qcow2 images: its syntax, messages, progress
+    output and exit status (1 on every failure)."""
+    def err(*lines: str, hint: str = "") -> int:
+        sys.stdout.flush()
+        for line in lines:
+            print(f"{PROG}: {line}", file=sys.stderr)
+        sys.stderr.write(hint)
+        return 1
+
+    usage_hint = f"Try '{PROG} --help' for more information\n"
+    try:
+        opts, operands = _getopt_long(list(args.argv), _AMEND_SHORT, _AMEND_LONG)
+    except _GetoptError as e:
+        return err(str(e), hint=usage_hint)
+    fmt: str | None = None
+    options: str | None = None
+    quiet = show_progress = False
+    confine_to: str | None = None
+    for name, value in opts:
+        if name in ("-h", "--help"):
+            sys.stdout.write(AMEND_HELP)
+            return 0
+        if name == "-o":
+            if not qemuopts.valid_option_list(value):
+                return err(f"Invalid option list: {value}")
+            options = value if options is None else f"{options},{value}"
+        elif name == "-f":
+            fmt = value
+        elif name == "-q":
+            quiet = True
+        elif name == "-p":
+            show_progress = True
+        elif name == "--confine-to":
+            confine_to = value
+    if options is None:
+        return err("Must specify options (-o)", hint=usage_hint)
+    if quiet:
+        show_progress = False
+    pairs = qemuopts.split_option_list(options)
+    wants_help = any(n in ("help", "?") for n, _ in pairs)
+    if fmt == "qcow2" and wants_help:
+        sys.stdout.write(AMEND_OPTIONS_HELP)
+        return 0
+    if len(operands) != 1:
+        return err("Expecting one image file name")
+    path = operands[0]
+    if fmt is not None and fmt not in format_names():
+        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+    try:
+        probed = fmt or probe_format(path)
+    except OSError as e:
+        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+    except QcowError as e:
+        return err(f"Could not open '{path}': {e}")
+    if probed != "qcow2":
+        return err(f"Format driver '{probed}' does not support option amendment")
+    try:
+        disk = QcowFile.open(path, confine_to=confine_to)
+    except OSError as e:
+        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+    except ImageLockedError:
+        return err(f"Could not open '{path}': Failed to get \"write\" lock",
+                   hint=f"Is another process using the image [{path}]?\n")
+    except QcowError as e:
+        return err(f"Could not open '{path}': {e}")
+    progress = QemuProgress(sys.stdout, 1.0) if show_progress else None  # qemu-img amend: min_skip 1
+    status = 0
+    try:
+        if wants_help:
+            sys.stdout.write(AMEND_OPTIONS_HELP)
+            return 0
+        parsed = qemuopts.QemuOpts(AMEND_TABLE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", qemuopts.SizeSuffixWarning)
+            try:
+                parsed.parse(pairs)
+            except qemuopts.OptionError as e:
+                hint = e.hint
+                try:
+                    qemuopts.QemuOpts({**AMEND_TABLE, **_CREATE_ONLY_TABLE}).parse(pairs)
+                    hint += "This option is only supported for image creation\n"
+                except qemuopts.OptionError:
+                    pass
+                _print_warnings(caught)
+                return err(str(e), hint=hint)
+        _print_warnings(caught)
+        if progress is not None:
+            progress.print_delta(0.0, 100)
+        try:
+            disk.amend(compat=parsed.string("compat") if parsed.given("compat") else None,
+                       lazy_refcounts=parsed.boolean("lazy_refcounts", False) if parsed.given("lazy_refcounts") else None,
+                       backing_file=parsed.string("backing_file"), backing_fmt=parsed.string("backing_fmt"),
+                       refcount_bits=parsed.number("refcount_bits", 0) if parsed.given("refcount_bits") else None,
+                       size=parsed.number("size", 0) or None,
+                       data_file=parsed.string("data_file"),
+                       data_file_raw=parsed.boolean("data_file_raw", False) if parsed.given("data_file_raw") else None,
+                       encrypt=any(n.startswith("encrypt.") for n in AMEND_TABLE if parsed.given(n)),
+                       progress=None if progress is None else functools.partial(_amend_status, progress))
+        finally:
+            if progress is not None:
+                progress.print_delta(100.0, 0)
+        if progress is not None:
+            progress.end()
+            progress = None
+    except AmendError as e:
+        status = err(str(e), hint=e.hint)
+    except OSError as e:
+        status = err(e.strerror or str(e))
+    except QcowError as e:
+        status = err(str(e))
+    finally:
+        if progress is not None:
+            progress.end()
+        try:
+            disk.close()
+        except (QcowError, OSError) as e:
+            if not status:
+                status = err(str(e))
+    return status
+
+
+
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         if issubclass(w.category, qemuopts.SizeSuffixWarning):
@@ -1525,6 +1769,12 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
     prb.add_argument("image", metavar="IMAGE")
     prb.set_defaults(func=cmd_rebase)
+
+    # qemu-img's own parsing (cmd_amend), as for resize below
+    pa = sub.add_parser("amend", help="change image options in place (like qemu-img amend)", add_help=False,
+                        prefix_chars="\0", usage=AMEND_HELP.splitlines()[0][len("usage: "):])
+    pa.add_argument("argv", nargs=argparse.REMAINDER, metavar="[-p] [-q] [-f FMT] [--force] -o OPTIONS IMAGE")
+    pa.set_defaults(func=cmd_amend)
 
     # qemu-img's own parsing (cmd_resize): the words after "resize" arrive untouched, so that a
     # size such as -1G is never taken for an option. No word is an option here ("\0" prefix).

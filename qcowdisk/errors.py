@@ -66,3 +66,12 @@ class SnapshotExistsError(QcowError):
 class ResizeError(QcowError):
     """A resize refused before anything was written, for a reason `qemu-img resize` refuses it
     too; the message is qemu-img's ("Use the --shrink option to perform a shrink operation.")."""
+
+
+class AmendError(QcowError):
+    """An amendment refused before anything was written, for a reason `qemu-img amend` refuses it
+    too; the message is qemu-img's and `hint` its follow-up text (or "")."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint

@@ -48,6 +48,7 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
+from . import amend as amending
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
 from .cache import CachedTable
@@ -64,10 +65,14 @@ from .entries import (
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
+    Bitmap,
     Header,
     Snapshot,
+    parse_bitmap_directory,
+    parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
 )
@@ -362,6 +367,25 @@ class QcowFile:
         return list(self._state.snapshots)
 
     @property
+    def bitmaps(self) -> list[Bitmap]:
+        """The persistent dirty bitmaps, in directory order ([] without the bitmaps extension, or
+        when its autoclear bit is clear: QEMU then considers them stale and ignores them).
+
+        Raises InvalidImageError naming the field and value of a broken extension or directory.
+        """
+        s = self._state
+        with s.lock:
+            self._check_open()
+            h = s.header
+            ext = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
+            if ext is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
+                return []
+            file_length = s.host.size()
+            fields = parse_bitmaps_extension(ext.data, s.cluster_size, file_length)
+            raw = s.host.pread(fields.directory_size, fields.directory_offset)
+            return parse_bitmap_directory(raw, fields, s.cluster_size, file_length)
+
+    @property
     def backing(self) -> Image | None:
         """The opened backing image, or None."""
         return self._state.backing
@@ -522,6 +546,30 @@ class QcowFile:
             self._check_writable()
             resizing.check(s, new_size, shrink)
             self._guarded(lambda: resizing.resize(s, new_size))
+
+    # ------------------------------------------------------------------ amend (amend.py)
+    def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,
+              backing_file: str | None = None, backing_fmt: str | None = None, refcount_bits: int | None = None,
+              size: int | None = None, data_file: str | None = None, data_file_raw: bool | None = None,
+              encrypt: bool = False, progress: Callable[[int, int], None] | None = None) -> None:
+        """Change image options in place as `qemu-img amend -o ...` does; durable on return.
+
+        Options not given (None) are left alone. `compat` is "0.10"/"v2" or "1.1"/"v3";
+        `size` resizes to exactly that size (shrinking too); `encrypt` says some encrypt.*
+        option was given. What qemu-img amend refuses raises `AmendError` with its message, and
+        nothing is written (except, as QEMU, an upgrade that came before a refcount width that
+        does not fit); so does what qcowdisk does not implement (amending LUKS options). See `qcowdisk.qcow2.amend`.
+        """
+        s = self._state
+        options = amending.AmendOptions(compat=compat, lazy_refcounts=lazy_refcounts, backing_file=backing_file,
+                                        backing_fmt=backing_fmt, refcount_bits=refcount_bits, size=size,
+                                        data_file=data_file, data_file_raw=data_file_raw, encrypt=encrypt)
+        with s.lock:
+            self._check_writable()
+            new_version = amending.check(s, options)
+            if size:
+                resizing.check(s, size, True)
+            self._guarded(lambda: amending.amend(s, options, new_version, progress))
 
     # ------------------------------------------------------------------ writing
     def write_at(self, offset: int, data: Buffer) -> int:

@@ -588,3 +588,122 @@ def serialize_snapshot(s: Snapshot, extra_size: int = 24) -> bytes:
                                        s.icount if s.icount is not None else 0xFFFFFFFFFFFFFFFF)[:extra_size]
     out = head + extra + sid + name
     return out + bytes(_pad8(len(out)) - len(out))
+
+
+# --- persistent dirty bitmaps (docs/interop/qcow2.txt, "Bitmaps extension") ----------------------
+BITMAP_DIR_ENTRY_STRUCT = struct.Struct(">QIIBBHI")  # table offset/size, flags, type, granularity, name, extra
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
+BME_RESERVED_FLAGS = ~(BME_FLAG_IN_USE | BME_FLAG_AUTO | BME_FLAG_EXTRA_DATA_COMPATIBLE) & 0xFFFFFFFF
+BT_DIRTY_TRACKING_BITMAP = 1
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_GRANULARITY_BITS = 31
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_NAME_SIZE = 1023
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    """The bitmaps header extension: how many bitmaps, where the directory is."""
+
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """One entry of the bitmap directory."""
+
+    name: str
+    flags: int
+    granularity_bits: int
+    table_offset: int
+    table_size: int
+
+    @property
+    def granularity(self) -> int:
+        """Bytes of guest disk one bit covers."""
+        return 1 << self.granularity_bits
+
+
+def parse_bitmaps_extension(data: bytes, cluster_size: int, file_length: int) -> BitmapsExtension:
+    """The bitmaps extension's fields, checked as QEMU checks them (qcow2_read_extensions)."""
+    if len(data) != BITMAPS_EXT_STRUCT.size:
+        raise InvalidImageError(
+            f"bitmaps_ext: Invalid extension length: {len(data)} bytes (expected {BITMAPS_EXT_STRUCT.size})")
+    nb, reserved, size, offset = BITMAPS_EXT_STRUCT.unpack(data)
+    if reserved:
+        raise InvalidImageError(f"bitmaps_ext: Reserved field is not zero: reserved32 0x{reserved:x}")
+    if nb > MAX_BITMAPS:
+        raise InvalidImageError(
+            f"bitmaps_ext: nb_bitmaps {nb} exceeds the supported maximum of {MAX_BITMAPS}")
+    if nb == 0:
+        raise InvalidImageError("bitmaps_ext: found bitmaps extension with zero bitmaps (nb_bitmaps 0)")
+    if offset % cluster_size:
+        raise InvalidImageError(f"bitmaps_ext: invalid bitmap directory offset: bitmap_directory_offset 0x{offset:x}")
+    if size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise InvalidImageError(
+            f"bitmaps_ext: bitmap_directory_size {size} exceeds the maximum supported size "
+            f"({MAX_BITMAP_DIRECTORY_SIZE})")
+    if offset + size > file_length:
+        raise InvalidImageError(
+            f"bitmaps_ext: bitmap directory at 0x{offset:x} ({size} bytes) runs past end of file ({file_length})")
+    return BitmapsExtension(nb, size, offset)
+
+
+def parse_bitmap_directory(buf: bytes, ext: BitmapsExtension, cluster_size: int, file_length: int) -> list[Bitmap]:
+    """The directory's entries, each checked (QEMU's bitmap_list_load and check_dir_entry)."""
+    bitmaps: list[Bitmap] = []
+    names: set[str] = set()
+    pos = 0
+    for i in range(ext.nb_bitmaps):
+        if pos + BITMAP_DIR_ENTRY_STRUCT.size > len(buf):
+            raise InvalidImageError(
+                f"Broken bitmap directory: entry {i} at offset {pos} runs past bitmap_directory_size {len(buf)}")
+        table_offset, table_size, flags, btype, gbits, name_size, extra = BITMAP_DIR_ENTRY_STRUCT.unpack_from(buf, pos)
+        entry_size = _pad8(BITMAP_DIR_ENTRY_STRUCT.size + extra + name_size)
+        if pos + entry_size > len(buf):
+            raise InvalidImageError(
+                f"Broken bitmap directory: entry {i} ({entry_size} bytes at offset {pos}) runs past "
+                f"bitmap_directory_size {len(buf)}")
+        where = f"bitmap directory entry {i}"
+        if table_size > BME_MAX_TABLE_SIZE:
+            raise InvalidImageError(f"{where}: bitmap_table_size {table_size} exceeds {BME_MAX_TABLE_SIZE}")
+        if table_offset % cluster_size or (table_size and table_offset == 0):
+            raise InvalidImageError(f"{where}: bitmap_table_offset 0x{table_offset:x} invalid")
+        if table_offset + table_size * 8 > file_length:
+            raise InvalidImageError(
+                f"{where}: bitmap table at 0x{table_offset:x} ({table_size} entries) runs past end of file")
+        if flags & BME_RESERVED_FLAGS:
+            raise InvalidImageError(f"{where}: reserved flags set: flags 0x{flags:x}")
+        if btype != BT_DIRTY_TRACKING_BITMAP:
+            raise InvalidImageError(f"{where}: unknown bitmap type {btype}")
+        if not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS:
+            raise InvalidImageError(
+                f"{where}: granularity_bits {gbits} out of range {BME_MIN_GRANULARITY_BITS}.."
+                f"{BME_MAX_GRANULARITY_BITS}")
+        if extra and not flags & BME_FLAG_EXTRA_DATA_COMPATIBLE:
+            raise InvalidImageError(f"{where}: extra_data_size {extra} with unknown extra data")
+        if name_size == 0 or name_size > BME_MAX_NAME_SIZE:
+            raise InvalidImageError(f"{where}: name_size {name_size} out of range 1..{BME_MAX_NAME_SIZE}")
+        start = pos + BITMAP_DIR_ENTRY_STRUCT.size + extra
+        raw_name = buf[start:start + name_size]
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidImageError(f"{where}: name {raw_name!r} is not valid UTF-8") from None
+        if "\0" in name:
+            raise InvalidImageError(f"{where}: name {raw_name!r} contains a NUL byte")
+        if name in names:
+            raise InvalidImageError(f"{where}: duplicate bitmap name {name!r}")
+        names.add(name)
+        bitmaps.append(Bitmap(name, flags, gbits, table_offset, table_size))
+        pos += entry_size
+    if pos != len(buf):
+        raise InvalidImageError(
+            f"Broken bitmap directory: bitmap_directory_size {len(buf)} but the {ext.nb_bitmaps} entries take {pos}")
+    return bitmaps

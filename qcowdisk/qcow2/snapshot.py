@@ -295,7 +295,7 @@ def _as_rewritten(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
                          e.vm_clock_ns, vm_state if vm_state <= 0xFFFFFFFF else 0, extra)
 
 
-def _write_table(s: Qcow2State, entries: list[SnapshotEntry]) -> None:
+def write_table(s: Qcow2State, entries: list[SnapshotEntry]) -> None:
     """Write a new snapshot table to new clusters and switch the header to it (one write of
     nb_snapshots + snapshots_offset); the old table becomes a deferred free."""
     rc = _refcounts(s)
@@ -326,7 +326,8 @@ def _write_table(s: Qcow2State, entries: list[SnapshotEntry]) -> None:
         rc.defer_free(old_offset >> cbits, max(1, -(-old_length // cs)))
 
 
-def _rewritten_entries(s: Qcow2State) -> list[SnapshotEntry]:
+def rewritten_entries(s: Qcow2State) -> list[SnapshotEntry]:
+    """Every snapshot's entry as QEMU's qcow2_write_snapshots rewrites it (see `_as_rewritten`)."""
     return [_as_rewritten(_entry(sn), s.virtual_size) for sn in s.snapshots]
 
 
@@ -379,7 +380,7 @@ def create(s: Qcow2State, name: str) -> Snapshot:
     us = time.time_ns() // 1000  # g_get_real_time(): microseconds
     entry = SnapshotEntry(l1_offset, len(l1), _new_id(s), name_raw, (us // 1_000_000) & 0xFFFFFFFF,
                           us % 1_000_000 * 1000, 0, 0, SNAPSHOT_EXTRA_STRUCT.pack(0, s.virtual_size, 0))
-    _write_table(s, [*_rewritten_entries(s), entry])
+    write_table(s, [*rewritten_entries(s), entry])
     ordering.flush(s)  # frees the old table
     return s.snapshots[-1]
 
@@ -399,9 +400,9 @@ def delete(s: Qcow2State, ref: str | Snapshot) -> Snapshot:
         refs[c] += 1
     _check_decrements(rc, refs, _describe(sn))
     ordering.mark_dirty_before_lazy_update(s)
-    entries = _rewritten_entries(s)
+    entries = rewritten_entries(s)
     del entries[index]
-    _write_table(s, entries)
+    write_table(s, entries)
     _defer_frees(rc, refs)
     set_copied_flags(s, rc, Counter(rc.deferred_frees))
     ordering.flush(s)  # the flags reach the disk first, then the refcounts drop
