@@ -31,7 +31,11 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .image import Extent, Image
-from .ops import compare, measure  # qemu-img compare and measure over any image
+from .ops import (  # qemu-img compare and measure over any image
+    compare,
+    convert,  # qemu-img convert: a guest disk into a new qcow2 or raw image
+    measure,
+)
 from .qcow2.file import QcowFile
 from .qcow2.format import Snapshot
 from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
@@ -39,4 +43,5 @@ from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
            "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError",
-           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure"]
+           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
+           "convert"]
