@@ -35,6 +35,7 @@ from .qemuopts import QemuOpts
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most read and written in one step
 SECTOR = 512
 MAX_BUF_SECTORS = 32768  # the largest -S qemu-img takes, in sectors
+FIRST_BLOCK = 4096  # what file-posix writes at the start of a file it creates
 COMPRESS_BATCH = 1 << 20  # bytes of clusters handed to one compression worker at a time
 
 Progress = Callable[[int, int], object]
@@ -158,6 +159,8 @@ class _RawTarget:
         try:
             if new:
                 os.ftruncate(self.fd, size)
+                if size:  # file-posix's allocate_first_block: QEMU's new files start with a block of zeros
+                    os.pwrite(self.fd, zero_block(min(size, FIRST_BLOCK)), 0)
                 if preallocation in ("falloc", "full") and size:
                     os.posix_fallocate(self.fd, 0, size)
         except BaseException:
