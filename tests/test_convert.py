@@ -191,6 +191,19 @@ def test_snapshot(tmp_path: Path, sources: dict[str, tuple[Path, str]], ref: str
     assert_clean(str(ours))
 
 
+def test_snapshot_of_a_smaller_disk(tmp_path: Path) -> None:
+    """qemu-img exports a snapshot at the active disk's size, zeros past the snapshot's end."""
+    src = tmp_path / "grown.qcow2"
+    create(str(src), "2M")
+    qemu_io(str(src), "write -P 1 0 1M")
+    qemu_img("snapshot", "-c", "s1", str(src))
+    qemu_img("resize", "-q", str(src), "6M")
+    qemu_io(str(src), "write -P 2 3M 1M")
+    ours, theirs = both(tmp_path, src, "qcow2", "-l", "snapshot.name=s1")
+    compare(str(theirs), str(ours), strict=True)
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+
+
 def test_cli_errors(tmp_path: Path, sources: dict[str, tuple[Path, str]], capsys: pytest.CaptureFixture[str]) -> None:
     src = str(sources["top"][0])
     out = str(tmp_path / "x.qcow2")

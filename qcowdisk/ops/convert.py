@@ -100,6 +100,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         source = _open_source(os.fspath(src), src_format, snapshot)
         stack.callback(source.close)
         size = qemu_length(source)
+        if snapshot is not None and isinstance(source, QcowFile):
+            size = max(size, source.header.size)  # qemu-img exports a snapshot at the active disk's size
         if target_exists:
             target = _open_target(dst_path, out_format, size)
         else:
@@ -399,6 +401,10 @@ class _Copy:
                 self._data(e.start, end, e.zero)
             pos = end
             self._report(pos)
+        if pos < self.size:  # a snapshot shorter than the active disk: zeros up to its size
+            if not self.zero_init:
+                self.target.write_zeroes(pos, self.size - pos)
+            self._report(self.size)
 
     def _read(self, buf: bytearray, offset: int, n: int) -> memoryview:
         mv = memoryview(buf)[:n]
