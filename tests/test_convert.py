@@ -152,6 +152,25 @@ def test_backing_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) 
     assert json.loads(qemu_img("info", "--output=json", str(ours)).stdout)["backing-filename"] == base
 
 
+def test_backing_deeper_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """-B naming the bottom of a three-image chain: both layers above it are copied (and only they)."""
+    base = str(sources["base"][0])
+    mid, top = tmp_path / "mid.qcow2", tmp_path / "top3.qcow2"
+    create(str(mid), "12M", backing=base, backing_fmt="qcow2")
+    qemu_io(str(mid), "write -P 0x21 2M 256k", "write -z 0 64k")
+    create(str(top), "12M", backing=str(mid), backing_fmt="qcow2")
+    qemu_io(str(top), "write -P 0x31 2M 64k", "write -P 0x32 8M 64k")
+    for extra in ([], ["-c"]):
+        out = tmp_path / "out.qcow2"
+        out.unlink(missing_ok=True)
+        assert cli.main(["convert", "-O", "qcow2", *extra, "-B", base, "-F", "qcow2", str(top), str(out)]) == 0
+        compare(str(top), str(out))
+        assert_clean(str(out))
+        with QcowFile.open(out, readonly=True) as disk:
+            own = sum(e.length for e in disk.block_status() if e.depth == 0 and e.present)
+        assert own == 64 * KiB + 256 * KiB + 64 * KiB  # mid's two writes, top's write outside them
+
+
 def test_backing_not_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
     """A source that is not an overlay of BACKING: only the clusters that differ are written."""
     flat = tmp_path / "flat.qcow2"
