@@ -234,14 +234,18 @@ def test_cli_errors(tmp_path: Path, sources: dict[str, tuple[Path, str]], capsys
         (["convert", "-O", "qcow2", "-l", "snapshot.name=nope", str(sources["snap"][0]), out], "nope"),
         (["convert", "-O", "vmdk", src, out], "vmdk"),
         (["convert", "-O", "qcow2", src], "DST"),
+        (["convert", "-O", "qcow2", src, src], "lock"),
+        (["convert", "-O", "raw", src, str(sources["base"][0])], "lock"),
         (["convert", "-O", "qcow2", "-m", "0", "-c", src, out], "Invalid number of coroutines"),
     ]
+    before = (Path(src).read_bytes(), sources["base"][0].read_bytes())
     for argv, text in cases:
         capsys.readouterr()
         assert cli.main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("qcowdisk: ") and text in err, (argv, err)
         assert "Traceback" not in err
+    assert (Path(src).read_bytes(), sources["base"][0].read_bytes()) == before
 
 
 def test_progress_and_failing_callback(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:

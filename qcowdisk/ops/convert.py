@@ -102,6 +102,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         size = qemu_length(source)
         if snapshot is not None and isinstance(source, QcowFile):
             size = max(size, source.header.size)  # qemu-img exports a snapshot at the active disk's size
+        _refuse_source_as_target(source, dst_path)
         if target_exists:
             target = _open_target(dst_path, out_format, size)
         else:
@@ -208,6 +209,19 @@ class _QcowTarget:
 
 
 _Target = _RawTarget | _QcowTarget
+
+
+def _refuse_source_as_target(source: Image, dst: str) -> None:
+    """The target may not be the source or a file of its chain (qemu-img fails on the image lock)."""
+    if not os.path.exists(dst):
+        return
+    layer: Image | None = source
+    while layer is not None:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(layer.filename, dst):
+                raise ConvertError(f"Could not create '{dst}': Failed to get \"write\" lock: "
+                                   f"it is the source image or in its backing chain")
+        layer = layer.backing
 
 
 def _remove_existing(path: str) -> None:
