@@ -140,6 +140,21 @@ def test_compressed(tmp_path: Path, sources: dict[str, tuple[Path, str]], ctype:
     assert any(e["data"] and "offset" not in e for e in mapped)  # compressed clusters have no offset
 
 
+@pytest.mark.parametrize("sparse", ["0", "4k"])
+def test_compressed_cluster_shared_by_hole_and_data(tmp_path: Path, sparse: str) -> None:
+    """A 64 KiB cluster whose first half is a hole in a raw source and second half data."""
+    src = tmp_path / "holes.raw"
+    with open(src, "wb") as f:
+        f.truncate(1 * MiB)
+        for at in (32 * KiB, 200 * KiB, 300 * KiB + 4 * KiB):
+            f.seek(at)
+            f.write(b"\x5a" * 8 * KiB)
+    ours, theirs = both(tmp_path, src, "qcow2", "-c", "-S", sparse)
+    compare(str(src), str(ours), "raw", "qcow2")
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+    assert_clean(str(ours))
+
+
 def test_backing_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
     src, _ = sources["top"]
     base = str(sources["base"][0])

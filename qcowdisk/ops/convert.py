@@ -458,7 +458,7 @@ class _Copy:
             pos += n
             self._report(pos)
 
-    def _compressed(self, start: int, end: int, zero: bool) -> None:
+    def _compressed(self, start: int, end: int, zero_range: bool) -> None:
         """Clusters written compressed, all-zero ones skipped (a new target reads zeros there)."""
         assert isinstance(self.target, _QcowTarget)
         disk = self.target.disk
@@ -469,6 +469,8 @@ class _Copy:
         while pos < last:
             n = min(last - pos, COMPRESS_BATCH, self.size - pos)
             data = bytearray(n)
+            # a zero range says nothing of the rest of the clusters it starts or ends inside
+            zero = zero_range and start <= pos and pos + n <= end
             if not zero:
                 self._read(data, pos, n)
             mv = memoryview(data)
