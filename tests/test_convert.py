@@ -263,6 +263,26 @@ def test_cli_errors(tmp_path: Path, sources: dict[str, tuple[Path, str]], capsys
     assert (Path(src).read_bytes(), sources["base"][0].read_bytes()) == before
 
 
+def test_target_in_use_is_refused(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """A target file another process holds (here a qemu-io session) is left alone."""
+    busy = tmp_path / "busy.qcow2"
+    create(str(busy), "1M")
+    before = busy.read_bytes()
+    p = subprocess.Popen(["qemu-io", str(busy)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while qemu_img("info", str(busy), check=False).returncode == 0:  # until qemu-io holds its lock
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for out_fmt in ("qcow2", "raw"):
+            with pytest.raises(qcowdisk.ImageLockedError):
+                qcowdisk.convert(sources["top"][0], busy, out_format=out_fmt)
+    finally:
+        p.kill()
+        p.wait()
+    assert busy.read_bytes() == before
+
+
 def test_progress_and_failing_callback(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
     src, _ = sources["top"]
     seen: list[tuple[int, int]] = []

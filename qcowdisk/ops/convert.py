@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,7 @@ from typing import Any
 from .. import formats
 from ..blockstatus import qemu_length
 from ..image import Image, zero_block
+from ..locking import lock_image
 from ..qcow2.file import QcowFile
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
@@ -225,8 +227,17 @@ def _refuse_source_as_target(source: Image, dst: str) -> None:
 
 
 def _remove_existing(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    """Remove the file a new target replaces, unless another process holds it (qemu-img's lock failure)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            lock_image(fd, path, write=True).release()  # ImageLockedError when in use
+    finally:
+        os.close(fd)
+    os.unlink(path)
 
 
 def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backing_file: str | None,
@@ -235,6 +246,7 @@ def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backin
         prealloc = opts.string("preallocation") or "off"
         if prealloc not in ("off", "falloc", "full"):
             raise ConvertError(f"Invalid parameter '{prealloc}'")
+        _remove_existing(path)
         return _RawTarget(path, size, True, prealloc)
     kw = create_keywords(opts)
     _remove_existing(path)
