@@ -28,8 +28,9 @@ from typing import Any
 
 from .. import formats
 from ..blockstatus import qemu_length
+from ..hostio import HostFile
 from ..image import Image, zero_block
-from ..locking import lock_image
+from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
@@ -154,42 +155,46 @@ def create_keywords(opts: QemuOpts) -> dict[str, Any]:
 
 
 class _RawTarget:
-    """A raw file written in place: only non-zero data is written, holes stay holes."""
+    """A raw file written in place, under QEMU's write lock: only non-zero data is written, holes
+    stay holes, zeroed ranges are punched (file-posix's write_zeroes with MAY_UNMAP)."""
 
     def __init__(self, path: str, size: int, new: bool, preallocation: str) -> None:
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if new else 0)
-        self.fd = os.open(path, flags, 0o644)
+        self.host = HostFile.create(path) if new else HostFile(path, True)
+        self.fd = self.host.fd
         self.virtual_size = size
         self.cluster_size = 0
+        self.lock: ImageLock | None = None
         try:
+            self.lock = lock_image(self.fd, path, write=True)
             if new:
-                os.ftruncate(self.fd, size)
+                self.host.truncate(size)
                 if size:  # file-posix's allocate_first_block: QEMU's new files start with a block of zeros
-                    os.pwrite(self.fd, zero_block(min(size, FIRST_BLOCK)), 0)
+                    self.host.pwrite(zero_block(min(size, FIRST_BLOCK)), 0)
                 if preallocation in ("falloc", "full") and size:
                     os.posix_fallocate(self.fd, 0, size)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def write_at(self, offset: int, data: memoryview) -> None:
-        while data:
-            n = os.pwrite(self.fd, data, offset)
-            data, offset = data[n:], offset + n
+        self.host.pwrite(data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        if self.host.punch_hole(offset, length):
+            return
         while length:
             n = min(length, IO_BUF_SIZE)
-            self.write_at(offset, zero_block(n))
+            self.host.pwrite(zero_block(n), offset)
             offset, length = offset + n, length - n
 
     def flush(self) -> None:
-        os.fsync(self.fd)
+        self.host.fsync()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
+        self.host.close()
 
 
 class _QcowTarget:
@@ -260,7 +265,7 @@ def _open_target(path: str, out_format: str, size: int) -> _Target:
     if out_format == "raw":
         raw = _RawTarget(path, size, False, "off")
         target: _Target = raw
-        have = os.fstat(raw.fd).st_size
+        have = raw.host.size()
     else:
         img = QcowFile.open(path)
         target = _QcowTarget(img)
