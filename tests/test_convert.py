@@ -275,7 +275,7 @@ def test_target_in_use_is_refused(tmp_path: Path, sources: dict[str, tuple[Path,
     busy = tmp_path / "busy.qcow2"
     create(str(busy), "1M")
     before = busy.read_bytes()
-    p = subprocess.Popen(["qemu-io", str(busy)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(busy)], stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while qemu_img("info", str(busy), check=False).returncode == 0:  # until qemu-io holds its lock
