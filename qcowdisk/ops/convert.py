@@ -97,7 +97,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     if backing_file is not None and out_format != "qcow2":
         raise ConvertError("Backing file not supported for file format 'raw'")
     if backing_file is not None and target_exists:
-        raise ConvertError("qcowdisk: -B cannot be used with -n (the target exists)")
+        raise ConvertError("-B cannot be used with -n (the target exists)")
     dst_path = os.fspath(dst)
     with contextlib.ExitStack() as stack:
         source = _open_source(os.fspath(src), src_format, snapshot)
