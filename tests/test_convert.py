@@ -114,8 +114,22 @@ def test_sparse_sizes(tmp_path: Path, sources: dict[str, tuple[Path, str]], name
 
 @pytest.mark.parametrize("opts", ["cluster_size=4k", "cluster_size=2M", "compat=0.10", "refcount_bits=1",
                                   "extended_l2=on", "lazy_refcounts=on", "preallocation=metadata",
-                                  "compression_type=zstd,cluster_size=128k"])
+                                  "compression_type=zstd,cluster_size=128k", "data_file=ext.data",
+                                  "data_file=ext.data,data_file_raw=on"])
 def test_create_options(tmp_path: Path, sources: dict[str, tuple[Path, str]], opts: str) -> None:
+    if "data_file" in opts:  # each tool its own data file
+        (tmp_path / "ours").mkdir()
+        (tmp_path / "theirs").mkdir()
+        src, fmt = sources["top"]
+        ours, theirs = tmp_path / "ours" / "out.qcow2", tmp_path / "theirs" / "out.qcow2"
+        qemu_img("convert", "-O", "qcow2", "-o", opts.replace("ext.data", str(tmp_path / "theirs" / "ext.data")),
+                 str(src), str(theirs))
+        assert cli.main(["convert", "-O", "qcow2", "-o", opts.replace("ext.data", str(tmp_path / "ours" / "ext.data")),
+                         str(src), str(ours)]) == 0
+        compare(str(src), str(ours))
+        assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+        assert_clean(str(ours))
+        return
     src, fmt = sources["top"]
     ours, theirs = both(tmp_path, src, "qcow2", "-o", opts)
     same_result(ours, theirs, src, "qcow2", fmt)

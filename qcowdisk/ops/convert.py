@@ -112,7 +112,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
             target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format)
         stack.callback(target.close)
         base_depth, backing = _backing_layer(source, target, backing_file, stack)
-        zero_init = not target_exists and backing_file is None
+        # (a raw external data file may hold anything: qcow2_has_zero_init says no, zeros are written)
+        zero_init = not target_exists and backing_file is None and not opts.boolean("data_file_raw", False)
         _Copy(source, size, target, sparse_size // SECTOR, compress, base_depth, backing, progress,
               threads or min(8, os.cpu_count() or 1), zero_init).run()
         target.flush()
@@ -151,6 +152,8 @@ def create_keywords(opts: QemuOpts) -> dict[str, Any]:
         value = opts.string(name)
         if value is not None:
             kw[name] = value
+    if kw.get("data_file_raw") and kw.get("preallocation", "off") == "off":
+        kw["preallocation"] = "metadata"  # qcow2_co_create: a raw data file gets its L2 tables mapped up front
     return kw
 
 
