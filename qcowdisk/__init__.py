@@ -32,7 +32,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .image import Extent, Image
-from .ops import commit, compare, measure, rebase  # qemu-img commit, compare, measure and rebase
+from .ops import commit, compare, convert, measure, rebase  # qemu-img's operations over any image
 from .qcow2.file import QcowFile
 from .qcow2.format import Snapshot
 from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
@@ -41,4 +41,4 @@ __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFe
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
            "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError",
            "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
-           "commit", "rebase"]
+           "commit", "rebase", "convert"]

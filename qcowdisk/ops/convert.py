@@ -1,0 +1,550 @@
+"""Convert a guest disk to a new qcow2 or raw image as `qemu-img convert` (QEMU 7.2) does.
+
+QEMU's loop (img_convert, convert_iteration_sectors, convert_co_write), step by step: the
+source's block status splits the disk into runs that read as zeros, hold data, or (with a
+target backing file) come from that backing file. Zero runs are skipped on a new target (it
+reads as zeros already) and written as zeroes otherwise; backing-file runs are skipped; data
+runs are read at most `IO_BUF_SIZE` at a time into one reused buffer, and in each piece the
+all-zero stretches of at least `sparse_size` bytes (qemu-img's `-S`, is_allocated_sectors_min,
+with its alignment rules) are treated as zero runs, the rest written. `sparse_size=0` (`-S 0`)
+writes every byte, zeros included, so the target is fully allocated. With `compress`, data is
+handled one cluster at a time: an all-zero cluster is skipped, the others are written with
+`write_compressed`, whose compression runs in worker threads (zlib and zstd release the GIL).
+
+Memory stays bounded whatever the disk's size: block status is read lazily and data moves
+through a fixed number of buffers; unallocated and zero ranges are never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .. import formats
+from ..blockstatus import qemu_length
+from ..hostio import HostFile
+from ..image import Image, zero_block
+from ..locking import ImageLock, lock_image
+from ..qcow2.file import QcowFile
+from .measure import Options, target_options
+from .qemuopts import QemuOpts
+
+IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most read and written in one step
+SECTOR = 512
+MAX_BUF_SECTORS = 32768  # the largest -S qemu-img takes, in sectors
+FIRST_BLOCK = 4096  # what file-posix writes at the start of a file it creates
+COMPRESS_BATCH = 1 << 20  # bytes of clusters handed to one compression worker at a time
+
+Progress = Callable[[int, int], object]
+
+_NONZERO = re.compile(rb"[^\x00]")
+_ZERO_SECTOR = bytes(SECTOR)
+_COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
+
+
+class ConvertError(ValueError):
+    """A conversion qemu-img refuses before writing anything (bad options, sizes, snapshots)."""
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str | None = None,
+            out_format: str = "qcow2", options: Options = None, compress: bool = False,
+            backing_file: str | None = None, backing_format: str | None = None, snapshot: str | None = None,
+            sparse_size: int = 4096, target_exists: bool = False, progress: Progress | None = None,
+            threads: int | None = None) -> None:
+    """Convert the guest disk `src` into `dst` as `qemu-img convert [-f SRC_FORMAT] -O OUT_FORMAT
+    [-o OPTIONS] [-c] [-B BACKING_FILE [-F BACKING_FORMAT]] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n]
+    [-m THREADS] SRC DST` does.
+
+    `src` is opened read-only with its backing chain (format probed unless `src_format` names
+    it; `snapshot`, an id or name, shows that internal snapshot of a qcow2 source). `dst` is
+    created (replacing any file there) as `out_format` "qcow2" (every `qemu-img create -o`
+    option in `options`: text or a mapping) or "raw" (a sparse file), unless `target_exists`,
+    when it is opened and written over, zero ranges included. With `backing_file`, the new
+    qcow2 image is an overlay of it and only what differs from it is written: when the source's
+    chain contains that file, only the layers above it are copied; otherwise each cluster is
+    compared with the backing file's. `sparse_size` is `-S` (a multiple of 512; 0 allocates
+    everything). `compress` writes compressed clusters (qcow2 only), compressing in `threads`
+    worker threads (default: the CPU count, at most 8). `progress(done_bytes, total_bytes)` is
+    called as the conversion goes; an exception from it stops the conversion and propagates,
+    with everything closed (the partly written target is left behind, as qemu-img leaves it).
+    Raises ConvertError (a ValueError) for what qemu-img refuses up front.
+    """
+    if sparse_size < 0 or sparse_size % SECTOR or sparse_size // SECTOR > MAX_BUF_SECTORS:
+        raise ConvertError(f"Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+                           f"{SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to disable sparse detection "
+                           f"(fully allocates output).")
+    if out_format not in ("qcow2", "raw"):
+        raise ConvertError(f"Unknown file format '{out_format}'" if out_format not in ("qcow", "vmdk", "vdi")
+                           else f"qcowdisk writes qcow2 and raw images only, not '{out_format}'")
+    if compress and out_format != "qcow2":
+        raise ConvertError("Compression not supported for this file format")
+    if backing_format is not None and backing_file is None:
+        raise ConvertError("Backing format cannot be used without backing file")
+    if threads is not None and threads < 1:
+        raise ConvertError("Invalid number of threads (must be at least 1)")
+    opts = target_options(out_format, options)
+    if opts.string("backing_file") is not None:
+        if backing_file is not None:
+            raise ConvertError("Option backing_file cannot be used together with -B")
+        backing_file = opts.string("backing_file")
+        backing_format = backing_format or opts.string("backing_fmt")
+    if backing_file is not None and out_format != "qcow2":
+        raise ConvertError("Backing file not supported for file format 'raw'")
+    if backing_file is not None and target_exists:
+        raise ConvertError("-B cannot be used with -n (the target exists)")
+    dst_path = os.fspath(dst)
+    with contextlib.ExitStack() as stack:
+        source = _open_source(os.fspath(src), src_format, snapshot)
+        stack.callback(source.close)
+        size = qemu_length(source)
+        if snapshot is not None and isinstance(source, QcowFile):
+            size = max(size, source.header.size)  # qemu-img exports a snapshot at the active disk's size
+        _refuse_source_as_target(source, dst_path)
+        if target_exists:
+            target = _open_target(dst_path, out_format, size)
+        else:
+            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format)
+        stack.callback(target.close)
+        base_depth, backing = _backing_layer(source, target, backing_file, stack)
+        # (a raw external data file may hold anything: qcow2_has_zero_init says no, zeros are written)
+        zero_init = not target_exists and backing_file is None and not opts.boolean("data_file_raw", False)
+        _Copy(source, size, target, sparse_size // SECTOR, compress, base_depth, backing, progress,
+              threads or min(8, os.cpu_count() or 1), zero_init).run()
+        target.flush()
+
+
+# ------------------------------------------------------------------------------------------
+# opening and creating
+# ------------------------------------------------------------------------------------------
+
+def _open_source(path: str, fmt: str | None, snapshot: str | None) -> Image:
+    if snapshot is None:
+        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True))
+    if fmt not in (None, "qcow2"):
+        raise ConvertError(f"Failed to load snapshot: a '{fmt}' image has no internal snapshots")
+    return QcowFile.open(path, readonly=True, snapshot=snapshot)
+
+
+def create_keywords(opts: QemuOpts) -> dict[str, Any]:
+    """`QcowFile.create` keywords for qcow2 `-o` options (backing ones excluded)."""
+    kw: dict[str, Any] = {}
+    if opts.boolean("encryption", False) or opts.string("encrypt.format") is not None:
+        raise ConvertError("qcowdisk does not create encrypted images")
+    if opts.given("cluster_size"):
+        kw["cluster_size"] = opts.number("cluster_size", 65536)
+    if opts.given("refcount_bits"):
+        kw["refcount_bits"] = opts.number("refcount_bits", 16)
+    compat = opts.string("compat")
+    if compat is not None:
+        if compat not in _COMPAT:
+            raise ConvertError(f"Invalid compatibility level: '{compat}'")
+        kw["compat"] = _COMPAT[compat]
+    for name in ("lazy_refcounts", "extended_l2", "data_file_raw"):
+        if opts.given(name):
+            kw[name] = opts.boolean(name, False)
+    for name in ("compression_type", "preallocation", "data_file"):
+        value = opts.string(name)
+        if value is not None:
+            kw[name] = value
+    if kw.get("data_file_raw") and kw.get("preallocation", "off") == "off":
+        kw["preallocation"] = "metadata"  # qcow2_co_create: a raw data file gets its L2 tables mapped up front
+    return kw
+
+
+class _RawTarget:
+    """A raw file written in place, under QEMU's write lock: only non-zero data is written, holes
+    stay holes, zeroed ranges are punched (file-posix's write_zeroes with MAY_UNMAP)."""
+
+    def __init__(self, path: str, size: int, new: bool, preallocation: str) -> None:
+        self.host = HostFile.create(path) if new else HostFile(path, True)
+        self.fd = self.host.fd
+        self.virtual_size = size
+        self.cluster_size = 0
+        self.lock: ImageLock | None = None
+        try:
+            self.lock = lock_image(self.fd, path, write=True)
+            if new:
+                self.host.truncate(size)
+                if size:  # file-posix's allocate_first_block: QEMU's new files start with a block of zeros
+                    self.host.pwrite(zero_block(min(size, FIRST_BLOCK)), 0)
+                if preallocation in ("falloc", "full") and size:
+                    os.posix_fallocate(self.fd, 0, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        self.host.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if self.host.punch_hole(offset, length):
+            return
+        while length:
+            n = min(length, IO_BUF_SIZE)
+            self.host.pwrite(zero_block(n), offset)
+            offset, length = offset + n, length - n
+
+    def flush(self) -> None:
+        self.host.fsync()
+
+    def close(self) -> None:
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
+        self.host.close()
+
+
+class _QcowTarget:
+    def __init__(self, disk: QcowFile) -> None:
+        self.disk = disk
+        self.cluster_size = disk.cluster_size
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        self.disk.write_at(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.disk.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self.disk.flush()
+
+    def close(self) -> None:
+        self.disk.close()
+
+
+_Target = _RawTarget | _QcowTarget
+
+
+def _refuse_source_as_target(source: Image, dst: str) -> None:
+    """The target may not be the source or a file of its chain (qemu-img fails on the image lock)."""
+    if not os.path.exists(dst):
+        return
+    layer: Image | None = source
+    while layer is not None:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(layer.filename, dst):
+                raise ConvertError(f"Could not create '{dst}': Failed to get \"write\" lock: "
+                                   f"it is the source image or in its backing chain")
+        layer = layer.backing
+
+
+def _remove_existing(path: str) -> None:
+    """Remove the file a new target replaces, unless another process holds it (qemu-img's lock failure)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            lock_image(fd, path, write=True).release()  # ImageLockedError when in use
+    finally:
+        os.close(fd)
+    os.unlink(path)
+
+
+def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backing_file: str | None,
+                   backing_format: str | None) -> _Target:
+    if out_format == "raw":
+        prealloc = opts.string("preallocation") or "off"
+        if prealloc not in ("off", "falloc", "full"):
+            raise ConvertError(f"Invalid parameter '{prealloc}'")
+        _remove_existing(path)
+        return _RawTarget(path, size, True, prealloc)
+    kw = create_keywords(opts)
+    _remove_existing(path)
+    if backing_file is not None:
+        return _QcowTarget(QcowFile.create_from_backing(path, backing_file, backing_format=backing_format,
+                                                        size=size, **kw))
+    return _QcowTarget(QcowFile.create(path, size, **kw))
+
+
+def _open_target(path: str, out_format: str, size: int) -> _Target:
+    if out_format == "raw":
+        raw = _RawTarget(path, size, False, "off")
+        target: _Target = raw
+        have = raw.host.size()
+    else:
+        img = QcowFile.open(path)
+        target = _QcowTarget(img)
+        have = img.virtual_size
+    if have < size:
+        target.close()
+        raise ConvertError(f"Target image is smaller than the source ({have} < {size} bytes)")
+    return target
+
+
+def _backing_layer(source: Image, target: _Target, backing_file: str | None,
+                   stack: contextlib.ExitStack) -> tuple[int | None, Image | None]:
+    """(depth of the backing file in the source's chain, or None; the target's backing image when
+    it is not in the source's chain, for cluster-by-cluster comparison)."""
+    if backing_file is None or not isinstance(target, _QcowTarget):
+        return None, None
+    backing = target.disk.backing
+    assert backing is not None
+    want = os.path.realpath(backing.filename)
+    depth, layer = 0, source
+    layer_: Image | None = source
+    while layer_ is not None:
+        layer = layer_
+        if os.path.realpath(layer.filename) == want:
+            return depth, None
+        depth, layer_ = depth + 1, layer.backing
+    return None, backing
+
+
+# ------------------------------------------------------------------------------------------
+# zero detection (qemu-img's is_allocated_sectors / is_allocated_sectors_min)
+# ------------------------------------------------------------------------------------------
+
+def _sector_is_zero(buf: memoryview, sector: int) -> bool:
+    return buf[sector * SECTOR:(sector + 1) * SECTOR] == _ZERO_SECTOR
+
+
+def _same_run(buf: memoryview, start: int, n: int, is_zero: bool, raw: bytes | bytearray) -> int:
+    """The number of sectors from `start` (< n) with the zeroness `is_zero`, at C speed."""
+    if is_zero:
+        m = _NONZERO.search(raw, start * SECTOR, n * SECTOR)
+        return n - start if m is None else m.start() // SECTOR - start
+    pos = start * SECTOR
+    while True:
+        p = raw.find(_ZERO_SECTOR, pos, n * SECTOR)
+        if p < 0:
+            return n - start
+        k = -(-p // SECTOR)
+        if k >= n:
+            return n - start
+        if _sector_is_zero(buf, k):
+            return k - start
+        pos = k * SECTOR
+
+
+def is_allocated_sectors(raw: bytes | bytearray, buf: memoryview, start: int, n: int, sector_num: int,
+                         alignment: int) -> tuple[bool, int]:
+    """qemu-img's is_allocated_sectors over sectors [start, n) of `buf` (guest sector `sector_num`
+    at `start`): (whether the first run holds data, its length in sectors)."""
+    if n <= start:
+        return False, 0
+    is_zero = _sector_is_zero(buf, start)
+    i = _same_run(buf, start, n, is_zero, raw)
+    if start + i == n:
+        return not is_zero, i
+    tail = (sector_num + i) & (alignment - 1)
+    if tail:
+        if is_zero and i <= tail:
+            return True, i  # the next sector is data and rewrites this tail anyway
+        if not is_zero:
+            i = min(i + alignment - tail, n - start)
+        else:
+            i -= tail
+    return not is_zero, i
+
+
+def data_runs(raw: bytes | bytearray, n: int, sector_num: int, min_sparse: int,
+              alignment: int) -> Iterator[tuple[bool, int]]:
+    """The (is_data, sectors) runs qemu-img's convert_co_write splits an n-sector data buffer
+    into with is_allocated_sectors_min: zero stretches of at least `min_sparse` sectors are
+    zero runs, everything else data."""
+    buf = memoryview(raw)
+    pos = 0
+    while pos < n:
+        m = min(min_sparse, n - pos)
+        data, pnum = is_allocated_sectors(raw, buf, pos, n, sector_num + pos, alignment)
+        if not data:
+            yield False, pnum
+            pos += pnum
+            continue
+        used = checked = pnum
+        p = pos + pnum
+        while p < n:
+            data, pnum = is_allocated_sectors(raw, buf, p, n, sector_num + p, alignment)
+            p += pnum
+            checked += pnum
+            if data:
+                used = checked
+            elif pnum >= m:
+                break
+        yield True, used
+        pos += used
+
+
+def _pow2floor(value: int) -> int:
+    return 1 << (value.bit_length() - 1) if value > 0 else 0
+
+
+# ------------------------------------------------------------------------------------------
+# the copy
+# ------------------------------------------------------------------------------------------
+
+class _Copy:
+    def __init__(self, source: Image, size: int, target: _Target, min_sparse: int, compress: bool,
+                 base_depth: int | None, backing: Image | None, progress: Progress | None, threads: int,
+                 zero_init: bool) -> None:
+        self.source = source
+        self.size = size
+        self.target = target
+        self.min_sparse = min_sparse
+        self.alignment = max(_pow2floor(min_sparse), 1)
+        self.compress = compress
+        self.base_depth = base_depth
+        self.backing = backing
+        self.progress = progress
+        self.threads = threads
+        self.zero_init = zero_init
+        self.cdone = 0  # where the clusters written compressed so far end
+        self.buf = bytearray(IO_BUF_SIZE)
+        self.buf2 = bytearray(IO_BUF_SIZE)
+
+    def _report(self, done: int) -> None:
+        if self.progress is not None:
+            self.progress(done, self.size)
+
+    def run(self) -> None:
+        self._report(0)
+        if self.compress:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="qcowdisk-compress") as pool:
+                self.pool = pool
+                self.inflight: deque[Future[int]] = deque()
+                try:
+                    self._walk()
+                    while self.inflight:
+                        self.inflight.popleft().result()
+                finally:
+                    for f in self.inflight:
+                        f.cancel()
+        else:
+            self._walk()
+
+    def _walk(self) -> None:
+        pos = 0
+        for e in self.source.block_status(0, self.size):
+            end = e.start + e.length
+            if self.base_depth is not None and e.depth >= self.base_depth:
+                pass  # the target's backing file holds it
+            elif e.zero and self.min_sparse and self.backing is None:
+                if not self.zero_init:
+                    self.target.write_zeroes(e.start, e.length)
+            elif self.backing is not None:
+                self._diff(e.start, end, e.zero)
+            else:
+                self._data(e.start, end, e.zero)
+            pos = end
+            self._report(pos)
+        if pos < self.size:  # a snapshot shorter than the active disk: zeros up to its size
+            if not self.zero_init:
+                self.target.write_zeroes(pos, self.size - pos)
+            self._report(self.size)
+
+    def _read(self, buf: bytearray, offset: int, n: int) -> memoryview:
+        mv = memoryview(buf)[:n]
+        got = self.source.readinto_at(mv, offset)
+        if got < n:
+            mv[got:] = zero_block(n - got)
+        return mv
+
+    def _data(self, start: int, end: int, zero: bool) -> None:
+        """Copy [start, end) of the source, holding data (or zeros, with -S 0)."""
+        if self.compress:
+            self._compressed(start, end, zero)
+            return
+        pos = start
+        while pos < end:
+            n = min(end - pos, IO_BUF_SIZE)
+            if zero:  # -S 0: zeros are written as data
+                self.target.write_at(pos, zero_block(n))
+                pos += n
+                self._report(pos)
+                continue
+            mv = self._read(self.buf, pos, n)
+            if not self.min_sparse:
+                self.target.write_at(pos, mv)
+            else:
+                sectors = -(-n // SECTOR)
+                if sectors * SECTOR > n:
+                    self.buf[n:sectors * SECTOR] = bytes(sectors * SECTOR - n)
+                at = 0
+                for is_data, count in data_runs(self.buf, sectors, pos // SECTOR, self.min_sparse, self.alignment):
+                    a, b = at * SECTOR, min((at + count) * SECTOR, n)
+                    if is_data:
+                        self.target.write_at(pos + a, mv[a:b])
+                    elif not self.zero_init:
+                        self.target.write_zeroes(pos + a, b - a)
+                    at += count
+            pos += n
+            self._report(pos)
+
+    def _compressed(self, start: int, end: int, zero_range: bool) -> None:
+        """Clusters written compressed, all-zero ones skipped (a new target reads zeros there)."""
+        assert isinstance(self.target, _QcowTarget)
+        disk = self.target.disk
+        cs = disk.cluster_size
+        pos = max(start // cs * cs, self.cdone)
+        last = min(-(-end // cs) * cs, self.size)
+        self.cdone = max(self.cdone, last)
+        while pos < last:
+            n = min(last - pos, COMPRESS_BATCH, self.size - pos)
+            data = bytearray(n)
+            # a zero range says nothing of the rest of the clusters it starts or ends inside
+            zero = zero_range and start <= pos and pos + n <= end
+            if not zero:
+                self._read(data, pos, n)
+            mv = memoryview(data)
+            c = 0
+            while c < n:  # runs of non-zero clusters, each one compressed call
+                if not zero and mv[c:c + cs] != zero_block(min(cs, n - c)):
+                    d = c + cs
+                    while d < n and mv[d:d + cs] != zero_block(min(cs, n - d)):
+                        d += cs
+                    self._submit(disk, pos + c, mv[c:min(d, n)])
+                    c = d
+                else:
+                    if self.min_sparse == 0:
+                        self._submit(disk, pos + c, mv[c:min(c + cs, n)])
+                    c += cs
+            pos += n
+            self._report(min(pos, end))
+
+    def _submit(self, disk: QcowFile, offset: int, data: memoryview) -> None:
+        while len(self.inflight) >= 2 * self.threads:
+            self.inflight.popleft().result()
+        self.inflight.append(self.pool.submit(disk.write_compressed, offset, data))
+
+    def _diff(self, start: int, end: int, zero: bool) -> None:
+        """Write where the source differs from the target's backing file, cluster by cluster."""
+        backing = self.backing
+        assert backing is not None
+        cs = self.target.cluster_size
+        step = IO_BUF_SIZE // cs * cs or cs
+        pos = start
+        while pos < end:
+            n = min(end - pos, step - pos % cs if pos % cs else step)
+            src = self._read(self.buf, pos, n) if not zero else zero_block(n)
+            ref = self._read_backing(pos, n)
+            c = 0
+            while c < n:
+                d = min(n, c + cs - (pos + c) % cs)
+                if src[c:d] != ref[c:d]:
+                    if src[c:d] == zero_block(d - c):
+                        self.target.write_zeroes(pos + c, d - c)
+                    else:
+                        self.target.write_at(pos + c, src[c:d])
+                c = d
+            pos += n
+
+    def _read_backing(self, offset: int, n: int) -> memoryview:
+        backing = self.backing
+        assert backing is not None
+        mv = memoryview(self.buf2)[:n]
+        have = max(0, min(n, qemu_length(backing) - offset))
+        got = backing.readinto_at(mv[:have], offset) if have else 0
+        if got < n:
+            mv[got:] = zero_block(n - got)
+        return mv
+
+
+__all__ = ["convert", "ConvertError", "is_allocated_sectors", "data_runs", "IO_BUF_SIZE"]

@@ -1,0 +1,366 @@
+"""`qcowdisk convert` and `qcowdisk.convert` do what `qemu-img convert` (QEMU 7.2) does.
+
+QEMU is the oracle: every source is built with qemu-img/qemu-io (or written as a plain file),
+both tools convert it with the same options, and then `qemu-img compare` must find qcowdisk's
+output identical to the source, `qemu-img map` must show the same data/zero/unallocated ranges
+in both outputs (host offsets aside), and `qemu-img check` must find qcowdisk's qcow2 clean.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+import qcowdisk
+from qcowdisk import QcowFile, cli
+from qcowdisk.ops.convert import ConvertError, data_runs
+from qemutools import assert_clean, compare, create, qemu_img, qemu_io
+
+REPO = Path(__file__).resolve().parent.parent
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def layout(path: Path, fmt: str) -> list[tuple[int, int, int, bool, bool, bool]]:
+    """qemu-img map's entries without host offsets, adjacent equal ones merged."""
+    out: list[tuple[int, int, int, bool, bool, bool]] = []
+    for e in json.loads(qemu_img("map", "--output=json", "-f", fmt, str(path)).stdout):
+        key = (e["depth"], e["present"], e["zero"], e["data"])
+        if out and out[-1][2:] == key:
+            last = out.pop()
+            out.append((last[0], last[1] + e["length"], *key))
+        else:
+            out.append((e["start"], e["length"], *key))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    d = tmp_path_factory.mktemp("src")
+    os.chdir(d)
+    # a qcow2 chain: base (data, compressed, zero clusters) under a top layer
+    create("base.qcow2", "12M")
+    qemu_io("base.qcow2", "write -P 1 0 300k", "write -c -P 2 1M 128k", "write -P 0 3M 64k", "write -P 3 5M 70k",
+            "write -P 4 11M 1M")
+    create("top.qcow2", "12M", backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io("top.qcow2", "write -P 9 100k 8k", "write -z 5M 64k", "write -P 7 7M 2M", "write -P 0 9M 128k")
+    # extended L2 with subclusters and a small cluster size
+    create("ext.qcow2", "4M", options="extended_l2=on,cluster_size=64k")
+    qemu_io("ext.qcow2", "write -P 5 4k 4k", "write -P 6 100k 12k", "write -z 200k 64k")
+    # qcow v1
+    create("v1.qcow", "3M", fmt="qcow")
+    qemu_io("v1.qcow", "write -P 1 0 8k", "write -P 3 1M 64k", fmt="qcow")
+    # a raw file with holes, an odd size and a tail of sparse-ish data
+    with open("plain.raw", "wb") as f:
+        f.truncate(5 * MiB + 1000)
+        f.seek(4096)
+        f.write(b"\x11" * 10000)
+        f.seek(2 * MiB)
+        f.write(b"\x22" * 4096 + bytes(8192) + b"\x33" * 512 + bytes(70000) + b"\x44")
+        f.seek(5 * MiB)
+        f.write(b"\x55" * 1000)
+    # internal snapshots
+    create("snap.qcow2", "4M")
+    qemu_io("snap.qcow2", "write -P 1 0 1M")
+    qemu_img("snapshot", "-c", "first", "snap.qcow2")
+    qemu_io("snap.qcow2", "write -P 2 512k 1M")
+    return {"top": (d / "top.qcow2", "qcow2"), "base": (d / "base.qcow2", "qcow2"), "ext": (d / "ext.qcow2", "qcow2"),
+            "v1": (d / "v1.qcow", "qcow"), "raw": (d / "plain.raw", "raw"), "snap": (d / "snap.qcow2", "qcow2")}
+
+
+def both(tmp: Path, src: Path, out_fmt: str, *args: str) -> tuple[Path, Path]:
+    """Convert `src` with qemu-img and with `qcowdisk convert`, the same arguments; (ours, qemu's)."""
+    ours, theirs = tmp / f"ours.{out_fmt}", tmp / f"qemu.{out_fmt}"
+    qemu_img("convert", "-O", out_fmt, *args, str(src), str(theirs))
+    assert cli.main(["convert", "-O", out_fmt, *args, str(src), str(ours)]) == 0
+    return ours, theirs
+
+
+def same_result(ours: Path, theirs: Path, src: Path, fmt: str, src_fmt: str) -> None:
+    compare(str(src), str(ours), src_fmt, fmt)
+    assert layout(ours, fmt) == layout(theirs, fmt)
+    if fmt == "qcow2":
+        assert_clean(str(ours))
+    a, b = ours.stat().st_size, theirs.stat().st_size
+    assert abs(a - b) <= max(b // 20, 64 * KiB), (a, b)  # the file sizes within 5%
+    assert ours.stat().st_blocks <= theirs.stat().st_blocks * 1.05 + 128  # and no more space used
+
+
+@pytest.mark.parametrize("name", ["top", "base", "ext", "v1", "raw"])
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_every_source_kind(tmp_path: Path, sources: dict[str, tuple[Path, str]], name: str, out_fmt: str) -> None:
+    src, fmt = sources[name]
+    ours, theirs = both(tmp_path, src, out_fmt)
+    same_result(ours, theirs, src, out_fmt, fmt)
+
+
+@pytest.mark.parametrize("sparse", ["0", "512", "4k", "64k", "1M"])
+@pytest.mark.parametrize("name", ["top", "raw"])
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_sparse_sizes(tmp_path: Path, sources: dict[str, tuple[Path, str]], name: str, sparse: str,
+                      out_fmt: str) -> None:
+    src, fmt = sources[name]
+    ours, theirs = both(tmp_path, src, out_fmt, "-S", sparse)
+    same_result(ours, theirs, src, out_fmt, fmt)
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=4k", "cluster_size=2M", "compat=0.10", "refcount_bits=1",
+                                  "extended_l2=on", "lazy_refcounts=on", "preallocation=metadata",
+                                  "compression_type=zstd,cluster_size=128k", "data_file=ext.data",
+                                  "data_file=ext.data,data_file_raw=on"])
+def test_create_options(tmp_path: Path, sources: dict[str, tuple[Path, str]], opts: str) -> None:
+    if "data_file" in opts:  # each tool its own data file
+        (tmp_path / "ours").mkdir()
+        (tmp_path / "theirs").mkdir()
+        src, fmt = sources["top"]
+        ours, theirs = tmp_path / "ours" / "out.qcow2", tmp_path / "theirs" / "out.qcow2"
+        qemu_img("convert", "-O", "qcow2", "-o", opts.replace("ext.data", str(tmp_path / "theirs" / "ext.data")),
+                 str(src), str(theirs))
+        assert cli.main(["convert", "-O", "qcow2", "-o", opts.replace("ext.data", str(tmp_path / "ours" / "ext.data")),
+                         str(src), str(ours)]) == 0
+        compare(str(src), str(ours))
+        assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+        assert_clean(str(ours))
+        return
+    src, fmt = sources["top"]
+    ours, theirs = both(tmp_path, src, "qcow2", "-o", opts)
+    same_result(ours, theirs, src, "qcow2", fmt)
+    info_ours = json.loads(qemu_img("info", "--output=json", str(ours)).stdout)
+    info_theirs = json.loads(qemu_img("info", "--output=json", str(theirs)).stdout)
+    assert info_ours["cluster-size"] == info_theirs["cluster-size"]
+    assert info_ours["format-specific"] == info_theirs["format-specific"]
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+@pytest.mark.parametrize("name", ["top", "raw"])
+def test_compressed(tmp_path: Path, sources: dict[str, tuple[Path, str]], ctype: str, name: str) -> None:
+    src, fmt = sources[name]
+    ours, theirs = both(tmp_path, src, "qcow2", "-c", "-o", f"compression_type={ctype}", "-m", "4")
+    compare(str(src), str(ours), fmt, "qcow2")
+    assert_clean(str(ours))
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+    assert ours.stat().st_size <= theirs.stat().st_size * 1.02 + 64 * KiB
+    info = json.loads(qemu_img("info", "--output=json", str(ours)).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == ctype
+    mapped = json.loads(qemu_img("map", "--output=json", str(ours)).stdout)
+    assert any(e["data"] and "offset" not in e for e in mapped)  # compressed clusters have no offset
+
+
+@pytest.mark.parametrize("sparse", ["0", "4k"])
+def test_compressed_cluster_shared_by_hole_and_data(tmp_path: Path, sparse: str) -> None:
+    """A 64 KiB cluster whose first half is a hole in a raw source and second half data."""
+    src = tmp_path / "holes.raw"
+    with open(src, "wb") as f:
+        f.truncate(1 * MiB)
+        for at in (32 * KiB, 200 * KiB, 300 * KiB + 4 * KiB):
+            f.seek(at)
+            f.write(b"\x5a" * 8 * KiB)
+    ours, theirs = both(tmp_path, src, "qcow2", "-c", "-S", sparse)
+    compare(str(src), str(ours), "raw", "qcow2")
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+    assert_clean(str(ours))
+
+
+def test_backing_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    src, _ = sources["top"]
+    base = str(sources["base"][0])
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "qemu.qcow2"
+    qemu_img("convert", "-O", "qcow2", "-B", base, "-F", "qcow2", str(src), str(theirs))
+    assert cli.main(["convert", "-O", "qcow2", "-B", base, "-F", "qcow2", str(src), str(ours)]) == 0
+    compare(str(src), str(ours))
+    assert_clean(str(ours))
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+    assert json.loads(qemu_img("info", "--output=json", str(ours)).stdout)["backing-filename"] == base
+
+
+def test_backing_deeper_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """-B naming the bottom of a three-image chain: both layers above it are copied (and only they)."""
+    base = str(sources["base"][0])
+    mid, top = tmp_path / "mid.qcow2", tmp_path / "top3.qcow2"
+    create(str(mid), "12M", backing=base, backing_fmt="qcow2")
+    qemu_io(str(mid), "write -P 0x21 2M 256k", "write -z 0 64k")
+    create(str(top), "12M", backing=str(mid), backing_fmt="qcow2")
+    qemu_io(str(top), "write -P 0x31 2M 64k", "write -P 0x32 8M 64k")
+    for extra in ([], ["-c"]):
+        out = tmp_path / "out.qcow2"
+        out.unlink(missing_ok=True)
+        assert cli.main(["convert", "-O", "qcow2", *extra, "-B", base, "-F", "qcow2", str(top), str(out)]) == 0
+        compare(str(top), str(out))
+        assert_clean(str(out))
+        with QcowFile.open(out, readonly=True) as disk:
+            own = sum(e.length for e in disk.block_status() if e.depth == 0 and e.present)
+        assert own == 64 * KiB + 256 * KiB + 64 * KiB  # mid's two writes, top's write outside them
+
+
+def test_backing_not_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """A source that is not an overlay of BACKING: only the clusters that differ are written."""
+    flat = tmp_path / "flat.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(sources["top"][0]), str(flat))
+    base = str(sources["base"][0])
+    out = tmp_path / "out.qcow2"
+    qcowdisk.convert(flat, out, backing_file=base, backing_format="qcow2")
+    compare(str(flat), str(out))
+    assert_clean(str(out))
+    with QcowFile.open(out, readonly=True) as disk:
+        own = sum(e.length for e in disk.block_status() if e.depth == 0 and e.present)
+    assert own <= 3 * MiB  # the top layer's writes (and the base's overwritten ranges), not the whole disk
+
+
+def test_target_exists(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    src, fmt = sources["top"]
+    for out_fmt in ("qcow2", "raw"):
+        target, theirs = tmp_path / f"t.{out_fmt}", tmp_path / f"qemu-t.{out_fmt}"
+        for t in (target, theirs):
+            create(str(t), "12M", fmt=out_fmt)
+            qemu_io(str(t), "write -P 0xee 0 12M", fmt=out_fmt)  # stale data everywhere
+        assert cli.main(["convert", "-n", "-O", out_fmt, str(src), str(target)]) == 0
+        qemu_img("convert", "-n", "-O", out_fmt, str(src), str(theirs))
+        compare(str(src), str(target), fmt, out_fmt)
+        # (QEMU zeroes a qcow2 cluster with the zero flag, "present": qcowdisk's write_zeroes
+        # deallocates it where no backing file shows through; both read zeros and store nothing)
+        def unpresent(entries: list[tuple[int, int, int, bool, bool, bool]]) -> list[tuple[object, ...]]:
+            return [(*e[:3], e[3] and not e[4], *e[4:]) for e in entries]
+        assert unpresent(layout(target, out_fmt)) == unpresent(layout(theirs, out_fmt))
+        if out_fmt == "qcow2":
+            assert_clean(str(target))
+    small = tmp_path / "small.qcow2"
+    create(str(small), "1M")
+    with pytest.raises(ConvertError, match="smaller"):
+        qcowdisk.convert(src, small, target_exists=True)
+
+
+@pytest.mark.parametrize("ref", ["snapshot.name=first", "snapshot.id=1"])
+def test_snapshot(tmp_path: Path, sources: dict[str, tuple[Path, str]], ref: str) -> None:
+    src, _ = sources["snap"]
+    ours, theirs = both(tmp_path, src, "qcow2", "-l", ref)
+    compare(str(theirs), str(ours))
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+    assert_clean(str(ours))
+
+
+def test_snapshot_of_a_smaller_disk(tmp_path: Path) -> None:
+    """qemu-img exports a snapshot at the active disk's size, zeros past the snapshot's end."""
+    src = tmp_path / "grown.qcow2"
+    create(str(src), "2M")
+    qemu_io(str(src), "write -P 1 0 1M")
+    qemu_img("snapshot", "-c", "s1", str(src))
+    qemu_img("resize", "-q", str(src), "6M")
+    qemu_io(str(src), "write -P 2 3M 1M")
+    ours, theirs = both(tmp_path, src, "qcow2", "-l", "snapshot.name=s1")
+    compare(str(theirs), str(ours), strict=True)
+    assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+
+
+def test_cli_errors(tmp_path: Path, sources: dict[str, tuple[Path, str]], capsys: pytest.CaptureFixture[str]) -> None:
+    src = str(sources["top"][0])
+    out = str(tmp_path / "x.qcow2")
+    cases = [
+        (["convert", "-O", "qcow2", str(tmp_path / "missing"), out], "Could not open"),
+        (["convert", "-O", "qcow2", "-S", "1000", src, out], "Invalid buffer size for sparse output"),
+        (["convert", "-O", "raw", "-c", src, out], "Compression not supported"),
+        (["convert", "-O", "qcow2", "-o", "bogus=1", src, out], "Invalid parameter 'bogus'"),
+        (["convert", "-O", "qcow2", "-l", "snapshot.name=nope", str(sources["snap"][0]), out], "nope"),
+        (["convert", "-O", "vmdk", src, out], "vmdk"),
+        (["convert", "-O", "qcow2", src], "DST"),
+        (["convert", "-O", "qcow2", src, src], "lock"),
+        (["convert", "-O", "raw", src, str(sources["base"][0])], "lock"),
+        (["convert", "-O", "qcow2", "-m", "0", "-c", src, out], "Invalid number of coroutines"),
+    ]
+    before = (Path(src).read_bytes(), sources["base"][0].read_bytes())
+    for argv, text in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("qcowdisk: ") and text in err, (argv, err)
+        assert "Traceback" not in err
+    assert (Path(src).read_bytes(), sources["base"][0].read_bytes()) == before
+
+
+def test_target_in_use_is_refused(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """A target file another process holds (here a qemu-io session) is left alone."""
+    busy = tmp_path / "busy.qcow2"
+    create(str(busy), "1M")
+    before = busy.read_bytes()
+    p = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(busy)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while qemu_img("info", str(busy), check=False).returncode == 0:  # until qemu-io holds its lock
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for out_fmt in ("qcow2", "raw"):
+            with pytest.raises(qcowdisk.ImageLockedError):
+                qcowdisk.convert(sources["top"][0], busy, out_format=out_fmt)
+    finally:
+        p.kill()
+        p.wait()
+    assert busy.read_bytes() == before
+
+
+def test_progress_and_failing_callback(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    src, _ = sources["top"]
+    seen: list[tuple[int, int]] = []
+    qcowdisk.convert(src, tmp_path / "p.qcow2", progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 12 * MiB) and seen[-1] == (12 * MiB, 12 * MiB)
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
+
+    def boom(done: int, total: int) -> None:
+        if done:
+            raise KeyboardInterrupt
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        qcowdisk.convert(src, tmp_path / "q.qcow2", progress=boom)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with QcowFile.open(tmp_path / "q.qcow2"):  # not left locked
+        pass
+
+
+def test_huge_sparse_source_constant_memory(tmp_path: Path) -> None:
+    src = tmp_path / "big.qcow2"
+    create(str(src), "100G")
+    qemu_io(str(src), "write -P 1 0 64k", "write -P 2 50G 1M", "write -P 3 99G 64k")
+    for out_fmt in ("qcow2", "raw"):
+        out = tmp_path / f"big-out.{out_fmt}"
+        tracemalloc.start()
+        t0 = time.monotonic()
+        qcowdisk.convert(src, out, out_format=out_fmt)
+        elapsed = time.monotonic() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert elapsed < 10, elapsed
+        assert peak < 32 * MiB, peak
+        assert out.stat().st_blocks * 512 < 8 * MiB
+        compare(str(src), str(out), "qcow2", out_fmt)
+
+
+def test_progress_line_on_terminal(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    import pty
+    src, _ = sources["top"]
+    master, slave = pty.openpty()
+    p = subprocess.run([sys.executable, "-m", "qcowdisk", "convert", "-p", "-O", "qcow2", str(src),
+                        str(tmp_path / "pp.qcow2")], stdout=slave, stderr=subprocess.PIPE, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    os.close(slave)
+    text = os.read(master, 65536).decode()
+    os.close(master)
+    assert p.returncode == 0, p.stderr
+    assert "(0.00/100%)" in text and "(100.00/100%)" in text
+
+
+def test_zero_detection_matches_qemu_rules() -> None:
+    sec = bytes(512)
+    d = b"\x01" * 512
+    # data, 3 zero sectors (< min 8: kept as data), data, 16 zero sectors (a hole)
+    buf = bytearray(d + sec * 3 + d + sec * 16 + d)
+    runs = list(data_runs(buf, len(buf) // 512, 0, 8, 8))
+    assert sum(n for _, n in runs) == len(buf) // 512
+    assert runs[0][0] and not runs[1][0] and runs[-1][0]
+    assert re.fullmatch(r"[01]+", "".join(str(int(a)) for a, _ in runs))
