@@ -1315,7 +1315,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 snapshot = snapshot[len(prefix):]
                 break
     try:
-        sparse = _qemu_strtosz(args.sparse)[0] if args.sparse is not None else 4096
+        sparse = qemuopts.strtosz(args.sparse)[0] if args.sparse is not None else 4096
     except (ValueError, OverflowError):
         raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
                          "16777216. Select 0 to disable sparse detection (fully allocates output).") from None
