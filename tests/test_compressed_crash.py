@@ -237,14 +237,14 @@ class Recorded:
 @contextlib.contextmanager
 def auto_release(wl: CWorkload) -> Iterator[None]:
     """Make the compressed writes release queued frees (a flush) after `wl.auto_release_frees`."""
-    from qcowdisk.qcow2 import compressed
-    saved = compressed.AUTO_RELEASE_MIN_FREES, compressed.AUTO_RELEASE_BYTES
+    from qcowdisk.qcow2 import ordering
+    saved = ordering.FREE_PILE_MIN, ordering.FREE_PILE_BYTES
     if wl.auto_release_frees:
-        compressed.AUTO_RELEASE_MIN_FREES, compressed.AUTO_RELEASE_BYTES = wl.auto_release_frees, 0
+        ordering.FREE_PILE_MIN, ordering.FREE_PILE_BYTES = wl.auto_release_frees, 0
     try:
         yield
     finally:
-        compressed.AUTO_RELEASE_MIN_FREES, compressed.AUTO_RELEASE_BYTES = saved
+        ordering.FREE_PILE_MIN, ordering.FREE_PILE_BYTES = saved
 
 
 def create_image(wl: CWorkload, image: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 from imagefactory import CLUSTER_SIZES, l2_entries, make_image, map_at, qemu_map
 from qcowdisk import QcowFile, ReadOnlyError, UnsupportedFeatureError
 from qcowdisk.cli import main as cli_main
-from qcowdisk.qcow2 import compressed
+from qcowdisk.qcow2 import ordering
 from qcowdisk.qcow2.compress import compress_cluster
 from qcowdisk.qcow2.entries import CompressedDescriptor
 from qcowdisk.qcow2.format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
@@ -328,7 +328,7 @@ def test_repeated_replacement_stays_bounded(tmp_path: Path, monkeypatch: pytest.
     """Rewriting the same compressed clusters over and over keeps the file small: with flushes,
     and without any (the compressed writes then flush once enough frees are queued; the bound is
     lowered here so 300 rewrites cross it several times)."""
-    monkeypatch.setattr(compressed, "AUTO_RELEASE_BYTES", 1 << 20)  # 64 queued frees at 64 KiB
+    monkeypatch.setattr(ordering, "FREE_PILE_BYTES", 1 << 20)  # 64 queued frees at 64 KiB
     cs = 65536
     img = str(tmp_path / "g.qcow2")
     blobs = [text(2 * cs, i) for i in range(10)]

@@ -17,10 +17,10 @@ What QEMU 7.2 does (`qcow2_co_pwritev_compressed_part` / `_task`,
   is written, its refcounts raised, then the L2 entry switched, and the old cluster's
   references (a data cluster, a preallocated zero cluster, or the host clusters of an old
   payload) go to the deferred-free queue, so they are dropped only once the L2 entry that no
-  longer names them is on disk. Since every replacement allocates new bytes, a compressed write
-  that leaves many frees queued flushes by itself (AUTO_RELEASE_*): rewriting clusters without
-  ever calling flush() does not grow the file without bound. (Ordinary overwrites land in place
-  and need no such release.)
+  longer names them is on disk. Since every replacement allocates new bytes, a write that
+  leaves many frees queued flushes by itself (ordering.release_frees_if_piling, shared with
+  ordinary writes and discards): rewriting clusters without ever calling flush() does not grow
+  the file without bound.
 - Extended L2: a compressed entry's subcluster bitmap is 0, as QEMU writes it.
 - Images with an external data file are refused, as QEMU refuses them (ENOTSUP): compressed
   clusters cannot live in a raw-mapped data file.
@@ -43,7 +43,7 @@ from ..hostio import Buffer
 from .compress import compress_cluster
 from .entries import OFLAG_COMPRESSED
 from .mapping import compressed_location, data_offset
-from .ordering import flush
+from .ordering import release_frees_if_piling
 from .overlap import check_not_metadata
 from .refcount import Refcounts
 from .state import Qcow2State
@@ -53,13 +53,6 @@ from .writing import free_entry, l2_for_write, write
 # the lock is never held across compressing a large request, and its payloads are never all in
 # memory at once.
 CHUNK_BYTES = 4 << 20
-
-# Replacing compressed clusters allocates new bytes every time; what they replaced is only
-# released at a flush. Past this many queued frees (or this many bytes of clusters), a
-# compressed write flushes by itself, so rewriting the same clusters without ever calling
-# flush() cannot grow the file without bound.
-AUTO_RELEASE_MIN_FREES = 64
-AUTO_RELEASE_BYTES = 64 << 20
 
 
 def check_request(s: Qcow2State, guest_offset: int, length: int) -> None:
@@ -125,9 +118,7 @@ def write_compressed(s: Qcow2State, guest_offset: int, mv: memoryview, payloads:
         if todo:
             _write_in_table(s, l1i, todo)
         i = end
-    rc = _refcounts(s)
-    if len(rc.deferred_frees) >= max(AUTO_RELEASE_MIN_FREES, AUTO_RELEASE_BYTES >> cbits):
-        flush(s)
+    release_frees_if_piling(s)  # replacements allocate anew every time: keep the file bounded
 
 
 def _write_in_table(s: Qcow2State, l1_index: int, todo: list[tuple[int, bytes]]) -> None:

@@ -586,6 +586,8 @@ class QcowFile:
                 try:  # what _guarded does, inline: this is the per-request path
                     ordering.mark_dirty_before_lazy_update(s)
                     writing.write(s, offset, mv)
+                    if s.refcounts is not None and s.refcounts.deferred_frees:  # usually empty
+                        ordering.release_frees_if_piling(s)
                 except OSError as e:
                     if s.failure is None:
                         s.failure = e
@@ -610,6 +612,7 @@ class QcowFile:
                 def run() -> None:
                     ordering.mark_dirty_before_lazy_update(s)
                     writing.zero(s, offset, length, punch)
+                    ordering.release_frees_if_piling(s)
                 self._guarded(run)
 
     def discard(self, offset: int, length: int) -> None:

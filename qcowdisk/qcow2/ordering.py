@@ -102,6 +102,22 @@ def flush(state: Qcow2State, *, final: bool = False) -> None:
     state.host.sync()
 
 
+# Dropped references wait in the allocator's deferred-free queue until a flush makes the tables
+# that dropped them durable. Past this many queued frees (or this many bytes of clusters), a
+# write or discard flushes by itself, so that rewriting clusters without ever calling flush()
+# (compressed replacements, copy-on-write over shared clusters, discards) cannot grow the file,
+# or the queue, without bound.
+FREE_PILE_MIN = 64
+FREE_PILE_BYTES = 64 << 20
+
+
+def release_frees_if_piling(state: Qcow2State) -> None:
+    """Flush when many dropped references are waiting for one (see FREE_PILE_*)."""
+    rc = state.refcounts
+    if rc is not None and len(rc.deferred_frees) >= max(FREE_PILE_MIN, FREE_PILE_BYTES >> state.cluster_bits):
+        flush(state)
+
+
 def hand_back(state: Qcow2State, freed: list[int]) -> None:
     """Forget freed metadata clusters and punch the host space of freed clusters, as runs."""
     cbits = state.cluster_bits
