@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -125,3 +130,30 @@ def pattern(length: int, seed: int = 0) -> bytes:
 
 __all__ = ["run", "qemu_img", "qemu_io", "create", "to_raw", "check", "assert_clean",
            "assert_no_corruption", "compare", "info", "write_raw", "pattern", "os"]
+
+
+@contextlib.contextmanager
+def qemu_io_holding(image: str) -> Iterator[subprocess.Popen[bytes]]:
+    """An interactive qemu-io with the image open for writing (its locks held) until the block ends."""
+    p = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        # Its first prompt comes once the image is open. (Not polled with qemu-img info: that
+        # takes a shared lock, and qemu-io's open fails if it comes in between.)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while not seen.endswith(b"qemu-io> "):
+            assert select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], seen
+            chunk = p.stdout.read1(4096)
+            assert chunk, f"qemu-io exited: {seen!r}"
+            seen += chunk
+        yield p
+    finally:
+        p.stdin.close()  # end of input: qemu-io quits
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        p.stdout.close()

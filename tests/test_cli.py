@@ -7,19 +7,14 @@ options in `qemu-img info`. Also runs tools/quickstart.py end to end.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import io
 import json
 import os
-import select
-import signal
 import socket
 import subprocess
 import sys
-import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +22,7 @@ import pytest
 
 import qcowdisk
 from qcowdisk import cli
-from qemutools import assert_clean, compare, create, info, pattern, qemu_img, qemu_io, to_raw, write_raw
+from qemutools import assert_clean, compare, create, info, pattern, qemu_img, qemu_io, qemu_io_holding, to_raw, write_raw
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -859,33 +854,6 @@ def test_confine_to_accepts_a_chain_inside(tmp_path: Path, capsys: pytest.Captur
     sneaky = create(str(tmp_path / "sneaky.qcow2"), "1M", backing="sub/link.raw", backing_fmt="raw")
     status, _, err = run_cli(capsys, "read", "--confine-to", d, sneaky, "0", "1")
     assert status == 1 and "resolves to '/etc/passwd'" in err and f"outside the directory '{d}'" in err
-
-
-@contextlib.contextmanager
-def qemu_io_holding(image: str) -> Iterator[subprocess.Popen[bytes]]:
-    """An interactive qemu-io with the image open for writing (its locks held) until the block ends."""
-    p = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
-    assert p.stdin is not None and p.stdout is not None
-    try:
-        # Its first prompt comes once the image is open. (Not polled with qemu-img info: that
-        # takes a shared lock, and qemu-io's open fails if it comes in between.)
-        seen = b""
-        deadline = time.monotonic() + 30
-        while not seen.endswith(b"qemu-io> "):
-            assert select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], seen
-            chunk = p.stdout.read1(4096)
-            assert chunk, f"qemu-io exited: {seen!r}"
-            seen += chunk
-        yield p
-    finally:
-        p.stdin.close()  # end of input: qemu-io quits
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        p.stdout.close()
 
 
 def test_force_share_reads_an_image_qemu_io_holds(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:

@@ -23,7 +23,7 @@ import pytest
 import qcowdisk
 from qcowdisk import QcowFile, cli
 from qcowdisk.ops.convert import ConvertError, data_runs
-from qemutools import assert_clean, compare, create, qemu_img, qemu_io
+from qemutools import assert_clean, compare, create, qemu_img, qemu_io, qemu_io_holding
 
 REPO = Path(__file__).resolve().parent.parent
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -289,18 +289,10 @@ def test_target_in_use_is_refused(tmp_path: Path, sources: dict[str, tuple[Path,
     busy = tmp_path / "busy.qcow2"
     create(str(busy), "1M")
     before = busy.read_bytes()
-    p = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(busy)], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while qemu_img("info", str(busy), check=False).returncode == 0:  # until qemu-io holds its lock
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with qemu_io_holding(str(busy)):  # waits for its prompt: polling with qemu-img info races its open
         for out_fmt in ("qcow2", "raw"):
             with pytest.raises(qcowdisk.ImageLockedError):
                 qcowdisk.convert(sources["top"][0], busy, out_format=out_fmt)
-    finally:
-        p.kill()
-        p.wait()
     assert busy.read_bytes() == before
 
 
