@@ -15,13 +15,12 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from qcowdisk import AmendError, InvalidImageError, QcowFile, cli
-from qemutools import assert_clean, create, info, qemu_img, qemu_io
+from qemutools import assert_clean, create, info, qemu_img, qemu_io, qemu_io_holding
 
 MiB = 1 << 20
 
@@ -346,20 +345,10 @@ def test_bad_bitmap_directory_refused(tmp_path: Path, where: str, value: int, fi
 
 def test_locked_image_refused_as_qemu_img(inputs: dict[str, str], tmp_path: Path) -> None:
     shutil.copy(inputs["plain.qcow2"], tmp_path / "a.qcow2")
-    holder = subprocess.Popen(["qemu-io", "-c", "sleep 20000", "a.qcow2"], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # wait until qemu-io holds its lock
-            q = subprocess.run(["qemu-img", "amend", "-o", "lazy_refcounts=on", "a.qcow2"], capture_output=True,
-                               cwd=tmp_path, check=False)
-            if q.returncode or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+    with qemu_io_holding(str(tmp_path / "a.qcow2")):  # waits for its prompt, without racing its open
+        q = subprocess.run(["qemu-img", "amend", "-o", "lazy_refcounts=on", "a.qcow2"], capture_output=True,
+                           cwd=tmp_path, check=False)
         status, out, err = run_cli(["-o", "lazy_refcounts=on", "a.qcow2"], tmp_path)
         assert q.returncode == 1 and status == 1
         assert out == q.stdout.decode() == ""
         assert err.replace("qcowdisk", "qemu-img") == q.stderr.decode()
-    finally:
-        holder.kill()
-        holder.wait()
