@@ -321,9 +321,12 @@ def cleanup() -> None:
     if exp is not None:
         try:
             exp.close()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever stops a clean close is reported, with exit 1
+            # nbdkit would exit 0 whatever cleanup says; a close that could not be clean (the
+            # failed state after a host error) must not look like a clean stop. nbdkit has
+            # nothing left to do but free memory.
             print(f"qcowdisk: closing '{exp.disk.filename}' failed: {e}", file=sys.stderr, flush=True)
-            raise
+            os._exit(1)
 
 
 def default_export(readonly: bool, is_tls: bool) -> str:

@@ -15,12 +15,15 @@ import os
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ServeError", "ServeOptions", "plugin_path", "embedded_python", "python_path", "nbdkit_command", "serve"]
+__all__ = ["ServeError", "ServeOptions", "plugin_path", "embedded_python", "python_path", "nbdkit_command", "check_nbdkit",
+           "wait_ready", "serve"]
 
 # What qcowdisk imports at run time, beyond the standard library (pyproject's dependencies).
 _DEPENDENCIES = ("zstandard", "filelock")
@@ -133,6 +136,27 @@ def check_nbdkit(nbdkit: str = "nbdkit") -> str:
             f"Python {here[0]}.{here[1]} ({sys.executable}): their compiled modules are not interchangeable. "
             f"Install qcowdisk for Python {embedded[0]}.{embedded[1]} and run 'qcowdisk serve' with that interpreter")
     return found
+
+
+def wait_ready(address: str | tuple[str, int], timeout: float = 60.0,
+               proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """Poll an NBD server (a Unix socket path, or a (host, port)) until it sends NBD's greeting:
+    True; False if `proc` exits first; TimeoutError after `timeout` seconds."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
+            try:
+                s.connect(address)
+                if s.recv(8) == b"NBDMAGIC":
+                    return True
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no NBD server answered at {address!r} within {timeout} s")
 
 
 def serve(options: ServeOptions, nbdkit: str = "nbdkit", extra_args: Sequence[str] = ()) -> int:
