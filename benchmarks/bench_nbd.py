@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,9 +97,24 @@ def nbdcopy_seconds(url: str, options: list[str], dest: Path | None) -> float:
     return time.perf_counter() - t0
 
 
-def nbd_rows(size: int = 1 << 30, repeat: int = 3, workdir: str | None = None) -> list[dict[str, object]]:
-    """Run the comparison; one dict per case: case, qcowdisk_mibs, reference_mibs, ratio,
-    reference (the server compared against), note."""
+@dataclass
+class NbdRow:
+    """One case's result: MiB/s out of each server (best run), and the server compared against."""
+
+    case: str
+    qcowdisk_mibs: float
+    reference_mibs: float
+    reference: str
+    note: str
+
+    @property
+    def ratio(self) -> float:
+        """qcowdisk throughput / the reference's (above 1: qcowdisk faster)."""
+        return self.qcowdisk_mibs / self.reference_mibs
+
+
+def nbd_rows(size: int = 1 << 30, repeat: int = 3, workdir: str | None = None) -> list[NbdRow]:
+    """Run the comparison; one row per case."""
     with tempfile.TemporaryDirectory(prefix="qcowdisk-nbd-", dir=workdir) as d:
         tmp = Path(d)
         img = make_image(tmp, size)
@@ -117,13 +133,9 @@ def nbd_rows(size: int = 1 << 30, repeat: int = 3, workdir: str | None = None) -
                                 times.setdefault((name, side), []).append(t)
         finally:
             os.environ["PYTHONPATH"] = env_path
-        rows: list[dict[str, object]] = []
-        for name, _options, _dest in CASES:
-            q = size / MiB / min(times[(name, "qcowdisk")])
-            r = size / MiB / min(times[(name, "reference")])
-            rows.append({"case": name, "qcowdisk_mibs": q, "reference_mibs": r, "ratio": q / r,
-                         "reference": theirs_cmd[0], "note": f"best of {repeat}, {size // MiB} MiB mixed image"})
-        return rows
+        return [NbdRow(name, size / MiB / min(times[(name, "qcowdisk")]), size / MiB / min(times[(name, "reference")]),
+                       theirs_cmd[0], f"best of {repeat}, {size // MiB} MiB mixed image")
+                for name, _options, _dest in CASES]
 
 
 def main() -> int:
@@ -134,10 +146,10 @@ def main() -> int:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     rows = nbd_rows(parse_size(args.size), args.repeat, args.dir)
-    print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, reference: {rows[0]['reference']}")
+    print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, reference: {rows[0].reference}")
     print(f"{'case':<24} {'qcowdisk MiB/s':>15} {'reference MiB/s':>16} {'ratio':>6}")
     for r in rows:
-        print(f"{r['case']:<24} {r['qcowdisk_mibs']:>15,.0f} {r['reference_mibs']:>16,.0f} {r['ratio']:>6.2f}")
+        print(f"{r.case:<24} {r.qcowdisk_mibs:>15,.0f} {r.reference_mibs:>16,.0f} {r.ratio:>6.2f}")
     return 0
 
 
