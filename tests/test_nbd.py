@@ -27,7 +27,7 @@ import pytest
 from faulthost import FaultPlan
 from qcowdisk import ImageLockedError, QcowFile
 from qcowdisk import nbdplugin as plugin
-from qcowdisk.nbdserve import ServeError, check_nbdkit, wait_ready
+from qcowdisk.nbdserve import ServeError, ServeOptions, check_nbdkit, nbdkit_command, wait_ready
 from qemutools import (
     assert_clean,
     assert_no_corruption,
@@ -524,3 +524,51 @@ def test_zero_trim_fua_and_extents(tmp_path: Path, fake: FakeNbdkit) -> None:
     buf = bytearray(3 * 65536)
     plugin.pread(None, memoryview(buf), 0, 0)
     assert buf == b"\x08" * 512 + b"\x07" * (65536 - 512) + bytes(2 * 65536)
+
+
+# ---------------------------------------------------------------------- starting nbdkit
+def fake_nbdkit(tmp_path: Path, script: str) -> str:
+    """An executable standing in for nbdkit (what `--dump-plugin` prints decides the checks)."""
+    path = tmp_path / "nbdkit"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_nbdkit_checks(tmp_path: Path) -> None:
+    """serve refuses, with a message saying what to install, when nbdkit or its Python plugin is
+    missing, and when the plugin embeds another Python version than the running one."""
+    with pytest.raises(ServeError, match="apt-get install nbdkit nbdkit-plugin-python"):
+        check_nbdkit(str(tmp_path / "no-such-nbdkit"))
+    missing = fake_nbdkit(tmp_path, "echo 'nbdkit: error: cannot open plugin' >&2; exit 1")
+    with pytest.raises(ServeError, match="nbdkit-plugin-python"):
+        check_nbdkit(missing)
+    major, minor = sys.version_info[:2]
+    other = fake_nbdkit(tmp_path, f"echo python_version={major}.{minor + 1}.0")
+    with pytest.raises(ServeError, match=rf"embeds Python {major}\.{minor + 1}, but qcowdisk runs under Python {major}\.{minor}"):
+        check_nbdkit(other)
+    same = fake_nbdkit(tmp_path, f"echo python_version={major}.{minor}.99; echo python_pep_384_abi_version=3")
+    assert check_nbdkit(same) == same
+
+
+def test_nbdkit_command_line(tmp_path: Path) -> None:
+    """The nbdkit command line and environment: foreground, read-only on both sides, the plugin
+    by path, absolute paths, qcowdisk's and its dependencies' directories first on PYTHONPATH."""
+    import zstandard
+
+    import qcowdisk
+    argv, env = nbdkit_command(ServeOptions("d.qcow2", readonly=True, port=10811, bind="127.0.0.1",
+                                            export_name="x", confine_to="imgs"), "nbdkit",
+                               environ={"PYTHONPATH": "/elsewhere", "PATH": "/bin"})
+    assert argv[:2] == ["nbdkit", "-f"] and "--readonly" in argv
+    assert argv[argv.index("--port") + 1] == "10811" and argv[argv.index("--ipaddr") + 1] == "127.0.0.1"
+    plugin_at = argv.index("python") + 1
+    assert argv[plugin_at] == plugin.__file__
+    assert argv[plugin_at + 1:] == [f"file={os.path.abspath('d.qcow2')}", "readonly=true",
+                                    f"confine-to={os.path.abspath('imgs')}", "export=x"]
+    path = env["PYTHONPATH"].split(os.pathsep)
+    assert path[0] == os.path.dirname(os.path.dirname(qcowdisk.__file__)) and path[-1] == "/elsewhere"
+    assert os.path.dirname(os.path.dirname(zstandard.__file__)) in path
+    assert env["PATH"] == "/bin"
+    with pytest.raises(ValueError, match="--socket cannot be combined"):
+        nbdkit_command(ServeOptions("d.qcow2", socket="s", port=1))
