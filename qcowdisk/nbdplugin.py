@@ -30,7 +30,9 @@ Choices, and why:
   nbdkit may run requests concurrently, from one connection or several. The engine serializes
   them on its lock; what runs in parallel is nbdkit's own work (receiving the next request,
   sending replies), and, as the engine releases the GIL in its host I/O, nbdkit's threads run
-  during preadv/pwritev.
+  during preadv/pwritev. Measured with `nbdcopy URL null:` of a 512 MiB image on 2 cores,
+  the median copy took 0.69x the time it took with THREAD_MODEL_SERIALIZE_REQUESTS (4
+  connections) and 0.49x (1 connection).
 - **FUA natively**: a write, trim or zero with FUA flushes the image before returning.
 - **trim** punches (`punch_hole`: the range reads as zeros and whole clusters are freed, as
   QEMU's qcow2 discard does for NBD). **zero** with may-trim punches too; without it (the client
