@@ -42,8 +42,7 @@ from qemutools import (
 )
 
 MiB = 1 << 20
-SERVE = [sys.executable, "-c", "import sys; from qcowdisk.nbdserve import ServeOptions, serve; "
-         "sys.exit(serve(ServeOptions(**eval(sys.argv[1]))))"]
+SERVE = [sys.executable, "-m", "qcowdisk", "serve"]
 
 
 def _nbdkit_problem() -> str | None:
@@ -98,24 +97,28 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def serving(image: Path, *, tcp: bool = False, readonly: bool = False, export_name: str | None = None,
             extra: tuple[str, ...] = ()) -> Iterator[Server]:
-    """`qcowdisk serve` the image until the block ends (then SIGTERM; SIGKILL if it hangs)."""
+    """`qcowdisk serve` the image until the block ends (then SIGTERM, and SIGKILL if that hangs)."""
     sockdir = tempfile.mkdtemp(prefix="qd-nbd-")  # short: a Unix socket path has ~107 bytes
     log = Path(sockdir) / "server.log"
     server: Server | None = None
     try:
         for _attempt in range(5):  # a TCP port picked free may be taken before nbdkit binds it
-            opts: dict[str, object] = {"image": str(image), "readonly": readonly, "export_name": export_name}
+            args = [*SERVE, *extra]
+            if readonly:
+                args.append("--readonly")
+            if export_name is not None:
+                args += ["--export-name", export_name]
             path = "/" + (export_name or "")
             address: str | tuple[str, int]
             if tcp:
                 port = _free_port()
-                opts.update(port=port, bind="127.0.0.1")
+                args += ["--port", str(port), "--bind", "127.0.0.1"]
                 address, url = ("127.0.0.1", port), f"nbd://127.0.0.1:{port}{path}"
             else:
                 address = os.path.join(sockdir, "sock")
-                opts.update(socket=address)
+                args += ["--socket", address]
                 url = f"nbd+unix://{path}?socket={address}"
-            args = [*SERVE, repr(opts)]
+            args.append(str(image))
             with open(log, "wb") as out:
                 proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
             server = Server(proc, url, log, address)
@@ -131,8 +134,7 @@ def serving(image: Path, *, tcp: bool = False, readonly: bool = False, export_na
         yield server
     finally:
         if server is not None and server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+            server.stop()  # SIGTERM: gone, image closed, when this returns (else SIGKILL and fail)
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
@@ -412,11 +414,11 @@ def test_export_name_and_refusals(tmp_path: Path) -> None:
         assert p.returncode != 0 and "other" in p.stderr, p.stderr
         listed = run("nbdinfo", "--list", "--json", srv.url).stdout
         assert [e["export-name"] for e in json.loads(listed)["exports"]] == ["disk0"], listed
-    p = run(*SERVE, repr({"image": str(tmp_path / "missing"), "socket": str(tmp_path / "s")}), check=False)
+    p = run(*SERVE, "--socket", str(tmp_path / "s"), str(tmp_path / "missing"), check=False)
     assert p.returncode == 1 and p.stderr.startswith("qcowdisk: Could not open"), p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     with qemu_io_holding(str(img)):
-        p = run(*SERVE, repr({"image": str(img), "socket": str(tmp_path / "s")}), check=False)
+        p = run(*SERVE, "--socket", str(tmp_path / "s"), str(img), check=False)
     assert p.returncode == 1 and "lock" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "s").exists()
 
