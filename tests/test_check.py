@@ -552,14 +552,15 @@ def test_clean_image_figures_match_qemu(kind: str, tmp_path: Path) -> None:
                                   "prealloc-metadata", "c512", "data-file-raw", "lazy"])
 def test_exact_walk_agrees_with_fast_walk(kind: str, tmp_path: Path) -> None:
     """The whole-table fast path computes exactly what QEMU's per-entry loop computes."""
-    from qcowdisk.qcow2 import check as ck
+    from qcowdisk.qcow2.checkresult import CheckTally
+    from qcowdisk.qcow2.refwalk import RefcountWalk
     path = _clean(kind, tmp_path)
     with QcowFile.open(path, readonly=True) as disk:
         s = disk._state
         walks = []
         for exact in (False, True):
-            res = ck.CheckTally()
-            walk = ck.RefcountWalk(s, res)
+            res = CheckTally()
+            walk = RefcountWalk(s, res)
             walk.exact = exact
             walk.calculate()
             walks.append((walk.imrt.tolist(), res.allocated_clusters, res.fragmented_clusters,
@@ -684,8 +685,8 @@ def test_snapshot_table_repair_is_refused_cleanly(tmp_path: Path) -> None:
 
 def test_snapshot_table_read_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A snapshot table longer than what is read ahead is read on, entry by entry."""
-    from qcowdisk.qcow2 import check as ck
-    monkeypatch.setattr(ck, "SNAPSHOT_READ_AHEAD", 40)
+    from qcowdisk.qcow2 import snapshotcheck
+    monkeypatch.setattr(snapshotcheck, "SNAPSHOT_READ_AHEAD", 40)
     path = base_image(tmp_path)
     for name in ("one", "two", "three"):
         qemu_img("snapshot", "-c", name, path)
