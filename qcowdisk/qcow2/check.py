@@ -28,12 +28,12 @@ count drops to exactly 1 has COPIED clear until the flag is rewritten (QEMU's wi
 `qemu-img check` reports as an OFLAG_COPIED corruption; that state is harmless (a writer copies
 the cluster on write) and the next `check -r all` fixes it. The caller holds the image lock.
 
-Where qcowdisk differs from qemu-img check: a snapshot table that must be rewritten (`-r all` on
-incomplete entries, too much extra data, too many snapshots) is not repaired (`Check failed:
-Operation not supported`); encrypted images are refused at open; images whose header or tables
-qcowdisk refuses to open fail with qcowdisk's reason where qemu-img may open them; the metadata
-overlap check of `fix_l2_entry_by_zero` is not made; the messages of a malformed bitmap
-directory are not QEMU's (only its corruption count is).
+Where qcowdisk differs from qemu-img check: encrypted images are refused at open; images whose
+header or tables qcowdisk refuses to open fail with qcowdisk's reason where qemu-img may open them;
+the metadata overlap check of `fix_l2_entry_by_zero` is not made; the messages of a malformed
+bitmap directory are not QEMU's (only its corruption count is); when a snapshot table rewrite
+fails on the overlap check (the image is marked corrupt), the refcount fixes made before it stay
+on disk (qemu-img's stay in its cache, unwritten).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .checkresult import (
     Repair,
     Report,
     StepFailed,
+    add_counts,
     no_report,
 )
 from .copiedcheck import check_oflag_copied
@@ -64,7 +65,7 @@ from .format import (
 )
 from .refrepair import apply_refcount_fixes, preclear_copied, rebuild_refcount_structure
 from .refwalk import RefcountWalk, SnapshotRef
-from .snapshotcheck import INT_MAX, read_snapshot_table
+from .snapshotcheck import INT_MAX, fix_snapshot_table, read_snapshot_table
 from .state import Qcow2State
 
 # ------------------------------------------------------------------------------------------------
@@ -83,14 +84,10 @@ class _Check(CheckRun):
         self.snapshots = read_snapshot_table(s, self.report, snapshot_res, self.fix)
         res = CheckTally()
         self.check_refcounts(res)
-        if snapshot_res.corruptions and self.fix & FIX_ERRORS:
-            # qcow2_check_fix_snapshot_table rewrites the table; qcowdisk does not write
-            # snapshot tables (yet), so this repair fails as QEMU's would on a write error.
-            res.check_errors += 1
-            self.report("ERROR failed to update snapshot table: Operation not supported")
-            raise StepFailed(errno.ENOTSUP)
-        for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
-            setattr(res, name, getattr(res, name) + getattr(snapshot_res, name))
+        try:
+            fix_snapshot_table(s, self.report, snapshot_res, self.fix, self.snapshots)
+        finally:
+            add_counts(res, snapshot_res)
         if self.fix and not res.check_errors and not res.corruptions:
             self.mark_clean_and_consistent()
         return res

@@ -171,6 +171,12 @@ class CheckTally:
                            self.fragmented_clusters, self.compressed_clusters, filename)
 
 
+def add_counts(res: CheckTally, other: CheckTally) -> None:
+    """qcow2_add_check_result without the figures: add `other`'s problem counts to `res`."""
+    for name in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+        setattr(res, name, getattr(res, name) + getattr(other, name))
+
+
 class StepFailed(Exception):
     """A check step failed as QEMU's returns -errno: the check stops (`Check failed: ...`)."""
 

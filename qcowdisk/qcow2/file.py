@@ -75,6 +75,7 @@ from .format import (
     parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
+    validate_snapshot_fields,
 )
 from .overlap import collect_metadata
 from .refcount import Refcounts
@@ -906,7 +907,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
     if len(head) == 512 and 9 < cluster_bits <= 21:
         head = host.pread(min(file_length, 1 << cluster_bits), 0)
-    h = parse_header(head, file_length)
+    h = parse_header(head, file_length, check_snapshots=not for_check)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
@@ -922,6 +923,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
     if h.nb_snapshots:
         try:
+            if for_check:
+                validate_snapshot_fields(h)
             buf = host.pread(min(64 << 20, max(0, file_length - h.snapshots_offset)), h.snapshots_offset)
             s.snapshots, s.snapshot_table_length = parse_snapshot_table(
                 buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)

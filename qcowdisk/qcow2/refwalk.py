@@ -16,7 +16,7 @@ import errno
 import operator
 import sys
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import reduce
 from itertools import compress
 
@@ -39,6 +39,7 @@ from .format import (
     AUTOCLEAR_BITMAPS,
     EXT_BITMAPS,
     MAX_L1_BYTES,
+    SnapshotEntry,
 )
 from .state import Qcow2State
 
@@ -439,3 +440,4 @@ class SnapshotRef:
     l1_table_offset: int
     l1_size: int
     extra_data_size: int
+    entry: SnapshotEntry | None = field(default=None, compare=False, repr=False)  # as a rewrite needs it
