@@ -18,6 +18,9 @@ WRITE
      flush() + close()) vs `qemu-img bench -w ... -s 65536` on a fresh `qemu-img create` image
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+CHECK
+  g) `QcowFile.check()` in-process, and the `python -m qcowdisk check` process, vs the `qemu-img check`
+     process, on a sparse 1 TiB, a fully allocated 4 GiB and a 64 MiB 512 B-cluster image (bench_check.py)
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -616,6 +619,21 @@ def bench_create(QcowFile: Any, engine_error: str | None, workdir: str, repeat: 
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
+# g) check (rows from benchmarks/bench_check.py)
+
+def bench_check(workdir: str, repeat: int, rows: list[Row]) -> None:
+    """qcowdisk check against qemu-img check: in-process check() (target >= 1.0) and the whole
+    `python -m qcowdisk check` process (interpreter start-up included; for reference)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_check import check_rows
+    with guarded(rows, "g) check", "ms", "qemu-img check (process)"):
+        for name, q, r, ratio in check_rows(repeat=max(repeat, 5), workdir=workdir):
+            in_process = "in-process" in name
+            rows.append(Row(f"g) {name}", "ms", "qemu-img check (process)", q * 1e3, r * 1e3, ratio,
+                            target=">= 1.00" if in_process else "-", passed=ratio >= 1.0 if in_process else None))
+
+
+# ---------------------------------------------------------------------------------------------
 
 def _fmt(v: float | None, unit: str) -> str:
     if v is None:
@@ -667,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdef", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -690,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_writes(QcowFile, engine_error, workdir, args.size, args.repeat, rows)
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
+        if "g" in only and not engine_error:
+            bench_check(workdir, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -469,6 +469,25 @@ def _snapshot_table_unaligned(d: Path) -> str:
     return p
 
 
+def falloc_image(d: Path) -> str:
+    """Fully allocated, 4 KiB clusters: host-contiguous L2 tables and data (the grouped fast paths)."""
+    p = str(d / "img.qcow2")
+    create(p, "16M", options="cluster_size=4k,preallocation=falloc")
+    return p
+
+
+def _falloc_copied_clear(d: Path) -> str:
+    p = falloc_image(d)
+    set_l2_entry(p, 5 * MiB, l2_entry(p, 5 * MiB) & ~ip.OFLAG_COPIED)
+    return p
+
+
+def _falloc_refcount_high(d: Path) -> str:
+    p = falloc_image(d)
+    set_refcount(p, (l2_entry(p, MiB) & 0x00FFFFFFFFFFFE00) >> 12, 2)
+    return p
+
+
 BROKEN: dict[str, Callable[[Path], str]] = {
     "leak-l1-cluster": _leak_l1_cluster,
     "leak-orphan-data": _leak_orphan_data,
@@ -509,6 +528,8 @@ BROKEN: dict[str, Callable[[Path], str]] = {
     "snapshot-l1-past-eof": _snapshot_l1_past_eof,
     "snapshot-table-past-eof": _snapshot_table_past_eof,
     "snapshot-table-unaligned": _snapshot_table_unaligned,
+    "falloc-copied-clear": _falloc_copied_clear,
+    "falloc-refcount-high": _falloc_refcount_high,
 }
 
 
@@ -591,6 +612,8 @@ def _clean(kind: str, d: Path) -> str:
     elif kind == "data-file-raw":
         create(p, "1G", options=f"data_file={d / 'data2.raw'},data_file_raw=on")
         qemu_io(p, *data)
+    elif kind == "prealloc-falloc-4k":
+        create(p, "64M", options="cluster_size=4k,preallocation=falloc")
     elif kind.startswith("prealloc-"):
         create(p, "64M", options=f"preallocation={kind.split('-', 1)[1]}")
     elif kind == "c512":
@@ -631,7 +654,7 @@ def _clean(kind: str, d: Path) -> str:
 
 
 CLEAN = ["empty", "v2", "v3", "lazy", "extended-l2", "compressed", "compressed-zstd", "snapshots", "data-file",
-         "data-file-raw", "prealloc-metadata", "prealloc-falloc", "prealloc-full", "c512", "c2m", "refbits-1",
+         "data-file-raw", "prealloc-metadata", "prealloc-falloc", "prealloc-full", "prealloc-falloc-4k", "c512", "c2m", "refbits-1",
          "refbits-2", "refbits-4", "refbits-8", "refbits-32", "refbits-64", "overlay", "fragmented",
          "grown-reftable", "bitmaps", "qcowdisk-made"]
 
@@ -644,6 +667,7 @@ def test_clean_image_figures_match_qemu(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["v3", "snapshots", "compressed", "extended-l2", "fragmented", "prealloc-falloc",
+                                  "prealloc-falloc-4k",
                                   "prealloc-metadata", "c512", "data-file-raw", "lazy"])
 def test_exact_walk_agrees_with_fast_walk(kind: str, tmp_path: Path) -> None:
     """The whole-table fast path computes exactly what QEMU's per-entry loop computes."""

@@ -58,7 +58,7 @@ from .checkresult import (
     no_report,
 )
 from .copiedcheck import check_oflag_copied
-from .diskrefs import DiskRefcounts
+from .diskrefs import DiskRefcounts, counts_exceed, same_counts
 from .format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -76,6 +76,7 @@ class _Check(CheckRun):
 
     def __init__(self, s: Qcow2State, fix: int, report: Report) -> None:
         super().__init__(s, fix, report)
+        self.disk_counts: DiskRefcounts | None = None  # the on-disk counts, if the last compare changed none
         self.snapshots: tuple[list[SnapshotRef], int, int] = ([], 0, 0)  # entries, offset, size
 
     def run(self) -> CheckTally:
@@ -146,7 +147,7 @@ class _Check(CheckRun):
             if res.leaks or res.corruptions:
                 self._assign(res, pre_compare)
                 highest = self.compare(walk, res, fix)
-        check_oflag_copied(self, res)
+        check_oflag_copied(self, res, self.disk_counts)
         res.image_end_offset = (highest + 1) * self.cs
 
     @staticmethod
@@ -160,8 +161,9 @@ class _Check(CheckRun):
         QEMU's overflow messages come out where its walk meets them)."""
         start = walk.res.copy()
         nb, file_len = walk.nb, walk.file_len
+        walk.contiguous_l2 = self.contiguous_l2 = {}
         walk.calculate()
-        if not walk.exact and max(walk.imrt, default=0) > walk.refcount_max:
+        if not walk.exact and counts_exceed(walk.imrt, walk.refcount_max):
             self._assign(walk.res, start)
             walk.exact = True
             walk.rebuild = False
@@ -175,7 +177,15 @@ class _Check(CheckRun):
         disk = DiskRefcounts(self.s, self.report)
         epb = disk.epb
         imrt = walk.imrt
-        wide = "I" if self.s.header.refcount_bits <= 32 else "Q"
+        self.disk_counts = None
+        if disk.aligned_blocks(-(-walk.nb // epb)):
+            # the clean image: every count at once (a block that cannot be read, or any
+            # difference, goes through QEMU's loop below, messages in its order)
+            flat = disk.flat(walk.nb)
+            if flat is not None and same_counts(flat[:walk.nb], imrt):
+                self.disk_counts = disk  # check_oflag_copied reads the same counts
+                used = imrt.tobytes().rstrip(b"\0")
+                return (len(used) - 1) // imrt.itemsize if used else 0
         highest = 0
         increments: list[tuple[int, int]] = []
         decrements: list[tuple[int, int]] = []
@@ -195,8 +205,8 @@ class _Check(CheckRun):
                     continue
                 have = array("I", bytes(4 * len(want)))
             else:
-                have = array(wide, block[:hi - lo])
-                if have == want:
+                have = block[:hi - lo]
+                if same_counts(have, want):
                     used = want.tobytes().rstrip(b"\0")
                     if used:
                         highest = lo + (len(used) - 1) // want.itemsize

@@ -202,3 +202,5 @@ class CheckRun:
         # with the entries as they were: check_oflag_copied judges those, as QEMU's would.
         self.precleared_l1: dict[int, int] = {}
         self.precleared_l2: dict[tuple[int, int], int] = {}
+        # what the last reference walk found of the active L2 tables (RefcountWalk.contiguous_l2)
+        self.contiguous_l2: dict[int, int] = {}

@@ -6,6 +6,7 @@ and `signal_corruption` (qcow2_signal_corruption).
 from __future__ import annotations
 
 import errno
+import sys
 from array import array
 from itertools import compress
 
@@ -121,13 +122,21 @@ class DiskRefcounts:
         self.blocks[ri] = counts
         return counts
 
+    def aligned_blocks(self, count: int) -> bool:
+        """Whether the first `count` refcount table entries name cluster-aligned blocks (or none),
+        so that reading them cannot fail."""
+        mask = (self.s.cluster_size - 1) & REFT_OFFSET_MASK
+        return not any(map(mask.__and__, self.reftable[:count]))
+
     def flat(self, count: int) -> array[int] | None:
-        """The counts of clusters [0, count) in one array (None if a block cannot be read)."""
-        out = array("Q")
+        """The counts of clusters [0, count) in one array of the blocks' own type (None if a
+        block cannot be read); whole blocks are copied, never entry by entry."""
+        out = array(self.codec.typecode)
+        zeros = self.codec.new()
         try:
             for ri in range(-(-count // self.epb)):
                 block = self.block(ri)
-                out.extend(array("Q", bytes(8 * self.epb)) if block is None else array("Q", block))
+                out.extend(zeros if block is None else block)
         except StepFailed:
             return None
         return out
@@ -138,3 +147,33 @@ class DiskRefcounts:
         block = self.block(ri)
         return 0 if block is None else block[idx]
 
+
+def same_counts(have: array[int], want: array[int]) -> bool:
+    """Whether two arrays of unsigned counts (any item sizes) hold the same values: the narrower
+    one is widened byte lane by byte lane, then the bytes are compared (all at C speed)."""
+    if have.itemsize == want.itemsize:
+        return have.tobytes() == want.tobytes()
+    narrow, wide = (have, want) if have.itemsize < want.itemsize else (want, have)
+    k, size = narrow.itemsize, wide.itemsize
+    src = narrow.tobytes()
+    widened = bytearray(len(narrow) * size)
+    low = 0 if sys.byteorder == "little" else size - k  # where the value's bytes lie in a wide item
+    for lane in range(k):
+        widened[low + lane::size] = src[lane::k]
+    return widened == wide.tobytes()
+
+
+def counts_exceed(counts: array[int], limit: int) -> bool:
+    """Whether any of `counts` (an array of 32-bit counts) is above `limit` (2^bits - 1 for a
+    refcount width of 1 to 64 bits), looking at byte lanes at C speed."""
+    if limit >= 0xFFFFFFFF:
+        return False
+    assert counts.itemsize == 4
+    raw = counts.tobytes()
+    width = (limit.bit_length() + 7) // 8  # bytes a count within the limit may use
+    lanes = [raw[i::4] for i in range(4)]
+    if sys.byteorder == "big":
+        lanes.reverse()  # lanes[0]: the least significant byte of every count
+    if any(lane.count(0) != len(lane) for lane in lanes[width:]):
+        return True
+    return limit < 0xFF and bool(lanes[0].translate(None, bytes(range(limit + 1))))

@@ -17,7 +17,7 @@ import operator
 import sys
 from array import array
 from dataclasses import dataclass, field
-from functools import reduce
+from functools import cache, reduce
 from itertools import compress
 
 from ..errors import CorruptImageError
@@ -48,7 +48,6 @@ BME_RESERVED_MASK = 0xFF000000000001FE      # bitmap table entries
 _IMRT_LIMIT = 0xFFFFFFFF  # the in-memory table holds 32-bit counts
 _ONES = array("I", [1]) * 65536
 _TOP_BYTE = 0xFF << 56
-_TOP_LANE = 7 if sys.byteorder == "little" else 0  # where a native u64's top byte lies
 
 
 class RefcountWalk:
@@ -73,7 +72,11 @@ class RefcountWalk:
         self.nb = -(-self.file_len // self.cs)       # clusters the in-memory table covers
         self.imrt = array("I", bytes(4 * self.nb))
         self.exact = False                           # walk every table entry by entry
+        # active L2 table offset -> its first entry, for tables the walk found to be one
+        # host-contiguous run (check_oflag_copied judges those without reading them again)
+        self.contiguous_l2: dict[int, int] = {}
         self.rebuild = False
+        self.last_run = 0  # the first entry of the table `_contiguous_fast` accepted last (0: none)
         self.step = 2 if s.extended_l2 else 1
         self.align_mask = (self.cs - 1) & L2E_OFFSET_MASK
         self.fast_reject = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | self.align_mask
@@ -145,7 +148,10 @@ class RefcountWalk:
         self.refblocks()
 
     def l1(self, name: str, l1_offset: int, l1_size: int, frag: bool, active: bool) -> None:
-        """check_refcounts_l1: the table, its L2 tables and what they reference."""
+        """check_refcounts_l1: the table, its L2 tables and what they reference.
+
+        L2 tables that lie host-contiguously are read together (one pread per group); a group
+        whose data clusters are one host-contiguous run is counted at once."""
         if not l1_size:
             return
         self.inc(name, l1_offset, l1_size * 8)
@@ -155,43 +161,79 @@ class RefcountWalk:
         else:
             raw = self.s.host.pread(l1_size * 8, l1_offset)
             l1 = decode_u64_table(raw.ljust(l1_size * 8, b"\0"))
-        for i in compress(range(l1_size), l1):
-            e = l1[i]
-            if e & L1E_RESERVED_MASK:
-                self.report(f"ERROR found L1 entry with reserved bits set: {e:x}")
-                self.res.corruptions += 1
-            l2_offset = e & L1E_OFFSET_MASK
+        used = list(compress(range(l1_size), l1))
+        words_per_table = self.cs // 8
+        k = 0
+        while k < len(used):
+            group = table_group(l1, used, k, self.cs, self.nb)
+            words = self.read_tables(l1[used[k]] & L1E_OFFSET_MASK, group)
+            if group > 1 and not self.exact and self._contiguous_fast(words, frag):
+                first_l2 = l1[used[k]] & L1E_OFFSET_MASK
+                self._count_run(first_l2 >> self.cb, group)  # the L2 tables
+                if active:
+                    span = words_per_table * self.cs
+                    for t in range(group):
+                        self.contiguous_l2[first_l2 + t * self.cs] = self.last_run + t * span
+            else:
+                for t in range(group):
+                    table = words[t * words_per_table:(t + 1) * words_per_table] if group > 1 else words
+                    self.l1_entry(name, l1[used[k + t]], used[k + t], table, frag, active)
+            k += group
+            self.tick(group)
+
+    def l1_entry(self, name: str, e: int, i: int, words: array[int], frag: bool, active: bool) -> None:
+        """One L1 entry and the L2 table it names (`words`, read already)."""
+        if e & L1E_RESERVED_MASK:
+            self.report(f"ERROR found L1 entry with reserved bits set: {e:x}")
+            self.res.corruptions += 1
+        l2_offset = e & L1E_OFFSET_MASK
+        cluster = l2_offset >> self.cb
+        if l2_offset & (self.cs - 1) or cluster >= self.nb or self.imrt[cluster] >= self.refcount_max:
             self.inc(f"L2 table ({name} index {i})", l2_offset, self.cs)
-            if l2_offset & (self.cs - 1):
-                self.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
-                self.res.corruptions += 1
-            self.l2(l2_offset, i, frag, active)
-
-    def read_l2(self, l2_offset: int) -> array[int]:
-        """An L2 table as u64 words (entries, and bitmaps between them with extended L2)."""
-        raw = self.s.host.pread(self.cs, l2_offset)
-        return decode_u64_table(raw.ljust(self.cs, b"\0"))
-
-    def l2(self, l2_offset: int, l1_index: int, frag: bool, active: bool) -> None:
-        """check_refcounts_l2: one L2 table (a whole-table fast path where it is clean)."""
-        words = self.read_l2(l2_offset)
+        else:
+            self.imrt[cluster] += 1  # what `inc` does for one aligned cluster inside the file
+        if l2_offset & (self.cs - 1):
+            self.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
+            self.res.corruptions += 1
         if not self.exact and self._l2_fast(words, frag):
+            if active and self.last_run:
+                self.contiguous_l2[l2_offset] = self.last_run
             return
-        self._l2_exact(words, l2_offset, l1_index, frag, active)
+        self._l2_exact(words, l2_offset, i, frag, active)
+
+    def read_tables(self, host_offset: int, count: int) -> array[int]:
+        """`count` host-contiguous tables of one cluster each as u64 words (zeros past the end of
+        the file, as QEMU reads them)."""
+        length = count * self.cs
+        return decode_u64_table(self.s.host.pread(length, host_offset).ljust(length, b"\0"))
+
+    def tick(self, count: int) -> None:
+        """`count` more L1 entries walked (progress; see check.py)."""
+
+    def _contiguous_fast(self, words: array[int], frag: bool) -> bool:
+        """Count standard L2 entries that are all one host-contiguous run of plain data clusters
+        inside the file (the commonest table there is); False: not such a run."""
+        self.last_run = 0
+        if self.step != 1:
+            return False
+        run = contiguous_run(words, self.cs)
+        if run is None or run & self.fast_reject or not run & L2E_OFFSET_MASK:
+            return False
+        lo, n = (run & L2E_OFFSET_MASK) >> self.cb, len(words)
+        if not self.s.has_data_file:
+            if lo + n > self.nb:
+                return False
+            self._count_run(lo, n)
+        if frag:
+            self.res.allocated_clusters += n
+        self.last_run = run
+        return True
 
     def _l2_fast(self, words: array[int], frag: bool) -> bool:
         """Count a table whose nonzero entries are all plain data (or preallocated zeros) at aligned,
         nonzero offsets inside the file with consistent bitmaps; False leaves it to `_l2_exact`."""
-        if self.step == 1:
-            run = contiguous_run(words, self.cs)
-            if run is not None and not run & self.fast_reject and run & L2E_OFFSET_MASK:
-                lo, n = (run & L2E_OFFSET_MASK) >> self.cb, len(words)
-                if self.s.has_data_file or lo + n <= self.nb:
-                    if not self.s.has_data_file:
-                        self._count_run(lo, n)
-                    if frag:
-                        self.res.allocated_clusters += n
-                    return True
+        if self._contiguous_fast(words, frag):
+            return True
         entries = words[::2] if self.step == 2 else words
         nz = list(compress(entries, entries))
         if self.step == 2:
@@ -413,22 +455,52 @@ class RefcountWalk:
                 self.rebuild = True
 
 
+GROUP_BYTES = 1 << 21  # L2 tables read (and counted) at once when they lie host-contiguously
+
+
+def table_group(l1: array[int], used: list[int], k: int, cluster_size: int, cluster_count: int) -> int:
+    """How many of the L1 entries used[k:] name host-contiguous, aligned tables inside the first
+    `cluster_count` clusters with no reserved bits, from used[k] on (at least 1, at most
+    GROUP_BYTES of tables)."""
+    first = l1[used[k]]
+    offset = first & L1E_OFFSET_MASK
+    if k + 1 == len(used) or l1[used[k + 1]] & L1E_OFFSET_MASK != offset + cluster_size:
+        return 1  # the common answer for tables spread among data clusters, found early
+    if first & L1E_RESERVED_MASK or offset & (cluster_size - 1) or not offset:
+        return 1
+    limit = min(len(used) - k, GROUP_BYTES // cluster_size, cluster_count - offset // cluster_size)
+    group = 1
+    while group < limit:
+        e = l1[used[k + group]]
+        if e & L1E_RESERVED_MASK or e & L1E_OFFSET_MASK != offset + group * cluster_size:
+            break
+        group += 1
+    return group
+
+
 def contiguous_run(entries: array[int], cluster_size: int) -> int | None:
     """The first entry when every entry is the one before it plus one cluster (a fully allocated,
-    host-contiguous table, the commonest there is), compared at C speed; else None."""
+    host-contiguous table, the commonest there is), compared at C speed; else None.
+
+    The table read as one integer (u64 digits, native order) is compared with the progression's:
+    first * sum(2^64i) + cluster_size * sum(i * 2^64i). Every term of an increasing progression
+    that ends at a u64 is a u64, so no digit carries and the integers are equal exactly when
+    every entry is."""
     n = len(entries)
     first = entries[0]
     if not first or entries[-1] != first + (n - 1) * cluster_size:
         return None
-    flags, offset = first & ~L2E_OFFSET_MASK, first & L2E_OFFSET_MASK
-    if flags & ~_TOP_BYTE:
+    if first & ~L2E_OFFSET_MASK & ~_TOP_BYTE:
         return None  # flags in the low bits (zero flag, reserved): the general path judges them
-    got = entries.tobytes()
-    want = array("Q", range(offset, offset + n * cluster_size, cluster_size)).tobytes()  # < 2^56: C ints
-    top = _TOP_LANE
-    if got[top::8] != bytes([flags >> 56]) * n:
-        return None
-    return first if all(got[lane::8] == want[lane::8] for lane in range(8) if lane != top) else None
+    ones, ramp = _progression_digits(n)
+    return first if int.from_bytes(entries, sys.byteorder) == first * ones + cluster_size * ramp else None
+
+
+@cache
+def _progression_digits(n: int) -> tuple[int, int]:
+    """sum(2^64i) and sum(i * 2^64i) for i < n, laid out as `contiguous_run` reads a table."""
+    return (int.from_bytes(array("Q", [1]) * n, sys.byteorder),
+            int.from_bytes(array("Q", range(n)), sys.byteorder))
 
 
 @dataclass(frozen=True)
