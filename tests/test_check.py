@@ -654,8 +654,8 @@ def _clean(kind: str, d: Path) -> str:
 
 
 CLEAN = ["empty", "v2", "v3", "lazy", "extended-l2", "compressed", "compressed-zstd", "snapshots", "data-file",
-         "data-file-raw", "prealloc-metadata", "prealloc-falloc", "prealloc-full", "prealloc-falloc-4k", "c512", "c2m", "refbits-1",
-         "refbits-2", "refbits-4", "refbits-8", "refbits-32", "refbits-64", "overlay", "fragmented",
+         "data-file-raw", "prealloc-metadata", "prealloc-falloc", "prealloc-full", "prealloc-falloc-4k", "c512", "c2m",
+         "refbits-1", "refbits-2", "refbits-4", "refbits-8", "refbits-32", "refbits-64", "overlay", "fragmented",
          "grown-reftable", "bitmaps", "qcowdisk-made"]
 
 

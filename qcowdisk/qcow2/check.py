@@ -48,9 +48,11 @@ from .checkresult import (
     FIX_LEAKS,
     REPAIR_MODES,
     CheckFailedError,
+    CheckProgress,
     CheckResult,
     CheckRun,
     CheckTally,
+    Progress,
     Repair,
     Report,
     StepFailed,
@@ -74,8 +76,8 @@ from .state import Qcow2State
 class _Check(CheckRun):
     """One run of qcow2_co_check_locked over an open image."""
 
-    def __init__(self, s: Qcow2State, fix: int, report: Report) -> None:
-        super().__init__(s, fix, report)
+    def __init__(self, s: Qcow2State, fix: int, report: Report, progress: CheckProgress | None = None) -> None:
+        super().__init__(s, fix, report, progress)
         self.disk_counts: DiskRefcounts | None = None  # the on-disk counts, if the last compare changed none
         self.snapshots: tuple[list[SnapshotRef], int, int] = ([], 0, 0)  # entries, offset, size
 
@@ -96,14 +98,15 @@ class _Check(CheckRun):
     def new_walk(self, res: CheckTally, fix: int) -> RefcountWalk:
         walk = RefcountWalk(self.s, res, self.report, fix)
         walk.snapshots, walk.snapshots_offset, walk.snapshots_size = self.snapshots
+        walk.progress = self.progress
         return walk
 
     def check_refcounts(self, res: CheckTally) -> None:
         s, fix = self.s, self.fix
-        walk = self.new_walk(res, fix)
-        if walk.nb > INT_MAX:
+        if -(-s.host.size() // self.cs) > INT_MAX:  # before the in-memory table is allocated
             res.check_errors += 1
             raise StepFailed(errno.EFBIG)
+        walk = self.new_walk(res, fix)
         res.total_clusters = -(-(-(-s.virtual_size // 512) * 512) // self.cs)
         self.calculate(walk)
         pre_compare = res.copy()
@@ -162,6 +165,7 @@ class _Check(CheckRun):
         start = walk.res.copy()
         nb, file_len = walk.nb, walk.file_len
         walk.contiguous_l2 = self.contiguous_l2 = {}
+        self.expect(walk.steps())
         walk.calculate()
         if not walk.exact and counts_exceed(walk.imrt, walk.refcount_max):
             self._assign(walk.res, start)
@@ -169,6 +173,7 @@ class _Check(CheckRun):
             walk.rebuild = False
             walk.nb, walk.file_len = nb, file_len
             walk.imrt = array("I", bytes(4 * nb))
+            self.expect(walk.steps())
             walk.calculate()
 
     # --- compare_refcounts ---------------------------------------------------------------
@@ -178,18 +183,22 @@ class _Check(CheckRun):
         epb = disk.epb
         imrt = walk.imrt
         self.disk_counts = None
-        if disk.aligned_blocks(-(-walk.nb // epb)):
+        blocks = -(-walk.nb // epb)
+        self.expect(blocks)
+        if disk.aligned_blocks(blocks):
             # the clean image: every count at once (a block that cannot be read, or any
             # difference, goes through QEMU's loop below, messages in its order)
             flat = disk.flat(walk.nb)
             if flat is not None and same_counts(flat[:walk.nb], imrt):
                 self.disk_counts = disk  # check_oflag_copied reads the same counts
+                self.advance(blocks)
                 used = imrt.tobytes().rstrip(b"\0")
                 return (len(used) - 1) // imrt.itemsize if used else 0
         highest = 0
         increments: list[tuple[int, int]] = []
         decrements: list[tuple[int, int]] = []
-        for ri in range(-(-walk.nb // epb)):
+        for ri in range(blocks):
+            self.advance(1)  # (before any count is fixed: stopping here writes nothing)
             lo = ri * epb
             hi = min(walk.nb, lo + epb)
             want = imrt[lo:hi]
@@ -250,13 +259,20 @@ class _Check(CheckRun):
         s.corrupt = False
 
 
-def check_image(s: Qcow2State, repair: Repair = None, report: Report | None = None) -> CheckResult:
+def check_image(s: Qcow2State, repair: Repair = None, report: Report | None = None,
+                progress: Progress | None = None) -> CheckResult:
     """Check (and with `repair`, repair) an open image as `qemu-img check [-r ...]` does.
 
     When the repair fixed anything, the image is checked again, as qemu-img does, and that
     second check is returned with the first one's fixed counts. Raises CheckFailedError where
     qemu-img says `Check failed: <reason>`. The caller holds the lock; a repair needs a
     read-write image.
+
+    `progress(done, total)` is called as the check goes (see `CheckProgress` for the steps; the
+    second check after a repair adds its steps to the total). An exception it raises stops the
+    check and propagates: it is only called between the repair's ordered steps (a count fixed,
+    a refcount structure switched to, a table rewritten is complete on disk or not begun), so
+    the image is left as consistent as a crash at that point would leave it.
     """
     if repair not in REPAIR_MODES:
         raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
@@ -265,10 +281,11 @@ def check_image(s: Qcow2State, repair: Repair = None, report: Report | None = No
     if not s.readonly:
         ordering.flush(s, final=True)  # the check reads the tables from disk
     try:
-        res = _Check(s, fix, report).run()
+        tracker = CheckProgress(progress) if progress is not None else None
+        res = _Check(s, fix, report, tracker).run()
         if fix and (res.corruptions_fixed or res.leaks_fixed):
             fixed = res
-            res = _Check(s, 0, report).run()
+            res = _Check(s, 0, report, tracker).run()
             res.corruptions_fixed, res.leaks_fixed = fixed.corruptions_fixed, fixed.leaks_fixed
     except StepFailed as e:
         raise CheckFailedError(os.strerror(e.err)) from None

@@ -189,13 +189,38 @@ def no_report(line: str) -> None:
     """A `Report` that drops every line."""
 
 
+Progress = Callable[[int, int], None]
+
+
+class CheckProgress:
+    """The check's steps for `progress(done, total)`: one per L1 entry walked (active and
+    snapshot tables), per refcount block compared, per active L1 entry whose flags are checked.
+    A step done again (the walk redone entry by entry, or after a rebuild) adds to the total."""
+
+    def __init__(self, callback: Progress) -> None:
+        self.callback = callback
+        self.done = self.total = 0
+
+    def expect(self, steps: int) -> None:
+        """`steps` more to do (said before they are done)."""
+        self.total += steps
+        self.callback(self.done, self.total)
+
+    def advance(self, steps: int) -> None:
+        """`steps` done. Whatever the callback raises stops the check there."""
+        if steps:
+            self.done = min(self.total, self.done + steps)
+            self.callback(self.done, self.total)
+
+
 class CheckRun:
     """One run of qcow2_co_check_locked over an open image: what its steps share."""
 
-    def __init__(self, s: Qcow2State, fix: int, report: Report) -> None:
+    def __init__(self, s: Qcow2State, fix: int, report: Report, progress: CheckProgress | None = None) -> None:
         self.s = s
         self.fix = fix
         self.report = report
+        self.progress = progress
         self.cs = s.cluster_size
         self.cb = s.cluster_bits
         # OFLAG_COPIED flags cleared ahead of a refcount increase (see `refrepair.preclear_copied`),
@@ -204,3 +229,13 @@ class CheckRun:
         self.precleared_l2: dict[tuple[int, int], int] = {}
         # what the last reference walk found of the active L2 tables (RefcountWalk.contiguous_l2)
         self.contiguous_l2: dict[int, int] = {}
+
+    def expect(self, steps: int) -> None:
+        """Progress: `steps` more to do."""
+        if self.progress is not None:
+            self.progress.expect(steps)
+
+    def advance(self, steps: int) -> None:
+        """Progress: `steps` done (the callback may raise: call only between ordered steps)."""
+        if self.progress is not None:
+            self.progress.advance(steps)

@@ -164,17 +164,36 @@ def check_oflag_copied(run: CheckRun, res: CheckTally, disk: DiskRefcounts | Non
 
     grouping = not (run.precleared_l1 or run.precleared_l2 or s.has_data_file) and step == 1 and flat is not None
     used = list(compress(range(len(l1)), l1))
+    # While repairing, progress is told only once the flags are right on disk: a count the
+    # leak repair just dropped to 1 needs its flag set in the same step (else a stop here
+    # would leave an OFLAG_COPIED corruption behind).
+    told = not repair
+    if told:
+        run.expect(len(l1))
+        run.advance(len(l1) - len(used))
     k = 0
-    while k < len(used):
-        group = table_group(l1, used, k, run.cs, len(flat)) if grouping and flat is not None else 1
-        if group > 1 and flat is not None and _group_consistent(run, l1, used[k:k + group], flat):
+    try:
+        while k < len(used):
+            group = table_group(l1, used, k, run.cs, len(flat)) if grouping and flat is not None else 1
+            if not (group > 1 and flat is not None and _group_consistent(run, l1, used[k:k + group], flat)):
+                for i in used[k:k + group]:
+                    check_l1_entry(i)
             k += group
-            continue
-        for i in used[k:k + group]:
-            check_l1_entry(i)
-        k += group
+            if told:
+                run.advance(group)
+    except (StepFailed, OSError):
+        raise  # the check failed: nothing more is written
+    except BaseException:
+        # stopped by the progress callback (only when not repairing) or interrupted: the flags
+        # fixed so far are each right on their own, so they are written before it goes on
+        if changed:
+            ordering.flush(s, final=True)
+        raise
     if changed:
         ordering.flush(s, final=True)
+    if not told:
+        run.expect(len(l1))
+        run.advance(len(l1))
 
 
 def _group_consistent(run: CheckRun, l1: array[int], indices: list[int], flat: array[int]) -> bool:

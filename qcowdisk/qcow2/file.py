@@ -706,7 +706,8 @@ class QcowFile:
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s))
 
-    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None) -> CheckResult:
+    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> CheckResult:
         """Check the image's refcounts and tables as `qemu-img check` does; with `repair="leaks"`
         fix leaked clusters, with `repair="all"` corruptions too (see qcowdisk.qcow2.check).
 
@@ -715,6 +716,13 @@ class QcowFile:
         on stderr while checking. A repair needs a read-write image; an image with the corrupt or
         dirty bit opens read-write for it with `QcowFile.open_for_check(path, repair=True)`.
         Raises `CheckFailedError` where qemu-img says `Check failed`.
+
+        `progress(done, total)` is called as the check goes (steps: L1 entries walked, refcount
+        blocks compared; see qcowdisk.qcow2.checkresult.CheckProgress). An exception raised by
+        it stops the check and propagates; a repair stopped so is left between two of its
+        ordered steps (what a crash there would leave: leaks at worst), never half-way through
+        one. Memory follows the image's metadata (4 bytes per cluster of the file, plus one
+        table at a time), never a size field the check has not validated.
         """
         s = self._state
         with s.lock:
@@ -723,7 +731,7 @@ class QcowFile:
                 self._check_writable()
             else:
                 self._check_healthy()
-            return self._guarded(lambda: check_image(s, repair, report))
+            return self._guarded(lambda: check_image(s, repair, report, progress))
 
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,

@@ -21,7 +21,7 @@ from functools import cache, reduce
 from itertools import compress
 
 from ..errors import CorruptImageError
-from .checkresult import FIX_ERRORS, CheckTally, Report, StepFailed, hx, no_report
+from .checkresult import FIX_ERRORS, CheckProgress, CheckTally, Report, StepFailed, hx, no_report
 from .diskrefs import read_reftable, snapshot_table_size
 from .entries import (
     L1E_OFFSET_MASK,
@@ -72,6 +72,7 @@ class RefcountWalk:
         self.nb = -(-self.file_len // self.cs)       # clusters the in-memory table covers
         self.imrt = array("I", bytes(4 * self.nb))
         self.exact = False                           # walk every table entry by entry
+        self.progress: CheckProgress | None = None
         # active L2 table offset -> its first entry, for tables the walk found to be one
         # host-contiguous run (check_oflag_copied judges those without reading them again)
         self.contiguous_l2: dict[int, int] = {}
@@ -159,9 +160,11 @@ class RefcountWalk:
         if active and mine.table_offset == l1_offset and len(mine.entries) == l1_size and not mine.dirty:
             l1 = mine.entries  # the same bytes as on disk (a read-write image was flushed first)
         else:
-            raw = self.s.host.pread(l1_size * 8, l1_offset)
-            l1 = decode_u64_table(raw.ljust(l1_size * 8, b"\0"))
-        used = list(compress(range(l1_size), l1))
+            # what the file holds of the table (QEMU reads the rest as zeros: no references)
+            raw = self.pread_in_file(l1_size * 8, l1_offset)
+            l1 = decode_u64_table(raw[:len(raw) // 8 * 8])
+        used = list(compress(range(len(l1)), l1))
+        self.tick(l1_size - len(used))
         words_per_table = self.cs // 8
         k = 0
         while k < len(used):
@@ -207,8 +210,21 @@ class RefcountWalk:
         length = count * self.cs
         return decode_u64_table(self.s.host.pread(length, host_offset).ljust(length, b"\0"))
 
+    def pread_in_file(self, length: int, host_offset: int) -> bytes:
+        """What the file holds of [host_offset, host_offset + length): a length from an
+        unchecked field never sizes a buffer beyond the file."""
+        return self.s.host.pread(max(0, min(length, self.file_len - host_offset)), host_offset)
+
     def tick(self, count: int) -> None:
-        """`count` more L1 entries walked (progress; see check.py)."""
+        """`count` more L1 entries walked (progress; see checkresult.CheckProgress)."""
+        if self.progress is not None:
+            self.progress.advance(count)
+
+    def steps(self) -> int:
+        """The progress steps of `calculate`: the entries of every L1 table it walks."""
+        tables = [sn.l1_size for sn in self.snapshots
+                  if not sn.l1_table_offset & (self.cs - 1) and sn.l1_size <= MAX_L1_BYTES // 8]
+        return self.s.header.l1_size + sum(tables)
 
     def _contiguous_fast(self, words: array[int], frag: bool) -> bool:
         """Count standard L2 entries that are all one host-contiguous run of plain data clusters
@@ -392,7 +408,7 @@ class RefcountWalk:
         if not count:
             return
         self.inc("bitmap directory", dir_offset, dir_size)
-        raw = self.s.host.pread(dir_size, dir_offset)
+        raw = self.pread_in_file(dir_size, dir_offset)
         pos = 0
         for _ in range(count):
             if pos + 24 > len(raw):
@@ -404,7 +420,8 @@ class RefcountWalk:
             extra_size = int.from_bytes(raw[pos + 20:pos + 24], "big")
             pos += -(-(24 + extra_size + name_size) // 8) * 8
             self.inc("bitmap table", table_offset, table_size * 8)
-            table = decode_u64_table(self.s.host.pread(table_size * 8, table_offset).ljust(table_size * 8, b"\0"))
+            raw_table = self.pread_in_file(table_size * 8, table_offset)
+            table = decode_u64_table(raw_table[:len(raw_table) // 8 * 8])  # the rest: zeros, no references
             for e in compress(table, table):
                 offset = e & L2E_OFFSET_MASK
                 if e & BME_RESERVED_MASK or offset & (cs - 1):
