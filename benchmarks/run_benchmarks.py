@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdefg]
+                                             [--json OUT] [--keep] [--only abcdefgh]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -21,6 +21,9 @@ WRITE
 NBD
   g) `nbdcopy` out of `qcowdisk serve --readonly` vs out of `qemu-nbd` serving the same image
      (benchmarks/bench_nbd.py: a mixed image of --size; to null: and to a file; best of --repeat)
+CHECK
+  h) `QcowFile.check()` in-process, and the `python -m qcowdisk check` process, vs the `qemu-img check`
+     process, on a sparse 1 TiB, a fully allocated 4 GiB and a 64 MiB 512 B-cluster image (bench_check.py)
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -631,6 +634,21 @@ def bench_nbd(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
+# h) check (rows from benchmarks/bench_check.py)
+
+def bench_check(workdir: str, repeat: int, rows: list[Row]) -> None:
+    """qcowdisk check against qemu-img check: in-process check() (target >= 1.0) and the whole
+    `python -m qcowdisk check` process (interpreter start-up included; for reference)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_check import check_rows
+    with guarded(rows, "h) check", "ms", "qemu-img check (process)"):
+        for name, q, r, ratio in check_rows(repeat=max(repeat, 5), workdir=workdir):
+            in_process = "in-process" in name
+            rows.append(Row(f"h) {name}", "ms", "qemu-img check (process)", q * 1e3, r * 1e3, ratio,
+                            target=">= 1.00" if in_process else "-", passed=ratio >= 1.0 if in_process else None))
+
+
+# ---------------------------------------------------------------------------------------------
 
 def _fmt(v: float | None, unit: str) -> str:
     if v is None:
@@ -682,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefgh", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -707,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
         if "g" in only:
             bench_nbd(workdir, args.size, args.repeat, rows)
+        if "h" in only and not engine_error:
+            bench_check(workdir, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

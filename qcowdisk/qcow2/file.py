@@ -75,6 +75,7 @@ from .format import (
     parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
+    validate_snapshot_fields,
 )
 from .overlap import collect_metadata
 from .refcount import Refcounts
@@ -712,7 +713,8 @@ class QcowFile:
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s))
 
-    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None) -> CheckResult:
+    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> CheckResult:
         """Check the image's refcounts and tables as `qemu-img check` does; with `repair="leaks"`
         fix leaked clusters, with `repair="all"` corruptions too (see qcowdisk.qcow2.check).
 
@@ -721,6 +723,13 @@ class QcowFile:
         on stderr while checking. A repair needs a read-write image; an image with the corrupt or
         dirty bit opens read-write for it with `QcowFile.open_for_check(path, repair=True)`.
         Raises `CheckFailedError` where qemu-img says `Check failed`.
+
+        `progress(done, total)` is called as the check goes (steps: L1 entries walked, refcount
+        blocks compared; see qcowdisk.qcow2.checkresult.CheckProgress). An exception raised by
+        it stops the check and propagates; a repair stopped so is left between two of its
+        ordered steps (what a crash there would leave: leaks at worst), never half-way through
+        one. Memory follows the image's metadata (4 bytes per cluster of the file, plus one
+        table at a time), never a size field the check has not validated.
         """
         s = self._state
         with s.lock:
@@ -729,7 +738,7 @@ class QcowFile:
                 self._check_writable()
             else:
                 self._check_healthy()
-            return self._guarded(lambda: check_image(s, repair, report))
+            return self._guarded(lambda: check_image(s, repair, report, progress))
 
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
@@ -913,7 +922,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
     if len(head) == 512 and 9 < cluster_bits <= 21:
         head = host.pread(min(file_length, 1 << cluster_bits), 0)
-    h = parse_header(head, file_length)
+    h = parse_header(head, file_length, check_snapshots=not for_check)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
@@ -929,6 +938,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
     if h.nb_snapshots:
         try:
+            if for_check:
+                validate_snapshot_fields(h)
             buf = host.pread(min(64 << 20, max(0, file_length - h.snapshots_offset)), h.snapshots_offset)
             s.snapshots, s.snapshot_table_length = parse_snapshot_table(
                 buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
