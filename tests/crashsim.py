@@ -699,6 +699,7 @@ class Tally:
     images: int = 0
     findings: list[str] = field(default_factory=list)
     by_category: Counter[str] = field(default_factory=Counter)
+    summary: str = ""  # the sweep's one-line report, set by the test that ran it
 
     def add(self, where: str, found: Iterable[Finding | str]) -> None:
         """Record the findings at one state; a plain-text finding's category is its first word."""
@@ -708,21 +709,22 @@ class Tally:
             if len(self.findings) < self.KEEP:
                 self.findings.append(f"[{fd.category}] {where}: {fd.detail}")
 
-    def counts(self) -> str:
-        """'cut points=N states checked=N distinct images=N findings={...}'."""
+    def counts(self, extra: str = "") -> str:
+        """'cut points=N states checked=N distinct images=N [extra] findings={...}'."""
         return (f"cut points={self.cuts} states checked={self.states} distinct images={self.images} "
-                f"findings={dict(self.by_category) or 0}")
+                f"{extra + ' ' if extra else ''}findings={dict(self.by_category) or 0}")
 
-    def failure(self, summary: str, examples: int = 6) -> str:
-        """`summary`, then one example finding per category (the first lines tell the most),
-        then up to `examples` more."""
+    def failure(self, summary: str | None = None, examples: int = 6) -> str:
+        """`summary` (default: the tally's own), then one example finding per category (the
+        first lines tell the most), then up to `examples` more."""
+        summary = self.summary if summary is None else summary
         firsts: dict[str, str] = {}
         for line in self.findings:
             firsts.setdefault(line.split("]")[0], line)
         rest = [x for x in self.findings if x not in firsts.values()]
         return "\n".join([summary, *firsts.values(), *rest[:examples]])
 
-    def assert_none(self, summary: str, examples: int = 6) -> None:
+    def assert_none(self, summary: str | None = None, examples: int = 6) -> None:
         """Fail the test with `failure(summary)` if anything was found."""
         if self.by_category:
             import pytest
