@@ -8,6 +8,7 @@ Reusable by any test module: `from imagefactory import ...`.
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,16 @@ def make_image(path: str, size: int | str, options: str | None = None, *, comman
     if cmds:
         qemu_io(path, *cmds, fmt=fmt)
     return path
+
+
+def sparse_file(path: str | os.PathLike[str], size: int, pieces: Iterable[tuple[int, bytes]]) -> str:
+    """A plain file of `size` bytes, holes everywhere but at `pieces` (offset, bytes); returns path."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in pieces:
+            f.seek(off)
+            f.write(data)
+    return str(path)
 
 
 def write_pattern_file(path: str, length: int, seed: int = 0) -> str:
