@@ -28,7 +28,6 @@ from crashsim import CHUNK, CrashLog, CutWalker, GuestModel, RecordingHost
 from qcowdisk import QcowFile
 from qemutools import assert_clean, check, qemu_img, write_raw
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
 SLOW_SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("random", 3), ("random", 5),
                                  ("torn", 2), ("torn", 4)]
