@@ -28,7 +28,7 @@ import pytest
 
 import qcowdisk
 from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
-from imagefactory import sparse_file
+from imagefactory import raw_qcow2_qcow2_chain, sparse_file
 from qcowdisk import Image, QcowFile, cli
 from qcowdisk.formats import OpenOptions, open_image
 from qcowdisk.ops.compare import CompareError, first_difference, first_nonzero
@@ -89,11 +89,7 @@ def build_zoo(d: Path) -> None:
         qemu_io("odd-same.qcow2", "write -P 120 0 1000")
 
         # backing chains: raw <- qcow2 <- qcow2 against their flattened copy; a short backing file
-        sparse_file(d / "base.raw", 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
-        create("mid.qcow2", "1M", backing="base.raw", backing_fmt="raw")
-        qemu_io("mid.qcow2", "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
-        create("top.qcow2", "3M", backing="mid.qcow2", backing_fmt="qcow2")
-        qemu_io("top.qcow2", "write -P 3 1536k 64k", "write -z 128k 4k", "write -P 7 2M 64k")
+        raw_qcow2_qcow2_chain(d)
         convert("top.qcow2", "top-flat.raw")
         convert("top.qcow2", "top-flat.qcow2", "qcow2")
         create("sb.qcow2", "1M")

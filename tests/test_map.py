@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
-from imagefactory import sparse_file
+from imagefactory import extents_as_qemu_json, raw_qcow2_qcow2_chain, sparse_file
 from qcowdisk import Extent, QcowFile
 from qcowdisk.blockstatus import block_status
 from qcowdisk.qcow1 import Qcow1File
@@ -57,12 +57,7 @@ def _chain(d: Path) -> tuple[Path, list[str]]:
     """raw (holes, odd size) <- qcow2 (larger) <- qcow2 (larger still), relative names in sub/."""
     sub = d / "sub"
     sub.mkdir()
-    sparse_file(sub / "base.raw", 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
-    create(str(sub / "mid.qcow2"), "1M", backing="base.raw", backing_fmt="raw")
-    qemu_io(str(sub / "mid.qcow2"), "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
-    create(str(sub / "top.qcow2"), "3M", backing="mid.qcow2", backing_fmt="qcow2")
-    qemu_io(str(sub / "top.qcow2"), "write -P 3 1536k 64k", "write -z 128k 4k", "write -z 960k 64k",
-            "write -P 7 2M 64k")
+    raw_qcow2_qcow2_chain(sub, ["write -z 960k 64k"])
     return d, ["sub/top.qcow2"]
 
 
@@ -278,17 +273,6 @@ def test_map_compressed_human_fails_after_earlier_lines(zoo: dict[str, tuple[Pat
 # --------------------------------------------------------------------------- block_status API
 
 
-def _as_qemu_json(extents: list[Extent]) -> list[dict[str, Any]]:
-    out = []
-    for e in extents:
-        d: dict[str, Any] = {"start": e.start, "length": e.length, "depth": e.depth, "present": e.present,
-             "zero": e.zero, "data": e.data}
-        if e.offset is not None:
-            d["offset"] = e.offset
-        out.append(d)
-    return out
-
-
 def _mergeable(a: Extent, b: Extent) -> bool:
     """img_map's entry_mergeable, on two adjacent extents."""
     return (a.depth, a.present, a.zero, a.data, a.filename, a.offset is None) == \
@@ -314,7 +298,7 @@ def test_block_status_equals_qemu_json(zoo: dict[str, tuple[Path, list[str]]],
     expected = json.loads(qemu_img("map", "--output=json", "sub/top.qcow2").stdout)
     with QcowFile.open("sub/top.qcow2", readonly=True) as img:
         extents = list(img.block_status())
-    assert _as_qemu_json(extents) == expected
+    assert extents_as_qemu_json(extents) == expected
     assert_covers(extents, 0, 3 * MiB)
     by_depth = {e.depth: e.filename for e in extents if e.offset is not None}
     assert by_depth == {0: "sub/top.qcow2", 1: "sub/mid.qcow2", 2: "sub/base.raw"}
@@ -337,7 +321,7 @@ def test_block_status_subrange_is_exact(zoo: dict[str, tuple[Path, list[str]]]) 
         with pytest.raises(ValueError, match="length must not be negative"):
             img.block_status(0, -1)
     assert_covers(sub, 100, 3000100)
-    assert _as_qemu_json(sub) == expected
+    assert extents_as_qemu_json(sub) == expected
     assert_covers(whole, 0, 4 * MiB)
     assert_covers(past_end, 3 * MiB, 4 * MiB)  # clipped at the end of the disk
     compressed = [e for e in whole if e.compressed]
@@ -378,7 +362,7 @@ def test_block_status_qcow1_and_raw(zoo: dict[str, tuple[Path, list[str]]]) -> N
     with Qcow1File.open(path) as q1:
         extents = list(q1.block_status())
     assert_covers(extents, 0, 2 * MiB)
-    assert _as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", path).stdout)
+    assert extents_as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", path).stdout)
     assert {e.depth for e in extents} == {0, 1}
 
     cwd, args = zoo["raw"]
@@ -390,7 +374,7 @@ def test_block_status_qcow1_and_raw(zoo: dict[str, tuple[Path, list[str]]]) -> N
         raw.close()
     size = os.path.getsize(path)
     assert_covers(extents, 0, -(-size // 512) * 512)  # QEMU rounds a raw file up to whole sectors
-    assert _as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", "-f", "raw", path).stdout)
+    assert extents_as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", "-f", "raw", path).stdout)
     assert [e.data for e in extents] == [False, True, False, True, False]
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import qcowdisk
 from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
-from imagefactory import sparse_file
+from imagefactory import raw_qcow2_qcow2_chain, sparse_file
 from qcowdisk import QcowFile
 from qcowdisk.ops.measure import calc_prealloc_size
 from qcowdisk.ops.qemuopts import OptionError, split_option_list, strtou64, valid_option_list
@@ -43,11 +43,7 @@ def build_sources(d: Path) -> None:
         sparse_file(d / "holes.raw", 5 * MiB + 1000, [(4096, b"x" * 100), (MiB + 60 * KiB, b"y" * 8192),
                                               (5 * MiB + 999, b"z")])
         sparse_file(d / "odd.raw", 70000, [(0, b"z" * 1000)])
-        sparse_file(d / "base.raw", 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
-        create("mid.qcow2", "1M", backing="base.raw", backing_fmt="raw")
-        qemu_io("mid.qcow2", "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
-        create("top.qcow2", "3M", backing="mid.qcow2", backing_fmt="qcow2")
-        qemu_io("top.qcow2", "write -P 3 1536k 64k", "write -z 128k 4k", "write -P 7 2M 64k")
+        raw_qcow2_qcow2_chain(d)
         create("sb.qcow2", "1M")
         qemu_io("sb.qcow2", "write -P 1 0 64k", "write -P 2 960k 64k")
         create("short-top.qcow2", "2M", backing="sb.qcow2", backing_fmt="qcow2")
