@@ -17,8 +17,17 @@ versions could it hold if the cut fell after guest op J?". `check_view` applies 
 whatever was not touched after the last completed flush reads back exactly, and whatever was
 touched since reads back, byte by byte, as one of the versions written since (or the flushed one).
 
+The judging every crash test shares: `crash_states` sweeps the (cut, subset) states of one or
+more files, `judge_states` examines each distinct state once and judges it at every cut, counting
+cut points, states and distinct images into a `Tally` (findings by category, `assert_none`).
+`qemu_check` / `check_findings` are the qemu-img check verdict (leaks allowed; a repaired
+image entirely clean), `repair_on_open` the lazy-refcount repair, and `GuestJudge` /
+`GuestRecording` judge a guest workload's images against its `GuestModel` through QEMU's and
+qcowdisk's views.
+
 The guest workloads are deterministic (`make_guest_ops`), so a SIGKILLed child process
-(`child_main`) and the parent that checks its image agree on every byte without talking.
+(`child_main`, run and killed by `run_and_kill` / `kill_guest_writer`) and the parent that
+checks its image agree on every byte without talking.
 """
 
 from __future__ import annotations
@@ -526,18 +535,29 @@ def check_chunk(model: GuestModel, c: int, actual: bytes, f: int, j: int, view: 
         return Finding("LOST-FLUSHED", f"{view}: guest byte {c * CHUNK + i:#x} = {actual[i]:#04x}, "
                        f"flushed model has {flushed[i]:#04x} (no write touched it after the last flush)")
     vers = model.versions(c, f, j)
-    if actual in vers:
+    stray = stray_byte(actual, vers)
+    if stray is None:
+        return None
+    i, allowed = stray
+    cat = "LOST-FLUSHED" if len(allowed) == 1 else "UNFLUSHED-GARBAGE"
+    return Finding(cat, f"{view}: guest byte {c * CHUNK + i:#x} = {actual[i]:#04x}, "
+                   f"allowed {sorted(allowed)} (versions since last flush: {len(vers)})")
+
+
+def stray_byte(actual: bytes, versions: Sequence[bytes]) -> tuple[int, set[int]] | None:
+    """The rule for data written since the last flush: each byte of `actual` is that byte of
+    one of `versions` (a whole 512-byte sector of one version is the quick case). Returns the
+    first byte that is not, with the values the versions allow there, or None."""
+    if actual in versions:
         return None
     for s in range(0, len(actual), SECTOR):
         a = actual[s:s + SECTOR]
-        if any(a == v[s:s + SECTOR] for v in vers):
+        if any(a == v[s:s + SECTOR] for v in versions):
             continue
         for i in range(s, s + len(a)):
-            allowed = {v[i] for v in vers}
+            allowed = {v[i] for v in versions}
             if actual[i] not in allowed:
-                cat = "LOST-FLUSHED" if len(allowed) == 1 else "UNFLUSHED-GARBAGE"
-                return Finding(cat, f"{view}: guest byte {c * CHUNK + i:#x} = {actual[i]:#04x}, "
-                               f"allowed {sorted(allowed)} (versions since last flush: {len(vers)})")
+                return i, allowed
     return None
 
 
@@ -700,6 +720,7 @@ class Tally:
     findings: list[str] = field(default_factory=list)
     by_category: Counter[str] = field(default_factory=Counter)
     summary: str = ""  # the sweep's one-line report, set by the test that ran it
+    keys: set[str] = field(default_factory=set)  # the distinct states judged (CrashState.key)
 
     def add(self, where: str, found: Iterable[Finding | str]) -> None:
         """Record the findings at one state; a plain-text finding's category is its first word."""
@@ -748,6 +769,7 @@ def judge_states(states: Iterable[CrashState], cache: dict[str, Any], examine: C
         if st.key not in cache:
             cache[st.key] = examine(st)
         t.states += 1
+        t.keys.add(st.key)
         found = list(judge(cache[st.key], st))
         if found:
             t.add(where(st), found)
@@ -991,6 +1013,78 @@ class GuestJudge:
         return self.examine(path)
 
 
+@dataclass
+class GuestRecording:
+    """A guest workload run through a RecordingHost, plus everything needed to judge its crash
+    states. `wl` is the test's workload description (it has a `name` and a `lazy` flag)."""
+
+    wl: Any
+    workdir: str
+    image: str
+    log: CrashLog
+    ops: list[GuestOp]
+    model: GuestModel
+    contexts: list[CutContext]
+    initial: bytes
+    final: bytes
+    exams: dict[str, GuestExam] = field(default_factory=dict)
+    judge: GuestJudge = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.judge = GuestJudge(self.model, self.wl.lazy)
+
+    def examine(self, data: bytes, key: str) -> GuestExam:
+        """The checks of one crashed image, run once per distinct content (`key`)."""
+        if key not in self.exams:
+            self.exams[key] = self.judge.examine_bytes(data, self.workdir)
+        return self.exams[key]
+
+    def where(self, cut: int, subset: Subset, pending: int) -> str:
+        """Failure location: workload, cut point, subset, guest context."""
+        return (f"{self.wl.name} {describe_cut(self.log, cut)}, subset={subset} ({pending} unsynced ops); "
+                f"{guest_context(self.ops, self.contexts[cut])}")
+
+    def sweep(self, cuts: Iterable[int], subsets: SubsetsAt, totals: Counter[str] | None = None) -> Tally:
+        """Materialise and judge every (cut, subset) state of the image."""
+        return judge_states(crash_states(self.log, [self.image], cuts, subsets), self.exams,
+                            lambda st: self.judge.examine_bytes(st.data, self.workdir),
+                            lambda exam, st: self.judge.judge(exam, self.contexts[st.cut]),
+                            lambda st: self.where(st.cut, st.subset, st.pending), totals)
+
+    def assert_uncrashed_matches_model(self) -> GuestExam:
+        """Without a crash all is right, so the findings at cut points are about ordering, not
+        plain write bugs: the log reproduces the live file (no write bypassed the HostFile
+        seam), qemu-img check finds it entirely clean, and it reads back as the model after the
+        last op. Returns the final image's exam."""
+        assert materialise(self.initial, self.log.ops, self.image, len(self.log.ops), "all") == self.final, \
+            "the log does not reproduce the live file: some write bypassed the HostFile seam"
+        clean = check_findings(qemu_check(self.image), repaired=True)
+        assert not clean, f"{self.image}: {clean}"
+        exam = self.examine(self.final, "final")
+        last = len(self.ops) - 1
+        found = self.judge.judge(exam, CutContext(last, last))
+        assert not found, "the uncrashed image differs from the model:\n" + "\n".join(map(str, found[:8]))
+        return exam
+
+    def log_counts(self) -> str:
+        """'log=N ops (N host ops, N fsyncs, N guest ops)'."""
+        n_fsync = sum(1 for op in self.log.ops if op.kind == "fsync")
+        n_host = sum(1 for op in self.log.ops if op.kind != "mark")
+        return f"log={len(self.log.ops)} ops ({n_host} host ops, {n_fsync} fsyncs, {len(self.ops)} guest ops)"
+
+
+def unsynced_when(log: CrashLog, paths: Sequence[str], mark: str) -> Iterator[tuple[int, Any, list[Op]]]:
+    """At every marker (mark, j) in the log (e.g. "flushed": a flush returned), the host ops on
+    `paths` still waiting for an fsync: (log index, j, those ops). An operation that is durable
+    when it returns has none."""
+    walkers = [CutWalker(log, p) for p in paths]
+    for i, op in enumerate(log.ops):
+        if op.kind == "mark" and isinstance(op.label, tuple) and op.label[0] == mark:
+            for w in walkers:
+                w.advance(i)
+            yield i, op.label[1], [p for w in walkers for p in w.pending]
+
+
 # --------------------------------------------------------------------------------------------
 # SIGKILL child
 
@@ -1089,4 +1183,5 @@ __all__ = ["Op", "CrashLog", "RecordingHost", "Subset", "apply_op", "surviving",
            "judge_states", "CHECK_KEYS", "qemu_check", "check_summary", "check_findings", "repair_on_open",
            "qemu_export", "intern_chunk", "read_raw_chunks", "read_qemu_chunks", "read_qcow_chunks", "GuestExam",
            "GuestJudge", "child_command", "Killed", "run_and_kill", "report_line", "KilledWriter",
-           "kill_guest_writer", "recording_fixture", "totals_fixture"]
+           "kill_guest_writer", "recording_fixture", "totals_fixture", "GuestRecording", "unsynced_when",
+           "stray_byte"]

@@ -25,14 +25,14 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import crashsim as cs
-from crashsim import CrashLog, CutWalker, Finding, GuestModel, GuestOp
+from crashsim import CrashLog, GuestModel, GuestOp
 from qcowdisk import QcowFile
 from qemutools import assert_clean
 
@@ -185,26 +185,6 @@ BIG = {w.name: CWorkload(w.name + "-big", w.cluster_size, w.virtual_size, w.seed
 # --------------------------------------------------------------------------------------------
 # Recording
 
-@dataclass
-class Recorded:
-    """A workload run through a RecordingHost, plus everything needed to judge its crash states."""
-
-    wl: CWorkload
-    workdir: str
-    image: str
-    log: CrashLog
-    ops: list[GuestOp]
-    model: CModel
-    contexts: list[cs.CutContext]
-    initial: bytes
-    final: bytes
-    exams: dict[str, cs.GuestExam] = field(default_factory=dict)
-    judge: cs.GuestJudge = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.judge = cs.GuestJudge(self.model, self.wl.lazy)
-
-
 @contextlib.contextmanager
 def auto_release(wl: CWorkload) -> Iterator[None]:
     """Make the compressed writes release queued frees (a flush) after `wl.auto_release_frees`."""
@@ -224,7 +204,7 @@ def create_image(wl: CWorkload, image: str) -> None:
                     refcount_bits=wl.refcount_bits).close()
 
 
-def record_workload(wl: CWorkload, workdir: str) -> Recorded:
+def record_workload(wl: CWorkload, workdir: str) -> cs.GuestRecording:
     """Create the image (outside the log), then run the ops with every host op recorded."""
     image = os.path.join(workdir, "disk.qcow2")
     create_image(wl, image)
@@ -237,7 +217,7 @@ def record_workload(wl: CWorkload, workdir: str) -> Recorded:
         disk = QcowFile.open(image, host_factory=log.factory())
         run_ops(disk, ops, wl.cluster_size, log)
     model = CModel(wl.virtual_size, wl.cluster_size).apply_all(ops)
-    return Recorded(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, Path(image).read_bytes())
+    return cs.GuestRecording(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, Path(image).read_bytes())
 
 
 TOTALS: Counter = Counter()
@@ -254,34 +234,12 @@ def compressed_clusters(exam: cs.GuestExam) -> int:
     return int(exam.check.get("compressed-clusters", 0))
 
 
-def examine(rec: Recorded, data: bytes, key: str) -> cs.GuestExam:
-    """The checks of one crashed image, run once per distinct content."""
-    if key not in rec.exams:
-        rec.exams[key] = rec.judge.examine_bytes(data, rec.workdir)
-    return rec.exams[key]
-
-
-def report(rec: Recorded, t: cs.Tally, label: str, compressed_seen: int) -> str:
-    """One line: the workload's log and what the sweep covered and found."""
-    n_fsync = sum(1 for op in rec.log.ops if op.kind == "fsync")
-    n_host = sum(1 for op in rec.log.ops if op.kind != "mark")
-    return (f"[compressed crash {rec.wl.name} {label}] log={len(rec.log.ops)} ops ({n_host} host ops, "
-            f"{n_fsync} fsyncs, {len(rec.ops)} guest ops) {t.counts(f'max compressed clusters={compressed_seen}')}")
-
-
-def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset], label: str) -> cs.Tally:
+def run_cuts(rec: cs.GuestRecording, cuts: list[int], subsets: list[cs.Subset], label: str) -> cs.Tally:
     """Materialise and judge every (cut, subset); returns the tally (its summary printed)."""
-    seen = [0]  # most compressed clusters qemu-img check counted in one state
-
-    def judge(exam: cs.GuestExam, st: cs.CrashState) -> list[Finding]:
-        seen[0] = max(seen[0], compressed_clusters(exam))
-        return rec.judge.judge(exam, rec.contexts[st.cut])
-    t = cs.judge_states(cs.crash_states(rec.log, [rec.image], cuts, subsets), rec.exams,
-                        lambda st: rec.judge.examine_bytes(st.data, rec.workdir), judge,
-                        lambda st: f"{rec.wl.name} {cs.describe_cut(rec.log, st.cut)}, subset={st.subset} "
-                                   f"({st.pending} unsynced ops); {cs.guest_context(rec.ops, rec.contexts[st.cut])}",
-                        TOTALS)
-    t.summary = report(rec, t, label, seen[0])
+    t = rec.sweep(cuts, subsets, TOTALS)
+    most = max((compressed_clusters(rec.exams[k]) for k in t.keys), default=0)  # in one state
+    t.summary = (f"[compressed crash {rec.wl.name} {label}] {rec.log_counts()} "
+                 f"{t.counts(f'max compressed clusters={most}')}")
     print(t.summary)
     return t
 
@@ -294,13 +252,7 @@ def test_workload_sanity(recorded, wl: CWorkload) -> None:
     """The log reproduces the file, the uncrashed image matches the model, checks clean and
     holds compressed clusters (so the findings below are about ordering, not plain bugs)."""
     rec = recorded(wl)
-    assert cs.materialise(rec.initial, rec.log.ops, rec.image, len(rec.log.ops), "all") == rec.final, \
-        "the log does not reproduce the live file: some write bypassed the HostFile seam"
-    assert_clean(rec.image)
-    exam = examine(rec, rec.final, "final")
-    last = len(rec.ops) - 1
-    found = rec.judge.judge(exam, cs.CutContext(last, last))
-    assert not found, "the uncrashed image differs from the model:\n" + "\n".join(map(str, found[:8]))
+    exam = rec.assert_uncrashed_matches_model()
     assert compressed_clusters(exam) > 0, "the workload left no compressed cluster"
     assert sum(1 for op in rec.ops if op[0] == "cwrite") >= 8
     # Freed clusters are punched when queued frees are released: inside a compressed write only
@@ -319,14 +271,8 @@ def test_workload_sanity(recorded, wl: CWorkload) -> None:
 def test_flush_returns_only_when_durable(recorded, wl: CWorkload) -> None:
     """When flush()/close() returns, no write to the image is still waiting for an fsync."""
     rec = recorded(wl)
-    walker = CutWalker(rec.log, rec.image)
-    problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "flushed":
-            walker.advance(i)
-            if walker.pending:
-                problems.append(f"after guest #{op.label[1]} (log {i}): {len(walker.pending)} unsynced ops, "
-                                f"first {walker.pending[0].describe()}")
+    problems = [f"after guest #{j} (log {i}): {len(pending)} unsynced ops, first {pending[0].describe()}"
+                for i, j, pending in cs.unsynced_when(rec.log, [rec.image], "flushed") if pending]
     assert not problems, f"{wl.name}: " + "\n".join(problems[:8])
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,26 +67,6 @@ BIG = {w.name: Workload(w.name + "-big", w.cluster_size, w.virtual_size, w.seed 
 IDS = [w.name for w in WORKLOADS]
 
 
-@dataclass
-class Recorded:
-    """A workload run through a RecordingHost, plus everything needed to judge its crash states."""
-
-    wl: Workload
-    workdir: str
-    image: str
-    log: CrashLog
-    ops: list[cs.GuestOp]
-    model: GuestModel
-    contexts: list[cs.CutContext]
-    initial: bytes
-    final: bytes
-    exams: dict[str, cs.GuestExam] = field(default_factory=dict)
-    judge: cs.GuestJudge = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.judge = cs.GuestJudge(self.model, self.wl.lazy)
-
-
 def make_backing(workdir: str, size: int, seed: int) -> tuple[str, bytes]:
     """A qemu-made qcow2 backing file with data in a few regions; returns (path, raw bytes)."""
     raw = bytearray(size)
@@ -100,7 +80,7 @@ def make_backing(workdir: str, size: int, seed: int) -> tuple[str, bytes]:
     return base, bytes(raw)
 
 
-def record_workload(wl: Workload, workdir: str) -> Recorded:
+def record_workload(wl: Workload, workdir: str) -> cs.GuestRecording:
     """Create the image (outside the log: a fresh, closed image is the durable start), then run
     the guest ops through QcowFile.open(host_factory=...) with every host op recorded."""
     image = os.path.join(workdir, "disk.qcow2")
@@ -132,7 +112,7 @@ def record_workload(wl: Workload, workdir: str) -> Recorded:
     cs.run_guest_ops(disk, ops, log)
     model = GuestModel(wl.virtual_size, base_bytes).apply_all(ops)
     final = Path(image).read_bytes()
-    return Recorded(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, final)
+    return cs.GuestRecording(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, final)
 
 
 TOTALS: Counter = Counter()  # crash points / states / distinct images judged in this module run
@@ -144,40 +124,12 @@ recorded = cs.recording_fixture(record_workload)
 # --------------------------------------------------------------------------------------------
 # Judging crash states (crashsim.GuestJudge: qemu-img check, QEMU's and qcowdisk's views)
 
-def examine(rec: Recorded, data: bytes, key: str) -> cs.GuestExam:
-    """The checks of one crashed image, run once per distinct content."""
-    if key not in rec.exams:
-        rec.exams[key] = rec.judge.examine_bytes(data, rec.workdir)
-    return rec.exams[key]
-
-
-def report(rec: Recorded, t: cs.Tally, label: str) -> str:
-    """One line: the workload's log and what the sweep covered and found."""
-    n_fsync = sum(1 for op in rec.log.ops if op.kind == "fsync")
-    n_host = sum(1 for op in rec.log.ops if op.kind != "mark")
-    return (f"[crash {rec.wl.name} {label}] log={len(rec.log.ops)} ops ({n_host} host ops, "
-            f"{n_fsync} fsyncs, {len(rec.ops)} guest ops) {t.counts()}")
-
-
-def where(rec: Recorded, cut: int, subset: cs.Subset, pending: int) -> str:
-    """Failure location: workload, cut point, subset, guest context."""
-    return (f"{rec.wl.name} {cs.describe_cut(rec.log, cut)}, subset={subset} ({pending} unsynced ops); "
-            f"{cs.guest_context(rec.ops, rec.contexts[cut])}")
-
-
-def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset], label: str) -> cs.Tally:
-    """Materialise and judge every (cut, subset); returns the tally (printed)."""
-    t = cs.judge_states(cs.crash_states(rec.log, [rec.image], cuts, subsets), rec.exams,
-                        lambda st: rec.judge.examine_bytes(st.data, rec.workdir),
-                        lambda exam, st: rec.judge.judge(exam, rec.contexts[st.cut]),
-                        lambda st: where(rec, st.cut, st.subset, st.pending), TOTALS)
-    print(report(rec, t, label))
+def run_cuts(rec: cs.GuestRecording, cuts: list[int], subsets: list[cs.Subset], label: str) -> cs.Tally:
+    """Materialise and judge every (cut, subset); returns the tally (its summary printed)."""
+    t = rec.sweep(cuts, subsets, TOTALS)
+    t.summary = f"[crash {rec.wl.name} {label}] {rec.log_counts()} {t.counts()}"
+    print(t.summary)
     return t
-
-
-def assert_none(rec: Recorded, t: cs.Tally, label: str) -> None:
-    """Fail with the sweep's line and example findings if anything was found."""
-    t.assert_none(report(rec, t, label), MAX_EXAMPLES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,13 +232,7 @@ def test_workload_sanity(recorded, wl: Workload) -> None:
     findings below are about ordering, not about plain write bugs)."""
     rec = recorded(wl)
     assert rec.log.file_ops(rec.image) > 0, "no host op went through host_factory"
-    assert cs.materialise(rec.initial, rec.log.ops, rec.image, len(rec.log.ops), "all") == rec.final, \
-        "the log does not reproduce the live file: some write bypassed the HostFile seam"
-    assert_clean(rec.image)
-    exam = examine(rec, rec.final, "final")
-    last = len(rec.ops) - 1
-    found = rec.judge.judge(exam, cs.CutContext(last, last))
-    assert not found, "the uncrashed image differs from the model:\n" + "\n".join(map(str, found[:8]))
+    rec.assert_uncrashed_matches_model()
     assert int.from_bytes(rec.final[72:80], "big") & 1 == 0, "dirty bit set after close()"
     l1_size, l1_offset = cs.header_l1(rec.final)
     entries = [int.from_bytes(rec.final[l1_offset + 8 * i:l1_offset + 8 * i + 8], "big") for i in range(l1_size)]
@@ -306,15 +252,15 @@ def test_checks_can_fail(recorded, tmp_path) -> None:
     log = CrashLog()
     log.initial = dict(rec.log.initial)
     log.ops = [op for op in rec.log.ops if op.kind != "fsync"]
-    mutant = Recorded(rec.wl, str(tmp_path), rec.image, log, rec.ops, rec.model, cs.cut_contexts(log),
+    mutant = cs.GuestRecording(rec.wl, str(tmp_path), rec.image, log, rec.ops, rec.model, cs.cut_contexts(log),
                       rec.initial, rec.final)
     t = run_cuts(mutant, [len(log.ops)], ["none"], "mutant: fsyncs dropped")
-    assert t.by_category["LOST-FLUSHED"] > 0, report(mutant, t, "mutant")
+    assert t.by_category["LOST-FLUSHED"] > 0, t.summary
     rt_offset, _ = cs.header_reftable(rec.final)
     block = int.from_bytes(rec.final[rt_offset:rt_offset + 8], "big")
     wiped = bytearray(rec.final)
     wiped[block:block + rec.wl.cluster_size] = bytes(rec.wl.cluster_size)
-    exam = examine(mutant, bytes(wiped), "wiped")
+    exam = mutant.examine(bytes(wiped), "wiped")
     assert any(f.category == "CORRUPTION" for f in exam.static), exam.static
 
 
@@ -340,17 +286,13 @@ def test_flush_returns_only_when_durable(recorded, wl: Workload) -> None:
     """Ordering rule at the seam: when flush()/close() returns, no write to the image is still
     waiting for an fsync (the 'none' cut equals the 'all' cut there)."""
     rec = recorded(wl)
-    walker = CutWalker(rec.log, rec.image)
     flushes = 0
     problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "flushed":
-            walker.advance(i)
-            flushes += 1
-            if walker.pending:
-                j = op.label[1]
-                problems.append(f"after guest {cs.describe_guest_op(j, rec.ops[j])} returned (log {i}): "
-                                f"{len(walker.pending)} unsynced ops, first {walker.pending[0].describe()}")
+    for i, j, pending in cs.unsynced_when(rec.log, [rec.image], "flushed"):
+        flushes += 1
+        if pending:
+            problems.append(f"after guest {cs.describe_guest_op(j, rec.ops[j])} returned (log {i}): "
+                            f"{len(pending)} unsynced ops, first {pending[0].describe()}")
     assert flushes == sum(1 for g in rec.ops if g[0] in ("flush", "close"))
     assert not problems, f"{wl.name}: " + "\n".join(problems[:8])
 
@@ -362,7 +304,7 @@ def test_power_cut_none_at_every_op(recorded, wl: Workload) -> None:
     rec = recorded(wl)
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), ["none"], "none@every-op")
     assert t.states >= 20 and t.cuts == len(rec.log.ops) + 1
-    assert_none(rec, t, "none@every-op")
+    t.assert_none(examples=MAX_EXAMPLES)
 
 
 @pytest.mark.parametrize("wl", WORKLOADS, ids=IDS)
@@ -373,7 +315,7 @@ def test_power_cut_sampled(recorded, wl: Workload) -> None:
     cuts = cs.select_cuts(rec.log, wl.max_cuts, wl.seed)
     t = run_cuts(rec, cuts, SUBSETS, "sampled")
     assert t.cuts >= min(wl.max_cuts, len(rec.log.ops) + 1) and t.states >= 2 * t.cuts
-    assert_none(rec, t, "sampled")
+    t.assert_none(examples=MAX_EXAMPLES)
 
 
 @pytest.mark.slow
@@ -383,7 +325,7 @@ def test_power_cut_exhaustive(tmp_path, name: str) -> None:
     rec = record_workload(BIG[name], str(tmp_path))
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), SLOW_SUBSETS, "exhaustive")
     assert t.cuts == len(rec.log.ops) + 1 and t.states >= 2 * t.cuts
-    assert_none(rec, t, "exhaustive")
+    t.assert_none(examples=MAX_EXAMPLES)
 
 
 @pytest.mark.parametrize("wl", [w for w in WORKLOADS if not w.lazy], ids=[w.name for w in WORKLOADS if not w.lazy])
@@ -419,7 +361,7 @@ def test_crashed_image_stays_writable(recorded, wl: Workload, tmp_path) -> None:
             continue
         r = check(path)
         if r["returncode"] not in (0, 3) or r.get("corruptions", 0):
-            problems.append(f"{where(rec, cut, ('random', n), len(walker.pending))}: clean before "
+            problems.append(f"{rec.where(cut, ('random', n), len(walker.pending))}: clean before "
                             f"({cs.check_summary(before)}), after a new write at {off:#x}: {cs.check_summary(r)}")
         qemu_img("convert", "-O", "raw", path, path + ".raw")
         with open(path + ".raw", "rb") as f:

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import crashsim as cs
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qcowdisk import QcowFile
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -280,17 +280,13 @@ def judge_view(rec: Recorded, view: bytes, ctx: cs.CutContext, name: str, outcom
     if view == durable:
         return []
     versions = [rec.states[k + 1] for k in range(f, j + 1) if len(rec.states[k + 1]) == len(durable)]
-    for s in range(0, len(view), SECTOR):
-        piece = view[s:s + SECTOR]
-        if any(piece == v[s:s + SECTOR] for v in versions):
-            continue
-        for i in range(s, s + len(piece)):
-            allowed = {v[i] for v in versions}
-            if view[i] not in allowed:
-                kind = "LOST-FLUSHED" if len(allowed) == 1 else "GARBAGE"
-                return [f"{name}: {kind} byte {i:#x} = {view[i]:#04x}, allowed {sorted(allowed)} "
-                        f"(durable step #{f}, last started #{j})"]
-    return []
+    stray = cs.stray_byte(view, versions)
+    if stray is None:
+        return []
+    i, allowed = stray
+    kind = "LOST-FLUSHED" if len(allowed) == 1 else "GARBAGE"
+    return [f"{name}: {kind} byte {i:#x} = {view[i]:#04x}, allowed {sorted(allowed)} "
+            f"(durable step #{f}, last started #{j})"]
 
 
 def _first_diff(a: bytes, b: bytes) -> str:
@@ -365,14 +361,8 @@ def test_resize_returns_only_when_durable(recorded, wl: Workload) -> None:  # ty
     still waiting for an fsync."""
     rec = recorded(wl)
     paths = [rec.image] + ([rec.data_file] if rec.data_file else [])
-    walkers = [CutWalker(rec.log, p) for p in paths]
-    problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "flushed":
-            for w in walkers:
-                w.advance(i)
-                if w.pending:
-                    problems.append(f"step #{op.label[1]} {rec.steps[op.label[1]]}: {w.pending[0].describe()} unsynced")
+    problems = [f"step #{j} {rec.steps[j]}: {pending[0].describe()} unsynced"
+                for _, j, pending in cs.unsynced_when(rec.log, paths, "flushed") if pending]
     assert not problems, problems[:5]
 
 

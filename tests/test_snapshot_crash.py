@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 import crashsim as cs
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qcowdisk import QcowFile
 from qemutools import assert_clean, create, qemu_img, qemu_io, write_raw
 
@@ -387,14 +387,8 @@ def test_uncrashed_run_matches_model(recorded, wl: Workload) -> None:
 def test_snapshot_ops_durable_when_they_return(recorded, wl: Workload) -> None:
     """When create/apply/delete_snapshot returns, nothing it wrote is waiting for an fsync."""
     rec = recorded(wl)
-    walker = CutWalker(rec.log, rec.image)
-    problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "end":
-            walker.advance(i)
-            if walker.pending:
-                problems.append(f"{rec.ops[op.label[1]]}: {len(walker.pending)} unsynced, first "
-                                f"{walker.pending[0].describe()}")
+    problems = [f"{rec.ops[j]}: {len(pending)} unsynced, first {pending[0].describe()}"
+                for _, j, pending in cs.unsynced_when(rec.log, [rec.image], "end") if pending]
     assert not problems, "\n".join(problems)
 
 
