@@ -29,7 +29,7 @@ import pytest
 import qcowdisk
 from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
 from imagefactory import raw_qcow2_qcow2_chain, sparse_file
-from qcowdisk import Image, QcowFile, cli
+from qcowdisk import Image, QcowFile
 from qcowdisk.formats import OpenOptions, open_image
 from qcowdisk.ops.compare import CompareError, first_difference, first_nonzero
 from qemutools import create, qemu_img, qemu_io
@@ -358,13 +358,13 @@ def test_failures_part_way_are_qemus_statuses_3_and_4(kind: str, zoo: Path, monk
             qcowdisk.compare(Failing(a, **{kind: True}, after=2 * MiB), b)  # type: ignore[arg-type]
         assert info.value.status == expected_status
         assert str(info.value) == expected.replace("data.qcow2", a.filename)
-    real_open = cli.formats.open_image
+    real_open = qcowdisk.formats.open_image
 
     def failing_open(path: str, *args: Any) -> Any:
         img = real_open(path, *args)
         return Failing(img, **{kind: True}, after=2 * MiB) if path == "data.qcow2" else img
 
-    monkeypatch.setattr(cli.formats, "open_image", failing_open)
+    monkeypatch.setattr(qcowdisk.formats, "open_image", failing_open)
     status, out, err = qcowdisk_in(zoo, "compare", ["data.qcow2", "data-copy.qcow2"], as_qemu_img=True)
     assert (status, out, err) == (expected_status, "", f"qemu-img: {expected}\n")
 
