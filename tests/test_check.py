@@ -12,8 +12,6 @@ report exactly qemu-img's figures.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shutil
@@ -26,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import imagepatch as ip
-from qcowdisk import QcowFile, cli
+from clirun import qcowdisk_in
+from qcowdisk import QcowFile
 from qcowdisk.qcow2.check import CheckFailedError, CheckResult
 from qemutools import check, compare, create, qemu_img, qemu_io
 
@@ -47,15 +46,7 @@ def run_qemu(workdir: Path, *args: str) -> tuple[int, str, str]:
 
 def run_ours(workdir: Path, *args: str) -> tuple[int, str, str]:
     """`qcowdisk check ARGS` in this process, in `workdir`."""
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(workdir)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = cli.main(["check", *args])
-    finally:
-        os.chdir(old)
-    return rc, out.getvalue(), err.getvalue()
+    return qcowdisk_in(workdir, "check", args)
 
 
 def assert_same_check(workdir: Path, name: str, *args: str) -> tuple[int, str, str]:
