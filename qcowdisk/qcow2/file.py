@@ -758,25 +758,44 @@ class QcowFile:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         n = len(mv)
-        s = self._state
         offset = self._check_range(offset, n)
+        cs = self._state.cluster_size
+        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
+        for pos in range(0, max(n, 1), step):
+            self.write_compressed_clusters(self.compress_clusters(offset + pos, mv[pos:pos + step]))
+        return n
+
+    def compress_clusters(self, offset: int, data: Buffer) -> compressed.CompressedClusters:
+        """Compress whole clusters of `data` for guest `offset`, as `write_compressed` would,
+        without holding the image lock while compressing: threads may compress at once (zlib
+        and zstandard release the GIL); `write_compressed_clusters` writes the result. The
+        request is checked as `write_compressed` checks it."""
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        s = self._state
+        offset = self._check_range(offset, len(mv))
         with s.lock:
             self._check_writable()
-            compressed.check_request(s, offset, n)
+            compressed.check_request(s, offset, len(mv))
             compression_type = s.header.compression_type
-        cs = s.cluster_size
-        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
-        for pos in range(0, n, step):
-            piece = mv[pos:pos + step]
-            payloads = compressed.compress_clusters(piece, cs, compression_type)  # without the lock
-            with s.lock:
-                self._check_writable()
+        payloads = compressed.compress_clusters(mv, s.cluster_size, compression_type)
+        return compressed.CompressedClusters(offset, mv, payloads, s.cluster_size, compression_type)
 
-                def run(at: int = offset + pos, piece: memoryview = piece, payloads: list[bytes | None] = payloads) -> None:
-                    ordering.mark_dirty_before_lazy_update(s)
-                    compressed.write_compressed(s, at, piece, payloads)
-                self._guarded(run)
-        return n
+    def write_compressed_clusters(self, clusters: compressed.CompressedClusters) -> None:
+        """Write clusters `compress_clusters` compressed (see `write_compressed`)."""
+        s = self._state
+        offset = self._check_range(clusters.offset, len(clusters.data))
+        with s.lock:
+            self._check_writable()
+            compressed.check_prepared(s, clusters)
+            if not clusters.payloads:
+                return
+
+            def run() -> None:
+                ordering.mark_dirty_before_lazy_update(s)
+                compressed.write_compressed(s, offset, clusters.data, clusters.payloads)
+            self._guarded(run)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
