@@ -179,8 +179,6 @@ def create_keywords(opts: QemuOpts) -> dict[str, Any]:
         value = opts.string(name)
         if value is not None:
             kw[name] = value
-    if kw.get("data_file_raw") and kw.get("preallocation", "off") == "off":
-        kw["preallocation"] = "metadata"  # qcow2_co_create: a raw data file gets its L2 tables mapped up front
     return kw
 
 
@@ -217,8 +215,11 @@ class _RawTarget(_Requests):
                 self.host.truncate(size)
                 if size:  # file-posix's allocate_first_block: QEMU's new files start with a block of zeros
                     self.host.pwrite(zero_block(min(size, FIRST_BLOCK)), 0)
-                if preallocation in ("falloc", "full") and size:
+                if preallocation == "falloc" and size:
                     os.posix_fallocate(self.fd, 0, size)
+                elif preallocation == "full":  # file-posix writes zeros: the file maps as data
+                    for pos in range(FIRST_BLOCK, size, IO_BUF_SIZE):
+                        self.host.pwrite(zero_block(min(IO_BUF_SIZE, size - pos)), pos)
         except BaseException:
             self.close()
             raise
@@ -257,7 +258,7 @@ class _QcowTarget(_Requests):
         self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.disk.write_zeroes(offset, length)
+        self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing
         self.written(length)
 
 

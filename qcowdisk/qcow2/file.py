@@ -51,6 +51,7 @@ from ..qcow1 import Qcow1File
 from . import amend as amending
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
+from . import zeroize as zeroizing
 from .cache import CachedTable
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
@@ -269,7 +270,9 @@ class QcowFile:
         """Create a new image (never overwriting an existing file) and return it open read-write.
 
         Options mean what the same-named `qemu-img create -o` options mean; invalid combinations
-        raise ValueError as qemu-img refuses them.
+        raise ValueError as qemu-img refuses them. With `data_file_raw`, metadata is
+        preallocated (unless more is asked), as qemu-img does, so the tables map the data file
+        1:1.
         """
         path = os.fspath(path)
         data_file = None if data_file is None else os.fspath(data_file)
@@ -279,6 +282,9 @@ class QcowFile:
                      compression_type=compression_type, preallocation=preallocation, data_file=data_file,
                      data_file_raw=data_file_raw, backing_file=backing_file, backing_format=backing_format,
                      host_factory=host_factory)
+        if data_file_raw and preallocation == "off":
+            # qcow2_co_create: the tables must map the raw data file 1:1, so metadata is preallocated
+            preallocation = "metadata"
         img = cls._open(path, formats.OpenOptions(host_factory=host_factory or HostFile), (os.path.realpath(path),))
         if preallocation != "off":
             try:
@@ -602,7 +608,17 @@ class QcowFile:
         """Like write_zeroes, and hand the host space of whole clusters back."""
         self._zero(offset, length, punch=True)
 
+    def zeroize(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros the way QEMU's write_zeroes with
+        MAY_UNMAP leaves it (`qemu-img convert -n` does this to zero ranges): whole clusters
+        become zero clusters present in this image, their host space freed, even where they
+        were unallocated (see qcowdisk.qcow2.zeroize)."""
+        self._zero_with(offset, length, zeroizing.zeroize)
+
     def _zero(self, offset: int, length: int, punch: bool) -> None:
+        self._zero_with(offset, length, lambda s, at, n: writing.zero(s, at, n, punch))
+
+    def _zero_with(self, offset: int, length: int, zero: Callable[[Qcow2State, int, int], None]) -> None:
         s = self._state
         offset = self._check_range(offset, length)
         length = as_index(length, "length")
@@ -611,7 +627,7 @@ class QcowFile:
             if length:
                 def run() -> None:
                     ordering.mark_dirty_before_lazy_update(s)
-                    writing.zero(s, offset, length, punch)
+                    zero(s, offset, length)
                     ordering.release_frees_if_piling(s)
                 self._guarded(run)
 
