@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdef]
+                                             [--json OUT] [--keep] [--only abcdefg]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -18,6 +18,10 @@ WRITE
      flush() + close()) vs `qemu-img bench -w ... -s 65536` on a fresh `qemu-img create` image
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes; whole processes)
+  g) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
+     with like: neither side fsyncs ("no sync", qemu-img's default cache=unsafe), or both do
+     ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system)
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -643,6 +647,19 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def bench_convert(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """g) convert cases from bench_convert.py (median of `repeat` whole-process runs a side)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_convert
+    with guarded(rows, "g) convert", "s", "qemu-img convert"):
+        for r in bench_convert.convert_rows(size, workdir, repeat):
+            target = None if "synced" in r.case else 1.0
+            row = throughput_row(f"g) convert {r.case}", "s", "qemu-img convert", 1 / r.ours_s, 1 / r.qemu_s, target)
+            row.qcowdisk, row.reference = r.ours_s, r.qemu_s
+            row.note = f"cpu {r.ours_cpu:.2f} s vs {r.qemu_cpu:.2f} s" + ("" if r.same else "; CONTENT DIFFERS")
+            rows.append(row)
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers came from."""
     model = ""
@@ -667,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdef", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'g' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -690,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_writes(QcowFile, engine_error, workdir, args.size, args.repeat, rows)
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
+        if "g" in only:
+            bench_convert(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

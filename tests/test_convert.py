@@ -528,3 +528,28 @@ def test_compressed_clusters_api(tmp_path: Path) -> None:
             da.compress_clusters(1000, data)
     assert_clean(str(a))
     assert json.loads(qemu_img("check", "--output=json", str(a)).stdout)["compressed-clusters"] == 2
+
+
+def test_bitmaps(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """--bitmaps: what qemu-img refuses is refused with its message; a source without bitmaps
+    converts; one with bitmaps is refused (qcowdisk does not write them; qemu-img copies them)."""
+    src, fmt = sources["base"]
+    qcowdisk.convert(src, tmp_path / "a.qcow2", bitmaps=True)
+    compare(str(src), str(tmp_path / "a.qcow2"), fmt, "qcow2")
+    for args, kw, message in [
+            (["-O", "raw", str(src)], {"out_format": "raw"}, "Format driver 'raw' does not support bitmaps"),
+            (["-O", "qcow2", "-o", "compat=0.10", str(src)], {"options": "compat=0.10"},
+             "Format driver 'qcow2' does not support bitmaps"),
+            (["-O", "qcow2", str(sources["raw"][0])], {"src": sources["raw"][0]}, "Source lacks bitmap support")]:
+        r = qemu_img("convert", "--bitmaps", *args, str(tmp_path / "q.out"), check=False)
+        assert r.returncode == 1 and message in r.stderr
+        kw.setdefault("src", src)
+        with pytest.raises(ConvertError, match=f"^{re.escape(message)}$"):
+            qcowdisk.convert(kw.pop("src"), tmp_path / "o.out", bitmaps=True, **kw)  # type: ignore[arg-type]
+        assert not (tmp_path / "o.out").exists()
+    marked = tmp_path / "bm.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(src), str(marked))
+    qemu_img("bitmap", "--add", str(marked), "b0")
+    with pytest.raises(ConvertError, match="Cannot copy bitmaps \\(b0\\)"):
+        qcowdisk.convert(marked, tmp_path / "bm-out.qcow2", bitmaps=True)
+    assert not (tmp_path / "bm-out.qcow2").exists()

@@ -59,7 +59,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
             sparse_size: int = 4096, target_exists: bool = False, progress: Progress | None = None,
             threads: int | None = None, out_of_order: bool = False, target_is_zero: bool = False,
             cache: str = "writeback", src_cache: str = DEFAULT_SOURCE_CACHE, rate_limit: int = 0,
-            force_share: bool = False) -> None:
+            force_share: bool = False, bitmaps: bool = False) -> None:
     """Convert the guest disk `src` into `dst` as `qemu-img convert [-f SRC_FORMAT] -O OUT_FORMAT
     [-o OPTIONS] [-c] [-B BACKING_FILE [-F BACKING_FORMAT]] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n]
     [-m THREADS] [-W] [--target-is-zero] [-t CACHE] [-T SRC_CACHE] [-r RATE] [-U] SRC DST` does.
@@ -83,7 +83,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     (see qcowdisk.ops.cachemode: "unsafe" never fsyncs, as qemu-img convert by default;
     "writeback", the library's default, leaves the target durable on return). `rate_limit`
     throttles writes to that many bytes a second (0: none). `force_share` opens the source
-    without its image lock, as -U (it may be in use, and seen inconsistent).
+    without its image lock, as -U (it may be in use, and seen inconsistent). `bitmaps`
+    (--bitmaps) copies the source's persistent bitmaps as qemu-img does; qcowdisk does not write
+    bitmaps, so a source that has some is refused (ConvertError) before anything is written, as
+    are the combinations qemu-img refuses (a raw source or target, a version 2 target).
     `progress(done_bytes, total_bytes)` is
     called as the conversion goes; an exception from it stops the conversion and propagates,
     with everything closed (the partly written target is left behind, as qemu-img leaves it).
@@ -128,6 +131,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         if snapshot is not None and isinstance(source, QcowFile):
             size = max(size, source.header.size)  # qemu-img exports a snapshot at the active disk's size
         _refuse_source_as_target(source, dst_path)
+        if bitmaps:
+            _check_bitmaps(source, out_format, opts)
         host = HostFile if flushes else NoFlushHostFile
         if target_exists:
             target = _open_target(dst_path, out_format, size, host)
@@ -283,6 +288,17 @@ def _refuse_source_as_target(source: Image, dst: str) -> None:
                 raise ConvertError(f"Could not create '{dst}': Failed to get \"write\" lock: "
                                    f"it is the source image or in its backing chain")
         layer = layer.backing
+
+
+def _check_bitmaps(source: Image, out_format: str, opts: QemuOpts) -> None:
+    """--bitmaps: refuse what qemu-img refuses, and a source with bitmaps (qcowdisk writes none)."""
+    if out_format != "qcow2" or _COMPAT.get(opts.string("compat") or "1.1") == "0.10":
+        raise ConvertError(f"Format driver '{out_format}' does not support bitmaps")
+    if not isinstance(source, QcowFile):
+        raise ConvertError("Source lacks bitmap support")
+    names = [b.name for b in source.bitmaps]
+    if names:
+        raise ConvertError(f"Cannot copy bitmaps ({', '.join(names)}): qcowdisk does not write persistent bitmaps")
 
 
 def _remove_existing(path: str) -> None:
