@@ -553,3 +553,25 @@ def test_bitmaps(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
     with pytest.raises(ConvertError, match="Cannot copy bitmaps \\(b0\\)"):
         qcowdisk.convert(marked, tmp_path / "bm-out.qcow2", bitmaps=True)
     assert not (tmp_path / "bm-out.qcow2").exists()
+
+
+@pytest.mark.parametrize("opts", [["-t", "bogus"], ["-T", "bogus"], ["-r", "-1"], ["-r", "abc"], ["-r", "1x"],
+                                  ["-r", "99999999999999999999"], ["--target-is-zero"], ["-r", "1G"], ["-r", "0"],
+                                  ["-t", "off"], ["-t", "none"], ["-t", "writeback"], ["-T", "directsync"],
+                                  ["-t", "writethrough"], ["-U"], ["-W"], ["-W", "-c", "-m", "3"], ["--bitmaps"]])
+def test_cli_options_as_qemu_img(tmp_path: Path, sources: dict[str, tuple[Path, str]],
+                                 capsys: pytest.CaptureFixture[str], opts: list[str]) -> None:
+    """-t, -T, -r, -U, -W, --target-is-zero, --bitmaps: the same messages and exit codes as qemu-img."""
+    src, fmt = sources["base"]
+    ours, theirs = tmp_path / "o.qcow2", tmp_path / "q.qcow2"
+    q = qemu_img("convert", *opts, "-O", "qcow2", str(src), str(theirs), check=False)
+    capsys.readouterr()
+    rc = cli.main(["convert", *opts, "-O", "qcow2", str(src), str(ours)])
+    err = capsys.readouterr().err
+    assert rc == q.returncode
+    assert err == q.stderr.replace("qemu-img: ", "qcowdisk: ")
+    # (on a bad -t, qemu-img has created the target already and leaves it; qcowdisk creates nothing)
+    assert not ours.exists() if rc else ours.exists()
+    if rc == 0:
+        compare(str(src), str(ours), fmt, "qcow2")
+        assert layout(ours, "qcow2") == layout(theirs, "qcow2")
