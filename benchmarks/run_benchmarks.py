@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdefg]
+                                             [--json OUT] [--keep] [--only abcdefgh]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -18,8 +18,11 @@ WRITE
      flush() + close()) vs `qemu-img bench -w ... -s 65536` on a fresh `qemu-img create` image
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+NBD
+  g) `nbdcopy` out of `qcowdisk serve --readonly` vs out of `qemu-nbd` serving the same image
+     (benchmarks/bench_nbd.py: a mixed image of --size; to null: and to a file; best of --repeat)
 CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes; whole processes)
-  g) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
+  h) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
      with like: neither side fsyncs ("no sync", qemu-img's default cache=unsafe), or both do
      ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system)
 
@@ -617,6 +620,18 @@ def bench_create(QcowFile: Any, engine_error: str | None, workdir: str, repeat: 
     rows.append(row)
 
 
+def bench_nbd(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """Case g): nbdcopy out of `qcowdisk serve` against qemu-nbd serving the same image (bench_nbd.py)."""
+    log("g) nbdcopy out of qcowdisk serve vs qemu-nbd")
+    with guarded(rows, "g) nbdcopy out of an NBD server", "MiB/s", "qemu-nbd + nbdcopy"):
+        from bench_nbd import nbd_rows  # needs nbdkit, nbdcopy and qemu-nbd: an ERROR row without them
+        for r in nbd_rows(size, repeat, workdir):
+            row = throughput_row(f"g) {r.case}", "MiB/s", f"{r.reference} + nbdcopy", r.qcowdisk_mibs,
+                                 r.reference_mibs, None)
+            row.note = r.note
+            rows.append(row)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -648,13 +663,13 @@ def render_table(rows: list[Row]) -> str:
 
 
 def bench_convert(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
-    """g) convert cases from bench_convert.py (median of `repeat` whole-process runs a side)."""
+    """h) convert cases from bench_convert.py (median of `repeat` whole-process runs a side)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_convert
-    with guarded(rows, "g) convert", "s", "qemu-img convert"):
+    with guarded(rows, "h) convert", "s", "qemu-img convert"):
         for r in bench_convert.convert_rows(size, workdir, repeat):
             target = None if "synced" in r.case else 1.0
-            row = throughput_row(f"g) convert {r.case}", "s", "qemu-img convert", 1 / r.ours_s, 1 / r.qemu_s, target)
+            row = throughput_row(f"h) convert {r.case}", "s", "qemu-img convert", 1 / r.ours_s, 1 / r.qemu_s, target)
             row.qcowdisk, row.reference = r.ours_s, r.qemu_s
             row.note = f"cpu {r.ours_cpu:.2f} s vs {r.qemu_cpu:.2f} s" + ("" if r.same else "; CONTENT DIFFERS")
             rows.append(row)
@@ -684,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'g' (default all)")
+    ap.add_argument("--only", default="abcdefgh", help="subset of cases to run, e.g. 'abc' or 'h' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -708,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
         if "g" in only:
+            bench_nbd(workdir, args.size, args.repeat, rows)
+        if "h" in only:
             bench_convert(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:
