@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdefgh]
+                                             [--json OUT] [--keep] [--only abcdefghi]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -24,6 +24,10 @@ NBD
 CHECK
   h) `QcowFile.check()` in-process, and the `python -m qcowdisk check` process, vs the `qemu-img check`
      process, on a sparse 1 TiB, a fully allocated 4 GiB and a 64 MiB 512 B-cluster image (bench_check.py)
+CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes; whole processes)
+  i) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
+     with like: neither side fsyncs ("no sync", qemu-img's default cache=unsafe), or both do
+     ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system)
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -676,6 +680,19 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def bench_convert(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """i) convert cases from bench_convert.py (median of `repeat` whole-process runs a side)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_convert
+    with guarded(rows, "i) convert", "s", "qemu-img convert"):
+        for r in bench_convert.convert_rows(size, workdir, repeat):
+            target = None if "synced" in r.case else 1.0
+            row = throughput_row(f"i) convert {r.case}", "s", "qemu-img convert", 1 / r.ours_s, 1 / r.qemu_s, target)
+            row.qcowdisk, row.reference = r.ours_s, r.qemu_s
+            row.note = f"cpu {r.ours_cpu:.2f} s vs {r.qemu_cpu:.2f} s" + ("" if r.same else "; CONTENT DIFFERS")
+            rows.append(row)
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers came from."""
     model = ""
@@ -700,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefgh", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefghi", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -727,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_nbd(workdir, args.size, args.repeat, rows)
         if "h" in only and not engine_error:
             bench_check(workdir, args.repeat, rows)
+        if "i" in only:
+            bench_convert(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -14,7 +14,6 @@ Layout (each layer imports only from the ones before it):
 """
 
 from . import qcow1, raw  # noqa: F401  (importing a format registers it)
-from ._version import __version__ as __version__  # the installed version, "0+unknown" in a bare tree
 from .errors import (
     AmendError,
     BackingChainError,
@@ -42,3 +41,12 @@ __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFe
            "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError",
            "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
            "commit", "rebase", "convert"]
+
+
+def __getattr__(name: str) -> str:
+    """`qcowdisk.__version__`, looked up on first use: importlib.metadata costs more at every
+    start than the rest of the package's imports together."""
+    if name == "__version__":
+        from ._version import __version__
+        return __version__
+    raise AttributeError(f"module 'qcowdisk' has no attribute {name!r}")

@@ -26,7 +26,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .._version import __version__
 from ..errors import QcowError
 from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, serve, snapshot, write
 from .common import PROG, ArgumentsError, Parser, UsageError
@@ -38,10 +37,20 @@ _COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, 
              serve)
 
 
+class _Version(argparse.Action):
+    """--version, with the version looked up only then (importlib.metadata is slow to import)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from .._version import __version__
+        print(f"{PROG} version {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = Parser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
-    p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
         command.add_parser(sub)

@@ -51,6 +51,7 @@ from ..qcow1 import Qcow1File
 from . import amend as amending
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
+from . import zeroize as zeroizing
 from .cache import CachedTable
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
@@ -270,7 +271,9 @@ class QcowFile:
         """Create a new image (never overwriting an existing file) and return it open read-write.
 
         Options mean what the same-named `qemu-img create -o` options mean; invalid combinations
-        raise ValueError as qemu-img refuses them.
+        raise ValueError as qemu-img refuses them. With `data_file_raw`, metadata is
+        preallocated (unless more is asked), as qemu-img does, so the tables map the data file
+        1:1.
         """
         path = os.fspath(path)
         data_file = None if data_file is None else os.fspath(data_file)
@@ -280,6 +283,9 @@ class QcowFile:
                      compression_type=compression_type, preallocation=preallocation, data_file=data_file,
                      data_file_raw=data_file_raw, backing_file=backing_file, backing_format=backing_format,
                      host_factory=host_factory)
+        if data_file_raw and preallocation == "off":
+            # qcow2_co_create: the tables must map the raw data file 1:1, so metadata is preallocated
+            preallocation = "metadata"
         img = cls._open(path, formats.OpenOptions(host_factory=host_factory or HostFile), (os.path.realpath(path),))
         if preallocation != "off":
             try:
@@ -610,7 +616,17 @@ class QcowFile:
         """Like write_zeroes, and hand the host space of whole clusters back."""
         self._zero(offset, length, punch=True)
 
+    def zeroize(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros the way QEMU's write_zeroes with
+        MAY_UNMAP leaves it (`qemu-img convert -n` does this to zero ranges): whole clusters
+        become zero clusters present in this image, their host space freed, even where they
+        were unallocated (see qcowdisk.qcow2.zeroize)."""
+        self._zero_with(offset, length, zeroizing.zeroize)
+
     def _zero(self, offset: int, length: int, punch: bool) -> None:
+        self._zero_with(offset, length, lambda s, at, n: writing.zero(s, at, n, punch))
+
+    def _zero_with(self, offset: int, length: int, zero: Callable[[Qcow2State, int, int], None]) -> None:
         s = self._state
         offset = self._check_range(offset, length)
         length = as_index(length, "length")
@@ -619,7 +635,7 @@ class QcowFile:
             if length:
                 def run() -> None:
                     ordering.mark_dirty_before_lazy_update(s)
-                    writing.zero(s, offset, length, punch)
+                    zero(s, offset, length)
                     ordering.release_frees_if_piling(s)
                 self._guarded(run)
 
@@ -774,25 +790,44 @@ class QcowFile:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         n = len(mv)
-        s = self._state
         offset = self._check_range(offset, n)
+        cs = self._state.cluster_size
+        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
+        for pos in range(0, max(n, 1), step):
+            self.write_compressed_clusters(self.compress_clusters(offset + pos, mv[pos:pos + step]))
+        return n
+
+    def compress_clusters(self, offset: int, data: Buffer) -> compressed.CompressedClusters:
+        """Compress whole clusters of `data` for guest `offset`, as `write_compressed` would,
+        without holding the image lock while compressing: threads may compress at once (zlib
+        and zstandard release the GIL); `write_compressed_clusters` writes the result. The
+        request is checked as `write_compressed` checks it."""
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        s = self._state
+        offset = self._check_range(offset, len(mv))
         with s.lock:
             self._check_writable()
-            compressed.check_request(s, offset, n)
+            compressed.check_request(s, offset, len(mv))
             compression_type = s.header.compression_type
-        cs = s.cluster_size
-        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
-        for pos in range(0, n, step):
-            piece = mv[pos:pos + step]
-            payloads = compressed.compress_clusters(piece, cs, compression_type)  # without the lock
-            with s.lock:
-                self._check_writable()
+        payloads = compressed.compress_clusters(mv, s.cluster_size, compression_type)
+        return compressed.CompressedClusters(offset, mv, payloads, s.cluster_size, compression_type)
 
-                def run(at: int = offset + pos, piece: memoryview = piece, payloads: list[bytes | None] = payloads) -> None:
-                    ordering.mark_dirty_before_lazy_update(s)
-                    compressed.write_compressed(s, at, piece, payloads)
-                self._guarded(run)
-        return n
+    def write_compressed_clusters(self, clusters: compressed.CompressedClusters) -> None:
+        """Write clusters `compress_clusters` compressed (see `write_compressed`)."""
+        s = self._state
+        offset = self._check_range(clusters.offset, len(clusters.data))
+        with s.lock:
+            self._check_writable()
+            compressed.check_prepared(s, clusters)
+            if not clusters.payloads:
+                return
+
+            def run() -> None:
+                ordering.mark_dirty_before_lazy_update(s)
+                compressed.write_compressed(s, offset, clusters.data, clusters.payloads)
+            self._guarded(run)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
