@@ -11,6 +11,8 @@ Layout (each layer imports only from the ones before it):
 - the formats: `qcow2` (a package, see its docstring), `qcow1` (legacy, read-only), `raw`.
 - `blockstatus`: format-independent block status over a backing chain (`qemu-img map`).
 - `cli`: the `qcowdisk` command.
+- `pytest_plugin`: the `qcow_image` and `assert_image_sound` fixtures (pytest loads it through
+  the package's `pytest11` entry point; it needs pytest, nothing imports it otherwise).
 """
 
 from . import qcow1, raw  # noqa: F401  (importing a format registers it)

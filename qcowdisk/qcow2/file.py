@@ -117,6 +117,7 @@ class QcowFile:
     """
 
     format_name = "qcow2"
+    """The format's name as qemu-img reports it (the `Image` protocol's `format_name`)."""
 
     def __init__(self, state: Qcow2State, image_lock: ImageLock | None) -> None:
         """Wrap an opened state (use `open`, `create` or `create_from_backing`)."""

@@ -513,15 +513,25 @@ class Snapshot:
     """One internal snapshot, as listed in the snapshot table (table order)."""
 
     id: str
+    """The snapshot's id (`qemu-img snapshot -l`'s ID column), unique in the table."""
     name: str
+    """The snapshot's name (its TAG column)."""
     date: datetime
+    """When the snapshot was taken: an aware datetime in UTC (microsecond precision)."""
     vm_clock_ns: int
+    """The guest clock at the snapshot, in nanoseconds (0 for a disk-only snapshot)."""
     vm_state_size: int
+    """Bytes of saved VM state (0 for a disk-only snapshot)."""
     disk_size: int | None
+    """The virtual disk size at the snapshot, None when the entry's extra data does not record it."""
     icount: int | None
+    """The guest's instruction count at the snapshot, None when the entry does not record it."""
     l1_table_offset: int = field(default=0, repr=False)
+    """Host offset of the snapshot's L1 table."""
     l1_size: int = field(default=0, repr=False)
+    """Entries in the snapshot's L1 table."""
     entry: SnapshotEntry | None = field(default=None, repr=False, compare=False)  # as stored
+    """The table entry as stored (raw fields and extra data, so a rewrite preserves them)."""
 
 
 def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int,
