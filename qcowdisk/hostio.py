@@ -21,7 +21,10 @@ from .errors import UnsafeFileError
 
 _fallocate: Callable[[int, int, int, int], int] | None
 try:  # Linux: hand space back without changing the file length
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    try:  # glibc's soname: find_library would run ldconfig (and gcc) at every import
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - another libc
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     _fallocate = _libc.fallocate
     _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     _libc.fallocate.restype = ctypes.c_int
@@ -86,7 +89,12 @@ class HostFile:
         self.fd = -1
         self.is_block_device = False
         self.fd = open_regular(path, writable)
-        self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        st = os.fstat(self.fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        # The file's length as this object left it: every write and truncate through it moves
+        # it. Bytes at or past it read as zeros for as long as no one else extends the file,
+        # which holds for a writable image under its write lock (see `known_zero_from`).
+        self.end = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
 
     @classmethod
     def create(cls, path: str) -> HostFile:
@@ -100,6 +108,14 @@ class HostFile:
         if self.is_block_device:
             return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
+
+    def known_zero_from(self) -> int:
+        """The offset from which this file surely reads zeros: its end as our writes left it.
+
+        Only meaningful while this object is the file's one writer (a read-write image holds
+        QEMU's write lock); a block device never reads zeros past its end, it has none.
+        """
+        return 1 << 63 if self.is_block_device else self.end
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to `length` bytes at `offset`."""
@@ -132,20 +148,39 @@ class HostFile:
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
         """Write all `buffers` contiguously at `offset` (loops over short writes)."""
+        if len(buffers) == 1:  # the common case: one os.pwrite, no buffer list to build
+            want = memoryview(buffers[0]).nbytes
+            if not want:
+                return
+            self.unsynced = True
+            n = os.pwrite(self.fd, buffers[0], offset)
+            if n == want:
+                if offset + n > self.end:
+                    self.end = offset + n
+                return
+            self._write_all([memoryview(buffers[0]).cast("B")], offset, n)
+            return
         bufs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
-        pos = offset
         if bufs:
             self.unsynced = True
-        while bufs:
-            n = os.pwritev(self.fd, bufs[:IOV_MAX], pos)
-            if n <= 0:  # no progress: retrying would spin forever
-                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (write made no progress)", self.path)
+            self._write_all(bufs, offset, 0)
+
+    def _write_all(self, bufs: list[memoryview], pos: int, n: int) -> None:
+        """Write the rest of `bufs` (of which `n` bytes are written already) from `pos`."""
+        while True:
             pos += n
+            if pos > self.end:
+                self.end = pos
             while bufs and n >= len(bufs[0]):
                 n -= len(bufs[0])
                 bufs.pop(0)
             if bufs and n:
                 bufs[0] = bufs[0][n:]
+            if not bufs:
+                return
+            n = os.pwritev(self.fd, bufs[:IOV_MAX], pos)
+            if n <= 0:  # no progress: retrying would spin forever
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (write made no progress)", self.path)
 
     def fsync(self) -> None:
         """Make everything written so far durable."""
@@ -161,6 +196,7 @@ class HostFile:
         """Set the file's length."""
         self.unsynced = True
         os.ftruncate(self.fd, length)
+        self.end = length
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Hand the host space of a range back (reads as zeros afterwards). False if unsupported."""
