@@ -270,6 +270,8 @@ class Refcounts:
             c = self.end_cluster
             self.end_cluster += remaining
             self.set_range(c, remaining, 1)
+            if self.free_hint >= c:  # nothing free below the old end, and the rest is taken now
+                self.free_hint = self.end_cluster
             if extents and extents[-1][0] + extents[-1][1] == c:
                 extents[-1] = (extents[-1][0], extents[-1][1] + remaining)
             else:
