@@ -33,6 +33,7 @@ except (OSError, AttributeError):  # pragma: no cover - non-Linux
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 # Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -204,6 +205,22 @@ class HostFile:
             return False
         self.unsynced = True
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err), self.path)
+
+    def zero_range(self, offset: int, length: int) -> bool:
+        """Make a range read as zeros without writing them, extending the file if it ends
+        before (FALLOC_FL_ZERO_RANGE: QEMU's write_zeroes without fallback). False if the file
+        system cannot."""
+        if _fallocate is None or length <= 0 or self.is_block_device:
+            return False
+        self.unsynced = True
+        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length) == 0:
+            if offset + length > self.end:
+                self.end = offset + length
             return True
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

@@ -126,7 +126,10 @@ class Refcounts:
             ri, idx = divmod(c, self.block_entries)
             n = min(end - c, self.block_entries - idx)
             block = self._block_for_write(ri)
-            block.entries[idx:idx + n] = array(block.entries.typecode, [value]) * n
+            if n == 1:  # (one new cluster: the common allocation)
+                block.entries[idx] = value
+            else:
+                block.entries[idx:idx + n] = array(block.entries.typecode, [value]) * n
             block.mark(idx, idx + n)
             c += n
 

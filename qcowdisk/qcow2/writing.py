@@ -156,9 +156,13 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
         return True
     # (b) no host clusters: entries 0, or zero flags (v3) without a host offset
     no_host = 0 if s.v2 else OFLAG_ZERO
-    for k in range(l2i, l2i + count):
-        if entries[k] | no_host != no_host:
+    if count == 1:
+        if e | no_host != no_host:
             return False
+    else:
+        for k in range(l2i, l2i + count):
+            if entries[k] | no_host != no_host:
+                return False
     head = guest_offset & s.cluster_mask
     tail = -(guest_offset + n) & s.cluster_mask
     if s.backing is not None and ((head and not entries[l2i]) or (tail and not entries[l2i + count - 1])):
@@ -166,19 +170,27 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
     zero_from = s.data_host.known_zero_from()  # before this request writes anything
     pos = -head  # request bytes before the current extent's first cluster (negative: padding)
     k = l2i
-    for c, m in _refcounts(s).alloc_clusters(count):
+    rc = s.refcounts
+    assert rc is not None, "write path on an image opened read-only"
+    for c, m in rc.alloc_clusters(count):
         host = c << cbits
         span = m << cbits
         check_not_metadata(s, host, span)
-        lo = max(pos, 0)
-        hi = min(pos + span, n)
+        lo = pos if pos > 0 else 0
+        hi = pos + span if pos + span < n else n
         if host >= zero_from:  # nothing beneath: the data alone
-            _write_data(s, [mv[lo:hi]], host + lo - pos, host + hi - pos)
-            s.grow_alloc_limit(host + span)
+            if hi - lo < span:  # zeros around it: allocated as zeros, as QEMU does (same map)
+                s.data_host.zero_range(host, span)
+            s.data_host.pwritev([mv[lo:hi] if hi - lo < n else mv], host + lo - pos)
         else:
-            _write_data(s, _padded(mv[lo:hi], lo - pos, pos + span - hi), host, host + span)
-        for i in range(m):
-            entries[k + i] = (host + (i << cbits)) | OFLAG_COPIED
+            s.data_host.pwritev(_padded(mv[lo:hi], lo - pos, pos + span - hi), host)
+        if host + span > s.alloc_limit:  # entries may name all of the new clusters
+            s.alloc_limit = host + span
+        if m == 1:
+            entries[k] = host | OFLAG_COPIED
+        else:
+            for i in range(m):
+                entries[k + i] = (host + (i << cbits)) | OFLAG_COPIED
         k += m
         pos += span
     table.mark(l2i, l2i + count)
@@ -246,6 +258,7 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
             if p.host is None:
                 p.host = next(hosts)
                 if p.zero_beneath and p.host >= zero_from:  # the host file reads zeros there already
+                    s.data_host.zero_range(p.host + p.region_start, p.region_end - p.region_start)  # (see _write_fast)
                     p.region_start, p.region_end = p.start, p.end
                     bufs[:] = [mv[p.source:p.source + (p.end - p.start)]]
                     s.grow_alloc_limit(p.host + cs)  # entries may name all of it
