@@ -33,7 +33,6 @@ except (OSError, AttributeError):  # pragma: no cover - non-Linux
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 # Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -90,12 +89,7 @@ class HostFile:
         self.fd = -1
         self.is_block_device = False
         self.fd = open_regular(path, writable)
-        st = os.fstat(self.fd)
-        self.is_block_device = stat.S_ISBLK(st.st_mode)
-        # The file's length as this object left it: every write and truncate through it moves
-        # it. Bytes at or past it read as zeros for as long as no one else extends the file,
-        # which holds for a writable image under its write lock (see `known_zero_from`).
-        self.end = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
+        self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
     @classmethod
     def create(cls, path: str) -> HostFile:
@@ -109,14 +103,6 @@ class HostFile:
         if self.is_block_device:
             return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
-
-    def known_zero_from(self) -> int:
-        """The offset from which this file surely reads zeros: its end as our writes left it.
-
-        Only meaningful while this object is the file's one writer (a read-write image holds
-        QEMU's write lock); a block device never reads zeros past its end, it has none.
-        """
-        return 1 << 63 if self.is_block_device else self.end
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to `length` bytes at `offset`."""
@@ -156,8 +142,6 @@ class HostFile:
             self.unsynced = True
             n = os.pwrite(self.fd, buffers[0], offset)
             if n == want:
-                if offset + n > self.end:
-                    self.end = offset + n
                 return
             self._write_all([memoryview(buffers[0]).cast("B")], offset, n)
             return
@@ -170,8 +154,6 @@ class HostFile:
         """Write the rest of `bufs` (of which `n` bytes are written already) from `pos`."""
         while True:
             pos += n
-            if pos > self.end:
-                self.end = pos
             while bufs and n >= len(bufs[0]):
                 n -= len(bufs[0])
                 bufs.pop(0)
@@ -197,7 +179,6 @@ class HostFile:
         """Set the file's length."""
         self.unsynced = True
         os.ftruncate(self.fd, length)
-        self.end = length
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Hand the host space of a range back (reads as zeros afterwards). False if unsupported."""
@@ -205,22 +186,6 @@ class HostFile:
             return False
         self.unsynced = True
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise OSError(err, os.strerror(err), self.path)
-
-    def zero_range(self, offset: int, length: int) -> bool:
-        """Make a range read as zeros without writing them, extending the file if it ends
-        before (FALLOC_FL_ZERO_RANGE: QEMU's write_zeroes without fallback). False if the file
-        system cannot."""
-        if _fallocate is None or length <= 0 or self.is_block_device:
-            return False
-        self.unsynced = True
-        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length) == 0:
-            if offset + length > self.end:
-                self.end = offset + length
             return True
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

@@ -1,14 +1,14 @@
 """The per-request fast paths: lock-free reads on read-write images, `readinto_at`, extended L2
-images, and allocating writes that skip the zero padding of a new cluster.
+images, and allocating writes that do not read the zero padding of a new cluster.
 
 Reads: every fast read is checked against QEMU's view (`qemu-img convert -O raw`); the
 lock-free path of a read-write image is raced, deterministically (a host seam runs a writer in
 the middle of the fast path's pread) and statistically (threads), against writes that free a
 host cluster and hand it to another guest cluster: a stale lookup would then read that other
-cluster's bytes. Writes: the host bytes a request writes are counted at the HostFile seam;
-where the padding is skipped the host file must read zeros there (past its end), and where it
-does not (a reused cluster holding old bytes, a backing file, an existing cluster) the
-padding or copy-on-write is still written; power cuts at every host op leave what was flushed.
+cluster's bytes. Writes: host reads and writes are counted at the HostFile seam; a new
+cluster with nothing beneath gets zero padding without a read, one with something beneath (a
+backing file, an existing cluster) its copy-on-write, a reused cluster holding old bytes reads
+zeros around the data; power cuts at every host op leave what was flushed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ class CountingHost(HostFile):
     """Counts the bytes written through it (all instances of a test share `log`)."""
 
     log: list[tuple[int, int]]
+    reads: list[int] = [0]  # noqa: RUF012 - one counter shared by the test's files
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Count, then read."""
+        CountingHost.reads[0] += 1
+        return super().pread(length, offset)
+
+    def preadv(self, buffers: Sequence[Any], offset: int) -> int:
+        """Count, then read."""
+        CountingHost.reads[0] += 1
+        return super().preadv(buffers, offset)
 
     def pwritev(self, buffers: Sequence[Any], offset: int) -> None:
         """Record (offset, length), then write."""
@@ -362,20 +373,25 @@ def test_rw_fast_reads_with_threads_never_stale(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Allocating writes without zero padding
 
-def test_small_allocating_writes_write_only_the_data(tmp_path: Path) -> None:
-    """Sequential 4 KiB writes into a fresh image (qemu-img bench -w -s 4096): each writes its
-    4 KiB once and nothing else until flush (a new cluster is allocated as zeros, not written,
-    as QEMU does); the image reads as written, QEMU agrees, and qemu-img check is clean."""
+def test_small_allocating_writes_read_nothing(tmp_path: Path) -> None:
+    """Sequential 4 KiB writes into a fresh image (qemu-img bench -w -s 4096): with nothing
+    beneath a new cluster its zero parts come from the zero block, not from a read; each request
+    is one host write (of its new clusters and its bytes); the image
+    reads as written, QEMU agrees, and qemu-img check is clean."""
     make, log = counting_factory()
     img = str(tmp_path / "w.qcow2")
     data = pattern(40 * 4096 + 1000, 1)
     with QcowFile.create(img, 4 * MiB, host_factory=make) as disk:
         del log[:]
+        reads = CountingHost.reads = [0]
         for i in range(40):
+            before = len(log)
             disk.write_at(i * 4096 + 3000, data[i * 4096:(i + 1) * 4096])
-        assert [n for _, n in log] == [4096] * 40, log
-        disk.write_at(CS * 10 + 5, b"x")  # a lone byte in a new cluster: one byte written
-        assert log[-1][1] == 1
+            assert len(log) == before + 1 and 4096 <= log[-1][1] <= 2 * CS, log[before:]
+        reads[0] = 0
+        disk.write_at(CS * 10 + 5, b"x")  # a lone byte in a new cluster: one write, no read
+        assert log[-1][1] == CS
+        assert reads[0] == 0, "an allocating write read its copy-on-write parts"
         expect = bytearray(4 * MiB)
         expect[3000:3000 + 40 * 4096] = data[:40 * 4096]
         expect[CS * 10 + 5] = ord("x")

@@ -119,8 +119,7 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
     host-contiguous allocated clusters, written in place with one pwritev; (b) a write over
     clusters without a host cluster whose copy-on-write parts read as zeros (none for whole
     clusters; the partial first and last cluster need a zero flag, or no backing file), which
-    needs no read at all: the new clusters get the data, with zero padding only where the host
-    file does not read zeros already (see `_padded`).
+    needs no read at all: the new clusters get the data with zero padding (see `_padded`).
     """
     if s.extended_l2 or s.has_data_file:
         return False
@@ -167,7 +166,6 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
     tail = -(guest_offset + n) & s.cluster_mask
     if s.backing is not None and ((head and not entries[l2i]) or (tail and not entries[l2i + count - 1])):
         return False  # the copy-on-write parts would show the backing file
-    zero_from = s.data_host.known_zero_from()  # before this request writes anything
     pos = -head  # request bytes before the current extent's first cluster (negative: padding)
     k = l2i
     rc = s.refcounts
@@ -178,11 +176,9 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
         check_not_metadata(s, host, span)
         lo = pos if pos > 0 else 0
         hi = pos + span if pos + span < n else n
-        if host >= zero_from:  # nothing beneath: the data alone
-            if hi - lo < span:  # zeros around it: allocated as zeros, as QEMU does (same map)
-                s.data_host.zero_range(host, span)
-            s.data_host.pwritev([mv[lo:hi] if hi - lo < n else mv], host + lo - pos)
-        else:
+        if hi - lo == span:  # whole clusters
+            s.data_host.pwritev([mv[lo:hi] if hi - lo < n else mv], host)
+        else:  # with zero padding from the shared zero block (see the note at _padded)
             s.data_host.pwritev(_padded(mv[lo:hi], lo - pos, pos + span - hi), host)
         if host + span > s.alloc_limit:  # entries may name all of the new clusters
             s.alloc_limit = host + span
@@ -198,7 +194,12 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
 
 
 def _padded(data: memoryview, head: int, tail: int) -> list[Buffer]:
-    """`data` with `head` and `tail` zero bytes around it (each at most one cluster)."""
+    """`data` with `head` and `tail` zero bytes around it (each at most one cluster).
+
+    The padding is written even past the end of the file, where the host reads zeros anyway:
+    a data cluster with holes (or QEMU's FALLOC_FL_ZERO_RANGE) changes what qemu-img map
+    reports of images whose header cluster qcowdisk writes sparsely (QEMU's metadata
+    preallocation heuristic counts allocated blocks), so maps would differ from QEMU's."""
     bufs: list[Buffer] = [data]
     if head:
         bufs.insert(0, zero_block(head))
@@ -252,16 +253,10 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
             bufs.append(read_copy(s, gbase + p.end, p.region_end - p.end))
         pieces.append(bufs)
     if to_alloc:
-        zero_from = s.data_host.known_zero_from() if not s.has_data_file else 1 << 63
         hosts = iter(_alloc_data_clusters(s, [p for p in plans if p.host is None], guest_offset))
-        for p, bufs in zip(plans, pieces, strict=True):
+        for p in plans:
             if p.host is None:
                 p.host = next(hosts)
-                if p.zero_beneath and p.host >= zero_from:  # the host file reads zeros there already
-                    s.data_host.zero_range(p.host + p.region_start, p.region_end - p.region_start)  # (see _write_fast)
-                    p.region_start, p.region_end = p.start, p.end
-                    bufs[:] = [mv[p.source:p.source + (p.end - p.start)]]
-                    s.grow_alloc_limit(p.host + cs)  # entries may name all of it
     # Write host-contiguous runs with one pwritev each.
     run_bufs: list[Buffer] = []
     run_start = -1
