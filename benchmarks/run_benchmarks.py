@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdef]
+                                             [--json OUT] [--keep] [--only abcdefg]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -21,6 +21,9 @@ WRITE
      (`-s 4096`) on a fresh `qemu-img create` image; also CPU seconds of both
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+NBD
+  g) `nbdcopy` out of `qcowdisk serve --readonly` vs out of `qemu-nbd` serving the same image
+     (benchmarks/bench_nbd.py: a mixed image of --size; to null: and to a file; best of --repeat)
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -729,6 +732,18 @@ def bench_create(QcowFile: Any, engine_error: str | None, workdir: str, repeat: 
     rows.append(row)
 
 
+def bench_nbd(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """Case g): nbdcopy out of `qcowdisk serve` against qemu-nbd serving the same image (bench_nbd.py)."""
+    log("g) nbdcopy out of qcowdisk serve vs qemu-nbd")
+    with guarded(rows, "g) nbdcopy out of an NBD server", "MiB/s", "qemu-nbd + nbdcopy"):
+        from bench_nbd import nbd_rows  # needs nbdkit, nbdcopy and qemu-nbd: an ERROR row without them
+        for r in nbd_rows(size, repeat, workdir):
+            row = throughput_row(f"g) {r.case}", "MiB/s", f"{r.reference} + nbdcopy", r.qcowdisk_mibs,
+                                 r.reference_mibs, None)
+            row.note = r.note
+            rows.append(row)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -783,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdef", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -806,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_writes(QcowFile, engine_error, workdir, args.size, args.repeat, rows)
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
+        if "g" in only:
+            bench_nbd(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

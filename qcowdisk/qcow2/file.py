@@ -645,6 +645,13 @@ class QcowFile:
                     raise
         return n
 
+    @property
+    def zeroes_in_metadata(self) -> bool:
+        """Whether `write_zeroes`/`punch_hole` change only table entries (plus at most the partial
+        subclusters at either end) rather than writing zero bytes over the range: false for a
+        version 2 image with a backing file and for an image with an external data file."""
+        return not writing.zeroing_writes_data(self._state)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (also over a backing file)."""
         self._zero(offset, length, punch=False)
