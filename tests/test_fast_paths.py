@@ -488,15 +488,15 @@ def _small_write_ops(seed: int, count: int) -> list[cs.GuestOp]:
 
 
 @pytest.mark.parametrize("subsets,every", [(["all", "none", ("torn", 2)], 3)], ids=["sampled"])
-def test_power_cut_during_unpadded_writes(tmp_path: Path, subsets: list[cs.Subset], every: int) -> None:
-    """Power cuts during small allocating writes whose new clusters are not padded: at every
+def test_power_cut_during_small_allocating_writes(tmp_path: Path, subsets: list[cs.Subset], every: int) -> None:
+    """Power cuts during small allocating writes (new clusters padded without a read): at every
     third host op (and every op in the slow variant below), with all / none / torn unsynced
     writes surviving, what was flushed reads back and nothing is corrupt."""
     _power_cut_case(tmp_path, subsets, every, count=24)
 
 
 @pytest.mark.slow
-def test_power_cut_during_unpadded_writes_exhaustive(tmp_path: Path) -> None:
+def test_power_cut_during_small_allocating_writes_exhaustive(tmp_path: Path) -> None:
     """The same at every host op, more ops, more subsets."""
     _power_cut_case(tmp_path, ["all", "none", ("random", 1), ("random", 3), ("torn", 2), ("torn", 4)], 1, count=60)
 
