@@ -136,20 +136,35 @@ class HostFile:
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
         """Write all `buffers` contiguously at `offset` (loops over short writes)."""
+        if len(buffers) == 1:  # the common case: one os.pwrite, no buffer list to build
+            want = memoryview(buffers[0]).nbytes
+            if not want:
+                return
+            self.unsynced = True
+            n = os.pwrite(self.fd, buffers[0], offset)
+            if n == want:
+                return
+            self._write_all([memoryview(buffers[0]).cast("B")], offset, n)
+            return
         bufs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
-        pos = offset
         if bufs:
             self.unsynced = True
-        while bufs:
-            n = os.pwritev(self.fd, bufs[:IOV_MAX], pos)
-            if n <= 0:  # no progress: retrying would spin forever
-                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (write made no progress)", self.path)
+            self._write_all(bufs, offset, 0)
+
+    def _write_all(self, bufs: list[memoryview], pos: int, n: int) -> None:
+        """Write the rest of `bufs` (of which `n` bytes are written already) from `pos`."""
+        while True:
             pos += n
             while bufs and n >= len(bufs[0]):
                 n -= len(bufs[0])
                 bufs.pop(0)
             if bufs and n:
                 bufs[0] = bufs[0][n:]
+            if not bufs:
+                return
+            n = os.pwritev(self.fd, bufs[:IOV_MAX], pos)
+            if n <= 0:  # no progress: retrying would spin forever
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (write made no progress)", self.path)
 
     def fsync(self) -> None:
         """Make everything written so far durable."""

@@ -51,9 +51,11 @@ class CachedTable:
         hi = lo + 1 if hi is None else hi
         if self.dirty_lo < 0:
             self.dirty_lo, self.dirty_hi = lo, hi
-        else:
-            self.dirty_lo = min(self.dirty_lo, lo)
-            self.dirty_hi = max(self.dirty_hi, hi)
+        else:  # (comparisons, not min/max: this runs for every allocating write)
+            if lo < self.dirty_lo:
+                self.dirty_lo = lo
+            if hi > self.dirty_hi:
+                self.dirty_hi = hi
 
 
 class TableCache:

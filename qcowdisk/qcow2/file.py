@@ -25,6 +25,7 @@ refcount and ordering expect it held. This module also owns the image's health:
 from __future__ import annotations
 
 import functools
+import mmap
 import operator
 import os
 import weakref
@@ -45,7 +46,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Extent, Image, LayerExtent, as_index
+from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
@@ -60,6 +61,7 @@ from .entries import (
     L1E_RESERVED_MASK,
     L2E_OFFSET_MASK,
     REFT_OFFSET_MASK,
+    SUBCLUSTER_ALL,
     decode_u64_table,
     fast_read_reject_mask,
 )
@@ -85,10 +87,11 @@ from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
 _T = TypeVar("_T")
 
-# The read-only fast path's constants: cluster_bits, l1 shift, l2 index mask, cluster mask,
-# virtual size, L1 entries, the L2 cache's tables, entry bits that reject, file length, pread.
+# The fast read path's constants: cluster_bits, l1 shift, l2 index mask, cluster mask, virtual
+# size, L1 entries, the L2 cache's tables, entry bits that reject, file length, pread, preadv,
+# entry index shift (1 with extended L2 entries: entry and bitmap), subcluster bits.
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
-                  Callable[[int, int], bytes]]
+                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -104,6 +107,25 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _in_forked_child(s: Qcow2State) -> bool:
     return s.inherited
+
+
+def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
+    """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
+    allocated subclusters) whose L2 table is cached; -1 for anything else (the checked path)."""
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits = fast
+    inc = offset & cmask
+    if inc + length <= cmask + 1 and offset + length <= vsize:
+        l1e = l1[offset >> l1shift]
+        t = tables.get(l1e & L1E_OFFSET_MASK)
+        if t is not None and not l1e & L1E_RESERVED_MASK:
+            i = ((offset >> cbits) & l2mask) << ext
+            e = t.entries[i]
+            host = e & L2E_OFFSET_MASK
+            if host and not e & bad and host < limit and (
+                    not ext or t.entries[i + 1] == SUBCLUSTER_ALL or reading.subclusters_allocated(
+                        t.entries[i + 1], inc >> sbits, (inc + length - 1) >> sbits)):
+                return host + inc
+    return -1
 
 
 class _LegacyQcow(Exception):
@@ -124,21 +146,26 @@ class QcowFile:
         self._state = state
         self._image_lock = image_lock
         self._snapshot: Snapshot | None = None
-        # The read-only fast path's constants in one tuple (every bytecode counts on a 4 KiB
-        # read); None on read-write images and once closed.
+        # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
+        # None once closed, and on a read-write image from the moment a write-side method
+        # takes the lock until the next read rebuilds it (see `read_at`).
+        self._fast_ok = not state.has_data_file
         self._fast = self._fast_path()
         _OPEN_STATES.add(state)
 
     def _fast_path(self) -> _FastPath | None:
         s = self._state
-        if not (s.readonly and not s.extended_l2 and not s.has_data_file):
+        if not self._fast_ok or s.closed:
             return None
         pread: Callable[[int, int], bytes] = s.host.pread
+        preadv: Callable[[list[Buffer], int], int] = s.host.preadv
         if type(s.host) is HostFile:  # no test seam to honour: call the OS directly
             pread = functools.partial(os.pread, s.host.fd)
+            preadv = functools.partial(os.preadv, s.host.fd)
         return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_entries - 1,
                 s.cluster_mask, s.virtual_size, s.l1.entries, s.l2_cache.tables,
-                fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread)
+                fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
+                s.subcluster_bits)
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -460,30 +487,24 @@ class QcowFile:
     # ------------------------------------------------------------------ reading
     def read_at(self, offset: int, length: int) -> bytes:
         """Read `length` bytes of the guest disk at `offset`, clipped at virtual_size."""
-        # Fast path: a read inside one plain data cluster whose L2 table is cached is a single
-        # pread, without the lock (nothing mutates the tables of a read-only image). The check
-        # of `_fast` after the pread catches a close() that ran meanwhile: close clears it before
-        # closing the descriptor, so a pread that might have hit a reused descriptor number is
-        # always followed by seeing None here.
+        # Fast path: a read inside one plain data cluster (or allocated subclusters) whose L2
+        # table is cached is a single pread, without the lock. `_fast` is the tuple the lookup
+        # used; it is replaced (set to None first) by close() before it closes the descriptor
+        # and by every write-side method before it changes any table entry or data (they all
+        # pass `_check_writable` or `_guarded` under the lock). So when `_fast` is still the
+        # same tuple after the pread, nothing changed the mapping or the data between lookup
+        # and read, and no descriptor number was reused; otherwise the read is done again under
+        # the lock (where a closed image raises).
         fast = self._fast
         if fast is not None and type(offset) is int and type(length) is int and offset >= 0 and length > 0:
-            cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, pread = fast
-            inc = offset & cmask
-            if inc + length <= cmask + 1 and offset + length <= vsize:
-                l1e = l1[offset >> l1shift]
-                t = tables.get(l1e & L1E_OFFSET_MASK)
-                if t is not None and not l1e & L1E_RESERVED_MASK:
-                    e = t.entries[(offset >> cbits) & l2mask]
-                    host = e & L2E_OFFSET_MASK
-                    if host and not e & bad and host < limit:
-                        try:
-                            data: bytes = pread(length, host + inc)
-                        except OSError:
-                            data = b""
-                        if self._fast is None:
-                            raise ValueError("I/O operation on closed QcowFile")
-                        if len(data) == length:
-                            return data
+            pos = _fast_lookup(fast, offset, length)
+            if pos >= 0:
+                try:
+                    data: bytes = fast[9](length, pos)
+                except OSError:
+                    data = b""
+                if self._fast is fast and len(data) == length:
+                    return data
         if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
             offset = as_index(offset, "offset")
             length = as_index(length, "length")
@@ -491,12 +512,36 @@ class QcowFile:
         n = max(0, min(length, s.virtual_size - offset))
         with s.lock:
             self._check_open()
+            if self._fast is None and self._fast_ok:
+                self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if not n:
                 return b""
             return reading.read_bytes(s, offset, n)
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
+        # Fast path: as read_at's, one preadv into the caller's buffer (a bytearray, an mmap or
+        # a contiguous writable memoryview, whose byte length is known without a memoryview).
+        fast = self._fast
+        if fast is not None and type(offset) is int and offset >= 0:
+            cls = type(buffer)
+            if cls is bytearray or cls is mmap.mmap:
+                length = len(buffer)
+            elif cls is memoryview and buffer.c_contiguous and not buffer.readonly:
+                length = buffer.nbytes
+            else:
+                length = 0
+            pos = _fast_lookup(fast, offset, length) if length else -1
+            if pos >= 0:
+                try:
+                    got = fast[10]([buffer], pos)
+                except (OSError, BufferError):  # (BufferError: a read-only mmap, refused below)
+                    got = -1
+                if self._fast is fast:
+                    if got == length:
+                        return length
+                elif self._state.closed:  # never leave another file's bytes behind
+                    fill_zeros(memoryview(buffer).cast("B"), 0, length)
         offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
@@ -507,6 +552,8 @@ class QcowFile:
         n = max(0, min(len(mv), s.virtual_size - offset))
         with s.lock:
             self._check_open()
+            if self._fast is None and self._fast_ok:
+                self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if n:
                 reading.readinto(s, mv[:n], offset)
         return n
@@ -587,11 +634,15 @@ class QcowFile:
             mv = mv.cast("B")
         n = len(mv)
         s = self._state
-        offset = self._check_range(offset, n)
+        if not (type(offset) is int and offset >= 0 and offset + n <= s.virtual_size):
+            offset = self._check_range(offset, n)
         with s.lock:
-            self._check_writable()
+            # _check_writable, inline: this is the per-request path
+            self._fast = None  # (see read_at)
+            if s.closed or s.readonly or s.corrupt or s.failure is not None or s.inherited:
+                self._check_writable()
             if n:
-                try:  # what _guarded does, inline: this is the per-request path
+                try:  # what _guarded does, inline
                     ordering.mark_dirty_before_lazy_update(s)
                     writing.write(s, offset, mv)
                     if s.refcounts is not None and s.refcounts.deferred_frees:  # usually empty
@@ -914,6 +965,7 @@ class QcowFile:
         return offset
 
     def _check_writable(self) -> None:
+        self._fast = None  # what a fast read looked up may be about to change (see read_at)
         s = self._state
         if s.closed or s.readonly or s.corrupt or s.failure is not None or s.inherited:  # one test per request
             self._check_open()
@@ -940,6 +992,7 @@ class QcowFile:
 
     def _guarded(self, operation: Callable[[], _T]) -> _T:
         """Run a write-side operation; a host error puts the image in the failed state."""
+        self._fast = None  # it may change the mapping (see read_at)
         try:
             return operation()
         except OSError as e:

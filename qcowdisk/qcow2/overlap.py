@@ -54,7 +54,10 @@ def check_not_metadata(state: Qcow2State, host_offset: int, length: int) -> None
         return
     cbits = state.cluster_bits
     meta = state.metadata
-    for c in range(host_offset >> cbits, ((host_offset + length - 1) >> cbits) + 1):
+    first = host_offset >> cbits
+    if first and first == (host_offset + length - 1) >> cbits and first not in meta:
+        return  # one cluster, not metadata: the common data write
+    for c in range(first, ((host_offset + length - 1) >> cbits) + 1):
         if c in meta or c == 0:
             mark_corrupt(state, f"Preventing invalid write on metadata: guest data write to host offset "
                                 f"0x{c << cbits:x} overlaps {describe_metadata(state, c)}")

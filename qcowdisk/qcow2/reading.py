@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..image import fill_zeros
 from .compress import decompress_cluster
-from .entries import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK
+from .entries import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK, SUBCLUSTER_ALL
 from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, compressed_location, data_offset, get_host_runs
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
 
@@ -36,6 +36,15 @@ def readinto(s: Qcow2State, mv: memoryview, guest_offset: int) -> None:
                             fill_zeros(mv, got, n)
                         return
     execute_runs(s, mv, guest_offset, get_host_runs(s, guest_offset, n))
+
+
+def subclusters_allocated(bitmap: int, first: int, last: int) -> bool:
+    """Whether an extended L2 `bitmap` is consistent and marks subclusters [first, last] as
+    allocated data (the fast read paths' test; anything else takes the checked path)."""
+    if bitmap == SUBCLUSTER_ALL:
+        return True
+    want = (2 << last) - (1 << first)
+    return bitmap & (want | want << 32) == want and not bitmap & (bitmap >> 32)
 
 
 def execute_runs(s: Qcow2State, mv: memoryview, guest_offset: int, runs: list[Run]) -> None:

@@ -131,7 +131,10 @@ class Refcounts:
             ri, idx = divmod(c, self.block_entries)
             n = min(end - c, self.block_entries - idx)
             block = self._block_for_write(ri)
-            block.entries[idx:idx + n] = array(block.entries.typecode, [value]) * n
+            if n == 1:  # (one new cluster: the common allocation)
+                block.entries[idx] = value
+            else:
+                block.entries[idx:idx + n] = array(block.entries.typecode, [value]) * n
             block.mark(idx, idx + n)
             c += n
 
@@ -275,6 +278,8 @@ class Refcounts:
             c = self.end_cluster
             self.end_cluster += remaining
             self.set_range(c, remaining, 1)
+            if self.free_hint >= c:  # nothing free below the old end, and the rest is taken now
+                self.free_hint = self.end_cluster
             if extents and extents[-1][0] + extents[-1][1] == c:
                 extents[-1] = (extents[-1][0], extents[-1][1] + remaining)
             else:

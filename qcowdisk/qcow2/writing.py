@@ -60,6 +60,7 @@ class ClusterWrite:
     host: int | None
     bitmap: int = 0       # the new subcluster bitmap (extended L2)
     source: int = 0       # offset of the caller's bytes for this cluster in the request
+    zero_beneath: bool = False  # a new cluster whose copy-on-write parts read as zeros
 
 
 def _refcounts(s: Qcow2State) -> Refcounts:
@@ -115,8 +116,10 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
     """The two common writes without planning; False when the general path is needed.
 
     Both stay inside one cached, exclusively owned standard L2 table: (a) an overwrite of
-    host-contiguous allocated clusters, written in place with one pwritev; (b) a cluster-aligned
-    write over unallocated clusters, which needs no copy-on-write at all.
+    host-contiguous allocated clusters, written in place with one pwritev; (b) a write over
+    clusters without a host cluster whose copy-on-write parts read as zeros (none for whole
+    clusters; the partial first and last cluster need a zero flag, or no backing file), which
+    needs no read at all: the new clusters get the data with zero padding (see `_padded`).
     """
     if s.extended_l2 or s.has_data_file:
         return False
@@ -139,33 +142,70 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
     e = entries[l2i]
     if e & _FAST_WRITE_BAD == OFLAG_COPIED and e & L2E_OFFSET_MASK:  # (a) in place
         expect = e
-        for k in range(l2i + 1, l2i + count):
-            expect += cs
-            if entries[k] != expect:
-                return False
+        if count > 1:
+            for k in range(l2i + 1, l2i + count):
+                expect += cs
+                if entries[k] != expect:
+                    return False
         host = (e & L2E_OFFSET_MASK) + (guest_offset & s.cluster_mask)
         if (expect & L2E_OFFSET_MASK) + cs > s.alloc_limit:
             return False
         check_not_metadata(s, host, n)
-        _write_data(s, [mv], host, host + n)
+        s.data_host.pwritev([mv], host)  # (inside the allocated clusters: no limit grows)
         return True
-    if guest_offset & s.cluster_mask or n & s.cluster_mask:
-        return False
-    for k in range(l2i, l2i + count):  # (b) all unallocated, whole clusters
-        if entries[k]:
+    # (b) no host clusters: entries 0, or zero flags (v3) without a host offset
+    no_host = 0 if s.v2 else OFLAG_ZERO
+    if count == 1:
+        if e | no_host != no_host:
             return False
-    pos = 0
+    else:
+        for k in range(l2i, l2i + count):
+            if entries[k] | no_host != no_host:
+                return False
+    head = guest_offset & s.cluster_mask
+    tail = -(guest_offset + n) & s.cluster_mask
+    if s.backing is not None and ((head and not entries[l2i]) or (tail and not entries[l2i + count - 1])):
+        return False  # the copy-on-write parts would show the backing file
+    pos = -head  # request bytes before the current extent's first cluster (negative: padding)
     k = l2i
-    for c, m in _refcounts(s).alloc_clusters(count):
+    rc = s.refcounts
+    assert rc is not None, "write path on an image opened read-only"
+    for c, m in rc.alloc_clusters(count):
         host = c << cbits
-        check_not_metadata(s, host, m << cbits)
-        _write_data(s, [mv[pos:pos + (m << cbits)]], host, host + (m << cbits))
-        for i in range(m):
-            entries[k + i] = (host + (i << cbits)) | OFLAG_COPIED
+        span = m << cbits
+        check_not_metadata(s, host, span)
+        lo = pos if pos > 0 else 0
+        hi = pos + span if pos + span < n else n
+        if hi - lo == span:  # whole clusters
+            s.data_host.pwritev([mv[lo:hi] if hi - lo < n else mv], host)
+        else:  # with zero padding from the shared zero block (see the note at _padded)
+            s.data_host.pwritev(_padded(mv[lo:hi], lo - pos, pos + span - hi), host)
+        if host + span > s.alloc_limit:  # entries may name all of the new clusters
+            s.alloc_limit = host + span
+        if m == 1:
+            entries[k] = host | OFLAG_COPIED
+        else:
+            for i in range(m):
+                entries[k + i] = (host + (i << cbits)) | OFLAG_COPIED
         k += m
-        pos += m << cbits
+        pos += span
     table.mark(l2i, l2i + count)
     return True
+
+
+def _padded(data: memoryview, head: int, tail: int) -> list[Buffer]:
+    """`data` with `head` and `tail` zero bytes around it (each at most one cluster).
+
+    The padding is written even past the end of the file, where the host reads zeros anyway:
+    a data cluster with holes (or QEMU's FALLOC_FL_ZERO_RANGE) changes what qemu-img map
+    reports of images whose header cluster qcowdisk writes sparsely (QEMU's metadata
+    preallocation heuristic counts allocated blocks), so maps would differ from QEMU's."""
+    bufs: list[Buffer] = [data]
+    if head:
+        bufs.insert(0, zero_block(head))
+    if tail:
+        bufs.append(zero_block(tail))
+    return bufs
 
 
 def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: memoryview) -> None:
@@ -191,18 +231,24 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
         plan.source = src
         if plan.host is None:
             to_alloc += 1
+            plan.zero_beneath = _reads_zeros(s, e, bitmap, plan)
         plans.append(plan)
         src += b - a
         pos += b - a
-    # Copy-on-write pieces are read before any entry of this request changes.
+    # Copy-on-write pieces are read before any entry of this request changes; where they
+    # read as zeros (nothing beneath a new cluster) they are not read at all.
     table_base = guest_offset - guest_offset % s.l2_span
     pieces: list[list[Buffer]] = []
     for p in plans:
         gbase = table_base + p.l2_index * cs
+        data = mv[p.source:p.source + (p.end - p.start)]
+        if p.zero_beneath:
+            pieces.append(_padded(data, p.start - p.region_start, p.region_end - p.end))
+            continue
         bufs: list[Buffer] = []
         if p.region_start < p.start:
             bufs.append(read_copy(s, gbase + p.region_start, p.start - p.region_start))
-        bufs.append(mv[p.source:p.source + (p.end - p.start)])
+        bufs.append(data)
         if p.end < p.region_end:
             bufs.append(read_copy(s, gbase + p.end, p.region_end - p.end))
         pieces.append(bufs)
@@ -252,8 +298,8 @@ def _write_data(s: Qcow2State, bufs: list[Buffer], host_start: int, host_end: in
     if s.has_data_file:
         if host_end > s.data_file_limit:
             s.data_file_limit = host_end
-    else:
-        s.grow_alloc_limit(host_end)
+    elif host_end > s.alloc_limit:
+        s.alloc_limit = host_end
 
 
 def _plan_cluster(s: Qcow2State, e: int, bitmap: int, gc: int, l2i: int, a: int, b: int) -> ClusterWrite:
@@ -283,6 +329,22 @@ def _plan_cluster(s: Qcow2State, e: int, bitmap: int, gc: int, l2i: int, a: int,
     if allocated or compressed:  # shared or compressed: copy the whole cluster
         return ClusterWrite(l2i, a, b, 0, cs, None, SUBCLUSTER_ALL)
     return ClusterWrite(l2i, a, b, s0 * ssize, s1 * ssize, None, make_bitmap(mask, zero & ~mask))
+
+
+def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite) -> bool:
+    """Whether the copy-on-write parts of a new cluster's `plan` read as zeros now: nothing
+    beneath the cluster (no host data, no compressed data, no backing file) or a zero flag."""
+    if plan.region_start == plan.start and plan.region_end == plan.end:
+        return False  # nothing to copy anyway
+    if e & OFLAG_COMPRESSED or e & L2E_OFFSET_MASK:
+        return False  # compressed or shared data beneath (copied whole)
+    if s.extended_l2:
+        ssize = 1 << s.subcluster_bits
+        cow = subcluster_range_mask(plan.region_start // ssize, -(-plan.region_end // ssize))
+        return s.backing is None or bitmap_zero(bitmap) & cow == cow
+    if e & OFLAG_ZERO:
+        return not s.v2  # (the read path refuses a zero flag in a version 2 image)
+    return not e and s.backing is None
 
 
 def _cluster_exclusive(s: Qcow2State, e: int, host: int) -> bool:
