@@ -11,7 +11,17 @@ Here each layer above the base is opened alone (no chain, so no read lock on the
 asked for its own `layer_status`; the topmost layer allocating a range decides it: its zeros
 become `write_zeroes` in the base, its data is copied in steps of `IO_BUF_SIZE`. The base is
 opened read-write with its own chain (its partial-cluster writes need what lies below it).
-Only a qcow2 base can be written (raw and qcow v1 images are read-only here).
+
+The base may be qcow2 or raw (a raw base is the bottom of the chain). qemu-img's commit is a
+mirror job with `unmap` set, so zeros reach a raw base as `write_zeroes(MAY_UNMAP)`: file-posix
+punches a hole (the range reads as zeros and its blocks are given back), or writes zeros where
+the file system cannot punch; a shorter raw base is grown with ftruncate. Data is written with
+one pwritev per step. A qcow (v1) base is refused: qcowdisk cannot write qcow v1 images (qemu-img can, except
+growing one: its job then fails with "Operation not supported", which is matched here).
+
+Order (crash safety): everything is written into the base and made durable (fsync) before the
+image is emptied, so a power cut leaves the image reading as before, its data possibly in the
+base already (as with qemu-img).
 """
 
 from __future__ import annotations
@@ -19,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 from .. import formats
 from ..errors import QcowError
-from ..hostio import HostFactory, HostFile
-from ..image import Image, LayerExtent
+from ..hostio import Buffer, HostFactory, HostFile
+from ..image import Image, LayerExtent, zero_block
+from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
 
 IO_BUF_SIZE = 2 << 20  # the most copied in one step
@@ -34,6 +46,84 @@ Progress = Callable[[int, int], object]
 
 class CommitError(QcowError):
     """The commit cannot be done; the message is qemu-img's (e.g. "Image does not have a backing file")."""
+
+
+class _Target(Protocol):
+    """What the commit writes into: the base, of whatever format."""
+
+    @property
+    def virtual_size(self) -> int:
+        """The base's disk size."""
+        ...
+
+    def resize(self, new_size: int) -> None:
+        """Grow the base to `new_size` (commit_run grows a shorter base first)."""
+        ...
+
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """Write guest bytes."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros (unmapping where the format can, as qemu-img's commit does)."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written durable."""
+        ...
+
+    def close(self) -> None:
+        """Release the base."""
+        ...
+
+
+class _RawTarget:
+    """A raw base opened for writing, with QEMU's writer locks: the file is the disk."""
+
+    def __init__(self, path: str, host_factory: HostFactory) -> None:
+        self.host = host_factory(path, True)
+        self._lock: ImageLock | None = None
+        try:
+            self._lock = lock_image(self.host.fd, path, write=True)
+        except BaseException:
+            self.host.close()
+            raise
+
+    @property
+    def virtual_size(self) -> int:
+        """The file's length."""
+        return self.host.size()
+
+    def resize(self, new_size: int) -> None:
+        """Grow the file (ftruncate; the new tail is a hole)."""
+        self.host.truncate(new_size)
+
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """pwritev the bytes in place."""
+        self.host.pwrite(data, offset)
+        return len(memoryview(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Punch a hole (file-posix's write_zeroes with MAY_UNMAP); write zeros where the file
+        system cannot punch."""
+        if self.host.punch_hole(offset, length):
+            return
+        end = offset + length
+        while offset < end:
+            n = min(IO_BUF_SIZE, end - offset)
+            self.host.pwrite(zero_block(n), offset)
+            offset += n
+
+    def flush(self) -> None:
+        """fsync the file."""
+        self.host.fsync()
+
+    def close(self) -> None:
+        """Release the lock and the file."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+        self.host.close()
 
 
 def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, drop: bool = False,
@@ -59,9 +149,11 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         chain_img = formats.open_image(path, image_format, formats.OpenOptions(readonly=True, host_factory=hf))
         try:
             layers: list[tuple[str, str, str | None]] = []  # (path, format, stored backing name)
+            sizes: list[int] = []
             node: Image | None = chain_img
             while node is not None:
                 layers.append((node.filename, node.format_name, node.backing_file))
+                sizes.append(node.virtual_size)
                 node = node.backing
         finally:
             chain_img.close()
@@ -69,8 +161,10 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             raise CommitError("Image does not have a backing file")
         depth = 1 if base is None else _find_base(layers, os.fspath(base), path)
         base_path, base_format, _ = layers[depth]
-        if base_format != "qcow2":
-            raise CommitError(f"Cannot commit into '{base_path}': only qcow2 base images can be written here")
+        if base_format not in ("qcow2", "raw"):
+            if sizes[depth] < sizes[0]:  # qemu-img's job fails growing it, before writing anything
+                raise CommitError("Block job failed: Operation not supported")
+            raise CommitError(f"Cannot commit into '{base_path}': qcowdisk cannot write {base_format} images")
         top = QcowFile.open(path, backing=False, host_factory=hf)
         stack.callback(top.close)
         above: list[Image] = [top]
@@ -78,7 +172,8 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             img = formats.open_image(lpath, lformat, formats.OpenOptions(readonly=True, backing=False, host_factory=hf))
             stack.callback(img.close)
             above.append(img)
-        target = QcowFile.open(base_path, host_factory=hf)
+        target: _Target = _RawTarget(base_path, hf) if base_format == "raw" else \
+            QcowFile.open(base_path, host_factory=hf)
         stack.callback(target.close)
         _copy(above, target, progress)
         target.flush()
@@ -133,7 +228,7 @@ def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int,
     return out
 
 
-def _copy(layers: list[Image], target: QcowFile, progress: Progress | None) -> None:
+def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
     size = layers[0].virtual_size
     if target.virtual_size < size:
         target.resize(size)  # commit_run grows a shorter base first
