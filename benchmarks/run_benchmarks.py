@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdef]
+                                             [--json OUT] [--keep] [--only abcdefg]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -18,6 +18,8 @@ WRITE
      flush() + close()) vs `qemu-img bench -w ... -s 65536` on a fresh `qemu-img create` image
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+COMMIT / REBASE (benchmarks/bench_commit.py: a --size chain of /usr data, zeros and holes)
+  g) `qcowdisk commit` (qcow2 and raw base) and safe `qcowdisk rebase` vs qemu-img's, whole processes
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -613,6 +615,16 @@ def bench_create(QcowFile: Any, engine_error: str | None, workdir: str, repeat: 
     rows.append(row)
 
 
+def bench_commit_rebase(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """Case g): bench_commit.py's rows (wall, then CPU), target >= 1.0x qemu-img."""
+    log("g) commit / rebase against qemu-img")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_commit import bench_rows
+    for case, q, r, ratio in bench_rows(size, workdir, repeat):
+        rows.append(Row(f"g) {case.strip()}", "s", "qemu-img (whole process)", q, r, ratio, ">= 1.00", ratio >= 1.0,
+                        "cpu: user + sys" if "(cpu)" in case else "wall"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -667,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdef", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -690,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
             bench_writes(QcowFile, engine_error, workdir, args.size, args.repeat, rows)
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
+        if "g" in only:
+            with guarded(rows, "g) commit / rebase", "s", "qemu-img"):
+                bench_commit_rebase(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
