@@ -9,6 +9,7 @@ shared by threads without a file position.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -20,9 +21,10 @@ from .errors import UnsafeFileError
 
 _fallocate: Callable[[int, int, int, int], int] | None
 try:  # Linux: hand space back without changing the file length
-    # dlopen(NULL): the symbols the interpreter already has, libc's among them.
-    # ctypes.util.find_library would run `ldconfig -p` (a process, ~0.1-0.5 s) at every import.
-    _libc = ctypes.CDLL(None, use_errno=True)
+    try:  # glibc's soname: find_library would run ldconfig (and gcc) at every import
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - another libc
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     _fallocate = _libc.fallocate
     _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     _libc.fallocate.restype = ctypes.c_int
