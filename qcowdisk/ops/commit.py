@@ -16,8 +16,9 @@ The base may be qcow2 or raw (a raw base is the bottom of the chain). qemu-img's
 mirror job with `unmap` set, so zeros reach a raw base as `write_zeroes(MAY_UNMAP)`: file-posix
 punches a hole (the range reads as zeros and its blocks are given back), or writes zeros where
 the file system cannot punch; a shorter raw base is grown with ftruncate. Data is written with
-one pwritev per step. A qcow (v1) base is refused: qcowdisk cannot write qcow v1 images (qemu-img can, except
-growing one: its job then fails with "Operation not supported", which is matched here).
+one pwritev per step. A qcow (v1) base takes the data as QEMU's qcow driver does (`Qcow1Target`: zeros written as
+data, new clusters appended); it cannot grow, and qemu-img's job then fails with "Operation not
+supported" before writing anything, as here.
 
 Order (crash safety): everything is written into the base and made durable (fsync) before the
 image is emptied, so a power cut leaves the image reading as before, its data possibly in the
@@ -37,6 +38,7 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Image, LayerExtent, zero_block
 from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
+from .qcow1_target import Qcow1Target
 
 IO_BUF_SIZE = 2 << 20  # the most copied in one step
 WINDOW = 256 << 20  # guest bytes of block status asked for at a time
@@ -161,10 +163,10 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             raise CommitError("Image does not have a backing file")
         depth = 1 if base is None else _find_base(layers, os.fspath(base), path)
         base_path, base_format, _ = layers[depth]
-        if base_format not in ("qcow2", "raw"):
-            if sizes[depth] < sizes[0]:  # qemu-img's job fails growing it, before writing anything
-                raise CommitError("Block job failed: Operation not supported")
+        if base_format not in ("qcow2", "raw", "qcow"):
             raise CommitError(f"Cannot commit into '{base_path}': qcowdisk cannot write {base_format} images")
+        if base_format == "qcow" and sizes[depth] < sizes[0]:
+            raise CommitError("Block job failed: Operation not supported")  # qemu-img's job cannot grow it
         top = QcowFile.open(path, backing=False, host_factory=hf)
         stack.callback(top.close)
         above: list[Image] = [top]
@@ -172,8 +174,13 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             img = formats.open_image(lpath, lformat, formats.OpenOptions(readonly=True, backing=False, host_factory=hf))
             stack.callback(img.close)
             above.append(img)
-        target: _Target = _RawTarget(base_path, hf) if base_format == "raw" else \
-            QcowFile.open(base_path, host_factory=hf)
+        target: _Target
+        if base_format == "raw":
+            target = _RawTarget(base_path, hf)
+        elif base_format == "qcow":
+            target = Qcow1Target(base_path, hf)
+        else:
+            target = QcowFile.open(base_path, host_factory=hf)
         stack.callback(target.close)
         _copy(above, target, progress)
         target.flush()
