@@ -29,18 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from .. import formats
 from ..errors import QcowError
 from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Image, LayerExtent, zero_block
+from ..image import Image, LayerExtent, fill_zeros, zero_block
 from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
 from .qcow1_target import Qcow1Target
 
 IO_BUF_SIZE = 2 << 20  # the most copied in one step
+IN_FLIGHT = 4  # data steps copied at once (worker threads, each with its buffer)
 WINDOW = 256 << 20  # guest bytes of block status asked for at a time
 
 Progress = Callable[[int, int], object]
@@ -235,36 +238,70 @@ def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int,
     return out
 
 
-def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
-    size = layers[0].virtual_size
-    if target.virtual_size < size:
-        target.resize(size)  # commit_run grows a shorter base first
-    if progress is not None:
-        progress(0, size)
-    buf = bytearray(IO_BUF_SIZE)
-    view = memoryview(buf)
-    pos = 0
-    while pos < size:
+def _steps(layers: list[Image], size: int) -> Iterator[tuple[int, int, int]]:
+    """(guest offset, length, depth) steps of the copy in guest order: depth -1 for zeros
+    (one step per run), the depth of the layer to read from for data (steps of at most
+    IO_BUF_SIZE), and (window end, 0, -2) after each window of block status."""
+    for pos in range(0, size, WINDOW):
         win_end = min(size, pos + WINDOW)
         for start, end, depth, ext in _segments(layers, pos, win_end):
             if ext is None:
                 continue
             if ext.zero and not ext.data:
-                target.write_zeroes(start, end - start)
+                yield start, end - start, -1
             else:
-                at = start
-                while at < end:
-                    n = min(IO_BUF_SIZE, end - at)
-                    got = layers[depth].readinto_at(view[:n], at)
-                    if got < n:
-                        view[got:n] = bytes(n - got)
-                    target.write_at(at, view[:n])
-                    at += n
-                    if progress is not None:
-                        progress(at, size)
-        pos = win_end
+                for at in range(start, end, IO_BUF_SIZE):
+                    yield at, min(IO_BUF_SIZE, end - at), depth
+        yield win_end, 0, -2
+
+
+def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
+    """Copy what the layers above the base allocate into it.
+
+    Data steps (read from the layer, write into the base) run in IN_FLIGHT worker threads, as
+    qemu-img's job keeps several requests in flight: the host calls release the GIL, so reads,
+    writes and the kernel's copies overlap. Each worker has its own buffer (memory stays at
+    IN_FLIGHT * IO_BUF_SIZE). Steps are collected in guest order, so progress never goes back;
+    leaving the pool (also on an exception from progress) waits for the steps in flight, so no
+    thread touches an image once the caller closes it. Zeros are written by this thread.
+    """
+    size = layers[0].virtual_size
+    if target.virtual_size < size:
+        target.resize(size)  # commit_run grows a shorter base first
+    if progress is not None:
+        progress(0, size)
+    free = [memoryview(bytearray(IO_BUF_SIZE)) for _ in range(IN_FLIGHT)]
+    in_flight: deque[tuple[Future[None], int, memoryview]] = deque()
+
+    def copy_step(depth: int, view: memoryview, at: int) -> None:
+        got = layers[depth].readinto_at(view, at)
+        if got < len(view):
+            fill_zeros(view, got, len(view))
+        target.write_at(at, view)
+
+    def collect_oldest() -> None:
+        future, end, buf = in_flight.popleft()
+        future.result()
+        free.append(buf)
         if progress is not None:
-            progress(pos, size)
+            progress(end, size)
+
+    with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="qcowdisk-commit") as pool:
+        for at, n, depth in _steps(layers, size):
+            if depth >= 0:
+                if not free:
+                    collect_oldest()
+                buf = free.pop()
+                in_flight.append((pool.submit(copy_step, depth, buf[:n], at), at + n, buf))
+            elif depth == -1:
+                target.write_zeroes(at, n)
+            else:  # the end of a window: everything before it is done
+                while in_flight:
+                    collect_oldest()
+                if progress is not None:
+                    progress(at, size)
+        while in_flight:
+            collect_oldest()
 
 
 __all__ = ["commit", "CommitError"]
