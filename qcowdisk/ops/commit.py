@@ -28,10 +28,9 @@ base already (as with qemu-img).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from .. import formats
@@ -40,6 +39,7 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Image, LayerExtent, fill_zeros, zero_block
 from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
+from .inflight import InFlight
 from .qcow1_target import Qcow1Target
 
 IO_BUF_SIZE = 2 << 20  # the most copied in one step
@@ -256,52 +256,37 @@ def _steps(layers: list[Image], size: int) -> Iterator[tuple[int, int, int]]:
 
 
 def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
-    """Copy what the layers above the base allocate into it.
-
-    Data steps (read from the layer, write into the base) run in IN_FLIGHT worker threads, as
-    qemu-img's job keeps several requests in flight: the host calls release the GIL, so reads,
-    writes and the kernel's copies overlap. Each worker has its own buffer (memory stays at
-    IN_FLIGHT * IO_BUF_SIZE). Steps are collected in guest order, so progress never goes back;
-    leaving the pool (also on an exception from progress) waits for the steps in flight, so no
-    thread touches an image once the caller closes it. Zeros are written by this thread.
-    """
+    """Copy what the layers above the base allocate into it: data steps (read from the layer,
+    write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here
+    once no step is in flight."""
     size = layers[0].virtual_size
     if target.virtual_size < size:
         target.resize(size)  # commit_run grows a shorter base first
-    if progress is not None:
-        progress(0, size)
-    free = [memoryview(bytearray(IO_BUF_SIZE)) for _ in range(IN_FLIGHT)]
-    in_flight: deque[tuple[Future[None], int, memoryview]] = deque()
 
-    def copy_step(depth: int, view: memoryview, at: int) -> None:
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(done, size)
+
+    def copy_step(depth: int, at: int, n: int, buf: memoryview) -> None:
+        view = buf[:n]
         got = layers[depth].readinto_at(view, at)
-        if got < len(view):
-            fill_zeros(view, got, len(view))
+        if got < n:
+            fill_zeros(view, got, n)
         target.write_at(at, view)
 
-    def collect_oldest() -> None:
-        future, end, buf = in_flight.popleft()
-        future.result()
-        free.append(buf)
-        if progress is not None:
-            progress(end, size)
-
-    with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="qcowdisk-commit") as pool:
+    report(0)
+    with InFlight(IN_FLIGHT, lambda: memoryview(bytearray(IO_BUF_SIZE)), report) as steps:
         for at, n, depth in _steps(layers, size):
             if depth >= 0:
-                if not free:
-                    collect_oldest()
-                buf = free.pop()
-                in_flight.append((pool.submit(copy_step, depth, buf[:n], at), at + n, buf))
+                steps.submit(functools.partial(copy_step, depth, at, n), at + n)
             elif depth == -1:
+                # The steps in flight first: a partial cluster may be shared with one of them.
+                steps.drain()
                 target.write_zeroes(at, n)
             else:  # the end of a window: everything before it is done
-                while in_flight:
-                    collect_oldest()
-                if progress is not None:
-                    progress(at, size)
-        while in_flight:
-            collect_oldest()
+                steps.drain()
+                report(at)
+        steps.drain()
 
 
 __all__ = ["commit", "CommitError"]

@@ -17,6 +17,7 @@ of the image that is never asked about a cluster this writer has changed.
 
 from __future__ import annotations
 
+import threading
 from array import array
 
 from .. import formats
@@ -36,6 +37,7 @@ class Qcow1Target:
     def __init__(self, path: str, host_factory: HostFactory) -> None:
         """Open `path` read-write, lock it, read its header and L1 table."""
         self.path = path
+        self._write_lock = threading.Lock()
         self.host = host_factory(path, True)
         self._lock: ImageLock | None = None
         self._reader: Image | None = None
@@ -94,15 +96,17 @@ class Qcow1Target:
 
     def write_at(self, offset: int, data: Buffer) -> int:
         """Write `data` at guest `offset`: in place where clusters are allocated, into new
-        clusters appended at the end of the file elsewhere."""
+        clusters appended at the end of the file elsewhere. One writer at a time (the commit's
+        worker threads share the tables and the file's end)."""
         mv = memoryview(data).cast("B")
         cs = self.cluster_size
         pos, end = offset, offset + len(mv)
-        while pos < end:
-            l1_index = pos // cs // self.l2_count
-            table_end = min(end, (l1_index + 1) * self.l2_count * cs)
-            self._write_in_table(l1_index, pos, mv[pos - offset:table_end - offset])
-            pos = table_end
+        with self._write_lock:
+            while pos < end:
+                l1_index = pos // cs // self.l2_count
+                table_end = min(end, (l1_index + 1) * self.l2_count * cs)
+                self._write_in_table(l1_index, pos, mv[pos - offset:table_end - offset])
+                pos = table_end
         return len(mv)
 
     def _write_in_table(self, l1_index: int, offset: int, mv: memoryview) -> None:

@@ -8,8 +8,10 @@ through both chains are skipped unread (a sparse 100 GiB chain rebases in moment
 read as zeros only through the old chain become `write_zeroes`. The rest is read in 2 MiB steps
 and compared at C speed, then granule by granule (the image's cluster, or subcluster with
 extended L2): a differing granule is written whole, which allocates exactly what qemu-img's
-sector-wise writes allocate (a cluster is allocated whole either way) with the same bytes. Then the header
-names the new backing file and format, in one header switch after the copied data is durable,
+sector-wise writes allocate (a cluster is allocated whole either way) with the same bytes.
+(qemu-img writes zeros as data where the old chain reads zeros inside its length; here they
+become zero clusters: the same guest view, less space.) Then the header names the new backing
+file and format, in one header switch after the copied data is durable,
 so a power cut leaves the old name (with data copied that reads the same through it) or the new
 one. Unsafe mode (`-u`, crosvm's set_backing_file) only rewrites the name and format.
 """
@@ -17,6 +19,7 @@ one. Unsafe mode (`-u`, crosvm's set_backing_file) only rewrites the name and fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 
@@ -25,9 +28,11 @@ from ..errors import QcowError
 from ..hostio import HostFactory, HostFile
 from ..image import Image, fill_zeros
 from ..qcow2.file import QcowFile
+from .inflight import InFlight
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
 WINDOW = 256 << 20
+IN_FLIGHT = 4  # compare steps at once (worker threads, each with two buffers)
 
 Progress = Callable[[int, int], object]
 
@@ -125,21 +130,17 @@ def _granule(img: QcowFile) -> int:
 
 class _Differ:
     """Copies into the image, granule by granule, what reads differently through `new` (the
-    new backing file, or None for zeros) than through the image's old chain."""
+    new backing file, or None for zeros) than through the image's old chain. Compare steps run
+    IN_FLIGHT at a time in worker threads (see ops.inflight), each with two buffers of its own."""
 
-    def __init__(self, img: QcowFile, new: Image | None) -> None:
+    def __init__(self, img: QcowFile, new: Image | None, steps: InFlight[tuple[bytearray, bytearray]]) -> None:
         self.img = img
         self.old = img.backing
         self.new = new
         self.granule = _granule(img)
-        # bytearrays, not memoryviews, are compared: bytearray == bytearray is one memcmp,
-        # memoryview == memoryview unpacks item by item.
-        self.old_buf = bytearray(IO_BUF_SIZE)
-        self.new_buf = bytearray(IO_BUF_SIZE)
-        self.old_view = memoryview(self.old_buf)
-        self.new_view = memoryview(self.new_buf)
+        self.steps = steps
 
-    def window(self, start: int, end: int, progress: Callable[[int], None]) -> None:
+    def window(self, start: int, end: int) -> None:
         """Handle the window [start, end): in the ranges the image does not allocate, skip what
         reads as zeros through both chains (block status, asked once per window; nothing read),
         compare the rest in IO_BUF_SIZE steps."""
@@ -155,21 +156,20 @@ class _Differ:
             for run_start, run_end, old_zero, new_zero in runs[k:]:
                 if run_start >= at:
                     break
-                self._range(max(run_start, ext_start), min(run_end, at), old_zero, new_zero, progress)
+                self._range(max(run_start, ext_start), min(run_end, at), old_zero, new_zero)
 
-    def _range(self, start: int, end: int, old_zero: bool, new_zero: bool, progress: Callable[[int], None]) -> None:
+    def _range(self, start: int, end: int, old_zero: bool, new_zero: bool) -> None:
         if old_zero and new_zero:
             return
         if old_zero:  # nothing to compare: the new chain shows data where the old showed zeros
+            self.steps.drain()  # a partial cluster may be shared with a step in flight
             self.img.write_zeroes(start, end - start)
-            progress(end)
             return
         off = start
         while off < end:
             n = min(IO_BUF_SIZE - off % self.granule, end - off)
-            self._compare(off, n, new_zero)
+            self.steps.submit(functools.partial(self._compare, off, n, new_zero), off + n)
             off += n
-            progress(off)
 
     def _read(self, image: Image | None, view: memoryview, offset: int) -> None:
         got = 0
@@ -178,14 +178,17 @@ class _Differ:
         if got < len(view):
             fill_zeros(view, got, len(view))
 
-    def _compare(self, offset: int, n: int, new_zero: bool) -> None:
-        old_view, new_view = self.old_view[:n], self.new_view[:n]
+    def _compare(self, offset: int, n: int, new_zero: bool, buffers: tuple[bytearray, bytearray]) -> None:
+        old_buf, new_buf = buffers
+        old_view, new_view = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
         self._read(self.old, old_view, offset)
         if new_zero:
             fill_zeros(new_view, 0, n)
         else:
             self._read(self.new, new_view, offset)
-        old, new = (self.old_buf, self.new_buf) if n == IO_BUF_SIZE else (self.old_buf[:n], self.new_buf[:n])
+        # bytearrays, not memoryviews, are compared: bytearray == bytearray is one memcmp,
+        # memoryview == memoryview unpacks item by item.
+        old, new = (old_buf, new_buf) if n == IO_BUF_SIZE else (old_buf[:n], new_buf[:n])
         if old == new:
             return
         g = self.granule
@@ -216,11 +219,13 @@ def _copy_differences(img: QcowFile, new: Image | None, progress: Progress | Non
     if img.backing is None and new is None:
         report(size)
         return
-    differ = _Differ(img, new)
-    for pos in range(0, size, WINDOW):
-        win_end = min(size, pos + WINDOW)
-        differ.window(pos, win_end, report)
-        report(win_end)
+    with InFlight(IN_FLIGHT, lambda: (bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)), report) as steps:
+        differ = _Differ(img, new, steps)
+        for pos in range(0, size, WINDOW):
+            win_end = min(size, pos + WINDOW)
+            differ.window(pos, win_end)
+            steps.drain()
+            report(win_end)
 
 
 __all__ = ["rebase", "RebaseError"]
