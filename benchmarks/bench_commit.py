@@ -127,20 +127,22 @@ def build(d: Path, size: int) -> None:
         os.unlink(piece)
 
 
-CASES = {  # key: (row name, arguments of both tools, images that must then read the same)
-    "commit": ("commit", ["commit", "-q", "top.qcow2"], ["base.qcow2", "top.qcow2"]),
-    "commit-raw": ("commit -d, raw base", ["commit", "-q", "-d", "top-raw.qcow2"], ["base.raw"]),
-    "rebase": ("rebase (safe)", ["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"], ["top.qcow2"]),
+CASES = {  # key: (row name, arguments of both tools, the chain, images that must then read the same)
+    "commit": ("commit", ["commit", "-q", "top.qcow2"], ["base.qcow2", "top.qcow2"], ["base.qcow2", "top.qcow2"]),
+    "commit-raw": ("commit -d, raw base", ["commit", "-q", "-d", "top-raw.qcow2"], ["base.raw", "top-raw.qcow2"],
+                   ["base.raw"]),
+    "rebase": ("rebase (safe)", ["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"],
+               ["base.qcow2", "top.qcow2", "new.qcow2"], ["top.qcow2"]),
 }
 
 
-def fresh(src: Path, dst: Path) -> None:
-    """Copy the chain (sparse) into `dst`, replacing what is there."""
+def fresh(src: Path, dst: Path, names: list[str]) -> None:
+    """Copy the chain's files (sparse) into `dst`, replacing what is there."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir()
-    for p in sorted(src.iterdir()):
-        run("cp", "--sparse=always", str(p), str(dst / p.name))
+    for name in names:
+        run("cp", "--sparse=always", str(src / name), str(dst / name))
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -169,7 +171,7 @@ def bench_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
         if not inputs:
             src.mkdir()
             build(src, size)
-        for key, (name, args, results) in CASES.items():
+        for key, (name, args, chain, results) in CASES.items():
             if only and key != only:
                 continue
             wall = {"qcowdisk": float("inf"), "qemu-img": float("inf"), "start-up": float("inf")}
@@ -178,12 +180,14 @@ def bench_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
                 w, c = timed([sys.executable, "-c", "import qcowdisk.cli"], t)
                 wall["start-up"], cpu["start-up"] = min(wall["start-up"], w), min(cpu["start-up"], c)
                 for tool, cmd in (("qcowdisk", [sys.executable, "-m", "qcowdisk"]), ("qemu-img", ["qemu-img"])):
-                    fresh(src, t / tool)
+                    fresh(src, t / tool, chain)
                     w, c = timed([*cmd, *args], t / tool)
                     wall[tool], cpu[tool] = min(wall[tool], w), min(cpu[tool], c)
             for r in results:
                 fmt = "raw" if r.endswith(".raw") else "qcow2"
                 run("qemu-img", "compare", "-f", fmt, "-F", fmt, str(t / "qcowdisk" / r), str(t / "qemu-img" / r))
+            for tool in ("qcowdisk", "qemu-img"):
+                shutil.rmtree(t / tool)
             rows.append((name, wall["qcowdisk"], wall["qemu-img"], wall["qemu-img"] / wall["qcowdisk"]))
             rows.append((f"  {name} (cpu)", cpu["qcowdisk"], cpu["qemu-img"], cpu["qemu-img"] / cpu["qcowdisk"]))
             own = max(cpu["qcowdisk"] - cpu["start-up"], 1e-3)  # the operation's share of the CPU time
