@@ -127,22 +127,26 @@ def build(d: Path, size: int) -> None:
         os.unlink(piece)
 
 
-CASES = {  # key: (row name, arguments of both tools, the chain, images that must then read the same)
+CASES = {  # key: (row name, arguments of both tools, the chain ("=": only read, so linked), images that must then read the same)
     "commit": ("commit", ["commit", "-q", "top.qcow2"], ["base.qcow2", "top.qcow2"], ["base.qcow2", "top.qcow2"]),
     "commit-raw": ("commit -d, raw base", ["commit", "-q", "-d", "top-raw.qcow2"], ["base.raw", "top-raw.qcow2"],
                    ["base.raw"]),
     "rebase": ("rebase (safe)", ["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"],
-               ["base.qcow2", "top.qcow2", "new.qcow2"], ["top.qcow2"]),
+               ["=base.qcow2", "top.qcow2", "=new.qcow2"], ["top.qcow2"]),
 }
 
 
 def fresh(src: Path, dst: Path, names: list[str]) -> None:
-    """Copy the chain's files (sparse) into `dst`, replacing what is there."""
+    """Copy the chain's files (sparse) into `dst`, replacing what is there; names starting with
+    "=" are only read by the case, so they are linked, not copied."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir()
     for name in names:
-        run("cp", "--sparse=always", str(src / name), str(dst / name))
+        if name.startswith("="):
+            os.symlink(src / name[1:], dst / name[1:])
+        else:
+            run("cp", "--sparse=always", str(src / name), str(dst / name))
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
