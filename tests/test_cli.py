@@ -22,6 +22,9 @@ import pytest
 
 import qcowdisk
 from qcowdisk import cli
+from qcowdisk.cli.common import parse_size, size_to_str
+from qcowdisk.cli.options import split_options
+from qcowdisk.cli.write import pattern_byte
 from qemutools import assert_clean, compare, create, info, pattern, qemu_img, qemu_io, qemu_io_holding, to_raw, write_raw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,7 +212,7 @@ def test_size_to_str_matches_qemu() -> None:
     cases = {0: "0 B", 1: "1 B", 999: "999 B", 1000: "0.977 KiB", 1024: "1 KiB", 204 * 1024: "204 KiB",
              1536 * 1024: "1.5 MiB", GiB: "1 GiB", 1000 * GiB: "0.977 TiB", (1 << 63) - 1: "8 EiB"}
     for value, text in cases.items():
-        assert cli.size_to_str(value) == text, value
+        assert size_to_str(value) == text, value
 
 
 # --------------------------------------------------------------------------- errors
@@ -256,19 +259,19 @@ def test_error_via_console_entry_point(tmp_path: Path) -> None:
     ("1.5k", 1536), ("2T", 2 << 40), ("1P", 1 << 50), ("1E", 1 << 60), ("7E", 7 << 60),
 ])
 def test_parse_size(text: str, value: int) -> None:
-    assert cli.parse_size(text) == value
+    assert parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "x", "1x", "-1", "1.5", "1.5b", "8E", "1kk", "0x10", "1 2"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="Invalid size"):
-        cli.parse_size(text)
+        parse_size(text)
 
 
 def test_split_options() -> None:
-    assert cli.split_options(["a=1,b=2", "c=x,,y"]) == [("a", "1"), ("b", "2"), ("c", "x,y")]
+    assert split_options(["a=1,b=2", "c=x,,y"]) == [("a", "1"), ("b", "2"), ("c", "x,y")]
     with pytest.raises(ValueError, match="expected name=value"):
-        cli.split_options(["novalue"])
+        split_options(["novalue"])
 
 
 CREATE_CASES = [
@@ -324,7 +327,7 @@ def test_create_size_units(size: str, expect: int, tmp_path: Path, capsys: pytes
     img = str(tmp_path / "s.qcow2")
     status, out, err = run_cli(capsys, "create", img, size)
     assert status == 0, err
-    assert f"size={cli.parse_size(size)} " in out
+    assert f"size={parse_size(size)} " in out
     assert info(img)["virtual-size"] == expect
     assert_clean(img)
 
@@ -665,11 +668,11 @@ def test_pattern_byte_accepted_as_qemu_io_does(text: str, tmp_path: Path) -> Non
                             capture_output=True, text=True, check=False)
     accepted = "wrote 1/1 bytes" in theirs.stdout
     if accepted:
-        assert cli.pattern_byte(text) == to_raw(img, str(tmp_path / "p.raw"))[0]
+        assert pattern_byte(text) == to_raw(img, str(tmp_path / "p.raw"))[0]
     else:
         assert f"{text} is not a valid pattern byte" in theirs.stdout
         with pytest.raises(ValueError, match="is not a valid pattern byte"):
-            cli.pattern_byte(text)
+            pattern_byte(text)
 
 
 # --------------------------------------------------------------------------- read / write: the end of the disk, streaming
@@ -702,7 +705,7 @@ def test_end_of_disk_as_qemu_io(command: str, offset: str, length: str, tmp_path
     else:
         assert err == b""
         if command == "read":
-            assert out == to_raw(theirs_img, str(tmp_path / "q.raw"))[cli.parse_size(offset):][:cli.parse_size(length)]
+            assert out == to_raw(theirs_img, str(tmp_path / "q.raw"))[parse_size(offset):][:parse_size(length)]
     compare(theirs_img, ours_img, strict=True)
 
 

@@ -385,13 +385,13 @@ def test_failures_part_way_are_qemus_statuses_3_and_4(kind: str, zoo: Path, caps
             qcowdisk.compare(Failing(a, **{kind: True}, after=2 * MiB), b)  # type: ignore[arg-type]
         assert info.value.status == expected_status
         assert str(info.value) == expected.replace("data.qcow2", a.filename)
-    real_open = cli.formats.open_image
+    real_open = qcowdisk.formats.open_image
 
     def failing_open(path: str, *args: Any) -> Any:
         img = real_open(path, *args)
         return Failing(img, **{kind: True}, after=2 * MiB) if path == "data.qcow2" else img
 
-    monkeypatch.setattr(cli.formats, "open_image", failing_open)
+    monkeypatch.setattr(qcowdisk.formats, "open_image", failing_open)
     status, out, err = our_compare(zoo, ["data.qcow2", "data-copy.qcow2"], capsys, monkeypatch)
     assert (status, out, err) == (expected_status, "", f"qemu-img: {expected}\n")
 

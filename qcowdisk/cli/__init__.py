@@ -1,0 +1,72 @@
+"""The `qcowdisk` command: `info`, `create`, `map`, `check`, and small `read` / `write` helpers.
+
+`info` and `create` follow `qemu-img`'s syntax and output (QEMU 7.2) closely enough that scripts
+written for one work with the other: `info --output=json` emits the same keys, value types and
+key order as `qemu-img info --output=json` for every field qcowdisk knows; the human output uses
+QEMU's layout and size formatting. Paths are reported the way QEMU reports them: as given on the
+command line, and backing files joined to the directory of the image that names them, without
+normalisation.
+
+Every image is read through `QcowFile.open(path, readonly=True)` (`--confine-to` and `-U` passed
+on as `confine_to` and `force_share`). Every failure, a bad argument included, is one line
+`qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image that cannot be
+opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's `Try ... --help`
+hint line. `read` and `write` stream through a bounded buffer, whatever the length.
+
+Each subcommand is a module of this package with its `add_parser` and its `cmd_*`; `common`
+holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+from .._version import __version__
+from ..errors import QcowError
+from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, snapshot, write
+from .common import PROG, ArgumentsError, Parser, UsageError
+
+__all__ = ["build_parser", "main"]
+
+# in the order `qcowdisk --help` lists them
+_COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    p = Parser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
+    p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in _COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 0, or 1 after printing `qcowdisk: <message>`."""
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentsError as e:
+        print(f"{PROG}: {e}\nTry '{PROG} --help' for more information", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # the reader went away (`qcowdisk read ... | head`): no more output
+        with contextlib.suppress(OSError, ValueError):  # nor a second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (QcowError, UsageError, OSError, ValueError) as e:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"{PROG}: {msg}", file=sys.stderr)
+        return 1
+

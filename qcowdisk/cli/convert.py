@@ -1,0 +1,68 @@
+"""`qcowdisk convert`: copy a guest disk into a new image (`qcowdisk.ops.convert`; this parses and prints)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..ops import qemuopts
+from .common import Parser, UsageError
+from .progress import QemuProgress
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`qcowdisk convert`: qemu-img convert's copy (qcow2 or raw out), its -S sparseness, -c, -B, -n, -l;
+    `-p` shows qemu-img's progress line when stdout is a terminal."""
+    from ..ops.convert import convert
+    snapshot = args.snapshot
+    if snapshot is not None:
+        for prefix in ("snapshot.name=", "snapshot.id="):
+            if snapshot.startswith(prefix):
+                snapshot = snapshot[len(prefix):]
+                break
+    try:
+        sparse = qemuopts.strtosz(args.sparse)[0] if args.sparse is not None else 4096
+    except (ValueError, OverflowError):
+        raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+                         "16777216. Select 0 to disable sparse detection (fully allocates output).") from None
+    threads = None
+    if args.threads is not None:
+        if not args.threads.isdigit() or not 1 <= int(args.threads) <= 16:
+            raise UsageError(f"Invalid number of coroutines. Allowed number of coroutines is between 1 and 16: "
+                             f"'{args.threads}'")
+        threads = int(args.threads)
+    if not os.path.exists(args.src):
+        raise UsageError(f"Could not open '{args.src}': Could not open '{args.src}': No such file or directory")
+    bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
+    try:
+        convert(args.src, args.dst, src_format=args.format, out_format=args.out_format,
+                options=",".join(args.options) if args.options else None, compress=args.compress,
+                backing_file=args.backing, backing_format=args.backing_format, snapshot=snapshot,
+                sparse_size=sparse, target_exists=args.target_exists, threads=threads,
+                progress=bar.advance if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.end()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
+    """Add this subcommand's parser to `sub`."""
+    pcv = sub.add_parser("convert", help="copy a guest disk into a new qcow2 or raw image (like qemu-img convert)")
+    pcv.add_argument("-f", dest="format", metavar="FMT", help="the source's format (probed if omitted)")
+    pcv.add_argument("-O", dest="out_format", default="raw", metavar="FMT", help="the output format: qcow2 or raw (raw)")
+    pcv.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help="the new image's options")
+    pcv.add_argument("-c", dest="compress", action="store_true", help="write compressed clusters (qcow2)")
+    pcv.add_argument("-B", dest="backing", metavar="BACKING", help="make the output an overlay of BACKING")
+    pcv.add_argument("-F", dest="backing_format", metavar="FMT", help="the backing file's format")
+    pcv.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="snapshot.name=N or snapshot.id=N: convert that snapshot")
+    pcv.add_argument("-S", dest="sparse", metavar="SIZE", help="zero runs this long stay unallocated (4k; 0: allocate all)")
+    pcv.add_argument("-n", dest="target_exists", action="store_true", help="the target exists: write into it")
+    pcv.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
+    pcv.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    pcv.add_argument("-m", dest="threads", metavar="N", help="compression threads")
+    pcv.add_argument("-W", dest="unordered", action="store_true", help="accepted (writes may be out of order)")
+    pcv.add_argument("src", metavar="SRC")
+    pcv.add_argument("dst", metavar="DST")
+    pcv.set_defaults(func=cmd_convert)

@@ -1,0 +1,128 @@
+"""`qcowdisk resize`: change the virtual size, with `qemu-img resize`'s own parsing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import QcowError
+from ..formats import format_names, probe_format
+from ..ops import qemuopts
+from ..qcow2.file import QcowFile
+from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_own_parsing, err
+from .getoptlong import GetoptError, getopt_long
+
+RESIZE_HELP = """usage: qcowdisk resize [--shrink] [-f FMT] [-q] [--confine-to DIR] IMAGE [+|-]SIZE
+
+Change the virtual size of a qcow2 image to SIZE, or by +SIZE / -SIZE (like qemu-img resize).
+SIZE takes qemu-img's suffixes (k, M, G, T, P, E: powers of 1024) and must come last, so that
+a negative one is never read as an option; it is not rounded (qemu-img refuses a size that is
+not a multiple of 512, and so does this).
+
+options:
+  --shrink          allow making the image smaller (everything past the new end is discarded)
+  -f FMT            the image format: qcow2 (probed if omitted)
+  -q                do not print 'Image resized.'
+  --confine-to DIR  refuse backing and data files that resolve outside DIR
+  -h, --help        show this help
+"""
+_RESIZE_SHORT = {"f": True, "h": False, "q": False}  # option letter -> takes an argument
+_RESIZE_LONG = {"help": False, "shrink": False, "confine-to": True}
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """`qcowdisk resize`: `qemu-img resize` (7.2) for qcow2 images: its syntax, output, messages
+    and exit status (1 on every failure, the program's name in front of each message).
+
+    The parser hands over the words after `resize` untouched: like qemu-img, the size is taken
+    off the end first and the rest parsed as getopt_long would, so `-1G` needs no `--` (which
+    qemu-img accepts too). A relative size is applied to the current size with qemu-img's
+    64-bit arithmetic; then the image is opened read-write and `QcowFile.resize` does the rest,
+    its refusals (`ResizeError`) carrying qemu-img's messages. Other formats are refused.
+    """
+    argv = list(args.argv)
+
+    if len(argv) < 2:
+        return err("Not enough arguments", hint=USAGE_HINT)
+    size_text = argv.pop()
+    try:
+        opts, operands = getopt_long(argv, _RESIZE_SHORT, _RESIZE_LONG)
+    except GetoptError as e:
+        return err(str(e), hint=USAGE_HINT)
+    fmt: str | None = None
+    quiet = shrink = False
+    confine_to: str | None = None
+    for name, value in opts:
+        if name in ("-h", "--help"):
+            sys.stdout.write(RESIZE_HELP)
+            return 0
+        if name == "-f":
+            fmt = value
+        elif name == "-q":
+            quiet = True
+        elif name == "--shrink":
+            shrink = True
+        else:
+            confine_to = value
+    if len(operands) != 1:
+        return err("Expecting image file name and size", hint=USAGE_HINT)
+    path = operands[0]
+
+    relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
+    text = size_text[1:] if relative else size_text
+    try:
+        n, hex_suffix = qemuopts.strtosz(text)
+    except OverflowError:
+        return err(f"Value '{text}' is out of range for parameter 'size'")
+    except ValueError:
+        return err("Parameter 'size' expects a non-negative number below 2^64",
+                   hint="Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                        "and exabytes, respectively.\n")
+    if hex_suffix:
+        print(f"{PROG}: warning: Using a multiplier suffix on hex numbers is deprecated: {text}", file=sys.stderr)
+    if n > INT64_MAX:  # qemu-img keeps the size in an int64_t
+        n -= 1 << 64
+
+    if fmt is not None and fmt not in format_names():
+        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+    try:
+        probed = fmt or probe_format(path)
+        if probed != "qcow2":
+            return err(f"Could not open '{path}': qcowdisk resizes qcow2 images only, not {probed}")
+        disk = QcowFile.open(path, confine_to=confine_to)
+    except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
+        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+    except QcowError as e:
+        return err(f"Could not open '{path}': {e}")
+    status = 0
+    try:
+        current = disk.virtual_size
+        total = current + relative * n if relative else n
+        total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # int64_t wraps
+        if total <= 0:
+            status = err("New image size must be positive")
+        elif total < current and not shrink:
+            status = err("Use the --shrink option to perform a shrink operation.",
+                         "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+                         "Before performing such an operation, make sure there is no important data there.")
+        else:
+            disk.resize(total, shrink=True)
+    except OSError as e:
+        status = err(e.strerror or str(e))
+    except QcowError as e:
+        status = err(str(e))
+    finally:
+        try:
+            disk.close()
+        except (QcowError, OSError) as e:
+            if not status:
+                status = err(str(e))
+    if not status and not quiet:
+        print("Image resized.")
+    return status
+
+
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
+    """Add this subcommand's parser to `sub`."""
+    add_own_parsing(sub, "resize", "change the virtual size (like qemu-img resize)", RESIZE_HELP,
+                    "[--shrink] [-f FMT] [-q] [--confine-to DIR] IMAGE [+|-]SIZE", cmd_resize)
