@@ -297,6 +297,40 @@ def test_cli_matches_qemu(tmp_path: Path) -> None:
         same_images(q, o)
 
 
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096", "extended_l2=on,cluster_size=65536"])
+def test_rebase_progress_line_matches_qemu(tmp_path: Path, opts: str) -> None:
+    """-p prints what qemu-img prints: one step per chunk (at most 2 MiB, and never across an L2
+    table) of the image's unallocated runs, in single-precision percent; 0 and 100 in unsafe mode."""
+    for d in (tmp_path / "q", tmp_path / "o"):
+        d.mkdir()
+        create(str(d / "b.qcow2"), 10 * MiB + 512)
+        qemu_io(str(d / "b.qcow2"), "write -P 1 0 3M")
+        create(str(d / "t.qcow2"), 10 * MiB + 512, options=opts or None, backing="b.qcow2", backing_fmt="qcow2")
+        qemu_io(str(d / "t.qcow2"), "write -P 2 1M 1M", "write -P 3 5M 64k", "write -P 4 2044k 8k")
+    for case in [("rebase", "-p", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"),
+                 ("rebase", "-p", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"),
+                 ("rebase", "-p", "-b", "", "t.qcow2")]:
+        assert cli(tmp_path / "o", *case) == oracle(tmp_path / "q", *case), case
+        same_images(tmp_path / "q", tmp_path / "o")
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096"])
+def test_rebase_progress_line_onto_a_layer_of_the_chain(tmp_path: Path, opts: str) -> None:
+    """Rebasing onto a deeper layer, qemu-img reports only the chunks the layers in between
+    allocate (its prefix chain): the same line."""
+    for d in (tmp_path / "q", tmp_path / "o"):
+        d.mkdir()
+        create(str(d / "b.qcow2"), 12 * MiB)
+        qemu_io(str(d / "b.qcow2"), "write -P 1 0 3M")
+        create(str(d / "m.qcow2"), 12 * MiB, options=opts or None, backing="b.qcow2", backing_fmt="qcow2")
+        qemu_io(str(d / "m.qcow2"), "write -P 5 1536k 1M", "write -P 6 6M 3M", "write -z 11M 64k")
+        create(str(d / "t.qcow2"), 12 * MiB, options=opts or None, backing="m.qcow2", backing_fmt="qcow2")
+        qemu_io(str(d / "t.qcow2"), "write -P 2 1M 1M", "write -P 3 7M 64k")
+    case = ("rebase", "-p", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2")
+    assert cli(tmp_path / "o", *case) == oracle(tmp_path / "q", *case)
+    same_images(tmp_path / "q", tmp_path / "o")
+
+
 def test_commit_empties_an_image_with_snapshots(tmp_path: Path) -> None:
     """Emptying frees only what the snapshot does not share; the snapshot still reads as before."""
     q, o = twins(tmp_path, "lazy_refcounts=on")
