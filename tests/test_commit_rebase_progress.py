@@ -6,7 +6,7 @@ and unlocked (a read-write open succeeds), each checks clean with `qemu-img chec
 guest view is the old one (commit: the image reads as before, its base may already hold the
 copied data, as with qemu-img; rebase: the image still names its old backing file and reads as
 before). A 100 GiB sparse chain is committed, rebased and compared in a subprocess whose peak
-RSS stays small and which reads only the allocated ranges (counted at the host I/O seam).
+RSS (VmHWM) stays small and which reads only the allocated ranges (counted at the host I/O seam).
 """
 
 from __future__ import annotations
@@ -137,7 +137,15 @@ SPARSE_SCRIPT = textwrap.dedent("""
         b = formats.open_image(os.path.join(d, "copy.qcow2"), None, opts)
         assert qcowdisk.compare(a, b).identical
         a.close(); b.close()
-    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "read": read[0]}))
+    # VmHWM: this process image's own peak. ru_maxrss survives exec, so after a fork from a big
+    # parent (pytest late in a run) it reports the parent's size; it is kept as a fallback.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    print(json.dumps({"peak_kib": peak, "read": read[0]}))
 """)
 
 
