@@ -1,24 +1,33 @@
 #!/usr/bin/env python3
-"""qcowdisk convert against qemu-img convert: wall time of each on the same source, and the ratio.
+"""qcowdisk convert against qemu-img convert: wall and CPU time of each on the same source, and the ratios.
 
-    PYTHONPATH=. python3 benchmarks/bench_convert.py [--size 1G] [--dir DIR]
+    PYTHONPATH=. python3 benchmarks/bench_convert.py [--size 1G] [--dir DIR] [--repeat 3]
 
-The source is a raw file of --size bytes: three quarters data (half of it random, half text-like
-and compressible), one quarter holes, in 1 MiB pieces. Cases: raw->qcow2, qcow2->raw, and
-`-c -m 8 -W` with zlib and zstd. Each tool runs as a subprocess (`python3 -m qcowdisk convert`
-and `qemu-img convert`), page cache hot; the output sizes are printed too. A ratio above 1 means
-qcowdisk took longer.
+The source is a raw file of --size bytes: half of it files from /usr concatenated, half zeros
+(holes and written zeros), in 2 MiB pieces. Cases: raw->qcow2, qcow2->raw, and
+`-c -m 8 -W` with zlib and zstd. Each side is a whole process (start-up included), page cache
+hot, the two run in turn (A B A B ...) and the median of each is kept; CPU is user + system of
+the child. A ratio above 1 means qcowdisk took longer.
+
+What each side syncs: `qemu-img convert` opens its target with cache=unsafe by default and never
+fsyncs it; qcowdisk's library default (cache="writeback") fsyncs the target before returning.
+`qcowdisk convert` takes qemu-img's -t with the same default (unsafe). So both sides get the same
+options: none ("no sync": neither fsyncs) or `-t writeback` ("synced": both fsync the target at
+the end). qcowdisk runs as `python3 -m qcowdisk convert ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,59 +39,162 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1].lower()]) if text[-1].lower() in units else int(text)
 
 
+def usr_files() -> Iterator[Path]:
+    """Regular files under /usr (lib, share, bin), in a fixed order."""
+    for top in ("/usr/lib", "/usr/share", "/usr/bin"):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                if path.is_file() and not path.is_symlink():
+                    yield path
+
+
 def make_source(path: Path, size: int) -> None:
-    rng = random.Random(1)
-    words = b"the quick brown fox jumps over the lazy dog 0123456789 qcow2 cluster refcount "
+    """A raw disk of `size` bytes: half of it files from /usr concatenated (real data, with the
+    zero runs binaries have), half zeros, in alternating 2 MiB pieces; of the zero pieces, one in
+    two is a hole and the other written zeros (both tools must read those to find them zero)."""
+    piece = 2 * MiB
+    files = usr_files()
+    pending = bytearray()
     with open(path, "wb") as f:
         f.truncate(size)
-        for off in range(0, size, MiB):
-            kind = (off // MiB) % 4
-            if kind == 3:
+        for i, off in enumerate(range(0, size, piece)):
+            n = min(piece, size - off)
+            if i % 4 == 1:
                 continue  # a hole
             f.seek(off)
-            if kind == 0:
-                f.write(rng.randbytes(MiB))
-            else:
-                f.write((words * (MiB // len(words) + 1))[:MiB - 7] + rng.randbytes(7))
+            if i % 4 == 3:
+                f.write(bytes(n))
+                continue
+            while len(pending) < n:
+                try:
+                    pending += next(files).read_bytes()
+                except PermissionError:
+                    continue
+                except StopIteration:
+                    pending += bytes(n)  # /usr ran out: cannot happen on a normal system
+            f.write(pending[:n])
+            del pending[:n]
 
 
-def timed(cmd: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def python_env(pycache: Path) -> dict[str, str]:
+    """The environment the qcowdisk side runs in: its source tree importable, and bytecode cached
+    (in `pycache`, not the tree) even if the caller's environment turns that off: an installed
+    package has its bytecode, and compiling every module at every start is not what users time."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(pycache)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.monotonic() - t0
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def ours(opts: list[str], src: Path, dst: Path) -> list[str]:
+    """The `qcowdisk convert` command line."""
+    return [sys.executable, "-m", "qcowdisk", "convert", *opts, str(src), str(dst)]
+
+
+@dataclass
+class Row:
+    """One case: median wall and CPU seconds of each side, the ratios, the output sizes."""
+
+    case: str
+    ours_s: float
+    qemu_s: float
+    ours_cpu: float
+    qemu_cpu: float
+    ours_mib: float
+    qemu_mib: float
+    same: bool
+
+    @property
+    def ratio(self) -> float:
+        """qcowdisk's wall time over qemu-img's (below 1: qcowdisk faster)."""
+        return self.ours_s / self.qemu_s
+
+    @property
+    def cpu_ratio(self) -> float:
+        """qcowdisk's CPU time over qemu-img's."""
+        return self.ours_cpu / max(self.qemu_cpu, 1e-9)
+
+
+def cases(raw: Path, qcow: Path) -> list[tuple[str, Path, list[str], str]]:
+    """(name, source, options for both tools, output extension)."""
+    c = ["-O", "qcow2", "-c", "-m", "8", "-W"]
+    return [
+        ("raw -> qcow2 (no sync)", raw, ["-O", "qcow2"], "qcow2"),
+        ("raw -> qcow2 (synced)", raw, ["-O", "qcow2", "-t", "writeback"], "qcow2"),
+        ("qcow2 -> raw (no sync)", qcow, ["-O", "raw"], "raw"),
+        ("qcow2 -> raw (synced)", qcow, ["-O", "raw", "-t", "writeback"], "raw"),
+        ("-c zlib -m 8 -W", raw, [*c, "-o", "compression_type=zlib"], "qcow2"),
+        ("-c zstd -m 8 -W", raw, [*c, "-o", "compression_type=zstd"], "qcow2"),
+    ]
+
+
+def convert_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
+                 only: str | None = None) -> list[Row]:
+    """Run every case (or those whose name contains `only`) `repeat` times a side, in turn."""
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        tmp = Path(d)
+        raw = tmp / "src.raw"
+        make_source(raw, size)
+        qcow = tmp / "src.qcow2"
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
+        env = python_env(tmp / "pycache")
+        subprocess.run(ours(["-O", "qcow2"], raw, tmp / "warm.qcow2"), check=True, env=env)  # bytecode cached
+        (tmp / "warm.qcow2").unlink()
+        for name, src, opts, ext in cases(raw, qcow):
+            if only and only not in name:
+                continue
+            out_ours, out_qemu = tmp / f"ours.{ext}", tmp / f"theirs.{ext}"
+            a: list[tuple[float, float]] = []
+            b: list[tuple[float, float]] = []
+            for _ in range(repeat):
+                a.append(timed(ours(opts, src, out_ours), env))
+                b.append(timed(["qemu-img", "convert", *opts, str(src), str(out_qemu)]))
+            same = subprocess.run(["qemu-img", "compare", "-q", str(out_ours), str(out_qemu)],
+                                  check=False).returncode == 0
+            rows.append(Row(name, statistics.median(w for w, _ in a), statistics.median(w for w, _ in b),
+                            statistics.median(c for _, c in a), statistics.median(c for _, c in b),
+                            out_ours.stat().st_blocks * 512 / MiB, out_qemu.stat().st_blocks * 512 / MiB, same))
+            out_ours.unlink()
+            out_qemu.unlink()
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    """The rows as a text table."""
+    lines = [f"{'case':<24} {'qcowdisk s':>10} {'qemu-img s':>10} {'ratio':>6} {'cpu ours':>9} {'cpu qemu':>9} "
+             f"{'cpu ratio':>9} {'ours MiB':>9} {'qemu MiB':>9}"]
+    for r in rows:
+        lines.append(f"{r.case:<24} {r.ours_s:10.2f} {r.qemu_s:10.2f} {r.ratio:6.2f} {r.ours_cpu:9.2f} "
+                     f"{r.qemu_cpu:9.2f} {r.cpu_ratio:9.2f} {r.ours_mib:9.1f} {r.qemu_mib:9.1f}"
+                     + ("" if r.same else "  CONTENT DIFFERS"))
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
     args = ap.parse_args()
     size = parse_size(args.size)
-    with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        tmp = Path(d)
-        raw = tmp / "src.raw"
-        make_source(raw, size)
-        qcow = tmp / "src.qcow2"
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
-        cases = [
-            ("raw -> qcow2", raw, ["-O", "qcow2"], "qcow2"),
-            ("qcow2 -> raw", qcow, ["-O", "raw"], "raw"),
-            ("-c zlib -m 8 -W", raw, ["-O", "qcow2", "-c", "-o", "compression_type=zlib", "-m", "8", "-W"], "qcow2"),
-            ("-c zstd -m 8 -W", raw, ["-O", "qcow2", "-c", "-o", "compression_type=zstd", "-m", "8", "-W"], "qcow2"),
-        ]
-        print(f"source: {size / MiB:.0f} MiB, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-        print(f"{'case':<18} {'qcowdisk s':>10} {'qemu-img s':>10} {'ratio':>6} {'qcowdisk MiB':>13} {'qemu-img MiB':>13}")
-        for name, src, opts, ext in cases:
-            ours, theirs = tmp / f"ours.{ext}", tmp / f"theirs.{ext}"
-            t_ours = timed([sys.executable, "-m", "qcowdisk", "convert", *opts, str(src), str(ours)])
-            t_theirs = timed(["qemu-img", "convert", *opts, str(src), str(theirs)])
-            same = subprocess.run(["qemu-img", "compare", "-q", str(ours), str(theirs)], check=False).returncode == 0
-            s_ours, s_theirs = ours.stat().st_blocks * 512 / MiB, theirs.stat().st_blocks * 512 / MiB
-            print(f"{name:<18} {t_ours:10.2f} {t_theirs:10.2f} {t_ours / t_theirs:6.2f} {s_ours:13.1f} {s_theirs:13.1f}"
-                  + ("" if same else "  CONTENT DIFFERS"))
-            ours.unlink()
-            theirs.unlink()
+    print(f"source: {size / MiB:.0f} MiB (half /usr files, half zeros), {os.cpu_count()} CPUs, "
+          f"Python {sys.version.split()[0]}, median of {args.repeat} runs a side, taken in turn")
+    print(render(convert_rows(size, args.dir, args.repeat, args.only)))
+    print("(ratio: qcowdisk / qemu-img, wall and CPU = user + system; 'no sync': neither fsyncs, "
+          "'synced': both fsync the target at the end)")
     return 0
 
 

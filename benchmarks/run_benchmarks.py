@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdefg]
+                                             [--json OUT] [--keep] [--only abcdefghij]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -18,8 +18,18 @@ WRITE
      flush() + close()) vs `qemu-img bench -w ... -s 65536` on a fresh `qemu-img create` image
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+NBD
+  g) `nbdcopy` out of `qcowdisk serve --readonly` vs out of `qemu-nbd` serving the same image
+     (benchmarks/bench_nbd.py: a mixed image of --size; to null: and to a file; best of --repeat)
+CHECK
+  h) `QcowFile.check()` in-process, and the `python -m qcowdisk check` process, vs the `qemu-img check`
+     process, on a sparse 1 TiB, a fully allocated 4 GiB and a 64 MiB 512 B-cluster image (bench_check.py)
+CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes; whole processes)
+  i) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
+     with like: neither side fsyncs ("no sync", qemu-img's default cache=unsafe), or both do
+     ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system)
 COMMIT / REBASE (benchmarks/bench_commit.py: a --size chain of /usr data, zeros and holes)
-  g) `qcowdisk commit` (qcow2 and raw base) and safe `qcowdisk rebase` vs qemu-img's, whole processes
+  j) `qcowdisk commit` (qcow2 and raw base) and safe `qcowdisk rebase` vs qemu-img's, whole processes
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -615,18 +625,45 @@ def bench_create(QcowFile: Any, engine_error: str | None, workdir: str, repeat: 
     rows.append(row)
 
 
+def bench_nbd(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """Case g): nbdcopy out of `qcowdisk serve` against qemu-nbd serving the same image (bench_nbd.py)."""
+    log("g) nbdcopy out of qcowdisk serve vs qemu-nbd")
+    with guarded(rows, "g) nbdcopy out of an NBD server", "MiB/s", "qemu-nbd + nbdcopy"):
+        from bench_nbd import nbd_rows  # needs nbdkit, nbdcopy and qemu-nbd: an ERROR row without them
+        for r in nbd_rows(size, repeat, workdir):
+            row = throughput_row(f"g) {r.case}", "MiB/s", f"{r.reference} + nbdcopy", r.qcowdisk_mibs,
+                                 r.reference_mibs, None)
+            row.note = r.note
+            rows.append(row)
+
+
 def bench_commit_rebase(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
-    """Case g): bench_commit.py's rows (wall, then CPU), target >= 1.0x qemu-img."""
-    log("g) commit / rebase against qemu-img")
+    """Case j): bench_commit.py's rows (wall, then CPU), target >= 1.0x qemu-img."""
+    log("j) commit / rebase against qemu-img")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_commit import bench_rows
     for case, q, r, ratio in bench_rows(size, workdir, repeat):
-        rows.append(Row(f"g) {case.strip()}", "s", "qemu-img (whole process)", q, r, ratio, ">= 1.00", ratio >= 1.0,
+        rows.append(Row(f"j) {case.strip()}", "s", "qemu-img (whole process)", q, r, ratio, ">= 1.00", ratio >= 1.0,
                         "cpu: user + sys" if "(cpu)" in case else "wall"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
+# ---------------------------------------------------------------------------------------------
+# h) check (rows from benchmarks/bench_check.py)
+
+def bench_check(workdir: str, repeat: int, rows: list[Row]) -> None:
+    """qcowdisk check against qemu-img check: in-process check() (target >= 1.0) and the whole
+    `python -m qcowdisk check` process (interpreter start-up included; for reference)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_check import check_rows
+    with guarded(rows, "h) check", "ms", "qemu-img check (process)"):
+        for name, q, r, ratio in check_rows(repeat=max(repeat, 5), workdir=workdir):
+            in_process = "in-process" in name
+            rows.append(Row(f"h) {name}", "ms", "qemu-img check (process)", q * 1e3, r * 1e3, ratio,
+                            target=">= 1.00" if in_process else "-", passed=ratio >= 1.0 if in_process else None))
+
+
 # ---------------------------------------------------------------------------------------------
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -655,6 +692,19 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def bench_convert(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """i) convert cases from bench_convert.py (median of `repeat` whole-process runs a side)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_convert
+    with guarded(rows, "i) convert", "s", "qemu-img convert"):
+        for r in bench_convert.convert_rows(size, workdir, repeat):
+            target = None if "synced" in r.case else 1.0
+            row = throughput_row(f"i) convert {r.case}", "s", "qemu-img convert", 1 / r.ours_s, 1 / r.qemu_s, target)
+            row.qcowdisk, row.reference = r.ours_s, r.qemu_s
+            row.note = f"cpu {r.ours_cpu:.2f} s vs {r.qemu_cpu:.2f} s" + ("" if r.same else "; CONTENT DIFFERS")
+            rows.append(row)
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers came from."""
     model = ""
@@ -679,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefg", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefghij", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -703,7 +753,13 @@ def main(argv: list[str] | None = None) -> int:
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
         if "g" in only:
-            with guarded(rows, "g) commit / rebase", "s", "qemu-img"):
+            bench_nbd(workdir, args.size, args.repeat, rows)
+        if "h" in only and not engine_error:
+            bench_check(workdir, args.repeat, rows)
+        if "i" in only:
+            bench_convert(workdir, args.size, args.repeat, rows)
+        if "j" in only:
+            with guarded(rows, "j) commit / rebase", "s", "qemu-img"):
                 bench_commit_rebase(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:

@@ -11,10 +11,11 @@ Layout (each layer imports only from the ones before it):
 - the formats: `qcow2` (a package, see its docstring), `qcow1` (legacy, read-only), `raw`.
 - `blockstatus`: format-independent block status over a backing chain (`qemu-img map`).
 - `cli`: the `qcowdisk` command.
+- `pytest_plugin`: the `qcow_image` and `assert_image_sound` fixtures (pytest loads it through
+  the package's `pytest11` entry point; it needs pytest, nothing imports it otherwise).
 """
 
 from . import qcow1, raw  # noqa: F401  (importing a format registers it)
-from ._version import __version__ as __version__  # the installed version, "0+unknown" in a bare tree
 from .errors import (
     AmendError,
     BackingChainError,
@@ -42,3 +43,12 @@ __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFe
            "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError",
            "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
            "commit", "rebase", "convert"]
+
+
+def __getattr__(name: str) -> str:
+    """`qcowdisk.__version__`, looked up on first use: importlib.metadata costs more at every
+    start than the rest of the package's imports together."""
+    if name == "__version__":
+        from ._version import __version__
+        return __version__
+    raise AttributeError(f"module 'qcowdisk' has no attribute {name!r}")

@@ -46,6 +46,7 @@ class ImageFailedError(QcowError):
     def __init__(self, message: str, first_error: BaseException | None = None) -> None:
         super().__init__(message)
         self.first_error = first_error
+        """The host error (usually an OSError) that put the image in this state."""
 
 
 class UnsafeFileError(QcowError):
@@ -75,3 +76,4 @@ class AmendError(QcowError):
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
         self.hint = hint
+        """qemu-img amend's follow-up text after the message (or "")."""

@@ -9,7 +9,6 @@ shared by threads without a file position.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -21,9 +20,11 @@ from .errors import UnsafeFileError
 
 _fallocate: Callable[[int, int, int, int], int] | None
 try:  # Linux: hand space back without changing the file length
-    try:  # glibc's soname: find_library would run ldconfig (and gcc) at every import
-        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # pragma: no cover - another libc
+    # The interpreter's own namespace has libc's symbols: looking libc up by name
+    # (ctypes.util.find_library) runs `ldconfig -p` in a subprocess at every start.
+    _libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(_libc, "fallocate"):  # pragma: no cover - a statically linked interpreter
+        import ctypes.util
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     _fallocate = _libc.fallocate
     _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]

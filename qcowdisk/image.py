@@ -35,14 +35,23 @@ class Extent:
     """
 
     start: int
+    """Guest offset of the range's first byte."""
     length: int
+    """Length of the range in guest bytes."""
     depth: int
+    """Layer of the backing chain that answered: 0 the image itself, 1 its backing file, ..."""
     present: bool
+    """Whether that layer allocates the range."""
     zero: bool
+    """Whether the range reads as zeros."""
     data: bool
+    """Whether the layer stores bytes for the range."""
     offset: int | None
+    """Host offset of those bytes in `filename` when QEMU reports one, else None."""
     compressed: bool = False
+    """Whether the bytes are stored in compressed clusters."""
     filename: str | None = None
+    """The file holding the bytes, named as QEMU names it; set exactly when `offset` is."""
 
 
 @dataclass(frozen=True, slots=True)

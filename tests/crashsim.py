@@ -17,8 +17,17 @@ versions could it hold if the cut fell after guest op J?". `check_view` applies 
 whatever was not touched after the last completed flush reads back exactly, and whatever was
 touched since reads back, byte by byte, as one of the versions written since (or the flushed one).
 
+The judging every crash test shares: `crash_states` sweeps the (cut, subset) states of one or
+more files, `judge_states` examines each distinct state once and judges it at every cut, counting
+cut points, states and distinct images into a `Tally` (findings by category, `assert_none`).
+`qemu_check` / `check_findings` are the qemu-img check verdict (leaks allowed; a repaired
+image entirely clean), `repair_on_open` the lazy-refcount repair, and `GuestJudge` /
+`GuestRecording` judge a guest workload's images against its `GuestModel` through QEMU's and
+qcowdisk's views.
+
 The guest workloads are deterministic (`make_guest_ops`), so a SIGKILLed child process
-(`child_main`) and the parent that checks its image agree on every byte without talking.
+(`child_main`, run and killed by `run_and_kill` / `kill_guest_writer`) and the parent that
+checks its image agree on every byte without talking.
 """
 
 from __future__ import annotations
@@ -28,12 +37,16 @@ import itertools
 import json
 import os
 import random
+import signal
 import struct
+import subprocess
 import sys
 import threading
+import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from qcowdisk.hostio import HostFile
@@ -377,14 +390,18 @@ def describe_guest_op(j: int, op: GuestOp) -> str:
 
 
 def run_guest_ops(disk: Any, ops: Sequence[GuestOp], log: CrashLog | None = None,
-                  on_flush: Callable[[int], None] | None = None) -> None:
+                  on_flush: Callable[[int], None] | None = None,
+                  handlers: Mapping[str, Callable[[Any, GuestOp], None]] | None = None) -> None:
     """Apply `ops` to an open QcowFile, marking the log: ("start", j) / ("end", j) around every
-    op and ("flushed", j) as soon as a flush() (or close()) returned."""
+    op and ("flushed", j) as soon as a flush() (or close()) returned. `handlers` perform the
+    op kinds a test adds (e.g. a compressed write), by kind."""
     for j, op in enumerate(ops):
         kind, off, length, _ = op
         if log is not None:
             log.mark(("start", j))
-        if kind == "write":
+        if handlers is not None and kind in handlers:
+            handlers[kind](disk, op)
+        elif kind == "write":
             disk.write_at(off, guest_data(op))
         elif kind == "zero":
             disk.write_zeroes(off, length)
@@ -444,12 +461,20 @@ class GuestModel:
             self.apply(j, op)
         return self
 
+    def writes(self, op: GuestOp) -> bool:
+        """Whether guest op `op` changes the disk's contents (a subclass adds its own kinds)."""
+        return op[0] in ("write", "zero", "punch")
+
+    def op_data(self, op: GuestOp) -> bytes | None:
+        """The bytes a writing op leaves (None: zeros); a subclass adds its own kinds."""
+        return guest_data(op) if op[0] == "write" else None
+
     def apply(self, j: int, op: GuestOp) -> None:
         """Record the effect of guest op j (must be called in order)."""
-        kind, off, length, _ = op
+        _, off, length, _ = op
         touched: list[int] = []
-        if kind in ("write", "zero", "punch"):
-            data = guest_data(op) if kind == "write" else None
+        if self.writes(op):
+            data = self.op_data(op)
             end = off + length
             for c in range(off // CHUNK, (end - 1) // CHUNK + 1):
                 cstart = c * CHUNK
@@ -510,18 +535,29 @@ def check_chunk(model: GuestModel, c: int, actual: bytes, f: int, j: int, view: 
         return Finding("LOST-FLUSHED", f"{view}: guest byte {c * CHUNK + i:#x} = {actual[i]:#04x}, "
                        f"flushed model has {flushed[i]:#04x} (no write touched it after the last flush)")
     vers = model.versions(c, f, j)
-    if actual in vers:
+    stray = stray_byte(actual, vers)
+    if stray is None:
+        return None
+    i, allowed = stray
+    cat = "LOST-FLUSHED" if len(allowed) == 1 else "UNFLUSHED-GARBAGE"
+    return Finding(cat, f"{view}: guest byte {c * CHUNK + i:#x} = {actual[i]:#04x}, "
+                   f"allowed {sorted(allowed)} (versions since last flush: {len(vers)})")
+
+
+def stray_byte(actual: bytes, versions: Sequence[bytes]) -> tuple[int, set[int]] | None:
+    """The rule for data written since the last flush: each byte of `actual` is that byte of
+    one of `versions` (a whole 512-byte sector of one version is the quick case). Returns the
+    first byte that is not, with the values the versions allow there, or None."""
+    if actual in versions:
         return None
     for s in range(0, len(actual), SECTOR):
         a = actual[s:s + SECTOR]
-        if any(a == v[s:s + SECTOR] for v in vers):
+        if any(a == v[s:s + SECTOR] for v in versions):
             continue
         for i in range(s, s + len(a)):
-            allowed = {v[i] for v in vers}
+            allowed = {v[i] for v in versions}
             if actual[i] not in allowed:
-                cat = "LOST-FLUSHED" if len(allowed) == 1 else "UNFLUSHED-GARBAGE"
-                return Finding(cat, f"{view}: guest byte {c * CHUNK + i:#x} = {actual[i]:#04x}, "
-                               f"allowed {sorted(allowed)} (versions since last flush: {len(vers)})")
+                return i, allowed
     return None
 
 
@@ -592,26 +628,560 @@ def digest(data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Sweeping crash states and judging them (shared by every crash test)
+
+def describe_cut(log: CrashLog, cut: int) -> str:
+    """'cut 12/80 after write(disk.qcow2, off=0x1000, len=512)': where a cut falls in the log."""
+    before = log.ops[cut - 1].describe() if cut else "nothing"
+    return f"cut {cut}/{len(log.ops)} after {before}"
+
+
+def guest_context(ops: Sequence[GuestOp], ctx: CutContext) -> str:
+    """The guest side of a cut: the last flush that had returned and the last op started."""
+    inflight = describe_guest_op(ctx.j, ops[ctx.j]) if ctx.j >= 0 else "none"
+    flushed = describe_guest_op(ctx.f, ops[ctx.f]) if ctx.f >= 0 else "none (initial image)"
+    return f"last completed flush {flushed}; last started guest op {inflight}"
+
+
+def select_cuts(log: CrashLog, max_cuts: int, seed: int) -> list[int]:
+    """Every cut if few; else the cuts around each fsync and each returned flush (the edges of
+    the ordering rules), plus a random sample of the rest, up to max_cuts."""
+    n = len(log.ops)
+    if n + 1 <= max_cuts:
+        return list(range(n + 1))
+    rng = random.Random(seed)
+    edges = sorted({k for i, op in enumerate(log.ops)
+                    if op.kind == "fsync" or (op.kind == "mark" and op.label[0] == "flushed") for k in (i, i + 1)})
+    if len(edges) > max_cuts // 2:
+        edges = rng.sample(edges, max_cuts // 2)
+    rest = sorted(set(range(n + 1)) - set(edges))
+    return sorted(set(edges) | set(rng.sample(rest, min(len(rest), max_cuts - len(edges)))) | {n})
+
+
+@dataclass
+class CrashState:
+    """The files as a power cut at log index `cut` left them, with `subset` of the unsynced ops
+    surviving. `files` maps each path to its bytes; `key` names the contents (equal key, equal
+    files), so a judge can examine each distinct set of files once."""
+
+    cut: int
+    subset: Subset
+    pending: int
+    files: dict[str, bytes]
+    key: str
+
+    @property
+    def data(self) -> bytes:
+        """The bytes of the first (usually the only) file."""
+        return next(iter(self.files.values()))
+
+    def write_to(self, directory: str) -> None:
+        """Write every file into `directory` under its own base name."""
+        for path, data in self.files.items():
+            with open(os.path.join(directory, os.path.basename(path)), "wb") as f:
+                f.write(data)
+
+
+SubsetsAt = Sequence[Subset] | Callable[[int], Sequence[Subset]]
+"""The subsets to materialise: the same at every cut, or chosen per cut."""
+
+
+def crash_states(log: CrashLog, paths: Sequence[str], cuts: Iterable[int], subsets: SubsetsAt, *,
+                 skip_unchanged: bool = True) -> Iterator[CrashState]:
+    """Every (cut, subset) state of the files at `paths`, cuts in increasing order. With
+    `skip_unchanged`, a random or torn subset is skipped where nothing is unsynced (it would be
+    the "none" state again)."""
+    walkers = {p: CutWalker(log, p) for p in paths}
+    for cut in cuts:
+        for w in walkers.values():
+            w.advance(cut)
+        pending = sum(len(w.pending) for w in walkers.values())
+        for sub in subsets(cut) if callable(subsets) else subsets:
+            if skip_unchanged and sub != "all" and sub != "none" and not pending:
+                continue
+            files = {p: w.state(sub) for p, w in walkers.items()}
+            if len(files) == 1:
+                key = digest(next(iter(files.values())))
+            else:
+                key = digest(b"".join(digest(files[p]).encode() for p in sorted(files)))
+            yield CrashState(cut, sub, pending, files, key)
+
+
+@dataclass
+class Tally:
+    """Counts and findings of a sweep over crash states. Each finding is kept as a line
+    '[CATEGORY] where: detail' (the first `KEEP`), and counted by category."""
+
+    KEEP = 200
+
+    cuts: int = 0
+    states: int = 0
+    images: int = 0
+    findings: list[str] = field(default_factory=list)
+    by_category: Counter[str] = field(default_factory=Counter)
+    summary: str = ""  # the sweep's one-line report, set by the test that ran it
+    keys: set[str] = field(default_factory=set)  # the distinct states judged (CrashState.key)
+
+    def add(self, where: str, found: Iterable[Finding | str]) -> None:
+        """Record the findings at one state; a plain-text finding's category is its first word."""
+        for item in found:
+            fd = item if isinstance(item, Finding) else Finding((item.split() or ["FINDING"])[0].rstrip(":"), item)
+            self.by_category[fd.category] += 1
+            if len(self.findings) < self.KEEP:
+                self.findings.append(f"[{fd.category}] {where}: {fd.detail}")
+
+    def counts(self, extra: str = "") -> str:
+        """'cut points=N states checked=N distinct images=N [extra] findings={...}'."""
+        return (f"cut points={self.cuts} states checked={self.states} distinct images={self.images} "
+                f"{extra + ' ' if extra else ''}findings={dict(self.by_category) or 0}")
+
+    def failure(self, summary: str | None = None, examples: int = 6) -> str:
+        """`summary` (default: the tally's own), then one example finding per category (the
+        first lines tell the most), then up to `examples` more."""
+        summary = self.summary if summary is None else summary
+        firsts: dict[str, str] = {}
+        for line in self.findings:
+            firsts.setdefault(line.split("]")[0], line)
+        rest = [x for x in self.findings if x not in firsts.values()]
+        return "\n".join([summary, *firsts.values(), *rest[:examples]])
+
+    def assert_none(self, summary: str | None = None, examples: int = 6) -> None:
+        """Fail the test with `failure(summary)` if anything was found."""
+        if self.by_category:
+            import pytest
+            pytest.fail(self.failure(summary, examples), pytrace=False)
+
+
+def judge_states(states: Iterable[CrashState], cache: dict[str, Any], examine: Callable[[CrashState], Any],
+                 judge: Callable[[Any, CrashState], Iterable[Finding | str]],
+                 where: Callable[[CrashState], str], totals: Counter[str] | None = None) -> Tally:
+    """Judge every state: `examine` runs once per distinct key (its result cached in `cache`,
+    which may be shared between sweeps), `judge` turns that result and the state's place into
+    findings, `where` names the place in a finding. Counts cut points, states and the images
+    examined anew, and adds them to `totals`."""
+    t = Tally()
+    before = len(cache)
+    last_cut = None
+    for st in states:
+        if st.cut != last_cut:
+            t.cuts += 1
+            last_cut = st.cut
+        if st.key not in cache:
+            cache[st.key] = examine(st)
+        t.states += 1
+        t.keys.add(st.key)
+        found = list(judge(cache[st.key], st))
+        if found:
+            t.add(where(st), found)
+    t.images = len(cache) - before
+    if totals is not None:
+        totals.update(cuts=t.cuts, states=t.states, images=t.images)
+    return t
+
+
+def recording_fixture(record: Callable[[Any, str], Any]) -> Any:
+    """A module-scoped pytest fixture giving `get(wl)`: `record(wl, workdir)` run once per
+    workload (by name) and module run, in a fresh temporary directory, since several tests judge
+    the same log. Assign it to a module-level name: `recorded = recording_fixture(record)`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Any], Any]]:
+        cache: dict[str, Any] = {}
+
+        def get(wl: Any) -> Any:
+            if wl.name not in cache:
+                cache[wl.name] = record(wl, str(tmp_path_factory.mktemp(wl.name)))
+            return cache[wl.name]
+        yield get
+        cache.clear()
+    return recorded
+
+
+def totals_fixture(totals: Counter[str], line: Callable[[Counter[str]], str]) -> Any:
+    """An autouse module fixture that prints `line(totals)` after the module's tests (visible
+    with -s): how much crash space the module covered. Assign it to a module-level name."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def print_totals() -> Iterator[None]:
+        yield
+        if totals:
+            print(f"\n{line(totals)}")
+    return print_totals
+
+
+# The checks of one crashed image
+
+CHECK_KEYS = ("returncode", "corruptions", "leaks", "check-errors", "corruptions-fixed", "leaks-fixed",
+              "compressed-clusters")
+
+
+def qemu_check(path: str, cwd: str | None = None) -> dict[str, Any]:
+    """`qemu-img check --output=json` of a crashed image, with its exit code as 'returncode'. In
+    `cwd` if given (QEMU 7.2 opens a relative data file name from the working directory); output
+    that is not JSON (the image did not even open) comes back as {'error': stderr}."""
+    name = os.path.relpath(path, cwd) if cwd else path
+    p = subprocess.run(["qemu-img", "check", "--output=json", name], cwd=cwd, capture_output=True, text=True,
+                       check=False)
+    result: dict[str, Any] = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {"error": p.stderr}
+    result["returncode"] = p.returncode
+    return result
+
+
+def check_summary(r: dict[str, Any]) -> str:
+    """The counts of a qemu_check result, for a finding's text."""
+    return ", ".join(f"{k}={r[k]}" for k in (*CHECK_KEYS, "error") if k in r)
+
+
+def check_findings(r: dict[str, Any], *, repaired: bool = False, what: str = "qemu-img check") -> list[Finding]:
+    """qemu-img check's verdict on a crashed image: a corruption or an internal error is a
+    CORRUPTION finding, leaks are allowed. A `repaired` image (a dirty lazy-refcount one after a
+    read-write open rebuilt its counts) must be entirely clean: leaks are findings too."""
+    bad = r["returncode"] not in ((0,) if repaired else (0, 3)) or r.get("corruptions", 0) \
+        or r.get("check-errors", 0) or (repaired and r.get("leaks", 0))
+    return [Finding("CORRUPTION", f"{what}: {check_summary(r)}")] if bad else []
+
+
+def repair_on_open(path: str) -> list[Finding]:
+    """Open the image read-write and close it (qcowdisk rebuilds a dirty image's refcounts);
+    a failure, or a dirty bit still set afterwards, is a finding."""
+    from qcowdisk import QcowFile
+    try:
+        QcowFile.open(path).close()
+    except Exception as e:  # noqa: BLE001 - any failure to repair a crash state is a finding
+        return [Finding("REPAIR-FAILED", f"read-write open of the dirty image: {type(e).__name__}: {e}")]
+    with open(path, "rb") as f:
+        if int.from_bytes(f.read(80)[72:80], "big") & 1:
+            return [Finding("STILL-DIRTY", "dirty bit still set after a read-write open and close")]
+    return []
+
+
+def qemu_export(path: str, raw: str, *options: str, cwd: str | None = None) -> str | None:
+    """`qemu-img convert -O raw` of the image (or of a snapshot, with `-l ...` options) into
+    `raw`; returns None, or QEMU's error text if it could not read the image."""
+    p = subprocess.run(["qemu-img", "convert", *options, "-O", "raw", path, raw], cwd=cwd, capture_output=True,
+                       text=True, check=False)
+    return p.stderr.strip()[:300] if p.returncode else None
+
+
+def intern_chunk(pool: dict[bytes, bytes] | None, got: bytes) -> bytes:
+    """`got`, or the pool's object with the same content (added to the pool if new): a judge
+    keeping many views stores each distinct chunk content once (see GuestJudge.pool)."""
+    if pool is None:
+        return got
+    data = bytes(got)  # the same object if it already is bytes; hashable either way
+    return pool.setdefault(data, data)
+
+
+def read_raw_chunks(raw_path: str, model: GuestModel, static: list[Finding], name: str = "qemu view",
+                    pool: dict[bytes, bytes] | None = None) -> dict[int, bytes]:
+    """The model's chunks from a raw export of the guest disk; data anywhere else must read as
+    zeros (a STRAY-DATA finding otherwise). Chunks are interned in `pool` if given."""
+    interest = model.all_chunks()
+    view: dict[int, bytes] = {}
+    with open(raw_path, "rb") as f:
+        fd = f.fileno()
+        for c in interest:
+            view[c] = intern_chunk(pool, os.pread(fd, model.chunk_len(c), c * CHUNK))
+        # Anything allocated outside the chunks the workload ever touched: must read as zeros.
+        pos, end = 0, os.fstat(fd).st_size
+        while pos < end:
+            try:
+                data_start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fd, data_start, os.SEEK_HOLE)
+            for c in range(data_start // CHUNK, (hole - 1) // CHUNK + 1):
+                if c not in interest and c * CHUNK < model.virtual_size:
+                    got = os.pread(fd, model.chunk_len(c), c * CHUNK)
+                    if got.count(0) != len(got):
+                        static.append(Finding("STRAY-DATA", f"{name}: chunk at {c * CHUNK:#x} was never "
+                                              "written by the guest but holds non-zero data"))
+            pos = hole
+    return view
+
+
+def read_qemu_chunks(path: str, model: GuestModel, static: list[Finding], name: str = "qemu view",
+                     pool: dict[bytes, bytes] | None = None) -> dict[int, bytes] | None:
+    """QEMU's guest view of the model's chunks (through qemu-img convert), or None with a
+    QEMU-READ-ERROR finding if QEMU cannot read the image."""
+    raw = path + ".raw"
+    err = qemu_export(path, raw)
+    if err is not None:
+        static.append(Finding("QEMU-READ-ERROR", f"{name}: qemu-img convert failed: {err}"))
+        return None
+    try:
+        return read_raw_chunks(raw, model, static, name, pool)
+    finally:
+        os.unlink(raw)
+
+
+def read_qcow_chunks(path: str, model: GuestModel, static: list[Finding], name: str = "qcowdisk view",
+                     pool: dict[bytes, bytes] | None = None) -> dict[int, bytes] | None:
+    """qcowdisk's read-only view of the model's chunks (None if it cannot even open the image);
+    every failure is a finding."""
+    from qcowdisk import QcowFile
+    try:
+        disk = QcowFile.open(path, readonly=True)
+    except Exception as e:  # noqa: BLE001 - any failure to open a crash state is a finding
+        static.append(Finding("QCOWDISK-OPEN-ERROR", f"{name}: {type(e).__name__}: {e}"))
+        return None
+    view: dict[int, bytes] = {}
+    try:
+        for c in sorted(model.all_chunks()):
+            try:
+                view[c] = intern_chunk(pool, disk.read_at(c * CHUNK, model.chunk_len(c)))
+            except Exception as e:  # noqa: BLE001
+                static.append(Finding("QCOWDISK-READ-ERROR", f"{name}: read_at({c * CHUNK:#x}): "
+                                      f"{type(e).__name__}: {e}"))
+    finally:
+        disk.close()
+    return view
+
+
+@dataclass
+class GuestExam:
+    """What one distinct crashed image shows, independent of where the cut fell: findings that
+    hold at any cut (check, read errors), the guest views by name, and the qemu-img check result."""
+
+    static: list[Finding]
+    views: dict[str, dict[int, bytes]]
+    check: dict[str, Any]
+    verdicts: dict[tuple[int, int], list[Finding]] = field(default_factory=dict)
+
+
+@dataclass
+class GuestJudge:
+    """Judges crashed images of a guest workload against its GuestModel.
+
+    Each image is examined once (`examine`): qcowdisk's read-only view, `qemu-img check` (leaks
+    allowed) and QEMU's view. A `lazy` (lazy-refcount) image is dirty after a crash: QEMU's view
+    is read before the repair, then qcowdisk's read-write open repairs it, after which the check
+    must be entirely clean, the dirty bit clear, and QEMU's view is read again. `judge` applies
+    the data rules of check_view to every view for a cut's (last flush, last started op).
+
+    `pool` interns the views' chunks: one image meets many cut contexts (the same "none" state
+    at every cut up to the next fsync) and each needs its own judgement, so the views are kept;
+    as read they would cost ~10 MiB per image and the exhaustive runs see thousands. Almost every
+    chunk read back is byte-identical to a version the model already holds and the views mostly
+    agree, so each chunk is stored as the pool's object with equal content: every check still
+    gets exactly the bytes that were read, and each distinct chunk content costs memory once."""
+
+    model: GuestModel
+    lazy: bool = False
+    pool: dict[bytes, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for c in self.model.all_chunks():  # seeded with the model's versions of every chunk
+            for v in (self.model.base(c), *self.model.history.get(c, ((), ()))[1]):
+                self.pool.setdefault(v, v)
+
+    def examine(self, path: str) -> GuestExam:
+        """Run the expensive checks on the image at `path` (it may be modified: repaired)."""
+        static: list[Finding] = []
+        views: dict[str, dict[int, bytes] | None] = {
+            "qcowdisk view": read_qcow_chunks(path, self.model, static, "qcowdisk read-only view", self.pool)}
+        if self.lazy:
+            views["qemu view"] = read_qemu_chunks(path, self.model, static, "qemu view", self.pool)
+            static += repair_on_open(path)
+            r = qemu_check(path)
+            static += check_findings(r, repaired=True, what="after qcowdisk's repair-on-open, qemu-img check")
+            views["qemu view after repair"] = read_qemu_chunks(path, self.model, static, "qemu view after repair",
+                                                               self.pool)
+        else:
+            r = qemu_check(path)
+            static += check_findings(r)
+            views["qemu view"] = read_qemu_chunks(path, self.model, static, "qemu view", self.pool)
+        return GuestExam(static, {k: v for k, v in views.items() if v is not None}, r)
+
+    def judge(self, exam: GuestExam, ctx: CutContext) -> list[Finding]:
+        """Static findings plus the data rules for this cut's (last flush, last started op)."""
+        k = (ctx.f, ctx.j)
+        if k not in exam.verdicts:
+            out = list(exam.static)
+            for name, view in exam.views.items():
+                out += check_view(self.model, view, ctx.f, ctx.j, name)
+            exam.verdicts[k] = out
+        return exam.verdicts[k]
+
+    def examine_bytes(self, data: bytes, workdir: str) -> GuestExam:
+        """Write a crashed image into `workdir` and examine it."""
+        path = os.path.join(workdir, "state.qcow2")
+        with open(path, "wb") as f:
+            f.write(data)
+        return self.examine(path)
+
+
+@dataclass
+class GuestRecording:
+    """A guest workload run through a RecordingHost, plus everything needed to judge its crash
+    states. `wl` is the test's workload description (it has a `name` and a `lazy` flag)."""
+
+    wl: Any
+    workdir: str
+    image: str
+    log: CrashLog
+    ops: list[GuestOp]
+    model: GuestModel
+    contexts: list[CutContext]
+    initial: bytes
+    final: bytes
+    exams: dict[str, GuestExam] = field(default_factory=dict)
+    judge: GuestJudge = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.judge = GuestJudge(self.model, self.wl.lazy)
+
+    def examine(self, data: bytes, key: str) -> GuestExam:
+        """The checks of one crashed image, run once per distinct content (`key`)."""
+        if key not in self.exams:
+            self.exams[key] = self.judge.examine_bytes(data, self.workdir)
+        return self.exams[key]
+
+    def where(self, cut: int, subset: Subset, pending: int) -> str:
+        """Failure location: workload, cut point, subset, guest context."""
+        return (f"{self.wl.name} {describe_cut(self.log, cut)}, subset={subset} ({pending} unsynced ops); "
+                f"{guest_context(self.ops, self.contexts[cut])}")
+
+    def sweep(self, cuts: Iterable[int], subsets: SubsetsAt, totals: Counter[str] | None = None) -> Tally:
+        """Materialise and judge every (cut, subset) state of the image."""
+        return judge_states(crash_states(self.log, [self.image], cuts, subsets), self.exams,
+                            lambda st: self.judge.examine_bytes(st.data, self.workdir),
+                            lambda exam, st: self.judge.judge(exam, self.contexts[st.cut]),
+                            lambda st: self.where(st.cut, st.subset, st.pending), totals)
+
+    def assert_uncrashed_matches_model(self) -> GuestExam:
+        """Without a crash all is right, so the findings at cut points are about ordering, not
+        plain write bugs: the log reproduces the live file (no write bypassed the HostFile
+        seam), qemu-img check finds it entirely clean, and it reads back as the model after the
+        last op. Returns the final image's exam."""
+        assert materialise(self.initial, self.log.ops, self.image, len(self.log.ops), "all") == self.final, \
+            "the log does not reproduce the live file: some write bypassed the HostFile seam"
+        clean = check_findings(qemu_check(self.image), repaired=True)
+        assert not clean, f"{self.image}: {clean}"
+        exam = self.examine(self.final, "final")
+        last = len(self.ops) - 1
+        found = self.judge.judge(exam, CutContext(last, last))
+        assert not found, "the uncrashed image differs from the model:\n" + "\n".join(map(str, found[:8]))
+        return exam
+
+    def log_counts(self) -> str:
+        """'log=N ops (N host ops, N fsyncs, N guest ops)'."""
+        n_fsync = sum(1 for op in self.log.ops if op.kind == "fsync")
+        n_host = sum(1 for op in self.log.ops if op.kind != "mark")
+        return f"log={len(self.log.ops)} ops ({n_host} host ops, {n_fsync} fsyncs, {len(self.ops)} guest ops)"
+
+
+def unsynced_when(log: CrashLog, paths: Sequence[str], mark: str) -> Iterator[tuple[int, Any, list[Op]]]:
+    """At every marker (mark, j) in the log (e.g. "flushed": a flush returned), the host ops on
+    `paths` still waiting for an fsync: (log index, j, those ops). An operation that is durable
+    when it returns has none."""
+    walkers = [CutWalker(log, p) for p in paths]
+    for i, op in enumerate(log.ops):
+        if op.kind == "mark" and isinstance(op.label, tuple) and op.label[0] == mark:
+            for w in walkers:
+                w.advance(i)
+            yield i, op.label[1], [p for w in walkers for p in w.pending]
+
+
+# --------------------------------------------------------------------------------------------
 # SIGKILL child
 
-def child_main(argv: Sequence[str]) -> None:
-    """Entry point of the killed child: argv = [image, json params for make_guest_ops].
-    Prints 'FLUSHED j' (stdout, flushed) after each flush() returns, 'DONE' at the end."""
+def child_command(module: str, *args: str) -> list[str]:
+    """The command line of a child Python process running `module.child_main(*args)` (module
+    from tests/, args as strings)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, sys.argv[1]); import {module}; "
+            f"{module}.child_main(*sys.argv[2:])", tests_dir, *args]
+
+
+@dataclass
+class Killed:
+    """What a SIGKILLed child left: every line it printed, its exit status, its stderr."""
+
+    lines: list[str]
+    returncode: int
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        """Killed, or finished normally (anything else: the child failed by itself)."""
+        return self.returncode in (0, -signal.SIGKILL)
+
+
+def run_and_kill(argv: Sequence[str], kill_after: Callable[[list[str]], bool], delay: float,
+                 timeout: float = 60) -> Killed:
+    """Run a child, reading its stdout line by line; once `kill_after(lines so far)` says so,
+    wait `delay` seconds (so it dies mid-operation as often as not) and SIGKILL it. Lines it
+    printed before the kill landed are collected too."""
+    p = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stderr is not None
+    lines: list[str] = []
+    for line in p.stdout:
+        lines.append(line.rstrip("\n"))
+        if kill_after(lines):
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            break
+    rest, err = p.communicate(timeout=timeout)
+    lines += rest.splitlines()
+    return Killed(lines, p.returncode, err)
+
+
+def report_line(text: str) -> None:
+    """A killed child's progress report: one line on stdout, flushed at once."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def child_main(image: str, params: str) -> None:
+    """Entry point of the killed child: the image and json params for make_guest_ops. Prints
+    'FLUSHED j' after each flush() returns and 'DONE' at the end (see kill_guest_writer)."""
     from qcowdisk import QcowFile
 
-    image, params = argv[0], json.loads(argv[1])
-    ops = make_guest_ops(**params)
+    ops = make_guest_ops(**json.loads(params))
     disk = QcowFile.open(image)
+    run_guest_ops(disk, ops, on_flush=lambda j: report_line(f"FLUSHED {j}"))
+    report_line("DONE")
 
-    def report(j: int) -> None:
-        sys.stdout.write(f"FLUSHED {j}\n")
-        sys.stdout.flush()
-    run_guest_ops(disk, ops, on_flush=report)
-    sys.stdout.write("DONE\n")
-    sys.stdout.flush()
+
+@dataclass
+class KilledWriter:
+    """A guest writer SIGKILLed after a reported flush: what it reported, and the cut context
+    its image must satisfy (the last reported flush; the child may have completed the next
+    flush without getting to print it, never more)."""
+
+    killed: Killed
+    flushed: list[int]
+    done: bool
+    ctx: CutContext
+
+    def failure(self) -> str | None:
+        """Why the child's run proves nothing (it failed by itself), or None."""
+        if not self.killed.ok or (self.killed.returncode == 0 and not self.done):
+            return f"child failed (exit {self.killed.returncode}) before the kill:\n{self.killed.stderr[-2000:]}"
+        return None
+
+
+def kill_guest_writer(argv: Sequence[str], ops: Sequence[GuestOp], target: int, delay: float) -> KilledWriter:
+    """Run a child that follows child_main's protocol on `ops` and SIGKILL it `delay` seconds
+    after its `target`-th reported flush."""
+    count = itertools.count(1)
+    killed = run_and_kill(argv, lambda lines: lines[-1].startswith("FLUSHED ") and next(count) >= target, delay)
+    flushed = [int(line.split()[1]) for line in killed.lines if line.startswith("FLUSHED ")]
+    f = flushed[-1] if flushed else -1
+    later = [j for j, op in enumerate(ops) if op[0] in ("flush", "close") and j > f]
+    return KilledWriter(killed, flushed, "DONE" in killed.lines, CutContext(f, later[0] if later else len(ops) - 1))
 
 
 __all__ = ["Op", "CrashLog", "RecordingHost", "Subset", "apply_op", "surviving", "durable_parts",
            "materialise", "CutWalker", "GuestOp", "guest_data", "make_guest_ops", "run_guest_ops",
            "describe_guest_op", "GuestModel", "Finding", "check_chunk", "check_view", "CutContext",
-           "cut_contexts", "header_reftable", "header_l1", "digest", "child_main", "CHUNK", "SECTOR"]
+           "cut_contexts", "header_reftable", "header_l1", "digest", "child_main", "CHUNK", "SECTOR",
+           "describe_cut", "guest_context", "select_cuts", "CrashState", "SubsetsAt", "crash_states", "Tally",
+           "judge_states", "CHECK_KEYS", "qemu_check", "check_summary", "check_findings", "repair_on_open",
+           "qemu_export", "intern_chunk", "read_raw_chunks", "read_qemu_chunks", "read_qcow_chunks", "GuestExam",
+           "GuestJudge", "child_command", "Killed", "run_and_kill", "report_line", "KilledWriter",
+           "kill_guest_writer", "recording_fixture", "totals_fixture", "GuestRecording", "unsynced_when",
+           "stray_byte"]

@@ -8,10 +8,12 @@ Reusable by any test module: `from imagefactory import ...`.
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from qemutools import create, pattern, qemu_img, qemu_io, run
 
@@ -54,6 +56,30 @@ def make_image(path: str, size: int | str, options: str | None = None, *, comman
     if cmds:
         qemu_io(path, *cmds, fmt=fmt)
     return path
+
+
+def sparse_file(path: str | os.PathLike[str], size: int, pieces: Iterable[tuple[int, bytes]]) -> str:
+    """A plain file of `size` bytes, holes everywhere but at `pieces` (offset, bytes); returns path."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in pieces:
+            f.seek(off)
+            f.write(data)
+    return str(path)
+
+
+def raw_qcow2_qcow2_chain(d: str | os.PathLike[str], top_commands: Iterable[str] = ()) -> str:
+    """In directory `d`: base.raw (sparse, 200000 bytes) <- mid.qcow2 (1 MiB: data, zeros and
+    data past the end of its backing file) <- top.qcow2 (3 MiB, longer than mid: data, zeros,
+    then `top_commands`), with backing names relative to `d`. Returns top.qcow2's path."""
+    def at(name: str) -> str:
+        return os.path.join(d, name)
+    sparse_file(at("base.raw"), 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
+    create(at("mid.qcow2"), "1M", backing="base.raw", backing_fmt="raw")
+    qemu_io(at("mid.qcow2"), "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
+    create(at("top.qcow2"), "3M", backing="mid.qcow2", backing_fmt="qcow2")
+    qemu_io(at("top.qcow2"), "write -P 3 1536k 64k", "write -z 128k 4k", "write -P 7 2M 64k", *top_commands)
+    return at("top.qcow2")
 
 
 def write_pattern_file(path: str, length: int, seed: int = 0) -> str:
@@ -100,6 +126,19 @@ def kill_writer(path: str, *commands: str, fmt: str = "qcow2") -> None:
         args += ["-c", c]
     p = run(*args, path, check=False)
     assert p.returncode in (-9, 137), f"qemu-io was expected to die by SIGKILL: rc {p.returncode}\n{p.stdout}{p.stderr}"
+
+
+def extents_as_qemu_json(extents: Iterable[Any]) -> list[dict[str, Any]]:
+    """Block-status extents (start, length, depth, present, zero, data, offset) in the shape of
+    `qemu-img map --output=json` entries, to compare with qemu_map."""
+    out = []
+    for e in extents:
+        d: dict[str, Any] = {"start": e.start, "length": e.length, "depth": e.depth, "present": e.present,
+                             "zero": e.zero, "data": e.data}
+        if e.offset is not None:
+            d["offset"] = e.offset
+        out.append(d)
+    return out
 
 
 def qemu_map(path: str, *extra: str) -> list[dict]:

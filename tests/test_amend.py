@@ -9,8 +9,6 @@ equal guest views. A refusal leaves the file byte-for-byte as it was.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import struct
@@ -19,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from qcowdisk import AmendError, InvalidImageError, QcowFile, cli
-from qemutools import assert_clean, create, info, qemu_img, qemu_io, qemu_io_holding
+from clirun import qcowdisk_in
+from qcowdisk import AmendError, InvalidImageError, QcowFile
+from qemutools import assert_clean, copy_sparse, create, info, qemu_img, qemu_io, qemu_io_holding
 
 MiB = 1 << 20
 
@@ -87,18 +86,6 @@ def _strip_snapshot_extra(path: str) -> None:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return _inputs(tmp_path_factory.mktemp("amend-inputs"))
-
-
-def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = cli.main(["amend", *args])
-    finally:
-        os.chdir(old)
-    return status, out.getvalue(), err.getvalue()
 
 
 def _info(path: str) -> dict[str, object]:
@@ -186,13 +173,13 @@ def test_cli_matches_qemu_img(inputs: dict[str, str], tmp_path: Path, name: str,
     src = inputs[name]
     for extra in ("base.raw", "ext.raw"):
         if os.path.exists(os.path.join(os.path.dirname(src), extra)):
-            shutil.copy(os.path.join(os.path.dirname(src), extra), tmp_path / extra)
+            copy_sparse(os.path.join(os.path.dirname(src), extra), tmp_path / extra)
     q, o = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
     shutil.copy(src, q)
     shutil.copy(src, o)
     before = o.read_bytes()
     qp = subprocess.run(["qemu-img", "amend", *args, "q.qcow2"], capture_output=True, cwd=tmp_path, check=False)
-    status, out, err = run_cli([*args, "o.qcow2"], tmp_path)
+    status, out, err = qcowdisk_in(tmp_path, "amend", [*args, "o.qcow2"])
     assert status == (1 if qp.returncode else 0)
     assert out == qp.stdout.decode()
     assert err.replace("qcowdisk", "qemu-img") == qp.stderr.decode()
@@ -228,7 +215,7 @@ def test_downgrade_keeps_snapshot_views(inputs: dict[str, str], tmp_path: Path, 
     QEMU 7.2 zeroes a preallocated cluster the snapshot still reads)."""
     p = tmp_path / name
     shutil.copy(inputs[name], p)
-    shutil.copy(os.path.join(os.path.dirname(inputs[name]), "base.raw"), tmp_path / "base.raw")
+    copy_sparse(os.path.join(os.path.dirname(inputs[name]), "base.raw"), tmp_path / "base.raw")
 
     def views() -> list[bytes]:
         out = []
@@ -274,23 +261,11 @@ def _bitmap_image(d: Path) -> str:
     return p
 
 
-def _info_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = cli.main(["info", *args])
-    finally:
-        os.chdir(old)
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.mark.parametrize("extra", [[], ["--output=json"], ["-U"], ["-U", "--output=json"]])
 def test_info_bitmaps_match_qemu_img(tmp_path: Path, extra: list[str]) -> None:
     _bitmap_image(tmp_path)
     q = subprocess.run(["qemu-img", "info", *extra, "bm.qcow2"], capture_output=True, cwd=tmp_path, check=True)
-    status, out, _ = _info_cli([*extra, "bm.qcow2"], tmp_path)
+    status, out, _ = qcowdisk_in(tmp_path, "info", [*extra, "bm.qcow2"])
     assert status == 0
     assert out == q.stdout.decode()
 
@@ -301,7 +276,7 @@ def test_info_bitmaps_in_use(tmp_path: Path) -> None:
     for extra in ([], ["--output=json"]):
         q = subprocess.run(["qemu-img", "info", "-U", *extra, "bm.qcow2"], capture_output=True, cwd=tmp_path,
                            check=True)
-        status, out, _ = _info_cli(["-U", *extra, "bm.qcow2"], tmp_path)
+        status, out, _ = qcowdisk_in(tmp_path, "info", ["-U", *extra, "bm.qcow2"])
         assert status == 0
         assert out == q.stdout.decode()
     with QcowFile.open(p, readonly=True) as disk:
@@ -339,7 +314,7 @@ def test_bad_bitmap_directory_refused(tmp_path: Path, where: str, value: int, fi
     _patch(p, at, raw)
     with QcowFile.open(p, readonly=True) as disk, pytest.raises(InvalidImageError, match=field):
         _ = disk.bitmaps
-    status, _, err = _info_cli([p], tmp_path)
+    status, _, err = qcowdisk_in(tmp_path, "info", [p])
     assert status == 1 and field in err
 
 
@@ -348,7 +323,7 @@ def test_locked_image_refused_as_qemu_img(inputs: dict[str, str], tmp_path: Path
     with qemu_io_holding(str(tmp_path / "a.qcow2")):  # waits for its prompt, without racing its open
         q = subprocess.run(["qemu-img", "amend", "-o", "lazy_refcounts=on", "a.qcow2"], capture_output=True,
                            cwd=tmp_path, check=False)
-        status, out, err = run_cli(["-o", "lazy_refcounts=on", "a.qcow2"], tmp_path)
+        status, out, err = qcowdisk_in(tmp_path, "amend", ["-o", "lazy_refcounts=on", "a.qcow2"])
         assert q.returncode == 1 and status == 1
         assert out == q.stdout.decode() == ""
         assert err.replace("qcowdisk", "qemu-img") == q.stderr.decode()

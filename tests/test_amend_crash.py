@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import crashsim as cs
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qcowdisk import QcowFile
 from qemutools import create, qemu_io
 
@@ -97,35 +97,27 @@ def test_power_cut_during_amend(tmp_path: Path, case: Case) -> None:
         disk.amend(**case.amend)
     after = _specific(image)
     assert any(before.get(k) != after.get(k) for k in case.fields)
-    walker = CutWalker(log, image)
-    judged: dict[str, list[str]] = {}
-    findings: list[str] = []
     cut_image = str(tmp_path / "cut.qcow2")
-    for cut in range(len(log.ops) + 1):
-        walker.advance(cut)
-        for sub in ("all", "none", ("random", 1), ("torn", 2)):
-            if sub not in ("all", "none") and not walker.pending:
-                continue
-            state = walker.state(sub)
-            key = cs.digest(state)
-            if key not in judged:
-                Path(cut_image).write_bytes(state)
-                problems: list[str] = []
-                chk = subprocess.run(["qemu-img", "check", cut_image], capture_output=True, text=True, check=False)
-                if chk.returncode not in (0, 3):
-                    problems.append(f"qemu-img check exited {chk.returncode}: {chk.stdout}{chk.stderr}")
-                else:
-                    if _view(cut_image, str(tmp_path / "cut.raw")) != before_view:
-                        problems.append("guest view changed")
-                    if before_snapshot is not None and \
-                            _snapshot_view(cut_image, str(tmp_path / "cut.raw")) != before_snapshot:
-                        problems.append("snapshot view changed")
-                    spec = _specific(cut_image)
-                    for k in case.fields:
-                        if spec.get(k) not in (before.get(k), after.get(k)):
-                            problems.append(f"{k} = {spec.get(k)!r}, neither {before.get(k)!r} nor {after.get(k)!r}")
-                judged[key] = problems
-            findings += [f"cut {cut}/{len(log.ops)} subset={sub}: {p}" for p in judged[key]]
+
+    def examine(st: cs.CrashState) -> list[str]:
+        Path(cut_image).write_bytes(st.data)
+        found = cs.check_findings(cs.qemu_check(cut_image))
+        if found:
+            return [f"{f.category}: {f.detail}" for f in found]
+        problems: list[str] = []
+        if _view(cut_image, str(tmp_path / "cut.raw")) != before_view:
+            problems.append("guest view changed")
+        if before_snapshot is not None and _snapshot_view(cut_image, str(tmp_path / "cut.raw")) != before_snapshot:
+            problems.append("snapshot view changed")
+        spec = _specific(cut_image)
+        for k in case.fields:
+            if spec.get(k) not in (before.get(k), after.get(k)):
+                problems.append(f"{k} = {spec.get(k)!r}, neither {before.get(k)!r} nor {after.get(k)!r}")
+        return problems
+    judged: dict[str, list[str]] = {}
+    t = cs.judge_states(cs.crash_states(log, [image], range(len(log.ops) + 1), ["all", "none", ("random", 1), ("torn", 2)]),
+                        judged, examine, lambda problems, st: problems,
+                        lambda st: f"cut {st.cut}/{len(log.ops)} subset={st.subset}")
     print(f"[amend crash {case.name}] log={len(log.ops)} images={len(judged)}")
-    assert not findings, "\n".join(findings[:8])
+    t.assert_none(f"[amend crash {case.name}]", examples=8)
     os.remove(cut_image)

@@ -28,15 +28,18 @@ from pathlib import Path
 import pytest
 
 import crashsim as cs
+import qcowdisk
 import test_check as tc
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qcowdisk import QcowFile
 from qemutools import check
 
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
 SLOW_SUBSETS: list[cs.Subset] = [*SUBSETS, ("random", 3), ("random", 5), ("torn", 4), ("torn", 6)]
 CASES = ["leak-many", "refcount-too-low", "refcount-zero", "copied-clear-l2", "leak-after-snapshot-delete",
-         "dirty-lazy", "corrupt-bit", "l2-on-refblock"]
+         "dirty-lazy", "corrupt-bit", "l2-on-refblock",
+         # snapshot table rewrites: a new table, one header switch, the old table freed
+         "snapshot-incomplete", "snapshot-extra-too-large", "snapshot-table-past-eof"]
 TOTALS: Counter[str] = Counter()
 
 
@@ -82,26 +85,16 @@ def run_case(case: str, workdir: Path, subsets: list[cs.Subset]) -> None:
     assert result.exit_status == check(path)["returncode"]
     writes = sum(1 for op in log.ops if op.kind == "write")
     assert writes, f"{case}: the repair wrote nothing"
-    walker = CutWalker(log, path)
-    seen: dict[str, str | None] = {}
-    failures: list[str] = []
     crashed = str(workdir / "crashed.qcow2")
-    for cut in range(len(log.ops) + 1):
-        walker.advance(cut)
-        TOTALS["cuts"] += 1
-        for subset in subsets:
-            data = walker.state(subset)
-            TOTALS["states"] += 1
-            key = cs.digest(data)
-            if key not in seen:
-                TOTALS["images"] += 1
-                with open(crashed, "wb") as f:
-                    f.write(data)
-                seen[key] = verdict_problem(crashed, original, before)
-            if seen[key] is not None:
-                where = log.ops[cut - 1].describe() if cut else "start"
-                failures.append(f"cut {cut} (after {where}), subset {subset}: {seen[key]}")
-    assert not failures, f"{case}: {len(failures)} bad crash states:\n" + "\n".join(failures[:10])
+
+    def examine(st: cs.CrashState) -> str | None:
+        with open(crashed, "wb") as f:
+            f.write(st.data)
+        return verdict_problem(crashed, original, before)
+    states = cs.crash_states(log, [path], range(len(log.ops) + 1), subsets, skip_unchanged=False)
+    t = cs.judge_states(states, {}, examine, lambda problem, st: [] if problem is None else [problem],
+                        lambda st: f"{cs.describe_cut(log, st.cut)}, subset {st.subset}", TOTALS)
+    t.assert_none(f"{case}: {t.states} crash states, bad ones:", examples=10)
 
 
 def verdict_problem(crashed: str, original: str, before: Verdict) -> str | None:
@@ -112,7 +105,12 @@ def verdict_problem(crashed: str, original: str, before: Verdict) -> str | None:
     if v.corruptions - v.benign > before.corruptions:
         return f"qemu-img check: {v.corruptions} corruptions ({v.benign} benign), before the repair {before.corruptions}"
     p = subprocess.run(["qemu-img", "compare", "-q", original, crashed], capture_output=True, text=True, check=False)
-    if p.returncode != 0:
+    if p.returncode == 2 and "Could not open" in p.stderr:
+        # a snapshot table QEMU's open refuses (the original's, kept by a cut before the header
+        # switch): compare the active layers with qcowdisk, which opens such images read-only
+        if not qcowdisk.compare(original, crashed).identical:
+            return "guest data changed (qcowdisk.compare)"
+    elif p.returncode != 0:
         return f"guest data changed (qemu-img compare exit {p.returncode}: {p.stdout}{p.stderr})"
     return None
 

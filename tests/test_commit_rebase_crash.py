@@ -20,7 +20,7 @@ import pytest
 
 import crashsim as cs
 import qcowdisk
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qemutools import check, create, qemu_img, qemu_io
 
 MiB = 1 << 20
@@ -93,29 +93,25 @@ def run_crash(tmp_path: Path, operation: Callable[[Path, CrashLog], None], max_c
     fsyncs = {i for i, op in enumerate(log.ops) if op.kind == "fsync"}
     cuts = sorted({*rng.sample(sorted(fsyncs | {i + 1 for i in fsyncs}), min(len(fsyncs), max_cuts // 2)),
                    *rng.sample(range(n + 1), min(n + 1, max_cuts // 2)), n})
-    walkers = {name: CutWalker(log, str(live / name)) for name in files}
     scratch = tmp_path / "cut"
-    findings: list[str] = []
-    for cut in cuts:
-        for w in walkers.values():
-            w.advance(cut)
-        for sub in [s if s in ("all", "none") else (s, cut) for s in subsets]:
-            if scratch.exists():
-                shutil.rmtree(scratch)
-            scratch.mkdir()
-            for name, w in walkers.items():
-                (scratch / name).write_bytes(w.state(sub))
-            for name in files:
-                if not name.endswith(".qcow2"):
-                    continue  # qemu-img checks only qcow2: the guest view below is what counts
-                r = check(str(scratch / name))
-                if r["returncode"] not in (0, 3) or r.get("corruptions", 0) or r.get("check-errors", 0):
-                    findings.append(f"cut {cut}/{n} {sub}: {name}: {r}")
-            if guest_view(scratch / "top.qcow2", tmp_path / "cut.raw") != expected:
-                findings.append(f"cut {cut}/{n} {sub}: the guest view of top.qcow2 changed")
-            if base and not sectors_from(guest_view(scratch / base, tmp_path / "cut.raw"), old_base, expected):
-                findings.append(f"cut {cut}/{n} {sub}: {base} reads neither as before nor as the committed data")
-    assert not findings, findings[:5]
+
+    def examine(st: cs.CrashState) -> list[str]:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        scratch.mkdir()
+        st.write_to(str(scratch))
+        # qemu-img checks only qcow2: for the others the guest view below is what counts
+        found = [f"{name}: {f.detail}" for name in files if name.endswith(".qcow2")
+                 for f in cs.check_findings(check(str(scratch / name)))]
+        if guest_view(scratch / "top.qcow2", tmp_path / "cut.raw") != expected:
+            found.append("the guest view of top.qcow2 changed")
+        if base and not sectors_from(guest_view(scratch / base, tmp_path / "cut.raw"), old_base, expected):
+            found.append(f"{base} reads neither as before nor as the committed data")
+        return found
+    states = cs.crash_states(log, [str(live / name) for name in files], cuts,
+                             lambda cut: [x if x in ("all", "none") else (x, cut) for x in subsets], skip_unchanged=False)
+    t = cs.judge_states(states, {}, examine, lambda found, st: found, lambda st: f"cut {st.cut}/{n} {st.subset}")
+    t.assert_none(f"{t.states} crash states, bad ones:", examples=5)
 
 
 def test_commit_power_cut(tmp_path: Path) -> None:

@@ -27,22 +27,15 @@ from typing import Any
 import pytest
 
 import qcowdisk
-from qcowdisk import Image, QcowFile, cli
+from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
+from imagefactory import raw_qcow2_qcow2_chain, sparse_file
+from qcowdisk import Image, QcowFile
 from qcowdisk.formats import OpenOptions, open_image
 from qcowdisk.ops.compare import CompareError, first_difference, first_nonzero
 from qemutools import create, qemu_img, qemu_io
 
 REPO = Path(__file__).resolve().parent.parent
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def put(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
-    """A sparse plain file of `size` bytes holding `pieces` (offset, bytes)."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, data in pieces:
-            f.seek(off)
-            f.write(data)
 
 
 def poke(path: Path, offset: int, data: bytes) -> None:
@@ -85,22 +78,18 @@ def build_zoo(d: Path) -> None:
         qemu_io("s3-zero-tail.qcow2", "write -P 1 0 64k", "write -z 2M 64k", "write -P 0 1536k 64k")
         create("s3-data-tail.qcow2", "3M")
         qemu_io("s3-data-tail.qcow2", "write -P 1 0 64k", "write -P 0 1536k 64k", "write -P 5 2600000 1")
-        put(d / "s-odd.raw", 1 * MiB + 1000, [(0, b"\x01" * 65536)])  # its last sector half a file
-        put(d / "s-odd-data.raw", 1 * MiB + 1000, [(0, b"\x01" * 65536), (MiB + 999, b"\x02")])
+        sparse_file(d / "s-odd.raw", 1 * MiB + 1000, [(0, b"\x01" * 65536)])  # its last sector half a file
+        sparse_file(d / "s-odd-data.raw", 1 * MiB + 1000, [(0, b"\x01" * 65536), (MiB + 999, b"\x02")])
 
         # odd raw sizes against qcow2 (QEMU's chunk starts where the file's data ends)
-        put(d / "odd.raw", 1000, [(0, b"x" * 1000)])
+        sparse_file(d / "odd.raw", 1000, [(0, b"x" * 1000)])
         create("odd.qcow2", "1000")
         qemu_io("odd.qcow2", "write -P 120 0 1000", "write -P 1 1010 1")
         create("odd-same.qcow2", "1000")
         qemu_io("odd-same.qcow2", "write -P 120 0 1000")
 
         # backing chains: raw <- qcow2 <- qcow2 against their flattened copy; a short backing file
-        put(d / "base.raw", 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
-        create("mid.qcow2", "1M", backing="base.raw", backing_fmt="raw")
-        qemu_io("mid.qcow2", "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
-        create("top.qcow2", "3M", backing="mid.qcow2", backing_fmt="qcow2")
-        qemu_io("top.qcow2", "write -P 3 1536k 64k", "write -z 128k 4k", "write -P 7 2M 64k")
+        raw_qcow2_qcow2_chain(d)
         convert("top.qcow2", "top-flat.raw")
         convert("top.qcow2", "top-flat.qcow2", "qcow2")
         create("sb.qcow2", "1M")
@@ -115,12 +104,12 @@ def build_zoo(d: Path) -> None:
         qemu_io("zeros-as-data.qcow2", "write -P 0 0 1M")
         create("some-data.qcow2", "2M")
         qemu_io("some-data.qcow2", "write -P 9 1536k 4k")
-        put(d / "empty.raw", 2 * MiB, [])
+        sparse_file(d / "empty.raw", 2 * MiB, [])
 
         # empty disks whose block status differs only in how QEMU splits it (the EOF flag)
         create("e64k.qcow2", "1G")
         create("e2m.qcow2", "1G", options="cluster_size=2M")
-        put(d / "e.raw", GiB, [])
+        sparse_file(d / "e.raw", GiB, [])
         # a qcow2 answer stops after INT_MAX bytes: with 2 MiB clusters one L2 table maps 512 GiB
         create("e64k-5g.qcow2", "5G")
         create("e2m-5g.qcow2", "5G", options="cluster_size=2M")
@@ -179,39 +168,17 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def qemu_compare(cwd: Path, args: list[str]) -> tuple[int, str, str]:
-    p = subprocess.run(["qemu-img", "compare", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    return p.returncode, p.stdout, p.stderr
-
-
-def our_compare(cwd: Path, args: list[str], capsys: pytest.CaptureFixture[str],
-                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    with monkeypatch.context() as m:
-        m.chdir(cwd)
-        status = cli.main(["compare", *args])
-    out, err = capsys.readouterr()
-    return status, out, err.replace("qcowdisk", "qemu-img")
-
-
-def assert_same(cwd: Path, args: list[str], capsys: pytest.CaptureFixture[str],
-                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    expected = qemu_compare(cwd, args)
-    assert our_compare(cwd, args, capsys, monkeypatch) == expected, f"qemu-img compare {' '.join(args)}"
-    return expected
-
-
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}~{p[1]}")
-def test_compare_matches_qemu(pair: tuple[str, str], zoo: Path, capsys: pytest.CaptureFixture[str],
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compare_matches_qemu(pair: tuple[str, str], zoo: Path) -> None:
     a, b = pair
     for mode in ([], ["-s"]):
         for first, second in ((a, b), (b, a)):
-            assert_same(zoo, [*mode, first, second], capsys, monkeypatch)
+            same_as_qemu_img(zoo, "compare", [*mode, first, second])
 
 
 def test_zoo_shows_every_verdict(zoo: Path) -> None:
     """The pairs really cover each kind of answer (else the comparisons above prove little)."""
-    outputs = {qemu_compare(zoo, [*mode, a, b])[1] for a, b in PAIRS for mode in ([], ["-s"])}
+    outputs = {qemu_img_in(zoo, "compare", [*mode, a, b])[1] for a, b in PAIRS for mode in ([], ["-s"])}
     text = "".join(outputs)
     assert "Images are identical." in text
     assert "Warning: Image size mismatch!\nImages are identical." in text
@@ -232,25 +199,28 @@ def test_zoo_shows_every_verdict(zoo: Path) -> None:
     ["-f", "foo", "data.qcow2", "data.raw"], ["-F", "foo", "data.qcow2", "data.raw"],
     ["data.qcow2"], [], ["data.qcow2", "data.raw", "data.raw"],
 ])
-def test_options_and_argument_errors_match_qemu(args: list[str], zoo: Path, capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    assert_same(zoo, args, capsys, monkeypatch)
+
+
+def test_options_and_argument_errors_match_qemu(args: list[str], zoo: Path) -> None:
+    same_as_qemu_img(zoo, "compare", args)
 
 
 @pytest.mark.parametrize("args,bad", [(["nothere.qcow2", "data.raw"], "nothere.qcow2"),
                                       (["data.raw", "nothere.qcow2"], "nothere.qcow2"),
                                       (["-f", "qcow2", "data.raw", "data.qcow2"], "data.raw")])
-def test_unopenable_image_is_status_2(args: list[str], bad: str, zoo: Path, capsys: pytest.CaptureFixture[str],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+
+
+def test_unopenable_image_is_status_2(args: list[str], bad: str, zoo: Path) -> None:
     """Status 2 and nothing on stdout, as qemu-img; the message starts as qemu-img's (the reason
     is worded by each tool)."""
-    status, out, err = qemu_compare(zoo, args)
-    ours = our_compare(zoo, args, capsys, monkeypatch)
+    status, out, err = qemu_img_in(zoo, "compare", args)
+    ours = qcowdisk_in(zoo, "compare", args, as_qemu_img=True)
     assert (ours[0], ours[1]) == (status, out) == (2, "")
     assert err.startswith(f"qemu-img: Could not open '{bad}': ") and ours[2].startswith(f"qemu-img: Could not open '{bad}': ")
 
 
 # --------------------------------------------------------------------------- -p on a terminal
+
 
 def on_terminal(cmd: list[str], cwd: Path) -> tuple[int, bytes]:
     """Run `cmd` with stdout on a pseudo-terminal; return its status and everything it printed there."""
@@ -275,6 +245,8 @@ def on_terminal(cmd: list[str], cwd: Path) -> tuple[int, bytes]:
                                   ["s1.qcow2", "s3-data-tail.qcow2"], ["-s", "s1.qcow2", "s3-zero-tail.qcow2"],
                                   ["data.qcow2", "diff-past-2m.raw"], ["e64k.qcow2", "e.raw"],
                                   ["top.qcow2", "top-flat.raw"], ["nothere.qcow2", "data.raw"]])
+
+
 def test_progress_line_matches_qemu_on_a_terminal(args: list[str], zoo: Path) -> None:
     theirs = on_terminal(["qemu-img", "compare", "-p", *args], zoo)
     ours = on_terminal([sys.executable, "-m", "qcowdisk", "compare", "-p", *args], zoo)
@@ -283,21 +255,23 @@ def test_progress_line_matches_qemu_on_a_terminal(args: list[str], zoo: Path) ->
         assert b"    (0.00/100%)\r" in theirs[1]
 
 
-def test_no_progress_line_off_a_terminal(zoo: Path, capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_progress_line_off_a_terminal(zoo: Path) -> None:
     """qcowdisk draws the progress line only on a terminal (qemu-img 7.2 draws it into pipes too)."""
-    status, out, _ = our_compare(zoo, ["-p", "data.qcow2", "data.raw"], capsys, monkeypatch)
+    status, out, _ = qcowdisk_in(zoo, "compare", ["-p", "data.qcow2", "data.raw"], as_qemu_img=True)
     assert (status, out) == (0, "Images are identical.\n")
-    assert "(0.00/100%)" in qemu_compare(zoo, ["-p", "data.qcow2", "data.raw"])[1]
+    assert "(0.00/100%)" in qemu_img_in(zoo, "compare", ["-p", "data.qcow2", "data.raw"])[1]
 
 
 # --------------------------------------------------------------------------- the library
 
+
 @pytest.mark.parametrize("pair", [("data.qcow2", "diff-mid.raw"), ("s1.qcow2", "s3-zero-tail.qcow2"),
                                   ("e64k.qcow2", "e2m.qcow2"), ("data.qcow2", "data.raw")])
+
+
 def test_library_result_is_qemus_verdict(pair: tuple[str, str], zoo: Path) -> None:
     for strict in (False, True):
-        status, out, _ = qemu_compare(zoo, [*(["-s"] if strict else []), *pair])
+        status, out, _ = qemu_img_in(zoo, "compare", [*(["-s"] if strict else []), *pair])
         r = qcowdisk.compare(zoo / pair[0], zoo / pair[1], strict=strict)
         assert r.identical == (status == 0)
         assert "\n".join(r.messages) + "\n" == out
@@ -372,8 +346,7 @@ class Failing:
 
 
 @pytest.mark.parametrize("kind", ["reads", "status"])
-def test_failures_part_way_are_qemus_statuses_3_and_4(kind: str, zoo: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failures_part_way_are_qemus_statuses_3_and_4(kind: str, zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unreadable data is 'Error while reading offset N of FILE: why' (status 4), unreadable
     tables 'Sector allocation test failed for FILE' (status 3); what came before is printed."""
     expected_status = 4 if kind == "reads" else 3
@@ -392,7 +365,7 @@ def test_failures_part_way_are_qemus_statuses_3_and_4(kind: str, zoo: Path, caps
         return Failing(img, **{kind: True}, after=2 * MiB) if path == "data.qcow2" else img
 
     monkeypatch.setattr(qcowdisk.formats, "open_image", failing_open)
-    status, out, err = our_compare(zoo, ["data.qcow2", "data-copy.qcow2"], capsys, monkeypatch)
+    status, out, err = qcowdisk_in(zoo, "compare", ["data.qcow2", "data-copy.qcow2"], as_qemu_img=True)
     assert (status, out, err) == (expected_status, "", f"qemu-img: {expected}\n")
 
 
@@ -402,7 +375,7 @@ def test_hundred_gib_sparse_pair_in_bounded_memory(tmp_path: Path) -> None:
     img, raw = tmp_path / "big.qcow2", tmp_path / "big.raw"
     create(str(img), "100G")
     qemu_io(str(img), "write -P 1 0 64k", "write -P 2 40G 1M", "write -P 3 99G 64k")
-    put(raw, 100 * GiB, [(0, b"\x01" * 65536), (40 * GiB, b"\x02" * MiB), (99 * GiB, b"\x03" * 65536)])
+    sparse_file(raw, 100 * GiB, [(0, b"\x01" * 65536), (40 * GiB, b"\x02" * MiB), (99 * GiB, b"\x03" * 65536)])
     tracemalloc.start()
     try:
         same = qcowdisk.compare(img, raw)
@@ -413,10 +386,11 @@ def test_hundred_gib_sparse_pair_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert same.identical and not differ.identical and differ.offset == 99 * GiB + 1024
     assert peak < 16 * MiB, peak
-    assert qemu_compare(tmp_path, ["big.qcow2", "big.raw"])[1] == "Content mismatch at offset 106300441600!\n"
+    assert qemu_img_in(tmp_path, "compare", ["big.qcow2", "big.raw"])[1] == "Content mismatch at offset 106300441600!\n"
 
 
 # --------------------------------------------------------------------------- the helpers
+
 
 @pytest.mark.parametrize("n", [1, 511, 512, 513, 4096, 2 * MiB - 1, 2 * MiB])
 def test_first_difference_and_first_nonzero_are_sector_granular(n: int) -> None:

@@ -23,24 +23,19 @@ import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import crashsim as cs
-from crashsim import CHUNK, CrashLog, CutWalker, Finding, GuestModel, GuestOp
+from crashsim import CrashLog, GuestModel, GuestOp
 from qcowdisk import QcowFile
-from qemutools import assert_clean, check, qemu_img
+from qemutools import assert_clean
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
 SLOW_SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("random", 3), ("random", 5), ("torn", 2), ("torn", 4)]
 
@@ -145,49 +140,21 @@ class CModel(GuestModel):
         super().__init__(virtual_size)
         self.cluster_size = cluster_size
 
-    def apply(self, j: int, op: GuestOp) -> None:
-        """Record guest op j: cwrite writes like write, with op_data's bytes."""
-        if op[0] != "cwrite":
-            super().apply(j, op)
-            return
-        _, off, length, _ = op
-        data = op_data(op, self.cluster_size)
-        touched: list[int] = []
-        for c in range(off // CHUNK, (off + length - 1) // CHUNK + 1):
-            cstart = c * CHUNK
-            a, b = max(off, cstart), min(off + length, cstart + self.chunk_len(c))
-            cur = bytearray(self.at(c, j - 1))
-            cur[a - cstart:b - cstart] = data[a - off:b - off]
-            h = self.history.setdefault(c, ([], []))
-            h[0].append(j)
-            h[1].append(bytes(cur))
-            touched.append(c)
-        self.ops_touching.append(touched)
+    def writes(self, op: GuestOp) -> bool:
+        """cwrite writes too."""
+        return op[0] == "cwrite" or super().writes(op)
+
+    def op_data(self, op: GuestOp) -> bytes | None:
+        """cwrite leaves op_data's bytes."""
+        return op_data(op, self.cluster_size) if op[0] == "cwrite" else super().op_data(op)
 
 
 def run_ops(disk: QcowFile, ops: Sequence[GuestOp], cluster_size: int, log: CrashLog | None = None,
             on_flush: Callable[[int], None] | None = None) -> None:
     """crashsim.run_guest_ops, with cwrite -> write_compressed."""
-    for j, op in enumerate(ops):
-        kind, off, length, _ = op
-        if log is not None:
-            log.mark(("start", j))
-        if kind == "cwrite":
-            disk.write_compressed(off, op_data(op, cluster_size))
-        elif kind == "write":
-            disk.write_at(off, op_data(op, cluster_size))
-        elif kind == "zero":
-            disk.write_zeroes(off, length)
-        elif kind == "punch":
-            disk.punch_hole(off, length)
-        else:
-            disk.flush() if kind == "flush" else disk.close()
-            if log is not None:
-                log.mark(("flushed", j))
-            if on_flush is not None:
-                on_flush(j)
-        if log is not None:
-            log.mark(("end", j))
+    def cwrite(d: QcowFile, op: GuestOp) -> None:
+        d.write_compressed(op[1], op_data(op, cluster_size))
+    cs.run_guest_ops(disk, ops, log, on_flush, handlers={"cwrite": cwrite})
 
 
 WORKLOADS = [
@@ -218,22 +185,6 @@ BIG = {w.name: CWorkload(w.name + "-big", w.cluster_size, w.virtual_size, w.seed
 # --------------------------------------------------------------------------------------------
 # Recording
 
-@dataclass
-class Recorded:
-    """A workload run through a RecordingHost, plus everything needed to judge its crash states."""
-
-    wl: CWorkload
-    workdir: str
-    image: str
-    log: CrashLog
-    ops: list[GuestOp]
-    model: CModel
-    contexts: list[cs.CutContext]
-    initial: bytes
-    final: bytes
-    exams: dict[str, Exam] = field(default_factory=dict)
-
-
 @contextlib.contextmanager
 def auto_release(wl: CWorkload) -> Iterator[None]:
     """Make the compressed writes release queued frees (a flush) after `wl.auto_release_frees`."""
@@ -253,7 +204,7 @@ def create_image(wl: CWorkload, image: str) -> None:
                     refcount_bits=wl.refcount_bits).close()
 
 
-def record_workload(wl: CWorkload, workdir: str) -> Recorded:
+def record_workload(wl: CWorkload, workdir: str) -> cs.GuestRecording:
     """Create the image (outside the log), then run the ops with every host op recorded."""
     image = os.path.join(workdir, "disk.qcow2")
     create_image(wl, image)
@@ -265,211 +216,32 @@ def record_workload(wl: CWorkload, workdir: str) -> Recorded:
     with auto_release(wl):
         disk = QcowFile.open(image, host_factory=log.factory())
         run_ops(disk, ops, wl.cluster_size, log)
-    model = CModel(wl.virtual_size, wl.cluster_size)
-    for j, op in enumerate(ops):
-        model.apply(j, op)
-    return Recorded(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, Path(image).read_bytes())
+    model = CModel(wl.virtual_size, wl.cluster_size).apply_all(ops)
+    return cs.GuestRecording(wl, workdir, image, log, ops, model, cs.cut_contexts(log), initial, Path(image).read_bytes())
 
 
-_CACHE: dict[str, Recorded] = {}
 TOTALS: Counter = Counter()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_totals():
-    """Print how much crash space the module covered (visible with -s)."""
-    yield
-    if TOTALS:
-        print(f"\n[compressed crash totals] cut points={TOTALS['cuts']} states checked={TOTALS['states']} "
-              f"distinct images={TOTALS['images']} sigkills={TOTALS['kills']}")
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory):
-    """Record each workload once per module run (several tests judge the same log)."""
-    def get(wl: CWorkload) -> Recorded:
-        if wl.name not in _CACHE:
-            _CACHE[wl.name] = record_workload(wl, str(tmp_path_factory.mktemp(wl.name)))
-        return _CACHE[wl.name]
-    yield get
-    _CACHE.clear()
+_print_totals = cs.totals_fixture(TOTALS, lambda t: f"[compressed crash totals] cut points={t['cuts']} states checked="
+                                  f"{t['states']} distinct images={t['images']} sigkills={t['kills']}")
+recorded = cs.recording_fixture(record_workload)
 
 
 # --------------------------------------------------------------------------------------------
-# Judging one crashed image
+# Judging crashed images (crashsim.GuestJudge: qemu-img check, QEMU's and qcowdisk's views)
 
-@dataclass
-class Exam:
-    """Verdicts on one distinct crashed image (independent of where the cut fell)."""
-
-    static: list[Finding]
-    qemu_view: dict[int, bytes] | None
-    qcow_view: dict[int, bytes] | None
-    compressed: int = 0
-    verdicts: dict[tuple[int, int], list[Finding]] = field(default_factory=dict)
+def compressed_clusters(exam: cs.GuestExam) -> int:
+    """How many compressed clusters qemu-img check counted in the image."""
+    return int(exam.check.get("compressed-clusters", 0))
 
 
-def _summary(r: dict[str, Any]) -> str:
-    keys = ("returncode", "corruptions", "leaks", "check-errors", "compressed-clusters")
-    return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
-
-
-def read_views(path: str, model: GuestModel, static: list[Finding]) -> tuple[dict[int, bytes] | None, dict[int, bytes] | None]:
-    """(QEMU's view through qemu-img convert, qcowdisk's read-only view) of the model's chunks."""
-    ours: dict[int, bytes] = {}
-    qcow_view: dict[int, bytes] | None = ours
-    try:
-        with QcowFile.open(path, readonly=True) as disk:
-            for c in sorted(model.all_chunks()):
-                try:
-                    ours[c] = disk.read_at(c * CHUNK, model.chunk_len(c))
-                except Exception as e:  # noqa: BLE001 - any failure to read a crash state is a finding
-                    static.append(Finding("QCOWDISK-READ-ERROR", f"read_at({c * CHUNK:#x}): {type(e).__name__}: {e}"))
-    except Exception as e:  # noqa: BLE001 - likewise for opening it
-        static.append(Finding("QCOWDISK-OPEN-ERROR", f"{type(e).__name__}: {e}"))
-        qcow_view = None
-    raw = path + ".raw"
-    p = qemu_img("convert", "-O", "raw", path, raw, check=False)
-    if p.returncode != 0:
-        static.append(Finding("QEMU-READ-ERROR", f"qemu-img convert failed: {p.stderr.strip()[:300]}"))
-        return None, qcow_view
-    view: dict[int, bytes] = {}
-    with open(raw, "rb") as f:
-        fd = f.fileno()
-        interest = model.all_chunks()
-        for c in interest:
-            view[c] = os.pread(fd, model.chunk_len(c), c * CHUNK)
-        pos, end = 0, os.fstat(fd).st_size
-        while pos < end:  # data where the guest never wrote must read as zeros
-            try:
-                data_start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data_start, os.SEEK_HOLE)
-            for c in range(data_start // CHUNK, (hole - 1) // CHUNK + 1):
-                if c not in interest and c * CHUNK < model.virtual_size:
-                    got = os.pread(fd, model.chunk_len(c), c * CHUNK)
-                    if any(got):
-                        static.append(Finding("STRAY-DATA", f"chunk at {c * CHUNK:#x} was never written but holds data"))
-            pos = hole
-    os.unlink(raw)
-    return view, qcow_view
-
-
-def examine(rec: Recorded, data: bytes, key: str) -> Exam:
-    """Write the crashed image out and run the expensive checks once per distinct content."""
-    if key in rec.exams:
-        return rec.exams[key]
-    state = os.path.join(rec.workdir, "state.qcow2")
-    with open(state, "wb") as f:
-        f.write(data)
-    static: list[Finding] = []
-    if rec.wl.lazy:
-        # dirty after a crash: qcowdisk's read-write open rebuilds the counts, then all is clean
-        qemu_view, qcow_view = read_views(state, rec.model, static)
-        try:
-            QcowFile.open(state).close()
-        except Exception as e:  # noqa: BLE001
-            static.append(Finding("REPAIR-FAILED", f"{type(e).__name__}: {e}"))
-        r = check(state)
-        if r["returncode"] != 0 or r.get("corruptions", 0) or r.get("leaks", 0) or r.get("check-errors", 0):
-            static.append(Finding("CORRUPTION", "after qcowdisk's repair-on-open, qemu-img check: " + _summary(r)))
-    else:
-        r = check(state)
-        if r["returncode"] not in (0, 3) or r.get("corruptions", 0) or r.get("check-errors", 0):
-            static.append(Finding("CORRUPTION", "qemu-img check: " + _summary(r)))
-        qemu_view, qcow_view = read_views(state, rec.model, static)
-    exam = Exam(static, qemu_view, qcow_view, r.get("compressed-clusters", 0))
-    rec.exams[key] = exam
-    return exam
-
-
-def judge(rec: Recorded, exam: Exam, ctx: cs.CutContext) -> list[Finding]:
-    """Static findings plus the data rules for this cut's (last flush, last started op)."""
-    k = (ctx.f, ctx.j)
-    if k not in exam.verdicts:
-        out = list(exam.static)
-        if exam.qemu_view is not None:
-            out += cs.check_view(rec.model, exam.qemu_view, ctx.f, ctx.j, "qemu view")
-        if exam.qcow_view is not None:
-            out += cs.check_view(rec.model, exam.qcow_view, ctx.f, ctx.j, "qcowdisk view")
-        exam.verdicts[k] = out
-    return exam.verdicts[k]
-
-
-def where(rec: Recorded, cut: int, subset: cs.Subset, pending: int) -> str:
-    ctx = rec.contexts[cut]
-    before = rec.log.ops[cut - 1].describe() if cut else "nothing"
-    inflight = cs.describe_guest_op(ctx.j, rec.ops[ctx.j]) if ctx.j >= 0 else "none"
-    flushed = cs.describe_guest_op(ctx.f, rec.ops[ctx.f]) if ctx.f >= 0 else "none (initial image)"
-    return (f"{rec.wl.name} cut {cut}/{len(rec.log.ops)} after {before}, subset={subset} ({pending} unsynced ops); "
-            f"last completed flush {flushed}; last started guest op {inflight}")
-
-
-@dataclass
-class Tally:
-    """Counts and findings of a crash run."""
-
-    cuts: int = 0
-    states: int = 0
-    images: int = 0
-    compressed_seen: int = 0   # most compressed clusters qemu-img check counted in one state
-    findings: list[str] = field(default_factory=list)
-    by_category: Counter = field(default_factory=Counter)
-
-    def report(self, rec: Recorded, label: str) -> str:
-        n_fsync = sum(1 for op in rec.log.ops if op.kind == "fsync")
-        n_host = sum(1 for op in rec.log.ops if op.kind != "mark")
-        return (f"[compressed crash {rec.wl.name} {label}] log={len(rec.log.ops)} ops ({n_host} host ops, "
-                f"{n_fsync} fsyncs, {len(rec.ops)} guest ops) cut points={self.cuts} states checked={self.states} "
-                f"distinct images={self.images} max compressed clusters={self.compressed_seen} "
-                f"findings={dict(self.by_category) or 0}")
-
-    def assert_none(self, rec: Recorded, label: str) -> None:
-        if self.by_category:
-            firsts: dict[str, str] = {}
-            for line in self.findings:
-                firsts.setdefault(line.split("]")[0], line)
-            pytest.fail(self.report(rec, label) + "\n" + "\n".join([*firsts.values(), *self.findings[:6]]), pytrace=False)
-
-
-def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset], label: str) -> Tally:
-    """Materialise and judge every (cut, subset)."""
-    t = Tally()
-    before = len(rec.exams)
-    walker = CutWalker(rec.log, rec.image)
-    for cut in cuts:
-        walker.advance(cut)
-        t.cuts += 1
-        for sub in subsets:
-            if sub not in ("all", "none") and not walker.pending:
-                continue  # the same state as "none"
-            data = walker.state(sub)
-            exam = examine(rec, data, cs.digest(data))
-            t.compressed_seen = max(t.compressed_seen, exam.compressed)
-            t.states += 1
-            for fd in judge(rec, exam, rec.contexts[cut]):
-                t.by_category[fd.category] += 1
-                if len(t.findings) < 100:
-                    t.findings.append(f"[{fd.category}] {where(rec, cut, sub, len(walker.pending))}: {fd.detail}")
-    t.images = len(rec.exams) - before
-    TOTALS.update(cuts=t.cuts, states=t.states, images=t.images)
-    print(t.report(rec, label))
+def run_cuts(rec: cs.GuestRecording, cuts: list[int], subsets: list[cs.Subset], label: str) -> cs.Tally:
+    """Materialise and judge every (cut, subset); returns the tally (its summary printed)."""
+    t = rec.sweep(cuts, subsets, TOTALS)
+    most = max((compressed_clusters(rec.exams[k]) for k in t.keys), default=0)  # in one state
+    t.summary = (f"[compressed crash {rec.wl.name} {label}] {rec.log_counts()} "
+                 f"{t.counts(f'max compressed clusters={most}')}")
+    print(t.summary)
     return t
-
-
-def select_cuts(log: CrashLog, max_cuts: int, seed: int) -> list[int]:
-    """Every cut if few; else the cuts around each fsync and returned flush, plus random ones."""
-    n = len(log.ops)
-    if n + 1 <= max_cuts:
-        return list(range(n + 1))
-    rng = random.Random(seed)
-    edges = sorted({k for i, op in enumerate(log.ops)
-                    if op.kind == "fsync" or (op.kind == "mark" and op.label[0] == "flushed") for k in (i, i + 1)})
-    if len(edges) > max_cuts // 2:
-        edges = rng.sample(edges, max_cuts // 2)
-    rest = sorted(set(range(n + 1)) - set(edges))
-    return sorted(set(edges) | set(rng.sample(rest, min(len(rest), max_cuts - len(edges)))) | {n})
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,14 +252,8 @@ def test_workload_sanity(recorded, wl: CWorkload) -> None:
     """The log reproduces the file, the uncrashed image matches the model, checks clean and
     holds compressed clusters (so the findings below are about ordering, not plain bugs)."""
     rec = recorded(wl)
-    assert cs.materialise(rec.initial, rec.log.ops, rec.image, len(rec.log.ops), "all") == rec.final, \
-        "the log does not reproduce the live file: some write bypassed the HostFile seam"
-    assert_clean(rec.image)
-    exam = examine(rec, rec.final, "final")
-    last = len(rec.ops) - 1
-    found = judge(rec, exam, cs.CutContext(last, last))
-    assert not found, "the uncrashed image differs from the model:\n" + "\n".join(map(str, found[:8]))
-    assert exam.compressed > 0, "the workload left no compressed cluster"
+    exam = rec.assert_uncrashed_matches_model()
+    assert compressed_clusters(exam) > 0, "the workload left no compressed cluster"
     assert sum(1 for op in rec.ops if op[0] == "cwrite") >= 8
     # Freed clusters are punched when queued frees are released: inside a compressed write only
     # by its automatic release (a flush of its own).
@@ -505,14 +271,8 @@ def test_workload_sanity(recorded, wl: CWorkload) -> None:
 def test_flush_returns_only_when_durable(recorded, wl: CWorkload) -> None:
     """When flush()/close() returns, no write to the image is still waiting for an fsync."""
     rec = recorded(wl)
-    walker = CutWalker(rec.log, rec.image)
-    problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "flushed":
-            walker.advance(i)
-            if walker.pending:
-                problems.append(f"after guest #{op.label[1]} (log {i}): {len(walker.pending)} unsynced ops, "
-                                f"first {walker.pending[0].describe()}")
+    problems = [f"after guest #{j} (log {i}): {len(pending)} unsynced ops, first {pending[0].describe()}"
+                for i, j, pending in cs.unsynced_when(rec.log, [rec.image], "flushed") if pending]
     assert not problems, f"{wl.name}: " + "\n".join(problems[:8])
 
 
@@ -523,7 +283,7 @@ def test_power_cut_none_at_every_op(recorded, wl: CWorkload) -> None:
     rec = recorded(wl)
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), ["none"], "none@every-op")
     assert t.cuts == len(rec.log.ops) + 1
-    t.assert_none(rec, "none@every-op")
+    t.assert_none()
 
 
 @pytest.mark.parametrize("wl", WORKLOADS, ids=IDS)
@@ -531,9 +291,9 @@ def test_power_cut_sampled(recorded, wl: CWorkload) -> None:
     """Cuts around every fsync and returned flush plus random ones, each with all / none / a
     random subset / a random subset torn into sectors."""
     rec = recorded(wl)
-    t = run_cuts(rec, select_cuts(rec.log, wl.max_cuts, wl.seed), SUBSETS, "sampled")
+    t = run_cuts(rec, cs.select_cuts(rec.log, wl.max_cuts, wl.seed), SUBSETS, "sampled")
     assert t.states >= 2 * t.cuts
-    t.assert_none(rec, "sampled")
+    t.assert_none()
 
 
 @pytest.mark.slow
@@ -542,7 +302,7 @@ def test_power_cut_exhaustive(tmp_path, name: str) -> None:
     """Bigger workloads, every cut point, seven subsets each."""
     rec = record_workload(BIG[name], str(tmp_path))
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), SLOW_SUBSETS, "exhaustive")
-    t.assert_none(rec, "exhaustive")
+    t.assert_none()
 
 
 def test_judge_catches_missing_ordering_edges(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -560,31 +320,21 @@ def test_judge_catches_missing_ordering_edges(tmp_path, monkeypatch: pytest.Monk
     monkeypatch.undo()
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), [("random", 1), ("random", 3), "none"], "mutant")
     assert t.by_category, "the judge found nothing wrong with L2 tables that outran their payloads and counts: " \
-        + t.report(rec, "mutant")
+        + t.summary
 
 
 # --------------------------------------------------------------------------------------------
 # Real SIGKILL
 
-CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); import test_compressed_crash as t; "
-         "t.child_main(sys.argv[2:])")
-
-
-def child_main(argv: Sequence[str]) -> None:
-    """The killed child: argv = [image, json CWorkload fields]. Prints 'FLUSHED j' after each
-    flush() returns and 'DONE' at the end."""
-    image, fields = argv[0], json.loads(argv[1])
+def child_main(image: str, fields_json: str) -> None:
+    """The killed child: the image and the json CWorkload fields. Prints 'FLUSHED j' after each
+    flush() returns and 'DONE' at the end (crashsim.kill_guest_writer's protocol)."""
+    fields = json.loads(fields_json)
     wl = CWorkload(**{**fields, "weights": tuple(fields["weights"])})
-    ops = make_ops(wl)
     disk = QcowFile.open(image)
-
-    def report(j: int) -> None:
-        sys.stdout.write(f"FLUSHED {j}\n")
-        sys.stdout.flush()
     with auto_release(wl):
-        run_ops(disk, ops, wl.cluster_size, on_flush=report)
-    sys.stdout.write("DONE\n")
-    sys.stdout.flush()
+        run_ops(disk, make_ops(wl), wl.cluster_size, on_flush=lambda j: cs.report_line(f"FLUSHED {j}"))
+    cs.report_line("DONE")
 
 
 def sigkill_run(tmp_path: Path, wl: CWorkload, kill_seed: int) -> list[str]:
@@ -593,46 +343,21 @@ def sigkill_run(tmp_path: Path, wl: CWorkload, kill_seed: int) -> list[str]:
     image = str(tmp_path / "k.qcow2")
     create_image(wl, image)
     ops = make_ops(wl)
-    model = CModel(wl.virtual_size, wl.cluster_size)
-    for j, op in enumerate(ops):
-        model.apply(j, op)
-    flush_idx = [j for j, op in enumerate(ops) if op[0] in ("flush", "close")]
+    model = CModel(wl.virtual_size, wl.cluster_size).apply_all(ops)
     rng = random.Random(kill_seed)
-    target = rng.randint(1, len(flush_idx) - 1)
+    target = rng.randint(1, sum(1 for op in ops if op[0] in ("flush", "close")) - 1)
     delay = rng.choice([0.0, 0.0005, 0.002, 0.005, 0.02])
     fields = {k: getattr(wl, k) for k in wl.__dataclass_fields__}
-    p = subprocess.Popen([sys.executable, "-c", CHILD, TESTS_DIR, image, json.dumps(fields)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout is not None and p.stderr is not None
-    reported: list[int] = []
-    done = False
-    for line in p.stdout:
-        if line.startswith("FLUSHED "):
-            reported.append(int(line.split()[1]))
-            if len(reported) >= target:
-                time.sleep(delay)
-                p.send_signal(signal.SIGKILL)
-                break
-        elif line.strip() == "DONE":
-            done = True
-    rest, err = p.stdout.read(), p.stderr.read()
-    p.wait(timeout=60)
-    for line in rest.splitlines():
-        if line.startswith("FLUSHED "):
-            reported.append(int(line.split()[1]))
-        done = done or line.strip() == "DONE"
-    if p.returncode not in (0, -signal.SIGKILL):
-        return [f"child failed (exit {p.returncode}):\n{err[-2000:]}"]
-    f = reported[-1] if reported else -1
-    later = [j for j in flush_idx if j > f]
-    j = later[0] if later else len(ops) - 1
-    rec = Recorded(wl, str(tmp_path), image, CrashLog(), ops, model, [], b"", b"")
-    exam = examine(rec, Path(image).read_bytes(), "killed")
-    found = judge(rec, exam, cs.CutContext(f, j))
+    w = cs.kill_guest_writer(cs.child_command("test_compressed_crash", image, json.dumps(fields)), ops, target, delay)
+    if w.failure():
+        return [w.failure() or ""]
+    judge = cs.GuestJudge(model, wl.lazy)
+    exam = judge.examine(image)
+    found = judge.judge(exam, w.ctx)
     TOTALS.update(kills=1)
-    ctx = f"{wl.name} kill seed {kill_seed}: killed after {len(reported)} reported flushes (#{f}), delay {delay}s"
-    print(f"[compressed sigkill] {ctx}; child {'finished' if done else 'killed'}; "
-          f"compressed clusters {exam.compressed}")
+    ctx = f"{wl.name} kill seed {kill_seed}: killed after {len(w.flushed)} reported flushes (#{w.ctx.f}), delay {delay}s"
+    print(f"[compressed sigkill] {ctx}; child {'finished' if w.done else 'killed'}; "
+          f"compressed clusters {compressed_clusters(exam)}")
     return [f"{ctx}: {x}" for x in found]
 
 

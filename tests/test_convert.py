@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 
 import qcowdisk
 from qcowdisk import QcowFile, cli
-from qcowdisk.ops.convert import ConvertError, data_runs
+from qcowdisk.ops.convert import ConvertError
+from qcowdisk.ops.zeroscan import data_runs
 from qemutools import assert_clean, compare, create, qemu_img, qemu_io, qemu_io_holding
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,23 +214,26 @@ def test_backing_not_in_chain(tmp_path: Path, sources: dict[str, tuple[Path, str
     assert own <= 3 * MiB  # the top layer's writes (and the base's overwritten ranges), not the whole disk
 
 
-def test_target_exists(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+@pytest.mark.parametrize("target_opts", ["", "extended_l2=on", "cluster_size=4k", "compat=0.10"])
+def test_target_exists(tmp_path: Path, sources: dict[str, tuple[Path, str]], target_opts: str) -> None:
     src, fmt = sources["top"]
     for out_fmt in ("qcow2", "raw"):
+        if out_fmt == "raw" and target_opts:
+            continue
         target, theirs = tmp_path / f"t.{out_fmt}", tmp_path / f"qemu-t.{out_fmt}"
         for t in (target, theirs):
-            create(str(t), "12M", fmt=out_fmt)
-            qemu_io(str(t), "write -P 0xee 0 12M", fmt=out_fmt)  # stale data everywhere
+            create(str(t), "12M", fmt=out_fmt, options=target_opts or None)
+            # stale data in most of it, a hole in the middle (no L2 table there with 4k clusters)
+            qemu_io(str(t), "write -P 0xee 0 5M", "write -P 0xee 7M 5M", fmt=out_fmt)
         assert cli.main(["convert", "-n", "-O", out_fmt, str(src), str(target)]) == 0
         qemu_img("convert", "-n", "-O", out_fmt, str(src), str(theirs))
         compare(str(src), str(target), fmt, out_fmt)
-        # (QEMU zeroes a qcow2 cluster with the zero flag, "present": qcowdisk's write_zeroes
-        # deallocates it where no backing file shows through; both read zeros and store nothing)
-        def unpresent(entries: list[tuple[int, int, int, bool, bool, bool]]) -> list[tuple[object, ...]]:
-            return [(*e[:3], e[3] and not e[4], *e[4:]) for e in entries]
-        assert unpresent(layout(target, out_fmt)) == unpresent(layout(theirs, out_fmt))
+        # QEMU zeroes a qcow2 cluster with MAY_UNMAP: a zero cluster "present" in the target,
+        # freed if it was allocated, flagged even where it was not
+        assert layout(target, out_fmt) == layout(theirs, out_fmt)
         if out_fmt == "qcow2":
             assert_clean(str(target))
+            assert target.stat().st_size <= theirs.stat().st_size + 64 * KiB
     small = tmp_path / "small.qcow2"
     create(str(small), "1M")
     with pytest.raises(ConvertError, match="smaller"):
@@ -322,12 +325,9 @@ def test_huge_sparse_source_constant_memory(tmp_path: Path) -> None:
     for out_fmt in ("qcow2", "raw"):
         out = tmp_path / f"big-out.{out_fmt}"
         tracemalloc.start()
-        t0 = time.monotonic()
         qcowdisk.convert(src, out, out_format=out_fmt)
-        elapsed = time.monotonic() - t0
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert elapsed < 10, elapsed
         assert peak < 32 * MiB, peak
         assert out.stat().st_blocks * 512 < 8 * MiB
         compare(str(src), str(out), "qcow2", out_fmt)
@@ -356,3 +356,222 @@ def test_zero_detection_matches_qemu_rules() -> None:
     assert sum(n for _, n in runs) == len(buf) // 512
     assert runs[0][0] and not runs[1][0] and runs[-1][0]
     assert re.fullmatch(r"[01]+", "".join(str(int(a)) for a, _ in runs))
+
+
+@pytest.mark.parametrize("prealloc", ["off", "falloc", "full"])
+@pytest.mark.parametrize("sparse", ["4k", "0"])
+@pytest.mark.parametrize("name", ["top", "raw"])
+def test_raw_preallocation(tmp_path: Path, sources: dict[str, tuple[Path, str]], prealloc: str, sparse: str,
+                           name: str) -> None:
+    """A raw target maps as qemu-img's: falloc leaves unwritten extents (zero), full writes zeros (data)."""
+    src, fmt = sources[name]
+    ours, theirs = both(tmp_path, src, "raw", "-S", sparse, "-o", f"preallocation={prealloc}")
+    # (mapped before anything reads the files: ext4 reports unwritten extents with pages in the
+    # page cache as data)
+    assert layout(ours, "raw") == layout(theirs, "raw")
+    compare(str(src), str(ours), fmt, "raw")
+    assert ours.stat().st_blocks <= theirs.stat().st_blocks * 1.05 + 16
+
+
+def test_create_with_raw_data_file_preallocates_metadata(tmp_path: Path) -> None:
+    """qemu-img create -o data_file=F,data_file_raw=on maps every cluster 1:1 onto the data file."""
+    os.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=q.raw,data_file_raw=on", "q.qcow2", "4M")
+    assert cli.main(["create", "-q", "-f", "qcow2", "-o", "data_file=o.raw,data_file_raw=on", "o.qcow2", "4M"]) == 0
+    assert layout(Path("o.qcow2"), "qcow2") == layout(Path("q.qcow2"), "qcow2")
+    info = [json.loads(qemu_img("info", "--output=json", f"{n}.qcow2").stdout) for n in "oq"]
+    for i in info:
+        i.pop("filename")
+        i["format-specific"]["data"].pop("data-file")
+    assert info[0] == info[1]
+    checks = [json.loads(qemu_img("check", "--output=json", f"{n}.qcow2").stdout) for n in "oq"]
+    for c in checks:
+        c.pop("filename")
+    assert checks[0] == checks[1]
+    assert os.path.getsize("o.raw") == os.path.getsize("q.raw") == 4 * MiB
+
+
+def test_target_is_zero(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    src, fmt = sources["top"]
+    target, theirs = tmp_path / "t.qcow2", tmp_path / "q.qcow2"
+    for t in (target, theirs):
+        create(str(t), "12M")
+    qcowdisk.convert(src, target, target_exists=True, target_is_zero=True)
+    qemu_img("convert", "-n", "--target-is-zero", "-O", "qcow2", str(src), str(theirs))
+    compare(str(src), str(target), fmt, "qcow2")
+    assert layout(target, "qcow2") == layout(theirs, "qcow2")
+    with pytest.raises(ConvertError, match=r"^--target-is-zero requires use of -n flag$"):
+        qcowdisk.convert(src, tmp_path / "new.qcow2", target_is_zero=True)
+    overlay = tmp_path / "overlay.qcow2"
+    create(str(overlay), "12M", backing=str(target), backing_fmt="qcow2")
+    with pytest.raises(ConvertError, match=r"^Cannot use --target-is-zero when the destination image has a backing"):
+        qcowdisk.convert(src, overlay, target_exists=True, target_is_zero=True)
+
+
+def test_cache_modes(tmp_path: Path, sources: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """unsafe never fsyncs (qemu-img convert's default), writeback syncs, writethrough syncs every write."""
+    src, fmt = sources["top"]
+    real_fsync = os.fsync
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    counts = {}
+    for mode in ("unsafe", "writeback", "none", "writethrough", "directsync"):
+        for out_fmt in ("qcow2", "raw"):
+            calls.clear()
+            out = tmp_path / f"{mode}.{out_fmt}"
+            qcowdisk.convert(src, out, out_format=out_fmt, cache=mode, src_cache=mode)
+            compare(str(src), str(out), fmt, out_fmt)
+            counts[mode, out_fmt] = len(calls)
+    for out_fmt in ("qcow2", "raw"):
+        assert counts["unsafe", out_fmt] == 0
+        assert counts["writeback", out_fmt] >= 1 and counts["none", out_fmt] >= 1
+        assert counts["writethrough", out_fmt] > counts["writeback", out_fmt]
+        assert counts["directsync", out_fmt] > counts["writeback", out_fmt]
+    with pytest.raises(ConvertError, match=r"^Invalid cache option: bogus$"):
+        qcowdisk.convert(src, tmp_path / "x.qcow2", cache="bogus")
+    with pytest.raises(ConvertError, match=r"^Invalid source cache option: bogus$"):
+        qcowdisk.convert(src, tmp_path / "x.qcow2", src_cache="bogus")
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_rate_limit(tmp_path: Path, sources: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """-r RATE: the writes are paced to RATE bytes a second (a fake clock: nothing really waits)."""
+    from qcowdisk.ops import cachemode
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(t: float) -> None:
+        slept.append(t)
+        now[0] += t
+    monkeypatch.setattr(cachemode.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(cachemode.time, "sleep", sleep)
+    src, fmt = sources["raw"]
+    qcowdisk.convert(src, tmp_path / "r.qcow2", rate_limit=MiB, sparse_size=0)
+    compare(str(src), str(tmp_path / "r.qcow2"), fmt, "qcow2")
+    size = -(-src.stat().st_size // 512) * 512  # the guest disk: whole sectors
+    # every byte written counts: paced to RATE, less the tenth of a second QEMU's bucket lets through
+    assert now[0] - 100.0 == pytest.approx(size / MiB - 0.1, abs=1e-6)
+    assert slept and all(t > 0 for t in slept)
+    slept.clear()
+    qcowdisk.convert(src, tmp_path / "r2.qcow2", rate_limit=0)
+    assert not slept
+    with pytest.raises(ConvertError, match="negative"):
+        qcowdisk.convert(src, tmp_path / "r3.qcow2", rate_limit=-1)
+
+
+def test_force_share(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """-U: a source another process holds for writing is read anyway, as qemu-img convert -U does."""
+    src = tmp_path / "busy.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(sources["base"][0]), str(src))
+    with qemu_io_holding(str(src)):
+        with pytest.raises(qcowdisk.ImageLockedError):
+            qcowdisk.convert(src, tmp_path / "a.qcow2")
+        qcowdisk.convert(src, tmp_path / "b.qcow2", force_share=True)
+    compare(str(src), str(tmp_path / "b.qcow2"))
+
+
+@pytest.mark.parametrize("out_of_order", [False, True])
+def test_compressed_threads_and_order(tmp_path: Path, out_of_order: bool) -> None:
+    """Jobs compress in threads; in order (no -W) the payloads lie in the file in guest order."""
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        for i in range(48):  # 3 MiB of compressible clusters, a zero one every 5th
+            f.write(bytes(64 * KiB) if i % 5 == 4 else ((b"cluster %d " % i) * 7000)[:64 * KiB])
+    out = tmp_path / "c.qcow2"
+    qcowdisk.convert(src, out, compress=True, threads=4, out_of_order=out_of_order)
+    compare(str(src), str(out), "raw", "qcow2")
+    assert_clean(str(out))
+    theirs = tmp_path / "q.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", str(src), str(theirs))
+    assert layout(out, "qcow2") == layout(theirs, "qcow2")
+    if not out_of_order:  # each cluster's payload (as the engine encodes it) lies after the previous one's
+        from qcowdisk.qcow2.compress import compress_cluster
+        from qcowdisk.qcow2.format import COMPRESSION_ZLIB
+        raw, clusters = out.read_bytes(), src.read_bytes()
+        at = [raw.find(compress_cluster(clusters[i * 64 * KiB:(i + 1) * 64 * KiB], COMPRESSION_ZLIB))
+              for i in range(48) if i % 5 != 4]
+        assert min(at) > 0 and at == sorted(at)
+
+
+def test_compressed_cancel_leaves_target_closed(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    import threading
+    src, _ = sources["top"]
+
+    def boom(done: int, total: int) -> None:
+        if done > MiB:
+            raise KeyboardInterrupt
+    before = threading.active_count()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        qcowdisk.convert(src, tmp_path / "c.qcow2", compress=True, threads=3, progress=boom)
+    assert threading.active_count() == before  # the workers are gone
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with QcowFile.open(tmp_path / "c.qcow2"):  # closed, not locked, and it opens
+        pass
+    assert_clean(str(tmp_path / "c.qcow2"))
+
+
+def test_compressed_clusters_api(tmp_path: Path) -> None:
+    """compress_clusters then write_compressed_clusters is write_compressed; clusters prepared for
+    another image shape are refused."""
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    create(str(a), "1M")
+    create(str(b), "1M", options="cluster_size=4k")
+    data = b"compress me " * (128 * KiB // 12) + bytes(128 * KiB % 12)
+    with QcowFile.open(a) as da, QcowFile.open(b) as db:
+        prepared = da.compress_clusters(64 * KiB, data)
+        with pytest.raises(ValueError, match="not prepared for image"):
+            db.write_compressed_clusters(prepared)
+        da.write_compressed_clusters(prepared)
+        assert da.read_at(64 * KiB, len(data)) == data
+        with pytest.raises(ValueError, match="multiple of the cluster size"):
+            da.compress_clusters(1000, data)
+    assert_clean(str(a))
+    assert json.loads(qemu_img("check", "--output=json", str(a)).stdout)["compressed-clusters"] == 2
+
+
+def test_bitmaps(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """--bitmaps: what qemu-img refuses is refused with its message; a source without bitmaps
+    converts; one with bitmaps is refused (qcowdisk does not write them; qemu-img copies them)."""
+    src, fmt = sources["base"]
+    qcowdisk.convert(src, tmp_path / "a.qcow2", bitmaps=True)
+    compare(str(src), str(tmp_path / "a.qcow2"), fmt, "qcow2")
+    for args, kw, message in [
+            (["-O", "raw", str(src)], {"out_format": "raw"}, "Format driver 'raw' does not support bitmaps"),
+            (["-O", "qcow2", "-o", "compat=0.10", str(src)], {"options": "compat=0.10"},
+             "Format driver 'qcow2' does not support bitmaps"),
+            (["-O", "qcow2", str(sources["raw"][0])], {"src": sources["raw"][0]}, "Source lacks bitmap support")]:
+        r = qemu_img("convert", "--bitmaps", *args, str(tmp_path / "q.out"), check=False)
+        assert r.returncode == 1 and message in r.stderr
+        kw.setdefault("src", src)
+        with pytest.raises(ConvertError, match=f"^{re.escape(message)}$"):
+            qcowdisk.convert(kw.pop("src"), tmp_path / "o.out", bitmaps=True, **kw)  # type: ignore[arg-type]
+        assert not (tmp_path / "o.out").exists()
+    marked = tmp_path / "bm.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(src), str(marked))
+    qemu_img("bitmap", "--add", str(marked), "b0")
+    with pytest.raises(ConvertError, match="Cannot copy bitmaps \\(b0\\)"):
+        qcowdisk.convert(marked, tmp_path / "bm-out.qcow2", bitmaps=True)
+    assert not (tmp_path / "bm-out.qcow2").exists()
+
+
+@pytest.mark.parametrize("opts", [["-t", "bogus"], ["-T", "bogus"], ["-r", "-1"], ["-r", "abc"], ["-r", "1x"],
+                                  ["-r", "99999999999999999999"], ["--target-is-zero"], ["-r", "1G"], ["-r", "0"],
+                                  ["-t", "off"], ["-t", "none"], ["-t", "writeback"], ["-T", "directsync"],
+                                  ["-t", "writethrough"], ["-U"], ["-W"], ["-W", "-c", "-m", "3"], ["--bitmaps"]])
+def test_cli_options_as_qemu_img(tmp_path: Path, sources: dict[str, tuple[Path, str]],
+                                 capsys: pytest.CaptureFixture[str], opts: list[str]) -> None:
+    """-t, -T, -r, -U, -W, --target-is-zero, --bitmaps: the same messages and exit codes as qemu-img."""
+    src, fmt = sources["base"]
+    ours, theirs = tmp_path / "o.qcow2", tmp_path / "q.qcow2"
+    q = qemu_img("convert", *opts, "-O", "qcow2", str(src), str(theirs), check=False)
+    capsys.readouterr()
+    rc = cli.main(["convert", *opts, "-O", "qcow2", str(src), str(ours)])
+    err = capsys.readouterr().err
+    assert rc == q.returncode
+    assert err == q.stderr.replace("qemu-img: ", "qcowdisk: ")
+    # (on a bad -t, qemu-img has created the target already and leaves it; qcowdisk creates nothing)
+    assert not ours.exists() if rc else ours.exists()
+    if rc == 0:
+        compare(str(src), str(ours), fmt, "qcow2")
+        assert layout(ours, "qcow2") == layout(theirs, "qcow2")

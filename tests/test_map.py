@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from qcowdisk import Extent, QcowFile, cli
+from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
+from imagefactory import extents_as_qemu_json, raw_qcow2_qcow2_chain, sparse_file
+from qcowdisk import Extent, QcowFile
 from qcowdisk.blockstatus import block_status
 from qcowdisk.qcow1 import Qcow1File
 from qcowdisk.qcow2.status import metadata_preallocated
@@ -31,19 +33,9 @@ from qemutools import create, qemu_img, qemu_io
 KiB = 1 << 10
 MiB = 1 << 20
 
-
-def sparse_raw(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> str:
-    """A raw file of `size` bytes, holes everywhere but at `pieces` (offset, bytes)."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, data in pieces:
-            f.seek(off)
-            f.write(data)
-    return str(path)
-
-
 # --------------------------------------------------------------------------- image zoo
 # Each builder makes its images under `d` and returns (working directory, map arguments).
+
 
 def _qcow2_mixed(d: Path, compressed: bool = True) -> tuple[Path, list[str]]:
     cmds = ["write -P 1 0 192k", "write -z 64k 64k",  # zero over data: keeps its host offset
@@ -65,12 +57,7 @@ def _chain(d: Path) -> tuple[Path, list[str]]:
     """raw (holes, odd size) <- qcow2 (larger) <- qcow2 (larger still), relative names in sub/."""
     sub = d / "sub"
     sub.mkdir()
-    sparse_raw(sub / "base.raw", 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
-    create(str(sub / "mid.qcow2"), "1M", backing="base.raw", backing_fmt="raw")
-    qemu_io(str(sub / "mid.qcow2"), "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
-    create(str(sub / "top.qcow2"), "3M", backing="mid.qcow2", backing_fmt="qcow2")
-    qemu_io(str(sub / "top.qcow2"), "write -P 3 1536k 64k", "write -z 128k 4k", "write -z 960k 64k",
-            "write -P 7 2M 64k")
+    raw_qcow2_qcow2_chain(sub, ["write -z 960k 64k"])
     return d, ["sub/top.qcow2"]
 
 
@@ -169,12 +156,12 @@ def _v2(d: Path) -> tuple[Path, list[str]]:
 
 
 def _raw(d: Path) -> tuple[Path, list[str]]:
-    sparse_raw(d / "r.raw", 3 * 65536 + 1000, [(65536, b"x" * 100), (3 * 65536 + 500, b"y" * 500)])
+    sparse_file(d / "r.raw", 3 * 65536 + 1000, [(65536, b"x" * 100), (3 * 65536 + 500, b"y" * 500)])
     return d, ["-f", "raw", "r.raw"]
 
 
 def _raw_probed(d: Path) -> tuple[Path, list[str]]:
-    sparse_raw(d / "r.img", 70000, [(0, b"z" * 1000)])
+    sparse_file(d / "r.img", 70000, [(0, b"z" * 1000)])
     return d, ["r.img"]
 
 
@@ -219,34 +206,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[
     return built
 
 
-def qemu_map_run(cwd: Path, args: list[str]) -> tuple[int, str, str]:
-    p = subprocess.run(["qemu-img", "map", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    return p.returncode, p.stdout, p.stderr
-
-
-def our_map_run(cwd: Path, args: list[str], capsys: pytest.CaptureFixture[str],
-                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    with monkeypatch.context() as m:
-        m.chdir(cwd)
-        status = cli.main(["map", *args])
-    out, err = capsys.readouterr()
-    return status, out, err.replace("qcowdisk", "qemu-img")
-
-
-def assert_same_map(cwd: Path, args: list[str], capsys: pytest.CaptureFixture[str],
-                    monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    expected = qemu_map_run(cwd, args)
-    assert our_map_run(cwd, args, capsys, monkeypatch) == expected, f"qemu-img map {' '.join(args)} in {cwd}"
-    return expected
-
-
 @pytest.mark.parametrize("name", list(ZOO))
-def test_map_matches_qemu(name: str, zoo: dict[str, tuple[Path, list[str]]], capsys: pytest.CaptureFixture[str],
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_matches_qemu(name: str, zoo: dict[str, tuple[Path, list[str]]]) -> None:
     cwd, image_args = zoo[name]
     for extra in RANGES:
         for output in ("json", "human"):
-            status, out, _ = assert_same_map(cwd, [f"--output={output}", *extra, *image_args], capsys, monkeypatch)
+            status, out, _ = same_as_qemu_img(cwd, "map", [f"--output={output}", *extra, *image_args])
             if output == "json":
                 assert status == 0 and json.loads(out), out
 
@@ -255,7 +220,7 @@ def test_zoo_covers_the_interesting_answers(zoo: dict[str, tuple[Path, list[str]
     """The zoo really shows what the comparisons are meant to cover (else they prove little)."""
     def entries(name: str) -> list[dict[str, Any]]:
         cwd, args = zoo[name]
-        result: list[dict[str, Any]] = json.loads(qemu_map_run(cwd, ["--output=json", *args])[1])
+        result: list[dict[str, Any]] = json.loads(qemu_img_in(cwd, "map", ["--output=json", *args])[1])
         return result
 
     assert any(e["zero"] and e["data"] for e in entries("prealloc-metadata"))  # host holes, RECURSE
@@ -267,7 +232,7 @@ def test_zoo_covers_the_interesting_answers(zoo: dict[str, tuple[Path, list[str]
     assert any(e["depth"] == 0 and not e["present"] for e in entries("short-backing"))
     assert any(e["data"] and "offset" not in e for e in entries("qcow1-base"))  # compressed in qcow v1
     assert any(e.get("offset") == 2048 and e["zero"] for e in entries("data-file-extl2"))
-    assert qemu_map_run(*zoo["qcow2-mixed"])[0] == 1  # human: compressed
+    assert qemu_img_in(zoo["qcow2-mixed"][0], "map", zoo["qcow2-mixed"][1])[0] == 1  # human: compressed
 
 
 @pytest.mark.parametrize("args", [
@@ -281,27 +246,24 @@ def test_zoo_covers_the_interesting_answers(zoo: dict[str, tuple[Path, list[str]
     ["--start-offset=0.7k"], ["--start-offset=+5"], ["--start-offset=5 k"], ["--start-offset=1.5"],
     ["--max-length=99999999999999999999k"], ["--start-offset=7.99999E"], ["--start-offset=1e3"],
 ])
-def test_map_options_and_errors_match_qemu(args: list[str], zoo: dict[str, tuple[Path, list[str]]],
-                                           capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+
+
+def test_map_options_and_errors_match_qemu(args: list[str], zoo: dict[str, tuple[Path, list[str]]]) -> None:
     cwd, image_args = zoo["qcow2-plain"]
     for output in (["--output=json"], ["--output=human"], []):
-        assert_same_map(cwd, [*output, *args, *image_args], capsys, monkeypatch)
+        same_as_qemu_img(cwd, "map", [*output, *args, *image_args])
 
 
-def test_map_argument_count_errors(zoo: dict[str, tuple[Path, list[str]]], capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_argument_count_errors(zoo: dict[str, tuple[Path, list[str]]]) -> None:
     cwd, image_args = zoo["qcow2-plain"]
-    status, _, err = assert_same_map(cwd, [], capsys, monkeypatch)
+    status, _, err = same_as_qemu_img(cwd, "map", [])
     assert status == 1 and "Expecting one image file name" in err
-    assert_same_map(cwd, [*image_args, *image_args], capsys, monkeypatch)
+    same_as_qemu_img(cwd, "map", [*image_args, *image_args])
 
 
-def test_map_compressed_human_fails_after_earlier_lines(zoo: dict[str, tuple[Path, list[str]]],
-                                                       capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_compressed_human_fails_after_earlier_lines(zoo: dict[str, tuple[Path, list[str]]]) -> None:
     cwd, image_args = zoo["qcow2-mixed"]
-    status, out, err = our_map_run(cwd, image_args, capsys, monkeypatch)
+    status, out, err = qcowdisk_in(cwd, "map", image_args, as_qemu_img=True)
     assert status == 1
     assert err == "qemu-img: File contains external, encrypted or compressed clusters.\n"
     assert out.splitlines()[0].split() == ["Offset", "Length", "Mapped", "to", "File"]
@@ -309,16 +271,6 @@ def test_map_compressed_human_fails_after_earlier_lines(zoo: dict[str, tuple[Pat
 
 
 # --------------------------------------------------------------------------- block_status API
-
-def _as_qemu_json(extents: list[Extent]) -> list[dict[str, Any]]:
-    out = []
-    for e in extents:
-        d: dict[str, Any] = {"start": e.start, "length": e.length, "depth": e.depth, "present": e.present,
-             "zero": e.zero, "data": e.data}
-        if e.offset is not None:
-            d["offset"] = e.offset
-        out.append(d)
-    return out
 
 
 def _mergeable(a: Extent, b: Extent) -> bool:
@@ -346,7 +298,7 @@ def test_block_status_equals_qemu_json(zoo: dict[str, tuple[Path, list[str]]],
     expected = json.loads(qemu_img("map", "--output=json", "sub/top.qcow2").stdout)
     with QcowFile.open("sub/top.qcow2", readonly=True) as img:
         extents = list(img.block_status())
-    assert _as_qemu_json(extents) == expected
+    assert extents_as_qemu_json(extents) == expected
     assert_covers(extents, 0, 3 * MiB)
     by_depth = {e.depth: e.filename for e in extents if e.offset is not None}
     assert by_depth == {0: "sub/top.qcow2", 1: "sub/mid.qcow2", 2: "sub/base.raw"}
@@ -369,7 +321,7 @@ def test_block_status_subrange_is_exact(zoo: dict[str, tuple[Path, list[str]]]) 
         with pytest.raises(ValueError, match="length must not be negative"):
             img.block_status(0, -1)
     assert_covers(sub, 100, 3000100)
-    assert _as_qemu_json(sub) == expected
+    assert extents_as_qemu_json(sub) == expected
     assert_covers(whole, 0, 4 * MiB)
     assert_covers(past_end, 3 * MiB, 4 * MiB)  # clipped at the end of the disk
     compressed = [e for e in whole if e.compressed]
@@ -410,7 +362,7 @@ def test_block_status_qcow1_and_raw(zoo: dict[str, tuple[Path, list[str]]]) -> N
     with Qcow1File.open(path) as q1:
         extents = list(q1.block_status())
     assert_covers(extents, 0, 2 * MiB)
-    assert _as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", path).stdout)
+    assert extents_as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", path).stdout)
     assert {e.depth for e in extents} == {0, 1}
 
     cwd, args = zoo["raw"]
@@ -422,7 +374,7 @@ def test_block_status_qcow1_and_raw(zoo: dict[str, tuple[Path, list[str]]]) -> N
         raw.close()
     size = os.path.getsize(path)
     assert_covers(extents, 0, -(-size // 512) * 512)  # QEMU rounds a raw file up to whole sectors
-    assert _as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", "-f", "raw", path).stdout)
+    assert extents_as_qemu_json(extents) == json.loads(qemu_img("map", "--output=json", "-f", "raw", path).stdout)
     assert [e.data for e in extents] == [False, True, False, True, False]
 
 
@@ -454,18 +406,16 @@ def test_block_status_memory_is_bounded_on_huge_images(zoo: dict[str, tuple[Path
     assert max(asked) <= 16384 * (2 * MiB) and len(asked) < 100
 
 
-def test_map_relative_names_follow_qemu(zoo: dict[str, tuple[Path, list[str]]], capsys: pytest.CaptureFixture[str],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_relative_names_follow_qemu(zoo: dict[str, tuple[Path, list[str]]]) -> None:
     """The File column: the image as given, backing files joined to the naming image's directory."""
     cwd, _ = zoo["chain"]
-    _, out, _ = assert_same_map(cwd / "sub", ["../sub/./top.qcow2"], capsys, monkeypatch)
+    _, out, _ = same_as_qemu_img(cwd / "sub", "map", ["../sub/./top.qcow2"])
     files = {line.split()[-1] for line in out.splitlines()[1:]}
     assert files == {"../sub/./top.qcow2", "../sub/./mid.qcow2", "../sub/./base.raw"}
     assert re.match(r"^0 {15}0x10000 {9}0 {15}\.\./sub/\./base\.raw$", out.splitlines()[1]), out
 
 
-def test_map_corrupt_entry_fails_after_the_ranges_before_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_corrupt_entry_fails_after_the_ranges_before_it(tmp_path: Path) -> None:
     """An unaligned data cluster offset: both tools print what precedes it, then fail (exit 1)."""
     create(str(tmp_path / "c.qcow2"), "1M")
     qemu_io(str(tmp_path / "c.qcow2"), "write -P 1 0 64k", "write -P 2 128k 64k", "write -P 3 256k 64k")
@@ -476,8 +426,8 @@ def test_map_corrupt_entry_fails_after_the_ranges_before_it(tmp_path: Path, caps
         f.seek(0x40000 + 8 * 2)
         f.write((entry | 0x200).to_bytes(8, "big"))
     for output in ("--output=json", "--output=human"):
-        expected = qemu_map_run(tmp_path, [output, "c.qcow2"])
-        status, out, err = our_map_run(tmp_path, [output, "c.qcow2"], capsys, monkeypatch)
+        expected = qemu_img_in(tmp_path, "map", [output, "c.qcow2"])
+        status, out, err = qcowdisk_in(tmp_path, "map", [output, "c.qcow2"], as_qemu_img=True)
         assert (status, out) == expected[:2] == (1, out)
         assert "Could not read file metadata" in err and "Could not read file metadata" in expected[2]
     assert out.count("\n") == 2  # the header and the first cluster

@@ -20,21 +20,14 @@ from typing import Any
 import pytest
 
 import qcowdisk
-from qcowdisk import QcowFile, cli
+from clirun import qcowdisk_in, qemu_img_in, same_as_qemu_img
+from imagefactory import raw_qcow2_qcow2_chain, sparse_file
+from qcowdisk import QcowFile
 from qcowdisk.ops.measure import calc_prealloc_size
 from qcowdisk.ops.qemuopts import OptionError, split_option_list, strtou64, valid_option_list
 from qemutools import create, qemu_img, qemu_io
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def put(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, data in pieces:
-            f.seek(off)
-            f.write(data)
-
 
 SOURCES = ["data.qcow2", "empty.qcow2", "holes.raw", "odd.raw", "top.qcow2", "short-top.qcow2", "ext.qcow2",
            "pre-meta.qcow2", "pre-full.qcow2", "sparse-copy.qcow2", "q1.qcow", "v2.qcow2", "bitmaps.qcow2",
@@ -47,14 +40,10 @@ def build_sources(d: Path) -> None:
         qemu_io("data.qcow2", "write -P 1 0 192k", "write -z 64k 64k", "write -c -P 2 1M 128k",
                 "write -P 3 2M 100k", "write -z 3M 64k", "write -P 0 4M 64k", "write -P 4 5M 4k")
         create("empty.qcow2", "1G")
-        put(d / "holes.raw", 5 * MiB + 1000, [(4096, b"x" * 100), (MiB + 60 * KiB, b"y" * 8192),
+        sparse_file(d / "holes.raw", 5 * MiB + 1000, [(4096, b"x" * 100), (MiB + 60 * KiB, b"y" * 8192),
                                               (5 * MiB + 999, b"z")])
-        put(d / "odd.raw", 70000, [(0, b"z" * 1000)])
-        put(d / "base.raw", 200000, [(0, b"a" * 70000), (150000, b"b" * 10)])
-        create("mid.qcow2", "1M", backing="base.raw", backing_fmt="raw")
-        qemu_io("mid.qcow2", "write -P 2 64k 64k", "write -z 192k 64k", "write -P 6 896k 128k")
-        create("top.qcow2", "3M", backing="mid.qcow2", backing_fmt="qcow2")
-        qemu_io("top.qcow2", "write -P 3 1536k 64k", "write -z 128k 4k", "write -P 7 2M 64k")
+        sparse_file(d / "odd.raw", 70000, [(0, b"z" * 1000)])
+        raw_qcow2_qcow2_chain(d)
         create("sb.qcow2", "1M")
         qemu_io("sb.qcow2", "write -P 1 0 64k", "write -P 2 960k 64k")
         create("short-top.qcow2", "2M", backing="sb.qcow2", backing_fmt="qcow2")
@@ -93,28 +82,6 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_sources(d)
     return d
 
-
-def qemu_measure(cwd: Path, args: list[str]) -> tuple[int, str, str]:
-    p = subprocess.run(["qemu-img", "measure", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    return p.returncode, p.stdout, p.stderr
-
-
-def our_measure(cwd: Path, args: list[str], capsys: pytest.CaptureFixture[str],
-                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    with monkeypatch.context() as m:
-        m.chdir(cwd)
-        status = cli.main(["measure", *args])
-    out, err = capsys.readouterr()
-    return status, out, err.replace("qcowdisk", "qemu-img")
-
-
-def assert_same(cwd: Path, args: list[str], capsys: pytest.CaptureFixture[str],
-                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    expected = qemu_measure(cwd, args)
-    assert our_measure(cwd, args, capsys, monkeypatch) == expected, f"qemu-img measure {' '.join(args)}"
-    return expected
-
-
 # --------------------------------------------------------------------------- sources
 
 SOURCE_OPTIONS = [[], ["-o", "cluster_size=4k"], ["-o", "cluster_size=2M"], ["-o", "backing_file=x"],
@@ -123,25 +90,24 @@ SOURCE_OPTIONS = [[], ["-o", "cluster_size=4k"], ["-o", "cluster_size=2M"], ["-o
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_measure_source_matches_qemu(source: str, zoo: Path, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_measure_source_matches_qemu(source: str, zoo: Path) -> None:
     for options in SOURCE_OPTIONS:
         for output in ("--output=json", "--output=human"):
-            status, out, _ = assert_same(zoo, ["-O", "qcow2", *options, output, source], capsys, monkeypatch)
+            status, out, _ = same_as_qemu_img(zoo, "measure", ["-O", "qcow2", *options, output, source])
             assert status == 0, out
     for args in (["-O", "raw"], [], ["--output=json"], ["-O", "raw", "-o", "preallocation=full"]):
-        assert_same(zoo, [*args, source], capsys, monkeypatch)
+        same_as_qemu_img(zoo, "measure", [*args, source])
 
 
 def test_sources_show_what_they_are_meant_to(zoo: Path) -> None:
     """The sources really differ where it matters (else the comparisons above prove little)."""
     def required(source: str, *options: str) -> int:
-        result: int = json.loads(qemu_measure(zoo, ["-O", "qcow2", "--output=json", *options, source])[1])["required"]
+        result: int = json.loads(qemu_img_in(zoo, "measure", ["-O", "qcow2", "--output=json", *options, source])[1])["required"]
         return result
 
-    assert json.loads(qemu_measure(zoo, ["-O", "qcow2", "--output=json", "bitmaps.qcow2"])[1])["bitmaps"] > 0
-    assert "bitmaps" not in json.loads(qemu_measure(zoo, ["-O", "qcow2", "--output=json", "v2.qcow2"])[1])
-    assert "bitmaps" not in json.loads(qemu_measure(zoo, ["-O", "qcow2", "--output=json", "holes.raw"])[1])
+    assert json.loads(qemu_img_in(zoo, "measure", ["-O", "qcow2", "--output=json", "bitmaps.qcow2"])[1])["bitmaps"] > 0
+    assert "bitmaps" not in json.loads(qemu_img_in(zoo, "measure", ["-O", "qcow2", "--output=json", "v2.qcow2"])[1])
+    assert "bitmaps" not in json.loads(qemu_img_in(zoo, "measure", ["-O", "qcow2", "--output=json", "holes.raw"])[1])
     assert required("holes.raw") < required("holes.raw", "-o", "backing_file=x")
     assert required("sparse-copy.qcow2") < required("s.qcow2")  # host holes in data clusters: zeros
     assert required("big.qcow2") < 20 * MiB  # 100 GiB (16 MiB of L2 tables), three small data ranges
@@ -150,9 +116,10 @@ def test_sources_show_what_they_are_meant_to(zoo: Path) -> None:
 @pytest.mark.parametrize("args", [["-f", "raw", "data.qcow2"], ["-f", "qcow2", "-O", "qcow2", "top.qcow2"],
                                   ["-U", "-O", "qcow2", "data.qcow2"], ["-f", "qcow", "-O", "qcow2", "q1.qcow"],
                                   ["-O", "qcow2", "-f", "raw", "holes.raw", "--output=json"]])
-def test_measure_source_options_match_qemu(args: list[str], zoo: Path, capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    assert_same(zoo, args, capsys, monkeypatch)
+
+
+def test_measure_source_options_match_qemu(args: list[str], zoo: Path) -> None:
+    same_as_qemu_img(zoo, "measure", args)
 
 
 # --------------------------------------------------------------------------- --size and -o
@@ -161,8 +128,7 @@ SIZES = ["0", "1", "512", "1000", "64k", "1G", "1.5G", "100T", "4P", "9223372036
 
 
 @pytest.mark.parametrize("cluster_size", ["512", "4k", "16k", "64k", "2M"])
-def test_measure_size_matrix_matches_qemu(cluster_size: str, zoo: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_measure_size_matrix_matches_qemu(cluster_size: str, zoo: Path) -> None:
     """Every refcount width and L2 format at every size, with compat, preallocation, lazy
     refcounts, compression, data file and backing options cycled through the combinations."""
     extras = itertools.cycle(["", ",compat=0.10", ",compat=1.1,preallocation=metadata", ",preallocation=full",
@@ -173,7 +139,7 @@ def test_measure_size_matrix_matches_qemu(cluster_size: str, zoo: Path, capsys: 
         options = f"cluster_size={cluster_size},refcount_bits={refcount_bits},extended_l2={extended_l2}" + next(extras)
         for size in SIZES:
             output = "--output=json" if len(size) % 2 else "--output=human"
-            assert_same(zoo, ["-O", "qcow2", "-o", options, "--size", size, output], capsys, monkeypatch)
+            same_as_qemu_img(zoo, "measure", ["-O", "qcow2", "-o", options, "--size", size, output])
 
 
 @pytest.mark.parametrize("args", [
@@ -210,10 +176,11 @@ def test_measure_size_matrix_matches_qemu(cluster_size: str, zoo: Path, capsys: 
     ["-O", "qcow2", "-o", "cluster_size=512", "big.qcow2"],  # the size check uses -o size (none): passes
     ["nothere.qcow2"], ["-f", "foo", "data.qcow2"], ["-O", "foo", "data.qcow2"], ["-f", "qcow2", "holes.raw"],
 ])
-def test_measure_arguments_and_options_match_qemu(args: list[str], zoo: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    expected = qemu_measure(zoo, args)
-    ours = our_measure(zoo, args, capsys, monkeypatch)
+
+
+def test_measure_arguments_and_options_match_qemu(args: list[str], zoo: Path) -> None:
+    expected = qemu_img_in(zoo, "measure", args)
+    ours = qcowdisk_in(zoo, "measure", args, as_qemu_img=True)
     if "Could not open" in expected[2]:  # the reason is each tool's own wording
         assert (ours[0], ours[1]) == (expected[0], expected[1]) == (1, "")
         assert ours[2].startswith(expected[2][:expected[2].index(": ", len("qemu-img: ")) + 2]), ours[2]
@@ -223,8 +190,9 @@ def test_measure_arguments_and_options_match_qemu(args: list[str], zoo: Path, ca
 
 # --------------------------------------------------------------------------- the library
 
+
 def qemu_json(zoo: Path, *args: str) -> dict[str, int]:
-    p = qemu_measure(zoo, ["--output=json", *args])
+    p = qemu_img_in(zoo, "measure", ["--output=json", *args])
     assert p[0] == 0, p
     result: dict[str, int] = json.loads(p[1])
     return result
@@ -261,6 +229,8 @@ def test_library_measure_of_a_source(zoo: Path) -> None:
     ({"size": 1, "out_format": "vmdk"}, "does not support size measurement"),
     ({"size": 1, "out_format": "nope"}, "Unknown file format 'nope'"),
 ])
+
+
 def test_library_refusals(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         qcowdisk.measure(**kwargs)
@@ -282,23 +252,30 @@ def test_prealloc_size_against_qemu_formula() -> None:
 
 # --------------------------------------------------------------------------- option syntax
 
+
 @pytest.mark.parametrize("text,pairs", [
     ("a=1", [("a", "1")]), ("a=1,b=2", [("a", "1"), ("b", "2")]), ("a=1,,2,b=3", [("a", "1,2"), ("b", "3")]),
     ("flag", [("flag", "on")]), ("noflag", [("flag", "off")]), ("a=,b", [("a", ""), ("b", "on")]),
     ("a=x=y", [("a", "x=y")]), ("a=1,", [("a", "1")]), ("=x", [("", "x")]),
 ])
+
+
 def test_split_option_list(text: str, pairs: list[tuple[str, str]]) -> None:
     assert split_option_list(text) == pairs
 
 
 @pytest.mark.parametrize("text,ok", [("a=1", True), ("", False), (",a", False), ("a,", False), ("a,,", True),
                                      ("a,,,", False)])
+
+
 def test_valid_option_list(text: str, ok: bool) -> None:
     assert valid_option_list(text) == ok
 
 
 @pytest.mark.parametrize("text,value", [("16", 16), ("0x10", 16), ("010", 8), (" 7", 7), ("+3", 3),
                                         ("-1", (1 << 64) - 1), ("18446744073709551615", (1 << 64) - 1)])
+
+
 def test_strtou64(text: str, value: int) -> None:
     assert strtou64(text) == value
 

@@ -35,7 +35,8 @@ import pytest
 
 import imagepatch as ip
 import qcowdisk
-from qcowdisk import BackingChainError, Extent, ImageLockedError, QcowError, QcowFile, ReadOnlyError
+from imagefactory import extents_as_qemu_json
+from qcowdisk import BackingChainError, ImageLockedError, QcowError, QcowFile, ReadOnlyError
 from qcowdisk.hostio import HostFile
 from qcowdisk.qcow1 import Qcow1File
 from qemutools import assert_clean, compare, create, info, qemu_img, qemu_io, run, to_raw
@@ -55,18 +56,6 @@ def digest(path: str | Path) -> str:
 def qemu_map(image: str) -> list[dict[str, Any]]:
     """`qemu-img map --output=json`, parsed."""
     return json.loads(qemu_img("map", "--output=json", image).stdout)
-
-
-def as_qemu_json(extents: list[Extent]) -> list[dict[str, Any]]:
-    """Extents in the shape of `qemu-img map --output=json` entries."""
-    out = []
-    for e in extents:
-        d: dict[str, Any] = {"start": e.start, "length": e.length, "depth": e.depth, "present": e.present,
-                             "zero": e.zero, "data": e.data}
-        if e.offset is not None:
-            d["offset"] = e.offset
-        out.append(d)
-    return out
 
 
 def cluster_view(entries: list[dict[str, Any]], guest: int) -> tuple[int, bool, bool, bool, int | None]:
@@ -193,7 +182,7 @@ def test_readonly_open_of_qcow1_returns_its_reader(v1_chain: dict[str, str], tmp
         buf = bytearray(100 * KiB)
         assert disk.readinto_at(buf, MiB - 10 * KiB) == len(buf)
         assert bytes(buf) == expected[MiB - 10 * KiB:MiB + 90 * KiB]
-        assert as_qemu_json(list(disk.block_status())) == expected_map
+        assert extents_as_qemu_json(list(disk.block_status())) == expected_map
         assert disk.snapshots == []
         assert disk.backing is not None
         assert os.path.realpath(disk.backing.filename) == os.path.realpath(v1_chain["base"])
@@ -215,7 +204,7 @@ def test_readonly_open_of_qcow1_without_backing(v1_chain: dict[str, str], tmp_pa
         expected = to_raw(alone, str(tmp_path / "alone.raw"))
         assert expected[MiB:MiB + 16 * KiB] == b"\x33" * (16 * KiB)
         assert disk.read_at(0, len(disk)) == expected
-        assert as_qemu_json(list(disk.block_status())) == qemu_map(alone)
+        assert extents_as_qemu_json(list(disk.block_status())) == qemu_map(alone)
         assert any(e.compressed for e in disk.block_status())
     assert fd_count() == fds  # the qcow2 attempt's descriptor was closed before the v1 reader took over
 
@@ -496,7 +485,7 @@ def test_allocate(tmp_path: Path, case: str) -> None:
     assert to_raw(img, str(tmp_path / "after.raw")) == expected
     assert_clean(img)
     after = qemu_map(img)
-    assert as_qemu_json(ours) == after
+    assert extents_as_qemu_json(ours) == after
     for c in range(clusters):
         was, now = cluster_view(before, c * cs), cluster_view(after, c * cs)
         if c in touched:
@@ -674,7 +663,7 @@ def test_backing_false_never_opens_the_backing_file(chain: dict[str, str], tmp_p
         assert disk.backing is None
         assert disk.backing_file == "base.qcow2"
         assert disk.read_at(0, len(disk)) == expected
-        assert as_qemu_json(list(disk.block_status())) == expected_map
+        assert extents_as_qemu_json(list(disk.block_status())) == expected_map
     assert rec.opened == [os.path.realpath(top)]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -26,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from qcowdisk import ImageFailedError, QcowFile, ReadOnlyError, ResizeError, cli
+from clirun import qcowdisk_in
+from qcowdisk import ImageFailedError, QcowFile, ReadOnlyError, ResizeError
 from qcowdisk.hostio import HostFile
 from qemutools import assert_clean, check, create, info, pattern, qemu_img, qemu_io, write_raw
 
@@ -577,18 +577,6 @@ def test_resize_header_switches_torn_at_every_8_byte_boundary(tmp_path: Path, na
 # --------------------------------------------------------------------------------------------
 # the command line against qemu-img resize
 
-def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = cli.main(["resize", *args])
-    finally:
-        os.chdir(old)
-    return status, out.getvalue(), err.getvalue()
-
-
 CLI_CASES = [
     ["IMG", "+1G"], ["IMG", "-512k"], ["--shrink", "IMG", "-512k"], ["IMG", "--", "-512k"],
     ["--shrink", "IMG", "--", "-512k"], ["--shrink", "--", "IMG", "-512k"], ["-q", "IMG", "2M"],
@@ -613,7 +601,7 @@ def test_cli_matches_qemu_img_resize(tmp_path: Path, args: list[str]) -> None:
         d.mkdir()
         create(str(d / "IMG"), 1 * MiB)
     p = subprocess.run(["qemu-img", "resize", *args], cwd=qdir, capture_output=True, text=True, check=False)
-    status, out, err = run_cli(args, odir)
+    status, out, err = qcowdisk_in(odir, "resize", args)
     if args == ["-h"]:  # qemu-img needs two words before it looks at any
         assert (p.returncode, status) == (1, 1)
     assert (status, out, err.replace("qcowdisk", "qemu-img")) == (p.returncode, p.stdout, p.stderr)
@@ -622,13 +610,13 @@ def test_cli_matches_qemu_img_resize(tmp_path: Path, args: list[str]) -> None:
 
 
 def test_cli_help_and_refusals_of_other_formats(tmp_path: Path) -> None:
-    status, out, _ = run_cli(["-h", "IMG", "1M"], tmp_path)
+    status, out, _ = qcowdisk_in(tmp_path, "resize", ["-h", "IMG", "1M"])
     assert status == 0 and out.startswith("usage: qcowdisk resize")
     raw = write_raw(str(tmp_path / "disk.raw"), bytes(1 * MiB))
-    status, _, err = run_cli([raw, "2M"], tmp_path)
+    status, _, err = qcowdisk_in(tmp_path, "resize", [raw, "2M"])
     assert status == 1 and "qcow2 images only" in err
     assert os.path.getsize(raw) == 1 * MiB
-    status, _, err = run_cli(["-f", "raw", raw, "2M"], tmp_path)
+    status, _, err = qcowdisk_in(tmp_path, "resize", ["-f", "raw", raw, "2M"])
     assert status == 1 and "qcow2 images only" in err
 
 
@@ -640,10 +628,10 @@ def test_cli_confine_to(tmp_path: Path) -> None:
     create(base, 1 * MiB)
     top = str(inside / "top.qcow2")
     create(top, 1 * MiB, backing=base, backing_fmt="qcow2")
-    status, _, err = run_cli(["--confine-to", str(inside), top, "2M"], tmp_path)
+    status, _, err = qcowdisk_in(tmp_path, "resize", ["--confine-to", str(inside), top, "2M"])
     assert status == 1 and err.startswith(f"qcowdisk: Could not open '{top}'")
     assert info(top)["virtual-size"] == 1 * MiB
-    status, out, _ = run_cli(["--confine-to", str(tmp_path), top, "2M"], tmp_path)
+    status, out, _ = qcowdisk_in(tmp_path, "resize", ["--confine-to", str(tmp_path), top, "2M"])
     assert (status, out) == (0, "Image resized.\n")
 
 

@@ -25,25 +25,19 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import crashsim as cs
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qcowdisk import QcowFile
-from qemutools import qemu_img
 
 KiB, MiB = 1 << 10, 1 << 20
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SECTOR = 512
 
 Step = tuple[str, int, int]
@@ -177,15 +171,6 @@ def qemu(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, check=True)
 
 
-def check_in(path: str) -> dict[str, Any]:
-    """qemu-img check --output=json, run in the image's directory."""
-    p = subprocess.run(["qemu-img", "check", "--output=json", os.path.basename(path)], cwd=os.path.dirname(path),
-                       capture_output=True, text=True, check=False)
-    result: dict[str, Any] = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {"error": p.stderr}
-    result["returncode"] = p.returncode
-    return result
-
-
 def make_image(wl: Workload, workdir: str) -> tuple[str, str | None, bytes]:
     """The workload's starting image (made by QEMU): (image, data file or None, guest contents)."""
     image = os.path.join(workdir, "disk.qcow2")
@@ -223,41 +208,20 @@ def record(wl: Workload, workdir: str) -> Recorded:
     return Recorded(wl, workdir, image, data_file, log, steps, guest_states(initial, steps), cs.cut_contexts(log))
 
 
-_CACHE: dict[str, Recorded] = {}
 TOTALS: Counter[str] = Counter()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_totals(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    yield
-    if TOTALS:
-        line = (f"[resize crash totals] cut points={TOTALS['cuts']} states checked={TOTALS['states']} "
-                f"distinct images={TOTALS['images']} old={TOTALS['old']} new={TOTALS['new']} "
-                f"leaky={TOTALS['leaky']} sigkills={TOTALS['kills']} (during a resize: {TOTALS['kill-in-resize']}, "
-                f"a write or flush: {TOTALS['kill-in-flush']}, after the end: {TOTALS['kill-in-none']})")
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        if capture is not None:
-            with capture.global_and_fixture_disabled():
-                print(f"\n{line}")
-        else:
-            print(line)
-
-
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    def get(wl: Workload) -> Recorded:
-        if wl.name not in _CACHE:
-            _CACHE[wl.name] = record(wl, str(tmp_path_factory.mktemp(wl.name)))
-        return _CACHE[wl.name]
-    yield get
-    _CACHE.clear()
+_print_totals = cs.totals_fixture(TOTALS, lambda t: (
+    f"[resize crash totals] cut points={t['cuts']} states checked={t['states']} distinct images={t['images']} "
+    f"old={t['old']} new={t['new']} leaky={t['leaky']} sigkills={t['kills']} (during a resize: "
+    f"{t['kill-in-resize']}, a write or flush: {t['kill-in-flush']}, after the end: {t['kill-in-none']})"))
+recorded = cs.recording_fixture(record)
 
 
 # --------------------------------------------------------------------------------------------
 # Judging
 
 def examine(rec: Recorded, files: dict[str, bytes], key: str) -> tuple[list[str], int, bytes | None, bytes | None]:
-    """(static problems, virtual size, qemu view, qcowdisk view) of one crashed image, cached."""
+    """(static problems, virtual size, qemu view, qcowdisk view) of one crashed image (its files
+    by path, written under their base names), cached."""
     if key in rec.exams:
         return rec.exams[key]
     d = os.path.join(rec.workdir, "state")
@@ -267,37 +231,31 @@ def examine(rec: Recorded, files: dict[str, bytes], key: str) -> tuple[list[str]
     if rec.wl.backing:
         os.symlink(os.path.join(rec.workdir, "base.qcow2"), os.path.join(d, "base.qcow2"))
     for name, data in files.items():
-        Path(d, name).write_bytes(data)
+        Path(d, os.path.basename(name)).write_bytes(data)
     path = os.path.join(d, "disk.qcow2")
-    problems: list[str] = []
+    problems: list[cs.Finding] = []
     qcow_view = None
     try:
         with QcowFile.open(path, readonly=True) as disk:
             qcow_view = disk.read_at(0, disk.virtual_size)
     except Exception as e:  # noqa: BLE001 - any failure to read a crash state is a finding
-        problems.append(f"QCOWDISK-READ: {type(e).__name__}: {e}")
+        problems.append(cs.Finding("QCOWDISK-READ", f"{type(e).__name__}: {e}"))
     if rec.wl.lazy:
-        try:
-            QcowFile.open(path).close()  # the dirty image's refcounts are rebuilt
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"REPAIR-FAILED: {type(e).__name__}: {e}")
-    r = check_in(path)
-    if r["returncode"] not in (0, 3) or r.get("corruptions", 0) or r.get("check-errors", 0) or (
-            rec.wl.lazy and r.get("leaks", 0)):
-        problems.append(f"CORRUPTION: qemu-img check: {r}")
+        problems += cs.repair_on_open(path)  # the dirty image's refcounts are rebuilt
+    r = cs.qemu_check(path, cwd=d)
+    problems += cs.check_findings(r, repaired=rec.wl.lazy)
     if r.get("leaks", 0):
         TOTALS["leaky"] += 1
     raw = os.path.join(rec.workdir, "state.raw")
-    p = subprocess.run(["qemu-img", "convert", "-O", "raw", path, raw], cwd=d, capture_output=True, text=True,
-                       check=False)
+    err = cs.qemu_export(path, raw, cwd=d)
     qemu_view = None
-    if p.returncode:
-        problems.append(f"QEMU-READ: {p.stderr.strip()[:300]}")
+    if err is not None:
+        problems.append(cs.Finding("QEMU-READ", err))
     else:
         qemu_view = Path(raw).read_bytes()
         os.unlink(raw)
     size = len(qemu_view) if qemu_view is not None else -1
-    rec.exams[key] = (problems, size, qemu_view, qcow_view)
+    rec.exams[key] = ([f"{f.category}: {f.detail}" for f in problems], size, qemu_view, qcow_view)
     return rec.exams[key]
 
 
@@ -322,17 +280,13 @@ def judge_view(rec: Recorded, view: bytes, ctx: cs.CutContext, name: str, outcom
     if view == durable:
         return []
     versions = [rec.states[k + 1] for k in range(f, j + 1) if len(rec.states[k + 1]) == len(durable)]
-    for s in range(0, len(view), SECTOR):
-        piece = view[s:s + SECTOR]
-        if any(piece == v[s:s + SECTOR] for v in versions):
-            continue
-        for i in range(s, s + len(piece)):
-            allowed = {v[i] for v in versions}
-            if view[i] not in allowed:
-                kind = "LOST-FLUSHED" if len(allowed) == 1 else "GARBAGE"
-                return [f"{name}: {kind} byte {i:#x} = {view[i]:#04x}, allowed {sorted(allowed)} "
-                        f"(durable step #{f}, last started #{j})"]
-    return []
+    stray = cs.stray_byte(view, versions)
+    if stray is None:
+        return []
+    i, allowed = stray
+    kind = "LOST-FLUSHED" if len(allowed) == 1 else "GARBAGE"
+    return [f"{name}: {kind} byte {i:#x} = {view[i]:#04x}, allowed {sorted(allowed)} "
+            f"(durable step #{f}, last started #{j})"]
 
 
 def _first_diff(a: bytes, b: bytes) -> str:
@@ -342,42 +296,25 @@ def _first_diff(a: bytes, b: bytes) -> str:
     return ""
 
 
-@dataclass
-class Tally:
-    cuts: int = 0
-    states: int = 0
-    images: int = 0
-    findings: list[str] = field(default_factory=list)
-
-
-def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset]) -> Tally:
-    t = Tally()
-    before = len(rec.exams)
+def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset], label: str = "") -> cs.Tally:
+    """Materialise and judge every (cut, subset) of the image and its data file; with a
+    `label`, print the sweep's counts."""
+    def judge(exam: tuple[list[str], int, bytes | None, bytes | None], st: cs.CrashState) -> list[str]:
+        problems, _size, qemu_view, qcow_view = exam
+        ctx = rec.contexts[st.cut]
+        found = list(problems)
+        if qemu_view is not None:
+            found += judge_view(rec, qemu_view, ctx, "qemu view", TOTALS)
+        if qcow_view is not None:
+            found += judge_view(rec, qcow_view, ctx, "qcowdisk view")
+        return found
     paths = [rec.image] + ([rec.data_file] if rec.data_file else [])
-    walkers = {p: CutWalker(rec.log, p) for p in paths}
-    for cut in cuts:
-        for w in walkers.values():
-            w.advance(cut)
-        t.cuts += 1
-        pending = sum(len(w.pending) for w in walkers.values())
-        for sub in subsets:
-            if sub not in ("all", "none") and not pending:
-                continue
-            files = {os.path.basename(p): w.state(sub) for p, w in walkers.items()}
-            key = cs.digest(b"".join(cs.digest(files[k]).encode() for k in sorted(files)))
-            problems, _size, qemu_view, qcow_view = examine(rec, files, key)
-            ctx = rec.contexts[cut]
-            found = list(problems)
-            if qemu_view is not None:
-                found += judge_view(rec, qemu_view, ctx, "qemu view", TOTALS)
-            if qcow_view is not None:
-                found += judge_view(rec, qcow_view, ctx, "qcowdisk view")
-            t.states += 1
-            before_op = rec.log.ops[cut - 1].describe() if cut else "nothing"
-            t.findings += [f"{rec.wl.name} cut {cut}/{len(rec.log.ops)} after {before_op}, subset={sub}: {x}"
-                           for x in found]
-    t.images = len(rec.exams) - before
-    TOTALS.update(cuts=t.cuts, states=t.states, images=t.images)
+    t = cs.judge_states(cs.crash_states(rec.log, paths, cuts, subsets), rec.exams,
+                        lambda st: examine(rec, st.files, st.key), judge,
+                        lambda st: f"{rec.wl.name} {cs.describe_cut(rec.log, st.cut)}, subset={st.subset}", TOTALS)
+    t.summary = f"[resize crash {rec.wl.name} {label}] log={len(rec.log.ops)} cuts={t.cuts} states={t.states} images={t.images}"
+    if label:
+        print(t.summary)
     return t
 
 
@@ -410,7 +347,7 @@ def test_workload_sanity(recorded, wl: Workload) -> None:  # type: ignore[no-unt
         assert cs.materialise(rec.log.initial[os.path.abspath(p)], rec.log.ops, p, len(rec.log.ops), "all") == \
             Path(p).read_bytes(), f"a write to {p} bypassed the HostFile seam"
     assert sum(1 for s in rec.steps if s[0] == "resize") >= 2
-    r = check_in(rec.image)
+    r = cs.qemu_check(rec.image, cwd=os.path.dirname(rec.image))
     assert r["returncode"] == 0 and not r.get("leaks"), r
     t = run_cuts(rec, [len(rec.log.ops)], ["all"])
     assert not t.findings, t.findings[:5]
@@ -424,14 +361,8 @@ def test_resize_returns_only_when_durable(recorded, wl: Workload) -> None:  # ty
     still waiting for an fsync."""
     rec = recorded(wl)
     paths = [rec.image] + ([rec.data_file] if rec.data_file else [])
-    walkers = [CutWalker(rec.log, p) for p in paths]
-    problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "flushed":
-            for w in walkers:
-                w.advance(i)
-                if w.pending:
-                    problems.append(f"step #{op.label[1]} {rec.steps[op.label[1]]}: {w.pending[0].describe()} unsynced")
+    problems = [f"step #{j} {rec.steps[j]}: {pending[0].describe()} unsynced"
+                for _, j, pending in cs.unsynced_when(rec.log, paths, "flushed") if pending]
     assert not problems, problems[:5]
 
 
@@ -440,10 +371,8 @@ def test_power_cut_none_at_every_op(recorded, wl: Workload) -> None:  # type: ig
     """A cut at EVERY log index keeping none of the unsynced writes (only fsyncs change that
     state, so this is exhaustive)."""
     rec = recorded(wl)
-    t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), ["none"])
-    print(f"[resize crash {wl.name} none@every-op] log={len(rec.log.ops)} cuts={t.cuts} states={t.states} "
-          f"images={t.images}")
-    assert not t.findings, "\n".join(t.findings[:8])
+    t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), ["none"], "none@every-op")
+    t.assert_none(examples=8)
 
 
 @pytest.mark.parametrize("wl", WORKLOADS, ids=IDS)
@@ -452,9 +381,8 @@ def test_power_cut_sampled(recorded, wl: Workload) -> None:  # type: ignore[no-u
     a random subset torn into sectors of the unsynced writes."""
     rec = recorded(wl)
     cuts = sample_cuts(rec, wl.max_cuts, hash(wl.name) & 0xFFFF)
-    t = run_cuts(rec, cuts, ["all", "none", ("random", 1), ("torn", 2)])
-    print(f"[resize crash {wl.name} sampled] log={len(rec.log.ops)} cuts={t.cuts} states={t.states} images={t.images}")
-    assert not t.findings, "\n".join(t.findings[:8])
+    t = run_cuts(rec, cuts, ["all", "none", ("random", 1), ("torn", 2)], "sampled")
+    t.assert_none(examples=8)
 
 
 @pytest.mark.slow
@@ -463,10 +391,8 @@ def test_power_cut_exhaustive(recorded, wl: Workload) -> None:  # type: ignore[n
     """Every cut point, seven subsets each."""
     rec = recorded(wl)
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)),
-                 ["all", "none", ("random", 1), ("random", 3), ("random", 5), ("torn", 2), ("torn", 4)])
-    print(f"[resize crash {wl.name} exhaustive] log={len(rec.log.ops)} cuts={t.cuts} states={t.states} "
-          f"images={t.images}")
-    assert not t.findings, "\n".join(t.findings[:8])
+                 ["all", "none", ("random", 1), ("random", 3), ("random", 5), ("torn", 2), ("torn", 4)], "exhaustive")
+    t.assert_none(examples=8)
 
 
 def test_judge_has_teeth(recorded) -> None:  # type: ignore[no-untyped-def]
@@ -490,23 +416,13 @@ def test_judge_has_teeth(recorded) -> None:  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------------------------
 # Real SIGKILL
 
-CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); import test_resize_crash as t; "
-         "t.child_main(sys.argv[2], sys.argv[3])")
-
-
 def child_main(image: str, name: str) -> None:
     """Run a workload's steps, printing 'DONE j' after each flush or resize returns."""
     wl = next(w for w in KILL_WORKLOADS if w.name == name)
-    steps = make_steps(wl)
     disk = QcowFile.open(image)
-
-    def report(j: int) -> None:
-        sys.stdout.write(f"DONE {j}\n")
-        sys.stdout.flush()
-    run_steps(disk, steps, report=report)
+    run_steps(disk, make_steps(wl), report=lambda j: cs.report_line(f"DONE {j}"))
     disk.close()
-    sys.stdout.write("END\n")
-    sys.stdout.flush()
+    cs.report_line("END")
 
 
 KILL_WORKLOADS = [
@@ -529,28 +445,18 @@ def sigkill_once(tmp_path: Path, wl: Workload, seed: int) -> tuple[str, list[str
     resizes = [j for j, s in enumerate(steps) if s[0] == "resize"]
     target_step = rng.choice(resizes) - 1
     delay = rng.choice([0.0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.01])
-    p = subprocess.Popen([sys.executable, "-c", CHILD, TESTS_DIR, image, wl.name], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    assert p.stdout is not None and p.stderr is not None
-    done = -1
-    for line in p.stdout:
-        if line.startswith("DONE "):
-            done = int(line.split()[1])
-            if done >= target_step:
-                time.sleep(delay)
-                p.send_signal(signal.SIGKILL)
-                break
-    rest, err = p.communicate(timeout=120)
-    for line in rest.splitlines():
-        if line.startswith("DONE "):
-            done = int(line.split()[1])
-    if p.returncode not in (0, -signal.SIGKILL):
-        return "", [f"child failed ({p.returncode}): {err[-2000:]}"]
+    killed = cs.run_and_kill(cs.child_command("test_resize_crash", image, wl.name),
+                             lambda lines: lines[-1].startswith("DONE ") and int(lines[-1].split()[1]) >= target_step,
+                             delay, timeout=120)
+    reports = [int(line.split()[1]) for line in killed.lines if line.startswith("DONE ")]
+    done = reports[-1] if reports else -1
+    if not killed.ok:
+        return "", [f"child failed ({killed.returncode}): {killed.stderr[-2000:]}"]
     # The child may have finished steps it did not get to report: any up to the next durable one.
     later = [j for j in durable_steps if j > done]
     last = later[0] if later else len(steps) - 1
     rec = Recorded(wl, str(tmp_path), image, None, CrashLog(), steps, states, [])
-    problems, _, qemu_view, qcow_view = examine_plain(image)
+    problems, _, qemu_view, qcow_view = examine(rec, {image: Path(image).read_bytes()}, "killed")
     found = list(problems)
     for view, name in ((qemu_view, "qemu view"), (qcow_view, "qcowdisk view")):
         if view is None:
@@ -559,25 +465,11 @@ def sigkill_once(tmp_path: Path, wl: Workload, seed: int) -> tuple[str, list[str
                     for jj in range(f, last + 1)]
         if all(verdicts):
             found.append(verdicts[0][0])
-    in_flight = steps[last][0] if p.returncode and last > done else "none (finished)"
+    in_flight = steps[last][0] if killed.returncode and last > done else "none (finished)"
     TOTALS[f"kill-in-{in_flight.split()[0]}"] += 1
     where = (f"{wl.name} seed {seed}: killed after step #{done} (delay {delay}s), next durable step #{last} "
              f"({in_flight})")
     return where, [f"{where}: {x}" for x in found]
-
-
-def examine_plain(path: str) -> tuple[list[str], int, bytes | None, bytes | None]:
-    problems: list[str] = []
-    r = check_in(path)
-    if r["returncode"] not in (0, 3) or r.get("corruptions", 0) or r.get("check-errors", 0):
-        problems.append(f"CORRUPTION: qemu-img check: {r}")
-    raw = path + ".raw"
-    qemu_img("convert", "-O", "raw", path, raw)
-    qemu_view = Path(raw).read_bytes()
-    os.unlink(raw)
-    with QcowFile.open(path, readonly=True) as d:
-        qcow_view = d.read_at(0, d.virtual_size)
-    return problems, len(qemu_view), qemu_view, qcow_view
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -32,10 +32,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +40,10 @@ from pathlib import Path
 import pytest
 
 import crashsim as cs
-from crashsim import CrashLog, CutWalker
+from crashsim import CrashLog
 from qcowdisk import QcowFile
 from qemutools import assert_clean, create, qemu_img, qemu_io, write_raw
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
 SLOW_SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("random", 3), ("random", 5), ("torn", 2), ("torn", 4)]
 SECTOR = 512
@@ -209,16 +205,9 @@ class Exam:
     snaps: dict[str, bytes]
 
 
-_CACHE: dict[str, Recorded] = {}
 TOTALS: Counter = Counter()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_totals():
-    yield
-    if TOTALS:
-        print(f"\n[snapshot crash totals] cut points={TOTALS['cuts']} states checked={TOTALS['states']} "
-              f"distinct images={TOTALS['images']} COPIED-window states={TOTALS['copied_window']}")
+_print_totals = cs.totals_fixture(TOTALS, lambda t: f"[snapshot crash totals] cut points={t['cuts']} states checked="
+                                  f"{t['states']} distinct images={t['images']} COPIED-window states={t['copied_window']}")
 
 
 def record(wl: Workload, workdir: str) -> Recorded:
@@ -231,14 +220,7 @@ def record(wl: Workload, workdir: str) -> Recorded:
     return Recorded(wl, workdir, image, log, ops, model_states(initial, ops))
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory):
-    def get(wl: Workload) -> Recorded:
-        if wl.name not in _CACHE:
-            _CACHE[wl.name] = record(wl, str(tmp_path_factory.mktemp(wl.name)))
-        return _CACHE[wl.name]
-    yield get
-    _CACHE.clear()
+recorded = cs.recording_fixture(record)
 
 
 _COPIED = re.compile(r"ERROR OFLAG_COPIED (?:data|L2) cluster: (?:l1_index=\d+ )?l[12]_entry=([0-9a-f]+) refcount=(\d+)")
@@ -289,24 +271,19 @@ def examine(rec: Recorded, data: bytes, key: str, export: bool) -> Exam:
         findings.append(f"QCOWDISK-READ-ERROR: {type(e).__name__}: {e}")
     window = False
     if rec.wl.lazy and int.from_bytes(data[72:80], "big") & 1:
-        try:
-            QcowFile.open(path).close()  # repair on open
-        except Exception as e:  # noqa: BLE001
-            findings.append(f"REPAIR-FAILED: {type(e).__name__}: {e}")
-        r = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True, check=False)
-        if r.returncode != 0:
-            findings.append(f"CORRUPTION after qcowdisk's repair-on-open: {(r.stdout + r.stderr)[:300]}")
+        found_static = cs.repair_on_open(path)
+        found_static += cs.check_findings(cs.qemu_check(path), repaired=True,
+                                          what="after qcowdisk's repair-on-open, qemu-img check")
+        findings += [f"{f.category}: {f.detail}" for f in found_static]
     else:
         found, window = judge_check(path)
         findings += found
     if export and names is not None:
         raw = os.path.join(rec.workdir, "state.raw")
         for name in [None, *names]:
-            args = ["convert", "-O", "raw", path, raw] if name is None else \
-                   ["convert", "-l", f"snapshot.name={name}", "-O", "raw", path, raw]
-            p = qemu_img(*args, check=False)
-            if p.returncode:
-                findings.append(f"QEMU-READ-ERROR ({name or 'active'}): {p.stderr.strip()[:200]}")
+            err = cs.qemu_export(path, raw, *(() if name is None else ("-l", f"snapshot.name={name}")))
+            if err is not None:
+                findings.append(f"QEMU-READ-ERROR ({name or 'active'}): {err[:200]}")
                 continue
             with open(raw, "rb") as f:
                 got = f.read(rec.wl.size)
@@ -366,50 +343,28 @@ def sectors_old_or_new(got: bytes, old: bytes, new: bytes) -> bool:
     return True
 
 
-@dataclass
-class Tally:
-    cuts: int = 0
-    states: int = 0
-    images: int = 0
-    windows: int = 0
-    findings: list[str] = field(default_factory=list)
-
-    def line(self, rec: Recorded, label: str) -> str:
-        host = sum(1 for op in rec.log.ops if op.kind != "mark")
-        fsyncs = sum(1 for op in rec.log.ops if op.kind == "fsync")
-        return (f"[snapshot crash {rec.wl.name} {label}] {len(rec.ops)} operations, {host} host ops, {fsyncs} fsyncs; "
-                f"cut points={self.cuts} states checked={self.states} distinct images={self.images} "
-                f"COPIED-window states={self.windows} findings={len(self.findings)}")
-
-
-def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset], label: str) -> Tally:
-    t = Tally()
-    before = len(rec.exams)
+def run_cuts(rec: Recorded, cuts: list[int], subsets: list[cs.Subset], label: str) -> cs.Tally:
+    """Materialise and judge every (cut, subset); returns the tally (its summary printed)."""
     window_keys: set[str] = set()
-    walker = CutWalker(rec.log, rec.image)
-    for cut in cuts:
-        walker.advance(cut)
-        t.cuts += 1
-        for sub in subsets:
-            if sub not in ("all", "none") and not walker.pending:
-                continue
-            data = walker.state(sub)
-            key = cs.digest(data)
-            exam = examine(rec, data, key, export=len(rec.exams) % rec.wl.export_every == 0)
-            t.states += 1
-            if exam.copied_window:
-                window_keys.add(key)
-            for f in judge(rec, exam, cut):
-                if len(t.findings) < 50:
-                    done, running = context(rec, cut)
-                    op = rec.ops[running] if running is not None else None
-                    prev = rec.log.ops[cut - 1].describe() if cut else "nothing"
-                    t.findings.append(f"{rec.wl.name} cut {cut}/{len(rec.log.ops)} after {prev}, subset {sub}, "
-                                      f"{done} ops done, running {op}: {f}")
-    t.images = len(rec.exams) - before
-    t.windows = len(window_keys)
-    TOTALS.update(cuts=t.cuts, states=t.states, images=t.images, copied_window=t.windows)
-    print(t.line(rec, label))
+
+    def judge_state(exam: Exam, st: cs.CrashState) -> list[str]:
+        if exam.copied_window:
+            window_keys.add(st.key)
+        return judge(rec, exam, st.cut)
+
+    def where(st: cs.CrashState) -> str:
+        done, running = context(rec, st.cut)
+        op = rec.ops[running] if running is not None else None
+        return f"{rec.wl.name} {cs.describe_cut(rec.log, st.cut)}, subset {st.subset}, {done} ops done, running {op}"
+    t = cs.judge_states(cs.crash_states(rec.log, [rec.image], cuts, subsets), rec.exams,
+                        lambda st: examine(rec, st.data, st.key, export=len(rec.exams) % rec.wl.export_every == 0),
+                        judge_state, where, TOTALS)
+    TOTALS.update(copied_window=len(window_keys))
+    host = sum(1 for op in rec.log.ops if op.kind != "mark")
+    fsyncs = sum(1 for op in rec.log.ops if op.kind == "fsync")
+    t.summary = (f"[snapshot crash {rec.wl.name} {label}] {len(rec.ops)} operations, {host} host ops, {fsyncs} fsyncs; "
+                 f"{t.counts(f'COPIED-window states={len(window_keys)}')}")
+    print(t.summary)
     return t
 
 
@@ -432,14 +387,8 @@ def test_uncrashed_run_matches_model(recorded, wl: Workload) -> None:
 def test_snapshot_ops_durable_when_they_return(recorded, wl: Workload) -> None:
     """When create/apply/delete_snapshot returns, nothing it wrote is waiting for an fsync."""
     rec = recorded(wl)
-    walker = CutWalker(rec.log, rec.image)
-    problems = []
-    for i, op in enumerate(rec.log.ops):
-        if op.kind == "mark" and op.label[0] == "end":
-            walker.advance(i)
-            if walker.pending:
-                problems.append(f"{rec.ops[op.label[1]]}: {len(walker.pending)} unsynced, first "
-                                f"{walker.pending[0].describe()}")
+    problems = [f"{rec.ops[j]}: {len(pending)} unsynced, first {pending[0].describe()}"
+                for _, j, pending in cs.unsynced_when(rec.log, [rec.image], "end") if pending]
     assert not problems, "\n".join(problems)
 
 
@@ -450,7 +399,7 @@ def test_power_cut_every_point(recorded, wl: Workload) -> None:
     rec = recorded(wl)
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), SUBSETS, "every cut")
     assert t.cuts == len(rec.log.ops) + 1
-    assert not t.findings, t.line(rec, "every cut") + "\n" + "\n".join(t.findings[:12])
+    t.assert_none(examples=12)
 
 
 def test_checks_can_fail(recorded, tmp_path: Path) -> None:
@@ -489,25 +438,18 @@ def test_power_cut_every_point_big(tmp_path: Path, name: str) -> None:
                   rounds=3, export_every=1)
     rec = record(wl, str(tmp_path))
     t = run_cuts(rec, list(range(len(rec.log.ops) + 1)), SLOW_SUBSETS, "every cut, big")
-    assert not t.findings, t.line(rec, "big") + "\n" + "\n".join(t.findings[:12])
+    t.assert_none(examples=12)
 
 
 # --------------------------------------------------------------------------------------------
 # Real SIGKILL
 
-CHILD = ("import sys, json; sys.path.insert(0, sys.argv[1]); import test_snapshot_crash as t; "
-         "t.child_main(sys.argv[2], json.loads(sys.argv[3]))")
-
-
-def child_main(image: str, params: dict) -> None:
-    """The killed child: run the workload, print 'DONE i' as each operation returns."""
-    wl = Workload(**params)
+def child_main(image: str, params: str) -> None:
+    """The killed child: run the workload (json Workload fields), print 'DONE i' as each
+    operation returns."""
+    wl = Workload(**json.loads(params))
     disk = QcowFile.open(image)
-
-    def report(i: int) -> None:
-        sys.stdout.write(f"DONE {i}\n")
-        sys.stdout.flush()
-    run_ops(disk, make_ops(wl), report=report)
+    run_ops(disk, make_ops(wl), report=lambda i: cs.report_line(f"DONE {i}"))
 
 
 KILLS = [(WORKLOADS[0], 5, 0.0), (WORKLOADS[0], 9, 0.003), (WORKLOADS[1], 12, 0.001), (WORKLOADS[3], 7, 0.0)]
@@ -538,23 +480,11 @@ def sigkill_run(tmp_path: Path, wl: Workload, after: int, delay: float) -> list[
     states = model_states(initial, ops)
     params = {"name": wl.name, "options": wl.options, "size": wl.size, "cluster": wl.cluster, "seed": wl.seed,
               "lazy": wl.lazy, "rounds": wl.rounds}
-    p = subprocess.Popen([sys.executable, "-c", CHILD, TESTS_DIR, image, json.dumps(params)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout is not None and p.stderr is not None
-    done = -1
-    for line in p.stdout:
-        done = int(line.split()[1])
-        if done + 1 >= after:
-            time.sleep(delay)
-            p.send_signal(signal.SIGKILL)
-            break
-    rest = p.stdout.read()
-    err = p.stderr.read()
-    p.wait(timeout=60)
-    for line in rest.splitlines():
-        done = int(line.split()[1])
-    if p.returncode not in (0, -signal.SIGKILL):
-        return [f"child failed (exit {p.returncode}):\n{err[-2000:]}"]
+    killed = cs.run_and_kill(cs.child_command("test_snapshot_crash", image, json.dumps(params)),
+                             lambda lines: int(lines[-1].split()[1]) + 1 >= after, delay)
+    done = int(killed.lines[-1].split()[1]) if killed.lines else -1
+    if not killed.ok:
+        return [f"child failed (exit {killed.returncode}):\n{killed.stderr[-2000:]}"]
     completed = done + 1
     # The child may have finished the next operation without printing it; never more.
     log = CrashLog()

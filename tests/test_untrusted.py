@@ -33,7 +33,7 @@ import pytest
 
 import imagepatch as ip
 import qcowdisk
-from imagefactory import kill_writer
+from imagefactory import extents_as_qemu_json, kill_writer
 from qcowdisk import InvalidImageError, QcowFile, UnsafeFileError
 from qcowdisk.qcow1 import Qcow1File
 from qemutools import create, info, qemu_img, qemu_io, run, to_raw
@@ -75,17 +75,6 @@ def fd_count() -> int:
 
 def qemu_map(image: str) -> list[dict[str, Any]]:
     return json.loads(qemu_img("map", "--output=json", image).stdout)
-
-
-def as_qemu_json(disk: Any) -> list[dict[str, Any]]:
-    out = []
-    for e in disk.block_status():
-        d: dict[str, Any] = {"start": e.start, "length": e.length, "depth": e.depth, "present": e.present,
-                             "zero": e.zero, "data": e.data}
-        if e.offset is not None:
-            d["offset"] = e.offset
-        out.append(d)
-    return out
 
 
 def read_all(path: str, **options: Any) -> bytes:
@@ -544,7 +533,7 @@ def test_broken_snapshot_table_over_an_intact_active_layer(snap_pristine: dict[s
     with QcowFile.open(img, readonly=True) as disk:
         assert disk.read_at(0, len(disk)) == expected
         assert disk.read_at(64 * KiB + 100, 10) == b"\x22" * 10
-        assert as_qemu_json(disk) == snap_pristine["map"]
+        assert extents_as_qemu_json(disk.block_status()) == snap_pristine["map"]
         for _ in range(2):
             with pytest.raises(InvalidImageError, match=r"(?i)snapshot"):
                 _ = disk.snapshots

@@ -11,7 +11,8 @@ Every image is read through `QcowFile.open(path, readonly=True)` (`--confine-to`
 on as `confine_to` and `force_share`). Every failure, a bad argument included, is one line
 `qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image that cannot be
 opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's `Try ... --help`
-hint line. `read` and `write` stream through a bounded buffer, whatever the length.
+hint line. `read` and `write` stream through a bounded buffer, whatever the length. `serve` runs
+nbdkit with qcowdisk's plugin (qcowdisk.nbdserve) until it is stopped.
 
 Each subcommand is a module of this package with its `add_parser` and its `cmd_*`; `common`
 holds what they share.
@@ -25,21 +26,31 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .._version import __version__
 from ..errors import QcowError
-from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, snapshot, write
+from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, serve, snapshot, write
 from .common import PROG, ArgumentsError, Parser, UsageError
 
 __all__ = ["build_parser", "main"]
 
 # in the order `qcowdisk --help` lists them
-_COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize)
+_COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize,
+             serve)
+
+
+class _Version(argparse.Action):
+    """--version, with the version looked up only then (importlib.metadata is slow to import)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from .._version import __version__
+        print(f"{PROG} version {__version__}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = Parser(prog=PROG, description="Inspect and create QEMU qcow2 images (pure Python).")
-    p.add_argument("--version", action="version", version=f"{PROG} version {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
         command.add_parser(sub)

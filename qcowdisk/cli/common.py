@@ -59,6 +59,23 @@ def err(*lines: str, hint: str = "", status: int = 1) -> int:
     return status
 
 
+def cvtnum(name: str, text: str) -> int:
+    """qemu-img's cvtnum: a size (qemu_strtosz) from 0 to INT64_MAX, or qemu-img's messages
+    about `name` printed and -1 returned."""
+    try:
+        value, hex_suffix = qemuopts.strtosz(text)
+    except OverflowError:
+        value, hex_suffix = INT64_MAX + 1, False
+    except ValueError:
+        return -err(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for",
+                    "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+    if hex_suffix:
+        print(f"{PROG}: warning: Using a multiplier suffix on hex numbers is deprecated: {text}", file=sys.stderr)
+    if value > INT64_MAX:
+        return -err(f"Invalid {name} specified. Must be between 0 and {INT64_MAX}.")
+    return value
+
+
 def add_confine(sp: argparse.ArgumentParser, what: str = "the image") -> None:
     """Add --confine-to DIR to a subcommand's parser; `what` names the images it confines."""
     sp.add_argument("--confine-to", metavar="DIR",

@@ -7,13 +7,15 @@ import os
 import sys
 
 from ..ops import qemuopts
-from .common import Parser, UsageError
+from ..ops.cachemode import DEFAULT_SOURCE_CACHE, DEFAULT_TARGET_CACHE
+from .common import Parser, UsageError, cvtnum
 from .progress import QemuProgress
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """`qcowdisk convert`: qemu-img convert's copy (qcow2 or raw out), its -S sparseness, -c, -B, -n, -l;
-    `-p` shows qemu-img's progress line when stdout is a terminal."""
+    """`qcowdisk convert`: qemu-img convert's copy (qcow2 or raw out), its -S sparseness, -c, -B, -n, -l,
+    -m/-W, -t/-T cache modes (default -t unsafe: no fsync, as qemu-img), -U, -r, --target-is-zero,
+    --bitmaps; `-p` shows qemu-img's progress line when stdout is a terminal."""
     from ..ops.convert import convert
     snapshot = args.snapshot
     if snapshot is not None:
@@ -32,6 +34,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise UsageError(f"Invalid number of coroutines. Allowed number of coroutines is between 1 and 16: "
                              f"'{args.threads}'")
         threads = int(args.threads)
+    rate = 0
+    if args.rate is not None and (rate := cvtnum("rate limit", args.rate)) < 0:
+        return 1
     if not os.path.exists(args.src):
         raise UsageError(f"Could not open '{args.src}': Could not open '{args.src}': No such file or directory")
     bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
@@ -40,7 +45,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 options=",".join(args.options) if args.options else None, compress=args.compress,
                 backing_file=args.backing, backing_format=args.backing_format, snapshot=snapshot,
                 sparse_size=sparse, target_exists=args.target_exists, threads=threads,
-                progress=bar.advance if bar is not None else None)
+                progress=bar.advance if bar is not None else None, out_of_order=args.unordered,
+                target_is_zero=args.target_is_zero, cache=args.cache, src_cache=args.src_cache,
+                rate_limit=rate, force_share=args.force_share, bitmaps=args.bitmaps)
     finally:
         if bar is not None:
             bar.end()
@@ -62,7 +69,19 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pcv.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
     pcv.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     pcv.add_argument("-m", dest="threads", metavar="N", help="compression threads")
-    pcv.add_argument("-W", dest="unordered", action="store_true", help="accepted (writes may be out of order)")
+    pcv.add_argument("-W", dest="unordered", action="store_true",
+                     help="compressed clusters written as soon as compressed, out of guest order")
+    pcv.add_argument("-t", dest="cache", default=DEFAULT_TARGET_CACHE, metavar="CACHE",
+                     help="the target's cache mode (unsafe: never fsynced, qemu-img's default; writeback: "
+                          "fsynced at the end; writethrough: after every write; none/directsync: as "
+                          "writeback/writethrough, through the page cache)")
+    pcv.add_argument("-T", dest="src_cache", default=DEFAULT_SOURCE_CACHE, metavar="SRC_CACHE",
+                     help="the source's cache mode (checked; reads use the page cache)")
+    pcv.add_argument("-U", dest="force_share", action="store_true", help="open the source without its lock")
+    pcv.add_argument("-r", dest="rate", metavar="RATE", help="write at most RATE bytes a second")
+    pcv.add_argument("--target-is-zero", dest="target_is_zero", action="store_true",
+                     help="with -n: the target reads as zeros already")
+    pcv.add_argument("--bitmaps", action="store_true", help="copy persistent bitmaps (refused when there are any)")
     pcv.add_argument("src", metavar="SRC")
     pcv.add_argument("dst", metavar="DST")
     pcv.set_defaults(func=cmd_convert)

@@ -11,8 +11,7 @@ from ..blockstatus import qemu_length
 from ..errors import QcowError
 from ..formats import OpenOptions, format_names, probe_format
 from ..image import Extent
-from ..ops import qemuopts
-from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_confine, add_force_share, confine_dir, err, opening
+from .common import INT64_MAX, USAGE_HINT, Parser, add_confine, add_force_share, confine_dir, cvtnum, err, opening
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -23,21 +22,6 @@ def cmd_map(args: argparse.Namespace) -> int:
     an image to open that is not exactly one, and, in the human format, an extent stored
     without a host offset (compressed clusters), after the lines before it.
     """
-    def number(name: str, text: str) -> int:
-        # qemu-img's cvtnum: qemu_strtosz, then 0 .. INT64_MAX
-        try:
-            value, hex_suffix = qemuopts.strtosz(text)
-        except OverflowError:
-            value, hex_suffix = INT64_MAX + 1, False
-        except ValueError:
-            return -err(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for",
-                        "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-        if hex_suffix:
-            print(f"{PROG}: warning: Using a multiplier suffix on hex numbers is deprecated: {text}", file=sys.stderr)
-        if value > INT64_MAX:
-            return -err(f"Invalid {name} specified. Must be between 0 and {INT64_MAX}.")
-        return value
-
     def reported(extents: Iterator[Extent]) -> Iterator[Extent]:
         # a failure to read the image's tables, in qemu-img's words
         try:
@@ -60,9 +44,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         return text + "}"
 
     start, max_length = 0, -1
-    if args.start_offset is not None and (start := number("start offset", args.start_offset)) < 0:
+    if args.start_offset is not None and (start := cvtnum("start offset", args.start_offset)) < 0:
         return 1
-    if args.max_length is not None and (max_length := number("max length", args.max_length)) < 0:
+    if args.max_length is not None and (max_length := cvtnum("max length", args.max_length)) < 0:
         return 1
     if args.output not in ("human", "json"):
         return err("--output must be used with human or json as argument.")

@@ -64,11 +64,17 @@ class CompareResult:
     """
 
     identical: bool
+    """Whether qemu-img compare would exit 0."""
     reason: Reason
+    """Why they differ ("content", "block-status", "size"), or "identical"."""
     offset: int | None
+    """The guest offset qemu-img reports for the first difference, None when there is none."""
     size_a: int
+    """The first disk's size as QEMU sees it."""
     size_b: int
+    """The second disk's size as QEMU sees it."""
     messages: tuple[str, ...]
+    """The lines `qemu-img compare` prints on stdout, in order."""
 
     @property
     def sizes_differ(self) -> bool:
@@ -84,6 +90,7 @@ class CompareError(QcowError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+        """qemu-img compare's exit status for this failure (3 or 4)."""
 
 
 def compare(a: str | os.PathLike[str] | Image, b: str | os.PathLike[str] | Image, *, strict: bool = False,

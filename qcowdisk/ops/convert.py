@@ -19,32 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .. import formats
 from ..blockstatus import qemu_length
 from ..hostio import HostFile
 from ..image import Image, zero_block
 from ..locking import ImageLock, lock_image
+from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
+from .cachemode import DEFAULT_SOURCE_CACHE, NoFlushHostFile, RateLimit, parse_cache_mode
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
+from .zeroscan import SECTOR, data_runs, is_zero
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most read and written in one step
-SECTOR = 512
 MAX_BUF_SECTORS = 32768  # the largest -S qemu-img takes, in sectors
 FIRST_BLOCK = 4096  # what file-posix writes at the start of a file it creates
 COMPRESS_BATCH = 1 << 20  # bytes of clusters handed to one compression worker at a time
 
 Progress = Callable[[int, int], object]
 
-_NONZERO = re.compile(rb"[^\x00]")
-_ZERO_SECTOR = bytes(SECTOR)
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 
 
@@ -56,10 +57,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
             out_format: str = "qcow2", options: Options = None, compress: bool = False,
             backing_file: str | None = None, backing_format: str | None = None, snapshot: str | None = None,
             sparse_size: int = 4096, target_exists: bool = False, progress: Progress | None = None,
-            threads: int | None = None) -> None:
+            threads: int | None = None, out_of_order: bool = False, target_is_zero: bool = False,
+            cache: str = "writeback", src_cache: str = DEFAULT_SOURCE_CACHE, rate_limit: int = 0,
+            force_share: bool = False, bitmaps: bool = False) -> None:
     """Convert the guest disk `src` into `dst` as `qemu-img convert [-f SRC_FORMAT] -O OUT_FORMAT
     [-o OPTIONS] [-c] [-B BACKING_FILE [-F BACKING_FORMAT]] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n]
-    [-m THREADS] SRC DST` does.
+    [-m THREADS] [-W] [--target-is-zero] [-t CACHE] [-T SRC_CACHE] [-r RATE] [-U] SRC DST` does.
 
     `src` is opened read-only with its backing chain (format probed unless `src_format` names
     it; `snapshot`, an id or name, shows that internal snapshot of a qcow2 source). `dst` is
@@ -70,7 +73,21 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     chain contains that file, only the layers above it are copied; otherwise each cluster is
     compared with the backing file's. `sparse_size` is `-S` (a multiple of 512; 0 allocates
     everything). `compress` writes compressed clusters (qcow2 only), compressing in `threads`
-    worker threads (default: the CPU count, at most 8). `progress(done_bytes, total_bytes)` is
+    worker threads (default: the CPU count, at most 8); the payloads are written in guest order
+    unless `out_of_order` (-W: each worker writes its clusters as soon as they are compressed).
+    Uncompressed data is written by one thread in guest order whatever `out_of_order` says: the
+    copy is bound by reading and writing, which threads would not overlap better than the
+    kernel's own read-ahead and write-back. `target_is_zero` (with `target_exists` only, and
+    a target without a backing file) takes the existing target to read as zeros already, so
+    zero ranges are not written. `cache` and `src_cache` are qemu-img's -t and -T modes
+    (see qcowdisk.ops.cachemode: "unsafe" never fsyncs, as qemu-img convert by default;
+    "writeback", the library's default, leaves the target durable on return). `rate_limit`
+    throttles writes to that many bytes a second (0: none). `force_share` opens the source
+    without its image lock, as -U (it may be in use, and seen inconsistent). `bitmaps`
+    (--bitmaps) copies the source's persistent bitmaps as qemu-img does; qcowdisk does not write
+    bitmaps, so a source that has some is refused (ConvertError) before anything is written, as
+    are the combinations qemu-img refuses (a raw source or target, a version 2 target).
+    `progress(done_bytes, total_bytes)` is
     called as the conversion goes; an exception from it stops the conversion and propagates,
     with everything closed (the partly written target is left behind, as qemu-img leaves it).
     Raises ConvertError (a ValueError) for what qemu-img refuses up front.
@@ -88,6 +105,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         raise ConvertError("Backing format cannot be used without backing file")
     if threads is not None and threads < 1:
         raise ConvertError("Invalid number of threads (must be at least 1)")
+    try:
+        flushes, flush_each = parse_cache_mode(cache)
+        parse_cache_mode(src_cache, "source cache")
+        limit = RateLimit(rate_limit)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    if target_is_zero and not target_exists:
+        raise ConvertError("--target-is-zero requires use of -n flag")
     opts = target_options(out_format, options)
     if opts.string("backing_file") is not None:
         if backing_file is not None:
@@ -100,22 +125,29 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         raise ConvertError("-B cannot be used with -n (the target exists)")
     dst_path = os.fspath(dst)
     with contextlib.ExitStack() as stack:
-        source = _open_source(os.fspath(src), src_format, snapshot)
+        source = _open_source(os.fspath(src), src_format, snapshot, force_share)
         stack.callback(source.close)
         size = qemu_length(source)
         if snapshot is not None and isinstance(source, QcowFile):
             size = max(size, source.header.size)  # qemu-img exports a snapshot at the active disk's size
         _refuse_source_as_target(source, dst_path)
+        if bitmaps:
+            _check_bitmaps(source, out_format, opts)
+        host = HostFile if flushes else NoFlushHostFile
         if target_exists:
-            target = _open_target(dst_path, out_format, size)
+            target = _open_target(dst_path, out_format, size, host)
         else:
-            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format)
+            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host)
         stack.callback(target.close)
+        target.limit, target.flush_each = limit, flush_each
+        if target_is_zero and isinstance(target, _QcowTarget) and target.disk.backing_file is not None:
+            raise ConvertError("Cannot use --target-is-zero when the destination image has a backing file")
         base_depth, backing = _backing_layer(source, target, backing_file, stack)
         # (a raw external data file may hold anything: qcow2_has_zero_init says no, zeros are written)
-        zero_init = not target_exists and backing_file is None and not opts.boolean("data_file_raw", False)
+        zero_init = target_is_zero or (not target_exists and backing_file is None
+                                       and not opts.boolean("data_file_raw", False))
         _Copy(source, size, target, sparse_size // SECTOR, compress, base_depth, backing, progress,
-              threads or min(8, os.cpu_count() or 1), zero_init).run()
+              threads or min(8, os.cpu_count() or 1), zero_init, out_of_order).run()
         target.flush()
 
 
@@ -123,12 +155,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 # opening and creating
 # ------------------------------------------------------------------------------------------
 
-def _open_source(path: str, fmt: str | None, snapshot: str | None) -> Image:
+def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool) -> Image:
     if snapshot is None:
-        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True))
+        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True, force_share=force_share))
     if fmt not in (None, "qcow2"):
         raise ConvertError(f"Failed to load snapshot: a '{fmt}' image has no internal snapshots")
-    return QcowFile.open(path, readonly=True, snapshot=snapshot)
+    return QcowFile.open(path, readonly=True, snapshot=snapshot, force_share=force_share)
 
 
 def create_keywords(opts: QemuOpts) -> dict[str, Any]:
@@ -152,17 +184,32 @@ def create_keywords(opts: QemuOpts) -> dict[str, Any]:
         value = opts.string(name)
         if value is not None:
             kw[name] = value
-    if kw.get("data_file_raw") and kw.get("preallocation", "off") == "off":
-        kw["preallocation"] = "metadata"  # qcow2_co_create: a raw data file gets its L2 tables mapped up front
     return kw
 
 
-class _RawTarget:
+class _Requests:
+    """What every target does after a write request: flush it (writethrough), throttle (-r)."""
+
+    limit = RateLimit(0)
+    flush_each = False
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def written(self, n: int) -> None:
+        """Count a request of n guest bytes."""
+        if self.flush_each:
+            self.flush()
+        self.limit.account(n)
+
+
+class _RawTarget(_Requests):
     """A raw file written in place, under QEMU's write lock: only non-zero data is written, holes
     stay holes, zeroed ranges are punched (file-posix's write_zeroes with MAY_UNMAP)."""
 
-    def __init__(self, path: str, size: int, new: bool, preallocation: str) -> None:
-        self.host = HostFile.create(path) if new else HostFile(path, True)
+    def __init__(self, path: str, size: int, new: bool, preallocation: str,
+                 host: type[HostFile] = HostFile) -> None:
+        self.host = host.create(path) if new else host(path, True)
         self.fd = self.host.fd
         self.virtual_size = size
         self.cluster_size = 0
@@ -173,22 +220,28 @@ class _RawTarget:
                 self.host.truncate(size)
                 if size:  # file-posix's allocate_first_block: QEMU's new files start with a block of zeros
                     self.host.pwrite(zero_block(min(size, FIRST_BLOCK)), 0)
-                if preallocation in ("falloc", "full") and size:
+                if preallocation == "falloc" and size:
                     os.posix_fallocate(self.fd, 0, size)
+                elif preallocation == "full":  # file-posix writes zeros: the file maps as data
+                    for pos in range(FIRST_BLOCK, size, IO_BUF_SIZE):
+                        self.host.pwrite(zero_block(min(IO_BUF_SIZE, size - pos)), pos)
         except BaseException:
             self.close()
             raise
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.host.pwrite(data, offset)
+        self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        self.written(length)
         if self.host.punch_hole(offset, length):
             return
         while length:
             n = min(length, IO_BUF_SIZE)
             self.host.pwrite(zero_block(n), offset)
             offset, length = offset + n, length - n
+
 
     def flush(self) -> None:
         self.host.fsync()
@@ -200,16 +253,19 @@ class _RawTarget:
         self.host.close()
 
 
-class _QcowTarget:
+class _QcowTarget(_Requests):
     def __init__(self, disk: QcowFile) -> None:
         self.disk = disk
         self.cluster_size = disk.cluster_size
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.disk.write_at(offset, data)
+        self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.disk.write_zeroes(offset, length)
+        self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing
+        self.written(length)
+
 
     def flush(self) -> None:
         self.disk.flush()
@@ -234,6 +290,17 @@ def _refuse_source_as_target(source: Image, dst: str) -> None:
         layer = layer.backing
 
 
+def _check_bitmaps(source: Image, out_format: str, opts: QemuOpts) -> None:
+    """--bitmaps: refuse what qemu-img refuses, and a source with bitmaps (qcowdisk writes none)."""
+    if out_format != "qcow2" or _COMPAT.get(opts.string("compat") or "1.1") == "0.10":
+        raise ConvertError(f"Format driver '{out_format}' does not support bitmaps")
+    if not isinstance(source, QcowFile):
+        raise ConvertError("Source lacks bitmap support")
+    names = [b.name for b in source.bitmaps]
+    if names:
+        raise ConvertError(f"Cannot copy bitmaps ({', '.join(names)}): qcowdisk does not write persistent bitmaps")
+
+
 def _remove_existing(path: str) -> None:
     """Remove the file a new target replaces, unless another process holds it (qemu-img's lock failure)."""
     try:
@@ -249,28 +316,28 @@ def _remove_existing(path: str) -> None:
 
 
 def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backing_file: str | None,
-                   backing_format: str | None) -> _Target:
+                   backing_format: str | None, host: type[HostFile]) -> _Target:
     if out_format == "raw":
         prealloc = opts.string("preallocation") or "off"
         if prealloc not in ("off", "falloc", "full"):
             raise ConvertError(f"Invalid parameter '{prealloc}'")
         _remove_existing(path)
-        return _RawTarget(path, size, True, prealloc)
+        return _RawTarget(path, size, True, prealloc, host)
     kw = create_keywords(opts)
     _remove_existing(path)
     if backing_file is not None:
         return _QcowTarget(QcowFile.create_from_backing(path, backing_file, backing_format=backing_format,
-                                                        size=size, **kw))
-    return _QcowTarget(QcowFile.create(path, size, **kw))
+                                                        size=size, host_factory=host, **kw))
+    return _QcowTarget(QcowFile.create(path, size, host_factory=host, **kw))
 
 
-def _open_target(path: str, out_format: str, size: int) -> _Target:
+def _open_target(path: str, out_format: str, size: int, host: type[HostFile]) -> _Target:
     if out_format == "raw":
-        raw = _RawTarget(path, size, False, "off")
+        raw = _RawTarget(path, size, False, "off", host)
         target: _Target = raw
         have = raw.host.size()
     else:
-        img = QcowFile.open(path)
+        img = QcowFile.open(path, host_factory=host)
         target = _QcowTarget(img)
         have = img.virtual_size
     if have < size:
@@ -298,81 +365,6 @@ def _backing_layer(source: Image, target: _Target, backing_file: str | None,
     return None, backing
 
 
-# ------------------------------------------------------------------------------------------
-# zero detection (qemu-img's is_allocated_sectors / is_allocated_sectors_min)
-# ------------------------------------------------------------------------------------------
-
-def _sector_is_zero(buf: memoryview, sector: int) -> bool:
-    return buf[sector * SECTOR:(sector + 1) * SECTOR] == _ZERO_SECTOR
-
-
-def _same_run(buf: memoryview, start: int, n: int, is_zero: bool, raw: bytes | bytearray) -> int:
-    """The number of sectors from `start` (< n) with the zeroness `is_zero`, at C speed."""
-    if is_zero:
-        m = _NONZERO.search(raw, start * SECTOR, n * SECTOR)
-        return n - start if m is None else m.start() // SECTOR - start
-    pos = start * SECTOR
-    while True:
-        p = raw.find(_ZERO_SECTOR, pos, n * SECTOR)
-        if p < 0:
-            return n - start
-        k = -(-p // SECTOR)
-        if k >= n:
-            return n - start
-        if _sector_is_zero(buf, k):
-            return k - start
-        pos = k * SECTOR
-
-
-def is_allocated_sectors(raw: bytes | bytearray, buf: memoryview, start: int, n: int, sector_num: int,
-                         alignment: int) -> tuple[bool, int]:
-    """qemu-img's is_allocated_sectors over sectors [start, n) of `buf` (guest sector `sector_num`
-    at `start`): (whether the first run holds data, its length in sectors)."""
-    if n <= start:
-        return False, 0
-    is_zero = _sector_is_zero(buf, start)
-    i = _same_run(buf, start, n, is_zero, raw)
-    if start + i == n:
-        return not is_zero, i
-    tail = (sector_num + i) & (alignment - 1)
-    if tail:
-        if is_zero and i <= tail:
-            return True, i  # the next sector is data and rewrites this tail anyway
-        if not is_zero:
-            i = min(i + alignment - tail, n - start)
-        else:
-            i -= tail
-    return not is_zero, i
-
-
-def data_runs(raw: bytes | bytearray, n: int, sector_num: int, min_sparse: int,
-              alignment: int) -> Iterator[tuple[bool, int]]:
-    """The (is_data, sectors) runs qemu-img's convert_co_write splits an n-sector data buffer
-    into with is_allocated_sectors_min: zero stretches of at least `min_sparse` sectors are
-    zero runs, everything else data."""
-    buf = memoryview(raw)
-    pos = 0
-    while pos < n:
-        m = min(min_sparse, n - pos)
-        data, pnum = is_allocated_sectors(raw, buf, pos, n, sector_num + pos, alignment)
-        if not data:
-            yield False, pnum
-            pos += pnum
-            continue
-        used = checked = pnum
-        p = pos + pnum
-        while p < n:
-            data, pnum = is_allocated_sectors(raw, buf, p, n, sector_num + p, alignment)
-            p += pnum
-            checked += pnum
-            if data:
-                used = checked
-            elif pnum >= m:
-                break
-        yield True, used
-        pos += used
-
-
 def _pow2floor(value: int) -> int:
     return 1 << (value.bit_length() - 1) if value > 0 else 0
 
@@ -381,10 +373,75 @@ def _pow2floor(value: int) -> int:
 # the copy
 # ------------------------------------------------------------------------------------------
 
+class _Compressor:
+    """Compressed clusters through worker threads, as qemu-img's coroutines with -m: each job
+    reads up to COMPRESS_BATCH bytes of whole clusters, finds the all-zero clusters and
+    compresses the others, all without the image lock (reads, zero scans, zlib and zstandard
+    release the GIL), so the main thread only hands out ranges and the work scales with the
+    CPUs. In order (qemu-img without -W), the main thread writes the jobs' results in guest
+    order, so the payloads lie in the file in guest order; with `out_of_order` (-W) each worker
+    writes its own as soon as they are compressed. At most 2 jobs a thread are in flight, so
+    memory stays bounded."""
+
+    def __init__(self, copy: _Copy, target: _QcowTarget, threads: int, out_of_order: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # (only compressed converts need threads)
+        self.copy = copy
+        self.target = target
+        self.disk = target.disk
+        self.out_of_order = out_of_order
+        self.limit = 2 * threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="qcowdisk-compress")
+        self.inflight: deque[Future[list[CompressedClusters]]] = deque()
+
+    def submit(self, offset: int, n: int, read: bool, skip_zeros: bool) -> None:
+        """Compress and write the n bytes of whole clusters at guest `offset`: read from the
+        source (else zeros), all-zero clusters skipped if `skip_zeros`."""
+        while len(self.inflight) >= self.limit:
+            self._retire()
+        self.inflight.append(self.pool.submit(self._job, offset, n, read, skip_zeros))
+        self.target.written(n)
+
+    def _job(self, offset: int, n: int, read: bool, skip_zeros: bool) -> list[CompressedClusters]:
+        cs = self.disk.cluster_size
+        data: bytes | bytearray = self.copy.read_new(offset, n) if read else bytes(n)
+        mv = memoryview(data)[:n]
+        out: list[CompressedClusters] = []
+        c = 0
+        while c < n:
+            if skip_zeros and is_zero(data, c, min(cs, n - c)):
+                c += cs
+                continue
+            d = c + cs  # a run of clusters to write
+            while d < n and not (skip_zeros and is_zero(data, d, min(cs, n - d))):
+                d += cs
+            if self.out_of_order:
+                self.disk.write_compressed(offset + c, mv[c:min(d, n)])
+            else:
+                out.append(self.disk.compress_clusters(offset + c, mv[c:min(d, n)]))
+            c = d
+        return out
+
+    def _retire(self) -> None:
+        for clusters in self.inflight.popleft().result():
+            self.disk.write_compressed_clusters(clusters)
+
+    def finish(self) -> None:
+        """Wait for every job and write what is left."""
+        while self.inflight:
+            self._retire()
+        self.pool.shutdown()
+
+    def abort(self) -> None:
+        """Drop the jobs not started, wait for the running ones (they may be writing)."""
+        for f in self.inflight:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
 class _Copy:
     def __init__(self, source: Image, size: int, target: _Target, min_sparse: int, compress: bool,
                  base_depth: int | None, backing: Image | None, progress: Progress | None, threads: int,
-                 zero_init: bool) -> None:
+                 zero_init: bool, out_of_order: bool) -> None:
         self.source = source
         self.size = size
         self.target = target
@@ -395,10 +452,12 @@ class _Copy:
         self.backing = backing
         self.progress = progress
         self.threads = threads
+        self.out_of_order = out_of_order
         self.zero_init = zero_init
         self.cdone = 0  # where the clusters written compressed so far end
         self.buf = bytearray(IO_BUF_SIZE)
         self.buf2 = bytearray(IO_BUF_SIZE)
+        self.compressor: _Compressor | None = None
 
     def _report(self, done: int) -> None:
         if self.progress is not None:
@@ -406,19 +465,17 @@ class _Copy:
 
     def run(self) -> None:
         self._report(0)
-        if self.compress:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="qcowdisk-compress") as pool:
-                self.pool = pool
-                self.inflight: deque[Future[int]] = deque()
-                try:
-                    self._walk()
-                    while self.inflight:
-                        self.inflight.popleft().result()
-                finally:
-                    for f in self.inflight:
-                        f.cancel()
-        else:
+        if not self.compress:
             self._walk()
+            return
+        assert isinstance(self.target, _QcowTarget)
+        self.compressor = _Compressor(self, self.target, self.threads, self.out_of_order)
+        try:
+            self._walk()
+        except BaseException:
+            self.compressor.abort()
+            raise
+        self.compressor.finish()
 
     def _walk(self) -> None:
         pos = 0
@@ -479,40 +536,31 @@ class _Copy:
             self._report(pos)
 
     def _compressed(self, start: int, end: int, zero_range: bool) -> None:
-        """Clusters written compressed, all-zero ones skipped (a new target reads zeros there)."""
-        assert isinstance(self.target, _QcowTarget)
-        disk = self.target.disk
-        cs = disk.cluster_size
+        """Clusters written compressed, by jobs of whole clusters. An all-zero cluster is
+        skipped when the target reads zeros already (qemu-img: has_zero_init and -S not 0),
+        else written compressed as qemu-img writes it."""
+        compressor = self.compressor
+        assert compressor is not None
+        cs = compressor.disk.cluster_size
+        batch = max(cs, COMPRESS_BATCH // cs * cs)
+        skip_zeros = self.zero_init and self.min_sparse != 0
         pos = max(start // cs * cs, self.cdone)
         last = min(-(-end // cs) * cs, self.size)
         self.cdone = max(self.cdone, last)
         while pos < last:
-            n = min(last - pos, COMPRESS_BATCH, self.size - pos)
-            data = bytearray(n)
+            n = min(last - pos, batch)
             # a zero range says nothing of the rest of the clusters it starts or ends inside
-            zero = zero_range and start <= pos and pos + n <= end
-            if not zero:
-                self._read(data, pos, n)
-            mv = memoryview(data)
-            c = 0
-            while c < n:  # runs of non-zero clusters, each one compressed call
-                if not zero and mv[c:c + cs] != zero_block(min(cs, n - c)):
-                    d = c + cs
-                    while d < n and mv[d:d + cs] != zero_block(min(cs, n - d)):
-                        d += cs
-                    self._submit(disk, pos + c, mv[c:min(d, n)])
-                    c = d
-                else:
-                    if self.min_sparse == 0:
-                        self._submit(disk, pos + c, mv[c:min(c + cs, n)])
-                    c += cs
+            zeros = zero_range and start <= pos and pos + n <= end
+            if not (zeros and skip_zeros):
+                compressor.submit(pos, n, not zeros, skip_zeros)
             pos += n
             self._report(min(pos, end))
 
-    def _submit(self, disk: QcowFile, offset: int, data: memoryview) -> None:
-        while len(self.inflight) >= 2 * self.threads:
-            self.inflight.popleft().result()
-        self.inflight.append(self.pool.submit(disk.write_compressed, offset, data))
+    def read_new(self, offset: int, n: int) -> bytearray:
+        """n bytes of the source at `offset` in a new buffer (any thread may call this)."""
+        data = bytearray(n)
+        self._read(data, offset, n)
+        return data
 
     def _diff(self, start: int, end: int, zero: bool) -> None:
         """Write where the source differs from the target's backing file, cluster by cluster."""
@@ -523,20 +571,25 @@ class _Copy:
         pos = start
         while pos < end:
             n = min(end - pos, step - pos % cs if pos % cs else step)
-            src = self._read(self.buf, pos, n) if not zero else zero_block(n)
-            ref = self._read_backing(pos, n)
+            if zero:
+                self.buf[:n] = zero_block(n)
+            else:
+                self._read(self.buf, pos, n)
+            self._read_backing(pos, n)
+            src, ref = self.buf, self.buf2
             c = 0
             while c < n:
                 d = min(n, c + cs - (pos + c) % cs)
-                if src[c:d] != ref[c:d]:
-                    if src[c:d] == zero_block(d - c):
+                if src[c:d] != ref[c:d]:  # (bytearray slices compare with memcmp)
+                    if is_zero(src, c, d - c):
                         self.target.write_zeroes(pos + c, d - c)
                     else:
-                        self.target.write_at(pos + c, src[c:d])
+                        self.target.write_at(pos + c, memoryview(src)[c:d])
                 c = d
             pos += n
 
-    def _read_backing(self, offset: int, n: int) -> memoryview:
+    def _read_backing(self, offset: int, n: int) -> None:
+        """n bytes of the target's backing file at `offset` into buf2 (zeros past its end)."""
         backing = self.backing
         assert backing is not None
         mv = memoryview(self.buf2)[:n]
@@ -544,7 +597,6 @@ class _Copy:
         got = backing.readinto_at(mv[:have], offset) if have else 0
         if got < n:
             mv[got:] = zero_block(n - got)
-        return mv
 
 
-__all__ = ["convert", "ConvertError", "is_allocated_sectors", "data_runs", "IO_BUF_SIZE"]
+__all__ = ["convert", "ConvertError", "IO_BUF_SIZE"]

@@ -68,8 +68,11 @@ class MeasureResult:
     line: no qcow2 v3 source, or a target that cannot hold them)."""
 
     required: int
+    """Bytes the new image file needs as the source (or an empty disk) would fill it."""
     fully_allocated: int
+    """Bytes the new image file needs with every cluster allocated."""
     bitmaps: int | None = None
+    """Bytes for the source's persistent bitmaps, None where qemu-img prints no bitmaps line."""
 
 
 def measure(*, size: int | None = None, src: str | os.PathLike[str] | Image | None = None,

@@ -7,6 +7,7 @@ can never make us allocate more than `cluster_size` bytes.
 from __future__ import annotations
 
 import io
+import threading
 import zlib
 
 import zstandard
@@ -15,6 +16,9 @@ from ..errors import CorruptImageError
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 _zstd = zstandard.ZstdDecompressor()
+# One zstd compression context per thread: making one costs about as much as compressing a
+# cluster, and a context may not be shared between threads. Reusing it changes no output byte.
+_local = threading.local()
 
 
 def decompress_cluster(payload: bytes, cluster_size: int, compression_type: int, where: str) -> bytes:
@@ -66,5 +70,8 @@ def compress_cluster(data: bytes, compression_type: int) -> bytes:
         c = zlib.compressobj(6, zlib.DEFLATED, -12, 9)
         return c.compress(data) + c.flush()
     if compression_type == COMPRESSION_ZSTD:
-        return zstandard.ZstdCompressor().compress(data)
+        cctx = getattr(_local, "zstd", None)
+        if cctx is None:
+            cctx = _local.zstd = zstandard.ZstdCompressor()
+        return cctx.compress(data)
     raise ValueError(f"unknown compression_type {compression_type}")

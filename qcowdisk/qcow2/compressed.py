@@ -37,6 +37,7 @@ Compression runs without the image lock (zlib and zstandard release the GIL);
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 
 from ..errors import UnsupportedFeatureError
 from ..hostio import Buffer
@@ -85,6 +86,30 @@ def compress_clusters(mv: memoryview, cluster_size: int, compression_type: int) 
         payload = compress_cluster(piece, compression_type)
         out.append(payload if len(payload) < cluster_size else None)
     return out
+
+
+@dataclass(frozen=True)
+class CompressedClusters:
+    """Whole clusters of guest data compressed for one write (`QcowFile.compress_clusters`),
+    waiting to be written by `QcowFile.write_compressed_clusters`."""
+
+    offset: int  # guest offset of the first cluster
+    data: memoryview  # the clusters' data (for those stored uncompressed)
+    payloads: list[bytes | None]  # cluster i compressed, or None: stored uncompressed
+    cluster_size: int
+    compression_type: int
+
+
+def check_prepared(s: Qcow2State, clusters: CompressedClusters) -> None:
+    """Refuse clusters compressed for another image shape (cluster size, compression type)."""
+    n = len(clusters.data)
+    if (clusters.cluster_size != s.cluster_size or clusters.compression_type != s.header.compression_type
+            or len(clusters.payloads) != -(-n // s.cluster_size)
+            or any(p is not None and len(p) >= s.cluster_size for p in clusters.payloads)):
+        raise ValueError(f"compressed clusters at offset {clusters.offset} were not prepared for image "
+                         f"{s.filename!r} (cluster size {s.cluster_size}, compression type "
+                         f"{s.header.compression_type})")
+    check_request(s, clusters.offset, n)
 
 
 def _refcounts(s: Qcow2State) -> Refcounts:

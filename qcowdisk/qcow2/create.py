@@ -166,14 +166,23 @@ def create_image(path: str, size: int, *, cluster_size: int, refcount_bits: int,
     if data_file:
         dpath = formats.resolve_backing_path(path, data_file)
         if not os.path.exists(dpath):
-            HostFile.create(dpath).close()
+            # as file-posix creates it: the guest size, its first block written (allocate_first_block)
+            new = HostFile.create(dpath)
+            try:
+                new.truncate(size)
+                if size:
+                    new.pwrite(bytes(min(size, 4096)), 0)
+            finally:
+                new.close()
         if data_file_raw:
             with open(dpath, "r+b") as f:
                 if os.fstat(f.fileno()).st_size < size:
                     f.truncate(size)
     host = HostFile.create(path) if host_factory is None else _create_with(host_factory, path)
     try:
-        host.pwrite(header_bytes, 0)
+        # the whole header cluster, as qcow2_co_create writes it: the file is allocated there
+        # (what `qemu-img info` counts as disk size, and what block status sees of the file)
+        host.pwrite(header_bytes + bytes(max(0, cluster_size - len(header_bytes))), 0)
         host.pwrite(reftable.encode(rt_entries, 0, len(rt_entries)), cluster_size)
         host.pwritev(blocks, rb_first * cluster_size)
         host.truncate(h.l1_table_offset + l1_size * 8 if l1_size else total * cluster_size)

@@ -51,6 +51,7 @@ from ..qcow1 import Qcow1File
 from . import amend as amending
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
+from . import zeroize as zeroizing
 from .cache import CachedTable
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
@@ -75,6 +76,7 @@ from .format import (
     parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
+    validate_snapshot_fields,
 )
 from .overlap import collect_metadata
 from .refcount import Refcounts
@@ -115,6 +117,7 @@ class QcowFile:
     """
 
     format_name = "qcow2"
+    """The format's name as qemu-img reports it (the `Image` protocol's `format_name`)."""
 
     def __init__(self, state: Qcow2State, image_lock: ImageLock | None) -> None:
         """Wrap an opened state (use `open`, `create` or `create_from_backing`)."""
@@ -269,7 +272,9 @@ class QcowFile:
         """Create a new image (never overwriting an existing file) and return it open read-write.
 
         Options mean what the same-named `qemu-img create -o` options mean; invalid combinations
-        raise ValueError as qemu-img refuses them.
+        raise ValueError as qemu-img refuses them. With `data_file_raw`, metadata is
+        preallocated (unless more is asked), as qemu-img does, so the tables map the data file
+        1:1.
         """
         path = os.fspath(path)
         data_file = None if data_file is None else os.fspath(data_file)
@@ -279,6 +284,9 @@ class QcowFile:
                      compression_type=compression_type, preallocation=preallocation, data_file=data_file,
                      data_file_raw=data_file_raw, backing_file=backing_file, backing_format=backing_format,
                      host_factory=host_factory)
+        if data_file_raw and preallocation == "off":
+            # qcow2_co_create: the tables must map the raw data file 1:1, so metadata is preallocated
+            preallocation = "metadata"
         img = cls._open(path, formats.OpenOptions(host_factory=host_factory or HostFile), (os.path.realpath(path),))
         if preallocation != "off":
             try:
@@ -594,6 +602,13 @@ class QcowFile:
                     raise
         return n
 
+    @property
+    def zeroes_in_metadata(self) -> bool:
+        """Whether `write_zeroes`/`punch_hole` change only table entries (plus at most the partial
+        subclusters at either end) rather than writing zero bytes over the range: false for a
+        version 2 image with a backing file and for an image with an external data file."""
+        return not writing.zeroing_writes_data(self._state)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (also over a backing file)."""
         self._zero(offset, length, punch=False)
@@ -602,7 +617,17 @@ class QcowFile:
         """Like write_zeroes, and hand the host space of whole clusters back."""
         self._zero(offset, length, punch=True)
 
+    def zeroize(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros the way QEMU's write_zeroes with
+        MAY_UNMAP leaves it (`qemu-img convert -n` does this to zero ranges): whole clusters
+        become zero clusters present in this image, their host space freed, even where they
+        were unallocated (see qcowdisk.qcow2.zeroize)."""
+        self._zero_with(offset, length, zeroizing.zeroize)
+
     def _zero(self, offset: int, length: int, punch: bool) -> None:
+        self._zero_with(offset, length, lambda s, at, n: writing.zero(s, at, n, punch))
+
+    def _zero_with(self, offset: int, length: int, zero: Callable[[Qcow2State, int, int], None]) -> None:
         s = self._state
         offset = self._check_range(offset, length)
         length = as_index(length, "length")
@@ -611,7 +636,7 @@ class QcowFile:
             if length:
                 def run() -> None:
                     ordering.mark_dirty_before_lazy_update(s)
-                    writing.zero(s, offset, length, punch)
+                    zero(s, offset, length)
                     ordering.release_frees_if_piling(s)
                 self._guarded(run)
 
@@ -705,7 +730,8 @@ class QcowFile:
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s))
 
-    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None) -> CheckResult:
+    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> CheckResult:
         """Check the image's refcounts and tables as `qemu-img check` does; with `repair="leaks"`
         fix leaked clusters, with `repair="all"` corruptions too (see qcowdisk.qcow2.check).
 
@@ -714,6 +740,13 @@ class QcowFile:
         on stderr while checking. A repair needs a read-write image; an image with the corrupt or
         dirty bit opens read-write for it with `QcowFile.open_for_check(path, repair=True)`.
         Raises `CheckFailedError` where qemu-img says `Check failed`.
+
+        `progress(done, total)` is called as the check goes (steps: L1 entries walked, refcount
+        blocks compared; see qcowdisk.qcow2.checkresult.CheckProgress). An exception raised by
+        it stops the check and propagates; a repair stopped so is left between two of its
+        ordered steps (what a crash there would leave: leaks at worst), never half-way through
+        one. Memory follows the image's metadata (4 bytes per cluster of the file, plus one
+        table at a time), never a size field the check has not validated.
         """
         s = self._state
         with s.lock:
@@ -722,7 +755,7 @@ class QcowFile:
                 self._check_writable()
             else:
                 self._check_healthy()
-            return self._guarded(lambda: check_image(s, repair, report))
+            return self._guarded(lambda: check_image(s, repair, report, progress))
 
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
@@ -758,25 +791,44 @@ class QcowFile:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         n = len(mv)
-        s = self._state
         offset = self._check_range(offset, n)
+        cs = self._state.cluster_size
+        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
+        for pos in range(0, max(n, 1), step):
+            self.write_compressed_clusters(self.compress_clusters(offset + pos, mv[pos:pos + step]))
+        return n
+
+    def compress_clusters(self, offset: int, data: Buffer) -> compressed.CompressedClusters:
+        """Compress whole clusters of `data` for guest `offset`, as `write_compressed` would,
+        without holding the image lock while compressing: threads may compress at once (zlib
+        and zstandard release the GIL); `write_compressed_clusters` writes the result. The
+        request is checked as `write_compressed` checks it."""
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        s = self._state
+        offset = self._check_range(offset, len(mv))
         with s.lock:
             self._check_writable()
-            compressed.check_request(s, offset, n)
+            compressed.check_request(s, offset, len(mv))
             compression_type = s.header.compression_type
-        cs = s.cluster_size
-        step = max(cs, compressed.CHUNK_BYTES // cs * cs)
-        for pos in range(0, n, step):
-            piece = mv[pos:pos + step]
-            payloads = compressed.compress_clusters(piece, cs, compression_type)  # without the lock
-            with s.lock:
-                self._check_writable()
+        payloads = compressed.compress_clusters(mv, s.cluster_size, compression_type)
+        return compressed.CompressedClusters(offset, mv, payloads, s.cluster_size, compression_type)
 
-                def run(at: int = offset + pos, piece: memoryview = piece, payloads: list[bytes | None] = payloads) -> None:
-                    ordering.mark_dirty_before_lazy_update(s)
-                    compressed.write_compressed(s, at, piece, payloads)
-                self._guarded(run)
-        return n
+    def write_compressed_clusters(self, clusters: compressed.CompressedClusters) -> None:
+        """Write clusters `compress_clusters` compressed (see `write_compressed`)."""
+        s = self._state
+        offset = self._check_range(clusters.offset, len(clusters.data))
+        with s.lock:
+            self._check_writable()
+            compressed.check_prepared(s, clusters)
+            if not clusters.payloads:
+                return
+
+            def run() -> None:
+                ordering.mark_dirty_before_lazy_update(s)
+                compressed.write_compressed(s, offset, clusters.data, clusters.payloads)
+            self._guarded(run)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:
@@ -906,7 +958,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
     if len(head) == 512 and 9 < cluster_bits <= 21:
         head = host.pread(min(file_length, 1 << cluster_bits), 0)
-    h = parse_header(head, file_length)
+    h = parse_header(head, file_length, check_snapshots=not for_check)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
@@ -922,6 +974,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
     if h.nb_snapshots:
         try:
+            if for_check:
+                validate_snapshot_fields(h)
             buf = host.pread(min(64 << 20, max(0, file_length - h.snapshots_offset)), h.snapshots_offset)
             s.snapshots, s.snapshot_table_length = parse_snapshot_table(
                 buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
