@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdefghi]
+                                             [--json OUT] [--keep] [--only abcdefghij]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -31,6 +31,8 @@ CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes;
   i) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
      with like: neither side fsyncs ("no sync", qemu-img's default cache=unsafe), or both do
      ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system)
+COMMIT / REBASE (benchmarks/bench_commit.py: a --size chain of /usr data, zeros and holes)
+  j) `qcowdisk commit` (qcow2 and raw base) and safe `qcowdisk rebase` vs qemu-img's, whole processes
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -751,6 +753,16 @@ def bench_nbd(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
             rows.append(row)
 
 
+def bench_commit_rebase(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """Case j): bench_commit.py's rows (wall, then CPU), target >= 1.0x qemu-img."""
+    log("j) commit / rebase against qemu-img")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_commit import bench_rows
+    for case, q, r, ratio in bench_rows(size, workdir, repeat):
+        rows.append(Row(f"j) {case.strip()}", "s", "qemu-img (whole process)", q, r, ratio, ">= 1.00", ratio >= 1.0,
+                        "cpu: user + sys" if "(cpu)" in case else "wall"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -833,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefghi", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefghij", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -862,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
             bench_check(workdir, args.repeat, rows)
         if "i" in only:
             bench_convert(workdir, args.size, args.repeat, rows)
+        if "j" in only:
+            with guarded(rows, "j) commit / rebase", "s", "qemu-img"):
+                bench_commit_rebase(workdir, args.size, args.repeat, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -49,7 +49,7 @@ def build(d: Path, opts: str, depth: int = 2) -> None:
         cmds.append("write -c -P 0x34 1M 64k")
     qemu_io(str(d / "top.qcow2"), *cmds)
     create(str(d / "new.qcow2"), 3 * MiB, options=o)
-    qemu_io(str(d / "new.qcow2"), "write -P 0x11 0 512k", "write -P 0x41 1M 1M")
+    qemu_io(str(d / "new.qcow2"), "write -P 0x11 0 512k", "write -P 0x42 300k 512", "write -P 0x41 1M 1M")
 
 
 def twins(tmp_path: Path, opts: str, depth: int = 2) -> tuple[Path, Path]:
@@ -63,11 +63,24 @@ def same_images(q: Path, o: Path) -> None:
     for name in sorted(os.listdir(q)):
         a, b = str(q / name), str(o / name)
         compare(a, b)
-        assert_clean(b)
+        if not name.endswith((".raw", ".qcow")):  # qemu-img checks only qcow2 here
+            assert_clean(b)
         ia, ib = info(a), info(b)
         assert ia.get("backing-filename") == ib.get("backing-filename"), name
         assert ia.get("backing-filename-format") == ib.get("backing-filename-format"), name
         assert ia["virtual-size"] == ib["virtual-size"], name
+
+
+def allocated_ranges(path: Path) -> list[tuple[int, int]]:
+    """The merged ranges the image itself allocates (qemu-img map: depth 0, present)."""
+    out: list[tuple[int, int]] = []
+    for e in json.loads(qemu_img("map", "--output=json", str(path)).stdout):
+        if e["depth"] == 0 and e["present"]:
+            if out and out[-1][1] == e["start"]:
+                out[-1] = (out[-1][0], e["start"] + e["length"])
+            else:
+                out.append((e["start"], e["start"] + e["length"]))
+    return out
 
 
 def top_allocated(path: Path) -> bool:
@@ -88,6 +101,109 @@ def test_commit_matches_qemu(tmp_path: Path, layout: str) -> None:
     assert not top_allocated(o / "top.qcow2")
     assert seen[0] == (0, 6 * MiB) and seen[-1] == (6 * MiB, 6 * MiB)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def build_raw(d: Path, opts: str, depth: int = 2) -> None:
+    """base.raw (4 MiB: data, a hole, data, a hole) <- mid.qcow2 (depth 3) <- top.qcow2 (6 MiB):
+    data over data and over the hole, zeros over data and over the hole, compressed data, and
+    data past the base's end (the base grows)."""
+    d.mkdir(parents=True, exist_ok=True)
+    o = opts or None
+    create(str(d / "base.raw"), 4 * MiB, fmt="raw")
+    qemu_io(str(d / "base.raw"), "write -P 0x11 0 1M", "write -P 0x12 2M 1M", fmt="raw")
+    below, below_fmt = "base.raw", "raw"
+    if depth == 3:
+        create(str(d / "mid.qcow2"), 4 * MiB, options=o, backing=below, backing_fmt=below_fmt)
+        qemu_io(str(d / "mid.qcow2"), "write -P 0x21 256k 300k", "write -z 2M 64k")
+        below, below_fmt = "mid.qcow2", "qcow2"
+    create(str(d / "top.qcow2"), 6 * MiB, options=o, backing=below, backing_fmt=below_fmt)
+    qemu_io(str(d / "top.qcow2"), "write -P 0x31 4k 70k", "write -z 512k 128k", "write -P 0x32 1200k 100k",
+            "write -z 1600k 128k", "write -z 2M 192k", "write -c -P 0x34 3M 64k", "write -P 0x33 5M 1k")
+
+
+def raw_twins(tmp_path: Path, opts: str, depth: int = 2) -> tuple[Path, Path]:
+    """Built twice rather than copied: a copy would fill the raw base's holes."""
+    q, o = tmp_path / "qemu", tmp_path / "ours"
+    build_raw(q, opts, depth)
+    build_raw(o, opts, depth)
+    return q, o
+
+
+def qemu_map_json(path: Path, *extra: str) -> list[dict[str, object]]:
+    maps: list[dict[str, object]] = json.loads(qemu_img("map", "--output=json", *extra, str(path)).stdout)
+    return maps
+
+
+@pytest.mark.parametrize("layout", ["default", "small-clusters"])
+def test_commit_into_raw_base_matches_qemu(tmp_path: Path, layout: str) -> None:
+    """The raw base grows and takes the data; the overlay's zeros become holes in it, as the
+    mirror job's write_zeroes(MAY_UNMAP) punches them: `qemu-img map` of the bases agree."""
+    q, o = raw_twins(tmp_path, LAYOUTS[layout])
+    before = str(tmp_path / "before.raw")
+    qemu_img("convert", "-O", "raw", str(o / "top.qcow2"), before)
+    qemu_img("commit", "-q", str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2")
+    same_images(q, o)
+    compare(str(o / "base.raw"), before, fmt_a="raw", fmt_b="raw")
+    assert not top_allocated(o / "top.qcow2")
+    assert (o / "base.raw").stat().st_size == 6 * MiB
+    if layout == "default":  # qemu's mirror copies in 64 KiB chunks: the same as these clusters
+        assert qemu_map_json(o / "base.raw", "-f", "raw") == qemu_map_json(q / "base.raw", "-f", "raw")
+
+
+def test_commit_into_raw_base_through_a_middle_layer(tmp_path: Path) -> None:
+    q, o = raw_twins(tmp_path, "", depth=3)
+    qemu_img("commit", "-q", "-b", "base.raw", str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2", base="base.raw", drop=True)
+    same_images(q, o)
+    assert qemu_map_json(o / "base.raw", "-f", "raw") == qemu_map_json(q / "base.raw", "-f", "raw")
+    for case in [("commit", "mid.qcow2"), ("commit", "-d", "top.qcow2")]:
+        assert cli(o, *case) == oracle(q, *case), case
+        same_images(q, o)
+
+
+def merged_allocation(path: Path) -> list[tuple[int, int, bool, bool, bool]]:
+    """qemu-img map's (start, end, present, zero, data) runs, host offsets left out."""
+    out: list[tuple[int, int, bool, bool, bool]] = []
+    for e in json.loads(qemu_img("map", "--output=json", str(path)).stdout):
+        key = (e["present"], e["zero"], e["data"])
+        if out and out[-1][1] == e["start"] and out[-1][2:] == key:
+            out[-1] = (out[-1][0], e["start"] + e["length"], *key)
+        else:
+            out.append((e["start"], e["start"] + e["length"], *key))
+    return out
+
+
+def build_qcow_v1(d: Path) -> None:
+    """base.qcow (4 MiB, data and a compressed cluster) <- top.qcow2 (4 KiB clusters) with partial
+    clusters, zeros, data over the compressed cluster; grow.qcow2 is 6 MiB over the same base."""
+    d.mkdir()
+    create(str(d / "base.qcow"), 4 * MiB, fmt="qcow")
+    qemu_io(str(d / "base.qcow"), "write -P 0x11 0 1M", "write -c -P 0x15 1M 4k", fmt="qcow")
+    create(str(d / "top.qcow2"), 4 * MiB, options="cluster_size=4096", backing="base.qcow", backing_fmt="qcow")
+    qemu_io(str(d / "top.qcow2"), "write -z 2M 128k", "write -P 0x31 3M 1k", "write -P 0x32 1M 1k",
+            "write -P 0x33 100k 3k", "write -P 0x34 2000k 200k")
+    create(str(d / "grow.qcow2"), 6 * MiB, backing="base.qcow", backing_fmt="qcow")
+    qemu_io(str(d / "grow.qcow2"), "write -P 0x31 4k 70k")
+
+
+def test_commit_into_qcow_v1_base(tmp_path: Path) -> None:
+    """qemu-img commits into a qcow (v1) base (zeros become clusters of zeros, a compressed
+    cluster is rewritten whole): the same guest view and allocation; growing one its job
+    refuses ("Block job failed: Operation not supported", nothing written): the same."""
+    q, o = tmp_path / "qemu", tmp_path / "ours"
+    build_qcow_v1(q)
+    build_qcow_v1(o)
+    assert cli(o, "commit", "grow.qcow2") == oracle(q, "commit", "grow.qcow2")
+    same_images(q, o)
+    assert (o / "base.qcow").read_bytes() == (q / "base.qcow").read_bytes()
+    before = str(tmp_path / "before.raw")
+    qemu_img("convert", "-O", "raw", str(o / "top.qcow2"), before)
+    assert cli(o, "commit", "top.qcow2") == oracle(q, "commit", "top.qcow2")
+    same_images(q, o)
+    compare(str(o / "base.qcow"), before, fmt_b="raw")
+    assert merged_allocation(o / "base.qcow") == merged_allocation(q / "base.qcow")
+    assert (o / "base.qcow").stat().st_size == (q / "base.qcow").stat().st_size
 
 
 def test_commit_drop_and_deeper_base(tmp_path: Path) -> None:
@@ -112,6 +228,9 @@ def test_rebase_safe_matches_qemu(tmp_path: Path, layout: str, target: str) -> N
     same_images(q, o)
     assert info(str(o / "top.qcow2")).get("backing-filename") == (target or None)
     assert seen and seen[-1] == 6 * MiB
+    # One differing sector allocates its whole cluster (subcluster with extended L2), as qemu-img's
+    # sector-wise writes do; nothing else is allocated.
+    assert allocated_ranges(o / "top.qcow2") == allocated_ranges(q / "top.qcow2")
 
 
 def test_rebase_unsafe_only_renames(tmp_path: Path) -> None:
@@ -176,6 +295,40 @@ def test_cli_matches_qemu(tmp_path: Path) -> None:
     for case in CLI_CASES:
         assert cli(o, *case) == oracle(q, *case), case
         same_images(q, o)
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096", "extended_l2=on,cluster_size=65536"])
+def test_rebase_progress_line_matches_qemu(tmp_path: Path, opts: str) -> None:
+    """-p prints what qemu-img prints: one step per chunk (at most 2 MiB, and never across an L2
+    table) of the image's unallocated runs, in single-precision percent; 0 and 100 in unsafe mode."""
+    for d in (tmp_path / "q", tmp_path / "o"):
+        d.mkdir()
+        create(str(d / "b.qcow2"), 10 * MiB + 512)
+        qemu_io(str(d / "b.qcow2"), "write -P 1 0 3M")
+        create(str(d / "t.qcow2"), 10 * MiB + 512, options=opts or None, backing="b.qcow2", backing_fmt="qcow2")
+        qemu_io(str(d / "t.qcow2"), "write -P 2 1M 1M", "write -P 3 5M 64k", "write -P 4 2044k 8k")
+    for case in [("rebase", "-p", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"),
+                 ("rebase", "-p", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"),
+                 ("rebase", "-p", "-b", "", "t.qcow2")]:
+        assert cli(tmp_path / "o", *case) == oracle(tmp_path / "q", *case), case
+        same_images(tmp_path / "q", tmp_path / "o")
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096"])
+def test_rebase_progress_line_onto_a_layer_of_the_chain(tmp_path: Path, opts: str) -> None:
+    """Rebasing onto a deeper layer, qemu-img reports only the chunks the layers in between
+    allocate (its prefix chain): the same line."""
+    for d in (tmp_path / "q", tmp_path / "o"):
+        d.mkdir()
+        create(str(d / "b.qcow2"), 12 * MiB)
+        qemu_io(str(d / "b.qcow2"), "write -P 1 0 3M")
+        create(str(d / "m.qcow2"), 12 * MiB, options=opts or None, backing="b.qcow2", backing_fmt="qcow2")
+        qemu_io(str(d / "m.qcow2"), "write -P 5 1536k 1M", "write -P 6 6M 3M", "write -z 11M 64k")
+        create(str(d / "t.qcow2"), 12 * MiB, options=opts or None, backing="m.qcow2", backing_fmt="qcow2")
+        qemu_io(str(d / "t.qcow2"), "write -P 2 1M 1M", "write -P 3 7M 64k")
+    case = ("rebase", "-p", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2")
+    assert cli(tmp_path / "o", *case) == oracle(tmp_path / "q", *case)
+    same_images(tmp_path / "q", tmp_path / "o")
 
 
 def test_commit_empties_an_image_with_snapshots(tmp_path: Path) -> None:

@@ -3,12 +3,131 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import sys
+from collections.abc import Iterator
 
+from .. import formats
+from ..image import Image
 from ..ops import RebaseError, rebase
+from ..qcow2.file import QcowFile
 from .common import PROG, Parser, UsageError, check_chain, open_failed
-from .progress import progress_bar
+from .progress import QemuProgress, f32, progress_bar
+
+IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
+WINDOW = 256 << 20  # block status asked for at a time
+
+
+def _allocated_runs(img: Image, size: int, step: int) -> list[tuple[int, int, bool]]:
+    """(start, end, allocated) runs of one layer alone, also split every `step` bytes (where
+    QEMU's block status of a qcow2 layer stops: the end of an L2 table)."""
+    runs: list[tuple[int, int, bool]] = []
+    for pos in range(0, size, WINDOW):
+        at = pos
+        stop = min(size, pos + WINDOW, img.virtual_size)
+        if at >= stop:
+            break
+        for ext in img.layer_status(pos, stop - pos):
+            start, at = at, at + ext.length
+            while start < at:
+                end = min(at, (start // step + 1) * step)
+                if start == pos and runs and runs[-1][2] == ext.allocated and start % step:
+                    start = runs.pop()[0]  # one run across two status windows
+                runs.append((start, end, ext.allocated))
+                start = end
+    if (runs[-1][1] if runs else 0) < size:  # past a shorter layer's end: not allocated
+        runs.append((runs[-1][1] if runs else 0, size, False))
+    return runs
+
+
+def _l2_reach(img: Image) -> int:
+    if isinstance(img, QcowFile):
+        return img.cluster_size * (img.cluster_size // (16 if img.extended_l2 else 8))
+    return 1 << 62
+
+
+def reported_chunks(path: str, new_backing: str) -> tuple[int, list[tuple[int, int]]]:
+    """(disk size, the ranges qemu-img rebase's loop reports a step for): the image's own
+    unallocated runs, and when the new backing file is already in the chain (qemu-img's
+    prefix chain), only where the layers between the old and the new backing allocate;
+    bdrv_is_allocated(_above) answers at most to the end of an L2 table, so runs split there.
+    One entry per run: memory follows the image's extents, not its size."""
+    options = formats.OpenOptions(readonly=True, force_share=True)
+    chain = formats.open_image(path, "qcow2", options)
+    try:
+        size = chain.virtual_size
+        layers: list[Image] = []
+        node: Image | None = chain
+        while node is not None:
+            layers.append(node)
+            node = node.backing
+        prefix = None
+        if new_backing:
+            real = os.path.realpath(formats.resolve_backing_path(path, new_backing))
+            prefix = next((d for d in range(1, len(layers)) if os.path.realpath(layers[d].filename) == real), None)
+        cuts: set[int] = set()
+        between: list[list[tuple[int, int, bool]]] = []
+        for img in layers[1:prefix] if prefix is not None else []:
+            runs = _allocated_runs(img, size, _l2_reach(img))
+            between.append(runs)
+            cuts.update(end for _, end, _ in runs)
+        ordered = sorted(cuts)
+        ranges: list[tuple[int, int]] = []
+        for start, end, allocated in _allocated_runs(chain, size, _l2_reach(chain)):
+            if allocated:
+                continue
+            if prefix is None:
+                ranges.append((start, end))
+                continue
+            lo, hi = bisect.bisect_right(ordered, start), bisect.bisect_left(ordered, end)
+            for a, b in _split(start, end, ordered[lo:hi]):
+                if any(_allocated_at(runs, a) for runs in between):
+                    ranges.append((a, b))
+        return size, ranges
+    finally:
+        chain.close()
+
+
+def _split(start: int, end: int, cuts: list[int]) -> Iterator[tuple[int, int]]:
+    for cut in [*cuts, end]:
+        yield start, cut
+        start = cut
+
+
+def _allocated_at(runs: list[tuple[int, int, bool]], offset: int) -> bool:
+    i = bisect.bisect_right(runs, (offset, 1 << 63, True)) - 1
+    return i >= 0 and runs[i][0] <= offset < runs[i][1] and runs[i][2]
+
+
+class RebaseProgress:
+    """qemu-img rebase's -p line: 0 first, then (local_progress = 100 / (size / 2 MiB)) for each
+    chunk of at most 2 MiB of the image's unallocated runs it handles, 100 at the end. Driven by
+    the operation's progress(done, total): each chunk is counted once `done` passes its end."""
+
+    def __init__(self, bar: QemuProgress, size: int, pieces: list[tuple[int, int]]) -> None:
+        self.bar = bar
+        self.local = f32(100.0 / f32(size // min(size, IO_BUF_SIZE))) if size else 0.0
+        self.chunk_ends = self._ends(pieces)
+        self.next = next(self.chunk_ends, None)
+        bar.print_delta(0.0, 100)
+
+    @staticmethod
+    def _ends(pieces: list[tuple[int, int]]) -> Iterator[int]:
+        for start, end in pieces:
+            for at in range(start, end, IO_BUF_SIZE):
+                yield min(end, at + IO_BUF_SIZE)
+
+    def advance(self, done: int, total: int) -> None:
+        """The operation reached guest offset `done`."""
+        while self.next is not None and self.next <= done:
+            self.bar.print_delta(self.local, 100)
+            self.next = next(self.chunk_ends, None)
+
+    def finish(self) -> None:
+        """The rebase is done: any chunk left, then qemu_progress_print(100, 0)."""
+        self.advance(1 << 63, 0)
+        self.bar.print_delta(100.0, 0)
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
@@ -32,10 +151,19 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise open_failed(path, FileNotFoundError(2, os.strerror(2), path))
     if not args.unsafe:
         check_chain(path)
-    bar = progress_bar(args) if not args.unsafe else None
+    bar = progress_bar(args)
+    steps: RebaseProgress | None = None
     try:
+        if bar is not None:
+            steps = RebaseProgress(bar, *reported_chunks(path, backing)) if not args.unsafe else None
+            if steps is None:
+                bar.print_delta(0.0, 100)
         rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,
-               progress=bar.advance if bar else None)
+               progress=steps.advance if steps else None)
+        if steps is not None:
+            steps.finish()
+        elif bar is not None:
+            bar.print_delta(100.0, 0)
     except RebaseError as e:
         raise UsageError(str(e)) from e
     finally:

@@ -11,22 +11,39 @@ Here each layer above the base is opened alone (no chain, so no read lock on the
 asked for its own `layer_status`; the topmost layer allocating a range decides it: its zeros
 become `write_zeroes` in the base, its data is copied in steps of `IO_BUF_SIZE`. The base is
 opened read-write with its own chain (its partial-cluster writes need what lies below it).
-Only a qcow2 base can be written (raw and qcow v1 images are read-only here).
+
+The base may be qcow2 or raw (a raw base is the bottom of the chain). qemu-img's commit is a
+mirror job with `unmap` set, so zeros reach a raw base as `write_zeroes(MAY_UNMAP)`: file-posix
+punches a hole (the range reads as zeros and its blocks are given back), or writes zeros where
+the file system cannot punch; a shorter raw base is grown with ftruncate. Data is written with
+one pwritev per step. A qcow (v1) base takes the data as QEMU's qcow driver does (`Qcow1Target`: zeros written as
+data, new clusters appended); it cannot grow, and qemu-img's job then fails with "Operation not
+supported" before writing anything, as here.
+
+Order (crash safety): everything is written into the base and made durable (fsync) before the
+image is emptied, so a power cut leaves the image reading as before, its data possibly in the
+base already (as with qemu-img).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from .. import formats
 from ..errors import QcowError
-from ..hostio import HostFactory, HostFile
-from ..image import Image, LayerExtent
+from ..hostio import Buffer, HostFactory, HostFile
+from ..image import Image, LayerExtent, fill_zeros, zero_block
+from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
+from .inflight import InFlight
+from .qcow1_target import Qcow1Target
 
 IO_BUF_SIZE = 2 << 20  # the most copied in one step
+IN_FLIGHT = 4  # data steps copied at once (worker threads, each with its buffer)
 WINDOW = 256 << 20  # guest bytes of block status asked for at a time
 
 Progress = Callable[[int, int], object]
@@ -34,6 +51,84 @@ Progress = Callable[[int, int], object]
 
 class CommitError(QcowError):
     """The commit cannot be done; the message is qemu-img's (e.g. "Image does not have a backing file")."""
+
+
+class _Target(Protocol):
+    """What the commit writes into: the base, of whatever format."""
+
+    @property
+    def virtual_size(self) -> int:
+        """The base's disk size."""
+        ...
+
+    def resize(self, new_size: int) -> None:
+        """Grow the base to `new_size` (commit_run grows a shorter base first)."""
+        ...
+
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """Write guest bytes."""
+        ...
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros (unmapping where the format can, as qemu-img's commit does)."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written durable."""
+        ...
+
+    def close(self) -> None:
+        """Release the base."""
+        ...
+
+
+class _RawTarget:
+    """A raw base opened for writing, with QEMU's writer locks: the file is the disk."""
+
+    def __init__(self, path: str, host_factory: HostFactory) -> None:
+        self.host = host_factory(path, True)
+        self._lock: ImageLock | None = None
+        try:
+            self._lock = lock_image(self.host.fd, path, write=True)
+        except BaseException:
+            self.host.close()
+            raise
+
+    @property
+    def virtual_size(self) -> int:
+        """The file's length."""
+        return self.host.size()
+
+    def resize(self, new_size: int) -> None:
+        """Grow the file (ftruncate; the new tail is a hole)."""
+        self.host.truncate(new_size)
+
+    def write_at(self, offset: int, data: Buffer) -> int:
+        """pwritev the bytes in place."""
+        self.host.pwrite(data, offset)
+        return len(memoryview(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Punch a hole (file-posix's write_zeroes with MAY_UNMAP); write zeros where the file
+        system cannot punch."""
+        if self.host.punch_hole(offset, length):
+            return
+        end = offset + length
+        while offset < end:
+            n = min(IO_BUF_SIZE, end - offset)
+            self.host.pwrite(zero_block(n), offset)
+            offset += n
+
+    def flush(self) -> None:
+        """fsync the file."""
+        self.host.fsync()
+
+    def close(self) -> None:
+        """Release the lock and the file."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+        self.host.close()
 
 
 def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, drop: bool = False,
@@ -59,9 +154,11 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         chain_img = formats.open_image(path, image_format, formats.OpenOptions(readonly=True, host_factory=hf))
         try:
             layers: list[tuple[str, str, str | None]] = []  # (path, format, stored backing name)
+            sizes: list[int] = []
             node: Image | None = chain_img
             while node is not None:
                 layers.append((node.filename, node.format_name, node.backing_file))
+                sizes.append(node.virtual_size)
                 node = node.backing
         finally:
             chain_img.close()
@@ -69,8 +166,10 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             raise CommitError("Image does not have a backing file")
         depth = 1 if base is None else _find_base(layers, os.fspath(base), path)
         base_path, base_format, _ = layers[depth]
-        if base_format != "qcow2":
-            raise CommitError(f"Cannot commit into '{base_path}': only qcow2 base images can be written here")
+        if base_format not in ("qcow2", "raw", "qcow"):
+            raise CommitError(f"Cannot commit into '{base_path}': qcowdisk cannot write {base_format} images")
+        if base_format == "qcow" and sizes[depth] < sizes[0]:
+            raise CommitError("Block job failed: Operation not supported")  # qemu-img's job cannot grow it
         top = QcowFile.open(path, backing=False, host_factory=hf)
         stack.callback(top.close)
         above: list[Image] = [top]
@@ -78,7 +177,13 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             img = formats.open_image(lpath, lformat, formats.OpenOptions(readonly=True, backing=False, host_factory=hf))
             stack.callback(img.close)
             above.append(img)
-        target = QcowFile.open(base_path, host_factory=hf)
+        target: _Target
+        if base_format == "raw":
+            target = _RawTarget(base_path, hf)
+        elif base_format == "qcow":
+            target = Qcow1Target(base_path, hf)
+        else:
+            target = QcowFile.open(base_path, host_factory=hf)
         stack.callback(target.close)
         _copy(above, target, progress)
         target.flush()
@@ -133,36 +238,55 @@ def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int,
     return out
 
 
-def _copy(layers: list[Image], target: QcowFile, progress: Progress | None) -> None:
-    size = layers[0].virtual_size
-    if target.virtual_size < size:
-        target.resize(size)  # commit_run grows a shorter base first
-    if progress is not None:
-        progress(0, size)
-    buf = bytearray(IO_BUF_SIZE)
-    view = memoryview(buf)
-    pos = 0
-    while pos < size:
+def _steps(layers: list[Image], size: int) -> Iterator[tuple[int, int, int]]:
+    """(guest offset, length, depth) steps of the copy in guest order: depth -1 for zeros
+    (one step per run), the depth of the layer to read from for data (steps of at most
+    IO_BUF_SIZE), and (window end, 0, -2) after each window of block status."""
+    for pos in range(0, size, WINDOW):
         win_end = min(size, pos + WINDOW)
         for start, end, depth, ext in _segments(layers, pos, win_end):
             if ext is None:
                 continue
             if ext.zero and not ext.data:
-                target.write_zeroes(start, end - start)
+                yield start, end - start, -1
             else:
-                at = start
-                while at < end:
-                    n = min(IO_BUF_SIZE, end - at)
-                    got = layers[depth].readinto_at(view[:n], at)
-                    if got < n:
-                        view[got:n] = bytes(n - got)
-                    target.write_at(at, view[:n])
-                    at += n
-                    if progress is not None:
-                        progress(at, size)
-        pos = win_end
+                for at in range(start, end, IO_BUF_SIZE):
+                    yield at, min(IO_BUF_SIZE, end - at), depth
+        yield win_end, 0, -2
+
+
+def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
+    """Copy what the layers above the base allocate into it: data steps (read from the layer,
+    write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here
+    once no step is in flight."""
+    size = layers[0].virtual_size
+    if target.virtual_size < size:
+        target.resize(size)  # commit_run grows a shorter base first
+
+    def report(done: int) -> None:
         if progress is not None:
-            progress(pos, size)
+            progress(done, size)
+
+    def copy_step(depth: int, at: int, n: int, buf: memoryview) -> None:
+        view = buf[:n]
+        got = layers[depth].readinto_at(view, at)
+        if got < n:
+            fill_zeros(view, got, n)
+        target.write_at(at, view)
+
+    report(0)
+    with InFlight(IN_FLIGHT, lambda: memoryview(bytearray(IO_BUF_SIZE)), report) as steps:
+        for at, n, depth in _steps(layers, size):
+            if depth >= 0:
+                steps.submit(functools.partial(copy_step, depth, at, n), at + n)
+            elif depth == -1:
+                # The steps in flight first: a partial cluster may be shared with one of them.
+                steps.drain()
+                target.write_zeroes(at, n)
+            else:  # the end of a window: everything before it is done
+                steps.drain()
+                report(at)
+        steps.drain()
 
 
 __all__ = ["commit", "CommitError"]
