@@ -83,6 +83,9 @@ from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
 _T = TypeVar("_T")
 
+# Bytes of cluster 0 read first at open (see `_read_header`).
+HEADER_PREFIX_BYTES = 4096
+
 # The read-only fast path's constants: cluster_bits, l1 shift, l2 index mask, cluster mask,
 # virtual size, L1 entries, the L2 cache's tables, entry bits that reject, file length, pread.
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
@@ -900,13 +903,7 @@ class QcowFile:
 def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
-    # Cluster 0 only (its size is in the first bytes): reading guest data would pull it into the
-    # page cache, which changes what SEEK_DATA says of unwritten extents (block status).
-    head = host.pread(min(file_length, 512), 0)
-    cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
-    if len(head) == 512 and 9 < cluster_bits <= 21:
-        head = host.pread(min(file_length, 1 << cluster_bits), 0)
-    h = parse_header(head, file_length)
+    h = _read_header(host, file_length)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
@@ -942,6 +939,28 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         # read-only: an entry past the data file's end is corrupt; read-write: writes extend it
         s.data_file_limit = s.data_host.size() if options.readonly else 1 << 62
     return s
+
+
+def _read_header(host: HostFile, file_length: int) -> Header:
+    """The validated header, reading only the start of cluster 0 when that holds all of it.
+
+    The header, its extensions and the backing file name normally fit in the first 4 KiB; a
+    chain of 20 images with 2 MiB clusters should not read 40 MiB to open. Parsing a prefix
+    either succeeds with exactly what parsing the whole cluster gives (the extension walk and
+    the name both stop inside the prefix) or fails, and then the whole cluster is read and
+    parsed again, so what is refused, and the message, are as before. Never past cluster 0:
+    reading guest data would pull it into the page cache, which changes what SEEK_DATA says
+    of unwritten extents (block status).
+    """
+    head = host.pread(min(file_length, HEADER_PREFIX_BYTES), 0)
+    cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+    whole = min(file_length, 1 << cluster_bits) if 9 < cluster_bits <= 21 else len(head)
+    if whole > len(head):
+        try:
+            return parse_header(head, file_length)
+        except InvalidImageError:
+            head = host.pread(whole, 0)
+    return parse_header(head, file_length)
 
 
 def _check_l1_tables_vs_refblocks(s: Qcow2State) -> None:
