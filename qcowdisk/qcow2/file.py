@@ -146,28 +146,32 @@ class QcowFile:
     def open(cls, path: str | os.PathLike[str], *, readonly: Literal[False] = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: None = None) -> QcowFile: ...
+             host_factory: HostFactory | None = None, snapshot: None = None,
+             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
 
     @overload
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: Literal[True], backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: str | Snapshot) -> QcowFile: ...
+             host_factory: HostFactory | None = None, snapshot: str | Snapshot,
+             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
 
     @overload
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: None = None) -> QcowFile | Qcow1File: ...
+             host_factory: HostFactory | None = None, snapshot: None = None,
+             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File: ...
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
              host_factory: HostFactory | None = None,
-             snapshot: str | Snapshot | None = None) -> QcowFile | Qcow1File:
+             snapshot: str | Snapshot | None = None, l2_cache_size: int | None = None,
+             l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File:
         """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
 
         A read-only open also opens a legacy qcow version 1 image, returning a
@@ -190,6 +194,11 @@ class QcowFile:
         that the disk has the snapshot's size (QEMU's export keeps the active disk's size).
         The id is tried first, then the name. A snapshot whose L1 table is bad is refused with
         an InvalidImageError naming the field and value.
+
+        `l2_cache_size` and `l2_cache_entry_size` (bytes) are QEMU's `l2-cache-size` and
+        `l2-cache-entry-size` options, with QEMU's defaults, limits and messages (ValueError);
+        they size the image's own L2 cache, not its backing files' (see
+        qcowdisk.qcow2.cachesize). Read-only opens read L2 tables in slices of the entry size.
         """
         path = os.fspath(path)
         if force_share and not readonly:
@@ -199,7 +208,8 @@ class QcowFile:
         options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
                                       host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share)
+                                      force_share=force_share, l2_cache_size=l2_cache_size,
+                                      l2_cache_entry_size=l2_cache_entry_size)
         img = cls._open_any(path, options, (os.path.realpath(path),))
         if snapshot is not None:
             try:
@@ -916,7 +926,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     raw = host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
     if len(raw) < h.l1_size * 8:
         raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} runs past end of file")
-    s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
+    s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw),
+                   l2_cache_size=options.l2_cache_size, l2_cache_entry_size=options.l2_cache_entry_size)
     if h.nb_snapshots:
         try:
             buf = host.pread(min(64 << 20, max(0, file_length - h.snapshots_offset)), h.snapshots_offset)

@@ -147,7 +147,13 @@ def get_host_runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
             last = _add_run(runs, last, RUN_BACKING, table_end - pos, NO_HOST, gc)
             pos = table_end
             continue
-        entries = s.l2_cache.get(l2off).entries
+        if s.l2_slices is not None:  # only the slice holding l2i (read-only opens)
+            first = l2i - l2i % s.l2_slice_entries
+            table_end = min(table_end, (l1i * l2n + first + s.l2_slice_entries) << cbits)
+            entries = s.l2_slices.get(l2off + first * (16 if s.extended_l2 else 8)).entries
+            l2i -= first
+        else:
+            entries = s.l2_cache.get(l2off).entries
         if not s.extended_l2:
             last = _standard_runs(s, runs, last, entries, pos, table_end, l2i)
             pos = table_end
