@@ -8,6 +8,7 @@ Everything here expects the caller to hold the image lock.
 from __future__ import annotations
 
 from ..image import fill_zeros
+from .chain import owning_layer
 from .decoding import Piece, read_compressed
 from .entries import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK
 from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, data_offset, get_host_runs
@@ -54,8 +55,8 @@ def execute_runs(s: Qcow2State, mv: memoryview, guest_offset: int, runs: list[Ru
             fill_zeros(mv, pos, pos + length)
         elif kind == RUN_BACKING:
             got = 0
-            if s.backing is not None:
-                got = s.backing.readinto_at(mv[pos:pos + length], goff)
+            if s.backing is not None:  # from the layer that owns it, skipping those that do not
+                got = owning_layer(s.backing, goff, length).readinto_at(mv[pos:pos + length], goff)
             if got < length:
                 fill_zeros(mv, pos + got, pos + length)
         else:
