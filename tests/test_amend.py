@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from qcowdisk import AmendError, InvalidImageError, QcowFile, cli
-from qemutools import assert_clean, create, info, qemu_img, qemu_io, qemu_io_holding
+from qemutools import assert_clean, copy_sparse, create, info, qemu_img, qemu_io, qemu_io_holding
 
 MiB = 1 << 20
 
@@ -186,7 +186,7 @@ def test_cli_matches_qemu_img(inputs: dict[str, str], tmp_path: Path, name: str,
     src = inputs[name]
     for extra in ("base.raw", "ext.raw"):
         if os.path.exists(os.path.join(os.path.dirname(src), extra)):
-            shutil.copy(os.path.join(os.path.dirname(src), extra), tmp_path / extra)
+            copy_sparse(os.path.join(os.path.dirname(src), extra), tmp_path / extra)
     q, o = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
     shutil.copy(src, q)
     shutil.copy(src, o)
@@ -228,7 +228,7 @@ def test_downgrade_keeps_snapshot_views(inputs: dict[str, str], tmp_path: Path, 
     QEMU 7.2 zeroes a preallocated cluster the snapshot still reads)."""
     p = tmp_path / name
     shutil.copy(inputs[name], p)
-    shutil.copy(os.path.join(os.path.dirname(inputs[name]), "base.raw"), tmp_path / "base.raw")
+    copy_sparse(os.path.join(os.path.dirname(inputs[name]), "base.raw"), tmp_path / "base.raw")
 
     def views() -> list[bytes]:
         out = []
