@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..errors import CorruptImageError
 from .compress import decompress_into
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
@@ -81,22 +82,35 @@ def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
             dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
             jobs.append((p, payload, dest, where, in_place))
     ctype = s.header.compression_type
-    if len(jobs) == 1:
-        decompress_into(jobs[0][1], jobs[0][2], ctype, jobs[0][3])
-    else:
-        pool = _decoder_pool()
-        futures: list[Future[None]] = [pool.submit(decompress_into, payload, dest, ctype, where)
-                                       for _, payload, dest, where, _ in jobs]
-        for f in futures:  # every decoder finishes before anything is raised or returned
-            f.exception()
-        for f in futures:
-            f.result()  # the first failure, in request order
+    # One group of clusters per decoder, the calling thread decoding the first group itself:
+    # a few pool tasks per request, not one per cluster.
+    k = min(len(jobs), MAX_DECODERS)
+    groups = [jobs[i::k] for i in range(k)]
+    futures: list[Future[list[tuple[int, CorruptImageError]]]] = (
+        [_decoder_pool().submit(_decode_group, g, ctype) for g in groups[1:]])
+    failures = _decode_group(groups[0], ctype)
+    for f in futures:  # every decoder finishes before anything is raised or returned
+        failures += f.result()
+    if failures:
+        raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
     for p, _, dest, _, in_place in jobs:
         if not in_place:  # decoded aside: cache it, copy the part
             cache[p.entry] = data = bytes(dest)
             if len(cache) > COMPRESSED_CACHE_CLUSTERS:
                 cache.popitem(last=False)
             mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+
+
+def _decode_group(group: list[tuple[Piece, memoryview, memoryview, str, bool]],
+                  ctype: int) -> list[tuple[int, CorruptImageError]]:
+    """Decode each job of `group`; returns the failures as (position in the request, error)."""
+    failures: list[tuple[int, CorruptImageError]] = []
+    for p, payload, dest, where, _ in group:
+        try:
+            decompress_into(payload, dest, ctype, where)
+        except CorruptImageError as e:
+            failures.append((p.pos, e))
+    return failures
 
 
 def _batches(todo: list[tuple[Piece, int, int]]) -> list[tuple[int, int, list[tuple[Piece, int, int]]]]:
