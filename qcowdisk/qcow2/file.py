@@ -86,10 +86,12 @@ _T = TypeVar("_T")
 # Bytes of cluster 0 read first at open (see `_read_header`).
 HEADER_PREFIX_BYTES = 4096
 
-# The read-only fast path's constants: cluster_bits, l1 shift, l2 index mask, cluster mask,
-# virtual size, L1 entries, the L2 cache's tables, entry bits that reject, file length, pread.
+# The read-only fast path's constants: cluster_bits, l1 shift, index mask of an entry in its
+# slice, cluster mask, virtual size, L1 entries, the L2 (slice) cache's tables, entry bits that
+# reject, file length, pread, and the slice's byte offset in its table as ((offset >> a) & b) << c
+# (0 without slices: b is 0).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
-                  Callable[[int, int], bytes]]
+                  Callable[[int, int], bytes], int, int, int]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -136,9 +138,12 @@ class QcowFile:
         pread: Callable[[int, int], bytes] = s.host.pread
         if type(s.host) is HostFile:  # no test seam to honour: call the OS directly
             pread = functools.partial(os.pread, s.host.fd)
-        return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_entries - 1,
-                s.cluster_mask, s.virtual_size, s.l1.entries, s.l2_cache.tables,
-                fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread)
+        sbits = s.l2_slice_entries.bit_length() - 1
+        cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+        return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_slice_entries - 1,
+                s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
+                fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread,
+                s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits, sbits + 3)
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -472,11 +477,11 @@ class QcowFile:
         # always followed by seeing None here.
         fast = self._fast
         if fast is not None and type(offset) is int and type(length) is int and offset >= 0 and length > 0:
-            cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, pread = fast
+            cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, pread, sa, sb, sc = fast
             inc = offset & cmask
             if inc + length <= cmask + 1 and offset + length <= vsize:
                 l1e = l1[offset >> l1shift]
-                t = tables.get(l1e & L1E_OFFSET_MASK)
+                t = tables.get((l1e & L1E_OFFSET_MASK) + (((offset >> sa) & sb) << sc))
                 if t is not None and not l1e & L1E_RESERVED_MASK:
                     e = t.entries[(offset >> cbits) & l2mask]
                     host = e & L2E_OFFSET_MASK

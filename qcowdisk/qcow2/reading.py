@@ -27,9 +27,11 @@ def readinto(s: Qcow2State, mv: memoryview, guest_offset: int) -> None:
         if l1i < len(s.l1.entries):
             l1e = s.l1.entries[l1i]
             if l1e and not l1e & L1E_RESERVED_MASK:
-                table = s.l2_cache.peek(l1e & L1E_OFFSET_MASK)
+                first = l2i - l2i % s.l2_slice_entries  # (0 without slices)
+                cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+                table = cache.peek((l1e & L1E_OFFSET_MASK) + (first << 3))
                 if table is not None:
-                    e = table.entries[l2i]
+                    e = table.entries[l2i - first]
                     if not e & L2E_NOT_PLAIN_DATA and e & L2E_OFFSET_MASK:
                         host = data_offset(s, e, guest_offset >> s.cluster_bits)
                         got = s.data_host.preadv([mv], host + (guest_offset & s.cluster_mask))
