@@ -844,7 +844,13 @@ def bench_chains(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> N
 _LIBQCOW_LOOP = """
 import sys, time, pyqcow
 f = pyqcow.file(); f.open(sys.argv[1])
-offs = [int(x) for x in sys.argv[2].split(',')]
+size, step, count = (int(x) for x in sys.argv[2:5])
+offs, off = [], 0
+for _ in range(count):
+    if off + 4096 > size:
+        off = 0
+    offs.append(off)
+    off += step
 for o in offs[:1000]:
     f.seek(o); f.read(4096)
 t = time.perf_counter()
@@ -854,12 +860,13 @@ print(time.perf_counter() - t)
 """
 
 
-def _libqcow_seconds(image: str, offsets: list[int]) -> float | None:
-    """pyqcow (libqcow's Python binding, system python3) doing the same reads; None if absent."""
+def _libqcow_seconds(image: str, size: int, step: int, count: int) -> float | None:
+    """pyqcow (libqcow's Python binding, system python3) doing the strided reads of `_strided`;
+    None if it is not installed."""
     py = "/usr/bin/python3"
     if not os.path.exists(py) or subprocess.run([py, "-c", "import pyqcow"], capture_output=True, check=False).returncode:
         return None
-    p = subprocess.run([py, "-c", _LIBQCOW_LOOP, image, ",".join(map(str, offsets))], capture_output=True,
+    p = subprocess.run([py, "-c", _LIBQCOW_LOOP, image, str(size), str(step), str(count)], capture_output=True,
                        text=True, check=True)
     return float(p.stdout.strip())
 
@@ -887,7 +894,8 @@ def bench_l2_misses(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -
                     step=offsets[1] - offsets[0]),
             }
             if cluster == 4096:
-                runners["libqcow"] = lambda img=img, offsets=offsets: _libqcow_seconds(img, offsets) or float("nan")
+                runners["libqcow"] = lambda img=img, offsets=offsets, span=span, tables=tables: _libqcow_seconds(
+                    img, tables * span, offsets[1] - offsets[0], len(offsets)) or float("nan")
             res = interleaved_best(runners, repeat)
             disk.close()
             q, r = (len(offsets) / v if isinstance(v, float) else None for v in (res["q"], res["ref"]))
