@@ -8,8 +8,9 @@ Images (built with qemu-img / qemu-io in a scratch directory):
   c512-64M      64 MiB with 512-byte clusters, fully written (131072 data clusters, 1024 L2 tables)
 
 For each: qemu-img check (process wall time), `python -m qcowdisk check` (process wall time,
-interpreter start-up included) and `QcowFile.check()` in this process (open excluded), the best
-of --repeat runs each. Prints one table; asserts nothing.
+interpreter start-up included), `QcowFile.open` + `check()` + close and `check()` alone in this
+process, the best of --repeat interleaved rounds each. Prints one table; asserts nothing.
+`check_rows()` returns the rows benchmarks/run_benchmarks.py prints.
 
     python3 benchmarks/bench_check.py [--repeat 5] [--workdir /tmp] [--keep] [--only sparse-1T,full-4G]
 """
@@ -65,6 +66,50 @@ def best(fn: Callable[[], object], repeat: int) -> float:
     return min(times)
 
 
+def measure(p: Path, repeat: int) -> dict[str, float | bool | int]:
+    """One image: the best of `repeat` interleaved rounds of qemu-img check (process), `python -m
+    qcowdisk check` (process), QcowFile open + check + close and check() alone (in-process)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def qemu() -> None:
+        subprocess.run(["qemu-img", "check", str(p)], capture_output=True, check=False)
+
+    def cli() -> None:
+        subprocess.run([sys.executable, "-m", "qcowdisk", "check", str(p)], capture_output=True, env=env, check=False)
+
+    def whole() -> None:
+        with QcowFile.open(p, readonly=True) as disk:
+            disk.check()
+
+    with QcowFile.open(p, readonly=True) as disk:
+        result = disk.check()
+        times: dict[str, list[float]] = {"qemu": [], "cli": [], "open_check": [], "check": []}
+        for _ in range(repeat):  # interleaved, so load from elsewhere hits every side alike
+            for name, fn in (("qemu", qemu), ("cli", cli), ("open_check", whole), ("check", disk.check)):
+                times[name].append(best(fn, 1))
+    q = subprocess.run(["qemu-img", "check", "--output=json", str(p)], capture_output=True, text=True, check=False)
+    return {**{k: min(v) for k, v in times.items()}, "same": q.stdout == result.to_json() + "\n",
+            "allocated": result.allocated_clusters, "size": os.path.getsize(p)}
+
+
+def check_rows(kinds: tuple[str, ...] = ("sparse-1T", "full-4G", "c512-64M"), repeat: int = 5,
+               workdir: str | None = None) -> list[tuple[str, float, float, float]]:
+    """(name, qcowdisk seconds, qemu-img seconds, ratio = qemu-img / qcowdisk time: above 1 means
+    qcowdisk is faster) for each image: `check()` in-process against the qemu-img process, and
+    the `python -m qcowdisk check` process (interpreter start-up included) against it."""
+    d = Path(tempfile.mkdtemp(prefix="bench-check-", dir=workdir))
+    rows = []
+    try:
+        for kind in kinds:
+            m = measure(build(kind, d), repeat)
+            qemu, api, cli = float(m["qemu"]), float(m["check"]), float(m["cli"])
+            rows.append((f"check {kind}: QcowFile.check() in-process", api, qemu, qemu / api))
+            rows.append((f"check {kind}: qcowdisk check process", cli, qemu, qemu / cli))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
@@ -73,31 +118,22 @@ def main() -> int:
     ap.add_argument("--only", default="sparse-1T,full-4G,written-1G,c512-64M")
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="bench-check-", dir=args.workdir))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = []
     try:
         for kind in args.only.split(","):
-            p = build(kind, d)
-            qemu = best(lambda p=p: subprocess.run(["qemu-img", "check", str(p)], capture_output=True, check=False),
-                        args.repeat)
-            cli = best(lambda p=p: subprocess.run([sys.executable, "-m", "qcowdisk", "check", str(p)],
-                                                  capture_output=True, env=env, check=False), args.repeat)
-            with QcowFile.open(p, readonly=True) as disk:
-                result = disk.check()
-                api = best(disk.check, args.repeat)
-            q = subprocess.run(["qemu-img", "check", "--output=json", str(p)], capture_output=True, text=True,
-                               check=False)
-            same = q.stdout == result.to_json().replace(str(p), str(p)) + "\n"
-            rows.append((kind, os.path.getsize(p), result.allocated_clusters, qemu, cli, api, same))
+            m = measure(build(kind, d), args.repeat)
+            rows.append((kind, m))
     finally:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)
-    print(f"{'image':<12} {'file MiB':>9} {'allocated':>10} {'qemu-img':>10} {'qcowdisk':>10} {'check()':>10} "
-          f"{'cli/qemu':>9} {'api/qemu':>9}  same JSON")
-    for kind, size, alloc, qemu, cli, api, same in rows:
-        print(f"{kind:<12} {size / 2**20:>9.1f} {alloc:>10} {qemu * 1e3:>8.1f}ms {cli * 1e3:>8.1f}ms {api * 1e3:>8.1f}ms "
-              f"{cli / qemu:>9.2f} {api / qemu:>9.2f}  {same}")
-    print("(times: best of", args.repeat, "runs; qemu-img and qcowdisk as processes, check() in-process without the open)")
+    print(f"{'image':<12} {'file MiB':>9} {'allocated':>10} {'qemu-img':>10} {'qcowdisk':>10} {'open+chk':>10} "
+          f"{'check()':>10} {'qemu/cli':>9} {'qemu/api':>9}  same JSON")
+    for kind, m in rows:
+        qemu, cli, whole, api = (float(m[k]) for k in ("qemu", "cli", "open_check", "check"))
+        print(f"{kind:<12} {int(m['size']) / 2**20:>9.1f} {m['allocated']:>10} {qemu * 1e3:>8.2f}ms {cli * 1e3:>8.1f}ms "
+              f"{whole * 1e3:>8.2f}ms {api * 1e3:>8.2f}ms {qemu / cli:>9.2f} {qemu / api:>9.2f}  {m['same']}")
+    print(f"(best of {args.repeat} interleaved rounds; qemu-img and qcowdisk check as processes, open+chk and check() "
+          "in-process; ratios are qemu-img time / qcowdisk time: above 1, qcowdisk is faster)")
     return 0
 
 

@@ -2,7 +2,7 @@
 """Side-by-side speed of qcowdisk against plain host I/O and `qemu-img bench`, from one run.
 
 Usage:  python3 benchmarks/run_benchmarks.py [--size 1G] [--repeat 3] [--read-repeat 5] [--workdir DIR]
-                                             [--json OUT] [--keep] [--only abcdef]
+                                             [--json OUT] [--keep] [--only abcdefgh]
 
 Every comparison is made on the same machine, in the same run, on the same data:
 
@@ -18,6 +18,12 @@ WRITE
      flush() + close()) vs `qemu-img bench -w ... -s 65536` on a fresh `qemu-img create` image
   e) the same 64 KiB writes over an already fully allocated image, vs the same `qemu-img bench -w`
   f) `QcowFile.create` + close of a 4 TiB sparse image: time and file size; `qemu-img create` for reference
+NBD
+  g) `nbdcopy` out of `qcowdisk serve --readonly` vs out of `qemu-nbd` serving the same image
+     (benchmarks/bench_nbd.py: a mixed image of --size; to null: and to a file; best of --repeat)
+CHECK
+  h) `QcowFile.check()` in-process, and the `python -m qcowdisk check` process, vs the `qemu-img check`
+     process, on a sparse 1 TiB, a fully allocated 4 GiB and a 64 MiB 512 B-cluster image (bench_check.py)
 
 Method: reads run one untimed warm-up round, then --read-repeat timed rounds (page-cache hot);
 in each round every contender (qcowdisk, raw, qemu-img bench) runs once in turn, so load from
@@ -613,8 +619,35 @@ def bench_create(QcowFile: Any, engine_error: str | None, workdir: str, repeat: 
     rows.append(row)
 
 
+def bench_nbd(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
+    """Case g): nbdcopy out of `qcowdisk serve` against qemu-nbd serving the same image (bench_nbd.py)."""
+    log("g) nbdcopy out of qcowdisk serve vs qemu-nbd")
+    with guarded(rows, "g) nbdcopy out of an NBD server", "MiB/s", "qemu-nbd + nbdcopy"):
+        from bench_nbd import nbd_rows  # needs nbdkit, nbdcopy and qemu-nbd: an ERROR row without them
+        for r in nbd_rows(size, repeat, workdir):
+            row = throughput_row(f"g) {r.case}", "MiB/s", f"{r.reference} + nbdcopy", r.qcowdisk_mibs,
+                                 r.reference_mibs, None)
+            row.note = r.note
+            rows.append(row)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
+# ---------------------------------------------------------------------------------------------
+# h) check (rows from benchmarks/bench_check.py)
+
+def bench_check(workdir: str, repeat: int, rows: list[Row]) -> None:
+    """qcowdisk check against qemu-img check: in-process check() (target >= 1.0) and the whole
+    `python -m qcowdisk check` process (interpreter start-up included; for reference)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_check import check_rows
+    with guarded(rows, "h) check", "ms", "qemu-img check (process)"):
+        for name, q, r, ratio in check_rows(repeat=max(repeat, 5), workdir=workdir):
+            in_process = "in-process" in name
+            rows.append(Row(f"h) {name}", "ms", "qemu-img check (process)", q * 1e3, r * 1e3, ratio,
+                            target=">= 1.00" if in_process else "-", passed=ratio >= 1.0 if in_process else None))
+
+
 # ---------------------------------------------------------------------------------------------
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -667,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefghij", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefghklmn", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -690,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_writes(QcowFile, engine_error, workdir, args.size, args.repeat, rows)
         if "f" in only:
             bench_create(QcowFile, engine_error, workdir, args.repeat, rows)
+        if "g" in only:
+            bench_nbd(workdir, args.size, args.repeat, rows)
+        if "h" in only and not engine_error:
+            bench_check(workdir, args.repeat, rows)
         bench_engine_more(QcowFile, engine_error, workdir, args.read_repeat, only, rows)
     finally:
         if not args.keep:
@@ -713,14 +750,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Engine cases, second part (issue 10): compressed images, backing chains, L2 cache misses,
-# read-write open of a large image. Letters g..j for --only.
-#   g) compressed (zlib, zstd) sequential 1 MiB readinto_at vs `qemu-img bench -s 1M`; and the
+# read-write open of a large image. Letters k..n for --only.
+#   k) compressed (zlib, zstd) sequential 1 MiB readinto_at vs `qemu-img bench -s 1M`; and the
 #      same reads from 2 threads (each half of the disk) vs 1 thread
-#   h) 3-deep and 20-deep backing chains, 4 KiB strided reads vs `qemu-img bench -d 1`
-#   i) L2 working set larger than the cache: 4 KiB reads, each in another L2 table, with a small
+#   l) 3-deep and 20-deep backing chains, 4 KiB strided reads vs `qemu-img bench -d 1`
+#   m) L2 working set larger than the cache: 4 KiB reads, each in another L2 table, with a small
 #      `l2_cache_size` (the same `l2-cache-size` for qemu-img bench); 64 KiB and 4 KiB clusters;
 #      with 4 KiB clusters also libqcow (pyqcow under the system python3) when installed
-#   j) opening a 1 TiB image with 4 KiB clusters read-write vs read-only (ratio: ro / rw time)
+#   n) opening a 1 TiB image with 4 KiB clusters read-write vs read-only (ratio: ro / rw time)
 # ---------------------------------------------------------------------------------------------
 
 def _bench_opts(image_opts: str, *, count: int, bufsize: int, step: int | None = None) -> float:
@@ -766,14 +803,14 @@ def _compressible_raw(path: str, size: int) -> None:
 
 
 def bench_compressed(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
-    """g) compressed images, sequential 1 MiB reads, 1 and 2 threads."""
+    """k) compressed images, sequential 1 MiB reads, 1 and 2 threads."""
     import threading
     size = 128 * MiB
     raw = os.path.join(workdir, "c.raw")
     _compressible_raw(raw, size)
     for ctype in ("zlib", "zstd"):
         img = os.path.join(workdir, f"c-{ctype}.qcow2")
-        case = f"g) {ctype} compressed, seq 1 MiB readinto_at"
+        case = f"k) {ctype} compressed, seq 1 MiB readinto_at"
         with guarded(rows, case, "MiB/s", "qemu-img bench -s 1M"):
             qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype}", raw, img)
             disk = QcowFile.open(img, readonly=True)
@@ -805,14 +842,14 @@ def bench_compressed(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) 
             disk.close()
             q, q2, r = (size / MiB / v if isinstance(v, float) else None for v in (res["q"], res["q2"], res["ref"]))
             rows.append(throughput_row(case, "MiB/s", "qemu-img bench -s 1M", q, r, 1.0))
-            rows.append(throughput_row(f"g) {ctype} compressed, 2 threads vs 1", "MiB/s", "qcowdisk 1 thread",
+            rows.append(throughput_row(f"k) {ctype} compressed, 2 threads vs 1", "MiB/s", "qcowdisk 1 thread",
                                        q2, q, 1.6))
         _unlink(img)
     _unlink(raw)
 
 
 def bench_chains(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
-    """h) 3-deep and 20-deep chains, 4 KiB strided reads (most land in the base)."""
+    """l) 3-deep and 20-deep chains, 4 KiB strided reads (most land in the base)."""
     size = 256 * MiB
     base_raw = os.path.join(workdir, "chain.raw")
     write_random_raw(base_raw, size)
@@ -829,7 +866,7 @@ def bench_chains(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> N
         layers[i + 1] = path
     offsets = _strided(size, STRIDE_STEP, 20000)
     for depth in (3, 20):
-        case = f"h) {depth}-deep chain, 4 KiB strided read_at"
+        case = f"l) {depth}-deep chain, 4 KiB strided read_at"
         with guarded(rows, case, "req/s", "qemu-img bench -d 1 -s 4K"):
             disk = QcowFile.open(layers[depth], readonly=True)
             res = interleaved_best({
@@ -872,7 +909,7 @@ def _libqcow_seconds(image: str, size: int, step: int, count: int) -> float | No
 
 
 def bench_l2_misses(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
-    """i) every 4 KiB read in another L2 table than the last, with a cache too small to hold them."""
+    """m) every 4 KiB read in another L2 table than the last, with a cache too small to hold them."""
     for cluster in (65536, 4096):
         span = cluster * (cluster // 8)
         tables = 128
@@ -884,7 +921,7 @@ def bench_l2_misses(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds, img], capture_output=True, check=True)
         cache = 16 * 4096  # 16 slices of 4 KiB
         offsets = _strided(tables * span, span + 4096 if cluster == 4096 else span, 20000)
-        case = f"i) L2 misses, {cluster // 1024} KiB clusters, l2_cache_size={cache // 1024}K"
+        case = f"m) L2 misses, {cluster // 1024} KiB clusters, l2_cache_size={cache // 1024}K"
         with guarded(rows, case, "req/s", "qemu-img bench, same l2-cache-size"):
             disk = QcowFile.open(img, readonly=True, l2_cache_size=cache)
             runners: dict[str, Callable[[], float] | None] = {
@@ -902,16 +939,16 @@ def bench_l2_misses(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -
             rows.append(throughput_row(case, "req/s", "qemu-img bench, same l2-cache-size", q, r, None))
             lq = res.get("libqcow")
             if isinstance(lq, float) and lq == lq:
-                rows.append(throughput_row(f"i) L2 misses, {cluster // 1024} KiB clusters", "req/s",
+                rows.append(throughput_row(f"m) L2 misses, {cluster // 1024} KiB clusters", "req/s",
                                            "libqcow (pyqcow)", q, len(offsets) / lq, 1.0))
         _unlink(img)
 
 
 def bench_rw_open(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
-    """j) opening (and closing) a fresh 1 TiB image with 4 KiB clusters, read-write vs read-only."""
+    """n) opening (and closing) a fresh 1 TiB image with 4 KiB clusters, read-write vs read-only."""
     img = os.path.join(workdir, "open1t.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, str(TiB))
-    case = "j) open+close 1 TiB, 4 KiB clusters, read-write"
+    case = "n) open+close 1 TiB, 4 KiB clusters, read-write"
     with guarded(rows, case, "opens/s", "read-only open"):
         def opens(readonly: bool, n: int = 20) -> None:
             for _ in range(n):
@@ -924,10 +961,10 @@ def bench_rw_open(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> 
 
 def bench_engine_more(QcowFile: Any, engine_error: str | None, workdir: str, repeat: int, only: set[str],
                       rows: list[Row]) -> None:
-    """Cases g..j (see the section comment)."""
+    """Cases k..n (see the section comment)."""
     if engine_error:
         return
-    for letter, fn in (("g", bench_compressed), ("h", bench_chains), ("i", bench_l2_misses), ("j", bench_rw_open)):
+    for letter, fn in (("k", bench_compressed), ("l", bench_chains), ("m", bench_l2_misses), ("n", bench_rw_open)):
         if letter in only:
             log(f"case {letter}")
             fn(QcowFile, workdir, repeat, rows)

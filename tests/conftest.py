@@ -1,9 +1,11 @@
-"""Shared pytest configuration: the --runslow flag for long soak and fuzz runs."""
+"""Shared pytest configuration: the --runslow flag for long soak and fuzz runs; a small tmpfs."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_configure(config: pytest.Config) -> None:
     if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
         raise pytest.UsageError("qemu-img and qemu-io are required (apt-get install -y qemu-utils)")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A real 4 MiB tmpfs (root only); skipped where mount is not permitted. Yields (dir, resize)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if not shutil.which("mount") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True,
+                       check=False)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+
+    try:
+        yield mnt, grow
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)

@@ -139,21 +139,16 @@ __all__ = ["run", "qemu_img", "qemu_io", "create", "to_raw", "check", "assert_cl
 
 
 @contextlib.contextmanager
-def qemu_io_holding(image: str) -> Iterator[subprocess.Popen[bytes]]:
-    """An interactive qemu-io with the image open for writing (its locks held) until the block ends."""
-    p = subprocess.Popen(["qemu-io", "-f", "qcow2", image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def qemu_io_holding(image: str, fmt: str = "qcow2") -> Iterator[subprocess.Popen[bytes]]:
+    """An interactive qemu-io with the image open for writing (its locks held) until the block
+    ends; `qemu_io_send` runs commands in it."""
+    p = subprocess.Popen(["qemu-io", "-f", fmt, image], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     assert p.stdin is not None and p.stdout is not None
     try:
         # Its first prompt comes once the image is open. (Not polled with qemu-img info: that
         # takes a shared lock, and qemu-io's open fails if it comes in between.)
-        seen = b""
-        deadline = time.monotonic() + 30
-        while not seen.endswith(b"qemu-io> "):
-            assert select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], seen
-            chunk = p.stdout.read1(4096)
-            assert chunk, f"qemu-io exited: {seen!r}"
-            seen += chunk
+        _until_prompt(p)
         yield p
     finally:
         p.stdin.close()  # end of input: qemu-io quits
@@ -163,3 +158,27 @@ def qemu_io_holding(image: str) -> Iterator[subprocess.Popen[bytes]]:
             p.send_signal(signal.SIGKILL)
             p.wait()
         p.stdout.close()
+
+
+def _until_prompt(p: subprocess.Popen[bytes]) -> str:
+    """qemu-io's output up to its next prompt (which is left out)."""
+    assert p.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 30
+    while not seen.endswith(b"qemu-io> "):
+        assert select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], seen
+        chunk = p.stdout.read1(4096)
+        assert chunk, f"qemu-io exited: {seen!r}"
+        seen += chunk
+    return seen[:-len(b"qemu-io> ")].decode()
+
+
+def qemu_io_send(p: subprocess.Popen[bytes], command: str) -> str:
+    """Run one command in a `qemu_io_holding` qemu-io; its output, failing if it reports an error."""
+    assert p.stdin is not None
+    p.stdin.write(command.encode() + b"\n")
+    p.stdin.flush()
+    out = _until_prompt(p)
+    low = out.lower()
+    assert "error" not in low and "failed" not in low and "pattern verification" not in low, out
+    return out

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import crashsim as cs
+import qcowdisk
 import test_check as tc
 from crashsim import CrashLog, CutWalker
 from qcowdisk import QcowFile
@@ -36,7 +37,9 @@ from qemutools import check
 SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
 SLOW_SUBSETS: list[cs.Subset] = [*SUBSETS, ("random", 3), ("random", 5), ("torn", 4), ("torn", 6)]
 CASES = ["leak-many", "refcount-too-low", "refcount-zero", "copied-clear-l2", "leak-after-snapshot-delete",
-         "dirty-lazy", "corrupt-bit", "l2-on-refblock"]
+         "dirty-lazy", "corrupt-bit", "l2-on-refblock",
+         # snapshot table rewrites: a new table, one header switch, the old table freed
+         "snapshot-incomplete", "snapshot-extra-too-large", "snapshot-table-past-eof"]
 TOTALS: Counter[str] = Counter()
 
 
@@ -112,7 +115,12 @@ def verdict_problem(crashed: str, original: str, before: Verdict) -> str | None:
     if v.corruptions - v.benign > before.corruptions:
         return f"qemu-img check: {v.corruptions} corruptions ({v.benign} benign), before the repair {before.corruptions}"
     p = subprocess.run(["qemu-img", "compare", "-q", original, crashed], capture_output=True, text=True, check=False)
-    if p.returncode != 0:
+    if p.returncode == 2 and "Could not open" in p.stderr:
+        # a snapshot table QEMU's open refuses (the original's, kept by a cut before the header
+        # switch): compare the active layers with qcowdisk, which opens such images read-only
+        if not qcowdisk.compare(original, crashed).identical:
+            return "guest data changed (qcowdisk.compare)"
+    elif p.returncode != 0:
         return f"guest data changed (qemu-img compare exit {p.returncode}: {p.stdout}{p.stderr})"
     return None
 

@@ -327,28 +327,6 @@ def test_with_block_keeps_the_callers_exception(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # 2. A full file system: ENOSPC, then keep writing, flushing, closing
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    """A real 4 MiB tmpfs (root only); skipped where mount is not permitted. Yields (dir, resize)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if not shutil.which("mount") or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True,
-                       check=False)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-
-    def grow() -> None:
-        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
-
-    try:
-        yield mnt, grow
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-
-
 def fill_until_error(disk: QcowFile, mirror: Mirror, seed: int, max_ops: int = 5000) -> tuple[OSError, str]:
     """Seeded writes (allocating, unaligned, in-place), a few zeroings, a flush every 3 ops, all
     above 1 MiB, until a host error reaches us. Returns (error, the call that raised it)."""

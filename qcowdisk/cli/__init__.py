@@ -11,7 +11,8 @@ Every image is read through `QcowFile.open(path, readonly=True)` (`--confine-to`
 on as `confine_to` and `force_share`). Every failure, a bad argument included, is one line
 `qcowdisk: <message>` on stderr and exit status 1, as qemu-img does: an image that cannot be
 opened is `Could not open 'IMAGE': <why>`; argparse's usage errors add qemu-img's `Try ... --help`
-hint line. `read` and `write` stream through a bounded buffer, whatever the length.
+hint line. `read` and `write` stream through a bounded buffer, whatever the length. `serve` runs
+nbdkit with qcowdisk's plugin (qcowdisk.nbdserve) until it is stopped.
 
 Each subcommand is a module of this package with its `add_parser` and its `cmd_*`; `common`
 holds what they share.
@@ -27,13 +28,14 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import QcowError
-from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, snapshot, write
+from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, serve, snapshot, write
 from .common import PROG, ArgumentsError, Parser, UsageError
 
 __all__ = ["build_parser", "main"]
 
 # in the order `qcowdisk --help` lists them
-_COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize)
+_COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize,
+             serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,7 +160,11 @@ class TableCodec:
 
 def decode_u64_table(raw: bytes) -> array[int]:
     """A table of big-endian u64 entries (L1, L2, refcount table), `raw` a multiple of 8 bytes."""
-    return TableCodec(64, len(raw)).decode(raw)
+    a = array("Q")
+    a.frombytes(raw)
+    if not _BIG_ENDIAN_HOST:
+        a.byteswap()
+    return a
 
 
 def encode_u64_entries(entries: array[int], lo: int, hi: int) -> bytes:

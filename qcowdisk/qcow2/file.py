@@ -75,6 +75,7 @@ from .format import (
     parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
+    validate_snapshot_fields,
 )
 from .overlap import collect_metadata
 from .refcount import Refcounts
@@ -612,6 +613,13 @@ class QcowFile:
                     raise
         return n
 
+    @property
+    def zeroes_in_metadata(self) -> bool:
+        """Whether `write_zeroes`/`punch_hole` change only table entries (plus at most the partial
+        subclusters at either end) rather than writing zero bytes over the range: false for a
+        version 2 image with a backing file and for an image with an external data file."""
+        return not writing.zeroing_writes_data(self._state)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (also over a backing file)."""
         self._zero(offset, length, punch=False)
@@ -723,7 +731,8 @@ class QcowFile:
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s))
 
-    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None) -> CheckResult:
+    def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> CheckResult:
         """Check the image's refcounts and tables as `qemu-img check` does; with `repair="leaks"`
         fix leaked clusters, with `repair="all"` corruptions too (see qcowdisk.qcow2.check).
 
@@ -732,6 +741,13 @@ class QcowFile:
         on stderr while checking. A repair needs a read-write image; an image with the corrupt or
         dirty bit opens read-write for it with `QcowFile.open_for_check(path, repair=True)`.
         Raises `CheckFailedError` where qemu-img says `Check failed`.
+
+        `progress(done, total)` is called as the check goes (steps: L1 entries walked, refcount
+        blocks compared; see qcowdisk.qcow2.checkresult.CheckProgress). An exception raised by
+        it stops the check and propagates; a repair stopped so is left between two of its
+        ordered steps (what a crash there would leave: leaks at worst), never half-way through
+        one. Memory follows the image's metadata (4 bytes per cluster of the file, plus one
+        table at a time), never a size field the check has not validated.
         """
         s = self._state
         with s.lock:
@@ -740,7 +756,7 @@ class QcowFile:
                 self._check_writable()
             else:
                 self._check_healthy()
-            return self._guarded(lambda: check_image(s, repair, report))
+            return self._guarded(lambda: check_image(s, repair, report, progress))
 
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
@@ -918,7 +934,7 @@ class QcowFile:
 def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
-    h = _read_header(host, file_length)
+    h = _read_header(host, file_length, check_snapshots=not for_check)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
@@ -935,6 +951,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
                    l2_cache_size=options.l2_cache_size, l2_cache_entry_size=options.l2_cache_entry_size)
     if h.nb_snapshots:
         try:
+            if for_check:
+                validate_snapshot_fields(h)
             buf = host.pread(min(64 << 20, max(0, file_length - h.snapshots_offset)), h.snapshots_offset)
             s.snapshots, s.snapshot_table_length = parse_snapshot_table(
                 buf, h.nb_snapshots, h.version, s.cluster_size, file_length, h.snapshots_offset)
@@ -957,7 +975,7 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     return s
 
 
-def _read_header(host: HostFile, file_length: int) -> Header:
+def _read_header(host: HostFile, file_length: int, *, check_snapshots: bool = True) -> Header:
     """The validated header, reading only the start of cluster 0 when that holds all of it.
 
     The header, its extensions and the backing file name normally fit in the first 4 KiB; a
@@ -973,10 +991,10 @@ def _read_header(host: HostFile, file_length: int) -> Header:
     whole = min(file_length, 1 << cluster_bits) if 9 < cluster_bits <= 21 else len(head)
     if whole > len(head):
         try:
-            return parse_header(head, file_length)
+            return parse_header(head, file_length, check_snapshots=check_snapshots)
         except InvalidImageError:
             head = host.pread(whole, 0)
-    return parse_header(head, file_length)
+    return parse_header(head, file_length, check_snapshots=check_snapshots)
 
 
 def _check_l1_tables_vs_refblocks(s: Qcow2State) -> None:

@@ -175,12 +175,13 @@ def min_l1_size(size: int, cluster_bits: int, l2_entries: int) -> int:
     return (size + span - 1) // span
 
 
-def parse_header(buf: bytes, file_length: int) -> Header:
+def parse_header(buf: bytes, file_length: int, *, check_snapshots: bool = True) -> Header:
     """Decode and validate a qcow2 header.
 
     `buf` holds the start of the file, at least one cluster of it or the whole file if shorter;
     `file_length` is the host file's length. Raises InvalidImageError/UnsupportedFeatureError
-    naming the field, value and limit for anything out of range.
+    naming the field, value and limit for anything out of range. Without `check_snapshots`
+    the snapshot table fields are left to `validate_snapshot_fields`.
     """
     if len(buf) < HEADER_V2_LENGTH:
         if buf[:4] != QCOW_MAGIC:
@@ -279,7 +280,7 @@ def parse_header(buf: bytes, file_length: int) -> Header:
         # QEMU reads the name as a C string: it ends at the first NUL (empty: no backing file).
         h.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
 
-    _check_table_fields(h, file_length)
+    _check_table_fields(h, file_length, check_snapshots)
     # QEMU sees whole sectors only (bs->total_sectors = size / BDRV_SECTOR_SIZE).
     h.size -= h.size % 512
     return h
@@ -335,7 +336,7 @@ def _parse_extensions(h: Header, buf: bytes, file_length: int) -> None:
         h.extensions.append(HeaderExtension(ext_type, data))
 
 
-def _check_table_fields(h: Header, file_length: int) -> None:
+def _check_table_fields(h: Header, file_length: int, check_snapshots: bool) -> None:
     cs = h.cluster_size
     # refcount table
     if h.refcount_table_clusters == 0:
@@ -365,7 +366,17 @@ def _check_table_fields(h: Header, file_length: int) -> None:
     if h.refcount_table_offset < cs:
         raise InvalidImageError(
             f"Reference count table offset invalid: refcount_table_offset 0x{h.refcount_table_offset:x} overlaps the header")
-    # snapshots
+    if check_snapshots:
+        validate_snapshot_fields(h)
+
+
+def validate_snapshot_fields(h: Header) -> None:
+    """The header's snapshot table fields (count, offset) within QEMU's limits.
+
+    An open for `qemu-img check` skips this at header parse time (QEMU's check-mode open ignores
+    the snapshot table; the check reads it itself and may repair it) and records the error instead.
+    """
+    cs = h.cluster_size
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise InvalidImageError(f"Snapshot table too large: nb_snapshots {h.nb_snapshots} > {MAX_SNAPSHOTS}")
     if h.nb_snapshots:

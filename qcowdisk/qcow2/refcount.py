@@ -92,6 +92,11 @@ class Refcounts:
             return 0
         return self.cache.get(off).entries[idx]
 
+    def has_block(self, host_cluster: int) -> bool:
+        """Whether the refcount table names a block for this host cluster's count."""
+        ri = host_cluster // self.block_entries
+        return ri < len(self.reftable) and bool(self._block_offset(ri))
+
     # --- updating ------------------------------------------------------------------------
     def update(self, host_cluster: int, delta: int) -> int:
         """Add `delta` to a cluster's refcount; returns the new count. Refuses overflow/underflow."""

@@ -1,6 +1,6 @@
 """Rebuilding refcounts of an image left dirty (lazy refcounts, crashed writer).
 
-The references are counted by check.py's walker (`RefcountWalk`, the one walk of every
+The references are counted by refwalk.py's walker (`RefcountWalk`, the one walk of every
 reference the image holds, as `qemu-img check` does: header, refcount table and blocks, active
 and snapshot L1 tables, the L2 tables they reach and the data clusters those reach, the snapshot
 table, bitmaps) in its strict mode, and each cluster's count is set to what it should be. While
@@ -19,10 +19,11 @@ from array import array
 from collections import Counter
 from itertools import compress
 
-from .check import CheckTally, RefcountWalk
+from .checkresult import CheckTally
 from .entries import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
 from .mapping import l2_table_offset
 from .refcount import Refcounts
+from .refwalk import RefcountWalk
 from .state import Qcow2State
 
 

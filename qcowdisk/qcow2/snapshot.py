@@ -44,6 +44,7 @@ import re
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from itertools import compress
 
 from ..errors import (
@@ -282,7 +283,7 @@ def _new_id(s: Qcow2State) -> bytes:
     return str((top + 1) % _ULONG).encode()
 
 
-def _as_rewritten(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
+def as_rewritten(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
     """The entry as QEMU's qcow2_write_snapshots rewrites one it read: at least 24 bytes of extra
     data (the 32-bit VM state size, the current disk size and an unknown icount fill what an old
     entry lacks); unknown extra data, ids, names and dates stay as they were."""
@@ -295,9 +296,12 @@ def _as_rewritten(e: SnapshotEntry, disk_size: int) -> SnapshotEntry:
                          e.vm_clock_ns, vm_state if vm_state <= 0xFFFFFFFF else 0, extra)
 
 
-def write_table(s: Qcow2State, entries: list[SnapshotEntry]) -> None:
+def write_table(s: Qcow2State, entries: list[SnapshotEntry], *, guard: Callable[[int, int], None] | None = None,
+                free_old: bool = True) -> None:
     """Write a new snapshot table to new clusters and switch the header to it (one write of
-    nb_snapshots + snapshots_offset); the old table becomes a deferred free."""
+    nb_snapshots + snapshots_offset); the old table becomes a deferred free (unless not
+    `free_old`: the caller frees it). `guard(offset, length)` may refuse the new clusters
+    (by raising) before anything is written to them."""
     rc = _refcounts(s)
     h = s.header
     cs, cbits = s.cluster_size, s.cluster_bits
@@ -313,6 +317,8 @@ def write_table(s: Qcow2State, entries: list[SnapshotEntry]) -> None:
         offset = first << cbits
         s.metadata.update(range(first, first + clusters))
         s.grow_alloc_limit(offset + clusters * cs)
+        if guard is not None:
+            guard(offset, len(data))
         s.host.pwrite(data, offset)
     if not s.lazy:
         rc.make_durable()  # the table's own refcount before the header names it
@@ -322,13 +328,13 @@ def write_table(s: Qcow2State, entries: list[SnapshotEntry]) -> None:
             data, len(entries), h.version, cs, max(s.alloc_limit, s.host.size()), offset)
     else:
         s.snapshots, s.snapshot_table_length = [], 0
-    if old_count:
+    if old_count and free_old:
         rc.defer_free(old_offset >> cbits, max(1, -(-old_length // cs)))
 
 
 def rewritten_entries(s: Qcow2State) -> list[SnapshotEntry]:
-    """Every snapshot's entry as QEMU's qcow2_write_snapshots rewrites it (see `_as_rewritten`)."""
-    return [_as_rewritten(_entry(sn), s.virtual_size) for sn in s.snapshots]
+    """Every snapshot's entry as QEMU's qcow2_write_snapshots rewrites it (see `as_rewritten`)."""
+    return [as_rewritten(_entry(sn), s.virtual_size) for sn in s.snapshots]
 
 
 def _alloc_table(s: Qcow2State, rc: Refcounts, entries: array[int]) -> int:

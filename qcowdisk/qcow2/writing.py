@@ -321,6 +321,13 @@ def free_entry(s: Qcow2State, e: int, new_host: int) -> None:
 
 
 # --- zeroing ---------------------------------------------------------------------------------
+def zeroing_writes_data(s: Qcow2State) -> bool:
+    """Whether zeroing whole subclusters writes zero bytes rather than only table entries: with
+    an external data file (it must keep reading as zeros: the raw view), and on a version 2
+    image with a backing file (no zero flag to hide the backing data with)."""
+    return s.has_data_file or (s.v2 and s.backing is not None)
+
+
 def zero(s: Qcow2State, guest_offset: int, length: int, punch: bool) -> None:
     """Make [guest_offset, +length) read as zeros, freeing whole clusters where possible."""
     end = guest_offset + length
@@ -332,8 +339,7 @@ def zero(s: Qcow2State, guest_offset: int, length: int, punch: bool) -> None:
     mid, mid_end = head_end, tail_start
     if mid >= mid_end:
         return
-    if s.has_data_file or (s.v2 and s.backing is not None):
-        # The data file must keep reading as zeros (raw view); v2 has no zero flag.
+    if zeroing_writes_data(s):
         _write_zero_bytes(s, mid, mid_end - mid)
         if s.has_data_file and punch:
             cs = s.cluster_size
