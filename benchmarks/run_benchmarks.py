@@ -845,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="parent directory for scratch files (default: /tmp)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write results as JSON to this path")
     ap.add_argument("--keep", action="store_true", help="do not delete the scratch directory")
-    ap.add_argument("--only", default="abcdefghij", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
+    ap.add_argument("--only", default="abcdefghijklmn", help="subset of cases to run, e.g. 'abc' or 'f' (default all)")
     args = ap.parse_args(argv)
     if args.size < 2 * MiB or args.size % MiB:
         ap.error("--size must be a whole number of MiB, at least 2M")
@@ -877,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         if "j" in only:
             with guarded(rows, "j) commit / rebase", "s", "qemu-img"):
                 bench_commit_rebase(workdir, args.size, args.repeat, rows)
+        bench_engine_more(QcowFile, engine_error, workdir, args.read_repeat, only, rows)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -895,6 +896,228 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_out, "w") as f:
             json.dump(doc, f, indent=2)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine cases, second part (issue 10): compressed images, backing chains, L2 cache misses,
+# read-write open of a large image. Letters k..n for --only.
+#   k) compressed (zlib, zstd) sequential 1 MiB readinto_at vs `qemu-img bench -s 1M`; and the
+#      same reads from 2 threads (each half of the disk) vs 1 thread
+#   l) 3-deep and 20-deep backing chains, 4 KiB strided reads vs `qemu-img bench -d 1`
+#   m) L2 working set larger than the cache: 4 KiB reads, each in another L2 table, with a small
+#      `l2_cache_size` (the same `l2-cache-size` for qemu-img bench); 64 KiB and 4 KiB clusters;
+#      with 4 KiB clusters also libqcow (pyqcow under the system python3) when installed
+#   n) opening a 1 TiB image with 4 KiB clusters read-write vs read-only (ratio: ro / rw time)
+# ---------------------------------------------------------------------------------------------
+
+def _bench_opts(image_opts: str, *, count: int, bufsize: int, step: int | None = None) -> float:
+    """`qemu-img bench --image-opts ... -d 1`; its reported seconds."""
+    args = ["qemu-img", "bench", "--image-opts", "-d", "1", "-t", "writeback", "-s", str(bufsize), "-c", str(count)]
+    if step is not None:
+        args += ["-S", str(step)]
+    p = subprocess.run([*args, image_opts], capture_output=True, text=True, check=False)
+    m = _RUN_RE.search(p.stdout)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {p.stdout}{p.stderr}")
+    return float(m.group(1))
+
+
+def _strided(size: int, step: int, count: int) -> list[int]:
+    """The offsets qemu-img bench visits: +step each request, back to 0 past the end."""
+    out, off = [], 0
+    for _ in range(count):
+        if off + 4096 > size:
+            off = 0
+        out.append(off)
+        off += step
+    return out
+
+
+def _reads_4k(disk: Any, offsets: list[int]) -> None:
+    read = disk.read_at
+    for off in offsets:
+        read(off, 4096)
+
+
+def _compressible_raw(path: str, size: int) -> None:
+    """Half random, half text-like bytes in every 4 KiB: compresses about 2:1."""
+    import random
+    rng = random.Random(1)
+    words = [rng.randbytes(rng.randint(2, 9)) for _ in range(300)]
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            chunk = bytearray()
+            while len(chunk) < MiB:
+                chunk += rng.randbytes(2048) + b" ".join(rng.choice(words) for _ in range(500))[:2048]
+            f.write(chunk[:MiB])
+
+
+def bench_compressed(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
+    """k) compressed images, sequential 1 MiB reads, 1 and 2 threads."""
+    import threading
+    size = 128 * MiB
+    raw = os.path.join(workdir, "c.raw")
+    _compressible_raw(raw, size)
+    for ctype in ("zlib", "zstd"):
+        img = os.path.join(workdir, f"c-{ctype}.qcow2")
+        case = f"k) {ctype} compressed, seq 1 MiB readinto_at"
+        with guarded(rows, case, "MiB/s", "qemu-img bench -s 1M"):
+            qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype}", raw, img)
+            disk = QcowFile.open(img, readonly=True)
+            buf = aligned_buffer(MiB)
+
+            def one(lo: int, hi: int, buf: Any = buf, disk: Any = disk) -> None:
+                readinto = disk.readinto_at
+                for off in range(lo, hi, MiB):
+                    readinto(buf, off)
+
+            def two(disk: Any = disk) -> None:
+                half = size // 2
+                ts = [threading.Thread(target=lambda lo=lo: one_buf(disk, lo, lo + half)) for lo in (0, half)]
+                for th in ts:
+                    th.start()
+                for th in ts:
+                    th.join()
+
+            def one_buf(disk: Any, lo: int, hi: int) -> None:
+                b = aligned_buffer(MiB)
+                for off in range(lo, hi, MiB):
+                    disk.readinto_at(b, off)
+
+            res = interleaved_best({
+                "q": timed(lambda: one(0, size)),
+                "q2": timed(two),
+                "ref": lambda img=img: qemu_img_bench(img, count=size // MiB, bufsize=MiB)[0],
+            }, repeat)
+            disk.close()
+            q, q2, r = (size / MiB / v if isinstance(v, float) else None for v in (res["q"], res["q2"], res["ref"]))
+            rows.append(throughput_row(case, "MiB/s", "qemu-img bench -s 1M", q, r, 1.0))
+            rows.append(throughput_row(f"k) {ctype} compressed, 2 threads vs 1", "MiB/s", "qcowdisk 1 thread",
+                                       q2, q, 1.6))
+        _unlink(img)
+    _unlink(raw)
+
+
+def bench_chains(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
+    """l) 3-deep and 20-deep chains, 4 KiB strided reads (most land in the base)."""
+    size = 256 * MiB
+    base_raw = os.path.join(workdir, "chain.raw")
+    write_random_raw(base_raw, size)
+    prev = os.path.join(workdir, "chain0.qcow2")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", base_raw, prev)
+    _unlink(base_raw)
+    layers = {1: prev}
+    for i in range(1, 20):
+        path = os.path.join(workdir, f"chain{i}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", prev, "-F", "qcow2", path, str(size))
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {i} {i * 7 * MiB} 65536", path],
+                       capture_output=True, check=True)
+        prev = path
+        layers[i + 1] = path
+    offsets = _strided(size, STRIDE_STEP, 20000)
+    for depth in (3, 20):
+        case = f"l) {depth}-deep chain, 4 KiB strided read_at"
+        with guarded(rows, case, "req/s", "qemu-img bench -d 1 -s 4K"):
+            disk = QcowFile.open(layers[depth], readonly=True)
+            res = interleaved_best({
+                "q": timed(lambda disk=disk: _reads_4k(disk, offsets)),
+                "ref": lambda p=layers[depth]: qemu_img_bench(p, count=len(offsets), bufsize=4096, step=STRIDE_STEP)[0],
+            }, repeat)
+            disk.close()
+            q, r = (len(offsets) / v if isinstance(v, float) else None for v in (res["q"], res["ref"]))
+            rows.append(throughput_row(case, "req/s", "qemu-img bench -d 1 -s 4K", q, r, 1.0))
+
+
+_LIBQCOW_LOOP = """
+import sys, time, pyqcow
+f = pyqcow.file(); f.open(sys.argv[1])
+size, step, count = (int(x) for x in sys.argv[2:5])
+offs, off = [], 0
+for _ in range(count):
+    if off + 4096 > size:
+        off = 0
+    offs.append(off)
+    off += step
+for o in offs[:1000]:
+    f.seek(o); f.read(4096)
+t = time.perf_counter()
+for o in offs:
+    f.seek(o); f.read(4096)
+print(time.perf_counter() - t)
+"""
+
+
+def _libqcow_seconds(image: str, size: int, step: int, count: int) -> float | None:
+    """pyqcow (libqcow's Python binding, system python3) doing the strided reads of `_strided`;
+    None if it is not installed."""
+    py = "/usr/bin/python3"
+    if not os.path.exists(py) or subprocess.run([py, "-c", "import pyqcow"], capture_output=True, check=False).returncode:
+        return None
+    p = subprocess.run([py, "-c", _LIBQCOW_LOOP, image, str(size), str(step), str(count)], capture_output=True,
+                       text=True, check=True)
+    return float(p.stdout.strip())
+
+
+def bench_l2_misses(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
+    """m) every 4 KiB read in another L2 table than the last, with a cache too small to hold them."""
+    for cluster in (65536, 4096):
+        span = cluster * (cluster // 8)
+        tables = 128
+        img = os.path.join(workdir, f"l2miss-{cluster}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", img, str(tables * span))
+        cmds: list[str] = []
+        for t in range(tables):  # every L2 table exists and maps data where the reads land
+            cmds += ["-c", f"write -P {t % 250 + 1} {t * span} {max(cluster, 65536)}"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, img], capture_output=True, check=True)
+        cache = 16 * 4096  # 16 slices of 4 KiB
+        offsets = _strided(tables * span, span + 4096 if cluster == 4096 else span, 20000)
+        case = f"m) L2 misses, {cluster // 1024} KiB clusters, l2_cache_size={cache // 1024}K"
+        with guarded(rows, case, "req/s", "qemu-img bench, same l2-cache-size"):
+            disk = QcowFile.open(img, readonly=True, l2_cache_size=cache)
+            runners: dict[str, Callable[[], float] | None] = {
+                "q": timed(lambda disk=disk, offsets=offsets: _reads_4k(disk, offsets)),
+                "ref": lambda img=img, offsets=offsets, cache=cache: _bench_opts(
+                    f"driver=qcow2,file.filename={img},l2-cache-size={cache}", count=len(offsets), bufsize=4096,
+                    step=offsets[1] - offsets[0]),
+            }
+            if cluster == 4096:
+                runners["libqcow"] = lambda img=img, offsets=offsets, span=span, tables=tables: _libqcow_seconds(
+                    img, tables * span, offsets[1] - offsets[0], len(offsets)) or float("nan")
+            res = interleaved_best(runners, repeat)
+            disk.close()
+            q, r = (len(offsets) / v if isinstance(v, float) else None for v in (res["q"], res["ref"]))
+            rows.append(throughput_row(case, "req/s", "qemu-img bench, same l2-cache-size", q, r, None))
+            lq = res.get("libqcow")
+            if isinstance(lq, float) and lq == lq:
+                rows.append(throughput_row(f"m) L2 misses, {cluster // 1024} KiB clusters", "req/s",
+                                           "libqcow (pyqcow)", q, len(offsets) / lq, 1.0))
+        _unlink(img)
+
+
+def bench_rw_open(QcowFile: Any, workdir: str, repeat: int, rows: list[Row]) -> None:
+    """n) opening (and closing) a fresh 1 TiB image with 4 KiB clusters, read-write vs read-only."""
+    img = os.path.join(workdir, "open1t.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, str(TiB))
+    case = "n) open+close 1 TiB, 4 KiB clusters, read-write"
+    with guarded(rows, case, "opens/s", "read-only open"):
+        def opens(readonly: bool, n: int = 20) -> None:
+            for _ in range(n):
+                QcowFile.open(img, readonly=readonly).close()
+        res = interleaved_best({"rw": timed(lambda: opens(False)), "ro": timed(lambda: opens(True))}, repeat)
+        q, r = (20 / v if isinstance(v, float) else None for v in (res["rw"], res["ro"]))
+        rows.append(throughput_row(case, "opens/s", "read-only open", q, r, 0.5))
+    _unlink(img)
+
+
+def bench_engine_more(QcowFile: Any, engine_error: str | None, workdir: str, repeat: int, only: set[str],
+                      rows: list[Row]) -> None:
+    """Cases k..n (see the section comment)."""
+    if engine_error:
+        return
+    for letter, fn in (("k", bench_compressed), ("l", bench_chains), ("m", bench_l2_misses), ("n", bench_rw_open)):
+        if letter in only:
+            log(f"case {letter}")
+            fn(QcowFile, workdir, repeat, rows)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ class OpenOptions:
     `backing=False` opens the image alone (unallocated ranges read as zeros, QEMU's
     `backing: null`). With `confine_to`, every backing file and data file must resolve (after
     symlinks) inside that directory. `force_share` (read-only only) neither takes nor honours
-    the image lock, as `qemu-img -U` does.
+    the image lock, as `qemu-img -U` does. `l2_cache_size` and `l2_cache_entry_size` are
+    QEMU's `l2-cache-size` and `l2-cache-entry-size` (bytes; None: QEMU's default) for the
+    image itself, not its backing files (see qcowdisk.qcow2.cachesize).
     """
 
     readonly: bool = False
@@ -39,10 +41,12 @@ class OpenOptions:
     backing: bool = True
     confine_to: str | None = None
     force_share: bool = False
+    l2_cache_size: int | None = None
+    l2_cache_entry_size: int | None = None
 
     def for_backing(self) -> OpenOptions:
-        """The options a backing file is opened with: read-only, the rest inherited."""
-        return dataclasses.replace(self, readonly=True)
+        """The options a backing file is opened with: read-only, default caches, the rest inherited."""
+        return dataclasses.replace(self, readonly=True, l2_cache_size=None, l2_cache_entry_size=None)
 
 
 def check_confined(path: str, options: OpenOptions, what: str, named_by: str, real: str | None = None) -> None:

@@ -6,62 +6,84 @@ can never make us allocate more than `cluster_size` bytes.
 
 from __future__ import annotations
 
-import io
 import threading
 import zlib
 
 import zstandard
 
 from ..errors import CorruptImageError
+from ..hostio import Buffer
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
-_zstd = zstandard.ZstdDecompressor()
-# One zstd compression context per thread: making one costs about as much as compressing a
-# cluster, and a context may not be shared between threads. Reusing it changes no output byte.
+# zstd contexts may not be shared between threads: one decompressor and one compressor per
+# thread (attributes `zstd_d`, `zstd_c`). Making a compressor costs about as much as compressing
+# a cluster; reusing it changes no output byte.
 _local = threading.local()
 
 
-def decompress_cluster(payload: bytes, cluster_size: int, compression_type: int, where: str) -> bytes:
+def _zstd() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "zstd_d", None)
+    if d is None:
+        d = _local.zstd_d = zstandard.ZstdDecompressor()
+    return d
+
+
+def decompress_cluster(payload: Buffer, cluster_size: int, compression_type: int, where: str) -> bytes:
     """Decode one compressed cluster to exactly `cluster_size` bytes or raise CorruptImageError.
 
     `where` names the cluster for the error message (e.g. "guest cluster 5 at host offset 0x...").
     Trailing bytes after the stream are tolerated (the descriptor counts whole sectors).
     """
+    out = bytearray(cluster_size)
+    decompress_into(payload, memoryview(out), compression_type, where)
+    return bytes(out)
+
+
+def decompress_into(payload: Buffer, out: memoryview, compression_type: int, where: str) -> None:
+    """Decode one compressed cluster into all of `out` (one cluster's bytes), or raise
+    CorruptImageError. zstd decodes straight into `out`; zlib's Python API has no such call, so
+    its output (capped at one cluster) is copied once. Needs no lock."""
+    cluster_size = len(out)
     try:
         if compression_type == COMPRESSION_ZLIB:
-            d = zlib.decompressobj(-12)
-            out = d.decompress(payload, cluster_size)
+            data = zlib.decompressobj(-12).decompress(payload, cluster_size)
+            got = len(data)
+            out[:got] = data
         elif compression_type == COMPRESSION_ZSTD:
-            out = _decompress_zstd(payload, cluster_size)
+            got = _decompress_zstd(payload, out)
         else:  # parse_header refuses unknown types; keep the guard for safety
             raise CorruptImageError(f"unknown compression_type {compression_type}")
     except (zlib.error, zstandard.ZstdError) as e:
         raise CorruptImageError(f"compressed cluster ({where}) does not decompress: {e}") from None
-    if len(out) != cluster_size:
+    if got != cluster_size:
         raise CorruptImageError(
-            f"compressed cluster ({where}) decompresses to {len(out)} bytes, expected cluster size {cluster_size}")
-    return out
+            f"compressed cluster ({where}) decompresses to {got} bytes, expected cluster size {cluster_size}")
 
 
-def _decompress_zstd(payload: bytes, cluster_size: int) -> bytes:
-    # QEMU writes one or more plain frames with no length prefix. stream_reader caps the output
-    # of a frame at what we ask for (a bomb stops at one cluster); only when a frame ends short
-    # do we need its compressed length, and then decompressobj's output is already bounded.
-    out = bytearray()
-    data = payload
-    while len(out) < cluster_size and data:
-        need = cluster_size - len(out)
-        reader = _zstd.stream_reader(io.BytesIO(data), read_across_frames=False)
-        chunk = reader.read(need)
-        out += chunk
-        if len(chunk) == need or not chunk:
+def _decompress_zstd(payload: Buffer, out: memoryview) -> int:
+    # QEMU writes one or more plain frames with no length prefix. stream_reader's readinto caps
+    # the output of a frame at the room left in `out` (a bomb stops at one cluster); only when a
+    # frame ends short do we need its compressed length, and then decompressobj's output is
+    # already bounded by that short frame.
+    zstd = _zstd()
+    got = 0
+    data: Buffer = payload
+    while got < len(out) and len(memoryview(data)):
+        reader = zstd.stream_reader(data, read_across_frames=False)
+        n = 0
+        while got < len(out):  # readinto may stop short of the frame's end; read until it says 0
+            n = reader.readinto(out[got:])
+            if not n:
+                break
+            got += n
+        if got == len(out) or (not n and got == 0):
             break
-        dobj = _zstd.decompressobj()
+        dobj = zstd.decompressobj()
         dobj.decompress(data)
         if not dobj.eof:
             break
         data = dobj.unused_data
-    return bytes(out)
+    return got
 
 
 def compress_cluster(data: bytes, compression_type: int) -> bytes:
@@ -70,8 +92,8 @@ def compress_cluster(data: bytes, compression_type: int) -> bytes:
         c = zlib.compressobj(6, zlib.DEFLATED, -12, 9)
         return c.compress(data) + c.flush()
     if compression_type == COMPRESSION_ZSTD:
-        cctx = getattr(_local, "zstd", None)
+        cctx = getattr(_local, "zstd_c", None)
         if cctx is None:
-            cctx = _local.zstd = zstandard.ZstdCompressor()
+            cctx = _local.zstd_c = zstandard.ZstdCompressor()
         return cctx.compress(data)
     raise ValueError(f"unknown compression_type {compression_type}")

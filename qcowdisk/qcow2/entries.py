@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Iterator
 
 # --- L1 and L2 entries (docs/interop/qcow2.txt, "Cluster mapping") ---------------------------
 OFLAG_COPIED = 1 << 63       # refcount of the cluster is exactly 1: writable in place
@@ -169,3 +170,23 @@ def decode_u64_table(raw: bytes) -> array[int]:
 def encode_u64_entries(entries: array[int], lo: int, hi: int) -> bytes:
     """Entries [lo, hi) of a u64 table as bytes."""
     return TableCodec(64, (hi - lo) * 8).encode(entries, lo, hi)
+
+
+# Entries scanned per step by `nonzero_entries`: an all-zero step costs one memcmp.
+_SCAN_ENTRIES = 4096
+_ZEROS = bytes(8 * _SCAN_ENTRIES)
+
+
+def nonzero_entries(table: array[int]) -> Iterator[int]:
+    """The nonzero entries of a table, skipping all-zero stretches at C speed.
+
+    A sparse table (a fresh 1 TiB image with 4 KiB clusters has an L1 table of 524288 entries,
+    nearly all zero) then costs a few hundred memcmp calls instead of a Python step per entry.
+    """
+    raw = table.tobytes()
+    width = table.itemsize * _SCAN_ENTRIES
+    zeros = _ZEROS[:width]
+    for start in range(0, len(table), _SCAN_ENTRIES):
+        lo = start * table.itemsize
+        if not raw.startswith(zeros if lo + width <= len(raw) else zeros[:len(raw) - lo], lo):
+            yield from filter(None, table[start:start + _SCAN_ENTRIES])

@@ -87,11 +87,16 @@ from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
 _T = TypeVar("_T")
 
-# The fast read path's constants: cluster_bits, l1 shift, l2 index mask, cluster mask, virtual
-# size, L1 entries, the L2 cache's tables, entry bits that reject, file length, pread, preadv,
-# entry index shift (1 with extended L2 entries: entry and bitmap), subcluster bits.
+# Bytes of cluster 0 read first at open (see `_read_header`).
+HEADER_PREFIX_BYTES = 4096
+
+# The fast read path's constants: cluster_bits, l1 shift, index mask of an entry in its L2
+# slice, cluster mask, virtual size, L1 entries, the L2 (slice) cache's tables, entry bits that
+# reject, file length, pread, preadv, entry index shift (1 with extended L2 entries: entry and
+# bitmap), subcluster bits, and a, b, c giving the slice's byte offset in its table as
+# ((offset >> a) & b) << c (0 without slices: b is 0).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
-                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int]
+                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -111,12 +116,12 @@ def _in_forked_child(s: Qcow2State) -> bool:
 
 def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
-    allocated subclusters) whose L2 table is cached; -1 for anything else (the checked path)."""
-    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits = fast
+    allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path)."""
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc = fast
     inc = offset & cmask
     if inc + length <= cmask + 1 and offset + length <= vsize:
         l1e = l1[offset >> l1shift]
-        t = tables.get(l1e & L1E_OFFSET_MASK)
+        t = tables.get((l1e & L1E_OFFSET_MASK) + (((offset >> sa) & sb) << sc))
         if t is not None and not l1e & L1E_RESERVED_MASK:
             i = ((offset >> cbits) & l2mask) << ext
             e = t.entries[i]
@@ -162,10 +167,15 @@ class QcowFile:
         if type(s.host) is HostFile:  # no test seam to honour: call the OS directly
             pread = functools.partial(os.pread, s.host.fd)
             preadv = functools.partial(os.preadv, s.host.fd)
-        return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_entries - 1,
-                s.cluster_mask, s.virtual_size, s.l1.entries, s.l2_cache.tables,
+        # Slices exist only on read-only opens (cachesize.py), so the write side's invalidation
+        # of `_fast` (see read_at) never has to cover them.
+        sbits = s.l2_slice_entries.bit_length() - 1
+        cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+        return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_slice_entries - 1,
+                s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
                 fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
-                s.subcluster_bits)
+                s.subcluster_bits, s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits,
+                sbits + 3 + int(s.extended_l2))
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -173,28 +183,32 @@ class QcowFile:
     def open(cls, path: str | os.PathLike[str], *, readonly: Literal[False] = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: None = None) -> QcowFile: ...
+             host_factory: HostFactory | None = None, snapshot: None = None,
+             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
 
     @overload
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: Literal[True], backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: str | Snapshot) -> QcowFile: ...
+             host_factory: HostFactory | None = None, snapshot: str | Snapshot,
+             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
 
     @overload
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: None = None) -> QcowFile | Qcow1File: ...
+             host_factory: HostFactory | None = None, snapshot: None = None,
+             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File: ...
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
              confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
              max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
              host_factory: HostFactory | None = None,
-             snapshot: str | Snapshot | None = None) -> QcowFile | Qcow1File:
+             snapshot: str | Snapshot | None = None, l2_cache_size: int | None = None,
+             l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File:
         """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
 
         A read-only open also opens a legacy qcow version 1 image, returning a
@@ -217,6 +231,11 @@ class QcowFile:
         that the disk has the snapshot's size (QEMU's export keeps the active disk's size).
         The id is tried first, then the name. A snapshot whose L1 table is bad is refused with
         an InvalidImageError naming the field and value.
+
+        `l2_cache_size` and `l2_cache_entry_size` (bytes) are QEMU's `l2-cache-size` and
+        `l2-cache-entry-size` options, with QEMU's defaults, limits and messages (ValueError);
+        they size the image's own L2 cache, not its backing files' (see
+        qcowdisk.qcow2.cachesize). Read-only opens read L2 tables in slices of the entry size.
         """
         path = os.fspath(path)
         if force_share and not readonly:
@@ -226,7 +245,8 @@ class QcowFile:
         options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
                                       host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share)
+                                      force_share=force_share, l2_cache_size=l2_cache_size,
+                                      l2_cache_entry_size=l2_cache_entry_size)
         img = cls._open_any(path, options, (os.path.realpath(path),))
         if snapshot is not None:
             try:
@@ -1005,13 +1025,7 @@ class QcowFile:
 def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
-    # Cluster 0 only (its size is in the first bytes): reading guest data would pull it into the
-    # page cache, which changes what SEEK_DATA says of unwritten extents (block status).
-    head = host.pread(min(file_length, 512), 0)
-    cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
-    if len(head) == 512 and 9 < cluster_bits <= 21:
-        head = host.pread(min(file_length, 1 << cluster_bits), 0)
-    h = parse_header(head, file_length, check_snapshots=not for_check)
+    h = _read_header(host, file_length, check_snapshots=not for_check)
     if not options.readonly and h.incompatible_features & INCOMPAT_CORRUPT and not for_check:
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
@@ -1024,7 +1038,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     raw = host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
     if len(raw) < h.l1_size * 8:
         raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} runs past end of file")
-    s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw))
+    s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw),
+                   l2_cache_size=options.l2_cache_size, l2_cache_entry_size=options.l2_cache_entry_size)
     if h.nb_snapshots:
         try:
             if for_check:
@@ -1049,6 +1064,28 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         # read-only: an entry past the data file's end is corrupt; read-write: writes extend it
         s.data_file_limit = s.data_host.size() if options.readonly else 1 << 62
     return s
+
+
+def _read_header(host: HostFile, file_length: int, *, check_snapshots: bool = True) -> Header:
+    """The validated header, reading only the start of cluster 0 when that holds all of it.
+
+    The header, its extensions and the backing file name normally fit in the first 4 KiB; a
+    chain of 20 images with 2 MiB clusters should not read 40 MiB to open. Parsing a prefix
+    either succeeds with exactly what parsing the whole cluster gives (the extension walk and
+    the name both stop inside the prefix) or fails, and then the whole cluster is read and
+    parsed again, so what is refused, and the message, are as before. Never past cluster 0:
+    reading guest data would pull it into the page cache, which changes what SEEK_DATA says
+    of unwritten extents (block status).
+    """
+    head = host.pread(min(file_length, HEADER_PREFIX_BYTES), 0)
+    cluster_bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+    whole = min(file_length, 1 << cluster_bits) if 9 < cluster_bits <= 21 else len(head)
+    if whole > len(head):
+        try:
+            return parse_header(head, file_length, check_snapshots=check_snapshots)
+        except InvalidImageError:
+            head = host.pread(whole, 0)
+    return parse_header(head, file_length, check_snapshots=check_snapshots)
 
 
 def _check_l1_tables_vs_refblocks(s: Qcow2State) -> None:

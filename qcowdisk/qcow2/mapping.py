@@ -126,6 +126,16 @@ def bitmap_check(s: Qcow2State, e: int, bitmap: int, guest_cluster: int) -> None
             f"(bitmap 0x{bitmap:016x}) but no host offset")
 
 
+def l2_slice(s: Qcow2State, l2_offset: int, l2_index: int) -> tuple[array[int], int]:
+    """(entries, index of its first entry in the table) of the cached part of the L2 table at
+    `l2_offset` (validated) that holds entry `l2_index`: the whole table, or on read-only
+    opens with a sliced cache only the slice (see cachesize.py)."""
+    if s.l2_slices is None:
+        return s.l2_cache.get(l2_offset).entries, 0
+    first = l2_index - l2_index % s.l2_slice_entries
+    return s.l2_slices.get(l2_offset + (first << (4 if s.extended_l2 else 3))).entries, first
+
+
 # --- runs -------------------------------------------------------------------------------------
 def get_host_runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
     """Translate [guest_offset, +length) (inside the disk) into runs, merged as described above."""
@@ -147,7 +157,10 @@ def get_host_runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
             last = _add_run(runs, last, RUN_BACKING, table_end - pos, NO_HOST, gc)
             pos = table_end
             continue
-        entries = s.l2_cache.get(l2off).entries
+        entries, first = l2_slice(s, l2off, l2i)
+        if s.l2_slices is not None:  # a slice: serve what it maps
+            table_end = min(table_end, (l1i * l2n + first + s.l2_slice_entries) << cbits)
+            l2i -= first
         if not s.extended_l2:
             last = _standard_runs(s, runs, last, entries, pos, table_end, l2i)
             pos = table_end

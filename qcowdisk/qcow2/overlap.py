@@ -11,11 +11,10 @@ write on metadata"). The caller holds the image lock.
 from __future__ import annotations
 
 import contextlib
-from itertools import compress
 from typing import NoReturn
 
 from ..errors import CorruptImageError
-from .entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK, decode_u64_table
+from .entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK, decode_u64_table, nonzero_entries
 from .format import EXT_BITMAPS, INCOMPAT_CORRUPT
 from .ordering import switch_header
 from .state import Qcow2State
@@ -30,7 +29,7 @@ def collect_metadata(state: Qcow2State) -> None:
         first = h.l1_table_offset >> cbits
         meta.update(range(first, first + max(1, -(-h.l1_size * 8 // cs))))
     l1 = state.l1.entries
-    meta.update((l1[i] & L1E_OFFSET_MASK) >> cbits for i in compress(range(len(l1)), l1))  # nonzero only
+    meta.update((e & L1E_OFFSET_MASK) >> cbits for e in nonzero_entries(l1))
     meta.add(0)  # the header (and where an entry with only reserved bits set would point)
     if h.nb_snapshots:
         first = h.snapshots_offset >> cbits
@@ -41,7 +40,7 @@ def collect_metadata(state: Qcow2State) -> None:
             meta.update(range(first, first + -(-s.l1_size * 8 // cs)))
             raw = state.host.pread(s.l1_size * 8, s.l1_table_offset)
             snap_l1 = decode_u64_table(raw[:len(raw) // 8 * 8])
-            meta.update((snap_l1[i] & L1E_OFFSET_MASK) >> cbits for i in compress(range(len(snap_l1)), snap_l1))
+            meta.update((e & L1E_OFFSET_MASK) >> cbits for e in nonzero_entries(snap_l1))
     for ext in h.extensions:
         if ext.ext_type == EXT_BITMAPS and len(ext.data) >= 24:
             size, off = int.from_bytes(ext.data[8:16], "big"), int.from_bytes(ext.data[16:24], "big")

@@ -1,17 +1,18 @@
 """The read path: serve the runs of a request straight into the caller's buffer.
 
 One `preadv` per host-contiguous data run into a slice of the caller's memoryview, zero runs
-filled at C speed, unallocated runs from the backing image, compressed clusters decoded (into
-a small cache keyed by descriptor). Everything here expects the caller to hold the image lock.
+filled at C speed, unallocated runs from the backing image, compressed clusters decoded (decoding.py).
+Everything here expects the caller to hold the image lock.
 """
 
 from __future__ import annotations
 
 from ..image import fill_zeros
-from .compress import decompress_cluster
+from .chain import owning_layer
+from .decoding import Piece, read_compressed
 from .entries import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK, SUBCLUSTER_ALL
-from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, compressed_location, data_offset, get_host_runs
-from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
+from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, data_offset, get_host_runs
+from .state import Qcow2State
 
 
 def readinto(s: Qcow2State, mv: memoryview, guest_offset: int) -> None:
@@ -26,9 +27,11 @@ def readinto(s: Qcow2State, mv: memoryview, guest_offset: int) -> None:
         if l1i < len(s.l1.entries):
             l1e = s.l1.entries[l1i]
             if l1e and not l1e & L1E_RESERVED_MASK:
-                table = s.l2_cache.peek(l1e & L1E_OFFSET_MASK)
+                first = l2i - l2i % s.l2_slice_entries  # (0 without slices)
+                cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+                table = cache.peek((l1e & L1E_OFFSET_MASK) + (first << 3))
                 if table is not None:
-                    e = table.entries[l2i]
+                    e = table.entries[l2i - first]
                     if not e & L2E_NOT_PLAIN_DATA and e & L2E_OFFSET_MASK:
                         host = data_offset(s, e, guest_offset >> s.cluster_bits)
                         got = s.data_host.preadv([mv], host + (guest_offset & s.cluster_mask))
@@ -48,9 +51,11 @@ def subclusters_allocated(bitmap: int, first: int, last: int) -> bool:
 
 
 def execute_runs(s: Qcow2State, mv: memoryview, guest_offset: int, runs: list[Run]) -> None:
-    """Serve runs into mv: one preadv per data run, zero fills, backing reads, decompression."""
+    """Serve runs into mv: one preadv per data run, zero fills, backing reads; the compressed
+    runs last, all together (decoding.py)."""
     pos = 0
     goff = guest_offset
+    pieces: list[Piece] = []
     for run in runs:
         kind, length = run.kind, run.length
         if kind == RUN_DATA:
@@ -61,33 +66,16 @@ def execute_runs(s: Qcow2State, mv: memoryview, guest_offset: int, runs: list[Ru
             fill_zeros(mv, pos, pos + length)
         elif kind == RUN_BACKING:
             got = 0
-            if s.backing is not None:
-                got = s.backing.readinto_at(mv[pos:pos + length], goff)
+            if s.backing is not None:  # from the layer that owns it, skipping those that do not
+                got = owning_layer(s.backing, goff, length).readinto_at(mv[pos:pos + length], goff)
             if got < length:
                 fill_zeros(mv, pos + got, pos + length)
         else:
-            data = decompressed(s, run.host, run.guest_cluster)
-            inc = goff & s.cluster_mask
-            mv[pos:pos + length] = data[inc:inc + length]
+            pieces.append(Piece(pos, length, goff & s.cluster_mask, run.host, run.guest_cluster))
         pos += length
         goff += length
-
-
-def decompressed(s: Qcow2State, e: int, guest_cluster: int) -> bytes:
-    """The decoded contents of a compressed cluster (small LRU keyed by descriptor)."""
-    cache = s.compressed_cache
-    data = cache.get(e)
-    if data is not None:
-        cache.move_to_end(e)
-        return data
-    off, length = compressed_location(s, e, guest_cluster)
-    payload = s.host.pread(length, off)
-    data = decompress_cluster(payload, s.cluster_size, s.header.compression_type,
-                              f"guest cluster {guest_cluster}, host offset 0x{off:x}")
-    cache[e] = data
-    if len(cache) > COMPRESSED_CACHE_CLUSTERS:
-        cache.popitem(last=False)
-    return data
+    if pieces:
+        read_compressed(s, mv, pieces)
 
 
 def read_bytes(s: Qcow2State, guest_offset: int, length: int) -> bytes:

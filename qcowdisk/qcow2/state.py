@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from ..errors import InvalidImageError
 from ..hostio import HostFactory, HostFile
 from .cache import TableCache
+from .cachesize import l2_cache_geometry
 from .entries import CompressedDescriptor, TableCodec
 from .format import INCOMPAT_DIRTY, Header, Snapshot
 from .l1 import L1Table
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from ..image import Image
     from .refcount import Refcounts
 
-DEFAULT_L2_CACHE_BYTES = 32 << 20
 DEFAULT_REFBLOCK_CACHE_BYTES = 4 << 20
 COMPRESSED_CACHE_CLUSTERS = 16
 
@@ -32,8 +32,10 @@ class Qcow2State:
     """Everything an open qcow2 image knows. The caller of every function over it holds `lock`."""
 
     def __init__(self, filename: str, readonly: bool, host: HostFile, host_factory: HostFactory,
-                 header: Header, file_length: int, l1_entries: array[int]) -> None:
-        """State for `host` with a validated `header` and the decoded active L1 table."""
+                 header: Header, file_length: int, l1_entries: array[int], *,
+                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> None:
+        """State for `host` with a validated `header` and the decoded active L1 table; the L2
+        cache sized by QEMU's options (see cachesize.py; ValueError for a refused value)."""
         # --- identity and host files -----------------------------------------------------
         self.filename = filename            # the path the image was opened by
         self.readonly = readonly
@@ -62,8 +64,19 @@ class Qcow2State:
 
         # --- tables ------------------------------------------------------------------------
         self.l1 = L1Table(host, header.l1_table_offset, l1_entries)
+        cache_entries, entry_size = l2_cache_geometry(header.size, header.cluster_size, header.extended_l2,
+                                                      l2_cache_size, l2_cache_entry_size)
+        # Whole tables (writes, check, amend, snapshots all work on whole tables): as many as
+        # the cache size holds.
         self.l2_cache = TableCache(host, TableCodec(64, header.cluster_size),
-                                   DEFAULT_L2_CACHE_BYTES // header.cluster_size)
+                                   cache_entries * entry_size // header.cluster_size)
+        # Slices of L2 tables for the read path of read-only opens (None: whole tables).
+        # `l2_slice_entries` counts L2 entries (an extended entry is two u64 words).
+        self.l2_slices: TableCache | None = None
+        self.l2_slice_entries = header.l2_entries
+        if readonly and entry_size < header.cluster_size:
+            self.l2_slices = TableCache(host, TableCodec(64, entry_size), cache_entries)
+            self.l2_slice_entries = entry_size // (16 if header.extended_l2 else 8)
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_length = 0      # bytes of the snapshot table (0 without snapshots)
         self.snapshot_error: InvalidImageError | None = None  # a broken table (read-only opens only)

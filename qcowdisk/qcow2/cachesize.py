@@ -1,0 +1,46 @@
+"""The L2 cache's size and entry (slice) size, chosen as QEMU 7.2 chooses them.
+
+QEMU's `l2-cache-size` and `l2-cache-entry-size` options (`read_cache_sizes` and
+`qcow2_update_options_prepare` in block/qcow2.c):
+
+- The cache never needs more than what maps the whole disk (`max_l2_cache`: one L2 entry per
+  guest cluster, rounded up to a cluster); the default is that, capped at 32 MiB, and a larger
+  setting is cut down to it.
+- When the cache cannot map the whole disk and no entry size is given, entries are 4 KiB slices
+  of an L2 table (the cluster size if smaller): a miss then reads and decodes 4 KiB, not a
+  whole table.
+- The entry size must be a power of two between 512 and the cluster size (QEMU's message).
+- The cache holds at least 2 entries; more than INT_MAX entries is refused (QEMU's message).
+
+Here slices serve the read path of read-only opens (`Qcow2State.l2_slices`); the write side,
+check, amend and snapshots keep whole tables, with as many of them as the size allows.
+"""
+
+from __future__ import annotations
+
+DEFAULT_L2_CACHE_MAX_SIZE = 32 << 20   # QEMU on Linux
+MIN_L2_CACHE_ENTRIES = 2               # QEMU's MIN_L2_CACHE_SIZE
+MIN_ENTRY_SIZE = 512                   # 1 << MIN_CLUSTER_BITS
+_INT_MAX = (1 << 31) - 1
+
+
+def l2_cache_geometry(virtual_size: int, cluster_size: int, extended_l2: bool, l2_cache_size: int | None,
+                      l2_cache_entry_size: int | None) -> tuple[int, int]:
+    """(entries the cache holds, bytes per entry) for these options; ValueError with QEMU's
+    message for a value QEMU refuses."""
+    for name, value in (("l2_cache_size", l2_cache_size), ("l2_cache_entry_size", l2_cache_entry_size)):
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"{name} must be a non-negative integer number of bytes, not {value!r}")
+    entry_bytes = 16 if extended_l2 else 8
+    max_l2_cache = -(-(-(-virtual_size // cluster_size) * entry_bytes) // cluster_size) * cluster_size
+    size = min(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE if l2_cache_size is None else l2_cache_size)
+    entry_size = cluster_size if l2_cache_entry_size is None else l2_cache_entry_size
+    if size < max_l2_cache and l2_cache_entry_size is None:
+        entry_size = min(cluster_size, 4096)
+    if not MIN_ENTRY_SIZE <= entry_size <= cluster_size or entry_size & (entry_size - 1):
+        raise ValueError(f"L2 cache entry size must be a power of two between {MIN_ENTRY_SIZE} and the cluster "
+                         f"size ({cluster_size})")
+    entries = max(MIN_L2_CACHE_ENTRIES, size // entry_size)
+    if entries > _INT_MAX:
+        raise ValueError("L2 cache size too big")
+    return entries, entry_size

@@ -1,0 +1,127 @@
+"""Reading compressed clusters: the payloads of a request in few preads, decoded in parallel.
+
+QEMU splits a request into per-cluster tasks (up to 8 at once) and decodes each in its thread
+pool, so `qemu-img bench -d 1` over a compressed image already decodes on every core. This does
+the same for one request: the payloads of all its compressed clusters are read with one `pread`
+per host-contiguous stretch (`qemu-img convert -c` packs them back to back), then each whole
+cluster is decoded straight into the caller's buffer, on a small shared pool of threads when
+there are several (zlib and zstandard release the GIL). A cluster read only in part is decoded
+once into the image's small cache (keyed by descriptor), since a sequence of small reads comes
+back for the rest of it.
+
+Everything here expects the caller to hold the image lock; the decoders take no state.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..errors import CorruptImageError
+from .compress import decompress_into
+from .mapping import compressed_location
+from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
+
+# One pread covers at most this many bytes of payloads (memory stays bounded per request).
+MAX_BATCH_BYTES = 8 << 20
+# Decoding threads shared by every image; never more than the machine's cores (QEMU's pool
+# uses up to 64 threads; past the core count they only queue).
+MAX_DECODERS = min(8, os.cpu_count() or 1)
+
+_pool: list[ThreadPoolExecutor] = []  # made on first use
+_pool_lock = threading.Lock()
+
+# Its threads do not survive fork(): a child makes a new pool on first use.
+os.register_at_fork(after_in_child=_pool.clear)
+
+
+def _decoder_pool() -> ThreadPoolExecutor:
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(MAX_DECODERS, thread_name_prefix="qcowdisk-decode"))
+        return _pool[0]
+
+
+@dataclass(slots=True)
+class Piece:
+    """A compressed run of a request: `length` bytes at `pos` in the destination, from byte
+    `inc` of the cluster that L2 entry `entry` describes (guest cluster `guest_cluster`)."""
+
+    pos: int
+    length: int
+    inc: int
+    entry: int
+    guest_cluster: int
+
+
+def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
+    """Fill the pieces of `mv` from their compressed clusters."""
+    cs = s.cluster_size
+    cache = s.compressed_cache
+    todo: list[tuple[Piece, int, int]] = []  # (piece, host offset, payload bytes), validated
+    for p in pieces:
+        data = cache.get(p.entry)
+        if data is not None:
+            cache.move_to_end(p.entry)
+            mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+        else:
+            off, n = compressed_location(s, p.entry, p.guest_cluster)
+            todo.append((p, off, n))
+    if not todo:
+        return
+    jobs: list[tuple[Piece, memoryview, memoryview, str, bool]] = []  # (.., destination, where, in place)
+    for batch_start, batch_end, members in _batches(todo):
+        raw = memoryview(s.host.pread(batch_end - batch_start, batch_start))
+        for p, off, n in members:
+            # A payload cut short by the end of the file decodes short: the decoder says so.
+            payload = raw[off - batch_start:off - batch_start + n]
+            where = f"guest cluster {p.guest_cluster}, host offset 0x{off:x}"
+            in_place = p.inc == 0 and p.length == cs
+            dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
+            jobs.append((p, payload, dest, where, in_place))
+    ctype = s.header.compression_type
+    # One group of clusters per decoder, the calling thread decoding the first group itself:
+    # a few pool tasks per request, not one per cluster.
+    k = min(len(jobs), MAX_DECODERS)
+    groups = [jobs[i::k] for i in range(k)]
+    futures: list[Future[list[tuple[int, CorruptImageError]]]] = (
+        [_decoder_pool().submit(_decode_group, g, ctype) for g in groups[1:]])
+    failures = _decode_group(groups[0], ctype)
+    for f in futures:  # every decoder finishes before anything is raised or returned
+        failures += f.result()
+    if failures:
+        raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
+    for p, _, dest, _, in_place in jobs:
+        if not in_place:  # decoded aside: cache it, copy the part
+            cache[p.entry] = data = bytes(dest)
+            if len(cache) > COMPRESSED_CACHE_CLUSTERS:
+                cache.popitem(last=False)
+            mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+
+
+def _decode_group(group: list[tuple[Piece, memoryview, memoryview, str, bool]],
+                  ctype: int) -> list[tuple[int, CorruptImageError]]:
+    """Decode each job of `group`; returns the failures as (position in the request, error)."""
+    failures: list[tuple[int, CorruptImageError]] = []
+    for p, payload, dest, where, _ in group:
+        try:
+            decompress_into(payload, dest, ctype, where)
+        except CorruptImageError as e:
+            failures.append((p.pos, e))
+    return failures
+
+
+def _batches(todo: list[tuple[Piece, int, int]]) -> list[tuple[int, int, list[tuple[Piece, int, int]]]]:
+    """Group payloads whose host ranges touch or overlap (in host order) into one read each."""
+    out: list[tuple[int, int, list[tuple[Piece, int, int]]]] = []
+    for item in sorted(todo, key=lambda t: t[1]):
+        _, off, n = item
+        if out and off <= out[-1][1] and max(out[-1][1], off + n) - out[-1][0] <= MAX_BATCH_BYTES:
+            start, end, members = out[-1]
+            members.append(item)
+            out[-1] = (start, max(end, off + n), members)
+        else:
+            out.append((off, off + n, [item]))
+    return out
