@@ -54,3 +54,19 @@ def small_tmpfs(tmp_path: Path):
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+@pytest.fixture(autouse=True)
+def _cwd_restored():
+    """Every test leaves the working directory where it found it: passing tests' tmp dirs are
+    deleted (tmp_path_retention_policy), so a leaked chdir would leave later tests in a
+    directory that no longer exists."""
+    before = os.getcwd()
+    yield
+    try:
+        after = os.getcwd()
+    except FileNotFoundError:
+        after = "<deleted>"
+    if after != before:
+        os.chdir(before)
+        pytest.fail(f"the test changed the working directory to {after} and did not restore it")

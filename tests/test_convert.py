@@ -8,6 +8,7 @@ in both outputs (host offsets aside), and `qemu-img check` must find qcowdisk's 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -45,7 +46,11 @@ def layout(path: Path, fmt: str) -> list[tuple[int, int, int, bool, bool, bool]]
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     d = tmp_path_factory.mktemp("src")
-    os.chdir(d)
+    with contextlib.chdir(d):  # the images name each other relatively; cwd goes back after
+        return _build_sources(d)
+
+
+def _build_sources(d: Path) -> dict[str, tuple[Path, str]]:
     # a qcow2 chain: base (data, compressed, zero clusters) under a top layer
     create("base.qcow2", "12M")
     qemu_io("base.qcow2", "write -P 1 0 300k", "write -c -P 2 1M 128k", "write -P 0 3M 64k", "write -P 3 5M 70k",
@@ -373,9 +378,9 @@ def test_raw_preallocation(tmp_path: Path, sources: dict[str, tuple[Path, str]],
     assert ours.stat().st_blocks <= theirs.stat().st_blocks * 1.05 + 16
 
 
-def test_create_with_raw_data_file_preallocates_metadata(tmp_path: Path) -> None:
+def test_create_with_raw_data_file_preallocates_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """qemu-img create -o data_file=F,data_file_raw=on maps every cluster 1:1 onto the data file."""
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=q.raw,data_file_raw=on", "q.qcow2", "4M")
     assert cli.main(["create", "-q", "-f", "qcow2", "-o", "data_file=o.raw,data_file_raw=on", "o.qcow2", "4M"]) == 0
     assert layout(Path("o.qcow2"), "qcow2") == layout(Path("q.qcow2"), "qcow2")
