@@ -18,6 +18,15 @@ from typing import Any
 
 from .errors import UnsafeFileError
 
+_ZEROS = bytes(1 << 21)
+ZERO_BLOCK_LENGTH = len(_ZEROS)
+
+
+def zero_block(length: int) -> memoryview:
+    """A read-only view of `length` (at most 2 MiB) zero bytes, shared."""
+    return memoryview(_ZEROS)[:length]
+
+
 _fallocate: Callable[[int, int, int, int], int] | None
 try:  # Linux: hand space back without changing the file length
     # The interpreter's own namespace has libc's symbols: looking libc up by name
@@ -192,6 +201,17 @@ class HostFile:
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False
         raise OSError(err, os.strerror(err), self.path)
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make a range read as zeros: punch it (file-posix's write_zeroes with MAY_UNMAP), or
+        write zeros where the file system cannot punch."""
+        if self.punch_hole(offset, length):
+            return
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_BLOCK_LENGTH, end - offset)
+            self.pwrite(zero_block(n), offset)
+            offset += n
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .hostio import ZERO_BLOCK_LENGTH as ZERO_BLOCK_LENGTH
 from .hostio import Buffer
+from .hostio import zero_block as zero_block
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,23 +145,12 @@ class Image(Protocol):
         ...
 
 
-_ZEROS = bytes(1 << 21)
-
-
 def fill_zeros(mv: memoryview, start: int, end: int) -> None:
-    """Zero mv[start:end] at C speed from a shared zero block."""
+    """Zero mv[start:end] at C speed from the shared zero block."""
     while start < end:
-        n = min(end - start, len(_ZEROS))
-        mv[start:start + n] = _ZEROS[:n]
+        n = min(end - start, ZERO_BLOCK_LENGTH)
+        mv[start:start + n] = zero_block(n)
         start += n
-
-
-def zero_block(length: int) -> memoryview:
-    """A read-only view of `length` (at most 2 MiB) zero bytes, shared."""
-    return memoryview(_ZEROS)[:length]
-
-
-ZERO_BLOCK_LENGTH = len(_ZEROS)
 
 
 def as_index(value: object, name: str) -> int:

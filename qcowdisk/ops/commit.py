@@ -36,7 +36,7 @@ from typing import Protocol
 from .. import formats
 from ..errors import QcowError
 from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Image, LayerExtent, fill_zeros, zero_block
+from ..image import Image, LayerExtent, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow2.file import QcowFile
 from .inflight import InFlight
@@ -111,13 +111,7 @@ class _RawTarget:
     def write_zeroes(self, offset: int, length: int) -> None:
         """Punch a hole (file-posix's write_zeroes with MAY_UNMAP); write zeros where the file
         system cannot punch."""
-        if self.host.punch_hole(offset, length):
-            return
-        end = offset + length
-        while offset < end:
-            n = min(IO_BUF_SIZE, end - offset)
-            self.host.pwrite(zero_block(n), offset)
-            offset += n
+        self.host.zero_range(offset, length)
 
     def flush(self) -> None:
         """fsync the file."""

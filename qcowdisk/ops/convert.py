@@ -235,12 +235,7 @@ class _RawTarget(_Requests):
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.written(length)
-        if self.host.punch_hole(offset, length):
-            return
-        while length:
-            n = min(length, IO_BUF_SIZE)
-            self.host.pwrite(zero_block(n), offset)
-            offset, length = offset + n, length - n
+        self.host.zero_range(offset, length)
 
 
     def flush(self) -> None:

@@ -22,7 +22,7 @@ from array import array
 
 from .. import formats
 from ..errors import CorruptImageError
-from ..hostio import Buffer, HostFactory
+from ..hostio import ZERO_BLOCK_LENGTH, Buffer, HostFactory, zero_block
 from ..image import Image
 from ..locking import ImageLock, lock_image
 from ..qcow1 import COMPRESSED_FLAG, HEADER_LENGTH, parse_header
@@ -159,12 +159,10 @@ class Qcow1Target:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Write zeros as data (qcow has no zero clusters: QEMU's fallback writes a zero buffer)."""
-        step = 2 << 20
-        zeros = bytes(min(step, length))
         end = offset + length
         while offset < end:
-            n = min(step, end - offset)
-            self.write_at(offset, memoryview(zeros)[:n])
+            n = min(ZERO_BLOCK_LENGTH, end - offset)
+            self.write_at(offset, zero_block(n))
             offset += n
 
     def flush(self) -> None:

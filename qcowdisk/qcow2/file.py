@@ -693,12 +693,15 @@ class QcowFile:
         MAY_UNMAP leaves it (`qemu-img convert -n` does this to zero ranges): whole clusters
         become zero clusters present in this image, their host space freed, even where they
         were unallocated (see qcowdisk.qcow2.zeroize)."""
-        self._zero_with(offset, length, zeroizing.zeroize)
+        self._update_range(offset, length, zeroizing.zeroize)
 
     def _zero(self, offset: int, length: int, punch: bool) -> None:
-        self._zero_with(offset, length, lambda s, at, n: writing.zero(s, at, n, punch))
+        self._update_range(offset, length, lambda s, at, n: writing.zero(s, at, n, punch))
 
-    def _zero_with(self, offset: int, length: int, zero: Callable[[Qcow2State, int, int], None]) -> None:
+    def _update_range(self, offset: int, length: int, update: Callable[[Qcow2State, int, int], None]) -> None:
+        """Run a metadata update of [offset, +length) (zeroing, discard, allocation) the one
+        guarded way: dirty bit first for lazy refcounts, the failed state on error, and a flush
+        once the frees it queued pile up (copy-on-write and discards both queue them)."""
         s = self._state
         offset = self._check_range(offset, length)
         length = as_index(length, "length")
@@ -707,7 +710,7 @@ class QcowFile:
             if length:
                 def run() -> None:
                     ordering.mark_dirty_before_lazy_update(s)
-                    zero(s, offset, length)
+                    update(s, offset, length)
                     ordering.release_frees_if_piling(s)
                 self._guarded(run)
 
@@ -715,16 +718,7 @@ class QcowFile:
         """Make the whole clusters of [offset, offset+length) unallocated, so they read through
         to the backing file again (zeros without one) and their host clusters are freed; a range
         ending at the end of the disk covers its partial last cluster (see writing.discard)."""
-        s = self._state
-        offset = self._check_range(offset, length)
-        length = as_index(length, "length")
-        with s.lock:
-            self._check_writable()
-            if length:
-                def run() -> None:
-                    ordering.mark_dirty_before_lazy_update(s)
-                    writing.discard(s, offset, length)
-                self._guarded(run)
+        self._update_range(offset, length, writing.discard)
 
     def set_backing_file(self, name: str | None, backing_format: str | None = None, *,
                          open_backing: bool = True) -> None:
@@ -780,16 +774,7 @@ class QcowFile:
         it), so later writes there land in place without allocating, and `qemu-img map` shows
         the range as data (crosvm's `FileAllocate`, QEMU's `write -z` without unmap).
         """
-        s = self._state
-        offset = self._check_range(offset, length)
-        length = as_index(length, "length")
-        with s.lock:
-            self._check_writable()
-            if length:
-                def run() -> None:
-                    ordering.mark_dirty_before_lazy_update(s)
-                    writing.allocate(s, offset, length)
-                self._guarded(run)
+        self._update_range(offset, length, writing.allocate)
 
     def flush(self) -> None:
         """Make everything written so far durable (and the image consistent on disk)."""
