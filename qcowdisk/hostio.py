@@ -8,7 +8,6 @@ shared by threads without a file position.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -27,19 +26,30 @@ def zero_block(length: int) -> memoryview:
     return memoryview(_ZEROS)[:length]
 
 
-_fallocate: Callable[[int, int, int, int], int] | None
-try:  # Linux: hand space back without changing the file length
-    # The interpreter's own namespace has libc's symbols: looking libc up by name
-    # (ctypes.util.find_library) runs `ldconfig -p` in a subprocess at every start.
-    _libc = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(_libc, "fallocate"):  # pragma: no cover - a statically linked interpreter
-        import ctypes.util
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _fallocate = _libc.fallocate
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    _libc.fallocate.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - non-Linux
-    _fallocate = None
+_fallocate: list[Callable[[int, int, int, int], int] | None] = []  # libc's fallocate once looked up
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate (None off Linux), looked up at the first punch: ctypes costs a few
+    milliseconds of every start, and most commands never punch."""
+    if not _fallocate:
+        import ctypes
+        fn: Callable[[int, int, int, int], int] | None
+        try:  # Linux: hand space back without changing the file length
+            # The interpreter's own namespace has libc's symbols: looking libc up by name
+            # (ctypes.util.find_library) runs `ldconfig -p` in a subprocess at every start.
+            libc = ctypes.CDLL(None, use_errno=True)
+            if not hasattr(libc, "fallocate"):  # pragma: no cover - a statically linked interpreter
+                import ctypes.util
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+            libc.fallocate.restype = ctypes.c_int
+            fn = libc.fallocate
+        except (OSError, AttributeError):  # pragma: no cover - non-Linux
+            fn = None
+        _fallocate.append(fn)
+    return _fallocate[0]
+
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -192,11 +202,13 @@ class HostFile:
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Hand the host space of a range back (reads as zeros afterwards). False if unsupported."""
-        if _fallocate is None or length <= 0:
+        fallocate = _libc_fallocate()
+        if fallocate is None or length <= 0:
             return False
         self.unsynced = True
-        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
             return True
+        import ctypes
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False

@@ -32,7 +32,7 @@ import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
@@ -49,12 +49,9 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
-from . import amend as amending
-from . import compressed, ordering, reading, snapshot, status, writing
-from . import resize as resizing
+from . import compressed, ordering, reading, status, writing
 from . import zeroize as zeroizing
 from .cache import CachedTable
-from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
     L1E_OFFSET_MASK,
@@ -82,8 +79,10 @@ from .format import (
 )
 from .overlap import collect_metadata
 from .refcount import Refcounts
-from .repair import rebuild_refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
+
+if TYPE_CHECKING:  # the rarer operations' modules are imported where used (start-up time)
+    from .check import CheckResult, Repair
 
 _T = TypeVar("_T")
 
@@ -262,6 +261,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._fast = None
+            from . import snapshot
             self._snapshot = snapshot.load_for_reading(s, ref)
             self._fast = self._fast_path()
 
@@ -471,6 +471,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_writable()
+            from . import snapshot
             return self._guarded(lambda: snapshot.create(s, name))
 
     def apply_snapshot(self, ref: str | Snapshot) -> Snapshot:
@@ -480,6 +481,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_writable()
+            from . import snapshot
             return self._guarded(lambda: snapshot.apply(s, ref))
 
     def delete_snapshot(self, ref: str | Snapshot) -> Snapshot:
@@ -489,6 +491,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_writable()
+            from . import snapshot
             return self._guarded(lambda: snapshot.delete(s, ref))
 
     def find_snapshot(self, ref: str) -> Snapshot:
@@ -496,6 +499,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_open()
+            from . import snapshot
             return s.snapshots[snapshot.find(s, ref)]
 
     @property
@@ -617,6 +621,7 @@ class QcowFile:
             new_size = operator.index(new_size)
         except TypeError:
             raise TypeError(f"new_size must be an integer, not {type(new_size).__name__}") from None
+        from . import resize as resizing
         with s.lock:
             self._check_writable()
             resizing.check(s, new_size, shrink)
@@ -635,6 +640,8 @@ class QcowFile:
         nothing is written (except, as QEMU, an upgrade that came before a refcount width that
         does not fit); so does what qcowdisk does not implement (amending LUKS options). See `qcowdisk.qcow2.amend`.
         """
+        from . import amend as amending
+        from . import resize as resizing
         s = self._state
         options = amending.AmendOptions(compat=compat, lazy_refcounts=lazy_refcounts, backing_file=backing_file,
                                         backing_fmt=backing_fmt, refcount_bits=refcount_bits, size=size,
@@ -811,6 +818,7 @@ class QcowFile:
                 self._check_writable()
             else:
                 self._check_healthy()
+            from .check import check_image
             return self._guarded(lambda: check_image(s, repair, report, progress))
 
     @classmethod
@@ -1105,6 +1113,7 @@ def _prepare_for_writing(s: Qcow2State, for_check: bool = False) -> None:
     s.refcounts = rc
     ordering.declare_write_order(s, rc)
     if h.incompatible_features & INCOMPAT_DIRTY and not for_check:
+        from .repair import rebuild_refcounts
         rebuild_refcounts(s, rc)
         ordering.flush(s, final=True)
         ordering.switch_header(s, incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY,
