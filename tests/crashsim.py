@@ -1124,6 +1124,9 @@ def run_and_kill(argv: Sequence[str], kill_after: Callable[[list[str]], bool], d
             time.sleep(delay)
             p.send_signal(signal.SIGKILL)
             break
+    # The lines the iterator had already read ahead (communicate reads the pipe itself, past
+    # the text buffer: a busy parent that got two reports in one read lost the second).
+    lines += [line.rstrip("\n") for line in p.stdout]
     rest, err = p.communicate(timeout=timeout)
     lines += rest.splitlines()
     return Killed(lines, p.returncode, err)
