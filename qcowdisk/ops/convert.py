@@ -4,8 +4,7 @@ QEMU's loop (img_convert, convert_iteration_sectors, convert_co_write), step by 
 source's block status splits the disk into runs that read as zeros, hold data, or (with a
 target backing file) come from that backing file. Zero runs are skipped on a new target (it
 reads as zeros already) and written as zeroes otherwise; backing-file runs are skipped; data
-runs are read at most `IO_BUF_SIZE` at a time (a few pieces ahead, in worker threads, while
-this thread writes: qcowdisk.ops.readahead), and in each piece the
+runs are read at most `IO_BUF_SIZE` at a time into one reused buffer, and in each piece the
 all-zero stretches of at least `sparse_size` bytes (qemu-img's `-S`, is_allocated_sectors_min,
 with its alignment rules) are treated as zero runs, the rest written. `sparse_size=0` (`-S 0`)
 writes every byte, zeros included, so the target is fully allocated. With `compress`, data is
@@ -19,7 +18,6 @@ through a fixed number of buffers; unallocated and zero ranges are never read.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import stat
 from collections import deque
@@ -36,7 +34,6 @@ from ..qcow2.file import QcowFile
 from .cachemode import DEFAULT_SOURCE_CACHE, NoFlushHostFile, RateLimit, parse_cache_mode
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
-from .readahead import ReadAhead
 from .zeroscan import SECTOR, data_runs, is_zero
 
 if TYPE_CHECKING:
@@ -46,15 +43,8 @@ IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most read and written in on
 MAX_BUF_SECTORS = 32768  # the largest -S qemu-img takes, in sectors
 FIRST_BLOCK = 4096  # what file-posix writes at the start of a file it creates
 COMPRESS_BATCH = 1 << 20  # bytes of clusters handed to one compression worker at a time
-# Plain copies: one thread reads (and scans for zeros) the next IO_BUF_SIZE piece while this one
-# writes the last: double buffering. More pieces or threads measured slower (more CPU): the
-# pieces stop fitting the CPU caches between the read and the write.
-READ_AHEAD = 2
-READ_THREADS = 1
 
 Progress = Callable[[int, int], object]
-# a chunk read and scanned: (guest offset, its bytes, runs (is_data, start, end) of offsets in them)
-_Chunk = tuple[int, memoryview, list[tuple[bool, int, int]]]
 
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 
@@ -85,9 +75,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     everything). `compress` writes compressed clusters (qcow2 only), compressing in `threads`
     worker threads (default: the CPU count, at most 8); the payloads are written in guest order
     unless `out_of_order` (-W: each worker writes its clusters as soon as they are compressed).
-    Uncompressed data is read (and scanned for zeros) ahead in worker threads, and written by
-    this thread in guest order whatever `out_of_order` says, so the layout is a sequential
-    copy's (qcowdisk.ops.readahead). `target_is_zero` (with `target_exists` only, and
+    Uncompressed data is written by one thread in guest order whatever `out_of_order` says: the
+    copy is bound by reading and writing, which threads would not overlap better than the
+    kernel's own read-ahead and write-back. `target_is_zero` (with `target_exists` only, and
     a target without a backing file) takes the existing target to read as zeros already, so
     zero ranges are not written. `cache` and `src_cache` are qemu-img's -t and -T modes
     (see qcowdisk.ops.cachemode: "unsafe" never fsyncs, as qemu-img convert by default;
@@ -463,14 +453,6 @@ class _Copy:
         self.buf = bytearray(IO_BUF_SIZE)
         self.buf2 = bytearray(IO_BUF_SIZE)
         self.compressor: _Compressor | None = None
-        self.ahead: ReadAhead[_Chunk] | None = None  # reads in flight (plain copies)
-
-    def _then(self, action: Callable[[], object]) -> None:
-        """Act on the target (or report) after what is queued before, so in guest order."""
-        if self.ahead is not None:
-            self.ahead.later(action)
-        else:
-            action()
 
     def _report(self, done: int) -> None:
         if self.progress is not None:
@@ -478,15 +460,6 @@ class _Copy:
 
     def run(self) -> None:
         self._report(0)
-        if not self.compress and self.backing is None:
-            with ReadAhead[_Chunk](READ_AHEAD, READ_THREADS, IO_BUF_SIZE) as ahead:
-                self.ahead = ahead
-                try:
-                    self._walk()
-                    ahead.drain()
-                finally:
-                    self.ahead = None
-            return
         if not self.compress:
             self._walk()
             return
@@ -507,17 +480,17 @@ class _Copy:
                 pass  # the target's backing file holds it
             elif e.zero and self.min_sparse and self.backing is None:
                 if not self.zero_init:
-                    self._then(functools.partial(self.target.write_zeroes, e.start, e.length))
+                    self.target.write_zeroes(e.start, e.length)
             elif self.backing is not None:
                 self._diff(e.start, end, e.zero)
             else:
                 self._data(e.start, end, e.zero)
             pos = end
-            self._then(functools.partial(self._report, pos))
+            self._report(pos)
         if pos < self.size:  # a snapshot shorter than the active disk: zeros up to its size
             if not self.zero_init:
-                self._then(functools.partial(self.target.write_zeroes, pos, self.size - pos))
-            self._then(functools.partial(self._report, self.size))
+                self.target.write_zeroes(pos, self.size - pos)
+            self._report(self.size)
 
     def _read(self, buf: bytearray, offset: int, n: int) -> memoryview:
         mv = memoryview(buf)[:n]
@@ -531,42 +504,31 @@ class _Copy:
         if self.compress:
             self._compressed(start, end, zero)
             return
-        ahead = self.ahead
-        assert ahead is not None
         pos = start
         while pos < end:
             n = min(end - pos, IO_BUF_SIZE)
             if zero:  # -S 0: zeros are written as data
-                ahead.later(functools.partial(self.target.write_at, pos, zero_block(n)))
+                self.target.write_at(pos, zero_block(n))
+                pos += n
+                self._report(pos)
+                continue
+            mv = self._read(self.buf, pos, n)
+            if not self.min_sparse:
+                self.target.write_at(pos, mv)
             else:
-                ahead.submit(functools.partial(self._scan, pos, n), self._write_chunk)
+                sectors = -(-n // SECTOR)
+                if sectors * SECTOR > n:
+                    self.buf[n:sectors * SECTOR] = bytes(sectors * SECTOR - n)
+                at = 0
+                for is_data, count in data_runs(self.buf, sectors, pos // SECTOR, self.min_sparse, self.alignment):
+                    a, b = at * SECTOR, min((at + count) * SECTOR, n)
+                    if is_data:
+                        self.target.write_at(pos + a, mv[a:b])
+                    elif not self.zero_init:
+                        self.target.write_zeroes(pos + a, b - a)
+                    at += count
             pos += n
-            ahead.later(functools.partial(self._report, pos))
-
-    def _scan(self, pos: int, n: int, buf: bytearray) -> _Chunk:
-        """Read n bytes of the source at `pos` into `buf` and split them into data and zero
-        runs as -S says (a worker thread's job)."""
-        mv = self._read(buf, pos, n)
-        if not self.min_sparse:
-            return pos, mv, [(True, 0, n)]
-        sectors = -(-n // SECTOR)
-        if sectors * SECTOR > n:
-            buf[n:sectors * SECTOR] = bytes(sectors * SECTOR - n)
-        runs = []
-        at = 0
-        for is_data, count in data_runs(buf, sectors, pos // SECTOR, self.min_sparse, self.alignment):
-            runs.append((is_data, at * SECTOR, min((at + count) * SECTOR, n)))
-            at += count
-        return pos, mv, runs
-
-    def _write_chunk(self, chunk: _Chunk) -> None:
-        """Write what `_scan` found: the data runs, and the zero runs unless the target reads zeros."""
-        pos, mv, runs = chunk
-        for is_data, a, b in runs:
-            if is_data:
-                self.target.write_at(pos + a, mv[a:b])
-            elif not self.zero_init:
-                self.target.write_zeroes(pos + a, b - a)
+            self._report(pos)
 
     def _compressed(self, start: int, end: int, zero_range: bool) -> None:
         """Clusters written compressed, by jobs of whole clusters. An all-zero cluster is
