@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -290,6 +291,27 @@ def test_cli_errors(tmp_path: Path, sources: dict[str, tuple[Path, str]], capsys
         assert err.startswith("qcowdisk: ") and text in err, (argv, err)
         assert "Traceback" not in err
     assert (Path(src).read_bytes(), sources["base"][0].read_bytes()) == before
+
+
+def test_replaced_target_is_a_new_file(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """A file at the target's path is replaced (its name taken, not its contents written over),
+    and the old file is gone when convert returns: its blocks are freed by a close in a thread
+    of its own (joined: no thread is left behind), on success and on failure."""
+    def closers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "qcowdisk-free-old-target"]
+
+    src = sources["top"][0]
+    for out_fmt in ("qcow2", "raw"):
+        dst, keep = tmp_path / f"t.{out_fmt}", tmp_path / f"keep.{out_fmt}"
+        dst.write_bytes(b"old" * 100000)
+        os.link(dst, keep)
+        qcowdisk.convert(src, dst, out_format=out_fmt)
+        assert closers() == []
+        assert keep.read_bytes() == b"old" * 100000 and keep.stat().st_nlink == 1  # the old file, unlinked
+        compare(str(src), str(dst), "qcow2", out_fmt)
+    with pytest.raises(ValueError, match="Cluster size"):  # failing once the old file went: joined too
+        qcowdisk.convert(src, dst, options="cluster_size=3")
+    assert closers() == [] and not dst.exists()
 
 
 def test_target_in_use_is_refused(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:

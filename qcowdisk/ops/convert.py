@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -137,7 +138,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         if target_exists:
             target = _open_target(dst_path, out_format, size, host)
         else:
-            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host)
+            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host, stack)
         stack.callback(target.close)
         target.limit, target.flush_each = limit, flush_each
         if target_is_zero and isinstance(target, _QcowTarget) and target.disk.backing_file is not None:
@@ -296,8 +297,11 @@ def _check_bitmaps(source: Image, out_format: str, opts: QemuOpts) -> None:
         raise ConvertError(f"Cannot copy bitmaps ({', '.join(names)}): qcowdisk does not write persistent bitmaps")
 
 
-def _remove_existing(path: str) -> None:
-    """Remove the file a new target replaces, unless another process holds it (qemu-img's lock failure)."""
+def _remove_existing(path: str, stack: contextlib.ExitStack) -> None:
+    """Remove the file a new target replaces, unless another process holds it (qemu-img's lock
+    failure). Its name goes at once, but its blocks are freed by the last close (a large file's
+    take a good part of a copy's time: qemu-img's ftruncate pays it up front), so that close runs
+    in a thread of its own while the copy goes on, joined before convert returns."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -305,21 +309,25 @@ def _remove_existing(path: str) -> None:
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             lock_image(fd, path, write=True).release()  # ImageLockedError when in use
-    finally:
+        os.unlink(path)
+    except BaseException:
         os.close(fd)
-    os.unlink(path)
+        raise
+    closer = threading.Thread(target=os.close, args=(fd,), name="qcowdisk-free-old-target", daemon=True)
+    closer.start()
+    stack.callback(closer.join)
 
 
 def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backing_file: str | None,
-                   backing_format: str | None, host: type[HostFile]) -> _Target:
+                   backing_format: str | None, host: type[HostFile], stack: contextlib.ExitStack) -> _Target:
     if out_format == "raw":
         prealloc = opts.string("preallocation") or "off"
         if prealloc not in ("off", "falloc", "full"):
             raise ConvertError(f"Invalid parameter '{prealloc}'")
-        _remove_existing(path)
+        _remove_existing(path, stack)
         return _RawTarget(path, size, True, prealloc, host)
     kw = create_keywords(opts)
-    _remove_existing(path)
+    _remove_existing(path, stack)
     if backing_file is not None:
         return _QcowTarget(QcowFile.create_from_backing(path, backing_file, backing_format=backing_format,
                                                         size=size, host_factory=host, **kw))
