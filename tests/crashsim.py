@@ -1137,8 +1137,13 @@ def run_and_kill(argv: Sequence[str], kill_after: Callable[[list[str]], bool], d
             time.sleep(delay)
             p.send_signal(signal.SIGKILL)
             break
-    rest, err = p.communicate(timeout=timeout)
-    lines += rest.splitlines()
+    # Not communicate(): it reads the pipe's descriptor, and the lines p.stdout had already
+    # read ahead into its buffer (the child printed them before the kill: a slow parent finds
+    # several waiting) would be lost, leaving the child's last reported flushes unknown. The
+    # child is dead or done, so reading stdout to its end cannot block on a full stderr.
+    lines += p.stdout.read().splitlines()
+    err = p.stderr.read()
+    p.wait(timeout=timeout)
     return Killed(lines, p.returncode, err)
 
 
