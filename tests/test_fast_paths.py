@@ -514,12 +514,15 @@ def _small_write_ops(seed: int, count: int) -> list[cs.GuestOp]:
     return ops
 
 
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["standard", "extended-l2"])
 @pytest.mark.parametrize("subsets,every", [(["all", "none", ("torn", 2)], 3)], ids=["sampled"])
-def test_power_cut_during_small_allocating_writes(tmp_path: Path, subsets: list[cs.Subset], every: int) -> None:
-    """Power cuts during small allocating writes (new clusters padded without a read): at every
-    third host op (and every op in the slow variant below), with all / none / torn unsynced
-    writes surviving, what was flushed reads back and nothing is corrupt."""
-    _power_cut_case(tmp_path, subsets, every, count=24)
+def test_power_cut_during_small_allocating_writes(tmp_path: Path, subsets: list[cs.Subset], every: int,
+                                                  extended_l2: bool) -> None:
+    """Power cuts during small allocating writes (new clusters, and with extended L2 new
+    subclusters of allocated ones, allocated as zeros before the data lands): at every third
+    host op (and every op in the slow variant below), with all / none / torn unsynced writes
+    and zero ranges surviving, what was flushed reads back and nothing is corrupt."""
+    _power_cut_case(tmp_path, subsets, every, count=24, extended_l2=extended_l2)
 
 
 @pytest.mark.slow
@@ -528,9 +531,10 @@ def test_power_cut_during_small_allocating_writes_exhaustive(tmp_path: Path) -> 
     _power_cut_case(tmp_path, ["all", "none", ("random", 1), ("random", 3), ("torn", 2), ("torn", 4)], 1, count=60)
 
 
-def _power_cut_case(tmp_path: Path, subsets: list[cs.Subset], every: int, count: int) -> None:
+def _power_cut_case(tmp_path: Path, subsets: list[cs.Subset], every: int, count: int,
+                    extended_l2: bool = False) -> None:
     image = str(tmp_path / "c.qcow2")
-    QcowFile.create(image, 16 * MiB).close()
+    QcowFile.create(image, 16 * MiB, extended_l2=extended_l2).close()
     ops = _small_write_ops(5, count)
     log = CrashLog()
     log.snapshot_initial(image)
