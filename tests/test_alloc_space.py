@@ -115,23 +115,29 @@ WRITES = [(0, 4 * KiB), (1 * MiB, 4 * KiB), (5000, 4 * KiB), (64 * KiB - 2048, 4
 BACKING_DATA = (3 * MiB, 1 * MiB)  # where the backing file holds data
 
 
-@pytest.mark.parametrize("backing", [False, True], ids=["alone", "backing"])
+@pytest.mark.parametrize("backing", ["", "raw", "qcow2"], ids=["alone", "raw-backing", "qcow2-backing"])
 @pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=512", "compat=0.10",
                                   "cluster_size=65536,extended_l2=on", "cluster_size=32768,extended_l2=on"])
-def test_allocating_writes_allocate_as_qemu_io(tmp_path: Path, opts: str, backing: bool) -> None:
+def test_allocating_writes_allocate_as_qemu_io(tmp_path: Path, opts: str, backing: str) -> None:
     """The same 4 KiB writes by qemu-io and by qcowdisk into twin fresh images leave the same
     bytes, length, `qemu-img map` and (to one file-system block: ext4's extent tree may need one
-    more or less) allocated blocks. Without a backing file qcowdisk writes each request's 4 KiB
-    and nothing else (the rest of a new cluster, or of new subclusters, is allocated as zeros);
-    over a raw backing file, allocated everywhere for QEMU, the copy-on-write is written."""
+    more or less) allocated blocks. Where nothing is allocated beneath (no backing file, or a
+    qcow2 backing file without data there) qcowdisk writes each request's 4 KiB and nothing
+    else: the rest of a new cluster, or of new subclusters, is allocated as zeros. Over a raw
+    backing file, allocated everywhere for QEMU, and over backing data, the copy-on-write is
+    written."""
     b: dict[str, str] = {}
     if backing:
-        base = tmp_path / "base.raw"
-        with open(base, "wb") as f:
-            f.truncate(64 * MiB)
-            f.seek(BACKING_DATA[0])
-            f.write(b"\x55" * BACKING_DATA[1])
-        b = {"backing": str(base), "backing_fmt": "raw"}
+        base = str(tmp_path / f"base.{backing}")
+        if backing == "raw":
+            with open(base, "wb") as f:
+                f.truncate(64 * MiB)
+                f.seek(BACKING_DATA[0])
+                f.write(b"\x55" * BACKING_DATA[1])
+        else:
+            create(base, "64M", options="cluster_size=65536")
+            qemu_io(base, f"write -P 0x55 {BACKING_DATA[0]} {BACKING_DATA[1]}")
+        b = {"backing": base, "backing_fmt": backing}
     theirs = create(str(tmp_path / "theirs.qcow2"), "64M", options=opts, **b)
     ours = create(str(tmp_path / "ours.qcow2"), "64M", options=opts, **b)
     qemu_io(theirs, *(f"write -P {i + 1} {off} {n}" for i, (off, n) in enumerate(WRITES)))
@@ -140,9 +146,10 @@ def test_allocating_writes_allocate_as_qemu_io(tmp_path: Path, opts: str, backin
         for i, (off, n) in enumerate(WRITES):
             WriteCounter.written = 0
             disk.write_at(off, bytes([i + 1]) * n)
-            if not backing:  # (a raw backing file is allocated everywhere: QEMU copies it in)
+            over_data = off < sum(BACKING_DATA) and off + n > BACKING_DATA[0]
+            if not backing or (backing == "qcow2" and not over_data):
                 assert WriteCounter.written == n, (off, WriteCounter.written)
-    assert bool(WriteCounter.zeroed) != backing, WriteCounter.zeroed
+    assert bool(WriteCounter.zeroed) == (backing != "raw"), WriteCounter.zeroed
     assert Path(ours).read_bytes() == Path(theirs).read_bytes()
     assert qemu_map(ours) == qemu_map(theirs)
     (size_o, blocks_o, _), (size_t, blocks_t, _) = layout(ours), layout(theirs)

@@ -236,7 +236,7 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
         plan.source = src
         if plan.host is None:
             to_alloc += 1
-            plan.zero_beneath = _reads_zeros(s, e, bitmap, plan)
+            plan.zero_beneath = _reads_zeros(s, e, bitmap, plan, gc << cbits)
         plans.append(plan)
         src += b - a
         pos += b - a
@@ -344,16 +344,18 @@ def _plan_cluster(s: Qcow2State, e: int, bitmap: int, gc: int, l2i: int, a: int,
         # subclusters not allocated yet whose padding reads as zeros: allocated as zeros in place
         # (only when none of them holds data: zeroing one before the write lands could show)
         w.zero_beneath = (ra < a or rb > b) and not alloc & mask and (
-            s.backing is None or zero & mask == mask)
+            s.backing is None or zero & mask == mask
+            or (not zero & mask and _backing_unallocated(s, gc << s.cluster_bits, w)))
         return w
     if allocated or compressed:  # shared or compressed: copy the whole cluster
         return ClusterWrite(l2i, a, b, 0, cs, None, SUBCLUSTER_ALL)
     return ClusterWrite(l2i, a, b, s0 * ssize, s1 * ssize, None, make_bitmap(mask, zero & ~mask))
 
 
-def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite) -> bool:
-    """Whether the copy-on-write parts of a new cluster's `plan` read as zeros now: nothing
-    beneath the cluster (no host data, no compressed data, no backing file) or a zero flag."""
+def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite, gbase: int) -> bool:
+    """Whether the copy-on-write parts of a new cluster's `plan` (guest cluster at `gbase`)
+    read as zeros now: nothing beneath the cluster (no host data, no compressed data, nothing
+    allocated in the backing chain) or a zero flag."""
     if plan.region_start == plan.start and plan.region_end == plan.end:
         return False  # nothing to copy anyway
     if e & OFLAG_COMPRESSED or e & L2E_OFFSET_MASK:
@@ -361,10 +363,25 @@ def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite) -> bool
     if s.extended_l2:
         ssize = 1 << s.subcluster_bits
         cow = subcluster_range_mask(plan.region_start // ssize, -(-plan.region_end // ssize))
-        return s.backing is None or bitmap_zero(bitmap) & cow == cow
+        zero = bitmap_zero(bitmap) & cow
+        return s.backing is None or zero == cow or (not zero and _backing_unallocated(s, gbase, plan))
     if e & OFLAG_ZERO:
         return not s.v2  # (the read path refuses a zero flag in a version 2 image)
-    return not e and s.backing is None
+    return not e and (s.backing is None or _backing_unallocated(s, gbase, plan))
+
+
+def _backing_unallocated(s: Qcow2State, gbase: int, plan: ClusterWrite) -> bool:
+    """Whether no layer of the backing chain allocates the copy-on-write parts of `plan`
+    (QEMU's is_zero_cow: bdrv_is_allocated_above to the bottom of the chain). A raw backing
+    file allocates everything; past a layer's end counts as allocated (its bytes are read)."""
+    ranges = [(gbase + plan.region_start, plan.start - plan.region_start), (gbase + plan.end, plan.region_end - plan.end)]
+    image = s.backing
+    while image is not None:
+        for off, n in ranges:
+            if n and (off + n > image.virtual_size or any(x.allocated for x in image.layer_status(off, n))):
+                return False
+        image = image.backing
+    return True
 
 
 def _cluster_exclusive(s: Qcow2State, e: int, host: int) -> bool:
