@@ -31,12 +31,13 @@ import os
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
 from ..errors import (
+    BitmapError,
     CorruptImageError,
     ImageFailedError,
     InvalidImageError,
@@ -50,6 +51,7 @@ from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
+from . import bitmaps as bitmapping
 from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
 from . import zeroize as zeroizing
@@ -439,6 +441,52 @@ class QcowFile:
             fields = parse_bitmaps_extension(ext.data, s.cluster_size, file_length)
             raw = s.host.pread(fields.directory_size, fields.directory_offset)
             return parse_bitmap_directory(raw, fields, s.cluster_size, file_length)
+
+    def read_bitmap(self, name: str) -> Iterator[bytes]:
+        """The contents of the persistent bitmap `name`: its serialized bits (one bit per
+        `granularity` bytes of guest disk, bit i in byte i // 8 at bit i % 8), one cluster's
+        worth per chunk, `bitmaps.bitmap_bytes(virtual_size, granularity)` bytes in all.
+
+        Raises BitmapError when there is no such bitmap or it is inconsistent (in use: a program
+        that had it open did not store it), InvalidImageError/CorruptImageError naming the field
+        and value of a table that does not fit the disk or an entry out of bounds (the whole
+        table is checked before the first chunk is returned). See qcowdisk.qcow2.bitmaps.
+        """
+        s = self._state
+        with s.lock:
+            self._check_open()
+            bm = next((b for b in bitmapping.load_directory(s) if b.name == name), None)
+            if bm is None:
+                raise BitmapError(f"Dirty bitmap '{name}' not found")
+            table = bitmapping.load_table(s, bm)
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(len(table)):
+                with s.lock:
+                    self._check_open()
+                    data = bitmapping.read_chunk(s, bm, table, i)
+                yield data
+        return chunks()
+
+    def add_bitmaps(self, new: Iterable[bitmapping.NewBitmap]) -> None:
+        """Add persistent dirty bitmaps (`NewBitmap`: name, granularity, enabled, contents) after
+        the image's own, as QEMU stores new ones; durable on return, and a power cut leaves either
+        none of them or all (see qcowdisk.qcow2.bitmaps for the order of writes).
+
+        What QEMU refuses (a name in use, a granularity out of range, a version 2 image, ...)
+        raises BitmapError with QEMU's message, and nothing is written. Contents of the wrong
+        length raise ValueError, leaving only leaked clusters behind. Once bitmaps are added the
+        image is read-only: qcowdisk does not record guest writes in bitmaps, so a write would
+        leave the enabled ones stale (reopening such an image read-write is refused as well).
+        """
+        new = list(new)
+        s = self._state
+        with s.lock:
+            self._check_writable()
+            if not new:
+                return
+            self._guarded(lambda: bitmapping.add(s, new))
+            s.readonly = True  # see the docstring: writes would make the bitmaps stale
 
     @property
     def backing(self) -> Image | None:
