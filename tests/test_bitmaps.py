@@ -301,8 +301,8 @@ def test_add_bitmaps_refusals(tmp_path: Path) -> None:
     before = hashlib.sha256(Path(p).read_bytes()).hexdigest()
     for new, message in [([NewBitmap("")], "name cannot be empty"),
                          ([NewBitmap("a"), NewBitmap("a")], "Bitmap already exists: a"),
-                         ([NewBitmap("a", 3000)], "Granularity must be power of 2"),
-                         ([NewBitmap("a", 256)], "Granularity is under minimum \\(512 bytes\\)"),
+                         ([NewBitmap("a", 3000)], "Granularity must be power of 2 and at least 512"),
+                         ([NewBitmap("a", 256)], "Granularity must be power of 2 and at least 512"),
                          ([NewBitmap("a", 1 << 32)], "Granularity exceeds maximum \\(2147483648 bytes\\)"),
                          ([NewBitmap("é" * 512)], "Name length exceeds maximum \\(1023 characters\\)")]:
         with QcowFile.open(p) as disk, pytest.raises(BitmapError, match=message):

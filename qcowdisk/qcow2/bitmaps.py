@@ -182,18 +182,16 @@ def check_new(s: Qcow2State, existing: Sequence[Bitmap], new: Sequence[NewBitmap
     for b in new:
         if not isinstance(b.name, str) or not b.name:
             raise BitmapError("Bitmap name cannot be empty")
+        prefix = f"Can't make bitmap '{b.name}' persistent in '{s.filename}': "
+        g = b.granularity
+        if not isinstance(g, int) or g < 1 << BME_MIN_GRANULARITY_BITS or g & (g - 1):
+            raise BitmapError("Granularity must be power of 2 and at least 512")
         if b.name in names:
             raise BitmapError(f"Bitmap already exists: {b.name}")
-        prefix = f"Can't make bitmap '{b.name}' persistent in '{s.filename}': "
         if s.header.version < 3:
             raise BitmapError(prefix + "Cannot store dirty bitmaps in qcow2 v2 files")
-        g = b.granularity
-        if not isinstance(g, int) or g <= 0 or g & (g - 1):
-            raise BitmapError("Granularity must be power of 2")
         if g > 1 << BME_MAX_GRANULARITY_BITS:
             raise BitmapError(prefix + f"Granularity exceeds maximum ({1 << BME_MAX_GRANULARITY_BITS} bytes)")
-        if g < 1 << BME_MIN_GRANULARITY_BITS:
-            raise BitmapError(prefix + f"Granularity is under minimum ({1 << BME_MIN_GRANULARITY_BITS} bytes)")
         length = bitmap_bytes(s.virtual_size, g)
         if length > BME_MAX_PHYS_SIZE or length > BME_MAX_TABLE_SIZE * s.cluster_size:
             raise BitmapError(prefix + "Too much space will be occupied by the bitmap. Use larger granularity")
@@ -214,7 +212,8 @@ def _entry_size(name: str) -> int:
     return align_up(BITMAP_DIR_ENTRY_STRUCT.size + len(name.encode("utf-8", "surrogateescape")), 8)
 
 
-def _encode_entry(name: str, flags: int, granularity_bits: int, table_offset: int, table_size: int) -> bytes:
+def encode_entry(name: str, flags: int, granularity_bits: int, table_offset: int, table_size: int) -> bytes:
+    """One bitmap directory entry (no extra data), padded to 8 bytes."""
     raw = name.encode("utf-8", "surrogateescape")
     out = BITMAP_DIR_ENTRY_STRUCT.pack(table_offset, table_size, flags, BT_DIRTY_TRACKING_BITMAP,
                                        granularity_bits, len(raw), 0) + raw
@@ -255,18 +254,19 @@ def _alloc(s: Qcow2State, length: int) -> int:
     return offset
 
 
-def _store(s: Qcow2State, b: NewBitmap) -> tuple[int, int]:
-    """Write one bitmap's data clusters and table; returns (table offset, table size)."""
+def store(s: Qcow2State, name: str, granularity: int, data: Iterable[Buffer] | None) -> tuple[int, int]:
+    """Write a bitmap's data clusters (those with both set and clear bits) and its table to new
+    clusters; returns (table offset, table size). `data` as `NewBitmap.data`."""
     cs = s.cluster_size
-    total = bitmap_bytes(s.virtual_size, b.granularity)
+    total = bitmap_bytes(s.virtual_size, granularity)
     table = array("Q", bytes(8 * -(-total // cs)))
     zeros, ones = bytes(cs), b"\xff" * cs
     last = len(table) - 1
-    for i, chunk in enumerate(_rechunk(b.data, cs, total, b.name)):
-        piece = _clear_tail(chunk, s.virtual_size, b.granularity) if i == last else chunk
+    for i, chunk in enumerate(_rechunk(data, cs, total, name)):
+        piece = _clear_tail(chunk, s.virtual_size, granularity) if i == last else chunk
         if i == last:
             zeros = bytes(len(piece))
-            ones = _clear_tail(b"\xff" * len(piece), s.virtual_size, b.granularity)
+            ones = _clear_tail(b"\xff" * len(piece), s.virtual_size, granularity)
         if piece == zeros:
             continue
         if piece == ones:
@@ -280,6 +280,58 @@ def _store(s: Qcow2State, b: NewBitmap) -> tuple[int, int]:
     return offset, len(table)
 
 
+def used_clusters(s: Qcow2State, bm: Bitmap) -> list[int]:
+    """The host clusters `bm`'s table and data clusters take (to free them), every entry checked
+    as QEMU's bitmap_table_load checks it (also for an inconsistent bitmap)."""
+    cs, cbits = s.cluster_size, s.cluster_bits
+    if not bm.table_size:
+        return []
+    raw = s.host.pread(bm.table_size * 8, bm.table_offset)  # (format.py bounds the size by the file)
+    if len(raw) != bm.table_size * 8:
+        raise InvalidImageError(f"bitmap {bm.name!r}: bitmap table at 0x{bm.table_offset:x} runs past end of file")
+    limit = max(s.host.size(), s.alloc_limit)
+    out = list(range(bm.table_offset >> cbits, (bm.table_offset + len(raw) + cs - 1) >> cbits))
+    for i, e in enumerate(decode_u64_table(raw)):
+        offset = e & BME_TABLE_OFFSET_MASK
+        if e & BME_TABLE_RESERVED_MASK or (offset and (e & BME_TABLE_ALL_ONES or offset % cs)) or \
+                (offset and (offset < cs or offset + cs > limit)):
+            raise CorruptImageError(f"bitmap {bm.name!r}: bitmap table entry {i} = 0x{e:x} is invalid")
+        if offset:
+            out.append(offset >> cbits)
+    return out
+
+
+def switch_directory(s: Qcow2State, entries: list[bytes], freed: Iterable[int] = ()) -> None:
+    """Make `entries` the bitmap directory: written to new clusters, everything synced, then one
+    header switch (no extension and autoclear bit 0 clear when `entries` is empty); afterwards
+    the old directory and the host clusters `freed` are released. See the module docstring."""
+    h = s.header
+    old = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
+    placeholder = HeaderExtension(EXT_BITMAPS, bytes(BITMAPS_EXT_STRUCT.size))
+    _header_fields(s, placeholder if entries else None)  # a header too big is refused before any write
+    directory = b"".join(entries)
+    dir_offset = 0
+    if entries:
+        dir_offset = _alloc(s, len(directory))
+        s.host.pwrite(directory, dir_offset)
+    ordering.flush(s, final=True)
+    ext = HeaderExtension(EXT_BITMAPS, BITMAPS_EXT_STRUCT.pack(len(entries), 0, len(directory), dir_offset))
+    fields, new_bytes = _header_fields(s, ext if entries else None)
+    old_length = len(serialize_header(dataclasses.replace(h, extensions=list(h.extensions))))
+    if old_length <= SECTOR < len(new_bytes):
+        s.host.pwrite(new_bytes[SECTOR:], SECTOR)  # unused by the old header; synced by the switch
+    # (a header shrinking into its first sector is one sector write: it cannot tear)
+    ordering.switch_header(s, **fields)
+    rc = s.refcounts
+    assert rc is not None
+    if old is not None and h.autoclear_features & AUTOCLEAR_BITMAPS:
+        old_fields = parse_bitmaps_extension(old.data, s.cluster_size, max(s.host.size(), s.alloc_limit))
+        rc.defer_free(old_fields.directory_offset >> s.cluster_bits, -(-old_fields.directory_size // s.cluster_size))
+    for c in freed:
+        rc.defer_free(c)
+    ordering.flush(s, final=True)
+
+
 def add(s: Qcow2State, new: Sequence[NewBitmap]) -> None:
     """Add `new` to the image's persistent bitmaps, after the ones it has (see the module
     docstring for the checks and the order of writes). Durable when it returns."""
@@ -287,41 +339,24 @@ def add(s: Qcow2State, new: Sequence[NewBitmap]) -> None:
     check_new(s, existing, new)
     if not new:
         return
-    h = s.header
-    old = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
-    placeholder = HeaderExtension(EXT_BITMAPS, bytes(BITMAPS_EXT_STRUCT.size))
-    _header_fields(s, placeholder)  # refuses a header that would not fit before anything is written
+    _header_fields(s, HeaderExtension(EXT_BITMAPS, bytes(BITMAPS_EXT_STRUCT.size)))
     ordering.flush(s)
-    entries = [_encode_entry(b.name, b.flags, b.granularity_bits, b.table_offset, b.table_size) for b in existing]
+    entries = [encode_entry(b.name, b.flags, b.granularity_bits, b.table_offset, b.table_size) for b in existing]
     for b in new:
-        table_offset, table_size = _store(s, b)
-        entries.append(_encode_entry(b.name, BME_FLAG_AUTO if b.enabled else 0, b.granularity.bit_length() - 1,
-                                     table_offset, table_size))
-    directory = b"".join(entries)
-    dir_offset = _alloc(s, len(directory))
-    s.host.pwrite(directory, dir_offset)
-    ordering.flush(s, final=True)
-    ext = HeaderExtension(EXT_BITMAPS, BITMAPS_EXT_STRUCT.pack(len(entries), 0, len(directory), dir_offset))
-    fields, new_bytes = _header_fields(s, ext)
-    old_length = len(serialize_header(dataclasses.replace(h, extensions=list(h.extensions))))
-    if old_length <= SECTOR < len(new_bytes):
-        s.host.pwrite(new_bytes[SECTOR:], SECTOR)  # unused by the old header; synced by the switch
-    ordering.switch_header(s, **fields)
-    if old is not None and existing:
-        rc = s.refcounts
-        assert rc is not None
-        old_fields = parse_bitmaps_extension(old.data, s.cluster_size, max(s.host.size(), s.alloc_limit))
-        rc.defer_free(old_fields.directory_offset >> s.cluster_bits,
-                      -(-old_fields.directory_size // s.cluster_size))
-        ordering.flush(s, final=True)
+        table_offset, table_size = store(s, b.name, b.granularity, b.data)
+        entries.append(encode_entry(b.name, BME_FLAG_AUTO if b.enabled else 0, b.granularity.bit_length() - 1,
+                                    table_offset, table_size))
+    switch_directory(s, entries)
 
 
-def _header_fields(s: Qcow2State, ext: HeaderExtension) -> tuple[dict[str, Any], bytes]:
-    """The header fields naming the bitmaps extension `ext`, and the new header's bytes."""
+def _header_fields(s: Qcow2State, ext: HeaderExtension | None) -> tuple[dict[str, Any], bytes]:
+    """The header fields naming the bitmaps extension `ext` (None: no bitmaps), and the new
+    header's bytes."""
     h = s.header
     fields: dict[str, Any] = {
-        "extensions": [e for e in h.extensions if e.ext_type != EXT_BITMAPS] + [ext],
-        "autoclear_features": h.autoclear_features | AUTOCLEAR_BITMAPS,
+        "extensions": [e for e in h.extensions if e.ext_type != EXT_BITMAPS] + ([ext] if ext else []),
+        "autoclear_features": h.autoclear_features | AUTOCLEAR_BITMAPS if ext else
+        h.autoclear_features & ~AUTOCLEAR_BITMAPS,
         "incompatible_features": h.incompatible_features & ~INCOMPAT_DIRTY}
     new_bytes = serialize_header(dataclasses.replace(h, **fields))
     if len(new_bytes) > s.cluster_size:
@@ -330,5 +365,6 @@ def _header_fields(s: Qcow2State, ext: HeaderExtension) -> tuple[dict[str, Any],
     return fields, new_bytes
 
 
-__all__ = ["NewBitmap", "bitmap_bytes", "load_directory", "load_table", "read_chunk", "check_new", "add",
+__all__ = ["NewBitmap", "bitmap_bytes", "load_directory", "load_table", "read_chunk", "check_new", "add", "store",
+           "encode_entry", "used_clusters", "switch_directory",
            "BME_MAX_PHYS_SIZE"]
