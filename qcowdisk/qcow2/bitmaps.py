@@ -93,9 +93,13 @@ class NewBitmap:
     """
 
     name: str
+    """The new bitmap's name (1 to 1023 bytes of UTF-8, not in use in the image)."""
     granularity: int = 65536
+    """Bytes of guest disk one bit covers."""
     enabled: bool = True
+    """QEMU's auto flag."""
     data: Iterable[Buffer] | None = None
+    """The serialized bits as chunks, or None for a bitmap with every bit clear."""
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
+from . import bitmapedit, compressed, ordering, reading, snapshot, status, writing
 from . import bitmaps as bitmapping
-from . import compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable
@@ -153,6 +153,7 @@ class QcowFile:
         self._state = state
         self._image_lock = image_lock
         self._snapshot: Snapshot | None = None
+        self._bitmaps_only = False  # opened by open_for_bitmaps: the bitmap editor may write
         # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
         # None once closed, and on a read-write image from the moment a write-side method
         # takes the lock until the next read rebuilds it (see `read_at`).
@@ -277,7 +278,7 @@ class QcowFile:
 
     @classmethod
     def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...], *,
-              for_check: bool = False) -> QcowFile:
+              for_check: bool = False, for_bitmaps: bool = False) -> QcowFile:
         if len(chain) > 1:  # a backing file: named by the image above, so confined
             host = formats.open_named_file(path, not options.readonly, options, "backing file", chain[-2])
         else:
@@ -292,7 +293,7 @@ class QcowFile:
                 raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
-            state = _load_state(path, host, options, for_check)
+            state = _load_state(path, host, options, for_check, for_bitmaps)
             if state.header.backing_file and options.backing:
                 state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
                                                      options, chain)
@@ -879,6 +880,37 @@ class QcowFile:
                                       force_share=force_share)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
+    @classmethod
+    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, confine_to: str | os.PathLike[str] | None = None,
+                         host_factory: HostFactory | None = None) -> QcowFile:
+        """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
+        opens it: read-write under the write lock, without its backing chain, even when it has
+        bitmaps (which `open` refuses read-write), and refusing guest writes (ReadOnlyError):
+        qcowdisk does not record writes in bitmaps, so they would leave them stale."""
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=False,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
+        img._state.readonly = True  # guest writes refused; the bitmap editor writes metadata only
+        img._bitmaps_only = True
+        return img
+
+    def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
+        """A `BitmapEditor` over this image's persistent bitmaps (an image from
+        `open_for_bitmaps`): add, remove, clear, enable, disable, merge as `qemu-img bitmap`
+        does, then `commit()` (crash-safe: the old bitmaps or the new ones). See
+        qcowdisk.qcow2.bitmapedit."""
+        s = self._state
+        if not self._bitmaps_only:
+            raise ReadOnlyError(f"image {s.filename!r} was not opened with QcowFile.open_for_bitmaps")
+
+        def check() -> None:
+            self._check_open()
+            self._check_healthy()
+            if s.corrupt:
+                raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+        return bitmapedit.BitmapEditor(s, check)
+
     # ------------------------------------------------------------------ compressed writes (compressed.py)
     def write_compressed(self, offset: int, data: Buffer) -> int:
         """Write whole clusters of `data` compressed at the cluster-aligned guest `offset`; returns len(data).
@@ -1055,7 +1087,8 @@ class QcowFile:
 
 
 # ---------------------------------------------------------------------- opening helpers
-def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
+def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False,
+                for_bitmaps: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
     h = _read_header(host, file_length, check_snapshots=not for_check)
@@ -1063,8 +1096,9 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
             f"it can only be opened read-only until repaired")
-    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check:
-        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write)
+    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check and not for_bitmaps:
+        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write;
+        # so may open_for_bitmaps, which refuses guest writes)
         raise UnsupportedFeatureError(
             f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
             f"qcowdisk does not maintain them, so it opens such images read-only only")
