@@ -6,19 +6,18 @@ contents as QEMU reads them through qemu-nbd -B); and crash safety of every edit
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-import crashsim as cs
 from clirun import qcowdisk_in
 from crashsim import CrashLog
 from qcowdisk import QcowFile, ReadOnlyError
 from qemutools import assert_clean, create, qemu_img, qemu_io
 from test_bitmaps import bitmap_map, bitmaps_of
+from test_bitmaps_crash import sweep
 
 
 def _source(d: Path) -> Path:
@@ -170,13 +169,8 @@ def test_power_cut_while_editing_bitmaps(tmp_path: Path, name: str) -> None:
     assert after != before
     assert_clean(image)
     guest = (tmp_path / "v.raw").read_bytes()
-    cut_image = str(tmp_path / "cut.qcow2")
 
-    def examine(st: cs.CrashState) -> list[str]:
-        Path(cut_image).write_bytes(st.data)
-        found = cs.check_findings(cs.qemu_check(cut_image))
-        if found:
-            return [f.detail for f in found]
+    def judge(cut_image: str) -> list[str]:
         problems = []
         subprocess.run(["qemu-img", "convert", "-O", "raw", cut_image, str(tmp_path / "c.raw")], check=True)
         if (tmp_path / "c.raw").read_bytes() != guest:
@@ -186,11 +180,5 @@ def test_power_cut_while_editing_bitmaps(tmp_path: Path, name: str) -> None:
             problems.append(f"MIXED bitmaps {bitmaps_of(cut_image)}")
         return problems
 
-    judged: dict[str, list[str]] = {}
-    t = cs.judge_states(cs.crash_states(log, [image], range(len(log.ops) + 1),
-                                        ["all", "none", ("random", 1), ("torn", 2), ("torn", 3)]),
-                        judged, examine, lambda problems, st: problems,
-                        lambda st: f"cut {st.cut}/{len(log.ops)} subset={st.subset}")
-    print(f"[bitmap edit crash {name}] log={len(log.ops)} images={len(judged)}")
-    t.assert_none(f"[bitmap edit crash {name}]", examples=8)
-    os.remove(cut_image)
+    sweep(log, image, tmp_path, f"bitmap edit crash {name}", judge,
+          subsets=["all", "none", ("random", 1), ("torn", 2), ("torn", 3)])

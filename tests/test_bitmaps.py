@@ -334,3 +334,27 @@ def test_other_operations_keep_bitmaps_true(tmp_path: Path, sources: dict[str, P
     status, _, err = qcowdisk_in(tmp_path, args[0], args[1:])
     assert status == 1 and "bitmaps" in err
     assert p.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra", [[], ["--bitmaps"], ["--target-is-zero"], ["--bitmaps", "--skip-broken-bitmaps"]])
+def test_convert_into_target_with_bitmaps(tmp_path: Path, sources: dict[str, Path], extra: list[str]) -> None:
+    """-n into an image with bitmaps of its own: what the copy writes is recorded in its enabled
+    bitmaps (the disabled one stays), then the source's are added, newest first, the first name
+    in use ending the copy with qemu-img's message: the same result as qemu-img's."""
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
+    create(str(theirs), "64M", options="cluster_size=4k")
+    qemu_io(str(theirs), "write -P 9 0 1M")
+    qemu_img("bitmap", "--add", "-g", "4k", str(theirs), "tb")
+    qemu_img("bitmap", "--add", "--disable", str(theirs), "td")
+    qemu_img("bitmap", "--add", str(theirs), "b1")  # a name the source has too
+    ours.write_bytes(theirs.read_bytes())
+    q = qemu_img("convert", *extra, "-n", "-O", "qcow2", str(sources["mixed"]), str(theirs), check=False)
+    status, out, err = qcowdisk_in(tmp_path, "convert", [*extra, "-n", "-O", "qcow2", str(sources["mixed"]), str(ours)])
+    assert (status, out) == (q.returncode, q.stdout)
+    assert err == q.stderr.replace("qemu-img: ", "qcowdisk: ")
+    compare(str(theirs), str(ours))
+    _same_bitmaps(theirs, ours)
+    if "--bitmaps" in extra:
+        assert status == 1 and "Failed to create bitmap b1: Bitmap already exists: b1" in err
+        assert [b["name"] for b in bitmaps_of(ours)] == ["tb", "td", "b1", "fine", 'é"x\t/']
+    assert "1  dirty" in bitmap_map(ours, "tb") and "dirty" not in bitmap_map(ours, "td")

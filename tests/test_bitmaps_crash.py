@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,30 @@ def _view(path: str, out: str) -> bytes:
     return Path(out).read_bytes()
 
 
+def sweep(log: CrashLog, image: str, work: Path, label: str, judge: Callable[[str], list[str]], *,
+          start: int = 0, subsets: Sequence[cs.Subset] = ("all", "none", ("random", 1), ("torn", 2))) -> int:
+    """Rebuild every crash state of `image` from cut `start` on into WORK/cut.qcow2, find what
+    qemu-img check finds (a dirty lazy-refcount state repaired by a read-write open first, then
+    entirely clean), then `judge(path)`'s problems; fail with them. Returns the distinct images."""
+    cut_image = str(work / "cut.qcow2")
+
+    def examine(st: cs.CrashState) -> list[str]:
+        Path(cut_image).write_bytes(st.data)
+        dirty = int.from_bytes(st.data[72:80], "big") & 1
+        found = cs.repair_on_open(cut_image) if dirty else []
+        found += cs.check_findings(cs.qemu_check(cut_image), repaired=bool(dirty))
+        return [f.detail for f in found] if found else judge(cut_image)
+
+    judged: dict[str, list[str]] = {}
+    t = cs.judge_states(cs.crash_states(log, [image], range(start, len(log.ops) + 1), list(subsets)),
+                        judged, examine, lambda problems, st: problems,
+                        lambda st: f"cut {st.cut}/{len(log.ops)} subset={st.subset}")
+    print(f"[{label}] log={len(log.ops)} from={start} images={len(judged)}")
+    t.assert_none(f"[{label}]", examples=8)
+    os.remove(cut_image)
+    return len(judged)
+
+
 @pytest.mark.parametrize("wl", WORKLOADS, ids=[w.name for w in WORKLOADS])
 def test_power_cut_while_adding_bitmaps(tmp_path: Path, wl: Workload) -> None:
     image = str(tmp_path / "img.qcow2")
@@ -76,17 +101,8 @@ def test_power_cut_while_adding_bitmaps(tmp_path: Path, wl: Workload) -> None:
     assert [b["name"] for b in expected_list] == ["a", "b", "c"]
     expected_maps = {b["name"]: bitmap_map(image, b["name"]) for b in expected_list}
     after_view = _view(image, str(tmp_path / "after.raw"))
-    cut_image = str(tmp_path / "cut.qcow2")
 
-    def examine(st: cs.CrashState) -> list[str]:
-        Path(cut_image).write_bytes(st.data)
-        dirty = int.from_bytes(st.data[72:80], "big") & 1
-        found: list[cs.Finding | str] = []
-        if dirty:
-            found += cs.repair_on_open(cut_image)
-        found += cs.check_findings(cs.qemu_check(cut_image), repaired=bool(dirty))
-        if found:
-            return [f.detail if isinstance(f, cs.Finding) else f for f in found]
+    def judge(cut_image: str) -> list[str]:
         problems: list[str] = []
         if _view(cut_image, str(tmp_path / "cut.raw")) != after_view:
             problems.append("VIEW guest view changed")
@@ -99,13 +115,47 @@ def test_power_cut_while_adding_bitmaps(tmp_path: Path, wl: Workload) -> None:
             problems.append(f"PARTIAL bitmaps {listed}")
         return problems
 
-    judged: dict[str, list[str]] = {}
-    t = cs.judge_states(cs.crash_states(log, [image], range(start, len(log.ops) + 1),
-                                        ["all", "none", ("random", 1), ("random", 2), ("torn", 2), ("torn", 3)]),
-                        judged, examine, lambda problems, st: problems,
-                        lambda st: f"cut {st.cut}/{len(log.ops)} subset={st.subset}")
-    with_bitmaps = sum(1 for st in judged.values() if not st)
-    print(f"[bitmaps crash {wl.name}] log={len(log.ops)} from={start} images={len(judged)} ok={with_bitmaps}")
-    t.assert_none(f"[bitmaps crash {wl.name}]", examples=8)
-    assert len(judged) >= 3  # the old image, the new one, and states between
-    os.remove(cut_image)
+    images = sweep(log, image, tmp_path, f"bitmaps crash {wl.name}", judge, start=start,
+                   subsets=["all", "none", ("random", 1), ("random", 2), ("torn", 2), ("torn", 3)])
+    assert images >= 3  # the old image, the new one, and states between
+
+
+def test_power_cut_while_writing_with_tracked_bitmaps(tmp_path: Path) -> None:
+    """Guest writes into an image with bitmaps (convert -n's way: `open_for_bitmaps(track_writes=
+    True)` and `mark_written`): at every cut a bitmap is in use (inconsistent), or consistent
+    with the contents from before the writes while none of them reached the disk, or consistent
+    with the new contents once all did; never stale and marked consistent."""
+    image = str(tmp_path / "img.qcow2")
+    create(image, SIZE, options="cluster_size=4k")
+    qemu_io(image, "write -P 1 0 100k")
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "4k", image, "on"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "--disable", image, "off"], check=True)
+    qemu_io(image, "write -P 2 1M 8k")
+    before_maps = {n: bitmap_map(image, n) for n in ("on", "off")}
+    before_view = _view(image, str(tmp_path / "before.raw"))
+    log = CrashLog()
+    log.snapshot_initial(image)
+    with QcowFile.open_for_bitmaps(image, track_writes=True, host_factory=log.factory()) as disk:
+        editor = disk.edit_bitmaps()
+        for offset, length in [(0, 5000), (2 * 1024 * 1024 + 100, 70000), (SIZE - 512, 512)]:
+            disk.write_at(offset, bytes([7]) * length)
+            editor.mark_written(offset, length)
+        editor.commit()
+    after_maps = {n: bitmap_map(image, n) for n in ("on", "off")}
+    assert after_maps["on"] != before_maps["on"] and after_maps["off"] == before_maps["off"]
+    assert [b["flags"] for b in bitmaps_of(image)] == [["auto"], []]
+    after_view = _view(image, str(tmp_path / "after.raw"))
+
+    def judge(cut_image: str) -> list[str]:
+        view = _view(cut_image, str(tmp_path / "cut.raw"))
+        problems = []
+        for b in bitmaps_of(cut_image):
+            if "in-use" in b["flags"]:
+                continue
+            got = bitmap_map(cut_image, b["name"])
+            if not ((got == before_maps[b["name"]] and (view == before_view or b["name"] == "off"))
+                    or (got == after_maps[b["name"]] and view == after_view)):
+                problems.append(f"STALE bitmap {b['name']!r} consistent but neither before nor after")
+        return problems
+
+    sweep(log, image, tmp_path, "tracked writes crash", judge)

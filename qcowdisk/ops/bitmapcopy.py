@@ -12,8 +12,10 @@ in reverse directory order, and its stores put them back in directory order; bot
 
 The source's bitmap tables are checked before anything is written (`QcowFile.read_bitmap`
 validates a whole table before its first chunk), and their contents stream one cluster at a
-time into the target (`QcowFile.add_bitmaps`, crash-safe: all bitmaps appear in one header
-write). The target is left read-only by that, which is what convert wants: it is done.
+time into the target's `BitmapEditor` at its commit (crash-safe: all bitmaps appear in one
+header write). An existing target (-n) with bitmaps of its own has them marked in use while
+the data is copied and the written ranges set in its enabled ones, as QEMU records the writes
+of a convert in them; the commit clears the marks. The target is read-only after that commit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 
 from ..errors import BitmapError
 from ..image import Image
+from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.bitmaps import NewBitmap
 from ..qcow2.file import QcowFile
 from ..qcow2.format import BME_FLAG_AUTO, BME_FLAG_IN_USE, Bitmap
@@ -59,28 +62,34 @@ def refuse_target(out_format: str, version: int) -> None:
         raise BitmapCopyError(f"Format driver '{out_format}' does not support bitmaps")
 
 
-def copy(source: QcowFile, found: list[Bitmap], target: QcowFile) -> None:
-    """Skip (with qemu-img's warning) the inconsistent bitmaps of `found`, and add the others to
-    `target` with the source's contents."""
+def copy(source: QcowFile, found: list[Bitmap], editor: BitmapEditor) -> None:
+    """Add the consistent bitmaps of `found` to the target's `editor` with the source's
+    contents (read when the editor commits), skipping the others with qemu-img's warning.
+    As qemu-img, they are tried newest first and the first one the target refuses ends the
+    copy (BitmapCopyError), the ones tried before it being added all the same; they are listed
+    in the source's order."""
+    ok: list[NewBitmap] = []
+    failure: tuple[str, BitmapError] | None = None
     for bm in reversed(found):
         if bm.flags & BME_FLAG_IN_USE:
             warnings.warn(f"Skipping inconsistent bitmap '{bm.name}'", BitmapSkippedWarning, stacklevel=2)
-    new = [NewBitmap(bm.name, bm.granularity, bool(bm.flags & BME_FLAG_AUTO), _contents(source, bm.name))
-           for bm in found if not bm.flags & BME_FLAG_IN_USE]
-    try:
-        target.add_bitmaps(new)
-    except BitmapError as e:
-        raise BitmapCopyError(f"Failed to create bitmap {_first_refused(str(e), new)}: {e}") from None
+            continue
+        new = NewBitmap(bm.name, bm.granularity, bool(bm.flags & BME_FLAG_AUTO), _contents(source, bm.name))
+        try:
+            editor.check([*ok, new])
+        except BitmapError as e:
+            failure = (bm.name, e)
+            break
+        ok.append(new)
+    for new in reversed(ok):
+        editor.add(new.name, new.granularity, enabled=new.enabled, data=new.data)
+    if failure is not None:
+        raise BitmapCopyError(f"Failed to create bitmap {failure[0]}: {failure[1]}")
 
 
 def _contents(source: QcowFile, name: str) -> Iterator[bytes]:
+    """The bitmap's chunks, read only when iterated (at the target's commit)."""
     yield from source.read_bitmap(name)
-
-
-def _first_refused(message: str, new: list[NewBitmap]) -> str:
-    """The name of the bitmap a refusal is about (the message names it)."""
-    return next((b.name for b in new if f"'{b.name}'" in message or message.endswith(f": {b.name}")),
-                new[0].name if new else "")
 
 
 __all__ = ["BitmapSkippedWarning", "BitmapCopyError", "check_source", "refuse_target", "copy"]

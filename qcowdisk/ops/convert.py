@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import formats
 from ..blockstatus import qemu_length
+from ..errors import QcowError
 from ..hostio import HostFile
 from ..image import Image, zero_block
 from ..locking import ImageLock, lock_image
+from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
 from . import bitmapcopy
@@ -148,6 +150,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         else:
             target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host)
         stack.callback(target.close)
+        editor = target.disk.edit_bitmaps() if isinstance(target, _QcowTarget) else None
+        if editor is not None:
+            stack.push(_bitmaps_committed(editor))  # before the close, whatever happens (as qemu-img's close)
         if found is not None and target_exists:
             version = target.disk.header.version if isinstance(target, _QcowTarget) else 0
             _bitmap_step(lambda: bitmapcopy.refuse_target(out_format, version))
@@ -161,8 +166,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         _Copy(source, size, target, sparse_size // SECTOR, compress, base_depth, backing, progress,
               threads or min(8, os.cpu_count() or 1), zero_init, out_of_order).run()
         if found is not None:
-            assert isinstance(source, QcowFile) and isinstance(target, _QcowTarget)  # (check_source, refuse_target)
-            _bitmap_step(lambda: bitmapcopy.copy(source, found, target.disk))
+            assert isinstance(source, QcowFile) and editor is not None  # (check_source, refuse_target)
+            _bitmap_step(lambda: bitmapcopy.copy(source, found, editor))
+        if editor is not None:
+            editor.commit()
         target.flush()
 
 
@@ -267,14 +274,23 @@ class _QcowTarget(_Requests):
     def __init__(self, disk: QcowFile) -> None:
         self.disk = disk
         self.cluster_size = disk.cluster_size
+        editor = disk.edit_bitmaps()
+        self.track = editor if editor.tracking else None  # the target's bitmaps record what is written
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.disk.write_at(offset, data)
+        self.mark(offset, len(data))
         self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing
+        self.mark(offset, length)
         self.written(length)
+
+    def mark(self, offset: int, length: int) -> None:
+        """Record a write in the target's own bitmaps (an existing target that has some)."""
+        if self.track is not None:
+            self.track.mark_written(offset, length)
 
 
     def flush(self) -> None:
@@ -306,6 +322,20 @@ def _bitmap_step(step: Callable[[], _T]) -> _T:
         return step()
     except bitmapcopy.BitmapCopyError as e:
         raise ConvertError(str(e)) from None
+
+
+def _bitmaps_committed(editor: BitmapEditor) -> Callable[..., bool]:
+    """An exit callback committing the target's bitmaps: after a failure too (qemu-img's close
+    stores what it has), unless that commit fails as well (the failure at hand is the one to
+    report; bitmaps marked in use stay so, inconsistent)."""
+    def exit_(exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            editor.commit()
+        else:
+            with contextlib.suppress(QcowError, OSError):
+                editor.commit()
+        return False
+    return exit_
 
 
 def _compat(opts: QemuOpts) -> str:
@@ -348,7 +378,8 @@ def _open_target(path: str, out_format: str, size: int, host: type[HostFile]) ->
         target: _Target = raw
         have = raw.host.size()
     else:
-        img = QcowFile.open(path, host_factory=host)
+        # (writes into an image with bitmaps are recorded in them, as QEMU records them)
+        img = QcowFile.open_for_bitmaps(path, track_writes=True, backing=True, host_factory=host)
         target = _QcowTarget(img)
         have = img.virtual_size
     if have < size:
@@ -425,6 +456,7 @@ class _Compressor:
             d = c + cs  # a run of clusters to write
             while d < n and not (skip_zeros and is_zero(data, d, min(cs, n - d))):
                 d += cs
+            self.target.mark(offset + c, min(d, n) - c)
             if self.out_of_order:
                 self.disk.write_compressed(offset + c, mv[c:min(d, n)])
             else:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import BitmapError
+from ..hostio import Buffer
 from .bitmaps import (
     NewBitmap,
     bitmap_bytes,
@@ -33,6 +34,7 @@ from .bitmaps import (
     load_directory,
     load_table,
     read_chunk,
+    rechunk,
     store,
     switch_directory,
     used_clusters,
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .file import QcowFile
 
 _T = TypeVar("_T")
+_EMPTY: tuple[bytes, ...] = ()  # the contents of a new bitmap with every bit clear
 _RUNS = re.compile(rb"\xff+|[^\x00\xff]")  # whole set bytes as runs, mixed bytes one at a time
 
 
@@ -53,7 +56,9 @@ class _Entry:
     flags: int
     granularity_bits: int
     disk: Bitmap | None           # its entry on disk (the table it has), None for a new bitmap
-    data: bytearray | None = None  # new contents; None: the table on disk stands
+    data: bytearray | Iterable[Buffer] | None = None  # new contents (chunks, streamed by the
+    # commit unless an operation needs them in memory); None: the table on disk stands
+    tracked: bool = False          # marked in use on disk while guest writes may happen
 
     @property
     def granularity(self) -> int:
@@ -69,15 +74,25 @@ class BitmapEditor:
     """The persistent bitmaps of one image open for editing (`QcowFile.edit_bitmaps`); each
     method takes the image's lock. Nothing reaches the disk before `commit`."""
 
-    def __init__(self, state: Qcow2State, check: Callable[[], None]) -> None:
-        """Load the directory of `state`'s image; `check()` is called before every operation."""
+    def __init__(self, state: Qcow2State, check: Callable[[], None],
+                 after_commit: Callable[[], None] = lambda: None) -> None:
+        """Load the directory of `state`'s image; `check()` is called before every operation,
+        `after_commit()` after a commit that stored something."""
         self._s = state
         self._check = check
-        with state.lock:
-            check()
-            self._entries = [_Entry(b.name, b.flags, b.granularity_bits, b) for b in load_directory(state)]
-        self._dropped: list[Bitmap] = []
-        self._changed = False
+        self._after_commit = after_commit
+        self.tracking = False
+        """Whether guest writes are being recorded (`track_writes` until `commit`)."""
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the operations not committed yet (the bitmaps as the image has them)."""
+        def run() -> None:
+            assert not self.tracking, "reset would lose the writes reported to mark_written"
+            self._entries = [_Entry(b.name, b.flags, b.granularity_bits, b) for b in load_directory(self._s)]
+            self._dropped: list[Bitmap] = []
+            self._changed = False
+        self._locked(run)
 
     def _locked(self, op: Callable[[], _T]) -> _T:
         with self._s.lock:
@@ -97,11 +112,14 @@ class BitmapEditor:
                               f"Try block-dirty-bitmap-remove to delete this bitmap from disk")
 
     def _contents(self, e: _Entry) -> bytearray:
-        """The contents of `e` in memory (read from its table on first use)."""
+        """The contents of `e` in memory (read from its table, or its chunks, on first use)."""
         if e.data is None:
             assert e.disk is not None
             table = load_table(self._s, e.disk)
             e.data = bytearray(b"".join(read_chunk(self._s, e.disk, table, i) for i in range(len(table))))
+        elif not isinstance(e.data, bytearray):
+            total = bitmap_bytes(self._s.virtual_size, e.granularity)
+            e.data = bytearray(total) if e.data is _EMPTY else bytearray(b"".join(rechunk(e.data, total, total, e.name)))
         return e.data
 
     def _drop_disk(self, e: _Entry) -> None:
@@ -116,16 +134,54 @@ class BitmapEditor:
         """The bitmaps' names as the directory will list them."""
         return [e.name for e in self._entries]
 
-    def add(self, name: str, granularity: int | None = None, *, enabled: bool = True) -> None:
-        """--add [-g GRANULARITY]: a new, empty bitmap (default granularity: QEMU's, from the
-        cluster size)."""
+    def add(self, name: str, granularity: int | None = None, *, enabled: bool = True,
+            data: Iterable[Buffer] | None = None) -> None:
+        """--add [-g GRANULARITY]: a new bitmap (default granularity: QEMU's, from the cluster
+        size), empty or with the contents `data` (as `NewBitmap.data`, read at the commit)."""
         def run() -> None:
             g = default_granularity(self._s.cluster_size) if granularity is None else granularity
             existing = [Bitmap(e.name, e.flags, e.granularity_bits, 0, 0) for e in self._entries]
             check_new(self._s, existing, [NewBitmap(name, g, enabled)])
             self._entries.append(_Entry(name, BME_FLAG_AUTO if enabled else 0, g.bit_length() - 1, None,
-                                        bytearray(bitmap_bytes(self._s.virtual_size, g))))
+                                        _EMPTY if data is None else data))
             self._changed = True
+        self._locked(run)
+
+    def check(self, new: list[NewBitmap]) -> None:
+        """Raise what `add` would raise for adding `new` (in that order), adding nothing."""
+        def run() -> None:
+            existing = [Bitmap(e.name, e.flags, e.granularity_bits, 0, 0) for e in self._entries]
+            check_new(self._s, existing, new)
+        self._locked(run)
+
+    def track_writes(self) -> None:
+        """Before guest writes: mark every consistent bitmap in use on disk (one directory
+        switch), as QEMU does while it has an image open, so that a crash leaves them
+        inconsistent rather than stale. Each write must then be reported to `mark_written`;
+        `commit` stores the bitmaps with those bits set and the marks cleared."""
+        def run() -> None:
+            assert not self._changed and not self.tracking, "track_writes comes first"
+            tracked = [e for e in self._entries if not e.flags & BME_FLAG_IN_USE]
+            if not tracked:
+                return  # no bitmap to keep true: writes need not be reported
+            for e in tracked:
+                e.tracked = True
+            self.tracking = True
+            switch_directory(self._s, self._directory())
+        self._locked(run)
+
+    def mark_written(self, offset: int, length: int) -> None:
+        """Guest bytes [offset, offset+length) were written: set their bits in the enabled
+        bitmaps (`track_writes`)."""
+        if not length:
+            return
+
+        def run() -> None:
+            for e in self._entries:
+                if e.tracked and e.flags & BME_FLAG_AUTO:
+                    g = e.granularity
+                    _set_bits(self._contents(e), offset // g, -(-min(offset + length, self._s.virtual_size) // g))
+                    self._drop_disk(e)
         self._locked(run)
 
     def remove(self, name: str) -> None:
@@ -188,28 +244,37 @@ class BitmapEditor:
         self._locked(run)
 
     def commit(self) -> None:
-        """Store the bitmaps as the operations left them (nothing when nothing changed)."""
+        """Store the bitmaps as the operations left them (nothing when nothing changed), and
+        end `track_writes` (its in-use marks cleared)."""
         def run() -> None:
-            if not self._changed:
+            if not self._changed and not self.tracking:
                 return
             s = self._s
             freed: list[int] = []
             for b in self._dropped:
                 freed += used_clusters(s, b)
-            entries: list[bytes] = []
             for e in self._entries:
-                if e.disk is not None:
-                    entries.append(encode_entry(e.name, e.flags, e.granularity_bits, e.disk.table_offset,
-                                                e.disk.table_size))
-                else:
-                    assert e.data is not None
-                    table_offset, table_size = store(s, e.name, e.granularity, [bytes(e.data)])
-                    entries.append(encode_entry(e.name, e.flags, e.granularity_bits, table_offset, table_size))
-                    e.disk = Bitmap(e.name, e.flags, e.granularity_bits, table_offset, table_size)
-            switch_directory(s, entries, freed)
+                if e.disk is None:
+                    data = e.data
+                    table_offset, table_size = store(s, e.name, e.granularity, [bytes(data)] if isinstance(
+                        data, bytearray) else None if data is _EMPTY else data)
+                    e.disk, e.data = Bitmap(e.name, e.flags, e.granularity_bits, table_offset, table_size), None
+                e.tracked = False
+            self.tracking = False
+            switch_directory(s, self._directory(), freed)
             self._dropped.clear()
             self._changed = False
+            self._after_commit()
         self._locked(run)
+
+    def _directory(self) -> list[bytes]:
+        """The directory entries (tracked bitmaps marked in use), every bitmap having a table."""
+        out = []
+        for e in self._entries:
+            assert e.disk is not None
+            flags = e.flags | BME_FLAG_IN_USE if e.tracked else e.flags
+            out.append(encode_entry(e.name, flags, e.granularity_bits, e.disk.table_offset, e.disk.table_size))
+        return out
 
 
 def _set_runs(chunks: Iterable[bytes]) -> Iterator[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""Persistent dirty bitmaps: reading their contents, validated, and adding new ones.
+"""Persistent dirty bitmaps: reading their contents, validated, and writing bitmaps.
 
 The format (QEMU docs/interop/qcow2.txt, "Bitmaps extension"): the header extension names a
 directory of entries (format.py parses and checks it); each entry names a bitmap table of u64
@@ -7,29 +7,33 @@ data cluster. The serialized bitmap has one bit per `granularity` bytes of guest
 byte i // 8 at bit i % 8 (QEMU's little-endian longs), zero-padded to whole clusters. Bitmaps are
 valid only while autoclear bit 0 is set: a program that writes the image without updating them
 must clear it. qcowdisk keeps them true another way: it refuses read-write opens of an image
-with bitmaps (file.py), and an image it adds bitmaps to turns read-only (`QcowFile.add_bitmaps`).
+with bitmaps (file.py) unless the writer records its writes in them (`QcowFile.open_for_bitmaps`),
+and an image it adds bitmaps to turns read-only (`QcowFile.add_bitmaps`).
 
 **Reading** (`load_table`, `read_chunk`): what QEMU's check_dir_entry, load_bitmap_data and
 check_table_entry check, plus that each data cluster lies in the file past the header. The
 table's size is compared with the size the disk needs before the table is read, so what is
 allocated never rests on an unchecked field (at most BME_MAX_PHYS_SIZE / cluster_size entries).
 
-**Adding** (`add`): QEMU's checks and messages first (qcow2_co_can_store_new_dirty_bitmap,
-check_constraints_on_bitmap); nothing is written when one fails. Then, in the order
-ordering.py describes (new structures written and synced before the pointer to them):
+**Writing** (`check_new`, `store`, `switch_directory`; bitmapedit.py drives them): QEMU's checks
+and messages first (qcow2_co_can_store_new_dirty_bitmap, check_constraints_on_bitmap); nothing
+is written when one fails. Then, in the order ordering.py describes (new structures written
+and synced before the pointer to them):
 
-1. a flush, so the image is consistent before bitmaps describing it appear;
-2. each bitmap's data clusters (those holding both set and clear bits), its table, then the new
-   directory (the old entries, then the new ones), all in new clusters nothing names yet;
-3. a final flush: their refcounts (lazy ones too) written, the file synced;
-4. one header switch (`ordering.switch_header`: sync, write, sync): the bitmaps extension naming
-   the new directory, autoclear bit 0 set, the dirty bit clear. When the new header passes its
-   first sector and the old one did not, the part past it is written first (the old header
-   does not use it), so a header write torn at the sector leaves the old header or the new one.
+1. the data clusters of each new or changed bitmap (those holding both set and clear bits; all
+   clear and all set clusters are table entries 0 and 1), its table, then the new directory,
+   all in new clusters nothing names yet;
+2. a final flush: their refcounts (lazy ones too) written, guest data and the file synced;
+3. one header switch (`ordering.switch_header`: sync, write, sync): the bitmaps extension naming
+   the new directory, autoclear bit 0 set, the dirty bit clear (no extension and the bit clear
+   when no bitmap is left). When the new header passes its first sector and the old one did
+   not, the part past it is written first (the old header does not use it), so a header write
+   torn at the sector leaves the old header or the new one.
 
-A cut before step 4 leaves the image as it was plus leaked clusters; after it, every bitmap.
-The old directory is freed after the switch. An old header already longer than a sector
-(a long backing file name) is rewritten in one write, as every other header switch is.
+A cut before step 3 leaves the bitmaps as they were plus leaked clusters; after it, the new
+ones. The old directory and dropped tables are freed after the switch. An old header already
+longer than a sector (a long backing file name) is rewritten in one write, as every other
+header switch is (a write torn there is the one case not covered).
 The caller holds the image lock.
 """
 
@@ -49,7 +53,6 @@ from .format import (
     AUTOCLEAR_BITMAPS,
     BITMAP_DIR_ENTRY_STRUCT,
     BITMAPS_EXT_STRUCT,
-    BME_FLAG_AUTO,
     BME_FLAG_IN_USE,
     BME_MAX_GRANULARITY_BITS,
     BME_MAX_NAME_SIZE,
@@ -224,7 +227,7 @@ def encode_entry(name: str, flags: int, granularity_bits: int, table_offset: int
     return out + bytes(align_up(len(out), 8) - len(out))
 
 
-def _rechunk(chunks: Iterable[Buffer] | None, size: int, total: int, name: str) -> Iterator[bytes]:
+def rechunk(chunks: Iterable[Buffer] | None, size: int, total: int, name: str) -> Iterator[bytes]:
     """`total` bytes from `chunks` in pieces of `size` (the last one shorter); zeros for None."""
     if chunks is None:
         for pos in range(0, total, size):
@@ -266,7 +269,7 @@ def store(s: Qcow2State, name: str, granularity: int, data: Iterable[Buffer] | N
     table = array("Q", bytes(8 * -(-total // cs)))
     zeros, ones = bytes(cs), b"\xff" * cs
     last = len(table) - 1
-    for i, chunk in enumerate(_rechunk(data, cs, total, name)):
+    for i, chunk in enumerate(rechunk(data, cs, total, name)):
         piece = _clear_tail(chunk, s.virtual_size, granularity) if i == last else chunk
         if i == last:
             zeros = bytes(len(piece))
@@ -336,23 +339,6 @@ def switch_directory(s: Qcow2State, entries: list[bytes], freed: Iterable[int] =
     ordering.flush(s, final=True)
 
 
-def add(s: Qcow2State, new: Sequence[NewBitmap]) -> None:
-    """Add `new` to the image's persistent bitmaps, after the ones it has (see the module
-    docstring for the checks and the order of writes). Durable when it returns."""
-    existing = load_directory(s)
-    check_new(s, existing, new)
-    if not new:
-        return
-    _header_fields(s, HeaderExtension(EXT_BITMAPS, bytes(BITMAPS_EXT_STRUCT.size)))
-    ordering.flush(s)
-    entries = [encode_entry(b.name, b.flags, b.granularity_bits, b.table_offset, b.table_size) for b in existing]
-    for b in new:
-        table_offset, table_size = store(s, b.name, b.granularity, b.data)
-        entries.append(encode_entry(b.name, BME_FLAG_AUTO if b.enabled else 0, b.granularity.bit_length() - 1,
-                                    table_offset, table_size))
-    switch_directory(s, entries)
-
-
 def _header_fields(s: Qcow2State, ext: HeaderExtension | None) -> tuple[dict[str, Any], bytes]:
     """The header fields naming the bitmaps extension `ext` (None: no bitmaps), and the new
     header's bytes."""
@@ -369,6 +355,6 @@ def _header_fields(s: Qcow2State, ext: HeaderExtension | None) -> tuple[dict[str
     return fields, new_bytes
 
 
-__all__ = ["NewBitmap", "bitmap_bytes", "load_directory", "load_table", "read_chunk", "check_new", "add", "store",
+__all__ = ["NewBitmap", "bitmap_bytes", "load_directory", "load_table", "read_chunk", "check_new", "store", "rechunk",
            "encode_entry", "used_clusters", "switch_directory",
            "BME_MAX_PHYS_SIZE"]

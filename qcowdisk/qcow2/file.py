@@ -153,7 +153,7 @@ class QcowFile:
         self._state = state
         self._image_lock = image_lock
         self._snapshot: Snapshot | None = None
-        self._bitmaps_only = False  # opened by open_for_bitmaps: the bitmap editor may write
+        self._editor: bitmapedit.BitmapEditor | None = None
         # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
         # None once closed, and on a read-write image from the moment a write-side method
         # takes the lock until the next read rebuilds it (see `read_at`).
@@ -481,13 +481,14 @@ class QcowFile:
         leave the enabled ones stale (reopening such an image read-write is refused as well).
         """
         new = list(new)
-        s = self._state
-        with s.lock:
-            self._check_writable()
-            if not new:
-                return
-            self._guarded(lambda: bitmapping.add(s, new))
-            s.readonly = True  # see the docstring: writes would make the bitmaps stale
+        editor = self.edit_bitmaps()
+        try:
+            for b in new:  # (every check before anything is written: the commit writes)
+                editor.add(b.name, b.granularity, enabled=b.enabled, data=b.data)
+        except BaseException:
+            editor.reset()
+            raise
+        editor.commit()
 
     @property
     def backing(self) -> Image | None:
@@ -881,35 +882,59 @@ class QcowFile:
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
     @classmethod
-    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, confine_to: str | os.PathLike[str] | None = None,
+    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, track_writes: bool = False, backing: bool = False,
+                         confine_to: str | os.PathLike[str] | None = None,
                          host_factory: HostFactory | None = None) -> QcowFile:
         """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
-        opens it: read-write under the write lock, without its backing chain, even when it has
-        bitmaps (which `open` refuses read-write), and refusing guest writes (ReadOnlyError):
-        qcowdisk does not record writes in bitmaps, so they would leave them stale."""
+        opens it: read-write under the write lock, even when it has bitmaps (which `open`
+        refuses read-write), without its backing chain unless `backing`.
+
+        Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
+        by itself. With `track_writes` they are allowed for a caller that reports each one to
+        the editor's `mark_written`: every consistent bitmap is marked in use on disk first (as
+        QEMU marks them while it has an image open, so a crash leaves them inconsistent, not
+        stale), and `edit_bitmaps().commit()` stores them with the written bits set, the marks
+        cleared; the image is read-only after that commit.
+        """
         path = os.fspath(path)
-        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=False,
+        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to))
         img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
-        img._state.readonly = True  # guest writes refused; the bitmap editor writes metadata only
-        img._bitmaps_only = True
+        try:
+            editor = img.edit_bitmaps()
+            if track_writes:
+                editor.track_writes()
+            else:
+                img._state.readonly = True  # guest writes refused; the editor writes metadata only
+        except BaseException:
+            img.close()
+            raise
         return img
 
     def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
-        """A `BitmapEditor` over this image's persistent bitmaps (an image from
-        `open_for_bitmaps`): add, remove, clear, enable, disable, merge as `qemu-img bitmap`
-        does, then `commit()` (crash-safe: the old bitmaps or the new ones). See
+        """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
+        disable, merge as `qemu-img bitmap` does, then `commit()` (crash-safe: the old bitmaps
+        or the new ones). An image with bitmaps needs `open_for_bitmaps`; one without may be
+        any read-write image, which turns read-only once a commit has stored bitmaps (guest
+        writes would leave them stale). The same editor every call. See
         qcowdisk.qcow2.bitmapedit."""
         s = self._state
-        if not self._bitmaps_only:
-            raise ReadOnlyError(f"image {s.filename!r} was not opened with QcowFile.open_for_bitmaps")
+        with s.lock:
+            if self._editor is None:
+                if s.readonly:
+                    raise ReadOnlyError(f"image {s.filename!r} is open read-only")
 
-        def check() -> None:
-            self._check_open()
-            self._check_healthy()
-            if s.corrupt:
-                raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
-        return bitmapedit.BitmapEditor(s, check)
+                def check() -> None:
+                    self._check_open()
+                    self._check_healthy()
+                    if s.corrupt:
+                        raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+
+                def after_commit() -> None:
+                    s.readonly = True  # see the docstring
+
+                self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
+            return self._editor
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
     def write_compressed(self, offset: int, data: Buffer) -> int:
