@@ -15,7 +15,7 @@ import pytest
 from clirun import qcowdisk_in
 from crashsim import CrashLog
 from qcowdisk import QcowFile, ReadOnlyError
-from qemutools import assert_clean, create, qemu_img, qemu_io
+from qemutools import assert_clean, create, qemu_img, qemu_io, qemu_io_holding
 from test_bitmaps import bitmap_map, bitmaps_of
 from test_bitmaps_crash import sweep
 
@@ -97,6 +97,23 @@ def test_inconsistent_bitmaps_as_qemu_img(tmp_path: Path) -> None:
     assert [b["name"] for b in bitmaps_of(ours)] == ["b0", "b2", "ok", "n"]
     assert "in-use" in bitmaps_of(ours)[0]["flags"]
     assert_clean(str(ours))
+
+
+def test_locks_as_qemu_img(tmp_path: Path) -> None:
+    """An image in use elsewhere, and a merge source that is the image itself: qemu-img's lock
+    failures, word for word."""
+    p = create(str(tmp_path / "a.qcow2"), "1M")
+    qemu_img("bitmap", "--add", p, "b")
+    for args, hold in [(["--add", p, "c"], True), (["--merge", "b", "-b", p, p, "b"], False)]:
+        if hold:
+            with qemu_io_holding(p):
+                q = subprocess.run(["qemu-img", "bitmap", *args], capture_output=True, text=True, check=False)
+                status, out, err = qcowdisk_in(tmp_path, "bitmap", args)
+        else:
+            q = subprocess.run(["qemu-img", "bitmap", *args], capture_output=True, text=True, check=False)
+            status, out, err = qcowdisk_in(tmp_path, "bitmap", args)
+        assert (status, out, err) == (q.returncode, q.stdout, q.stderr.replace("qemu-img: ", "qcowdisk: ")) != (0, "", "")
+    assert [b["name"] for b in bitmaps_of(p)] == ["b"]
 
 
 def test_open_for_bitmaps_refuses_guest_writes(tmp_path: Path) -> None:

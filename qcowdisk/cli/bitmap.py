@@ -144,8 +144,9 @@ def _open(path: str, fmt: str | None, *, readonly: bool = False) -> tuple[Image 
     except OSError as e:
         return None, err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:
-        return None, err(f"Could not open '{path}': Failed to get \"{'consistent read' if readonly else 'write'}\" "
-                         f"lock", hint=f"Is another process using the image [{path}]?\n")
+        # (QEMU's words: a reader lacks the shared "write" permission a writer denies)
+        return None, err(f"Could not open '{path}': Failed to get {'shared ' if readonly else ''}\"write\" lock",
+                         hint=f"Is another process using the image [{path}]?\n")
     except QcowError as e:
         return None, err(f"Could not open '{path}': {e}")
 
