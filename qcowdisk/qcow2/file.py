@@ -70,14 +70,11 @@ from .entries import (
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
-    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     Bitmap,
     Header,
     Snapshot,
-    parse_bitmap_directory,
-    parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
     validate_snapshot_fields,
@@ -434,14 +431,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_open()
-            h = s.header
-            ext = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
-            if ext is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
-                return []
-            file_length = s.host.size()
-            fields = parse_bitmaps_extension(ext.data, s.cluster_size, file_length)
-            raw = s.host.pread(fields.directory_size, fields.directory_offset)
-            return parse_bitmap_directory(raw, fields, s.cluster_size, file_length)
+            return bitmapping.load_directory(s)
 
     def read_bitmap(self, name: str) -> Iterator[bytes]:
         """The contents of the persistent bitmap `name`: its serialized bits (one bit per
@@ -485,10 +475,66 @@ class QcowFile:
         try:
             for b in new:  # (every check before anything is written: the commit writes)
                 editor.add(b.name, b.granularity, enabled=b.enabled, data=b.data)
+            editor.commit()
         except BaseException:
-            editor.reset()
+            if not editor.tracking and not self._state.closed and self._state.failure is None:
+                editor.reset()  # what was not stored is forgotten
             raise
-        editor.commit()
+
+    @classmethod
+    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, track_writes: bool = False, backing: bool = False,
+                         confine_to: str | os.PathLike[str] | None = None,
+                         host_factory: HostFactory | None = None) -> QcowFile:
+        """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
+        opens it: read-write under the write lock, even when it has bitmaps (which `open`
+        refuses read-write), without its backing chain unless `backing`.
+
+        Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
+        by itself. With `track_writes` they are allowed for a caller that reports each one to
+        the editor's `mark_written`: every consistent bitmap is marked in use on disk first (as
+        QEMU marks them while it has an image open, so a crash leaves them inconsistent, not
+        stale), and `edit_bitmaps().commit()` stores them with the written bits set, the marks
+        cleared; the image is read-only after that commit.
+        """
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
+        try:
+            editor = img.edit_bitmaps()
+            if track_writes:
+                editor.track_writes()
+            else:
+                img._state.readonly = True  # guest writes refused; the editor writes metadata only
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
+        """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
+        disable, merge as `qemu-img bitmap` does, then `commit()` (crash-safe: the old bitmaps
+        or the new ones). An image with bitmaps needs `open_for_bitmaps`; one without may be
+        any read-write image, which turns read-only once a commit has stored bitmaps (guest
+        writes would leave them stale). The same editor every call. See
+        qcowdisk.qcow2.bitmapedit."""
+        s = self._state
+        with s.lock:
+            if self._editor is None:
+                if s.readonly:
+                    raise ReadOnlyError(f"image {s.filename!r} is open read-only")
+
+                def check() -> None:
+                    self._check_open()
+                    self._check_healthy()
+                    if s.corrupt:
+                        raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+
+                def after_commit() -> None:
+                    s.readonly = True  # see the docstring
+
+                self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
+            return self._editor
 
     @property
     def backing(self) -> Image | None:
@@ -880,61 +926,6 @@ class QcowFile:
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
                                       force_share=force_share)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
-
-    @classmethod
-    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, track_writes: bool = False, backing: bool = False,
-                         confine_to: str | os.PathLike[str] | None = None,
-                         host_factory: HostFactory | None = None) -> QcowFile:
-        """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
-        opens it: read-write under the write lock, even when it has bitmaps (which `open`
-        refuses read-write), without its backing chain unless `backing`.
-
-        Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
-        by itself. With `track_writes` they are allowed for a caller that reports each one to
-        the editor's `mark_written`: every consistent bitmap is marked in use on disk first (as
-        QEMU marks them while it has an image open, so a crash leaves them inconsistent, not
-        stale), and `edit_bitmaps().commit()` stores them with the written bits set, the marks
-        cleared; the image is read-only after that commit.
-        """
-        path = os.fspath(path)
-        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=backing,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to))
-        img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
-        try:
-            editor = img.edit_bitmaps()
-            if track_writes:
-                editor.track_writes()
-            else:
-                img._state.readonly = True  # guest writes refused; the editor writes metadata only
-        except BaseException:
-            img.close()
-            raise
-        return img
-
-    def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
-        """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
-        disable, merge as `qemu-img bitmap` does, then `commit()` (crash-safe: the old bitmaps
-        or the new ones). An image with bitmaps needs `open_for_bitmaps`; one without may be
-        any read-write image, which turns read-only once a commit has stored bitmaps (guest
-        writes would leave them stale). The same editor every call. See
-        qcowdisk.qcow2.bitmapedit."""
-        s = self._state
-        with s.lock:
-            if self._editor is None:
-                if s.readonly:
-                    raise ReadOnlyError(f"image {s.filename!r} is open read-only")
-
-                def check() -> None:
-                    self._check_open()
-                    self._check_healthy()
-                    if s.corrupt:
-                        raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
-
-                def after_commit() -> None:
-                    s.readonly = True  # see the docstring
-
-                self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
-            return self._editor
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
     def write_compressed(self, offset: int, data: Buffer) -> int:
