@@ -10,6 +10,12 @@ bitmaps, the others' tables kept, what was dropped freed after the switch). So a
 leaves the bitmaps as they were or as the operations left them. As qemu-img, operations that
 succeeded before one that failed are stored too (`commit` is the caller's, in a `finally`).
 
+Guest writes while bitmaps are open (`track_writes`, what `convert -n` into an image with
+bitmaps needs): QEMU's protocol. Every consistent bitmap is marked in use on disk first (one
+directory switch), the writer reports each write to `mark_written`, which sets its bits in the
+enabled bitmaps, and `commit` stores them with the marks cleared. A crash in between leaves
+them in use: inconsistent, which QEMU and qcowdisk refuse to use, never stale and trusted.
+
 Refusals are QEMU's, with its messages (BitmapError): an unknown name ("Dirty bitmap 'x' not
 found"), an inconsistent (in-use) bitmap for anything but --remove, bitmaps of different sizes
 for --merge, and what `bitmaps.check_new` refuses for --add. Bitmaps of different granularity
