@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AmendError,
     BackingChainError,
+    BitmapError,
     CorruptImageError,
     ImageFailedError,
     ImageLockedError,
@@ -41,19 +42,21 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__): a command needs a 
     from .ops.convert import convert
     from .ops.measure import measure
     from .ops.rebase import rebase
+    from .qcow2.bitmaps import NewBitmap
     from .qcow2.file import QcowFile
-    from .qcow2.format import Snapshot
+    from .qcow2.format import Bitmap, Snapshot
     from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 # public name -> the module defining it, imported when the name is first looked up
 _LAZY = {"Extent": "image", "Image": "image", "commit": "ops", "compare": "ops", "convert": "ops",
          "measure": "ops", "rebase": "ops", "QcowFile": "qcow2.file", "Snapshot": "qcow2.format",
+         "Bitmap": "qcow2.format", "NewBitmap": "qcow2.bitmaps",
          "QcowIO": "stream", "open": "stream"}
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
-           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError",
-           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
+           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError", "BitmapError",
+           "Snapshot", "Bitmap", "NewBitmap", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
            "commit", "rebase", "convert"]
 
 

@@ -36,7 +36,7 @@ __all__ = ["build_parser", "main"]
 # the subcommands (each a module of this package, named as the command), in the order
 # `qcowdisk --help` lists them
 _COMMANDS = ("info", "create", "write", "map", "snapshot", "check", "read", "compare", "measure", "commit", "rebase",
-             "amend", "convert", "resize", "serve")
+             "amend", "convert", "resize", "bitmap", "serve")
 
 
 class _Version(argparse.Action):
