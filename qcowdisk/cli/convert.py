@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..hostio import DirectIOUnsupportedError
 from ..ops import qemuopts
 from ..ops.cachemode import DEFAULT_SOURCE_CACHE, DEFAULT_TARGET_CACHE
 from .common import Parser, UsageError, cvtnum
@@ -48,6 +49,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 progress=bar.advance if bar is not None else None, out_of_order=args.unordered,
                 target_is_zero=args.target_is_zero, cache=args.cache, src_cache=args.src_cache,
                 rate_limit=rate, force_share=args.force_share, bitmaps=args.bitmaps)
+    except DirectIOUnsupportedError as e:  # qemu-img: the open's error, after img_open's prefix
+        raise UsageError(f"Could not open '{e.filename}': Could not open '{e.filename}': {e.strerror}") from None
     finally:
         if bar is not None:
             bar.end()
