@@ -9,7 +9,7 @@ import sys
 from ..blockstatus import qemu_length
 from ..image import Image
 from ..ops import CompareError, compare
-from .common import USAGE_HINT, Parser, UsageError, add_confine, add_force_share, err, open_any
+from .common import USAGE_HINT, Parser, UsageError, add_confine, add_force_share, add_image_opts, err, image_source, open_any
 from .progress import QemuProgress
 
 
@@ -30,8 +30,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             images: list[Image] = []
-            for path, fmt in zip(args.image, (args.format, args.b_format), strict=True):
+            for name, given in zip(args.image, (args.format, args.b_format), strict=True):
                 try:
+                    path, fmt = image_source(args, name, given)
                     img = open_any(path, fmt, args)
                 except UsageError as e:
                     return err(str(e), status=2)
@@ -68,5 +69,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pcmp.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
     add_confine(pcmp, "either image")
     add_force_share(pcmp)
+    add_image_opts(pcmp)
     pcmp.add_argument("image", metavar="IMAGE", nargs="*", help="the two images")
     pcmp.set_defaults(func=cmd_compare)

@@ -816,7 +816,8 @@ class QcowFile:
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
                        confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
-                       host_factory: HostFactory | None = None) -> QcowFile:
+                       host_factory: HostFactory | None = None, l2_cache_size: int | None = None,
+                       l2_cache_entry_size: int | None = None) -> QcowFile:
         """Open an image to check it, as qemu-img check opens it (BDRV_O_CHECK).
 
         With `repair`, the image opens read-write even with the corrupt bit set, and a dirty
@@ -828,7 +829,8 @@ class QcowFile:
             raise ValueError("force_share=True cannot be used to repair an image")
         options = formats.OpenOptions(readonly=not repair, host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share)
+                                      force_share=force_share, l2_cache_size=l2_cache_size,
+                                      l2_cache_entry_size=l2_cache_entry_size)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
