@@ -99,3 +99,54 @@ def test_refused_o_direct_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(hostio.DirectIOUnsupportedError, match="filesystem does not support O_DIRECT"):
         DirectHostFile(str(path), False)
     HostFile(str(path), False).close()  # the buffered open is unaffected
+
+
+def _pair(where: Path) -> None:
+    """w.qcow2 (data) over wb.qcow2 (data), as qemu-img makes them, in `where`."""
+    from qemutools import qemu_img, qemu_io
+    where.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", str(where / "wb.qcow2"), "4M")
+    qemu_io(str(where / "wb.qcow2"), "write -P 1 0 3M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "wb.qcow2", "-F", "qcow2", str(where / "w.qcow2"))
+    qemu_io(str(where / "w.qcow2"), "write -P 9 1000k 1500k")
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "-T", "none", "w.qcow2"], ["check", "-T", "directsync", "-r", "all", "w.qcow2"],
+    ["check", "-T", "bogus", "w.qcow2"], ["check", "-T", "bogus", "-r", "all", "-U", "w.qcow2"],
+    ["compare", "-T", "none", "w.qcow2", "wb.qcow2"], ["compare", "-T", "bogus", "w.qcow2", "wb.qcow2"],
+    ["commit", "-t", "none", "w.qcow2"], ["commit", "-t", "directsync", "-d", "w.qcow2"],
+    ["commit", "-t", "bogus", "w.qcow2"],
+    ["rebase", "-t", "none", "-b", "", "w.qcow2"], ["rebase", "-t", "bogus", "-b", "", "w.qcow2"],
+    ["rebase", "-T", "bogus", "-b", "", "w.qcow2"], ["rebase", "-T", "none", "-u", "-b", "", "w.qcow2"],
+    ["amend", "-t", "none", "-o", "lazy_refcounts=on", "w.qcow2"], ["amend", "-t", "bogus", "-o", "lazy_refcounts=on", "w.qcow2"],
+])
+def test_cache_modes_beyond_convert(tmp_path: Path, args: list[str]) -> None:
+    """check/compare -T, commit/rebase/amend -t: qemu-img's refusals, O_DIRECT for none and
+    directsync (the image's descriptor), and the same resulting images as qemu-img's."""
+    from clirun import qcowdisk_in, qemu_img_in
+    from qcowdisk import hostio
+    from qemutools import qemu_img
+    _pair(tmp_path / "q")
+    _pair(tmp_path / "o")
+    direct_fds: list[bool] = []
+    real = hostio.DirectHostFile.__init__
+
+    def spy(self: DirectHostFile, path: str, writable: bool) -> None:
+        real(self, path, writable)
+        direct_fds.append(_direct(self.fd))
+
+    expected = qemu_img_in(tmp_path / "q", args[0], args[1:])
+    hostio.DirectHostFile.__init__ = spy  # type: ignore[method-assign]
+    try:
+        got = qcowdisk_in(tmp_path / "o", args[0], args[1:], as_qemu_img=True)
+    finally:
+        hostio.DirectHostFile.__init__ = real  # type: ignore[method-assign]
+    assert got == expected
+    # (rebase -T only checks its mode: qcowdisk's rebase reads the backing files as -t says)
+    modes = {args[i + 1] for i, a in enumerate(args[:-1])
+             if a == "-t" or (a == "-T" and args[0] != "rebase")} & {"none", "directsync"}
+    assert bool(direct_fds) == bool(modes and expected[0] in (0, 1) and "bogus" not in args)
+    assert all(direct_fds)
+    for name in ("w.qcow2", "wb.qcow2"):
+        qemu_img("compare", "-q", "-U", str(tmp_path / "q" / name), str(tmp_path / "o" / name))

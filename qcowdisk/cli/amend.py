@@ -12,7 +12,7 @@ from ..errors import AmendError, ImageLockedError, QcowError
 from ..formats import format_names, probe_format
 from ..ops import qemuopts
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_own_parsing, err, host_factory, image_source, print_warnings, shown
+from .common import USAGE_HINT, Parser, add_own_parsing, check_cache_modes, err, host_factory, image_source, print_warnings, shown
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 from .progress import QemuProgress, f32
@@ -66,6 +66,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     fmt: str | None = None
     options: str | None = None
     quiet = show_progress = image_opts = False
+    cache: str | None = None
     objects: list[str] = []
     confine_to: str | None = None
     for name, value in opts:
@@ -78,6 +79,8 @@ def cmd_amend(args: argparse.Namespace) -> int:
             options = value if options is None else f"{options},{value}"
         elif name == "-f":
             fmt = value
+        elif name == "-t":
+            cache = value
         elif name == "-q":
             quiet = True
         elif name == "-p":
@@ -100,6 +103,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
         return 0
     if len(operands) != 1:
         return err("Expecting one image file name")
+    check_cache_modes(argparse.Namespace(cache=cache))
     path, fmt = image_source(argparse.Namespace(), operands[0], fmt, writable=True, image_opts=image_opts)
     shown_as = shown(path)
     if fmt is not None and fmt not in format_names():
@@ -113,7 +117,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     if probed != "qcow2":
         return err(f"Format driver '{probed}' does not support option amendment")
     try:
-        disk = QcowFile.open(path, confine_to=confine_to, host_factory=host_factory(path))
+        disk = QcowFile.open(path, confine_to=confine_to, host_factory=host_factory(path, cache))
     except OSError as e:
         return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:

@@ -13,9 +13,11 @@ from ..qcow2.file import QcowFile
 from .common import (
     USAGE_HINT,
     Parser,
+    add_cache_options,
     add_confine,
     add_force_share,
     add_image_opts,
+    check_cache_modes,
     confine_dir,
     err,
     image_source,
@@ -43,6 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return err("--output must be used with human or json as argument.")
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=USAGE_HINT)
+    check_cache_modes(args)
     if args.repair and args.force_share and not args.image_opts:
         return err(f"Could not open '{args.image[0]}': force-share=on can only be used with read-only images")
     path, fmt = image_source(args, args.image[0], args.format, writable=args.repair is not None)
@@ -91,6 +94,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pk.add_argument("-q", "--quiet", dest="quiet", action="store_true", help="print only errors")
     add_confine(pk)
     add_force_share(pk)
+    add_cache_options(pk, target=False, source=True)
     add_image_opts(pk)
     pk.add_argument("image", metavar="IMAGE", nargs="*")
     pk.set_defaults(func=cmd_check)

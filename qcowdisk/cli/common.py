@@ -18,6 +18,7 @@ from ..formats import OpenOptions, format_names, probe_format
 from ..hostio import DirectHostFile, HostFile
 from ..image import Image
 from ..ops import qemuopts
+from ..ops.cachemode import CacheModeError, host_class, parse_cache_mode
 from ..ops.imageopts import ImageOpts, ImageOptsError, parse_image_opts
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
@@ -176,8 +177,32 @@ def image_source(args: argparse.Namespace, name: str, fmt: str | None, *, writab
     return spec.filename, spec.driver
 
 
-def host_factory(path: str) -> type[HostFile]:
-    """The host I/O class for the image `path`: O_DIRECT when its --image-opts said cache.direct=on."""
+def add_cache_options(sp: argparse.ArgumentParser, target: bool = True, source: bool = False) -> None:
+    """Add qemu-img's -t CACHE (the image written) and/or -T SRC_CACHE (images read) to a parser."""
+    if target:
+        sp.add_argument("-t", dest="cache", metavar="CACHE",
+                        help="none/directsync: O_DIRECT; unsafe: no fsync; writeback (default), writethrough")
+    if source:
+        sp.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
+                        help="cache mode for the images read (none/directsync: O_DIRECT)")
+
+
+def check_cache_modes(args: argparse.Namespace) -> None:
+    """Refuse a -t / -T mode qemu-img does not know, with its message (UsageError)."""
+    for attr, what in (("cache", "cache"), ("src_cache", "source cache")):
+        mode = getattr(args, attr, None)
+        if mode is not None:
+            try:
+                parse_cache_mode(mode, what)
+            except CacheModeError as e:
+                raise UsageError(str(e)) from None
+
+
+def host_factory(path: str, mode: str | None = None) -> type[HostFile]:
+    """The host I/O class for the image `path`: the (checked) cache `mode`'s when given (O_DIRECT
+    for none and directsync), else O_DIRECT when its --image-opts said cache.direct=on."""
+    if mode is not None:
+        return host_class(mode)
     spec = _IMAGE_OPTS.get(path)
     return DirectHostFile if spec is not None and spec.cache_direct else HostFile
 
@@ -208,7 +233,7 @@ def open_options(args: argparse.Namespace, path: str, readonly: bool = True) -> 
                        backing=spec is None or not spec.no_backing,
                        l2_cache_size=spec.l2_cache_size if spec else None,
                        l2_cache_entry_size=spec.l2_cache_entry_size if spec else None,
-                       host_factory=host_factory(path))
+                       host_factory=host_factory(path, getattr(args, "src_cache", None)))
 
 
 def confine_dir(args: argparse.Namespace) -> str | None:

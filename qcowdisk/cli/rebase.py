@@ -12,7 +12,18 @@ from .. import formats
 from ..image import Image
 from ..ops import RebaseError, rebase
 from ..qcow2.file import QcowFile
-from .common import PROG, Parser, UsageError, add_image_opts, chain_operand, check_chain, host_factory, open_failed
+from .common import (
+    PROG,
+    Parser,
+    UsageError,
+    add_cache_options,
+    add_image_opts,
+    chain_operand,
+    check_cache_modes,
+    check_chain,
+    host_factory,
+    open_failed,
+)
 from .progress import QemuProgress, f32, progress_bar
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
@@ -137,6 +148,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         print(f"{PROG}: Must specify backing file (-b) or use unsafe mode (-u)\nTry '{PROG} --help' for more information",
               file=sys.stderr)
         return 1
+    check_cache_modes(args)
     path, _ = chain_operand(args, "rebased")
     backing: str = args.backing or ""
     if backing and args.backing_format is None:  # QEMU 7.2 refuses to record a name without a format
@@ -157,7 +169,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
             if steps is None:
                 bar.print_delta(0.0, 100)
         rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,
-               progress=steps.advance if steps else None, host_factory=host_factory(path))
+               progress=steps.advance if steps else None, host_factory=host_factory(path, args.cache))
         if steps is not None:
             steps.finish()
         elif bar is not None:
@@ -179,6 +191,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     prb.add_argument("-u", dest="unsafe", action="store_true", help="only rewrite the name (copy nothing)")
     prb.add_argument("-p", dest="progress", action="store_true", help="show progress")
     prb.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    add_cache_options(prb, source=True)
     add_image_opts(prb)
     prb.add_argument("image", metavar="IMAGE")
     prb.set_defaults(func=cmd_rebase)

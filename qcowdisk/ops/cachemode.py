@@ -1,4 +1,5 @@
-"""qemu-img's `-t CACHE` / `-T SRC_CACHE` modes and its `-r RATE` write throttle, for convert.
+"""qemu-img's `-t CACHE` / `-T SRC_CACHE` modes and its `-r RATE` write throttle (convert; the
+modes also for check, compare, commit, rebase and amend, through `host_class`).
 
 QEMU (bdrv_parse_cache_mode) knows five modes; here is what each means for qcowdisk:
 
