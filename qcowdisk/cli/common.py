@@ -187,6 +187,12 @@ def add_cache_options(sp: argparse.ArgumentParser, target: bool = True, source: 
                         help="cache mode for the images read (none/directsync: O_DIRECT)")
 
 
+def add_chain_options(sp: argparse.ArgumentParser, source_cache: bool) -> None:
+    """Add commit's or rebase's -t (and rebase's -T), --image-opts and --object."""
+    add_cache_options(sp, source=source_cache)
+    add_image_opts(sp)
+
+
 def check_cache_modes(args: argparse.Namespace) -> None:
     """Refuse a -t / -T mode qemu-img does not know, with its message (UsageError)."""
     for attr, what in (("cache", "cache"), ("src_cache", "source cache")):
@@ -216,7 +222,8 @@ def refuse_no_backing(path: str) -> None:
 
 def chain_operand(args: argparse.Namespace, verb: str) -> tuple[str, str | None]:
     """(file name, format) of the qcow2 image commit or rebase (`verb`: "committed", "rebased")
-    works on: args.image with -f, or --image-opts; refuses what they cannot do."""
+    works on: args.image with -f, or --image-opts; refuses what they cannot do, and a bad -t / -T."""
+    check_cache_modes(args)
     path, fmt = image_source(args, args.image, args.format, writable=True)
     refuse_no_backing(path)
     if fmt not in (None, "qcow2"):

@@ -12,18 +12,7 @@ from .. import formats
 from ..image import Image
 from ..ops import RebaseError, rebase
 from ..qcow2.file import QcowFile
-from .common import (
-    PROG,
-    Parser,
-    UsageError,
-    add_cache_options,
-    add_image_opts,
-    chain_operand,
-    check_cache_modes,
-    check_chain,
-    host_factory,
-    open_failed,
-)
+from .common import PROG, Parser, UsageError, add_chain_options, chain_operand, check_chain, host_factory, open_failed
 from .progress import QemuProgress, f32, progress_bar
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
@@ -148,7 +137,6 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         print(f"{PROG}: Must specify backing file (-b) or use unsafe mode (-u)\nTry '{PROG} --help' for more information",
               file=sys.stderr)
         return 1
-    check_cache_modes(args)
     path, _ = chain_operand(args, "rebased")
     backing: str = args.backing or ""
     if backing and args.backing_format is None:  # QEMU 7.2 refuses to record a name without a format
@@ -191,7 +179,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     prb.add_argument("-u", dest="unsafe", action="store_true", help="only rewrite the name (copy nothing)")
     prb.add_argument("-p", dest="progress", action="store_true", help="show progress")
     prb.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
-    add_cache_options(prb, source=True)
-    add_image_opts(prb)
+    add_chain_options(prb, source_cache=True)
     prb.add_argument("image", metavar="IMAGE")
     prb.set_defaults(func=cmd_rebase)
