@@ -27,7 +27,24 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import QcowError
-from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, serve, snapshot, write
+from . import (
+    amend,
+    bitmap,
+    check,
+    commit,
+    compare,
+    convert,
+    create,
+    info,
+    map,
+    measure,
+    read,
+    rebase,
+    resize,
+    serve,
+    snapshot,
+    write,
+)
 from .common import PROG, ArgumentsError, Parser, UsageError, reset_image_opts
 from .objects import ObjectHelp, process_objects
 
@@ -35,7 +52,7 @@ __all__ = ["build_parser", "main"]
 
 # in the order `qcowdisk --help` lists them
 _COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize,
-             serve)
+             bitmap, serve)
 
 
 class _Version(argparse.Action):

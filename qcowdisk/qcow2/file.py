@@ -31,12 +31,13 @@ import os
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
 from ..errors import (
+    BitmapError,
     CorruptImageError,
     ImageFailedError,
     InvalidImageError,
@@ -50,7 +51,8 @@ from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
-from . import compressed, ordering, reading, snapshot, status, writing
+from . import bitmapedit, compressed, ordering, reading, snapshot, status, writing
+from . import bitmaps as bitmapping
 from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable
@@ -68,14 +70,11 @@ from .entries import (
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
-    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     Bitmap,
     Header,
     Snapshot,
-    parse_bitmap_directory,
-    parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
     validate_snapshot_fields,
@@ -151,6 +150,7 @@ class QcowFile:
         self._state = state
         self._image_lock = image_lock
         self._snapshot: Snapshot | None = None
+        self._editor: bitmapedit.BitmapEditor | None = None
         # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
         # None once closed, and on a read-write image from the moment a write-side method
         # takes the lock until the next read rebuilds it (see `read_at`).
@@ -275,7 +275,7 @@ class QcowFile:
 
     @classmethod
     def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...], *,
-              for_check: bool = False) -> QcowFile:
+              for_check: bool = False, for_bitmaps: bool = False) -> QcowFile:
         if len(chain) > 1:  # a backing file: named by the image above, so confined
             host = formats.open_named_file(path, not options.readonly, options, "backing file", chain[-2])
         else:
@@ -290,7 +290,7 @@ class QcowFile:
                 raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
-            state = _load_state(path, host, options, for_check)
+            state = _load_state(path, host, options, for_check, for_bitmaps)
             if state.header.backing_file and options.backing:
                 state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
                                                      options, chain)
@@ -431,14 +431,110 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_open()
-            h = s.header
-            ext = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
-            if ext is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
-                return []
-            file_length = s.host.size()
-            fields = parse_bitmaps_extension(ext.data, s.cluster_size, file_length)
-            raw = s.host.pread(fields.directory_size, fields.directory_offset)
-            return parse_bitmap_directory(raw, fields, s.cluster_size, file_length)
+            return bitmapping.load_directory(s)
+
+    def read_bitmap(self, name: str) -> Iterator[bytes]:
+        """The contents of the persistent bitmap `name`: its serialized bits (one bit per
+        `granularity` bytes of guest disk, bit i in byte i // 8 at bit i % 8), one cluster's
+        worth per chunk, `bitmaps.bitmap_bytes(virtual_size, granularity)` bytes in all.
+
+        Raises BitmapError when there is no such bitmap or it is inconsistent (in use: a program
+        that had it open did not store it), InvalidImageError/CorruptImageError naming the field
+        and value of a table that does not fit the disk or an entry out of bounds (the whole
+        table is checked before the first chunk is returned). See qcowdisk.qcow2.bitmaps.
+        """
+        s = self._state
+        with s.lock:
+            self._check_open()
+            bm = next((b for b in bitmapping.load_directory(s) if b.name == name), None)
+            if bm is None:
+                raise BitmapError(f"Dirty bitmap '{name}' not found")
+            table = bitmapping.load_table(s, bm)
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(len(table)):
+                with s.lock:
+                    self._check_open()
+                    data = bitmapping.read_chunk(s, bm, table, i)
+                yield data
+        return chunks()
+
+    def add_bitmaps(self, new: Iterable[bitmapping.NewBitmap]) -> None:
+        """Add persistent dirty bitmaps (`NewBitmap`: name, granularity, enabled, contents) after
+        the image's own, as QEMU stores new ones; durable on return, and a power cut leaves either
+        none of them or all (see qcowdisk.qcow2.bitmaps for the order of writes).
+
+        What QEMU refuses (a name in use, a granularity out of range, a version 2 image, ...)
+        raises BitmapError with QEMU's message, and nothing is written. Contents of the wrong
+        length raise ValueError, leaving only leaked clusters behind. Once bitmaps are added the
+        image is read-only: qcowdisk does not record guest writes in bitmaps, so a write would
+        leave the enabled ones stale (reopening such an image read-write is refused as well).
+        """
+        new = list(new)
+        editor = self.edit_bitmaps()
+        try:
+            for b in new:  # (every check before anything is written: the commit writes)
+                editor.add(b.name, b.granularity, enabled=b.enabled, data=b.data)
+            editor.commit()
+        except BaseException:
+            if not editor.tracking and not self._state.closed and self._state.failure is None:
+                editor.reset()  # what was not stored is forgotten
+            raise
+
+    @classmethod
+    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, track_writes: bool = False, backing: bool = False,
+                         confine_to: str | os.PathLike[str] | None = None,
+                         host_factory: HostFactory | None = None) -> QcowFile:
+        """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
+        opens it: read-write under the write lock, even when it has bitmaps (which `open`
+        refuses read-write), without its backing chain unless `backing`.
+
+        Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
+        by itself. With `track_writes` they are allowed for a caller that reports each one to
+        the editor's `mark_written`: every consistent bitmap is marked in use on disk first (as
+        QEMU marks them while it has an image open, so a crash leaves them inconsistent, not
+        stale), and `edit_bitmaps().commit()` stores them with the written bits set, the marks
+        cleared; the image is read-only after that commit.
+        """
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
+        try:
+            editor = img.edit_bitmaps()
+            if track_writes:
+                editor.track_writes()
+            else:
+                img._state.readonly = True  # guest writes refused; the editor writes metadata only
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
+        """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
+        disable, merge as `qemu-img bitmap` does, then `commit()` (crash-safe: the old bitmaps
+        or the new ones). An image with bitmaps needs `open_for_bitmaps`; one without may be
+        any read-write image, which turns read-only once a commit has stored bitmaps (guest
+        writes would leave them stale). The same editor every call. See
+        qcowdisk.qcow2.bitmapedit."""
+        s = self._state
+        with s.lock:
+            if self._editor is None:
+                if s.readonly:
+                    raise ReadOnlyError(f"image {s.filename!r} is open read-only")
+
+                def check() -> None:
+                    self._check_open()
+                    self._check_healthy()
+                    if s.corrupt:
+                        raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+
+                def after_commit() -> None:
+                    s.readonly = True  # see the docstring
+
+                self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
+            return self._editor
 
     @property
     def backing(self) -> Image | None:
@@ -1009,7 +1105,8 @@ class QcowFile:
 
 
 # ---------------------------------------------------------------------- opening helpers
-def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
+def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False,
+                for_bitmaps: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
     h = _read_header(host, file_length, check_snapshots=not for_check)
@@ -1017,8 +1114,9 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
             f"it can only be opened read-only until repaired")
-    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check:
-        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write)
+    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check and not for_bitmaps:
+        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write;
+        # so may open_for_bitmaps, which refuses guest writes)
         raise UnsupportedFeatureError(
             f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
             f"qcowdisk does not maintain them, so it opens such images read-only only")
