@@ -37,8 +37,7 @@ from typing import Any
 
 from ..errors import QcowError
 from ..image import Image
-from .entries import L2E_NOT_PLAIN_DATA, SUBCLUSTER_ALL
-from .mapping import data_offset, l2_slice, l2_table_offset
+from .mapping import l2_slice, l2_table_offset, plain_host
 from .state import Qcow2State
 
 _WALK_CLUSTERS = 32  # clusters of one request that owning_layer looks at in each layer
@@ -129,8 +128,8 @@ def _resolve(top: Qcow2State, goff: int, gsize: int) -> ChainHit | None:
             with s.lock:
                 if s.closed:
                     return None
-                host = _plain_host(s, goff)
-            if host is None:
+                host = plain_host(s, goff)
+            if host is None or (host >= 0 and s.has_data_file):  # (the owner's fast path reads the image file)
                 return None
             if host >= 0:
                 ofast = None if layer is None else layer._fast
@@ -142,28 +141,3 @@ def _resolve(top: Qcow2State, goff: int, gsize: int) -> ChainHit | None:
             layer, s = nxt, ns
     except QcowError:
         return None  # the checked path raises it again, as it always has
-
-
-def _plain_host(s: Qcow2State, goff: int) -> int | None:
-    """For the cluster of `s` holding guest `goff`: -1 when unallocated (read from the backing
-    file), the host offset of `goff` when it is plain data in the image file, None otherwise."""
-    gc = goff >> s.cluster_bits
-    l1i, l2i = divmod(gc, s.l2_entries)
-    if l1i >= len(s.l1.entries) or not s.l1.entries[l1i]:
-        return -1
-    entries, first = l2_slice(s, l2_table_offset(s, l1i), l2i)
-    i = l2i - first
-    if s.extended_l2:
-        e, bitmap = entries[2 * i], entries[2 * i + 1]
-        if not e and not bitmap:
-            return -1
-        if bitmap != SUBCLUSTER_ALL:
-            return None
-    else:
-        e = entries[i]
-        if not e:
-            return -1
-    if e & L2E_NOT_PLAIN_DATA or s.has_data_file:
-        return None
-    host = data_offset(s, e, gc)
-    return host + (goff & s.cluster_mask) if host else None
