@@ -48,6 +48,17 @@ ChainHit = tuple[int, Any, Any]
 _UNSEEN: Any = object()
 
 
+class ChainMap(dict[int, "ChainHit | None"]):
+    """Granule index -> map entry (None: the checked path), for granules of 2**gbits bytes."""
+
+    __slots__ = ("gbits",)
+
+    def __init__(self, gbits: int) -> None:
+        """An empty map of granules of 2**gbits bytes."""
+        super().__init__()
+        self.gbits = gbits
+
+
 def owning_layer(backing: Image, guest_offset: int, length: int) -> Image:
     """The first layer from `backing` down that may own [guest_offset, +length): the layers
     above it surely leave the whole range unallocated (read through to their backing file)."""
@@ -83,9 +94,9 @@ def _unallocated(s: Qcow2State, guest_offset: int, length: int) -> bool:
         return True
 
 
-def granule_bits(s: Qcow2State) -> int | None:
-    """log2 of the chain map's granule for the image of `s`: its smallest cluster among the
-    qcow2 layers from it down; None when it has no backing image (no map)."""
+def new_map(s: Qcow2State) -> ChainMap | None:
+    """An empty chain map for the image of `s`, its granule the smallest cluster among the qcow2
+    layers from it down; None when it has no backing image."""
     if s.backing is None:
         return None
     bits = s.cluster_bits
@@ -96,15 +107,15 @@ def granule_bits(s: Qcow2State) -> int | None:
             break
         bits = min(bits, ls.cluster_bits)
         layer = ls.backing
-    return bits
+    return ChainMap(bits)
 
 
-def chain_lookup(cmap: dict[int, ChainHit | None], gbits: int, top: Qcow2State, offset: int,
-                 length: int) -> ChainHit | None:
+def chain_lookup(cmap: ChainMap, top: Qcow2State, offset: int, length: int) -> ChainHit | None:
     """The map entry for a read of [offset, +length) from the top image of state `top`, looked
     up (under each layer's lock) on the granule's first read; None when the read is not inside
     one granule or the granule takes the checked path. The caller checks after reading that the
     top's and the owner's fast-path tuples are the ones the entry was made with."""
+    gbits = cmap.gbits
     if (offset & ((1 << gbits) - 1)) + length > 1 << gbits:
         return None
     key = offset >> gbits

@@ -54,7 +54,7 @@ from . import chain, compressed, ordering, reading, snapshot, status, writing
 from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable
-from .chain import ChainHit
+from .chain import ChainMap
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
@@ -98,7 +98,7 @@ HEADER_PREFIX_BYTES = 4096
 # ((offset >> a) & b) << c (0 without slices: b is 0).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
                   Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int,
-                  "dict[int, ChainHit | None] | None", int]
+                  "ChainMap | None"]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -119,7 +119,7 @@ def _in_forked_child(s: Qcow2State) -> bool:
 def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
     allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path)."""
-    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _, _ = fast
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _ = fast
     inc = offset & cmask
     if inc + length <= cmask + 1 and offset + length <= vsize:
         l1e = l1[offset >> l1shift]
@@ -174,12 +174,11 @@ class QcowFile:
         sbits = s.l2_slice_entries.bit_length() - 1
         cache = s.l2_cache if s.l2_slices is None else s.l2_slices
         # A new chain map with every new tuple: what replaces the tuple invalidates the map (chain.py).
-        gbits = chain.granule_bits(s)
         return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_slice_entries - 1,
                 s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
                 fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
                 s.subcluster_bits, s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits,
-                sbits + 3 + int(s.extended_l2), None if gbits is None else {}, gbits or 0)
+                sbits + 3 + int(s.extended_l2), chain.new_map(s))
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -530,7 +529,7 @@ class QcowFile:
                 if self._fast is fast and len(data) == length:
                     return data
             elif fast[16] is not None:  # a backing chain: the layer that owns the range, directly
-                hit = chain.chain_lookup(fast[16], fast[17], self._state, offset, length)
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
                 if hit is not None:
                     try:
                         data = hit[2][9](length, offset + hit[0])
@@ -576,7 +575,7 @@ class QcowFile:
                 elif self._state.closed:  # never leave another file's bytes behind
                     fill_zeros(memoryview(buffer).cast("B"), 0, length)
             elif length and fast[16] is not None:  # a backing chain, as in read_at
-                hit = chain.chain_lookup(fast[16], fast[17], self._state, offset, length)
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
                 if hit is not None:
                     try:
                         got = hit[2][10]([buffer], offset + hit[0])
