@@ -95,7 +95,8 @@ HEADER_PREFIX_BYTES = 4096
 # slice, cluster mask, virtual size, L1 entries, the L2 (slice) cache's tables, entry bits that
 # reject, file length, pread, preadv, entry index shift (1 with extended L2 entries: entry and
 # bitmap), subcluster bits, and a, b, c giving the slice's byte offset in its table as
-# ((offset >> a) & b) << c (0 without slices: b is 0).
+# ((offset >> a) & b) << c (0 without slices: b is 0), and the backing chain's map (chain.py;
+# None without a backing file).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
                   Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int,
                   "ChainMap | None"]
