@@ -148,10 +148,14 @@ def plain_host(s: Qcow2State, guest_offset: int) -> int | None:
     l1 = s.l1.entries
     if l1i >= len(l1) or not l1[l1i]:
         return -1
+    l1e = l1[l1i]
+    l2off = l1e & L1E_OFFSET_MASK
+    if l1e & L1E_RESERVED_MASK or l2off & s.cluster_mask or not s.cluster_size <= l2off <= s.alloc_limit - s.cluster_size:
+        l2off = l2_table_offset(s, l1i)  # (raises what is wrong with it)
     first = l2i - l2i % s.l2_slice_entries
     ext = s.extended_l2
     cache = s.l2_cache if s.l2_slices is None else s.l2_slices
-    key = l2_table_offset(s, l1i) + (first << (4 if ext else 3))
+    key = l2off + (first << (4 if ext else 3))
     i = l2i - first
     recent = s.l2_recent
     if recent is not None and key not in cache.tables and key not in recent:
