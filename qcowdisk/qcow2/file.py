@@ -51,11 +51,12 @@ from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
-from . import bitmapedit, compressed, ordering, reading, snapshot, status, writing
+from . import bitmapedit, chain, compressed, ordering, reading, snapshot, status, writing
 from . import bitmaps as bitmapping
 from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable
+from .chain import ChainMap
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
@@ -93,9 +94,11 @@ HEADER_PREFIX_BYTES = 4096
 # slice, cluster mask, virtual size, L1 entries, the L2 (slice) cache's tables, entry bits that
 # reject, file length, pread, preadv, entry index shift (1 with extended L2 entries: entry and
 # bitmap), subcluster bits, and a, b, c giving the slice's byte offset in its table as
-# ((offset >> a) & b) << c (0 without slices: b is 0).
+# ((offset >> a) & b) << c (0 without slices: b is 0), and the backing chain's map (chain.py;
+# None without a backing file).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
-                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int]
+                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int,
+                  "ChainMap | None"]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -116,7 +119,7 @@ def _in_forked_child(s: Qcow2State) -> bool:
 def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
     allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path)."""
-    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc = fast
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _ = fast
     inc = offset & cmask
     if inc + length <= cmask + 1 and offset + length <= vsize:
         l1e = l1[offset >> l1shift]
@@ -171,11 +174,12 @@ class QcowFile:
         # of `_fast` (see read_at) never has to cover them.
         sbits = s.l2_slice_entries.bit_length() - 1
         cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+        # A new chain map with every new tuple: what replaces the tuple invalidates the map (chain.py).
         return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_slice_entries - 1,
                 s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
                 fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
                 s.subcluster_bits, s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits,
-                sbits + 3 + int(s.extended_l2))
+                sbits + 3 + int(s.extended_l2), chain.new_map(s))
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -621,6 +625,15 @@ class QcowFile:
                     data = b""
                 if self._fast is fast and len(data) == length:
                     return data
+            elif fast[16] is not None:  # a backing chain: the layer that owns the range, directly
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
+                if hit is not None:
+                    try:
+                        data = hit[2][9](length, offset + hit[0])
+                    except OSError:
+                        data = b""
+                    if self._fast is fast and hit[1]._fast is hit[2] and len(data) == length:
+                        return data
         if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
             offset = as_index(offset, "offset")
             length = as_index(length, "length")
@@ -658,6 +671,18 @@ class QcowFile:
                         return length
                 elif self._state.closed:  # never leave another file's bytes behind
                     fill_zeros(memoryview(buffer).cast("B"), 0, length)
+            elif length and fast[16] is not None:  # a backing chain, as in read_at
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
+                if hit is not None:
+                    try:
+                        got = hit[2][10]([buffer], offset + hit[0])
+                    except (OSError, BufferError):
+                        got = -1
+                    if self._fast is fast and hit[1]._fast is hit[2]:
+                        if got == length:
+                            return length
+                    elif self._state.closed or hit[1].closed:  # never leave another file's bytes behind
+                        fill_zeros(memoryview(buffer).cast("B"), 0, length)
         offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
