@@ -9,7 +9,9 @@ there are several (zlib and zstandard release the GIL). A cluster read only in p
 once into the image's small cache (keyed by descriptor), since a sequence of small reads comes
 back for the rest of it.
 
-Everything here expects the caller to hold the image lock; the decoders take no state.
+The mapping and the cache are used under the image lock (`plan_compressed`, `cache_clusters`);
+reading and decoding (`CompressedWork.run`) need no lock, so concurrent requests decode at the
+same time (the caller makes sure, see reading.py, that no payload it reads was freed meanwhile).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CorruptImageError
+from ..hostio import HostFile
 from .compress import decompress_into
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
@@ -30,8 +33,17 @@ MAX_BATCH_BYTES = 8 << 20
 # uses up to 64 threads; past the core count they only queue).
 MAX_DECODERS = min(8, os.cpu_count() or 1)
 
+# A thread's buffer for payloads, reused from request to request up to this size (a fresh
+# buffer of a megabyte costs its page faults on every request).
+REUSED_BUFFER_BYTES = 2 << 20
+
 _pool: list[ThreadPoolExecutor] = []  # made on first use
 _pool_lock = threading.Lock()
+# Requests decoding right now, in every image (under _pool_lock). A request spreads over the
+# pool only when it is alone: several at once already keep the cores busy, and handing half
+# of each to the pool would only add thread switches.
+_decoding = [0]
+_local = threading.local()
 
 # Its threads do not survive fork(): a child makes a new pool on first use.
 os.register_at_fork(after_in_child=_pool.clear)
@@ -57,10 +69,89 @@ class Piece:
 
 
 def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
-    """Fill the pieces of `mv` from their compressed clusters."""
-    cs = s.cluster_size
+    """Fill the pieces of `mv` from their compressed clusters (the caller holds the lock throughout)."""
+    work = plan_compressed(s, mv, pieces)
+    if work is not None:
+        cache_clusters(s, work.run())
+
+
+@dataclass(slots=True)
+class CompressedWork:
+    """The compressed clusters a request still has to read and decode once the cached ones
+    are copied and every location is validated (`plan_compressed`, under the lock). `run`
+    needs no lock: it reads only the image file and these validated values."""
+
+    host: HostFile
+    compression_type: int
+    cluster_size: int
+    mv: memoryview
+    todo: list[tuple[Piece, int, int]]  # (piece, host offset, payload bytes), validated
+
+    def run(self) -> list[tuple[int, bytes]]:
+        """Read and decode the payloads into `mv`; returns the clusters decoded aside (read
+        only in part) as (descriptor, cluster bytes) for `cache_clusters`."""
+        cs = self.cluster_size
+        mv = self.mv
+        jobs: list[tuple[Piece, memoryview, memoryview, str, bool]] = []  # (.., destination, where, in place)
+        batches = _batches(self.todo)
+        buf = _payload_buffer(sum(end - start for start, end, _ in batches))
+        at = 0
+        for batch_start, batch_end, members in batches:
+            raw = buf[at:at + batch_end - batch_start]
+            at += len(raw)
+            raw = raw[:self.host.preadv([raw], batch_start)]
+            for p, off, n in members:
+                # A payload cut short by the end of the file decodes short: the decoder says so.
+                payload = raw[off - batch_start:off - batch_start + n]
+                where = f"guest cluster {p.guest_cluster}, host offset 0x{off:x}"
+                in_place = p.inc == 0 and p.length == cs
+                dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
+                jobs.append((p, payload, dest, where, in_place))
+        ctype = self.compression_type
+        with _pool_lock:
+            _decoding[0] += 1
+            alone = _decoding[0] == 1
+        try:
+            # One group of clusters per decoder, the calling thread decoding the first group
+            # itself: a few pool tasks per request, not one per cluster.
+            k = min(len(jobs), MAX_DECODERS if alone else 1)
+            groups = [jobs[i::k] for i in range(k)]
+            futures: list[Future[list[tuple[int, CorruptImageError]]]] = (
+                [_decoder_pool().submit(_decode_group, g, ctype) for g in groups[1:]])
+            failures = _decode_group(groups[0], ctype)
+            for f in futures:  # every decoder finishes before anything is raised or returned
+                failures += f.result()
+        finally:
+            with _pool_lock:
+                _decoding[0] -= 1
+        if failures:
+            raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
+        aside: list[tuple[int, bytes]] = []
+        for p, _, dest, _, in_place in jobs:
+            if not in_place:  # decoded aside: copy the part, keep the cluster for the cache
+                data = bytes(dest)
+                mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+                aside.append((p.entry, data))
+        return aside
+
+
+def _payload_buffer(length: int) -> memoryview:
+    """`length` bytes of this thread's payload buffer (a new one past REUSED_BUFFER_BYTES).
+    A request reads its payloads into it and decodes them before it returns, and the thread
+    reads nothing else meanwhile."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < length:
+        buf = bytearray(length)
+        if length <= REUSED_BUFFER_BYTES:
+            _local.buf = buf
+    return memoryview(buf)[:length]
+
+
+def plan_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> CompressedWork | None:
+    """Copy the pieces whose cluster is cached into `mv` and validate where the others lie;
+    what is left to read and decode (None: nothing). The caller holds the lock."""
     cache = s.compressed_cache
-    todo: list[tuple[Piece, int, int]] = []  # (piece, host offset, payload bytes), validated
+    todo: list[tuple[Piece, int, int]] = []
     for p in pieces:
         data = cache.get(p.entry)
         if data is not None:
@@ -70,35 +161,18 @@ def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
             off, n = compressed_location(s, p.entry, p.guest_cluster)
             todo.append((p, off, n))
     if not todo:
-        return
-    jobs: list[tuple[Piece, memoryview, memoryview, str, bool]] = []  # (.., destination, where, in place)
-    for batch_start, batch_end, members in _batches(todo):
-        raw = memoryview(s.host.pread(batch_end - batch_start, batch_start))
-        for p, off, n in members:
-            # A payload cut short by the end of the file decodes short: the decoder says so.
-            payload = raw[off - batch_start:off - batch_start + n]
-            where = f"guest cluster {p.guest_cluster}, host offset 0x{off:x}"
-            in_place = p.inc == 0 and p.length == cs
-            dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
-            jobs.append((p, payload, dest, where, in_place))
-    ctype = s.header.compression_type
-    # One group of clusters per decoder, the calling thread decoding the first group itself:
-    # a few pool tasks per request, not one per cluster.
-    k = min(len(jobs), MAX_DECODERS)
-    groups = [jobs[i::k] for i in range(k)]
-    futures: list[Future[list[tuple[int, CorruptImageError]]]] = (
-        [_decoder_pool().submit(_decode_group, g, ctype) for g in groups[1:]])
-    failures = _decode_group(groups[0], ctype)
-    for f in futures:  # every decoder finishes before anything is raised or returned
-        failures += f.result()
-    if failures:
-        raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
-    for p, _, dest, _, in_place in jobs:
-        if not in_place:  # decoded aside: cache it, copy the part
-            cache[p.entry] = data = bytes(dest)
-            if len(cache) > COMPRESSED_CACHE_CLUSTERS:
-                cache.popitem(last=False)
-            mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+        return None
+    return CompressedWork(s.host, s.header.compression_type, s.cluster_size, mv, todo)
+
+
+def cache_clusters(s: Qcow2State, clusters: list[tuple[int, bytes]]) -> None:
+    """Keep clusters decoded aside (descriptor, bytes) in the image's small cache, as read
+    now: the caller holds the lock and knows no descriptor was freed since the decode."""
+    cache = s.compressed_cache
+    for entry, data in clusters:
+        cache[entry] = data
+        if len(cache) > COMPRESSED_CACHE_CLUSTERS:
+            cache.popitem(last=False)
 
 
 def _decode_group(group: list[tuple[Piece, memoryview, memoryview, str, bool]],

@@ -262,6 +262,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._fast = None
+            s.remap_epoch += 1
             self._snapshot = snapshot.load_for_reading(s, ref)
             self._fast = self._fast_path()
 
@@ -536,7 +537,14 @@ class QcowFile:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if not n:
                 return b""
-            return reading.read_bytes(s, offset, n)
+            plan = reading.plan_bytes(s, offset, n)
+        # The host reads and decoding run without the lock (see reading.ReadPlan).
+        got = reading.bytes_outside_lock(plan)
+        if got is None:
+            buf = bytearray(n)
+            self._read_locked(memoryview(buf), offset)
+            got = bytes(buf)
+        return got
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
@@ -574,9 +582,23 @@ class QcowFile:
             self._check_open()
             if self._fast is None and self._fast_ok:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
-            if n:
-                reading.readinto(s, mv[:n], offset)
+            if not n:
+                return 0
+            plan = reading.plan_read(s, mv[:n], offset)
+        # The host reads and decoding run without the lock (see reading.ReadPlan).
+        if not reading.serve_outside_lock(plan):
+            self._read_locked(plan.mv, offset)
         return n
+
+    def _read_locked(self, mv: memoryview, offset: int) -> None:
+        """Read again under the lock after the mapping moved under a read done outside it; a
+        closed image leaves zeros behind (never another file's bytes) and raises."""
+        s = self._state
+        with s.lock:
+            if s.closed:
+                fill_zeros(mv, 0, len(mv))
+                self._check_open()
+            reading.readinto(s, mv, offset)
 
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """The extents covering [offset, offset + length) of the guest disk and its backing
@@ -898,6 +920,7 @@ class QcowFile:
             if s.closed:
                 return
             self._fast = None
+            s.remap_epoch += 1  # reads in flight outside the lock start over (and find it closed)
             if _in_forked_child(s):  # the parent's image: only our descriptors are ours
                 self._release(abandon=True)
                 return
@@ -998,6 +1021,7 @@ class QcowFile:
     def _guarded(self, operation: Callable[[], _T]) -> _T:
         """Run a write-side operation; a host error puts the image in the failed state."""
         self._fast = None  # it may change the mapping (see read_at)
+        self._state.remap_epoch += 1  # and free or punch what reads in flight read (reading.ReadPlan)
         try:
             return operation()
         except OSError as e:
