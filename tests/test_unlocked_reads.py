@@ -180,6 +180,30 @@ def test_compressed_payload_freed_and_reused_is_not_decoded(tmp_path: Path, read
         assert got[2 * CS:] in (_pattern(0xA2), bytes(CS))
 
 
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_compressed_cluster_rewritten_by_write_at(tmp_path: Path, reader: str) -> None:
+    """An ordinary write over a compressed cluster moves it to a new cluster without raising the
+    epoch itself; the flush that frees the old payload's cluster does, before it can be reused."""
+    disk, host = _image(tmp_path, [])
+    with disk:
+        disk.write_at(0, _pattern(0xA0))
+        disk.write_compressed(CS, _pattern(0xA1))
+        disk.flush()
+        trap = os.path.getsize(disk.filename) - 1
+        x = trap // CS * CS
+
+        def damage() -> None:
+            disk.write_at(CS, _pattern(0xB1))
+            disk.flush()
+            disk.write_at(20 * CS, os.urandom(CS))
+            assert _host_offset(disk, 20 * CS) == x, "precondition: the payload's cluster was reused"
+
+        got, err = _paused_read(disk, host, trap, lambda: READERS[reader](disk, 0, 2 * CS), damage)
+        assert err is None, err
+        assert got[:CS] == _pattern(0xA0)
+        assert got[CS:] in (_pattern(0xA1), _pattern(0xB1))
+
+
 def _descriptors(disk: QcowFile, guest_offset: int, length: int) -> list[int]:
     s = disk._state  # (white box: the L2 entries themselves)
     with s.lock:

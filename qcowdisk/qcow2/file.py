@@ -140,7 +140,11 @@ class _LegacyQcow(Exception):
 class QcowFile:
     """A qcow2 image opened for reading (and writing): the guest disk as byte ranges.
 
-    Thread-safe: every public method takes the image's lock. Implements `qcowdisk.image.Image`.
+    Thread-safe: every public method takes the image's lock. Reads hold it only to resolve the
+    mapping: their host reads and decoding run without it, so threads read at once, and a read
+    racing a write of the same bytes returns, byte by byte, what was there before or after it,
+    never bytes of a cluster freed meanwhile (see qcowdisk.qcow2.reading.ReadPlan).
+    Implements `qcowdisk.image.Image`.
     """
 
     format_name = "qcow2"
@@ -806,7 +810,7 @@ class QcowFile:
             if s.readonly:
                 return
             self._check_healthy()
-            self._guarded(lambda: ordering.flush(s))
+            self._guarded(lambda: ordering.flush(s), remaps=False)  # (it raises the epoch when it frees)
 
     def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> CheckResult:
@@ -1018,10 +1022,12 @@ class QcowFile:
         err.__cause__ = first
         return err
 
-    def _guarded(self, operation: Callable[[], _T]) -> _T:
-        """Run a write-side operation; a host error puts the image in the failed state."""
+    def _guarded(self, operation: Callable[[], _T], remaps: bool = True) -> _T:
+        """Run a write-side operation; a host error puts the image in the failed state.
+        `remaps`: it may free, punch or truncate host ranges some mapping names (see reading.ReadPlan)."""
         self._fast = None  # it may change the mapping (see read_at)
-        self._state.remap_epoch += 1  # and free or punch what reads in flight read (reading.ReadPlan)
+        if remaps:  # reads in flight outside the lock will start over
+            self._state.remap_epoch += 1
         try:
             return operation()
         except OSError as e:
