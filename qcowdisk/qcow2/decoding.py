@@ -2,12 +2,14 @@
 
 QEMU splits a request into per-cluster tasks (up to 8 at once) and decodes each in its thread
 pool, so `qemu-img bench -d 1` over a compressed image already decodes on every core. This does
-the same for one request: the payloads of all its compressed clusters are read with one `pread`
-per host-contiguous stretch (`qemu-img convert -c` packs them back to back), then each whole
-cluster is decoded straight into the caller's buffer, on a small shared pool of threads when
-there are several (zlib and zstandard release the GIL). A cluster read only in part is decoded
-once into the image's small cache (keyed by descriptor), since a sequence of small reads comes
-back for the rest of it.
+the same for one request: its compressed clusters, in host order, are cut into one share per
+decoder (the calling thread and a small shared pool; zlib and zstandard release the GIL); each
+decoder reads its share's payloads with one `preadv` per host-contiguous stretch into its
+thread's reused buffer (`qemu-img convert -c` packs them back to back) and decodes each whole
+cluster straight into the caller's buffer. A request uses the pool only when no other is
+decoding: concurrent requests already keep the cores busy. A cluster read only in part is
+decoded once into the image's small cache (keyed by descriptor), since a sequence of small
+reads comes back for the rest of it.
 
 The mapping and the cache are used under the image lock (`plan_compressed`, `cache_clusters`);
 reading and decoding (`CompressedWork.run`) need no lock, so concurrent requests decode at the
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from ..errors import CorruptImageError
-from ..hostio import HostFile
-from .compress import decompress_into
+from ..hostio import Buffer, HostFile
+from .compress import decompress_into, decompress_zstd_batch
+from .format import COMPRESSION_ZSTD
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
 
@@ -90,49 +94,81 @@ class CompressedWork:
     def run(self) -> list[tuple[int, bytes]]:
         """Read and decode the payloads into `mv`; returns the clusters decoded aside (read
         only in part) as (descriptor, cluster bytes) for `cache_clusters`."""
-        cs = self.cluster_size
-        mv = self.mv
-        jobs: list[tuple[Piece, memoryview, memoryview, str, bool]] = []  # (.., destination, where, in place)
-        batches = _batches(self.todo)
-        buf = _payload_buffer(sum(end - start for start, end, _ in batches))
-        at = 0
-        for batch_start, batch_end, members in batches:
-            raw = buf[at:at + batch_end - batch_start]
-            at += len(raw)
-            raw = raw[:self.host.preadv([raw], batch_start)]
-            for p, off, n in members:
-                # A payload cut short by the end of the file decodes short: the decoder says so.
-                payload = raw[off - batch_start:off - batch_start + n]
-                where = f"guest cluster {p.guest_cluster}, host offset 0x{off:x}"
-                in_place = p.inc == 0 and p.length == cs
-                dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
-                jobs.append((p, payload, dest, where, in_place))
-        ctype = self.compression_type
+        todo = sorted(self.todo, key=lambda t: t[1])  # host order: a share is one stretch
         with _pool_lock:
             _decoding[0] += 1
             alone = _decoding[0] == 1
         try:
-            # One group of clusters per decoder, the calling thread decoding the first group
-            # itself: a few pool tasks per request, not one per cluster.
-            k = min(len(jobs), MAX_DECODERS if alone else 1)
-            groups = [jobs[i::k] for i in range(k)]
-            futures: list[Future[list[tuple[int, CorruptImageError]]]] = (
-                [_decoder_pool().submit(_decode_group, g, ctype) for g in groups[1:]])
-            failures = _decode_group(groups[0], ctype)
+            # One share of the payloads per decoder, each reading its own stretch of the file
+            # and decoding it (the calling thread does the first): a few pool tasks per
+            # request, not one per cluster, and the reads are parallel too.
+            k = min(len(todo), MAX_DECODERS if alone else 1)
+            step = -(-len(todo) // k)
+            shares = [todo[i:i + step] for i in range(0, len(todo), step)]
+            futures = [_decoder_pool().submit(self._read_and_decode, share) for share in shares[1:]]
+            outcomes: list[Exception | tuple[list[tuple[int, CorruptImageError]], list[tuple[int, bytes]]]] = []
+            try:
+                outcomes.append(self._read_and_decode(shares[0]))
+            except Exception as e:  # noqa: BLE001 - raised below, once every decoder is done
+                outcomes.append(e)
             for f in futures:  # every decoder finishes before anything is raised or returned
-                failures += f.result()
+                try:
+                    outcomes.append(f.result())
+                except Exception as e:  # noqa: BLE001 - as above
+                    outcomes.append(e)
         finally:
             with _pool_lock:
                 _decoding[0] -= 1
+        failures: list[tuple[int, CorruptImageError]] = []
+        aside: list[tuple[int, bytes]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+            failures += outcome[0]
+            aside += outcome[1]
         if failures:
             raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
+        return aside
+
+    def _read_and_decode(self, share: list[tuple[Piece, int, int]]
+                         ) -> tuple[list[tuple[int, CorruptImageError]], list[tuple[int, bytes]]]:
+        """Read a share's payloads (one pread per stretch, into this thread's buffer) and decode
+        each cluster into `mv`, or aside when only a part is read (copying the part). Returns
+        the failures as (position in the request, error) and the clusters decoded aside."""
+        cs = self.cluster_size
+        mv = self.mv
+        ctype = self.compression_type
+        failures: list[tuple[int, CorruptImageError]] = []
         aside: list[tuple[int, bytes]] = []
-        for p, _, dest, _, in_place in jobs:
+        batches = _batches(share)
+        buf = _payload_buffer(sum(end - start for start, end, _ in batches))
+        at = 0
+        payloads: list[memoryview] = []
+        for batch_start, batch_end, members in batches:
+            raw = buf[at:at + batch_end - batch_start]
+            at += len(raw)
+            raw = raw[:self.host.preadv([raw], batch_start)]
+            # A payload cut short by the end of the file decodes short: the decoder says so.
+            payloads += [raw[off - batch_start:off - batch_start + n] for _, off, n in members]
+        # zstd: the whole share in one call without the GIL (see compress.py); its clusters
+        # are copied from there. Otherwise, or when that call refuses one, cluster by cluster.
+        segments = decompress_zstd_batch(payloads, cs) if ctype == COMPRESSION_ZSTD else None
+        for i, (p, off, _) in enumerate(share):  # (the batches keep the share's order)
+            in_place = p.inc == 0 and p.length == cs
+            dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
+            if segments is not None:
+                dest[:] = cast(Buffer, segments[i])
+            else:
+                try:
+                    decompress_into(payloads[i], dest, ctype, f"guest cluster {p.guest_cluster}, host offset 0x{off:x}")
+                except CorruptImageError as e:
+                    failures.append((p.pos, e))
+                    continue
             if not in_place:  # decoded aside: copy the part, keep the cluster for the cache
                 data = bytes(dest)
                 mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
                 aside.append((p.entry, data))
-        return aside
+        return failures, aside
 
 
 def _payload_buffer(length: int) -> memoryview:
@@ -175,22 +211,10 @@ def cache_clusters(s: Qcow2State, clusters: list[tuple[int, bytes]]) -> None:
             cache.popitem(last=False)
 
 
-def _decode_group(group: list[tuple[Piece, memoryview, memoryview, str, bool]],
-                  ctype: int) -> list[tuple[int, CorruptImageError]]:
-    """Decode each job of `group`; returns the failures as (position in the request, error)."""
-    failures: list[tuple[int, CorruptImageError]] = []
-    for p, payload, dest, where, _ in group:
-        try:
-            decompress_into(payload, dest, ctype, where)
-        except CorruptImageError as e:
-            failures.append((p.pos, e))
-    return failures
-
-
 def _batches(todo: list[tuple[Piece, int, int]]) -> list[tuple[int, int, list[tuple[Piece, int, int]]]]:
-    """Group payloads whose host ranges touch or overlap (in host order) into one read each."""
+    """Group payloads (sorted by host offset) whose host ranges touch or overlap into one read each."""
     out: list[tuple[int, int, list[tuple[Piece, int, int]]]] = []
-    for item in sorted(todo, key=lambda t: t[1]):
+    for item in todo:  # (in host order)
         _, off, n = item
         if out and off <= out[-1][1] and max(out[-1][1], off + n) - out[-1][0] <= MAX_BATCH_BYTES:
             start, end, members = out[-1]
