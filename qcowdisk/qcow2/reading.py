@@ -144,18 +144,6 @@ def serve_outside_lock(plan: ReadPlan) -> bool:
     return True
 
 
-def read_bytes(s: Qcow2State, guest_offset: int, length: int) -> bytes:
-    """Guest bytes (inside the disk) as a new bytes object; the caller holds the lock."""
-    plan = plan_bytes(s, guest_offset, length)
-    if plan.mv is _NO_BUFFER:
-        data = s.data_host.pread(length, plan.runs[0].host)
-        if len(data) == length:
-            return data
-        plan.mv = memoryview(bytearray(length))
-    cache_clusters(s, plan.serve())
-    return bytes(plan.mv)
-
-
 # The buffer of a plan for bytes that one data run serves: one pread makes the bytes, no copy.
 _NO_BUFFER = memoryview(b"")
 
