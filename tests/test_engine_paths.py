@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import threading
 from array import array
 from collections.abc import Sequence
@@ -24,10 +23,8 @@ from qcowdisk import CorruptImageError, QcowFile
 from qcowdisk.hostio import Buffer, HostFile
 from qcowdisk.qcow2 import compressed, decoding
 from qcowdisk.qcow2.cachesize import l2_cache_geometry
-from qcowdisk.qcow2.compress import compress_cluster, decompress_zstd_batch
 from qcowdisk.qcow2.entries import nonzero_entries
 from qcowdisk.qcow2.file import _fast_lookup
-from qcowdisk.qcow2.format import COMPRESSION_ZSTD
 from qemutools import qemu_img, run, to_raw
 
 KiB = 1024
@@ -263,43 +260,8 @@ def test_corrupt_payload_in_a_batch_is_reported(tmp_path: Path, compressed_image
         d.read_at(0, MiB)
 
 
-def test_zstd_batches_decode_without_the_gil() -> None:
-    """zstandard's per-frame calls hold the GIL; the batch call the decoders use releases it, so
-    another thread runs while a share decodes (with a long switch interval nothing else could:
-    only a call that drops the GIL lets the waiting thread in)."""
-    cluster = random.Random(3).randbytes(32768) + bytes(range(256)) * 128
-    payloads = [memoryview(compress_cluster(cluster, COMPRESSION_ZSTD)) for _ in range(128)]
-    spinning, stop = threading.Event(), threading.Event()
-    ran = [0]
-
-    def spin() -> None:
-        spinning.set()
-        while not stop.is_set():
-            ran[0] += 1
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(0.2)
-    t = threading.Thread(target=spin)
-    t.start()
-    try:
-        spinning.wait()  # (back here once the spinner had to hand the GIL over: it waits for it now)
-        before = ran[0]
-        for _ in range(20):  # (a few tries: the spinner must be scheduled while one call runs)
-            segments = decompress_zstd_batch(payloads, len(cluster))
-            seen = ran[0] - before
-            if seen:
-                break
-    finally:
-        stop.set()
-        t.join()
-        sys.setswitchinterval(old)
-    assert segments is not None and bytes(segments[127]) == cluster
-    assert seen > 0, "the zstd decode held the GIL"
-
-
 def test_zstd_cluster_of_several_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """QEMU's decoder reads a zstd cluster stored as several frames; the batch call refuses it,
-    and the cluster is then decoded frame by frame."""
+    """QEMU's decoder reads a zstd cluster stored as several frames, and so do we."""
     data = b"".join(bytes([i]) * 4096 + os.urandom(4096) for i in range(16))  # 2 clusters of 64 KiB
     img = tmp_path / "f.qcow2"
 
@@ -311,7 +273,6 @@ def test_zstd_cluster_of_several_frames(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(compressed, "compress_cluster", two_frames)
     with QcowFile.open(img) as d:
         d.write_compressed(0, data)
-    assert decompress_zstd_batch([memoryview(two_frames(data[:65536], 0))], 65536) is None
     with QcowFile.open(img, readonly=True) as d:
         assert next(iter(d.block_status(0, 1))).compressed
         assert d.read_at(0, len(data)) == data

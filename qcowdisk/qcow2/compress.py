@@ -1,18 +1,16 @@
 """Decoding compressed clusters (zlib raw deflate, zstd) with hard output bounds.
 
-Both codecs are C. zlib releases the GIL while it inflates; zstandard's per-frame calls
-(`stream_reader`, `decompress`) hold it, and only its batch call `multi_decompress_to_buffer`
-releases it, so threads decode zstd clusters in parallel only through `decompress_zstd_batch`.
-Output is capped at one cluster, so a hostile payload can never make us allocate more than
-`cluster_size` bytes per cluster.
+Both codecs are C. zlib releases the GIL while it inflates; zstandard's C backend holds it in
+its per-frame calls (`stream_reader`, `decompress`), so zstd clusters decode one at a time
+whatever the threads (its `multi_decompress_to_buffer` releases it but spawns a thread per call
+and costs about 70% more CPU per cluster). Output is capped at one cluster, so a hostile
+payload can never make us allocate more than `cluster_size` bytes.
 """
 
 from __future__ import annotations
 
 import threading
 import zlib
-from array import array
-from typing import Any, cast
 
 import zstandard
 
@@ -89,19 +87,6 @@ def _decompress_zstd(payload: Buffer, out: memoryview) -> int:
             break
         data = dobj.unused_data
     return got
-
-
-def decompress_zstd_batch(payloads: list[memoryview], cluster_size: int) -> zstandard.BufferWithSegmentsCollection | None:
-    """Decode zstd clusters in one call that releases the GIL: each payload must be one frame
-    (trailing bytes ignored) of exactly `cluster_size` bytes, the output buffer is sized from
-    that, not from the frames. Returns the clusters as segments, or None when any payload is
-    not such a frame: the caller then decodes them one by one with `decompress_into`, which
-    also reads clusters of several frames and says what is wrong. Needs no lock."""
-    try:
-        sizes = array("Q", [cluster_size]) * len(payloads)
-        return _zstd().multi_decompress_to_buffer(cast(Any, payloads), decompressed_sizes=cast(Any, sizes), threads=1)
-    except (zstandard.ZstdError, ValueError):
-        return None
 
 
 def compress_cluster(data: bytes, compression_type: int) -> bytes:

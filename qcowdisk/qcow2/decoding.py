@@ -22,12 +22,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
 
 from ..errors import CorruptImageError
-from ..hostio import Buffer, HostFile
-from .compress import decompress_into, decompress_zstd_batch
-from .format import COMPRESSION_ZSTD
+from ..hostio import HostFile
+from .compress import decompress_into
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
 
@@ -150,20 +148,14 @@ class CompressedWork:
             raw = raw[:self.host.preadv([raw], batch_start)]
             # A payload cut short by the end of the file decodes short: the decoder says so.
             payloads += [raw[off - batch_start:off - batch_start + n] for _, off, n in members]
-        # zstd: the whole share in one call without the GIL (see compress.py); its clusters
-        # are copied from there. Otherwise, or when that call refuses one, cluster by cluster.
-        segments = decompress_zstd_batch(payloads, cs) if ctype == COMPRESSION_ZSTD else None
         for i, (p, off, _) in enumerate(share):  # (the batches keep the share's order)
             in_place = p.inc == 0 and p.length == cs
             dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
-            if segments is not None:
-                dest[:] = cast(Buffer, segments[i])
-            else:
-                try:
-                    decompress_into(payloads[i], dest, ctype, f"guest cluster {p.guest_cluster}, host offset 0x{off:x}")
-                except CorruptImageError as e:
-                    failures.append((p.pos, e))
-                    continue
+            try:
+                decompress_into(payloads[i], dest, ctype, f"guest cluster {p.guest_cluster}, host offset 0x{off:x}")
+            except CorruptImageError as e:
+                failures.append((p.pos, e))
+                continue
             if not in_place:  # decoded aside: copy the part, keep the cluster for the cache
                 data = bytes(dest)
                 mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
