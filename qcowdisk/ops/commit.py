@@ -4,8 +4,9 @@ qemu-img's img_commit runs a commit job (block/commit.c) from the image down to 
 file, or to the deeper layer `-b` names: every range some layer above the base allocates (data
 or zeros, `bdrv_is_allocated_above`) is read through those layers and written into the base,
 which is grown first if it is shorter. Then, unless `-d` (which `-b` implies on the command
-line), the image is emptied (`bdrv_make_empty`): its clusters become unallocated, so it reads
-through to the base again. Layers between the image and the base are left as they are.
+line), the image is emptied (`bdrv_make_empty`, `QcowFile.make_empty`): a version 3 image is
+rebuilt as small as a fresh one, others have every cluster discarded, so it reads through to
+the base again. Layers between the image and the base are left as they are.
 
 Here each layer above the base is opened alone (no chain, so no read lock on the base) and
 asked for its own `layer_status`; the topmost layer allocating a range decides it: its zeros
@@ -182,7 +183,7 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         _copy(above, target, progress)
         target.flush()
         if not drop:
-            top.discard(0, top.virtual_size)
+            top.make_empty()
             top.flush()
 
 
