@@ -157,6 +157,25 @@ def test_commit_discards_when_the_l1_table_does_not_fit_one_refcount_block(tmp_p
     assert not top_allocated(o / "top.qcow2") and not top_allocated(q / "top.qcow2")
 
 
+@pytest.mark.parametrize("layout", ["default", "small-clusters", "compat-0.10"])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_committed_zeros_are_zero_clusters_as_qemu(tmp_path: Path, layout: str, depth: int) -> None:
+    """The mirror job writes the overlay's zeros into a qcow2 base with write_zeroes(MAY_UNMAP):
+    zero clusters present in the base, whether or not it has a backing file (a version 2 base
+    cannot have them: unallocated, or zeros written over its backing file). qemu-img map of the
+    bases agree on present / zero / data, whole clusters here (host offsets left out)."""
+    q, o = twins(tmp_path, LAYOUTS[layout], depth)
+    for d in (q, o):
+        qemu_io(str(d / "top.qcow2"), "write -z 2M 192k", "write -z -u 3584k 128k", "write -z 4M 64k")
+    args = ["-b", "base.qcow2"] if depth == 3 else []
+    qemu_img("commit", "-q", *args, str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2", base=(o / "base.qcow2") if depth == 3 else None, drop=depth == 3)
+    same_images(q, o)
+    assert merged_allocation(o / "base.qcow2") == merged_allocation(q / "base.qcow2")
+    if depth == 3:
+        assert merged_allocation(o / "mid.qcow2") == merged_allocation(q / "mid.qcow2")
+
+
 def build_raw(d: Path, opts: str, depth: int = 2) -> None:
     """base.raw (4 MiB: data, a hole, data, a hole) <- mid.qcow2 (depth 3) <- top.qcow2 (6 MiB):
     data over data and over the hole, zeros over data and over the hole, compressed data, and

@@ -10,7 +10,13 @@ the base again. Layers between the image and the base are left as they are.
 
 Here each layer above the base is opened alone (no chain, so no read lock on the base) and
 asked for its own `layer_status`; the topmost layer allocating a range decides it: its zeros
-become `write_zeroes` in the base, its data is copied in steps of `IO_BUF_SIZE`. The base is
+become zeros in the base (zero clusters in a qcow2 base, with or without a backing file, as
+QEMU's write_zeroes with MAY_UNMAP leaves them: `QcowFile.zeroize`), its data is copied in
+steps of `IO_BUF_SIZE`. Past the end of a shorter middle layer, that layer allocates zeros.
+A known difference: QEMU's mirror copies whole chunks of the base's cluster size (4 to 64
+KiB), so where the overlay allocates only part of one (subclusters, or clusters smaller than
+the base's) qemu-img rewrites the whole chunk as data, where this writes what the overlay
+allocates; the guest view is the same. The base is
 opened read-write with its own chain (its partial-cluster writes need what lies below it).
 
 The base may be qcow2 or raw (a raw base is the bottom of the chain). qemu-img's commit is a
@@ -180,7 +186,9 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         else:
             target = QcowFile.open(base_path, host_factory=hf)
         stack.callback(target.close)
-        _copy(above, target, progress)
+        # Into qcow2, QEMU's write_zeroes(MAY_UNMAP) leaves zero clusters, with or without a backing file
+        zero = target.zeroize if isinstance(target, QcowFile) else target.write_zeroes
+        _copy(above, target, zero, progress)
         target.flush()
         if not drop:
             top.make_empty()
@@ -199,9 +207,14 @@ def _find_base(layers: list[tuple[str, str, str | None]], base: str, image: str)
 
 def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int, int, LayerExtent | None]]:
     """(start, end, depth, extent) runs of [start, end): the topmost layer allocating each, or
-    (depth -1, None) where no layer above the base allocates it."""
+    (depth -1, None) where no layer above the base allocates it.
+
+    Past the end of a layer below the image, that layer allocates zeros, as QEMU's
+    bdrv_co_common_block_status_above has it ("zeroes that we synthesize beyond EOF behave as
+    if they were allocated at this layer"), so a commit through a short middle layer writes
+    zeros into the base there."""
     per_layer: list[list[tuple[int, int, LayerExtent]]] = []
-    for img in layers:
+    for depth, img in enumerate(layers):
         runs: list[tuple[int, int, LayerExtent]] = []
         stop = min(end, img.virtual_size)
         pos = start
@@ -209,6 +222,8 @@ def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int,
             for ext in img.layer_status(pos, stop - pos):
                 runs.append((pos, pos + ext.length, ext))
                 pos += ext.length
+        if depth and pos < end:
+            runs.append((pos, end, LayerExtent(end - pos, allocated=True, zero=True, data=False)))
         per_layer.append(runs)
     out: list[tuple[int, int, int, LayerExtent | None]] = []
     idx = [0] * len(layers)
@@ -250,7 +265,7 @@ def _steps(layers: list[Image], size: int) -> Iterator[tuple[int, int, int]]:
         yield win_end, 0, -2
 
 
-def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
+def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None], progress: Progress | None) -> None:
     """Copy what the layers above the base allocate into it: data steps (read from the layer,
     write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here
     once no step is in flight."""
@@ -277,7 +292,7 @@ def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> No
             elif depth == -1:
                 # The steps in flight first: a partial cluster may be shared with one of them.
                 steps.drain()
-                target.write_zeroes(at, n)
+                zero(at, n)
             else:  # the end of a window: everything before it is done
                 steps.drain()
                 report(at)
