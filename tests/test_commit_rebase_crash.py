@@ -72,7 +72,7 @@ def sectors_from(view: bytes, old: bytes, new: bytes) -> bool:
 
 def run_crash(tmp_path: Path, operation: Callable[[Path, CrashLog], None], max_cuts: int = 40,
               make: Callable[[Path], None] = build, files: tuple[str, ...] = FILES, base: str | None = None,
-              subsets: tuple[str, ...] = ("all", "none", "torn"), min_ops: int = 11) -> None:
+              subsets: tuple[str, ...] = ("all", "none", "torn"), min_ops: int = 8) -> None:
     """With `base` (a commit's target), that image must also read, sector by sector, as before
     or as the committed image: early data is allowed, anything else is not. The workload must
     leave at least `min_ops` host ops at the seam."""
