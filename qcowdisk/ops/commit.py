@@ -188,7 +188,10 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         stack.callback(target.close)
         # Into qcow2, QEMU's write_zeroes(MAY_UNMAP) leaves zero clusters, with or without a backing file
         zero = target.zeroize if isinstance(target, QcowFile) else target.write_zeroes
-        _copy(above, target, zero, progress)
+        # zeros next to data in flight: a qcow2 base's clusters are shared, a raw base's bytes
+        # are not (punching a range never touches the bytes around it); a qcow base: wait
+        grain = target.cluster_size if isinstance(target, QcowFile) else 1 if base_format == "raw" else None
+        _copy(above, target, zero, grain, progress)
         target.flush()
         if not drop:
             top.make_empty()
@@ -265,10 +268,12 @@ def _steps(layers: list[Image], size: int) -> Iterator[tuple[int, int, int]]:
         yield win_end, 0, -2
 
 
-def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None], progress: Progress | None) -> None:
+def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None], grain: int | None,
+          progress: Progress | None) -> None:
     """Copy what the layers above the base allocate into it: data steps (read from the layer,
-    write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here
-    once no step is in flight."""
+    write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here,
+    alongside them where the zeros share no `grain` (the base's cluster; None: always wait)
+    with a step in flight."""
     size = layers[0].virtual_size
     if target.virtual_size < size:
         target.resize(size)  # commit_run grows a shorter base first
@@ -285,13 +290,18 @@ def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None]
         target.write_at(at, view)
 
     report(0)
+    data_end = 0  # where the last data step submitted ends
     with InFlight(IN_FLIGHT, lambda: memoryview(bytearray(IO_BUF_SIZE)), report) as steps:
         for at, n, depth in _steps(layers, size):
             if depth >= 0:
                 steps.submit(functools.partial(copy_step, depth, at, n), at + n)
+                data_end = at + n
             elif depth == -1:
-                # The steps in flight first: a partial cluster may be shared with one of them.
-                steps.drain()
+                # Zeros go on while data steps are in flight (both update the base's tables
+                # under its lock), unless the zeros share a cluster with one of those steps:
+                # then a step's partial-cluster write and the zeroing would race.
+                if grain is None or at // grain < -(-data_end // grain):
+                    steps.drain()
                 zero(at, n)
             else:  # the end of a window: everything before it is done
                 steps.drain()
