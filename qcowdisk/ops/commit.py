@@ -49,7 +49,11 @@ from ..qcow2.file import QcowFile
 from .inflight import InFlight
 from .qcow1_target import Qcow1Target
 
-IO_BUF_SIZE = 2 << 20  # the most copied in one step
+# The most copied in one step: the mirror job's chunk (16 MiB buffer / 16 in flight). Smaller
+# than qemu-img's 2 MiB IO_BUF_SIZE on purpose: a step's bytes are copied in (preadv) and out
+# (pwrite) by the kernel, and a 1 MiB buffer stays in a core's 2 MiB L2 cache between the two,
+# where a 2 MiB one does not (the 1 GiB commit benchmark: 1.15 s -> 0.94 s, raw base 1.13 -> 0.73).
+IO_BUF_SIZE = 1 << 20
 IN_FLIGHT = 4  # data steps copied at once (worker threads, each with its buffer)
 WINDOW = 256 << 20  # guest bytes of block status asked for at a time
 
