@@ -9,7 +9,7 @@ request (after warm-up requests that fill the caches):
     qcowdisk's and the standard library's; C functions count as nothing, which is the point),
   - calls: Python function calls (settrace 'call' events),
   - host syscalls and bytes written: counted at the HostFile seam (`host_factory`), one count
-    per pread/preadv/pwrite/pwritev/fsync/truncate/punch/zero_range (fallocate) call.
+    per pread/preadv/pwrite/pwritev/fsync/truncate/punch/zero_range/zero_alloc (fallocate) call.
 
 Paths: 4 KiB read_at and readinto_at on a fully allocated image opened read-only and read-write,
 the same on an extended-L2 image, and 4 KiB / 64 KiB sequential allocating writes into a fresh
@@ -76,10 +76,15 @@ class CountingHost(HostFile):
         CountingHost.calls["punch"] += 1
         return super().punch_hole(offset, length)
 
-    def zero_range(self, offset: int, length: int) -> bool:
-        """Count, then fallocate."""
+    def zero_range(self, offset: int, length: int) -> None:
+        """Count, then punch (or write zeros)."""
         CountingHost.calls["zero_range"] += 1
-        return super().zero_range(offset, length)
+        super().zero_range(offset, length)
+
+    def zero_alloc(self, offset: int, length: int) -> bool:
+        """Count, then fallocate (ZERO_RANGE)."""
+        CountingHost.calls["zero_alloc"] += 1
+        return super().zero_alloc(offset, length)
 
     def size(self) -> int:
         """Count, then fstat."""

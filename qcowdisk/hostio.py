@@ -43,6 +43,7 @@ except (OSError, AttributeError):  # pragma: no cover - non-Linux
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 # Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -98,6 +99,7 @@ class HostFile:
         self.unsynced = False
         self.fd = -1
         self.is_block_device = False
+        self.can_zero_alloc = True  # until fallocate says the file system cannot
         self.fd = open_regular(path, writable)
         self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
@@ -201,6 +203,29 @@ class HostFile:
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False
         raise OSError(err, os.strerror(err), self.path)
+
+    def zero_alloc(self, offset: int, length: int) -> bool:
+        """Make a range read as zeros with its space allocated, extending the file if it ends
+        before, without writing the zeros: file-posix's write_zeroes with BDRV_REQ_NO_FALLBACK
+        on a regular file (FALLOC_FL_ZERO_RANGE, else a punched hole allocated again). False
+        where the host cannot (a block device, a file system without either): the caller then
+        writes the zeros itself, as QEMU falls back to writing its copy-on-write buffers."""
+        if _fallocate is None or length <= 0 or self.is_block_device or not self.can_zero_alloc:
+            return False
+        self.unsynced = True
+        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), self.path)
+        # (tmpfs, for one, has no ZERO_RANGE): hand the range back, then allocate it as zeros
+        if self.punch_hole(offset, length) and _fallocate(self.fd, 0, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), self.path)
+        self.can_zero_alloc = False
+        return False
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros: punch it (file-posix's write_zeroes with MAY_UNMAP), or

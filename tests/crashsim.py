@@ -1,7 +1,8 @@
 """Crash simulation at the host I/O seam.
 
 `RecordingHost` is a `HostFile` that performs every operation for real and also appends it to a
-shared `CrashLog`: write(offset, bytes), truncate(length), punch(offset, length), fsync. The
+shared `CrashLog`: write(offset, bytes), truncate(length), punch(offset, length),
+zero(offset, length) (a range allocated as zeros: fallocate ZERO_RANGE), fsync. The
 workload driver adds marker ops (a guest op started / ended, a `flush()` returned) to the same
 log, so every host op has a known place relative to the guest's view.
 
@@ -60,7 +61,7 @@ CHUNK = 64 * 1024  # granularity of the guest model and of view comparisons
 
 @dataclass(frozen=True)
 class Op:
-    """One log entry. kind: write | truncate | punch | fsync | mark."""
+    """One log entry. kind: write | truncate | punch | zero | fsync | mark."""
 
     kind: str
     path: str = ""
@@ -74,8 +75,8 @@ class Op:
         name = os.path.basename(self.path)
         if self.kind == "write":
             return f"write({name}, off={self.offset:#x}, len={len(self.data)})"
-        if self.kind == "punch":
-            return f"punch({name}, off={self.offset:#x}, len={self.length})"
+        if self.kind in ("punch", "zero"):
+            return f"{self.kind}({name}, off={self.offset:#x}, len={self.length})"
         if self.kind == "truncate":
             return f"truncate({name}, {self.length:#x})"
         if self.kind == "fsync":
@@ -179,6 +180,14 @@ class RecordingHost(HostFile):
             self._rec(Op("punch", self.key, offset, length=length))
         return ok
 
+    def zero_alloc(self, offset: int, length: int) -> bool:
+        """Allocate as zeros for real; record only if it was done (else the caller writes)."""
+        self._before()
+        ok = HostFile.zero_alloc(self, offset, length)
+        if ok:
+            self._rec(Op("zero", self.key, offset, length=length))
+        return ok
+
     def fsync(self) -> None:
         """Sync for real, then record: only a completed fsync makes earlier ops durable."""
         HostFile.fsync(self)
@@ -194,10 +203,14 @@ Subset = str | tuple[str, int]
 
 def apply_op(buf: bytearray, op: Op, keep_sectors: Callable[[int, int], bool] | None = None) -> None:
     """Apply one file op to `buf` in place. With `keep_sectors`, a write survives only in the
-    512-byte host sectors for which keep_sectors(sector_start, sector_end) is true (tearing)."""
-    if op.kind == "write":
+    512-byte host sectors for which keep_sectors(sector_start, sector_end) is true (tearing).
+
+    A zero op (fallocate ZERO_RANGE, which may extend the file) is judged as pessimistically as
+    a write of zeros: until an fsync, any of its sectors may keep the old bytes, and the file may
+    or may not have grown."""
+    if op.kind in ("write", "zero"):
         pieces: Iterable[tuple[int, int]]
-        end = op.offset + len(op.data)
+        end = op.offset + (len(op.data) if op.kind == "write" else op.length)
         if keep_sectors is None:
             pieces = [(op.offset, end)]
         else:
@@ -206,7 +219,7 @@ def apply_op(buf: bytearray, op: Op, keep_sectors: Callable[[int, int], bool] | 
         for a, b in pieces:
             if b > len(buf):
                 buf.extend(bytes(b - len(buf)))
-            buf[a:b] = op.data[a - op.offset:b - op.offset]
+            buf[a:b] = op.data[a - op.offset:b - op.offset] if op.kind == "write" else bytes(b - a)
     elif op.kind == "truncate":
         if op.length < len(buf):
             del buf[op.length:]
@@ -228,7 +241,7 @@ def surviving(pending: Sequence[Op], subset: Subset, cut: int) -> list[tuple[Op,
     rng = random.Random(f"{seed}:{cut}")
     out: list[tuple[Op, Callable[[int, int], bool] | None]] = []
     for op in pending:
-        if mode == "torn" and op.kind == "write" and len(op.data) > 0:
+        if mode == "torn" and (op.kind == "zero" or (op.kind == "write" and len(op.data) > 0)):
             if rng.random() < 0.2:
                 continue
             decisions: dict[int, bool] = {}
@@ -1124,8 +1137,13 @@ def run_and_kill(argv: Sequence[str], kill_after: Callable[[list[str]], bool], d
             time.sleep(delay)
             p.send_signal(signal.SIGKILL)
             break
-    rest, err = p.communicate(timeout=timeout)
-    lines += rest.splitlines()
+    # Not communicate(): it reads the pipe's descriptor, and the lines p.stdout had already
+    # read ahead into its buffer (the child printed them before the kill: a slow parent finds
+    # several waiting) would be lost, leaving the child's last reported flushes unknown. The
+    # child is dead or done, so reading stdout to its end cannot block on a full stderr.
+    lines += p.stdout.read().splitlines()
+    err = p.stderr.read()
+    p.wait(timeout=timeout)
     return Killed(lines, p.returncode, err)
 
 

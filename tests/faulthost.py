@@ -1,7 +1,7 @@
 """Fault injection at the host I/O seam, and a guest mirror that knows what a flush promised.
 
 `FaultPlan` hands out `FaultHost`s (a `HostFile` subclass, via `plan.factory()`) for
-`QcowFile.open/create(host_factory=...)`. Every mutating host op (write, fsync, truncate, punch)
+`QcowFile.open/create(host_factory=...)`. Every mutating host op (write, fsync, truncate, punch, zero)
 is recorded in `plan.ops`, with its outcome, before anything is decided about it. Failures are
 planned with `plan.arm(...)`: the n-th matching op from now on raises `OSError(errno)`, once or
 for good, optionally after landing a prefix of the write for real (a short write followed by an
@@ -24,14 +24,14 @@ from typing import Any
 
 from qcowdisk.hostio import HostFile
 
-MUTATING = ("write", "fsync", "truncate", "punch")
+MUTATING = ("write", "fsync", "truncate", "punch", "zero")
 
 
 @dataclass
 class HostOp:
     """One mutating host op as the engine asked for it."""
 
-    kind: str                 # write | fsync | truncate | punch
+    kind: str                 # write | fsync | truncate | punch | zero (fallocate ZERO_RANGE)
     path: str
     offset: int = 0
     length: int = 0
@@ -148,10 +148,10 @@ class FaultPlan:
                     land = f.prefix(op.offset, op.length) if (f.prefix and op.kind == "write") else 0
                     return f, land
                 f.seen += 1
-            if op.kind == "write":
+            if op.kind in ("write", "zero"):
                 limit = self.size_limits.get(op.path)
                 if limit is not None and op.offset + op.length > limit:
-                    nofit = Fault("write", errno_mod.ENOSPC)
+                    nofit = Fault(op.kind, errno_mod.ENOSPC)
                     return nofit, max(0, limit - op.offset)
         return None, 0
 
@@ -212,6 +212,15 @@ class FaultHost(HostFile):
         if fault is not None:
             raise _fail(fault, op)
         return HostFile.punch_hole(self, offset, length)
+
+    def zero_alloc(self, offset: int, length: int) -> bool:
+        """Allocate as zeros for real unless planned to fail (or past a size limit: ENOSPC,
+        nothing allocated)."""
+        op = HostOp("zero", self.key, offset, length, pid=os.getpid())
+        fault, _ = self.plan._decide(op)
+        if fault is not None:
+            raise _fail(fault, op)
+        return HostFile.zero_alloc(self, offset, length)
 
 
 # --------------------------------------------------------------------------------------------

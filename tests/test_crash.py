@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,6 +414,26 @@ def sigkill_run(tmp_path, case: KillCase, count: int, max_target: int = 25) -> t
     print(f"[sigkill] {ctx}; child {'finished' if w.done else 'killed'}; guest ops {len(ops)}, "
           f"{len(model.all_chunks())} chunks compared")
     return f, problems
+
+
+def test_run_and_kill_keeps_the_lines_read_ahead() -> None:
+    """Lines a killed child printed before the kill reach the parent, even those its reader had
+    already buffered when the kill fired (a loaded machine makes the parent slow: several
+    FLUSHED lines wait at once). Losing them made the sigkill tests judge an image against an
+    older flush than the child had reported, with ops after the lost flush already done."""
+    child = ("import sys, time\nfor i in range(5):\n    sys.stdout.write(f'L {i}\\n'); sys.stdout.flush()\n"
+             "sys.stderr.write('printed'); sys.stderr.flush()\ntime.sleep(60)\n")
+    ready = [False]
+
+    def kill_after(lines: list[str]) -> bool:
+        if not ready[0]:  # let all five lines reach the pipe before the first is taken
+            time.sleep(0.5)
+            ready[0] = True
+        return lines[-1] == "L 1"
+    killed = cs.run_and_kill([sys.executable, "-c", child], kill_after, 0.0)
+    assert killed.returncode == -signal.SIGKILL
+    assert killed.lines == [f"L {i}" for i in range(5)]
+    assert killed.stderr == "printed"
 
 
 @pytest.mark.parametrize("case", KILL_CASES,

@@ -6,9 +6,10 @@ lock-free path of a read-write image is raced, deterministically (a host seam ru
 the middle of the fast path's pread) and statistically (threads), against writes that free a
 host cluster and hand it to another guest cluster: a stale lookup would then read that other
 cluster's bytes. Writes: host reads and writes are counted at the HostFile seam; a new
-cluster with nothing beneath gets zero padding without a read, one with something beneath (a
-backing file, an existing cluster) its copy-on-write, a reused cluster holding old bytes reads
-zeros around the data; power cuts at every host op leave what was flushed.
+cluster with nothing beneath is allocated as zeros and gets only the data (zero padding, still
+without a read, where the file system cannot), one with something beneath (a backing file, an
+existing cluster) its copy-on-write, a reused cluster holding old bytes reads zeros around the
+data; power cuts at every host op leave what was flushed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class CountingHost(HostFile):
 
     log: list[tuple[int, int]]
     reads: list[int] = [0]  # noqa: RUF012 - one counter shared by the test's files
+    zeros: list[tuple[int, int]] = []  # noqa: RUF012 - ranges allocated as zeros, all files
 
     def pread(self, length: int, offset: int) -> bytes:
         """Count, then read."""
@@ -60,6 +62,13 @@ class CountingHost(HostFile):
         """Record (offset, length), then write."""
         self.log.append((offset, sum(memoryview(b).nbytes for b in buffers)))
         super().pwritev(buffers, offset)
+
+    def zero_alloc(self, offset: int, length: int) -> bool:
+        """Record ("zero", offset, length) in `zeros` if done."""
+        ok = super().zero_alloc(offset, length)
+        if ok:
+            CountingHost.zeros.append((offset, length))
+        return ok
 
 
 def counting_factory() -> tuple[Callable[[str, bool], HostFile], list[tuple[int, int]]]:
@@ -78,6 +87,14 @@ class NoPunchHost(HostFile):
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Refuse, as a file system without FALLOC_FL_PUNCH_HOLE does."""
+        return False
+
+
+class NoFallocateHost(NoPunchHost):
+    """Nor can it allocate a range as zeros: new clusters get their zero padding written."""
+
+    def zero_alloc(self, offset: int, length: int) -> bool:
+        """Refuse, as a file system without FALLOC_FL_ZERO_RANGE or hole punching does."""
         return False
 
 
@@ -373,24 +390,32 @@ def test_rw_fast_reads_with_threads_never_stale(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Allocating writes without zero padding
 
-def test_small_allocating_writes_read_nothing(tmp_path: Path) -> None:
+def test_small_allocating_writes_write_only_the_data(tmp_path: Path) -> None:
     """Sequential 4 KiB writes into a fresh image (qemu-img bench -w -s 4096): with nothing
-    beneath a new cluster its zero parts come from the zero block, not from a read; each request
-    is one host write (of its new clusters and its bytes); the image
-    reads as written, QEMU agrees, and qemu-img check is clean."""
+    beneath a new cluster it is allocated as zeros (fallocate ZERO_RANGE over the cluster, as
+    QEMU's handle_alloc_space) and each request writes its 4 KiB and nothing else, reading
+    nothing; the image reads as written, QEMU agrees, and qemu-img check is clean."""
     make, log = counting_factory()
     img = str(tmp_path / "w.qcow2")
     data = pattern(40 * 4096 + 1000, 1)
     with QcowFile.create(img, 4 * MiB, host_factory=make) as disk:
         del log[:]
         reads = CountingHost.reads = [0]
+        zeros = CountingHost.zeros = []
+        new_clusters = 0
         for i in range(40):
-            before = len(log)
-            disk.write_at(i * 4096 + 3000, data[i * 4096:(i + 1) * 4096])
-            assert len(log) == before + 1 and 4096 <= log[-1][1] <= 2 * CS, log[before:]
+            before, zeros_before = len(log), len(zeros)
+            start = i * 4096 + 3000
+            disk.write_at(start, data[i * 4096:(i + 1) * 4096])
+            assert log[before:] == [(log[before][0], 4096)], log[before:]  # the data, once
+            fresh = (start + 4095) // CS + 1 - max(new_clusters, start // CS)  # clusters it allocates
+            new_clusters += fresh
+            assert len(zeros) - zeros_before == (1 if fresh else 0), zeros[zeros_before:]
+            if fresh:
+                assert zeros[-1][1] == fresh * CS and zeros[-1][0] % CS == 0, zeros[-1]
         reads[0] = 0
-        disk.write_at(CS * 10 + 5, b"x")  # a lone byte in a new cluster: one write, no read
-        assert log[-1][1] == CS
+        disk.write_at(CS * 10 + 5, b"x")  # a lone byte in a new cluster: one byte written, no read
+        assert log[-1][1] == 1 and zeros[-1] == (log[-1][0] - 5, CS)
         assert reads[0] == 0, "an allocating write read its copy-on-write parts"
         expect = bytearray(4 * MiB)
         expect[3000:3000 + 40 * 4096] = data[:40 * 4096]
@@ -400,11 +425,13 @@ def test_small_allocating_writes_read_nothing(tmp_path: Path) -> None:
     compare(img, write_raw(str(tmp_path / "e.raw"), bytes(expect)), fmt_a="qcow2", fmt_b="raw")
 
 
-def test_reused_cluster_below_the_end_gets_its_padding(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", [NoPunchHost, NoFallocateHost], ids=["zero-range", "no-fallocate"])
+def test_reused_cluster_below_the_end_gets_its_padding(tmp_path: Path, host: type[HostFile]) -> None:
     """A new cluster that is not past the end of the file (a freed cluster the file system could
-    not punch, holding old bytes) is written whole: the bytes around a small write read zeros."""
+    not punch, holding old bytes) is allocated as zeros, or written whole where the file system
+    cannot: the bytes around a small write read zeros."""
     img = str(tmp_path / "p.qcow2")
-    with QcowFile.create(img, 4 * MiB, host_factory=NoPunchHost) as disk:
+    with QcowFile.create(img, 4 * MiB, host_factory=host) as disk:
         disk.write_at(0, b"\xab" * CS)
         disk.write_at(CS, b"\xcd" * CS)
         host0 = disk.layer_status(0, CS)[0].host_offset
@@ -487,12 +514,15 @@ def _small_write_ops(seed: int, count: int) -> list[cs.GuestOp]:
     return ops
 
 
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["standard", "extended-l2"])
 @pytest.mark.parametrize("subsets,every", [(["all", "none", ("torn", 2)], 3)], ids=["sampled"])
-def test_power_cut_during_small_allocating_writes(tmp_path: Path, subsets: list[cs.Subset], every: int) -> None:
-    """Power cuts during small allocating writes (new clusters padded without a read): at every
-    third host op (and every op in the slow variant below), with all / none / torn unsynced
-    writes surviving, what was flushed reads back and nothing is corrupt."""
-    _power_cut_case(tmp_path, subsets, every, count=24)
+def test_power_cut_during_small_allocating_writes(tmp_path: Path, subsets: list[cs.Subset], every: int,
+                                                  extended_l2: bool) -> None:
+    """Power cuts during small allocating writes (new clusters, and with extended L2 new
+    subclusters of allocated ones, allocated as zeros before the data lands): at every third
+    host op (and every op in the slow variant below), with all / none / torn unsynced writes
+    and zero ranges surviving, what was flushed reads back and nothing is corrupt."""
+    _power_cut_case(tmp_path, subsets, every, count=24, extended_l2=extended_l2)
 
 
 @pytest.mark.slow
@@ -501,15 +531,17 @@ def test_power_cut_during_small_allocating_writes_exhaustive(tmp_path: Path) -> 
     _power_cut_case(tmp_path, ["all", "none", ("random", 1), ("random", 3), ("torn", 2), ("torn", 4)], 1, count=60)
 
 
-def _power_cut_case(tmp_path: Path, subsets: list[cs.Subset], every: int, count: int) -> None:
+def _power_cut_case(tmp_path: Path, subsets: list[cs.Subset], every: int, count: int,
+                    extended_l2: bool = False) -> None:
     image = str(tmp_path / "c.qcow2")
-    QcowFile.create(image, 16 * MiB).close()
+    QcowFile.create(image, 16 * MiB, extended_l2=extended_l2).close()
     ops = _small_write_ops(5, count)
     log = CrashLog()
     log.snapshot_initial(image)
     disk = QcowFile.open(image, host_factory=log.factory())
     cs.run_guest_ops(disk, ops, log)
     disk.close()
+    assert any(op.kind == "zero" for op in log.ops), "no cluster was allocated as zeros"
     model = GuestModel(16 * MiB).apply_all(ops)
     cuts = list(range(0, len(log.ops) + 1, every))
     if cuts[-1] != len(log.ops):

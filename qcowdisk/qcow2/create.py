@@ -12,7 +12,7 @@ import contextlib
 import os
 
 from .. import formats
-from ..hostio import HostFactory, HostFile
+from ..hostio import ZERO_BLOCK_LENGTH, HostFactory, HostFile, zero_block
 from .entries import OFLAG_COPIED, TableCodec
 from .format import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -185,7 +185,15 @@ def create_image(path: str, size: int, *, cluster_size: int, refcount_bits: int,
         host.pwrite(header_bytes + bytes(max(0, cluster_size - len(header_bytes))), 0)
         host.pwrite(reftable.encode(rt_entries, 0, len(rt_entries)), cluster_size)
         host.pwritev(blocks, rb_first * cluster_size)
-        host.truncate(h.l1_table_offset + l1_size * 8 if l1_size else total * cluster_size)
+        if l1_size:  # written, not left a hole, as qcow2_grow_l1_table writes it: the file's
+            # allocated blocks (QEMU's metadata preallocation heuristic counts them) match QEMU's
+            pos, l1_end = h.l1_table_offset, h.l1_table_offset + l1_size * 8
+            while pos < l1_end:
+                n = min(ZERO_BLOCK_LENGTH, l1_end - pos)
+                host.pwrite(zero_block(n), pos)
+                pos += n
+        else:
+            host.truncate(total * cluster_size)
         host.fsync()
     finally:
         host.close()

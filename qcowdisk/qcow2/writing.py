@@ -6,7 +6,9 @@ of one request are allocated together and every host-contiguous run is written w
 `pwritev` of [COW head, caller's data, COW tail]. Copy-on-write reads go through the ordinary
 read path, so they take whatever the cluster showed before: backing file, zeros, compressed or
 shared data; and they read only the bytes the write does not cover (nothing for whole-cluster
-or whole-subcluster writes).
+or whole-subcluster writes). Where the copy-on-write parts read as zeros (nothing beneath), the
+region is allocated as zeros with one fallocate and only the caller's bytes are written, as
+QEMU's handle_alloc_space does: the same bytes and the same allocated blocks as QEMU's file.
 
 Ordering (declared in ordering.py, not placed here): the data and refcount increments reach the
 disk before the L2 entries that point at them, and dropped references go to the allocator's
@@ -119,7 +121,8 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
     host-contiguous allocated clusters, written in place with one pwritev; (b) a write over
     clusters without a host cluster whose copy-on-write parts read as zeros (none for whole
     clusters; the partial first and last cluster need a zero flag, or no backing file), which
-    needs no read at all: the new clusters get the data with zero padding (see `_padded`).
+    needs no read at all: the new clusters are allocated as zeros (`HostFile.zero_alloc`, QEMU's
+    handle_alloc_space) and get the data alone, or the data with zero padding (see `_padded`).
     """
     if s.extended_l2 or s.has_data_file:
         return False
@@ -178,6 +181,8 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
         hi = pos + span if pos + span < n else n
         if hi - lo == span:  # whole clusters
             s.data_host.pwritev([mv[lo:hi] if hi - lo < n else mv], host)
+        elif s.data_host.zero_alloc(host, span):  # the clusters allocated as zeros: the data alone
+            s.data_host.pwritev([mv[lo:hi] if hi - lo < n else mv], host + lo - pos)
         else:  # with zero padding from the shared zero block (see the note at _padded)
             s.data_host.pwritev(_padded(mv[lo:hi], lo - pos, pos + span - hi), host)
         if host + span > s.alloc_limit:  # entries may name all of the new clusters
@@ -196,10 +201,10 @@ def _write_fast(s: Qcow2State, guest_offset: int, mv: memoryview) -> bool:
 def _padded(data: memoryview, head: int, tail: int) -> list[Buffer]:
     """`data` with `head` and `tail` zero bytes around it (each at most one cluster).
 
-    The padding is written even past the end of the file, where the host reads zeros anyway:
-    a data cluster with holes (or QEMU's FALLOC_FL_ZERO_RANGE) changes what qemu-img map
-    reports of images whose header cluster qcowdisk writes sparsely (QEMU's metadata
-    preallocation heuristic counts allocated blocks), so maps would differ from QEMU's."""
+    Only where the host cannot allocate a range as zeros (`HostFile.zero_alloc`). Whichever
+    way, the whole new cluster ends up allocated, as QEMU's handle_alloc_space leaves it: a
+    cluster left with holes would change the file's allocated size, which QEMU's metadata
+    preallocation heuristic compares with the referenced clusters (what qemu-img map shows)."""
     bufs: list[Buffer] = [data]
     if head:
         bufs.insert(0, zero_block(head))
@@ -231,7 +236,7 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
         plan.source = src
         if plan.host is None:
             to_alloc += 1
-            plan.zero_beneath = _reads_zeros(s, e, bitmap, plan)
+            plan.zero_beneath = _reads_zeros(s, e, bitmap, plan, gc << cbits)
         plans.append(plan)
         src += b - a
         pos += b - a
@@ -252,11 +257,16 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
         if p.end < p.region_end:
             bufs.append(read_copy(s, gbase + p.end, p.region_end - p.end))
         pieces.append(bufs)
-    if to_alloc:
-        hosts = iter(_alloc_data_clusters(s, [p for p in plans if p.host is None], guest_offset))
-        for p in plans:
-            if p.host is None:
-                p.host = next(hosts)
+    hosts = iter(_alloc_data_clusters(s, [p for p in plans if p.host is None], guest_offset) if to_alloc else ())
+    for p, bufs in zip(plans, pieces, strict=True):
+        if p.host is None:
+            p.host = next(hosts)
+        # nothing beneath: allocate the region as zeros and write the data alone (QEMU's
+        # handle_alloc_space); the entry may name all of the region
+        if p.zero_beneath and s.data_host.zero_alloc(p.host + p.region_start, p.region_end - p.region_start):
+            _grow_limit(s, p.host + p.region_end)
+            p.region_start, p.region_end = p.start, p.end
+            bufs[:] = [mv[p.source:p.source + (p.end - p.start)]]
     # Write host-contiguous runs with one pwritev each.
     run_bufs: list[Buffer] = []
     run_start = -1
@@ -295,6 +305,11 @@ def _write_in_table(s: Qcow2State, table: CachedTable, guest_offset: int, mv: me
 
 def _write_data(s: Qcow2State, bufs: list[Buffer], host_start: int, host_end: int) -> None:
     s.data_host.pwritev(bufs, host_start)
+    _grow_limit(s, host_end)
+
+
+def _grow_limit(s: Qcow2State, host_end: int) -> None:
+    """Data now reaches `host_end` of the data host: entries may name clusters up to it."""
     if s.has_data_file:
         if host_end > s.data_file_limit:
             s.data_file_limit = host_end
@@ -325,15 +340,22 @@ def _plan_cluster(s: Qcow2State, e: int, bitmap: int, gc: int, l2i: int, a: int,
     if in_place:
         ra = a if alloc >> s0 & 1 else s0 * ssize
         rb = b if alloc >> (s1 - 1) & 1 else s1 * ssize
-        return ClusterWrite(l2i, a, b, ra, rb, host, make_bitmap(alloc | mask, zero & ~mask))
+        w = ClusterWrite(l2i, a, b, ra, rb, host, make_bitmap(alloc | mask, zero & ~mask))
+        # subclusters not allocated yet whose padding reads as zeros: allocated as zeros in place
+        # (only when none of them holds data: zeroing one before the write lands could show)
+        w.zero_beneath = (ra < a or rb > b) and not alloc & mask and (
+            s.backing is None or zero & mask == mask
+            or (not zero & mask and _backing_unallocated(s, gc << s.cluster_bits, w)))
+        return w
     if allocated or compressed:  # shared or compressed: copy the whole cluster
         return ClusterWrite(l2i, a, b, 0, cs, None, SUBCLUSTER_ALL)
     return ClusterWrite(l2i, a, b, s0 * ssize, s1 * ssize, None, make_bitmap(mask, zero & ~mask))
 
 
-def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite) -> bool:
-    """Whether the copy-on-write parts of a new cluster's `plan` read as zeros now: nothing
-    beneath the cluster (no host data, no compressed data, no backing file) or a zero flag."""
+def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite, gbase: int) -> bool:
+    """Whether the copy-on-write parts of a new cluster's `plan` (guest cluster at `gbase`)
+    read as zeros now: nothing beneath the cluster (no host data, no compressed data, nothing
+    allocated in the backing chain) or a zero flag."""
     if plan.region_start == plan.start and plan.region_end == plan.end:
         return False  # nothing to copy anyway
     if e & OFLAG_COMPRESSED or e & L2E_OFFSET_MASK:
@@ -341,10 +363,25 @@ def _reads_zeros(s: Qcow2State, e: int, bitmap: int, plan: ClusterWrite) -> bool
     if s.extended_l2:
         ssize = 1 << s.subcluster_bits
         cow = subcluster_range_mask(plan.region_start // ssize, -(-plan.region_end // ssize))
-        return s.backing is None or bitmap_zero(bitmap) & cow == cow
+        zero = bitmap_zero(bitmap) & cow
+        return s.backing is None or zero == cow or (not zero and _backing_unallocated(s, gbase, plan))
     if e & OFLAG_ZERO:
         return not s.v2  # (the read path refuses a zero flag in a version 2 image)
-    return not e and s.backing is None
+    return not e and (s.backing is None or _backing_unallocated(s, gbase, plan))
+
+
+def _backing_unallocated(s: Qcow2State, gbase: int, plan: ClusterWrite) -> bool:
+    """Whether no layer of the backing chain allocates the copy-on-write parts of `plan`
+    (QEMU's is_zero_cow: bdrv_is_allocated_above to the bottom of the chain). A raw backing
+    file allocates everything; past a layer's end counts as allocated (its bytes are read)."""
+    ranges = [(gbase + plan.region_start, plan.start - plan.region_start), (gbase + plan.end, plan.region_end - plan.end)]
+    image = s.backing
+    while image is not None:
+        for off, n in ranges:
+            if n and (off + n > image.virtual_size or any(x.allocated for x in image.layer_status(off, n))):
+                return False
+        image = image.backing
+    return True
 
 
 def _cluster_exclusive(s: Qcow2State, e: int, host: int) -> bool:
