@@ -19,6 +19,7 @@ from . import qcow1, raw  # noqa: F401  (importing a format registers it)
 from .errors import (
     AmendError,
     BackingChainError,
+    BitmapError,
     CorruptImageError,
     ImageFailedError,
     ImageLockedError,
@@ -34,14 +35,15 @@ from .errors import (
 )
 from .image import Extent, Image
 from .ops import commit, compare, convert, measure, rebase  # qemu-img's operations over any image
+from .qcow2.bitmaps import NewBitmap
 from .qcow2.file import QcowFile
-from .qcow2.format import Snapshot
+from .qcow2.format import Bitmap, Snapshot
 from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
-           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError",
-           "Snapshot", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
+           "SnapshotNotFoundError", "SnapshotExistsError", "ResizeError", "AmendError", "BitmapError",
+           "Snapshot", "Bitmap", "NewBitmap", "QcowFile", "Extent", "Image", "QcowIO", "open", "compare", "measure",
            "commit", "rebase", "convert"]
 
 

@@ -69,6 +69,12 @@ class ResizeError(QcowError):
     too; the message is qemu-img's ("Use the --shrink option to perform a shrink operation.")."""
 
 
+class BitmapError(QcowError):
+    """A persistent-bitmap operation refused before anything was written, for a reason QEMU
+    refuses it too (a name in use, a granularity out of range, a version 2 image, an
+    inconsistent bitmap); the message is QEMU's."""
+
+
 class AmendError(QcowError):
     """An amendment refused before anything was written, for a reason `qemu-img amend` refuses it
     too; the message is qemu-img's and `hint` its follow-up text (or "")."""

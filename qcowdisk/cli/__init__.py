@@ -27,14 +27,31 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import QcowError
-from . import amend, check, commit, compare, convert, create, info, map, measure, read, rebase, resize, serve, snapshot, write
+from . import (
+    amend,
+    bitmap,
+    check,
+    commit,
+    compare,
+    convert,
+    create,
+    info,
+    map,
+    measure,
+    read,
+    rebase,
+    resize,
+    serve,
+    snapshot,
+    write,
+)
 from .common import PROG, ArgumentsError, Parser, UsageError
 
 __all__ = ["build_parser", "main"]
 
 # in the order `qcowdisk --help` lists them
 _COMMANDS = (info, create, write, map, snapshot, check, read, compare, measure, commit, rebase, amend, convert, resize,
-             serve)
+             bitmap, serve)
 
 
 class _Version(argparse.Action):

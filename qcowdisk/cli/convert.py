@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from ..ops import qemuopts
+from ..ops.bitmapcopy import BitmapSkippedWarning
 from ..ops.cachemode import DEFAULT_SOURCE_CACHE, DEFAULT_TARGET_CACHE
-from .common import Parser, UsageError, cvtnum
+from .common import PROG, Parser, UsageError, cvtnum
 from .progress import QemuProgress
 
 
@@ -37,20 +39,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     rate = 0
     if args.rate is not None and (rate := cvtnum("rate limit", args.rate)) < 0:
         return 1
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
     if not os.path.exists(args.src):
         raise UsageError(f"Could not open '{args.src}': Could not open '{args.src}': No such file or directory")
     bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
+    caught: list[warnings.WarningMessage] = []
     try:
-        convert(args.src, args.dst, src_format=args.format, out_format=args.out_format,
-                options=",".join(args.options) if args.options else None, compress=args.compress,
-                backing_file=args.backing, backing_format=args.backing_format, snapshot=snapshot,
-                sparse_size=sparse, target_exists=args.target_exists, threads=threads,
-                progress=bar.advance if bar is not None else None, out_of_order=args.unordered,
-                target_is_zero=args.target_is_zero, cache=args.cache, src_cache=args.src_cache,
-                rate_limit=rate, force_share=args.force_share, bitmaps=args.bitmaps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BitmapSkippedWarning)
+            convert(args.src, args.dst, src_format=args.format, out_format=args.out_format,
+                    options=",".join(args.options) if args.options else None, compress=args.compress,
+                    backing_file=args.backing, backing_format=args.backing_format, snapshot=snapshot,
+                    sparse_size=sparse, target_exists=args.target_exists, threads=threads,
+                    progress=bar.advance if bar is not None else None, out_of_order=args.unordered,
+                    target_is_zero=args.target_is_zero, cache=args.cache, src_cache=args.src_cache,
+                    rate_limit=rate, force_share=args.force_share, bitmaps=args.bitmaps,
+                    skip_broken_bitmaps=args.skip_broken_bitmaps)
     finally:
         if bar is not None:
             bar.end()
+        for w in caught:  # qemu-img's warn_report lines, printed after the copy as it prints them
+            if issubclass(w.category, BitmapSkippedWarning):
+                print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     return 0
 
 
@@ -81,7 +92,9 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pcv.add_argument("-r", dest="rate", metavar="RATE", help="write at most RATE bytes a second")
     pcv.add_argument("--target-is-zero", dest="target_is_zero", action="store_true",
                      help="with -n: the target reads as zeros already")
-    pcv.add_argument("--bitmaps", action="store_true", help="copy persistent bitmaps (refused when there are any)")
+    pcv.add_argument("--bitmaps", action="store_true", help="copy the source's persistent bitmaps (qcow2 to qcow2)")
+    pcv.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true",
+                     help="with --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing")
     pcv.add_argument("src", metavar="SRC")
     pcv.add_argument("dst", metavar="DST")
     pcv.set_defaults(func=cmd_convert)

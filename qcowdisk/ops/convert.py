@@ -22,15 +22,18 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import formats
 from ..blockstatus import qemu_length
+from ..errors import QcowError
 from ..hostio import HostFile
 from ..image import Image, zero_block
 from ..locking import ImageLock, lock_image
+from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
+from . import bitmapcopy
 from .cachemode import DEFAULT_SOURCE_CACHE, NoFlushHostFile, RateLimit, parse_cache_mode
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
@@ -45,6 +48,7 @@ FIRST_BLOCK = 4096  # what file-posix writes at the start of a file it creates
 COMPRESS_BATCH = 1 << 20  # bytes of clusters handed to one compression worker at a time
 
 Progress = Callable[[int, int], object]
+_T = TypeVar("_T")
 
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 
@@ -59,7 +63,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
             sparse_size: int = 4096, target_exists: bool = False, progress: Progress | None = None,
             threads: int | None = None, out_of_order: bool = False, target_is_zero: bool = False,
             cache: str = "writeback", src_cache: str = DEFAULT_SOURCE_CACHE, rate_limit: int = 0,
-            force_share: bool = False, bitmaps: bool = False) -> None:
+            force_share: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False) -> None:
     """Convert the guest disk `src` into `dst` as `qemu-img convert [-f SRC_FORMAT] -O OUT_FORMAT
     [-o OPTIONS] [-c] [-B BACKING_FILE [-F BACKING_FORMAT]] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n]
     [-m THREADS] [-W] [--target-is-zero] [-t CACHE] [-T SRC_CACHE] [-r RATE] [-U] SRC DST` does.
@@ -84,9 +88,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     "writeback", the library's default, leaves the target durable on return). `rate_limit`
     throttles writes to that many bytes a second (0: none). `force_share` opens the source
     without its image lock, as -U (it may be in use, and seen inconsistent). `bitmaps`
-    (--bitmaps) copies the source's persistent bitmaps as qemu-img does; qcowdisk does not write
-    bitmaps, so a source that has some is refused (ConvertError) before anything is written, as
-    are the combinations qemu-img refuses (a raw source or target, a version 2 target).
+    (--bitmaps) copies the source's persistent bitmaps (names, granularity, enabled or not,
+    contents) into the qcow2 target after the data, as qemu-img does, and refuses what it
+    refuses (a source or target without bitmap support, an inconsistent bitmap unless
+    `skip_broken_bitmaps`, which skips it with a `BitmapSkippedWarning`); see
+    qcowdisk.ops.bitmapcopy. The target is read-only once its bitmaps are added.
     `progress(done_bytes, total_bytes)` is
     called as the conversion goes; an exception from it stops the conversion and propagates,
     with everything closed (the partly written target is left behind, as qemu-img leaves it).
@@ -96,6 +102,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         raise ConvertError(f"Invalid buffer size for sparse output specified. Valid sizes are multiples of "
                            f"{SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to disable sparse detection "
                            f"(fully allocates output).")
+    if skip_broken_bitmaps and not bitmaps:
+        raise ConvertError("Use of --skip-broken-bitmaps requires --bitmaps")
     if out_format not in ("qcow2", "raw"):
         raise ConvertError(f"Unknown file format '{out_format}'" if out_format not in ("qcow", "vmdk", "vdi")
                            else f"qcowdisk writes qcow2 and raw images only, not '{out_format}'")
@@ -131,14 +139,23 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         if snapshot is not None and isinstance(source, QcowFile):
             size = max(size, source.header.size)  # qemu-img exports a snapshot at the active disk's size
         _refuse_source_as_target(source, dst_path)
+        found = None
         if bitmaps:
-            _check_bitmaps(source, out_format, opts)
+            found = _bitmap_step(lambda: bitmapcopy.check_source(source, skip_broken_bitmaps))
+            if not target_exists:
+                _bitmap_step(lambda: bitmapcopy.refuse_target(out_format, 2 if _compat(opts) == "0.10" else 3))
         host = HostFile if flushes else NoFlushHostFile
         if target_exists:
             target = _open_target(dst_path, out_format, size, host)
         else:
             target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host)
         stack.callback(target.close)
+        editor = target.disk.edit_bitmaps() if isinstance(target, _QcowTarget) else None
+        if editor is not None:
+            stack.push(_bitmaps_committed(editor))  # before the close, whatever happens (as qemu-img's close)
+        if found is not None and target_exists:
+            version = target.disk.header.version if isinstance(target, _QcowTarget) else 0
+            _bitmap_step(lambda: bitmapcopy.refuse_target(out_format, version))
         target.limit, target.flush_each = limit, flush_each
         if target_is_zero and isinstance(target, _QcowTarget) and target.disk.backing_file is not None:
             raise ConvertError("Cannot use --target-is-zero when the destination image has a backing file")
@@ -148,6 +165,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
                                        and not opts.boolean("data_file_raw", False))
         _Copy(source, size, target, sparse_size // SECTOR, compress, base_depth, backing, progress,
               threads or min(8, os.cpu_count() or 1), zero_init, out_of_order).run()
+        if found is not None:
+            assert isinstance(source, QcowFile) and editor is not None  # (check_source, refuse_target)
+            _bitmap_step(lambda: bitmapcopy.copy(source, found, editor))
+        if editor is not None:
+            editor.commit()
         target.flush()
 
 
@@ -252,14 +274,23 @@ class _QcowTarget(_Requests):
     def __init__(self, disk: QcowFile) -> None:
         self.disk = disk
         self.cluster_size = disk.cluster_size
+        editor = disk.edit_bitmaps()
+        self.track = editor if editor.tracking else None  # the target's bitmaps record what is written
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.disk.write_at(offset, data)
+        self.mark(offset, len(data))
         self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing
+        self.mark(offset, length)
         self.written(length)
+
+    def mark(self, offset: int, length: int) -> None:
+        """Record a write in the target's own bitmaps (an existing target that has some)."""
+        if self.track is not None:
+            self.track.mark_written(offset, length)
 
 
     def flush(self) -> None:
@@ -285,15 +316,30 @@ def _refuse_source_as_target(source: Image, dst: str) -> None:
         layer = layer.backing
 
 
-def _check_bitmaps(source: Image, out_format: str, opts: QemuOpts) -> None:
-    """--bitmaps: refuse what qemu-img refuses, and a source with bitmaps (qcowdisk writes none)."""
-    if out_format != "qcow2" or _COMPAT.get(opts.string("compat") or "1.1") == "0.10":
-        raise ConvertError(f"Format driver '{out_format}' does not support bitmaps")
-    if not isinstance(source, QcowFile):
-        raise ConvertError("Source lacks bitmap support")
-    names = [b.name for b in source.bitmaps]
-    if names:
-        raise ConvertError(f"Cannot copy bitmaps ({', '.join(names)}): qcowdisk does not write persistent bitmaps")
+def _bitmap_step(step: Callable[[], _T]) -> _T:
+    """Run a step of --bitmaps, its refusals as ConvertError."""
+    try:
+        return step()
+    except bitmapcopy.BitmapCopyError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _bitmaps_committed(editor: BitmapEditor) -> Callable[..., bool]:
+    """An exit callback committing the target's bitmaps: after a failure too (qemu-img's close
+    stores what it has), unless that commit fails as well (the failure at hand is the one to
+    report; bitmaps marked in use stay so, inconsistent)."""
+    def exit_(exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            editor.commit()
+        else:
+            with contextlib.suppress(QcowError, OSError):
+                editor.commit()
+        return False
+    return exit_
+
+
+def _compat(opts: QemuOpts) -> str:
+    return _COMPAT.get(opts.string("compat") or "1.1", "1.1")
 
 
 def _remove_existing(path: str) -> None:
@@ -332,7 +378,8 @@ def _open_target(path: str, out_format: str, size: int, host: type[HostFile]) ->
         target: _Target = raw
         have = raw.host.size()
     else:
-        img = QcowFile.open(path, host_factory=host)
+        # (writes into an image with bitmaps are recorded in them, as QEMU records them)
+        img = QcowFile.open_for_bitmaps(path, track_writes=True, backing=True, host_factory=host)
         target = _QcowTarget(img)
         have = img.virtual_size
     if have < size:
@@ -409,6 +456,7 @@ class _Compressor:
             d = c + cs  # a run of clusters to write
             while d < n and not (skip_zeros and is_zero(data, d, min(cs, n - d))):
                 d += cs
+            self.target.mark(offset + c, min(d, n) - c)
             if self.out_of_order:
                 self.disk.write_compressed(offset + c, mv[c:min(d, n)])
             else:

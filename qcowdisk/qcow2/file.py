@@ -31,12 +31,13 @@ import os
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
 from ..errors import (
+    BitmapError,
     CorruptImageError,
     ImageFailedError,
     InvalidImageError,
@@ -50,10 +51,12 @@ from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
-from . import compressed, makeempty, ordering, reading, snapshot, status, writing
+from . import bitmapedit, chain, compressed, makeempty, ordering, reading, snapshot, status, writing
+from . import bitmaps as bitmapping
 from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable, TableCache
+from .chain import ChainMap
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
@@ -68,14 +71,11 @@ from .entries import (
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
-    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     Bitmap,
     Header,
     Snapshot,
-    parse_bitmap_directory,
-    parse_bitmaps_extension,
     parse_header,
     parse_snapshot_table,
     validate_snapshot_fields,
@@ -95,9 +95,11 @@ HEADER_PREFIX_BYTES = 4096
 # slice, cluster mask, virtual size, L1 entries, the L2 (slice) cache's tables, entry bits that
 # reject, file length, pread, preadv, entry index shift (1 with extended L2 entries: entry and
 # bitmap), subcluster bits, and a, b, c giving the slice's byte offset in its table as
-# ((offset >> a) & b) << c (0 without slices: b is 0).
+# ((offset >> a) & b) << c (0 without slices: b is 0), and the backing chain's map (chain.py;
+# None without a backing file).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
-                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int]
+                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int,
+                  "ChainMap | None"]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -118,7 +120,7 @@ def _in_forked_child(s: Qcow2State) -> bool:
 def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
     allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path)."""
-    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc = fast
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _ = fast
     inc = offset & cmask
     if inc + length <= cmask + 1 and offset + length <= vsize:
         l1e = l1[offset >> l1shift]
@@ -152,6 +154,7 @@ class QcowFile:
         self._state = state
         self._image_lock = image_lock
         self._snapshot: Snapshot | None = None
+        self._editor: bitmapedit.BitmapEditor | None = None
         # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
         # None once closed, and on a read-write image from the moment a write-side method
         # takes the lock until the next read rebuilds it (see `read_at`).
@@ -172,11 +175,12 @@ class QcowFile:
         # of `_fast` (see read_at) never has to cover them.
         sbits = s.l2_slice_entries.bit_length() - 1
         cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+        # A new chain map with every new tuple: what replaces the tuple invalidates the map (chain.py).
         return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_slice_entries - 1,
                 s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
                 fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
                 s.subcluster_bits, s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits,
-                sbits + 3 + int(s.extended_l2))
+                sbits + 3 + int(s.extended_l2), chain.new_map(s))
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -276,7 +280,7 @@ class QcowFile:
 
     @classmethod
     def _open(cls, path: str, options: formats.OpenOptions, chain: tuple[str, ...], *,
-              for_check: bool = False) -> QcowFile:
+              for_check: bool = False, for_bitmaps: bool = False) -> QcowFile:
         if len(chain) > 1:  # a backing file: named by the image above, so confined
             host = formats.open_named_file(path, not options.readonly, options, "backing file", chain[-2])
         else:
@@ -291,7 +295,7 @@ class QcowFile:
                 raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
-            state = _load_state(path, host, options, for_check)
+            state = _load_state(path, host, options, for_check, for_bitmaps)
             if state.header.backing_file and options.backing:
                 state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
                                                      options, chain)
@@ -432,14 +436,110 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_open()
-            h = s.header
-            ext = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
-            if ext is None or not h.autoclear_features & AUTOCLEAR_BITMAPS:
-                return []
-            file_length = s.host.size()
-            fields = parse_bitmaps_extension(ext.data, s.cluster_size, file_length)
-            raw = s.host.pread(fields.directory_size, fields.directory_offset)
-            return parse_bitmap_directory(raw, fields, s.cluster_size, file_length)
+            return bitmapping.load_directory(s)
+
+    def read_bitmap(self, name: str) -> Iterator[bytes]:
+        """The contents of the persistent bitmap `name`: its serialized bits (one bit per
+        `granularity` bytes of guest disk, bit i in byte i // 8 at bit i % 8), one cluster's
+        worth per chunk, `bitmaps.bitmap_bytes(virtual_size, granularity)` bytes in all.
+
+        Raises BitmapError when there is no such bitmap or it is inconsistent (in use: a program
+        that had it open did not store it), InvalidImageError/CorruptImageError naming the field
+        and value of a table that does not fit the disk or an entry out of bounds (the whole
+        table is checked before the first chunk is returned). See qcowdisk.qcow2.bitmaps.
+        """
+        s = self._state
+        with s.lock:
+            self._check_open()
+            bm = next((b for b in bitmapping.load_directory(s) if b.name == name), None)
+            if bm is None:
+                raise BitmapError(f"Dirty bitmap '{name}' not found")
+            table = bitmapping.load_table(s, bm)
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(len(table)):
+                with s.lock:
+                    self._check_open()
+                    data = bitmapping.read_chunk(s, bm, table, i)
+                yield data
+        return chunks()
+
+    def add_bitmaps(self, new: Iterable[bitmapping.NewBitmap]) -> None:
+        """Add persistent dirty bitmaps (`NewBitmap`: name, granularity, enabled, contents) after
+        the image's own, as QEMU stores new ones; durable on return, and a power cut leaves either
+        none of them or all (see qcowdisk.qcow2.bitmaps for the order of writes).
+
+        What QEMU refuses (a name in use, a granularity out of range, a version 2 image, ...)
+        raises BitmapError with QEMU's message, and nothing is written. Contents of the wrong
+        length raise ValueError, leaving only leaked clusters behind. Once bitmaps are added the
+        image is read-only: qcowdisk does not record guest writes in bitmaps, so a write would
+        leave the enabled ones stale (reopening such an image read-write is refused as well).
+        """
+        new = list(new)
+        editor = self.edit_bitmaps()
+        try:
+            for b in new:  # (every check before anything is written: the commit writes)
+                editor.add(b.name, b.granularity, enabled=b.enabled, data=b.data)
+            editor.commit()
+        except BaseException:
+            if not editor.tracking and not self._state.closed and self._state.failure is None:
+                editor.reset()  # what was not stored is forgotten
+            raise
+
+    @classmethod
+    def open_for_bitmaps(cls, path: str | os.PathLike[str], *, track_writes: bool = False, backing: bool = False,
+                         confine_to: str | os.PathLike[str] | None = None,
+                         host_factory: HostFactory | None = None) -> QcowFile:
+        """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
+        opens it: read-write under the write lock, even when it has bitmaps (which `open`
+        refuses read-write), without its backing chain unless `backing`.
+
+        Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
+        by itself. With `track_writes` they are allowed for a caller that reports each one to
+        the editor's `mark_written`: every consistent bitmap is marked in use on disk first (as
+        QEMU marks them while it has an image open, so a crash leaves them inconsistent, not
+        stale), and `edit_bitmaps().commit()` stores them with the written bits set, the marks
+        cleared; the image is read-only after that commit.
+        """
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
+        try:
+            editor = img.edit_bitmaps()
+            if track_writes:
+                editor.track_writes()
+            else:
+                img._state.readonly = True  # guest writes refused; the editor writes metadata only
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
+        """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
+        disable, merge as `qemu-img bitmap` does, then `commit()` (crash-safe: the old bitmaps
+        or the new ones). An image with bitmaps needs `open_for_bitmaps`; one without may be
+        any read-write image, which turns read-only once a commit has stored bitmaps (guest
+        writes would leave them stale). The same editor every call. See
+        qcowdisk.qcow2.bitmapedit."""
+        s = self._state
+        with s.lock:
+            if self._editor is None:
+                if s.readonly:
+                    raise ReadOnlyError(f"image {s.filename!r} is open read-only")
+
+                def check() -> None:
+                    self._check_open()
+                    self._check_healthy()
+                    if s.corrupt:
+                        raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
+
+                def after_commit() -> None:
+                    s.readonly = True  # see the docstring
+
+                self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
+            return self._editor
 
     @property
     def backing(self) -> Image | None:
@@ -526,6 +626,15 @@ class QcowFile:
                     data = b""
                 if self._fast is fast and len(data) == length:
                     return data
+            elif fast[16] is not None:  # a backing chain: the layer that owns the range, directly
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
+                if hit is not None:
+                    try:
+                        data = hit[2][9](length, offset + hit[0])
+                    except OSError:
+                        data = b""
+                    if self._fast is fast and hit[1]._fast is hit[2] and len(data) == length:
+                        return data
         if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
             offset = as_index(offset, "offset")
             length = as_index(length, "length")
@@ -563,6 +672,18 @@ class QcowFile:
                         return length
                 elif self._state.closed:  # never leave another file's bytes behind
                     fill_zeros(memoryview(buffer).cast("B"), 0, length)
+            elif length and fast[16] is not None:  # a backing chain, as in read_at
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
+                if hit is not None:
+                    try:
+                        got = hit[2][10]([buffer], offset + hit[0])
+                    except (OSError, BufferError):
+                        got = -1
+                    if self._fast is fast and hit[1]._fast is hit[2]:
+                        if got == length:
+                            return length
+                    elif self._state.closed or hit[1].closed:  # never leave another file's bytes behind
+                        fill_zeros(memoryview(buffer).cast("B"), 0, length)
         offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
@@ -1033,7 +1154,8 @@ class QcowFile:
 
 
 # ---------------------------------------------------------------------- opening helpers
-def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
+def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False,
+                for_bitmaps: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
     h = _read_header(host, file_length, check_snapshots=not for_check)
@@ -1041,8 +1163,9 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
             f"it can only be opened read-only until repaired")
-    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check:
-        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write)
+    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check and not for_bitmaps:
+        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write;
+        # so may open_for_bitmaps, which refuses guest writes)
         raise UnsupportedFeatureError(
             f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
             f"qcowdisk does not maintain them, so it opens such images read-only only")

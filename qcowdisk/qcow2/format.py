@@ -640,10 +640,15 @@ class Bitmap:
     """One entry of the bitmap directory."""
 
     name: str
+    """The bitmap's name, unique in the image."""
     flags: int
+    """BME_FLAG_* bits: 1 in use (inconsistent), 2 auto (enabled: a VM records writes in it)."""
     granularity_bits: int
+    """log2 of the bytes of guest disk one bit covers."""
     table_offset: int
+    """Host offset of the bitmap table."""
     table_size: int
+    """Entries in the bitmap table (one per cluster of serialized bits)."""
 
     @property
     def granularity(self) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from array import array
 
 from .entries import TableCodec
-from .format import EXT_BITMAPS, INCOMPAT_DIRTY
+from .format import AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY
 from .ordering import release_frees_if_piling, switch_header
 from .state import Qcow2State
 from .writing import discard, l2_for_write
@@ -51,6 +51,7 @@ def can_empty_completely(s: Qcow2State) -> bool:
     h = s.header
     refblock_entries = s.cluster_size * 8 // h.refcount_bits
     return (not s.v2 and not h.nb_snapshots and not s.has_data_file
+            and not h.autoclear_features & AUTOCLEAR_BITMAPS  # QEMU's nb_bitmaps: bitmaps in use
             and h.crypt_method == 0 and 3 + l1_clusters(s) <= refblock_entries)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..image import fill_zeros
 from .chain import owning_layer
 from .decoding import Piece, read_compressed
-from .entries import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_NOT_PLAIN_DATA, L2E_OFFSET_MASK, SUBCLUSTER_ALL
-from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, data_offset, get_host_runs
+from .entries import SUBCLUSTER_ALL
+from .mapping import RUN_BACKING, RUN_DATA, RUN_ZERO, Run, get_host_runs, plain_host
 from .state import Qcow2State
 
 
@@ -20,25 +20,29 @@ def readinto(s: Qcow2State, mv: memoryview, guest_offset: int) -> None:
     n = len(mv)
     if n == 0:
         return
-    cs = s.cluster_size
-    # Fast path: one cluster of plain data whose L2 table is cached (the common small read).
-    if (guest_offset & s.cluster_mask) + n <= cs and not s.extended_l2:
-        l1i, l2i = divmod(guest_offset >> s.cluster_bits, s.l2_entries)
-        if l1i < len(s.l1.entries):
-            l1e = s.l1.entries[l1i]
-            if l1e and not l1e & L1E_RESERVED_MASK:
-                first = l2i - l2i % s.l2_slice_entries  # (0 without slices)
-                cache = s.l2_cache if s.l2_slices is None else s.l2_slices
-                table = cache.peek((l1e & L1E_OFFSET_MASK) + (first << 3))
-                if table is not None:
-                    e = table.entries[l2i - first]
-                    if not e & L2E_NOT_PLAIN_DATA and e & L2E_OFFSET_MASK:
-                        host = data_offset(s, e, guest_offset >> s.cluster_bits)
-                        got = s.data_host.preadv([mv], host + (guest_offset & s.cluster_mask))
-                        if got < n:
-                            fill_zeros(mv, got, n)
-                        return
+    # Fast path: one cluster of plain data or of nothing (the common small read), its L2 slice
+    # loaded on a miss without translating the request into runs.
+    if (guest_offset & s.cluster_mask) + n <= s.cluster_size:
+        host = plain_host(s, guest_offset)
+        if host is not None:
+            if host < 0:
+                _read_backing(s, mv, guest_offset)
+                return
+            got = s.data_host.preadv([mv], host)
+            if got < n:
+                fill_zeros(mv, got, n)
+            return
     execute_runs(s, mv, guest_offset, get_host_runs(s, guest_offset, n))
+
+
+def _read_backing(s: Qcow2State, mv: memoryview, guest_offset: int) -> None:
+    """Fill mv with what the backing chain holds at `guest_offset` (zeros without one, and
+    past its end), from the layer that owns it, skipping those that do not."""
+    got = 0
+    if s.backing is not None:
+        got = owning_layer(s.backing, guest_offset, len(mv)).readinto_at(mv, guest_offset)
+    if got < len(mv):
+        fill_zeros(mv, got, len(mv))
 
 
 def subclusters_allocated(bitmap: int, first: int, last: int) -> bool:
@@ -65,11 +69,7 @@ def execute_runs(s: Qcow2State, mv: memoryview, guest_offset: int, runs: list[Ru
         elif kind == RUN_ZERO:
             fill_zeros(mv, pos, pos + length)
         elif kind == RUN_BACKING:
-            got = 0
-            if s.backing is not None:  # from the layer that owns it, skipping those that do not
-                got = owning_layer(s.backing, goff, length).readinto_at(mv[pos:pos + length], goff)
-            if got < length:
-                fill_zeros(mv, pos + got, pos + length)
+            _read_backing(s, mv[pos:pos + length], goff)
         else:
             pieces.append(Piece(pos, length, goff & s.cluster_mask, run.host, run.guest_cluster))
         pos += length
@@ -80,6 +80,18 @@ def execute_runs(s: Qcow2State, mv: memoryview, guest_offset: int, runs: list[Ru
 
 def read_bytes(s: Qcow2State, guest_offset: int, length: int) -> bytes:
     """Guest bytes (inside the disk) as a new bytes object; one data run is one pread, no copy."""
+    if (guest_offset & s.cluster_mask) + length <= s.cluster_size:  # as readinto's fast path
+        host = plain_host(s, guest_offset)
+        if host is not None:
+            if host < 0:
+                if s.backing is None:
+                    return bytes(length)
+                buf = bytearray(length)
+                _read_backing(s, memoryview(buf), guest_offset)
+                return bytes(buf)
+            data = s.data_host.pread(length, host)
+            if len(data) == length:
+                return data
     runs = get_host_runs(s, guest_offset, length)
     if len(runs) == 1 and runs[0].kind == RUN_DATA:
         data = s.data_host.pread(length, runs[0].host)
