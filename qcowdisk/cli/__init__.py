@@ -45,7 +45,8 @@ from . import (
     snapshot,
     write,
 )
-from .common import PROG, ArgumentsError, Parser, UsageError
+from .common import PROG, ArgumentsError, Parser, UsageError, reset_image_opts
+from .objects import ObjectHelp, process_objects
 
 __all__ = ["build_parser", "main"]
 
@@ -83,8 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
+    reset_image_opts()
     try:
+        try:
+            process_objects(getattr(args, "objects", []))
+        except UsageError as e:  # qemu-img compare exits 2 for a bad --object, the others 1
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 2 if args.command == "compare" else 1
         return int(args.func(args))
+    except ObjectHelp:
+        return 0
     except BrokenPipeError:  # the reader went away (`qcowdisk read ... | head`): no more output
         with contextlib.suppress(OSError, ValueError):  # nor a second error when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -34,7 +34,7 @@ from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
 from . import bitmapcopy
-from .cachemode import DEFAULT_SOURCE_CACHE, NoFlushHostFile, RateLimit, parse_cache_mode
+from .cachemode import DEFAULT_SOURCE_CACHE, RateLimit, host_class, parse_cache_mode
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
 from .zeroscan import SECTOR, data_runs, is_zero
@@ -114,7 +114,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     if threads is not None and threads < 1:
         raise ConvertError("Invalid number of threads (must be at least 1)")
     try:
-        flushes, flush_each = parse_cache_mode(cache)
+        _, flush_each = parse_cache_mode(cache)
         parse_cache_mode(src_cache, "source cache")
         limit = RateLimit(rate_limit)
     except ValueError as e:
@@ -133,7 +133,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         raise ConvertError("-B cannot be used with -n (the target exists)")
     dst_path = os.fspath(dst)
     with contextlib.ExitStack() as stack:
-        source = _open_source(os.fspath(src), src_format, snapshot, force_share)
+        source = _open_source(os.fspath(src), src_format, snapshot, force_share, host_class(src_cache))
         stack.callback(source.close)
         size = qemu_length(source)
         if snapshot is not None and isinstance(source, QcowFile):
@@ -144,7 +144,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
             found = _bitmap_step(lambda: bitmapcopy.check_source(source, skip_broken_bitmaps))
             if not target_exists:
                 _bitmap_step(lambda: bitmapcopy.refuse_target(out_format, 2 if _compat(opts) == "0.10" else 3))
-        host = HostFile if flushes else NoFlushHostFile
+        host = host_class(cache)
         if target_exists:
             target = _open_target(dst_path, out_format, size, host)
         else:
@@ -177,12 +177,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 # opening and creating
 # ------------------------------------------------------------------------------------------
 
-def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool) -> Image:
+def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool,
+                 host: type[HostFile]) -> Image:
     if snapshot is None:
-        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True, force_share=force_share))
+        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True, force_share=force_share,
+                                                                 host_factory=host))
     if fmt not in (None, "qcow2"):
         raise ConvertError(f"Failed to load snapshot: a '{fmt}' image has no internal snapshots")
-    return QcowFile.open(path, readonly=True, snapshot=snapshot, force_share=force_share)
+    return QcowFile.open(path, readonly=True, snapshot=snapshot, force_share=force_share, host_factory=host)
 
 
 def create_keywords(opts: QemuOpts) -> dict[str, Any]:

@@ -143,7 +143,11 @@ class _LegacyQcow(Exception):
 class QcowFile:
     """A qcow2 image opened for reading (and writing): the guest disk as byte ranges.
 
-    Thread-safe: every public method takes the image's lock. Implements `qcowdisk.image.Image`.
+    Thread-safe: every public method takes the image's lock. Reads hold it only to resolve the
+    mapping: their host reads and decoding run without it, so threads read at once, and a read
+    racing a write of the same bytes returns, byte by byte, what was there before or after it,
+    never bytes of a cluster freed meanwhile (see qcowdisk.qcow2.reading.ReadPlan).
+    Implements `qcowdisk.image.Image`.
     """
 
     format_name = "qcow2"
@@ -267,6 +271,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._fast = None
+            s.remap_epoch += 1
             self._snapshot = snapshot.load_for_reading(s, ref)
             self._fast = self._fast_path()
 
@@ -646,7 +651,14 @@ class QcowFile:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if not n:
                 return b""
-            return reading.read_bytes(s, offset, n)
+            plan = reading.plan_bytes(s, offset, n)
+        # The host reads and decoding run without the lock (see reading.ReadPlan).
+        got = reading.bytes_outside_lock(plan)
+        if got is None:
+            buf = bytearray(n)
+            self._read_locked(memoryview(buf), offset)
+            got = bytes(buf)
+        return got
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
@@ -696,9 +708,23 @@ class QcowFile:
             self._check_open()
             if self._fast is None and self._fast_ok:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
-            if n:
-                reading.readinto(s, mv[:n], offset)
+            if not n:
+                return 0
+            plan = reading.plan_read(s, mv[:n], offset)
+        # The host reads and decoding run without the lock (see reading.ReadPlan).
+        if not reading.serve_outside_lock(plan):
+            self._read_locked(plan.mv, offset)
         return n
+
+    def _read_locked(self, mv: memoryview, offset: int) -> None:
+        """Read again under the lock after the mapping moved under a read done outside it; a
+        closed image leaves zeros behind (never another file's bytes) and raises."""
+        s = self._state
+        with s.lock:
+            if s.closed:
+                fill_zeros(mv, 0, len(mv))
+                self._check_open()
+            reading.readinto(s, mv, offset)
 
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """The extents covering [offset, offset + length) of the guest disk and its backing
@@ -931,7 +957,7 @@ class QcowFile:
             if s.readonly:
                 return
             self._check_healthy()
-            self._guarded(lambda: ordering.flush(s))
+            self._guarded(lambda: ordering.flush(s), remaps=False)  # (it raises the epoch when it frees)
 
     def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> CheckResult:
@@ -963,7 +989,8 @@ class QcowFile:
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
                        confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
-                       host_factory: HostFactory | None = None) -> QcowFile:
+                       host_factory: HostFactory | None = None, l2_cache_size: int | None = None,
+                       l2_cache_entry_size: int | None = None) -> QcowFile:
         """Open an image to check it, as qemu-img check opens it (BDRV_O_CHECK).
 
         With `repair`, the image opens read-write even with the corrupt bit set, and a dirty
@@ -975,7 +1002,8 @@ class QcowFile:
             raise ValueError("force_share=True cannot be used to repair an image")
         options = formats.OpenOptions(readonly=not repair, host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share)
+                                      force_share=force_share, l2_cache_size=l2_cache_size,
+                                      l2_cache_entry_size=l2_cache_entry_size)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
@@ -1045,6 +1073,7 @@ class QcowFile:
             if s.closed:
                 return
             self._fast = None
+            s.remap_epoch += 1  # reads in flight outside the lock start over (and find it closed)
             if _in_forked_child(s):  # the parent's image: only our descriptors are ours
                 self._release(abandon=True)
                 return
@@ -1142,9 +1171,12 @@ class QcowFile:
         err.__cause__ = first
         return err
 
-    def _guarded(self, operation: Callable[[], _T]) -> _T:
-        """Run a write-side operation; a host error puts the image in the failed state."""
+    def _guarded(self, operation: Callable[[], _T], remaps: bool = True) -> _T:
+        """Run a write-side operation; a host error puts the image in the failed state.
+        `remaps`: it may free, punch or truncate host ranges some mapping names (see reading.ReadPlan)."""
         self._fast = None  # it may change the mapping (see read_at)
+        if remaps:  # reads in flight outside the lock will start over
+            self._state.remap_epoch += 1
         try:
             return operation()
         except OSError as e:

@@ -88,6 +88,10 @@ class Qcow2State:
         self.snapshot_error: InvalidImageError | None = None  # a broken table (read-only opens only)
         self.compressed_cache: OrderedDict[int, bytes] = OrderedDict()  # descriptor -> cluster
         self.metadata_preallocated: bool | None = None  # block status: detected once per query
+        # Raised (under the lock) before anything that could make a host range some mapping
+        # named read other bytes: a free, punch, truncate, table switch, close. Reads do their
+        # host I/O outside the lock and are redone when it moved meanwhile (reading.ReadPlan).
+        self.remap_epoch = 0
 
         # --- writing (read-write opens only) -------------------------------------------------
         self.refcounts: Refcounts | None = None   # counts, allocation, deferred frees
