@@ -884,6 +884,7 @@ class QcowFile:
                 return
 
             def run() -> None:
+                s.remap_epoch += 1  # every mapping goes: reads in flight outside the lock start over
                 makeempty.make_completely_empty(s)
                 s.l1 = L1Table(s.host, s.header.l1_table_offset, array("Q", [0]) * s.header.l1_size)
                 s.l2_cache = TableCache(s.host, s.l2_cache.codec, s.l2_cache.capacity)

@@ -122,6 +122,7 @@ def release_frees_if_piling(state: Qcow2State) -> None:
     if rc is not None and len(rc.deferred_frees) >= max(FREE_PILE_MIN, FREE_PILE_BYTES >> state.cluster_bits):
         freed = rc.release_deferred()
         if freed:
+            state.remap_epoch += 1  # the allocator may reuse them now: reads in flight start over
             hand_back(state, freed)
 
 
