@@ -10,7 +10,9 @@ new.qcow2 is a base whose first quarter matches base.qcow2 and the rest holds ot
 
 Cases, each tool as a whole process (`python3 -m qcowdisk ...` and `qemu-img ...`) on a fresh
 copy of the chain (the copy is not timed), page cache hot, best of --repeat, taken in turn;
-wall time, and CPU time (user + system) on a second row. Python runs with its bytecode cache
+wall time, then the library call (`qcowdisk.commit` / `qcowdisk.rebase`) timed inside this
+interpreter against the same qemu-img process (as bench_check.py does for check), then CPU time
+(user + system). The copy's dirty pages are synced before each timed run. Python runs with its bytecode cache
 (as an installed package would), so compiling the package is not charged to it. A third row
 takes from qcowdisk's CPU time the start-up (`python3 -c "import qcowdisk.cli"`, best of the
 same rounds): what the operation itself costs, against qemu-img's whole process.
@@ -127,6 +129,18 @@ def build(d: Path, size: int) -> None:
         os.unlink(piece)
 
 
+def library_call(key: str, d: Path) -> None:
+    """The case as a call of the library in this interpreter (what the CLI runs, without
+    interpreter start-up and imports)."""
+    import qcowdisk
+    if key == "commit":
+        qcowdisk.commit(d / "top.qcow2")
+    elif key == "commit-raw":
+        qcowdisk.commit(d / "top-raw.qcow2", drop=True)
+    else:
+        qcowdisk.rebase(d / "top.qcow2", "new.qcow2", backing_format="qcow2")
+
+
 CASES = {  # key: (row name, arguments of both tools, the chain ("=": only read, so linked), images that must then read the same)
     "commit": ("commit", ["commit", "-q", "top.qcow2"], ["base.qcow2", "top.qcow2"], ["base.qcow2", "top.qcow2"]),
     "commit-raw": ("commit -d, raw base", ["commit", "-q", "-d", "top-raw.qcow2"], ["base.raw", "top-raw.qcow2"],
@@ -147,6 +161,9 @@ def fresh(src: Path, dst: Path, names: list[str]) -> None:
             os.symlink(src / name[1:], dst / name[1:])
         else:
             run("cp", "--sparse=always", str(src / name), str(dst / name))
+    # The copy's dirty pages written back now, untimed: otherwise their writeback lands on
+    # whichever tool runs next, at random.
+    os.sync()
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -178,7 +195,8 @@ def bench_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
         for key, (name, args, chain, results) in CASES.items():
             if only and key != only:
                 continue
-            wall = {"qcowdisk": float("inf"), "qemu-img": float("inf"), "start-up": float("inf")}
+            wall = {"qcowdisk": float("inf"), "qemu-img": float("inf"), "start-up": float("inf"),
+                    "in-process": float("inf")}
             cpu = dict(wall)
             for _ in range(repeat):
                 w, c = timed([sys.executable, "-c", "import qcowdisk.cli"], t)
@@ -187,12 +205,19 @@ def bench_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
                     fresh(src, t / tool, chain)
                     w, c = timed([*cmd, *args], t / tool)
                     wall[tool], cpu[tool] = min(wall[tool], w), min(cpu[tool], c)
+                fresh(src, t / "in-process", chain)
+                t0 = time.monotonic()
+                library_call(key, t / "in-process")
+                wall["in-process"] = min(wall["in-process"], time.monotonic() - t0)
+            shutil.rmtree(t / "in-process")
             for r in results:
                 fmt = "raw" if r.endswith(".raw") else "qcow2"
                 run("qemu-img", "compare", "-f", fmt, "-F", fmt, str(t / "qcowdisk" / r), str(t / "qemu-img" / r))
             for tool in ("qcowdisk", "qemu-img"):
                 shutil.rmtree(t / tool)
             rows.append((name, wall["qcowdisk"], wall["qemu-img"], wall["qemu-img"] / wall["qcowdisk"]))
+            rows.append((f"  {name} (in-process)", wall["in-process"], wall["qemu-img"],
+                         wall["qemu-img"] / wall["in-process"]))
             rows.append((f"  {name} (cpu)", cpu["qcowdisk"], cpu["qemu-img"], cpu["qemu-img"] / cpu["qcowdisk"]))
             own = max(cpu["qcowdisk"] - cpu["start-up"], 1e-3)  # the operation's share of the CPU time
             rows.append((f"  {name} (cpu, less start-up)", own, cpu["qemu-img"], cpu["qemu-img"] / own))

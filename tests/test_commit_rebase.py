@@ -103,6 +103,79 @@ def test_commit_matches_qemu(tmp_path: Path, layout: str) -> None:
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+def check_figures(path: Path) -> dict[str, object]:
+    """`qemu-img check --output=json` of an image, its file name left out."""
+    figures: dict[str, object] = json.loads(qemu_img("check", "--output=json", str(path)).stdout)
+    figures.pop("filename")
+    return figures
+
+
+EMPTIED = {**LAYOUTS, "lazy-refcounts": "lazy_refcounts=on", "refcount-bits-1": "cluster_size=4096,refcount_bits=1",
+           "big-l1": "cluster_size=512,refcount_bits=64"}
+
+
+@pytest.mark.parametrize("layout", EMPTIED)
+def test_commit_empties_the_overlay_as_qemu(tmp_path: Path, layout: str) -> None:
+    """qemu-img 7.2 empties a committed version 3 overlay with make_completely_empty: the file
+    is rebuilt as small as a fresh image (header, refcount table, refcount block, empty L1,
+    truncated after it); a version 2 one has every cluster discarded (its L2 tables stay). The
+    emptied overlays match: file size, check figures (image end included), nothing mapped,
+    and byte for byte where rebuilt."""
+    q, o = twins(tmp_path, EMPTIED[layout])
+    qemu_img("commit", "-q", str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2")
+    same_images(q, o)
+    assert check_figures(o / "top.qcow2") == check_figures(q / "top.qcow2")
+    assert (o / "top.qcow2").stat().st_size == (q / "top.qcow2").stat().st_size
+    assert not top_allocated(o / "top.qcow2") and not top_allocated(q / "top.qcow2")
+    if layout != "compat-0.10":
+        assert (o / "top.qcow2").read_bytes() == (q / "top.qcow2").read_bytes()
+
+
+@pytest.mark.slow  # two commits that allocate 5120 L2 tables, each evicted with a sync (qemu-img's too)
+def test_commit_discards_when_the_l1_table_does_not_fit_one_refcount_block(tmp_path: Path) -> None:
+    """512-byte clusters and 64-bit refcounts: a refcount block counts 64 clusters, fewer than a
+    160 MiB disk's L1 table plus 3, so qemu-img discards instead of rebuilding: the L2 tables
+    stay, and one is allocated for every L1 entry (QEMU's get_cluster_table), 2.6 MiB here."""
+    q, o = tmp_path / "qemu", tmp_path / "ours"
+    q.mkdir()
+    opts = "cluster_size=512,refcount_bits=64"
+    create(str(q / "base.qcow2"), 160 * MiB, options=opts)
+    create(str(q / "top.qcow2"), 160 * MiB, options=opts, backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(str(q / "top.qcow2"), "write -P 0x31 4k 70k", "write -z 1M 64k", "write -P 0x32 150M 8k")
+    shutil.copytree(q, o)
+    qemu_img("commit", "-q", str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2")
+    same_images(q, o)
+    ours, theirs = check_figures(o / "top.qcow2"), check_figures(q / "top.qcow2")
+    # QEMU reuses each data cluster the moment its entry is dropped (for the next L2 table);
+    # here a dropped reference frees the cluster only once the table is durable, so the file
+    # ends a little later
+    end, qemu_end = ours.pop("image-end-offset"), theirs.pop("image-end-offset")
+    assert ours == theirs
+    assert qemu_end <= end <= qemu_end * 1.05, (end, qemu_end)
+    assert not top_allocated(o / "top.qcow2") and not top_allocated(q / "top.qcow2")
+
+
+@pytest.mark.parametrize("layout", ["default", "small-clusters", "compat-0.10"])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_committed_zeros_are_zero_clusters_as_qemu(tmp_path: Path, layout: str, depth: int) -> None:
+    """The mirror job writes the overlay's zeros into a qcow2 base with write_zeroes(MAY_UNMAP):
+    zero clusters present in the base, whether or not it has a backing file (a version 2 base
+    cannot have them: unallocated, or zeros written over its backing file). qemu-img map of the
+    bases agree on present / zero / data, whole clusters here (host offsets left out)."""
+    q, o = twins(tmp_path, LAYOUTS[layout], depth)
+    for d in (q, o):
+        qemu_io(str(d / "top.qcow2"), "write -z 2M 192k", "write -z -u 3584k 128k", "write -z 4M 64k")
+    args = ["-b", "base.qcow2"] if depth == 3 else []
+    qemu_img("commit", "-q", *args, str(q / "top.qcow2"))
+    qcowdisk.commit(o / "top.qcow2", base=(o / "base.qcow2") if depth == 3 else None, drop=depth == 3)
+    same_images(q, o)
+    assert merged_allocation(o / "base.qcow2") == merged_allocation(q / "base.qcow2")
+    if depth == 3:
+        assert merged_allocation(o / "mid.qcow2") == merged_allocation(q / "mid.qcow2")
+
+
 def build_raw(d: Path, opts: str, depth: int = 2) -> None:
     """base.raw (4 MiB: data, a hole, data, a hole) <- mid.qcow2 (depth 3) <- top.qcow2 (6 MiB):
     data over data and over the hole, zeros over data and over the hole, compressed data, and

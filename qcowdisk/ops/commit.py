@@ -4,12 +4,19 @@ qemu-img's img_commit runs a commit job (block/commit.c) from the image down to 
 file, or to the deeper layer `-b` names: every range some layer above the base allocates (data
 or zeros, `bdrv_is_allocated_above`) is read through those layers and written into the base,
 which is grown first if it is shorter. Then, unless `-d` (which `-b` implies on the command
-line), the image is emptied (`bdrv_make_empty`): its clusters become unallocated, so it reads
-through to the base again. Layers between the image and the base are left as they are.
+line), the image is emptied (`bdrv_make_empty`, `QcowFile.make_empty`): a version 3 image is
+rebuilt as small as a fresh one, others have every cluster discarded, so it reads through to
+the base again. Layers between the image and the base are left as they are.
 
 Here each layer above the base is opened alone (no chain, so no read lock on the base) and
 asked for its own `layer_status`; the topmost layer allocating a range decides it: its zeros
-become `write_zeroes` in the base, its data is copied in steps of `IO_BUF_SIZE`. The base is
+become zeros in the base (zero clusters in a qcow2 base, with or without a backing file, as
+QEMU's write_zeroes with MAY_UNMAP leaves them: `QcowFile.zeroize`), its data is copied in
+steps of `IO_BUF_SIZE`. Past the end of a shorter middle layer, that layer allocates zeros.
+A known difference: QEMU's mirror copies whole chunks of the base's cluster size (4 to 64
+KiB), so where the overlay allocates only part of one (subclusters, or clusters smaller than
+the base's) qemu-img rewrites the whole chunk as data, where this writes what the overlay
+allocates; the guest view is the same. The base is
 opened read-write with its own chain (its partial-cluster writes need what lies below it).
 
 The base may be qcow2 or raw (a raw base is the bottom of the chain). qemu-img's commit is a
@@ -42,7 +49,11 @@ from ..qcow2.file import QcowFile
 from .inflight import InFlight
 from .qcow1_target import Qcow1Target
 
-IO_BUF_SIZE = 2 << 20  # the most copied in one step
+# The most copied in one step: the mirror job's chunk (16 MiB buffer / 16 in flight). Smaller
+# than qemu-img's 2 MiB IO_BUF_SIZE on purpose: a step's bytes are copied in (preadv) and out
+# (pwrite) by the kernel, and a 1 MiB buffer stays in a core's 2 MiB L2 cache between the two,
+# where a 2 MiB one does not (the 1 GiB commit benchmark: 1.15 s -> 0.94 s, raw base 1.13 -> 0.73).
+IO_BUF_SIZE = 1 << 20
 IN_FLIGHT = 4  # data steps copied at once (worker threads, each with its buffer)
 WINDOW = 256 << 20  # guest bytes of block status asked for at a time
 
@@ -179,10 +190,15 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         else:
             target = QcowFile.open(base_path, host_factory=hf)
         stack.callback(target.close)
-        _copy(above, target, progress)
+        # Into qcow2, QEMU's write_zeroes(MAY_UNMAP) leaves zero clusters, with or without a backing file
+        zero = target.zeroize if isinstance(target, QcowFile) else target.write_zeroes
+        # zeros next to data in flight: a qcow2 base's clusters are shared, a raw base's bytes
+        # are not (punching a range never touches the bytes around it); a qcow base: wait
+        grain = target.cluster_size if isinstance(target, QcowFile) else 1 if base_format == "raw" else None
+        _copy(above, target, zero, grain, progress)
         target.flush()
         if not drop:
-            top.discard(0, top.virtual_size)
+            top.make_empty()
             top.flush()
 
 
@@ -198,9 +214,14 @@ def _find_base(layers: list[tuple[str, str, str | None]], base: str, image: str)
 
 def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int, int, LayerExtent | None]]:
     """(start, end, depth, extent) runs of [start, end): the topmost layer allocating each, or
-    (depth -1, None) where no layer above the base allocates it."""
+    (depth -1, None) where no layer above the base allocates it.
+
+    Past the end of a layer below the image, that layer allocates zeros, as QEMU's
+    bdrv_co_common_block_status_above has it ("zeroes that we synthesize beyond EOF behave as
+    if they were allocated at this layer"), so a commit through a short middle layer writes
+    zeros into the base there."""
     per_layer: list[list[tuple[int, int, LayerExtent]]] = []
-    for img in layers:
+    for depth, img in enumerate(layers):
         runs: list[tuple[int, int, LayerExtent]] = []
         stop = min(end, img.virtual_size)
         pos = start
@@ -208,6 +229,8 @@ def _segments(layers: list[Image], start: int, end: int) -> list[tuple[int, int,
             for ext in img.layer_status(pos, stop - pos):
                 runs.append((pos, pos + ext.length, ext))
                 pos += ext.length
+        if depth and pos < end:
+            runs.append((pos, end, LayerExtent(end - pos, allocated=True, zero=True, data=False)))
         per_layer.append(runs)
     out: list[tuple[int, int, int, LayerExtent | None]] = []
     idx = [0] * len(layers)
@@ -249,10 +272,12 @@ def _steps(layers: list[Image], size: int) -> Iterator[tuple[int, int, int]]:
         yield win_end, 0, -2
 
 
-def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> None:
+def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None], grain: int | None,
+          progress: Progress | None) -> None:
     """Copy what the layers above the base allocate into it: data steps (read from the layer,
-    write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here
-    once no step is in flight."""
+    write into the base) IN_FLIGHT at a time in worker threads (see ops.inflight), zeros here,
+    alongside them where the zeros share no `grain` (the base's cluster; None: always wait)
+    with a step in flight."""
     size = layers[0].virtual_size
     if target.virtual_size < size:
         target.resize(size)  # commit_run grows a shorter base first
@@ -269,14 +294,19 @@ def _copy(layers: list[Image], target: _Target, progress: Progress | None) -> No
         target.write_at(at, view)
 
     report(0)
+    data_end = 0  # where the last data step submitted ends
     with InFlight(IN_FLIGHT, lambda: memoryview(bytearray(IO_BUF_SIZE)), report) as steps:
         for at, n, depth in _steps(layers, size):
             if depth >= 0:
                 steps.submit(functools.partial(copy_step, depth, at, n), at + n)
+                data_end = at + n
             elif depth == -1:
-                # The steps in flight first: a partial cluster may be shared with one of them.
-                steps.drain()
-                target.write_zeroes(at, n)
+                # Zeros go on while data steps are in flight (both update the base's tables
+                # under its lock), unless the zeros share a cluster with one of those steps:
+                # then a step's partial-cluster write and the zeroing would race.
+                if grain is None or at // grain < -(-data_end // grain):
+                    steps.drain()
+                zero(at, n)
             else:  # the end of a window: everything before it is done
                 steps.drain()
                 report(at)

@@ -50,10 +50,10 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
-from . import bitmapedit, chain, compressed, ordering, reading, status, writing
+from . import bitmapedit, chain, compressed, makeempty, ordering, reading, status, writing
 from . import bitmaps as bitmapping
 from . import zeroize as zeroizing
-from .cache import CachedTable
+from .cache import CachedTable, TableCache
 from .chain import ChainMap
 from .create import create_image, preallocate
 from .entries import (
@@ -77,6 +77,7 @@ from .format import (
     parse_snapshot_table,
     validate_snapshot_fields,
 )
+from .l1 import L1Table
 from .overlap import collect_metadata
 from .refcount import Refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
@@ -874,6 +875,32 @@ class QcowFile:
         ending at the end of the disk covers its partial last cluster (see writing.discard)."""
         self._update_range(offset, length, writing.discard)
 
+    def make_empty(self) -> None:
+        """Unmap every cluster, as QEMU 7.2's `bdrv_make_empty` does to an overlay `qemu-img
+        commit` has committed: where QEMU rebuilds the image as small as a fresh one
+        (`make_completely_empty`: version 3, no snapshots, no external data file), so does this,
+        through states that are each consistent on disk (see qcowdisk.qcow2.makeempty);
+        elsewhere every cluster is discarded, as QEMU's fallback does (an L2 table for every L1
+        entry included). When rebuilt, unflushed writes are dropped and the truncation becomes
+        durable at the next flush or close."""
+        s = self._state
+        with s.lock:
+            self._check_writable()
+            if not makeempty.can_empty_completely(s):
+                self._update_range(0, s.virtual_size, makeempty.discard_with_tables)
+                return
+
+            def run() -> None:
+                s.remap_epoch += 1  # every mapping goes: reads in flight outside the lock start over
+                makeempty.make_completely_empty(s)
+                s.l1 = L1Table(s.host, s.header.l1_table_offset, array("Q", [0]) * s.header.l1_size)
+                s.l2_cache = TableCache(s.host, s.l2_cache.codec, s.l2_cache.capacity)
+                s.compressed_cache.clear()
+                s.metadata_preallocated = None
+                s.metadata.clear()
+                _attach_refcounts(s)
+            self._guarded(run)
+
     def set_backing_file(self, name: str | None, backing_format: str | None = None, *,
                          open_backing: bool = True) -> None:
         """Store a new backing file name and format in the header (None or "": no backing file)
@@ -1258,6 +1285,21 @@ def _prepare_for_writing(s: Qcow2State, for_check: bool = False) -> None:
     """Set up allocation and ordering; clear unknown autoclear bits; repair a dirty image (unless
     opened `for_check`: the check reports and repairs it)."""
     h = s.header
+    rc = _attach_refcounts(s)
+    if h.incompatible_features & INCOMPAT_DIRTY and not for_check:
+        from .repair import rebuild_refcounts
+        rebuild_refcounts(s, rc)
+        ordering.flush(s, final=True)
+        ordering.switch_header(s, incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY,
+                               autoclear_features=h.autoclear_features & AUTOCLEAR_KNOWN)
+    elif h.autoclear_features & ~AUTOCLEAR_KNOWN:
+        ordering.switch_header(s, autoclear_features=h.autoclear_features & AUTOCLEAR_KNOWN)
+
+
+def _attach_refcounts(s: Qcow2State) -> Refcounts:
+    """Load the refcount table the header names, find the metadata clusters, and declare the
+    write order over the current tables."""
+    h = s.header
     collect_metadata(s)
 
     def switch_reftable(offset: int, clusters: int) -> None:
@@ -1267,14 +1309,7 @@ def _prepare_for_writing(s: Qcow2State, for_check: bool = False) -> None:
                    lambda: s.alloc_limit, DEFAULT_REFBLOCK_CACHE_BYTES, switch_reftable, s.metadata)
     s.refcounts = rc
     ordering.declare_write_order(s, rc)
-    if h.incompatible_features & INCOMPAT_DIRTY and not for_check:
-        from .repair import rebuild_refcounts
-        rebuild_refcounts(s, rc)
-        ordering.flush(s, final=True)
-        ordering.switch_header(s, incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY,
-                               autoclear_features=h.autoclear_features & AUTOCLEAR_KNOWN)
-    elif h.autoclear_features & ~AUTOCLEAR_KNOWN:
-        ordering.switch_header(s, autoclear_features=h.autoclear_features & AUTOCLEAR_KNOWN)
+    return rc
 
 
 def _close_files(s: Qcow2State) -> None:

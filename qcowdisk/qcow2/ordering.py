@@ -91,8 +91,10 @@ def flush(state: Qcow2State, *, final: bool = False) -> None:
     """
     rc = state.refcounts
     assert rc is not None
-    state.l1.make_durable()
+    # L2 tables first (they pull in refcounts and data), then the L1 entries naming them: an
+    # L1 with nothing to write then costs no sync of its own.
     state.l2_cache.make_durable()
+    state.l1.make_durable()
     state.data_host.sync()
     freed = rc.release_deferred()
     if freed:
@@ -113,10 +115,15 @@ FREE_PILE_BYTES = 64 << 20
 
 
 def release_frees_if_piling(state: Qcow2State) -> None:
-    """Flush when many dropped references are waiting for one (see FREE_PILE_*)."""
+    """Free the dropped references once many are waiting (see FREE_PILE_*): the tables that
+    dropped them are made durable first (`release_deferred` does it), the decremented counts
+    are written later like any refcount change (lost, they would only leak)."""
     rc = state.refcounts
     if rc is not None and len(rc.deferred_frees) >= max(FREE_PILE_MIN, FREE_PILE_BYTES >> state.cluster_bits):
-        flush(state)
+        freed = rc.release_deferred()
+        if freed:
+            state.remap_epoch += 1  # the allocator may reuse them now: reads in flight start over
+            hand_back(state, freed)
 
 
 def hand_back(state: Qcow2State, freed: list[int]) -> None:
