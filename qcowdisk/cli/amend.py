@@ -105,7 +105,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     if probed != "qcow2":
         return err(f"Format driver '{probed}' does not support option amendment")
     try:
-        disk = QcowFile.open(path, confine_to=confine_to)
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to)
     except OSError as e:
         return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:

@@ -89,7 +89,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         probed = fmt or probe_format(path)
         if probed != "qcow2":
             return err(f"Could not open '{path}': qcowdisk resizes qcow2 images only, not {probed}")
-        disk = QcowFile.open(path, confine_to=confine_to)
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to)
     except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
         return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:

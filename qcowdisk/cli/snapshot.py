@@ -69,7 +69,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return 0
     if args.force_share:
         return err(f"Could not open '{path}': force-share=on can only be used with read-only images")
-    with QcowFile.open(path, confine_to=args.confine_to) as disk:
+    with QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to) as disk:
         data_file = disk.header.has_data_file
         if action == "-c":
             name = args.create[0]
@@ -80,6 +80,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             ref = args.apply[0]
             if data_file:
                 return err(f"Could not apply snapshot '{ref}': Failed to load snapshot: Operation not supported")
+            if disk.bitmaps:  # QEMU's bdrv_snapshot_goto refuses first
+                return err(f"Could not apply snapshot '{ref}': Device has active dirty bitmaps")
             try:
                 found = disk.find_snapshot(ref)
             except SnapshotNotFoundError:
