@@ -13,7 +13,9 @@ request (after warm-up requests that fill the caches):
 
 Paths: 4 KiB read_at and readinto_at on a fully allocated image opened read-only and read-write,
 the same on an extended-L2 image, and 4 KiB / 64 KiB sequential allocating writes into a fresh
-image (what `qemu-img bench -w -d 1 -s 4096 / 65536` does).
+image (what `qemu-img bench -w -d 1 -s 4096 / 65536` does); 4 KiB read_at through a 20-deep
+backing chain landing in the base (case l of run_benchmarks.py), and 4 KiB read_at with 4 KiB
+clusters where every request needs another L2 table than the 16 cached (case m).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if _REPO not in sys.path:
 
 from qcowdisk import QcowFile  # noqa: E402
 from qcowdisk.hostio import Buffer, HostFile  # noqa: E402
+from run_benchmarks import make_chain, make_l2miss_image  # noqa: E402  (this script's directory)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--only", default="rwcm", help="r: reads, w: allocating writes, c: chain, m: L2 misses")
     args = ap.parse_args(argv)
     n = args.requests
     size = 64 * MiB
@@ -184,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         def readinto_at(disk: Any, i: int) -> Any:
             return disk.readinto_at(buf, offs[i])
 
-        for img_name, path in images.items():
+        for img_name, path in images.items() if "r" in args.only else ():
             for ro in (True, False):
                 def open_disk(host: type[HostFile], path: str = path, ro: bool = ro) -> Any:
                     return QcowFile.open(path, readonly=ro, host_factory=host)
                 mode = "ro" if ro else "rw"
                 profile(f"4K read_at {img_name} {mode}", open_disk, read_at, n)
                 profile(f"4K readinto_at {img_name} {mode}", open_disk, readinto_at, n)
-        for bs in (4 * KiB, 64 * KiB):
+        for bs in (4 * KiB, 64 * KiB) if "w" in args.only else ():
             data = b"\xa5" * bs
             def create(host: type[HostFile], bs: int = bs) -> Any:
                 return QcowFile.create(os.path.join(d, f"fresh{bs}-{host.__name__}.qcow2"), 1 << 30,
@@ -201,8 +205,36 @@ def main(argv: list[str] | None = None) -> int:
                 return disk.write_at(i * bs, data)
             # sequential, as qemu-img bench -w: with 4 KiB requests every 16th allocates a cluster
             profile(f"{bs // KiB}K sequential allocating write", create, write_at, max(n, 64 * KiB // bs * 16))
+        if "c" in args.only:
+            profile_chain(d, raw, size, offs, n)
+        if "m" in args.only:
+            profile_l2_misses(d, n)
     return 0
 
+
+def profile_chain(d: str, raw: str, size: int, offs: list[int], n: int) -> None:
+    """4 KiB read_at through a 20-deep chain (each layer one 64 KiB write of its own), from the base."""
+    base = os.path.join(d, "chain0.qcow2")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, base)
+    top = make_chain(d, base, size, 20, 3 * MiB)[20]
+
+    def open_disk(host: type[HostFile]) -> Any:
+        return QcowFile.open(top, readonly=True, host_factory=host)
+    # first reads of each granule, then reads of granules read before (what a benchmark's later rounds do)
+    profile("4K read_at 20-deep chain ro, 1st", open_disk, lambda disk, i: disk.read_at(offs[i], 4096), n)
+    profile("4K read_at 20-deep chain ro, again", open_disk, lambda disk, i: disk.read_at(offs[i % 50], 4096), n,
+            warm=50)
+
+
+def profile_l2_misses(d: str, n: int) -> None:
+    """4 KiB read_at, 4 KiB clusters, 512 L2 tables visited in turn (each read on data),
+    l2_cache_size 64 KiB (16 tables): case m of run_benchmarks.py."""
+    img = os.path.join(d, "l2miss.qcow2")
+    offs = make_l2miss_image(img, 4 * KiB, 512, n + 100)
+
+    def open_disk(host: type[HostFile]) -> Any:
+        return QcowFile.open(img, readonly=True, l2_cache_size=64 * KiB, host_factory=host)
+    profile("4K read_at L2 miss 4K clusters ro", open_disk, lambda disk, i: disk.read_at(offs[i], 4096), n)
 
 if __name__ == "__main__":
     sys.exit(main())

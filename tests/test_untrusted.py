@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -488,7 +489,7 @@ def _entry(path: str, i: int) -> ip.SnapshotEntry:
 
 # Damage QEMU 7.2 itself refuses at open ("Snapshot table offset invalid" / "Snapshot table too
 # large"): qcowdisk refuses it too, even read-only, rather than read an image QEMU will not.
-QEMU_REFUSES = {"offset-unaligned", "nb-snapshots-too-many"}
+QEMU_REFUSES = {"offset-unaligned", "offset-2^63", "nb-snapshots-too-many"}
 
 
 def _data_cluster_offset(path: str) -> int:
@@ -503,6 +504,9 @@ SNAPSHOT_DAMAGE: dict[str, Callable[[str], None]] = {
     "offset-past-eof": lambda p: ip.patch_header_field(p, "snapshots_offset", (ip.file_size(p) // CS + 16) * CS),
     "offset-into-data": lambda p: ip.patch_header_field(p, "snapshots_offset", _data_cluster_offset(p)),
     "offset-unaligned": lambda p: ip.patch_header_field(p, "snapshots_offset", ip.read_header(p).snapshots_offset + 512),
+    # (found by the fuzz test: pread of an offset past off_t raised OverflowError)
+    "offset-2^63": lambda p: ip.patch_header_field(p, "snapshots_offset", 1 << 63),
+    "offset-ends-past-int64": lambda p: ip.patch_header_field(p, "snapshots_offset", (1 << 63) - CS),
     "nb-snapshots-one-more": lambda p: ip.patch_header_field(p, "nb_snapshots", 3),
     "nb-snapshots-too-many": lambda p: ip.patch_header_field(p, "nb_snapshots", 65537),
     "entry-l1-size-huge": lambda p: ip.patch_u32(p, _entry(p, 0).field_offset("l1_size"), 0x7FFFFFFF),
@@ -571,3 +575,22 @@ def test_intact_snapshot_table_still_lists(snap_pristine: dict[str, Any], tmp_pa
     with QcowFile.open(img) as disk:
         assert [s.name for s in disk.snapshots] == ["snap1", "snap2"]
         assert disk.read_at(0, len(disk)) == snap_pristine["raw"]
+
+
+@pytest.mark.parametrize("offset", [1 << 63, (1 << 63) - CS, (1 << 64) - CS])
+def test_check_of_a_snapshot_table_offset_past_int64(snap_pristine: dict[str, Any], tmp_path: Path,
+                                                     offset: int) -> None:
+    """qemu-img check reports the offset as invalid and fails (exit 1); so does qcowdisk's,
+    where an OverflowError from pread escaped before."""
+    img = str(tmp_path / "img.qcow2")
+    shutil.copy(snap_pristine["img"], img)
+    ip.patch_header_field(img, "snapshots_offset", offset)
+    q = run("qemu-img", "check", img, check=False)
+    ours = run(sys.executable, "-m", "qcowdisk", "check", img, check=False)
+    assert (ours.returncode, ours.stdout) == (q.returncode, q.stdout)
+    assert ours.stderr == q.stderr.replace("qemu-img:", "qcowdisk:")
+    for args in (["info"], ["info", "--output=json"], ["map"]):
+        q = run("qemu-img", *args, img, check=False)
+        ours = run(sys.executable, "-m", "qcowdisk", *args, img, check=False)
+        assert ours.returncode == q.returncode == 1
+        assert ours.stderr.startswith("qcowdisk: ") and "Traceback" not in ours.stderr

@@ -83,11 +83,15 @@ class TableCache:
             return t
         if self.on_load is not None:
             self.on_load(host_offset)
-        raw = self.host.pread(self.codec.table_bytes, host_offset)
-        if len(raw) < self.codec.table_bytes:
-            raw += bytes(self.codec.table_bytes - len(raw))
-        t = CachedTable(host_offset, self.codec.decode(raw))
-        self._insert(t)
+        codec = self.codec
+        raw = self.host.pread(codec.table_bytes, host_offset)
+        if len(raw) < codec.table_bytes:
+            raw += bytes(codec.table_bytes - len(raw))
+        t = CachedTable(host_offset, codec.decode(raw))
+        tables = self.tables
+        tables[host_offset] = t
+        if len(tables) > self.capacity:
+            self._evict()
         return t
 
     def peek(self, host_offset: int) -> CachedTable | None:
@@ -104,10 +108,17 @@ class TableCache:
 
     def _insert(self, t: CachedTable) -> None:
         self.tables[t.host_offset] = t
-        while len(self.tables) > self.capacity:
-            victim_offset, victim = next(iter(self.tables.items()))
-            self.write_table(victim)
-            del self.tables[victim_offset]
+        self._evict()
+
+    def _evict(self) -> None:
+        tables = self.tables
+        while len(tables) > self.capacity:  # the least recently used first
+            offset, victim = tables.popitem(last=False)
+            if victim.dirty_lo >= 0:  # written first: back in front until that succeeds
+                tables[offset] = victim
+                tables.move_to_end(offset, last=False)
+                self.write_table(victim)
+                del tables[offset]
 
     def satisfy_dependencies(self) -> None:
         """Make everything this cache's tables depend on durable."""

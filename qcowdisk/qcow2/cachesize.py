@@ -14,6 +14,13 @@ QEMU's `l2-cache-size` and `l2-cache-entry-size` options (`read_cache_sizes` and
 
 Here slices serve the read path of read-only opens (`Qcow2State.l2_slices`); the write side,
 check, amend and snapshots keep whole tables, with as many of them as the size allows.
+
+A read-only open whose cache cannot map the whole disk admits a table (or slice) to the cache
+on its second miss within the last `capacity` misses (`Qcow2State.l2_recent`); a first miss of
+a small read reads just the one entry (mapping.plain_host). A working set larger than the
+cache then costs an 8-byte read per request instead of loading, decoding and evicting a whole
+table that is evicted again before its next use; what is used again soon is cached as before.
+The cache never holds more than the size given, the window only keys.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ MIN_ENTRY_SIZE = 512                   # 1 << MIN_CLUSTER_BITS
 _INT_MAX = (1 << 31) - 1
 
 
+def whole_disk_l2_bytes(virtual_size: int, cluster_size: int, extended_l2: bool) -> int:
+    """QEMU's `max_l2_cache`: the L2 bytes mapping the whole disk, rounded up to a cluster."""
+    entry_bytes = 16 if extended_l2 else 8
+    return -(-(-(-virtual_size // cluster_size) * entry_bytes) // cluster_size) * cluster_size
+
+
 def l2_cache_geometry(virtual_size: int, cluster_size: int, extended_l2: bool, l2_cache_size: int | None,
                       l2_cache_entry_size: int | None) -> tuple[int, int]:
     """(entries the cache holds, bytes per entry) for these options; ValueError with QEMU's
@@ -31,8 +44,7 @@ def l2_cache_geometry(virtual_size: int, cluster_size: int, extended_l2: bool, l
     for name, value in (("l2_cache_size", l2_cache_size), ("l2_cache_entry_size", l2_cache_entry_size)):
         if value is not None and (type(value) is not int or value < 0):
             raise ValueError(f"{name} must be a non-negative integer number of bytes, not {value!r}")
-    entry_bytes = 16 if extended_l2 else 8
-    max_l2_cache = -(-(-(-virtual_size // cluster_size) * entry_bytes) // cluster_size) * cluster_size
+    max_l2_cache = whole_disk_l2_bytes(virtual_size, cluster_size, extended_l2)
     size = min(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE if l2_cache_size is None else l2_cache_size)
     entry_size = cluster_size if l2_cache_entry_size is None else l2_cache_entry_size
     if size < max_l2_cache and l2_cache_entry_size is None:

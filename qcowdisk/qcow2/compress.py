@@ -1,7 +1,10 @@
 """Decoding compressed clusters (zlib raw deflate, zstd) with hard output bounds.
 
-Both codecs are C and release the GIL. Output is capped at one cluster, so a hostile payload
-can never make us allocate more than `cluster_size` bytes.
+Both codecs are C. zlib releases the GIL while it inflates; zstandard's C backend holds it in
+its per-frame calls (`stream_reader`, `decompress`), so zstd clusters decode one at a time
+whatever the threads (its `multi_decompress_to_buffer` releases it but spawns a thread per call
+and costs about 70% more CPU per cluster). Output is capped at one cluster, so a hostile
+payload can never make us allocate more than `cluster_size` bytes.
 """
 
 from __future__ import annotations

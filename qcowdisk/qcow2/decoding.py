@@ -2,24 +2,29 @@
 
 QEMU splits a request into per-cluster tasks (up to 8 at once) and decodes each in its thread
 pool, so `qemu-img bench -d 1` over a compressed image already decodes on every core. This does
-the same for one request: the payloads of all its compressed clusters are read with one `pread`
-per host-contiguous stretch (`qemu-img convert -c` packs them back to back), then each whole
-cluster is decoded straight into the caller's buffer, on a small shared pool of threads when
-there are several (zlib and zstandard release the GIL). A cluster read only in part is decoded
-once into the image's small cache (keyed by descriptor), since a sequence of small reads comes
-back for the rest of it.
+the same for one request: its compressed clusters, in host order, are cut into one share per
+decoder (the calling thread and a small shared pool; zlib and zstandard release the GIL); each
+decoder reads its share's payloads with one `preadv` per host-contiguous stretch into its
+thread's reused buffer (`qemu-img convert -c` packs them back to back) and decodes each whole
+cluster straight into the caller's buffer. A request uses the pool only when no other is
+decoding: concurrent requests already keep the cores busy. A cluster read only in part is
+decoded once into the image's small cache (keyed by descriptor), since a sequence of small
+reads comes back for the rest of it.
 
-Everything here expects the caller to hold the image lock; the decoders take no state.
+The mapping and the cache are used under the image lock (`plan_compressed`, `cache_clusters`);
+reading and decoding (`CompressedWork.run`) need no lock, so concurrent requests decode at the
+same time (the caller makes sure, see reading.py, that no payload it reads was freed meanwhile).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CorruptImageError
+from ..hostio import HostFile
 from .compress import decompress_into
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
@@ -30,8 +35,17 @@ MAX_BATCH_BYTES = 8 << 20
 # uses up to 64 threads; past the core count they only queue).
 MAX_DECODERS = min(8, os.cpu_count() or 1)
 
+# A thread's buffer for payloads, reused from request to request up to this size (a fresh
+# buffer of a megabyte costs its page faults on every request).
+REUSED_BUFFER_BYTES = 2 << 20
+
 _pool: list[ThreadPoolExecutor] = []  # made on first use
 _pool_lock = threading.Lock()
+# Requests decoding right now, in every image (under _pool_lock). A request spreads over the
+# pool only when it is alone: several at once already keep the cores busy, and handing half
+# of each to the pool would only add thread switches.
+_decoding = [0]
+_local = threading.local()
 
 # Its threads do not survive fork(): a child makes a new pool on first use.
 os.register_at_fork(after_in_child=_pool.clear)
@@ -57,10 +71,115 @@ class Piece:
 
 
 def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
-    """Fill the pieces of `mv` from their compressed clusters."""
-    cs = s.cluster_size
+    """Fill the pieces of `mv` from their compressed clusters (the caller holds the lock throughout)."""
+    work = plan_compressed(s, mv, pieces)
+    if work is not None:
+        cache_clusters(s, work.run())
+
+
+@dataclass(slots=True)
+class CompressedWork:
+    """The compressed clusters a request still has to read and decode once the cached ones
+    are copied and every location is validated (`plan_compressed`, under the lock). `run`
+    needs no lock: it reads only the image file and these validated values."""
+
+    host: HostFile
+    compression_type: int
+    cluster_size: int
+    mv: memoryview
+    todo: list[tuple[Piece, int, int]]  # (piece, host offset, payload bytes), validated
+
+    def run(self) -> list[tuple[int, bytes]]:
+        """Read and decode the payloads into `mv`; returns the clusters decoded aside (read
+        only in part) as (descriptor, cluster bytes) for `cache_clusters`."""
+        todo = sorted(self.todo, key=lambda t: t[1])  # host order: a share is one stretch
+        with _pool_lock:
+            _decoding[0] += 1
+            alone = _decoding[0] == 1
+        try:
+            # One share of the payloads per decoder, each reading its own stretch of the file
+            # and decoding it (the calling thread does the first): a few pool tasks per
+            # request, not one per cluster, and the reads are parallel too.
+            k = min(len(todo), MAX_DECODERS if alone else 1)
+            step = -(-len(todo) // k)
+            shares = [todo[i:i + step] for i in range(0, len(todo), step)]
+            futures = [_decoder_pool().submit(self._read_and_decode, share) for share in shares[1:]]
+            outcomes: list[Exception | tuple[list[tuple[int, CorruptImageError]], list[tuple[int, bytes]]]] = []
+            try:
+                outcomes.append(self._read_and_decode(shares[0]))
+            except Exception as e:  # noqa: BLE001 - raised below, once every decoder is done
+                outcomes.append(e)
+            for f in futures:  # every decoder finishes before anything is raised or returned
+                try:
+                    outcomes.append(f.result())
+                except Exception as e:  # noqa: BLE001 - as above
+                    outcomes.append(e)
+        finally:
+            with _pool_lock:
+                _decoding[0] -= 1
+        failures: list[tuple[int, CorruptImageError]] = []
+        aside: list[tuple[int, bytes]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+            failures += outcome[0]
+            aside += outcome[1]
+        if failures:
+            raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
+        return aside
+
+    def _read_and_decode(self, share: list[tuple[Piece, int, int]]
+                         ) -> tuple[list[tuple[int, CorruptImageError]], list[tuple[int, bytes]]]:
+        """Read a share's payloads (one pread per stretch, into this thread's buffer) and decode
+        each cluster into `mv`, or aside when only a part is read (copying the part). Returns
+        the failures as (position in the request, error) and the clusters decoded aside."""
+        cs = self.cluster_size
+        mv = self.mv
+        ctype = self.compression_type
+        failures: list[tuple[int, CorruptImageError]] = []
+        aside: list[tuple[int, bytes]] = []
+        batches = _batches(share)
+        buf = _payload_buffer(sum(end - start for start, end, _ in batches))
+        at = 0
+        payloads: list[memoryview] = []
+        for batch_start, batch_end, members in batches:
+            raw = buf[at:at + batch_end - batch_start]
+            at += len(raw)
+            raw = raw[:self.host.preadv([raw], batch_start)]
+            # A payload cut short by the end of the file decodes short: the decoder says so.
+            payloads += [raw[off - batch_start:off - batch_start + n] for _, off, n in members]
+        for i, (p, off, _) in enumerate(share):  # (the batches keep the share's order)
+            in_place = p.inc == 0 and p.length == cs
+            dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
+            try:
+                decompress_into(payloads[i], dest, ctype, f"guest cluster {p.guest_cluster}, host offset 0x{off:x}")
+            except CorruptImageError as e:
+                failures.append((p.pos, e))
+                continue
+            if not in_place:  # decoded aside: copy the part, keep the cluster for the cache
+                data = bytes(dest)
+                mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+                aside.append((p.entry, data))
+        return failures, aside
+
+
+def _payload_buffer(length: int) -> memoryview:
+    """`length` bytes of this thread's payload buffer (a new one past REUSED_BUFFER_BYTES).
+    A request reads its payloads into it and decodes them before it returns, and the thread
+    reads nothing else meanwhile."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < length:
+        buf = bytearray(length)
+        if length <= REUSED_BUFFER_BYTES:
+            _local.buf = buf
+    return memoryview(buf)[:length]
+
+
+def plan_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> CompressedWork | None:
+    """Copy the pieces whose cluster is cached into `mv` and validate where the others lie;
+    what is left to read and decode (None: nothing). The caller holds the lock."""
     cache = s.compressed_cache
-    todo: list[tuple[Piece, int, int]] = []  # (piece, host offset, payload bytes), validated
+    todo: list[tuple[Piece, int, int]] = []
     for p in pieces:
         data = cache.get(p.entry)
         if data is not None:
@@ -70,53 +189,24 @@ def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
             off, n = compressed_location(s, p.entry, p.guest_cluster)
             todo.append((p, off, n))
     if not todo:
-        return
-    jobs: list[tuple[Piece, memoryview, memoryview, str, bool]] = []  # (.., destination, where, in place)
-    for batch_start, batch_end, members in _batches(todo):
-        raw = memoryview(s.host.pread(batch_end - batch_start, batch_start))
-        for p, off, n in members:
-            # A payload cut short by the end of the file decodes short: the decoder says so.
-            payload = raw[off - batch_start:off - batch_start + n]
-            where = f"guest cluster {p.guest_cluster}, host offset 0x{off:x}"
-            in_place = p.inc == 0 and p.length == cs
-            dest = mv[p.pos:p.pos + cs] if in_place else memoryview(bytearray(cs))
-            jobs.append((p, payload, dest, where, in_place))
-    ctype = s.header.compression_type
-    # One group of clusters per decoder, the calling thread decoding the first group itself:
-    # a few pool tasks per request, not one per cluster.
-    k = min(len(jobs), MAX_DECODERS)
-    groups = [jobs[i::k] for i in range(k)]
-    futures: list[Future[list[tuple[int, CorruptImageError]]]] = (
-        [_decoder_pool().submit(_decode_group, g, ctype) for g in groups[1:]])
-    failures = _decode_group(groups[0], ctype)
-    for f in futures:  # every decoder finishes before anything is raised or returned
-        failures += f.result()
-    if failures:
-        raise min(failures, key=lambda pf: pf[0])[1]  # the first failure, in request order
-    for p, _, dest, _, in_place in jobs:
-        if not in_place:  # decoded aside: cache it, copy the part
-            cache[p.entry] = data = bytes(dest)
-            if len(cache) > COMPRESSED_CACHE_CLUSTERS:
-                cache.popitem(last=False)
-            mv[p.pos:p.pos + p.length] = memoryview(data)[p.inc:p.inc + p.length]
+        return None
+    return CompressedWork(s.host, s.header.compression_type, s.cluster_size, mv, todo)
 
 
-def _decode_group(group: list[tuple[Piece, memoryview, memoryview, str, bool]],
-                  ctype: int) -> list[tuple[int, CorruptImageError]]:
-    """Decode each job of `group`; returns the failures as (position in the request, error)."""
-    failures: list[tuple[int, CorruptImageError]] = []
-    for p, payload, dest, where, _ in group:
-        try:
-            decompress_into(payload, dest, ctype, where)
-        except CorruptImageError as e:
-            failures.append((p.pos, e))
-    return failures
+def cache_clusters(s: Qcow2State, clusters: list[tuple[int, bytes]]) -> None:
+    """Keep clusters decoded aside (descriptor, bytes) in the image's small cache, as read
+    now: the caller holds the lock and knows no descriptor was freed since the decode."""
+    cache = s.compressed_cache
+    for entry, data in clusters:
+        cache[entry] = data
+        if len(cache) > COMPRESSED_CACHE_CLUSTERS:
+            cache.popitem(last=False)
 
 
 def _batches(todo: list[tuple[Piece, int, int]]) -> list[tuple[int, int, list[tuple[Piece, int, int]]]]:
-    """Group payloads whose host ranges touch or overlap (in host order) into one read each."""
+    """Group payloads (sorted by host offset) whose host ranges touch or overlap into one read each."""
     out: list[tuple[int, int, list[tuple[Piece, int, int]]]] = []
-    for item in sorted(todo, key=lambda t: t[1]):
+    for item in todo:  # (in host order)
         _, off, n = item
         if out and off <= out[-1][1] and max(out[-1][1], off + n) - out[-1][0] <= MAX_BATCH_BYTES:
             start, end, members = out[-1]

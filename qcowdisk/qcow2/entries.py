@@ -104,6 +104,7 @@ class TableCodec:
         self.table_bytes = table_bytes
         self.entry_count = table_bytes * 8 // entry_bits
         self._expand: list[bytes] = []
+        self._swap = not _BIG_ENDIAN_HOST and entry_bits > 8  # entries are big-endian on disk
         if entry_bits >= 8:
             self.typecode = _TYPECODES[entry_bits]
             assert array(self.typecode).itemsize * 8 == entry_bits
@@ -117,9 +118,8 @@ class TableCodec:
     def decode(self, raw: bytes) -> array[int]:
         """Bytes of a whole table -> array of entries."""
         if self.entry_bits >= 8:
-            a = array(self.typecode)
-            a.frombytes(raw)
-            if not _BIG_ENDIAN_HOST and self.entry_bits > 8:
+            a = array(self.typecode, raw)
+            if self._swap:
                 a.byteswap()
             return a
         return array("B", b"".join(map(self._expand.__getitem__, raw)))

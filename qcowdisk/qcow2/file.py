@@ -51,11 +51,12 @@ from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import amend as amending
-from . import bitmapedit, compressed, ordering, reading, snapshot, status, writing
+from . import bitmapedit, chain, compressed, ordering, reading, snapshot, status, writing
 from . import bitmaps as bitmapping
 from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable
+from .chain import ChainMap
 from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
@@ -94,9 +95,11 @@ HEADER_PREFIX_BYTES = 4096
 # slice, cluster mask, virtual size, L1 entries, the L2 (slice) cache's tables, entry bits that
 # reject, file length, pread, preadv, entry index shift (1 with extended L2 entries: entry and
 # bitmap), subcluster bits, and a, b, c giving the slice's byte offset in its table as
-# ((offset >> a) & b) << c (0 without slices: b is 0).
+# ((offset >> a) & b) << c (0 without slices: b is 0), and the backing chain's map (chain.py;
+# None without a backing file).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
-                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int]
+                  Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int,
+                  "ChainMap | None"]
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -117,7 +120,7 @@ def _in_forked_child(s: Qcow2State) -> bool:
 def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
     allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path)."""
-    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc = fast
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _ = fast
     inc = offset & cmask
     if inc + length <= cmask + 1 and offset + length <= vsize:
         l1e = l1[offset >> l1shift]
@@ -140,7 +143,11 @@ class _LegacyQcow(Exception):
 class QcowFile:
     """A qcow2 image opened for reading (and writing): the guest disk as byte ranges.
 
-    Thread-safe: every public method takes the image's lock. Implements `qcowdisk.image.Image`.
+    Thread-safe: every public method takes the image's lock. Reads hold it only to resolve the
+    mapping: their host reads and decoding run without it, so threads read at once, and a read
+    racing a write of the same bytes returns, byte by byte, what was there before or after it,
+    never bytes of a cluster freed meanwhile (see qcowdisk.qcow2.reading.ReadPlan).
+    Implements `qcowdisk.image.Image`.
     """
 
     format_name = "qcow2"
@@ -173,11 +180,12 @@ class QcowFile:
         # of `_fast` (see read_at) never has to cover them.
         sbits = s.l2_slice_entries.bit_length() - 1
         cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+        # A new chain map with every new tuple: what replaces the tuple invalidates the map (chain.py).
         return (s.cluster_bits, s.cluster_bits + s.l2_entries.bit_length() - 1, s.l2_slice_entries - 1,
                 s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
                 fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
                 s.subcluster_bits, s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits,
-                sbits + 3 + int(s.extended_l2))
+                sbits + 3 + int(s.extended_l2), chain.new_map(s))
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -264,6 +272,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._fast = None
+            s.remap_epoch += 1
             self._snapshot = snapshot.load_for_reading(s, ref)
             self._fast = self._fast_path()
 
@@ -673,6 +682,15 @@ class QcowFile:
                     data = b""
                 if self._fast is fast and len(data) == length:
                     return data
+            elif fast[16] is not None:  # a backing chain: the layer that owns the range, directly
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
+                if hit is not None:
+                    try:
+                        data = hit[2][9](length, offset + hit[0])
+                    except OSError:
+                        data = b""
+                    if self._fast is fast and hit[1]._fast is hit[2] and len(data) == length:
+                        return data
         if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
             offset = as_index(offset, "offset")
             length = as_index(length, "length")
@@ -684,7 +702,14 @@ class QcowFile:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if not n:
                 return b""
-            return reading.read_bytes(s, offset, n)
+            plan = reading.plan_bytes(s, offset, n)
+        # The host reads and decoding run without the lock (see reading.ReadPlan).
+        got = reading.bytes_outside_lock(plan)
+        if got is None:
+            buf = bytearray(n)
+            self._read_locked(memoryview(buf), offset)
+            got = bytes(buf)
+        return got
 
     def readinto_at(self, buffer: Buffer, offset: int) -> int:
         """Read into `buffer` (any writable buffer) from guest `offset`; returns bytes read."""
@@ -710,6 +735,18 @@ class QcowFile:
                         return length
                 elif self._state.closed:  # never leave another file's bytes behind
                     fill_zeros(memoryview(buffer).cast("B"), 0, length)
+            elif length and fast[16] is not None:  # a backing chain, as in read_at
+                hit = chain.chain_lookup(fast[16], self._state, offset, length)
+                if hit is not None:
+                    try:
+                        got = hit[2][10]([buffer], offset + hit[0])
+                    except (OSError, BufferError):
+                        got = -1
+                    if self._fast is fast and hit[1]._fast is hit[2]:
+                        if got == length:
+                            return length
+                    elif self._state.closed or hit[1].closed:  # never leave another file's bytes behind
+                        fill_zeros(memoryview(buffer).cast("B"), 0, length)
         offset = as_index(offset, "offset")
         mv = memoryview(buffer)
         if mv.readonly:
@@ -722,9 +759,23 @@ class QcowFile:
             self._check_open()
             if self._fast is None and self._fast_ok:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
-            if n:
-                reading.readinto(s, mv[:n], offset)
+            if not n:
+                return 0
+            plan = reading.plan_read(s, mv[:n], offset)
+        # The host reads and decoding run without the lock (see reading.ReadPlan).
+        if not reading.serve_outside_lock(plan):
+            self._read_locked(plan.mv, offset)
         return n
+
+    def _read_locked(self, mv: memoryview, offset: int) -> None:
+        """Read again under the lock after the mapping moved under a read done outside it; a
+        closed image leaves zeros behind (never another file's bytes) and raises."""
+        s = self._state
+        with s.lock:
+            if s.closed:
+                fill_zeros(mv, 0, len(mv))
+                self._check_open()
+            reading.readinto(s, mv, offset)
 
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """The extents covering [offset, offset + length) of the guest disk and its backing
@@ -932,7 +983,7 @@ class QcowFile:
             if s.readonly:
                 return
             self._check_healthy()
-            self._guarded(lambda: ordering.flush(s))
+            self._guarded(lambda: ordering.flush(s), remaps=False)  # (it raises the epoch when it frees)
 
     def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> CheckResult:
@@ -1046,6 +1097,7 @@ class QcowFile:
             if s.closed:
                 return
             self._fast = None
+            s.remap_epoch += 1  # reads in flight outside the lock start over (and find it closed)
             if _in_forked_child(s):  # the parent's image: only our descriptors are ours
                 self._release(abandon=True)
                 return
@@ -1143,9 +1195,12 @@ class QcowFile:
         err.__cause__ = first
         return err
 
-    def _guarded(self, operation: Callable[[], _T]) -> _T:
-        """Run a write-side operation; a host error puts the image in the failed state."""
+    def _guarded(self, operation: Callable[[], _T], remaps: bool = True) -> _T:
+        """Run a write-side operation; a host error puts the image in the failed state.
+        `remaps`: it may free, punch or truncate host ranges some mapping names (see reading.ReadPlan)."""
         self._fast = None  # it may change the mapping (see read_at)
+        if remaps:  # reads in flight outside the lock will start over
+            self._state.remap_epoch += 1
         try:
             return operation()
         except OSError as e:

@@ -380,6 +380,12 @@ def validate_snapshot_fields(h: Header) -> None:
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise InvalidImageError(f"Snapshot table too large: nb_snapshots {h.nb_snapshots} > {MAX_SNAPSHOTS}")
     if h.nb_snapshots:
+        # QEMU's qcow2_validate_table: the table must end below INT64_MAX (a larger offset would
+        # not even fit pread's off_t).
+        if (1 << 63) - 1 - h.nb_snapshots * SNAPSHOT_HEADER_STRUCT.size < h.snapshots_offset:
+            raise InvalidImageError(
+                f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} + "
+                f"{h.nb_snapshots} entries of {SNAPSHOT_HEADER_STRUCT.size} bytes ends past 0x7fffffffffffffff")
         if h.snapshots_offset % cs:
             raise InvalidImageError(
                 f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} not cluster aligned")

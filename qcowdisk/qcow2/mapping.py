@@ -136,6 +136,61 @@ def l2_slice(s: Qcow2State, l2_offset: int, l2_index: int) -> tuple[array[int], 
     return s.l2_slices.get(l2_offset + (first << (4 if s.extended_l2 else 3))).entries, first
 
 
+def plain_host(s: Qcow2State, guest_offset: int) -> int | None:
+    """What this image alone says about the cluster holding `guest_offset`, for the small-read
+    paths: -1 when unallocated (read from the backing file), the host offset of `guest_offset`
+    when the cluster is plain data (every subcluster allocated), None for anything else, broken
+    entries included (the run translation handles them, and reports what is wrong). On a miss,
+    after validating the L1 entry, loads the L2 slice, or reads the one entry when the slice is
+    not admitted yet (see cachesize.py)."""
+    gc = guest_offset >> s.cluster_bits
+    l1i, l2i = divmod(gc, s.l2_entries)
+    l1 = s.l1.entries
+    if l1i >= len(l1) or not l1[l1i]:
+        return -1
+    l1e = l1[l1i]
+    l2off = l1e & L1E_OFFSET_MASK
+    if l1e & L1E_RESERVED_MASK or l2off & s.cluster_mask or not s.cluster_size <= l2off <= s.alloc_limit - s.cluster_size:
+        l2off = l2_table_offset(s, l1i)  # (raises what is wrong with it)
+    first = l2i - l2i % s.l2_slice_entries
+    ext = s.extended_l2
+    cache = s.l2_cache if s.l2_slices is None else s.l2_slices
+    key = l2off + (first << (4 if ext else 3))
+    i = l2i - first
+    recent = s.l2_recent
+    if recent is not None and key not in cache.tables and key not in recent:
+        recent[key] = None  # its first miss: remembered, not loaded
+        if len(recent) > cache.capacity:
+            del recent[next(iter(recent))]
+        raw = s.host.pread(16 if ext else 8, key + (i << (4 if ext else 3)))
+        if ext:
+            e, bitmap = int.from_bytes(raw[:8].ljust(8, b"\0"), "big"), int.from_bytes(raw[8:].ljust(8, b"\0"), "big")
+        else:
+            e, bitmap = int.from_bytes(raw.ljust(8, b"\0"), "big"), 0
+    else:
+        if recent is not None:
+            recent.pop(key, None)
+        entries = cache.get(key).entries
+        if ext:
+            e, bitmap = entries[2 * i], entries[2 * i + 1]
+        else:
+            e, bitmap = entries[i], 0
+    if ext:
+        if not e and not bitmap:
+            return -1
+        if bitmap != SUBCLUSTER_ALL:
+            return None
+    elif not e:
+        return -1
+    # (L2E_NOT_PLAIN_DATA holds the reserved bits of both entry widths)
+    if e & (L2E_NOT_PLAIN_DATA | (s.cluster_mask & L2E_OFFSET_MASK)):
+        return None
+    host = e & L2E_OFFSET_MASK
+    if not host or host >= (s.data_file_limit if s.has_data_file else s.alloc_limit):
+        return None
+    return host + (guest_offset & s.cluster_mask)
+
+
 # --- runs -------------------------------------------------------------------------------------
 def get_host_runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
     """Translate [guest_offset, +length) (inside the disk) into runs, merged as described above."""

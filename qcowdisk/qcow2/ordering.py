@@ -96,6 +96,7 @@ def flush(state: Qcow2State, *, final: bool = False) -> None:
     state.data_host.sync()
     freed = rc.release_deferred()
     if freed:
+        state.remap_epoch += 1  # the allocator may reuse them now: reads in flight start over
         hand_back(state, freed)
     if not state.lazy or final:
         rc.make_durable()

@@ -39,6 +39,10 @@ SNAPSHOT_READ_AHEAD = 1 << 16  # bytes of a snapshot table read at once when its
 V3_MIN_EXTRA = 16              # vm_state_size_large and disk_size: what every v3 entry must have
 
 
+# QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB; reads ending past it fail with EIO.
+BDRV_MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
+
+
 def _c_string(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
@@ -73,6 +77,11 @@ def read_snapshot_table(s: Qcow2State, report: Report, res: CheckTally, fix: int
     def take(pos: int, length: int) -> bytes:
         nonlocal window, window_start
         end = pos + length
+        if length and offset + end > BDRV_MAX_LENGTH:  # QEMU's block layer refuses the read
+            res.check_errors += 1
+            report("qcowdisk: ERROR failed to read the snapshot table: Failed to read snapshot table: "
+                   "Input/output error")
+            raise StepFailed(errno.EIO)
         if pos < window_start or end > window_start + len(window):
             window_start = pos
             window = s.host.pread(max(0, min(file_len - offset - pos, max(length, SNAPSHOT_READ_AHEAD))), offset + pos)

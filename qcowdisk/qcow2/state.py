@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..errors import InvalidImageError
 from ..hostio import HostFactory, HostFile
 from .cache import TableCache
-from .cachesize import l2_cache_geometry
+from .cachesize import l2_cache_geometry, whole_disk_l2_bytes
 from .entries import CompressedDescriptor, TableCodec
 from .format import INCOMPAT_DIRTY, Header, Snapshot
 from .l1 import L1Table
@@ -77,11 +77,21 @@ class Qcow2State:
         if readonly and entry_size < header.cluster_size:
             self.l2_slices = TableCache(host, TableCodec(64, entry_size), cache_entries)
             self.l2_slice_entries = entry_size // (16 if header.extended_l2 else 8)
+        # Recent misses of a read-only cache too small for the disk: admission on a second miss
+        # (see cachesize.py); None when every table is cached on its first miss.
+        self.l2_recent: dict[int, None] | None = None
+        if readonly and cache_entries * entry_size < whole_disk_l2_bytes(header.size, header.cluster_size,
+                                                                          header.extended_l2):
+            self.l2_recent = {}
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_length = 0      # bytes of the snapshot table (0 without snapshots)
         self.snapshot_error: InvalidImageError | None = None  # a broken table (read-only opens only)
         self.compressed_cache: OrderedDict[int, bytes] = OrderedDict()  # descriptor -> cluster
         self.metadata_preallocated: bool | None = None  # block status: detected once per query
+        # Raised (under the lock) before anything that could make a host range some mapping
+        # named read other bytes: a free, punch, truncate, table switch, close. Reads do their
+        # host I/O outside the lock and are redone when it moved meanwhile (reading.ReadPlan).
+        self.remap_epoch = 0
 
         # --- writing (read-write opens only) -------------------------------------------------
         self.refcounts: Refcounts | None = None   # counts, allocation, deferred frees
