@@ -7,7 +7,10 @@ The source is a raw file of --size bytes: half of it files from /usr concatenate
 (holes and written zeros), in 2 MiB pieces. Cases: raw->qcow2, qcow2->raw, and
 `-c -m 8 -W` with zlib and zstd. Each side is a whole process (start-up included), page cache
 hot, the two run in turn (A B A B ...) and the median of each is kept; CPU is user + system of
-the child. A ratio above 1 means qcowdisk took longer.
+the child. A ratio above 1 means qcowdisk took longer. For raw->qcow2 and qcow2->raw there is
+also the library call: `qcowdisk.convert(...)` timed inside this (already started) interpreter,
+what a Python program choosing the library over running qemu-img pays, against the same
+`qemu-img convert` process (CPU: this process's user + system during the call).
 
 What each side syncs: `qemu-img convert` opens its target with cache=unsafe by default and never
 fsyncs it; qcowdisk's library default (cache="writeback") fsyncs the target before returning.
@@ -126,12 +129,29 @@ class Row:
         return self.ours_cpu / max(self.qemu_cpu, 1e-9)
 
 
+def in_process(opts: list[str], src: Path, dst: Path) -> tuple[float, float]:
+    """(wall, CPU seconds) of `qcowdisk.convert` in this interpreter, with the options of a
+    plain case (-O FMT, no sync: cache="unsafe" as qemu-img's default)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import qcowdisk
+    out_format = opts[opts.index("-O") + 1]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    qcowdisk.convert(src, dst, out_format=out_format, cache="unsafe")
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def cases(raw: Path, qcow: Path) -> list[tuple[str, Path, list[str], str]]:
     """(name, source, options for both tools, output extension)."""
     c = ["-O", "qcow2", "-c", "-m", "8", "-W"]
     return [
+        ("raw -> qcow2: convert() in-process", raw, ["-O", "qcow2"], "qcow2"),
         ("raw -> qcow2 (no sync)", raw, ["-O", "qcow2"], "qcow2"),
         ("raw -> qcow2 (synced)", raw, ["-O", "qcow2", "-t", "writeback"], "qcow2"),
+        ("qcow2 -> raw: convert() in-process", qcow, ["-O", "raw"], "raw"),
         ("qcow2 -> raw (no sync)", qcow, ["-O", "raw"], "raw"),
         ("qcow2 -> raw (synced)", qcow, ["-O", "raw", "-t", "writeback"], "raw"),
         ("-c zlib -m 8 -W", raw, [*c, "-o", "compression_type=zlib"], "qcow2"),
@@ -158,8 +178,11 @@ def convert_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 
             out_ours, out_qemu = tmp / f"ours.{ext}", tmp / f"theirs.{ext}"
             a: list[tuple[float, float]] = []
             b: list[tuple[float, float]] = []
+            library = "in-process" in name
+            if library:
+                in_process(opts, src, out_ours)  # imports and first-call costs: not what is timed
             for _ in range(repeat):
-                a.append(timed(ours(opts, src, out_ours), env))
+                a.append(in_process(opts, src, out_ours) if library else timed(ours(opts, src, out_ours), env))
                 b.append(timed(["qemu-img", "convert", *opts, str(src), str(out_qemu)]))
             same = subprocess.run(["qemu-img", "compare", "-q", str(out_ours), str(out_qemu)],
                                   check=False).returncode == 0
@@ -173,10 +196,10 @@ def convert_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 
 
 def render(rows: list[Row]) -> str:
     """The rows as a text table."""
-    lines = [f"{'case':<24} {'qcowdisk s':>10} {'qemu-img s':>10} {'ratio':>6} {'cpu ours':>9} {'cpu qemu':>9} "
+    lines = [f"{'case':<34} {'qcowdisk s':>10} {'qemu-img s':>10} {'ratio':>6} {'cpu ours':>9} {'cpu qemu':>9} "
              f"{'cpu ratio':>9} {'ours MiB':>9} {'qemu MiB':>9}"]
     for r in rows:
-        lines.append(f"{r.case:<24} {r.ours_s:10.2f} {r.qemu_s:10.2f} {r.ratio:6.2f} {r.ours_cpu:9.2f} "
+        lines.append(f"{r.case:<34} {r.ours_s:10.2f} {r.qemu_s:10.2f} {r.ratio:6.2f} {r.ours_cpu:9.2f} "
                      f"{r.qemu_cpu:9.2f} {r.cpu_ratio:9.2f} {r.ours_mib:9.1f} {r.qemu_mib:9.1f}"
                      + ("" if r.same else "  CONTENT DIFFERS"))
     return "\n".join(lines)

@@ -30,7 +30,10 @@ CHECK
 CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes; whole processes)
   i) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
      with like: neither side fsyncs ("no sync", qemu-img's default cache=unsafe), or both do
-     ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system)
+     ("synced", qemu-img -t writeback); the note gives each side's CPU time (user + system).
+     raw -> qcow2 and qcow2 -> raw also as the library call `qcowdisk.convert()` in-process (the
+     target, >= 1.0, as h) does for check) against the same qemu-img process; their whole-process
+     rows (interpreter start-up included) are for reference, as h)'s
 COMMIT / REBASE (benchmarks/bench_commit.py: a --size chain of /usr data, zeros and holes)
   j) `qcowdisk commit` (qcow2 and raw base) and safe `qcowdisk rebase` vs qemu-img's, whole processes
 
@@ -842,12 +845,15 @@ def render_table(rows: list[Row]) -> str:
 
 
 def bench_convert(workdir: str, size: int, repeat: int, rows: list[Row]) -> None:
-    """i) convert cases from bench_convert.py (median of `repeat` whole-process runs a side)."""
+    """i) convert cases from bench_convert.py (median of `repeat` runs a side: whole processes, and
+    the library call in-process for raw -> qcow2 and qcow2 -> raw)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_convert
     with guarded(rows, "i) convert", "s", "qemu-img convert"):
         for r in bench_convert.convert_rows(size, workdir, repeat):
-            target = None if "synced" in r.case else 1.0
+            # plain copies: the library call has the target; the whole process is shown (as h)
+            plain = r.case.startswith(("raw -> qcow2", "qcow2 -> raw"))
+            target = 1.0 if "in-process" in r.case or not (plain or "synced" in r.case) else None
             row = throughput_row(f"i) convert {r.case}", "s", "qemu-img convert", 1 / r.ours_s, 1 / r.qemu_s, target)
             row.qcowdisk, row.reference = r.ours_s, r.qemu_s
             row.note = f"cpu {r.ours_cpu:.2f} s vs {r.qemu_cpu:.2f} s" + ("" if r.same else "; CONTENT DIFFERS")

@@ -15,7 +15,8 @@ Layout (each layer imports only from the ones before it):
   the package's `pytest11` entry point; it needs pytest, nothing imports it otherwise).
 """
 
-from . import qcow1, raw  # noqa: F401  (importing a format registers it)
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AmendError,
     BackingChainError,
@@ -33,12 +34,24 @@ from .errors import (
     UnsafeFileError,
     UnsupportedFeatureError,
 )
-from .image import Extent, Image
-from .ops import commit, compare, convert, measure, rebase  # qemu-img's operations over any image
-from .qcow2.bitmaps import NewBitmap
-from .qcow2.file import QcowFile
-from .qcow2.format import Bitmap, Snapshot
-from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
+
+if TYPE_CHECKING:  # imported on first use (see __getattr__): a command needs a few of them only
+    from .image import Extent, Image
+    from .ops.commit import commit  # qemu-img's operations over any image
+    from .ops.compare import compare
+    from .ops.convert import convert
+    from .ops.measure import measure
+    from .ops.rebase import rebase
+    from .qcow2.bitmaps import NewBitmap
+    from .qcow2.file import QcowFile
+    from .qcow2.format import Bitmap, Snapshot
+    from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
+
+# public name -> the module defining it, imported when the name is first looked up
+_LAZY = {"Extent": "image", "Image": "image", "commit": "ops", "compare": "ops", "convert": "ops",
+         "measure": "ops", "rebase": "ops", "QcowFile": "qcow2.file", "Snapshot": "qcow2.format",
+         "Bitmap": "qcow2.format", "NewBitmap": "qcow2.bitmaps",
+         "QcowIO": "stream", "open": "stream"}
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",
            "BackingChainError", "ImageLockedError", "ReadOnlyError", "RefcountOverflowError", "ImageFailedError",
@@ -47,10 +60,22 @@ __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFe
            "commit", "rebase", "convert"]
 
 
-def __getattr__(name: str) -> str:
-    """`qcowdisk.__version__`, looked up on first use: importlib.metadata costs more at every
-    start than the rest of the package's imports together."""
+def __getattr__(name: str) -> Any:
+    """The public names beyond the errors, imported on first use: `import qcowdisk` (and the
+    command line, which needs one operation) does not pay for the whole engine. Each is then
+    kept in the module, so the lookup runs once. `qcowdisk.__version__` too: importlib.metadata
+    costs more at every start than the rest of the package's imports together."""
     if name == "__version__":
         from ._version import __version__
         return __version__
-    raise AttributeError(f"module 'qcowdisk' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qcowdisk' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,7 +1,8 @@
 """Formats: probe, resolve and open any image by format; the registry every format joins.
 
 Each format module (qcow2/file.py, qcow1.py, raw.py) registers a `FormatDriver` here when it
-is imported (the package's __init__ imports them all), so this module sits below every format
+is imported (this module imports them all the first time the registry is consulted, so a
+program that opens no image pays for none of them), so this module sits below every format
 and each of them can open its backing file through `open_backing` without importing the others:
 the format graph has no import cycles. Backing chains are followed here: names are resolved
 against the naming image's directory, loops and excessive depth are caught before anything
@@ -94,6 +95,18 @@ class FormatDriver:
 
 
 _DRIVERS: dict[str, FormatDriver] = {}
+_FORMAT_MODULES = ("raw", "qcow1", "qcow2.file")
+_loaded: list[bool] = []  # not empty once every format module is imported
+
+
+def _drivers() -> dict[str, FormatDriver]:
+    """The registry, with every format module imported (each registers itself)."""
+    if not _loaded:
+        import importlib
+        for module in _FORMAT_MODULES:
+            importlib.import_module(f"{__package__}.{module}")
+        _loaded.append(True)
+    return _DRIVERS
 
 
 def register(driver: FormatDriver) -> None:
@@ -103,7 +116,7 @@ def register(driver: FormatDriver) -> None:
 
 def format_names() -> list[str]:
     """The names of every known format."""
-    return sorted(_DRIVERS)
+    return sorted(_drivers())
 
 
 def probe_format(path: str, host_factory: HostFactory | None = None) -> str:
@@ -113,7 +126,7 @@ def probe_format(path: str, host_factory: HostFactory | None = None) -> str:
         head = host.pread(PROBE_BYTES, 0)
     finally:
         host.close()
-    return max(_DRIVERS.values(), key=lambda d: d.probe(head)).name
+    return max(_drivers().values(), key=lambda d: d.probe(head)).name
 
 
 def resolve_backing_path(parent_path: str, name: str) -> str:
@@ -134,7 +147,7 @@ def open_image(path: str, fmt: str | None = None, options: OpenOptions = OpenOpt
     """Open `path` as `fmt` (probed when None) with its backing chain."""
     if not fmt:
         fmt = probe_format(path, options.host_factory)
-    driver = _DRIVERS.get(fmt)
+    driver = _drivers().get(fmt)
     if driver is None:
         raise UnsupportedFeatureError(
             f"image {path!r}: format {fmt!r} is not supported ({', '.join(format_names())})")

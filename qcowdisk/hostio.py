@@ -8,11 +8,12 @@ shared by threads without a file position.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,23 +28,36 @@ def zero_block(length: int) -> memoryview:
     return memoryview(_ZEROS)[:length]
 
 
-_fallocate: Callable[[int, int, int, int], int] | None
-try:  # Linux: hand space back without changing the file length
-    # The interpreter's own namespace has libc's symbols: looking libc up by name
-    # (ctypes.util.find_library) runs `ldconfig -p` in a subprocess at every start.
-    _libc = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(_libc, "fallocate"):  # pragma: no cover - a statically linked interpreter
-        import ctypes.util
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _fallocate = _libc.fallocate
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    _libc.fallocate.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - non-Linux
-    _fallocate = None
+_fallocate: list[Callable[[int, int, int, int], int] | None] = []  # libc's fallocate once looked up
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate (None off Linux), looked up at its first use: ctypes costs a few
+    milliseconds of every start, and many commands never allocate or punch."""
+    if not _fallocate:
+        import ctypes
+        fn: Callable[[int, int, int, int], int] | None
+        try:  # Linux: hand space back without changing the file length
+            # The interpreter's own namespace has libc's symbols: looking libc up by name
+            # (ctypes.util.find_library) runs `ldconfig -p` in a subprocess at every start.
+            libc = ctypes.CDLL(None, use_errno=True)
+            if not hasattr(libc, "fallocate"):  # pragma: no cover - a statically linked interpreter
+                import ctypes.util
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+            libc.fallocate.restype = ctypes.c_int
+            fn = libc.fallocate
+        except (OSError, AttributeError):  # pragma: no cover - non-Linux
+            fn = None
+        _fallocate.append(fn)
+    return _fallocate[0]
+
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 # Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -59,16 +73,19 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-def open_regular(path: str, writable: bool) -> int:
+def open_regular(path: str, writable: bool, extra_flags: int = 0) -> int:
     """Open a regular file or block device without ever blocking; refuse anything else.
 
     O_NONBLOCK makes opening a FIFO return at once (instead of waiting for a writer); fstat
     then tells what was opened, and only regular files and block devices are kept.
+    `extra_flags` are or-ed into the open flags (O_DIRECT for DirectHostFile).
     """
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | extra_flags
     try:
         fd = os.open(path, flags)
     except OSError as e:
+        if e.errno == errno.EINVAL and extra_flags & O_DIRECT:
+            _refuse_direct(path, flags & ~O_DIRECT)
         if e.errno in (errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
             try:
                 kind = _file_kind(os.stat(path).st_mode)
@@ -87,8 +104,24 @@ def open_regular(path: str, writable: bool) -> int:
     return fd
 
 
+class DirectIOUnsupportedError(OSError):
+    """The file system refuses O_DIRECT (QEMU's words: "filesystem does not support O_DIRECT")."""
+
+
+def _refuse_direct(path: str, flags: int) -> None:
+    """After open with O_DIRECT failed with EINVAL: when the file opens without it, say that the
+    file system is what refuses O_DIRECT (QEMU's qemu_open does the same); else return."""
+    try:
+        os.close(os.open(path, flags))
+    except OSError:
+        return
+    raise DirectIOUnsupportedError(errno.EINVAL, "filesystem does not support O_DIRECT", path)
+
+
 class HostFile:
     """Positional I/O on one host file. Short reads past EOF return what exists."""
+
+    open_flags = 0  # or-ed into the flags the file is opened with
 
     def __init__(self, path: str, writable: bool) -> None:
         """Open `path` read-only or read-write (never creates)."""
@@ -100,7 +133,7 @@ class HostFile:
         self.fd = -1
         self.is_block_device = False
         self.can_zero_alloc = True  # until fallocate says the file system cannot
-        self.fd = open_regular(path, writable)
+        self.fd = open_regular(path, writable, self.open_flags)
         self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
 
     @classmethod
@@ -194,11 +227,13 @@ class HostFile:
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Hand the host space of a range back (reads as zeros afterwards). False if unsupported."""
-        if _fallocate is None or length <= 0:
+        fallocate = _libc_fallocate()
+        if fallocate is None or length <= 0:
             return False
         self.unsynced = True
-        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
             return True
+        import ctypes
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False
@@ -210,16 +245,18 @@ class HostFile:
         on a regular file (FALLOC_FL_ZERO_RANGE, else a punched hole allocated again). False
         where the host cannot (a block device, a file system without either): the caller then
         writes the zeros itself, as QEMU falls back to writing its copy-on-write buffers."""
-        if _fallocate is None or length <= 0 or self.is_block_device or not self.can_zero_alloc:
+        fallocate = _libc_fallocate()
+        if fallocate is None or length <= 0 or self.is_block_device or not self.can_zero_alloc:
             return False
         self.unsynced = True
-        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length) == 0:
+        if fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length) == 0:
             return True
+        import ctypes
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise OSError(err, os.strerror(err), self.path)
         # (tmpfs, for one, has no ZERO_RANGE): hand the range back, then allocate it as zeros
-        if self.punch_hole(offset, length) and _fallocate(self.fd, 0, offset, length) == 0:
+        if self.punch_hole(offset, length) and fallocate(self.fd, 0, offset, length) == 0:
             return True
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -243,6 +280,118 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+DIRECT_ALIGN = 4096  # a multiple of every logical block size and of the page size
+
+
+class DirectHostFile(HostFile):
+    """A host file opened with O_DIRECT, bypassing the host page cache (QEMU's cache=none and
+    cache=directsync, i.e. cache.direct=on).
+
+    O_DIRECT wants the buffer, the offset and the length aligned; qcowdisk's requests are not
+    (headers, L2 slices, compressed payloads), so every request goes through an aligned bounce
+    buffer (anonymous mmap, page aligned): reads read the covering aligned blocks and copy out,
+    writes read the partial blocks at either edge, merge, and write whole blocks. Writes are
+    serialised (an edge block read-modify-written by two threads at once would lose one of
+    them). A write whose padding reaches past the end of the file leaves the file as QEMU's
+    does: grown to the request's end rounded up to the file's request alignment (probed as
+    file-posix probes it, 512 to 4096), with zeros. Opening fails with EINVAL on a file system
+    without O_DIRECT, as QEMU's does.
+    """
+
+    open_flags = O_DIRECT
+
+    def __init__(self, path: str, writable: bool) -> None:
+        """Open `path` with O_DIRECT, read-only or read-write."""
+        self._write_lock = threading.Lock()
+        super().__init__(path, writable)
+        self.request_alignment = self._probe_alignment()
+
+    def _probe_alignment(self) -> int:
+        """file-posix's raw_probe_alignment: the smallest read size from 512 to 4096 that
+        O_DIRECT does not refuse with EINVAL."""
+        with mmap.mmap(-1, DIRECT_ALIGN) as buf:
+            view = memoryview(buf)
+            try:
+                align = 512
+                while align < DIRECT_ALIGN:
+                    try:
+                        os.preadv(self.fd, [view[:align]], 0)
+                        return align
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            return align
+                    align *= 2
+                return DIRECT_ALIGN
+            finally:
+                view.release()
+
+    def _read_blocks(self, buf: mmap.mmap, start: int, pos: int, length: int) -> int:
+        """Fill buf[start:start+length] from the file at `pos` (all aligned); bytes read."""
+        view = memoryview(buf)
+        try:
+            done = 0
+            while done < length:
+                n = os.preadv(self.fd, [view[start + done:start + length]], pos + done)
+                done += max(n, 0)
+                if n <= 0 or done % DIRECT_ALIGN:  # the end of the file (retrying would be unaligned)
+                    break
+            return done
+        finally:
+            view.release()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read up to `length` bytes at `offset` through an aligned buffer."""
+        if length <= 0:
+            return b""
+        first = offset - offset % DIRECT_ALIGN
+        span = -(-(offset + length - first) // DIRECT_ALIGN) * DIRECT_ALIGN
+        with mmap.mmap(-1, span) as buf:
+            got = self._read_blocks(buf, 0, first, span)
+            return buf[offset - first:max(offset - first, min(got, offset - first + length))]
+
+    def preadv(self, buffers: Sequence[Buffer], offset: int) -> int:
+        """Read into `buffers` from `offset` through an aligned buffer; bytes read."""
+        bufs = [memoryview(b).cast("B") for b in buffers]
+        data = self.pread(sum(len(b) for b in bufs), offset)
+        pos = 0
+        for b in bufs:
+            n = min(len(b), len(data) - pos)
+            if n <= 0:
+                break
+            b[:n] = data[pos:pos + n]
+            pos += n
+        return pos
+
+    def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
+        """Write all `buffers` contiguously at `offset`: whole aligned blocks, edges merged."""
+        bufs = [m for m in (memoryview(b).cast("B") for b in buffers) if len(m)]
+        length = sum(len(b) for b in bufs)
+        if not length:
+            return
+        end = offset + length
+        first = offset - offset % DIRECT_ALIGN
+        last = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN
+        with self._write_lock, mmap.mmap(-1, last - first) as buf:
+            self.unsynced = True
+            old_size = self.size() if end != last else 0
+            if offset != first:
+                self._read_blocks(buf, 0, first, DIRECT_ALIGN)
+            if end != last and (last - DIRECT_ALIGN > first or offset == first):
+                self._read_blocks(buf, last - DIRECT_ALIGN - first, last - DIRECT_ALIGN, DIRECT_ALIGN)
+            pos = offset - first
+            for b in bufs:
+                buf[pos:pos + len(b)] = b
+                pos += len(b)
+            view = memoryview(buf)
+            try:
+                self._write_all([view], first, 0)
+            finally:
+                view.release()
+            grown = -(-end // self.request_alignment) * self.request_alignment
+            if end != last and not self.is_block_device and last > max(old_size, grown):
+                os.ftruncate(self.fd, max(old_size, grown))
 
 
 HostFactory = Callable[[str, bool], HostFile]

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -290,6 +291,27 @@ def test_cli_errors(tmp_path: Path, sources: dict[str, tuple[Path, str]], capsys
         assert err.startswith("qcowdisk: ") and text in err, (argv, err)
         assert "Traceback" not in err
     assert (Path(src).read_bytes(), sources["base"][0].read_bytes()) == before
+
+
+def test_replaced_target_is_a_new_file(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+    """A file at the target's path is replaced (its name taken, not its contents written over),
+    and the old file is gone when convert returns: its blocks are freed by a close in a thread
+    of its own (joined: no thread is left behind), on success and on failure."""
+    def closers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "qcowdisk-free-old-target"]
+
+    src = sources["top"][0]
+    for out_fmt in ("qcow2", "raw"):
+        dst, keep = tmp_path / f"t.{out_fmt}", tmp_path / f"keep.{out_fmt}"
+        dst.write_bytes(b"old" * 100000)
+        os.link(dst, keep)
+        qcowdisk.convert(src, dst, out_format=out_fmt)
+        assert closers() == []
+        assert keep.read_bytes() == b"old" * 100000 and keep.stat().st_nlink == 1  # the old file, unlinked
+        compare(str(src), str(dst), "qcow2", out_fmt)
+    with pytest.raises(ValueError, match="Cluster size"):  # failing once the old file went: joined too
+        qcowdisk.convert(src, dst, options="cluster_size=3")
+    assert closers() == [] and not dst.exists()
 
 
 def test_target_in_use_is_refused(tmp_path: Path, sources: dict[str, tuple[Path, str]]) -> None:
@@ -580,3 +602,69 @@ def test_cli_options_as_qemu_img(tmp_path: Path, sources: dict[str, tuple[Path, 
     if rc == 0:
         compare(str(src), str(ours), fmt, "qcow2")
         assert layout(ours, "qcow2") == layout(theirs, "qcow2")
+
+
+def _fd_direct(fd: int) -> bool:
+    """Whether the kernel has O_DIRECT set on `fd` (/proc/self/fdinfo's octal flags)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+    return bool(flags & os.O_DIRECT)
+
+
+@pytest.mark.parametrize("mode", ["none", "directsync"])
+@pytest.mark.parametrize("out_fmt,extra", [("qcow2", []), ("raw", []), ("qcow2", ["-c", "-W", "-m", "3"])])
+def test_direct_io_modes(tmp_path: Path, sources: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch,
+                         mode: str, out_fmt: str, extra: list[str]) -> None:
+    """-t none / directsync and -T none / directsync read and write with O_DIRECT (as qemu-img opens
+    them), every direct request aligned to 512 bytes, and the result is qemu-img's (its file length too)."""
+    src, fmt = sources["top"]
+    seen: list[tuple[str, bool, int, int]] = []
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
+        seen.append(("r", _fd_direct(fd), offset, sum(memoryview(b).nbytes for b in bufs)))
+        return real_preadv(fd, bufs, offset)
+
+    def pwritev(fd: int, bufs: list[memoryview], offset: int) -> int:
+        seen.append(("w", _fd_direct(fd), offset, sum(memoryview(b).nbytes for b in bufs)))
+        return real_pwritev(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    ours, theirs = tmp_path / f"o.{out_fmt}", tmp_path / f"q.{out_fmt}"
+    rc = cli.main(["convert", "-t", mode, "-T", mode, *extra, "-O", out_fmt, str(src), str(ours)])
+    monkeypatch.undo()
+    assert rc == 0
+    qemu_img("convert", "-t", mode, "-T", mode, *extra, "-O", out_fmt, str(src), str(theirs))
+    assert any(kind == "r" and direct for kind, direct, _, _ in seen)
+    assert any(kind == "w" and direct for kind, direct, _, _ in seen)
+    assert [s for s in seen if s[1] and (s[2] % 512 or s[3] % 512)] == []
+    compare(str(src), str(ours), fmt, out_fmt)
+    assert ours.stat().st_size == theirs.stat().st_size
+    if not extra:
+        assert layout(ours, out_fmt) == layout(theirs, out_fmt)
+    if out_fmt == "qcow2":
+        assert_clean(str(ours))
+
+
+def test_direct_io_refused(tmp_path: Path, sources: dict[str, tuple[Path, str]], monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A file system that refuses O_DIRECT (EINVAL at open) fails -T none / -t none as QEMU's
+    file-posix does (qemu_open's message)."""
+    import errno
+
+    from qcowdisk import hostio
+    src, _ = sources["base"]
+    real_open = hostio.os.open
+
+    def no_direct(path: str, flags: int, *rest: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *rest)
+
+    monkeypatch.setattr(hostio.os, "open", no_direct)
+    for opt, shown in (("-T", str(src)), ("-t", str(tmp_path / "o.qcow2"))):
+        rc = cli.main(["convert", opt, "none", "-O", "qcow2", str(src), str(tmp_path / "o.qcow2")])
+        assert rc == 1
+        assert capsys.readouterr().err == (f"qcowdisk: Could not open '{shown}': Could not open '{shown}': "
+                                           "filesystem does not support O_DIRECT\n")

@@ -35,6 +35,16 @@ def site_links(markdown: str) -> str:
     return markdown
 
 
+def load_module(name: str) -> types.ModuleType:
+    """Import module `name` with the public names it imports lazily (a module `__getattr__`)
+    resolved, so pdoc, which reads the module's namespace, sees every name of `__all__`."""
+    import importlib
+    module = importlib.import_module(name)
+    for public in getattr(module, "__all__", ()):
+        getattr(module, public)
+    return module
+
+
 def build(out: Path) -> list[str]:
     """Write the site into `out`; return pdoc's warnings (empty when the docs are clean)."""
     from pdoc import doc, render  # imported here so `--help` works without pdoc installed
@@ -49,7 +59,7 @@ def build(out: Path) -> list[str]:
             page = types.ModuleType(name, site_links(source.read_text(encoding="utf-8")))
             modules[name] = doc.Module(page)
         for name in MODULES:
-            modules[name] = doc.Module.from_name(name)
+            modules[name] = doc.Module(load_module(name))
         for module in modules.values():
             target = out / f"{module.fullname.replace('.', '/')}.html"
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ from ..errors import AmendError, ImageLockedError, QcowError
 from ..formats import format_names, probe_format
 from ..ops import qemuopts
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_own_parsing, err, print_warnings
+from .common import USAGE_HINT, Parser, add_own_parsing, check_cache_modes, err, host_factory, image_source, print_warnings, shown
 from .getoptlong import GetoptError, getopt_long
+from .objects import process_objects
 from .progress import QemuProgress, f32
 
 AMEND_HELP = """usage: qcowdisk amend [-p] [-q] [-f FMT] [--force] [--confine-to DIR] -o OPTIONS IMAGE
@@ -47,7 +48,7 @@ _CREATE_ONLY_TABLE = {"cluster_size": _O.SIZE, "compression_type": _O.STRING, "e
                       "encrypt.key-secret": _O.STRING, "encryption": _O.BOOL, "extended_l2": _O.BOOL,
                       "preallocation": _O.STRING}
 _AMEND_SHORT = {"f": True, "h": False, "o": True, "p": False, "q": False, "t": True}
-_AMEND_LONG = {"help": False, "force": False, "confine-to": True}
+_AMEND_LONG = {"help": False, "force": False, "confine-to": True, "image-opts": False, "object": True}
 
 
 def _amend_status(progress: QemuProgress, offset: int, total: int) -> None:
@@ -64,7 +65,9 @@ def cmd_amend(args: argparse.Namespace) -> int:
         return err(str(e), hint=USAGE_HINT)
     fmt: str | None = None
     options: str | None = None
-    quiet = show_progress = False
+    quiet = show_progress = image_opts = False
+    cache: str | None = None
+    objects: list[str] = []
     confine_to: str | None = None
     for name, value in opts:
         if name in ("-h", "--help"):
@@ -76,12 +79,19 @@ def cmd_amend(args: argparse.Namespace) -> int:
             options = value if options is None else f"{options},{value}"
         elif name == "-f":
             fmt = value
+        elif name == "-t":
+            cache = value
         elif name == "-q":
             quiet = True
         elif name == "-p":
             show_progress = True
         elif name == "--confine-to":
             confine_to = value
+        elif name == "--image-opts":
+            image_opts = True
+        elif name == "--object":
+            objects.append(value)
+    process_objects(objects)  # (qemu-img creates them as getopt meets them, before any other check)
     if options is None:
         return err("Must specify options (-o)", hint=USAGE_HINT)
     if quiet:
@@ -93,26 +103,28 @@ def cmd_amend(args: argparse.Namespace) -> int:
         return 0
     if len(operands) != 1:
         return err("Expecting one image file name")
-    path = operands[0]
+    check_cache_modes(argparse.Namespace(cache=cache))
+    path, fmt = image_source(argparse.Namespace(), operands[0], fmt, writable=True, image_opts=image_opts)
+    shown_as = shown(path)
     if fmt is not None and fmt not in format_names():
-        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+        return err(f"Could not open '{shown_as}': Unknown driver '{fmt}'")
     try:
         probed = fmt or probe_format(path)
     except OSError as e:
-        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+        return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:
-        return err(f"Could not open '{path}': {e}")
+        return err(f"Could not open '{shown_as}': {e}")
     if probed != "qcow2":
         return err(f"Format driver '{probed}' does not support option amendment")
     try:
-        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to)
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path, cache))
     except OSError as e:
-        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+        return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:
-        return err(f"Could not open '{path}': Failed to get \"write\" lock",
+        return err(f"Could not open '{shown_as}': Failed to get \"write\" lock",
                    hint=f"Is another process using the image [{path}]?\n")
     except QcowError as e:
-        return err(f"Could not open '{path}': {e}")
+        return err(f"Could not open '{shown_as}': {e}")
     progress = QemuProgress(sys.stdout, 1.0) if show_progress else None  # qemu-img amend: min_skip 1
     status = 0
     try:

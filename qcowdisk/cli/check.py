@@ -7,10 +7,24 @@ import dataclasses
 import sys
 
 from .. import formats
-from ..formats import OpenOptions, format_names, probe_format
+from ..formats import format_names, probe_format
 from ..qcow2.check import CheckFailedError
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_confine, add_force_share, confine_dir, err, opening
+from .common import (
+    USAGE_HINT,
+    Parser,
+    add_cache_options,
+    add_confine,
+    add_force_share,
+    add_image_opts,
+    check_cache_modes,
+    confine_dir,
+    err,
+    image_source,
+    open_options,
+    opening,
+    shown,
+)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -31,22 +45,25 @@ def cmd_check(args: argparse.Namespace) -> int:
         return err("--output must be used with human or json as argument.")
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=USAGE_HINT)
-    path = args.image[0]
+    check_cache_modes(args)
+    if args.repair and args.force_share and not args.image_opts:
+        return err(f"Could not open '{args.image[0]}': force-share=on can only be used with read-only images")
+    path, fmt = image_source(args, args.image[0], args.format, writable=args.repair is not None)
     confine_to = confine_dir(args)
-    if args.repair and args.force_share:
-        return err(f"Could not open '{path}': force-share=on can only be used with read-only images")
     with opening(path):
-        fmt = args.format or probe_format(path)
+        fmt = fmt or probe_format(path)
         if fmt not in format_names():
-            return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+            return err(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
         if fmt != "qcow2":
-            other = formats.open_image(path, fmt, OpenOptions(readonly=True, confine_to=confine_to,
-                                                              force_share=args.force_share))
+            other = formats.open_image(path, fmt, open_options(args, path))
             other.close()
             err("This image format does not support checks")
             return 63
+        o = open_options(args, path)
         img = QcowFile.open_for_check(path, repair=args.repair is not None, confine_to=confine_to,
-                                      force_share=args.force_share)
+                                      backing=o.backing, force_share=args.force_share,
+                                      l2_cache_size=o.l2_cache_size, l2_cache_entry_size=o.l2_cache_entry_size,
+                                      host_factory=o.host_factory)
     try:
         try:
             result = img.check(args.repair, report=report)
@@ -54,7 +71,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return err(str(e))
     finally:
         img.close()
-    result = dataclasses.replace(result, filename=path)
+    result = dataclasses.replace(result, filename=shown(path))
     if not args.quiet:
         if args.output == "json":
             sys.stdout.write(result.to_json() + "\n")
@@ -77,5 +94,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pk.add_argument("-q", "--quiet", dest="quiet", action="store_true", help="print only errors")
     add_confine(pk)
     add_force_share(pk)
+    add_cache_options(pk, target=False, source=True)
+    add_image_opts(pk)
     pk.add_argument("image", metavar="IMAGE", nargs="*")
     pk.set_defaults(func=cmd_check)

@@ -6,23 +6,21 @@ import argparse
 import os
 
 from ..ops import CommitError, commit
-from .common import Parser, UsageError, check_chain, open_failed
+from .common import Parser, UsageError, add_chain_options, chain_operand, check_chain, host_factory, open_failed
 from .progress import progress_bar
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
     """`qcowdisk commit`: qemu-img commit's copy into the backing file (or the -b layer, which
     implies -d), the emptied image, "Image committed." and its errors (status 1)."""
-    path: str = args.image
-    if args.format not in (None, "qcow2"):
-        raise UsageError(f"Could not open '{path}': only qcow2 images can be committed")
+    path, fmt = chain_operand(args, "committed")
     if not os.path.exists(path):
         raise open_failed(path, FileNotFoundError(2, os.strerror(2), path))
     check_chain(path)
     bar = progress_bar(args)
     try:
         commit(path, base=args.base, drop=args.drop or args.base is not None,
-               progress=bar.advance if bar else None, image_format=args.format)
+               progress=bar.advance if bar else None, image_format=fmt, host_factory=host_factory(path, args.cache))
     except CommitError as e:
         raise UsageError(str(e)) from e
     finally:
@@ -41,5 +39,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pcm.add_argument("-d", dest="drop", action="store_true", help="leave the image as it is (do not empty it)")
     pcm.add_argument("-p", dest="progress", action="store_true", help="show progress")
     pcm.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    add_chain_options(pcm, source_cache=False)
     pcm.add_argument("image", metavar="IMAGE")
     pcm.set_defaults(func=cmd_commit)

@@ -15,8 +15,11 @@ from typing import NoReturn, Protocol
 from .. import formats
 from ..errors import QcowError
 from ..formats import OpenOptions, format_names, probe_format
+from ..hostio import DirectHostFile, HostFile
 from ..image import Image
 from ..ops import qemuopts
+from ..ops.cachemode import CacheModeError, host_class, parse_cache_mode
+from ..ops.imageopts import ImageOpts, ImageOptsError, parse_image_opts
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
 
@@ -102,7 +105,7 @@ def add_force_share(sp: argparse.ArgumentParser) -> None:
 CHUNK = 1 << 20  # read and write stream through buffers this large
 
 
-def why(e: QcowError | OSError, path: str | None = None) -> str:
+def why(e: QcowError | OSError | ValueError, path: str | None = None) -> str:
     """The reason in an error: an OS error's strerror (with its file name unless that is `path`)."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror if e.filename in (None, path) else f"{e.filename}: {e.strerror}"
@@ -114,8 +117,130 @@ def opening(path: str) -> Iterator[None]:
     """Report an image (or file) that cannot be opened as qemu-img does: `Could not open 'PATH': why`."""
     try:
         yield
-    except (QcowError, OSError) as e:
-        raise UsageError(f"Could not open '{path}': {why(e, path)}") from e
+    except (QcowError, OSError, ValueError) as e:
+        if isinstance(e, ValueError) and not isinstance(e, QcowError) and path not in _IMAGE_OPTS:
+            raise  # (an --image-opts value QEMU checks at open, e.g. the L2 cache entry size)
+        raise UsageError(f"Could not open '{shown(path)}': {why(e, path)}") from e
+
+
+# --image-opts: the images named by option strings in this run, by the file each names
+_IMAGE_OPTS: dict[str, ImageOpts] = {}
+
+
+def reset_image_opts() -> None:
+    """Forget the images named by --image-opts (a new command starts)."""
+    _IMAGE_OPTS.clear()
+
+
+def shown(path: str) -> str:
+    """How qemu-img names an image in its messages: the option string that named it with
+    --image-opts, else its file name."""
+    spec = _IMAGE_OPTS.get(path)
+    return spec.text if spec is not None else path
+
+
+def add_image_opts(sp: argparse.ArgumentParser, image_opts: bool = True) -> None:
+    """Add --object (and --image-opts) to a subcommand's parser."""
+    if image_opts:
+        sp.add_argument("--image-opts", dest="image_opts", action="store_true",
+                        help="the image names are option strings (driver=qcow2,file.filename=PATH,...)")
+    sp.add_argument("--object", dest="objects", action="append", default=[], metavar="OBJECTDEF",
+                    help="define a QEMU object (secret: checked, unused: qcowdisk has no encryption)")
+
+
+def image_source(args: argparse.Namespace, name: str, fmt: str | None, *, writable: bool = False,
+                 opens_backing: bool = True, image_opts: bool | None = None) -> tuple[str, str | None]:
+    """(file name, format) of an image operand: `name` itself and `fmt`, or with --image-opts
+    (`image_opts`, default args.image_opts) what the option string `name` says, checked as
+    qemu-img checks it (UsageError with its message). An option string's force-share sets
+    args.force_share; its L2 cache sizes and `backing=` reach `open_options`."""
+    if not (getattr(args, "image_opts", False) if image_opts is None else image_opts):
+        return name, fmt
+    if fmt:
+        raise UsageError("--image-opts and --format are mutually exclusive")
+    def warn(line: str) -> None:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", qemuopts.SizeSuffixWarning)
+        try:
+            spec = parse_image_opts(name, force_share=getattr(args, "force_share", False), writable=writable,
+                                    opens_backing=opens_backing, warn=warn)
+        except ImageOptsError as e:
+            print_warnings(caught)
+            message = f"Could not open '{name}': {e}" if e.prefixed else str(e)
+            raise UsageError(message + ("\n" + e.hint.rstrip("\n") if e.hint else "")) from None
+    print_warnings(caught)
+    if hasattr(args, "force_share"):
+        args.force_share = spec.force_share
+    _IMAGE_OPTS[spec.filename] = spec
+    return spec.filename, spec.driver
+
+
+def add_cache_options(sp: argparse.ArgumentParser, target: bool = True, source: bool = False) -> None:
+    """Add qemu-img's -t CACHE (the image written) and/or -T SRC_CACHE (images read) to a parser."""
+    if target:
+        sp.add_argument("-t", dest="cache", metavar="CACHE",
+                        help="none/directsync: O_DIRECT; unsafe: no fsync; writeback (default), writethrough")
+    if source:
+        sp.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
+                        help="cache mode for the images read (none/directsync: O_DIRECT)")
+
+
+def add_chain_options(sp: argparse.ArgumentParser, source_cache: bool) -> None:
+    """Add commit's or rebase's -t (and rebase's -T), --image-opts and --object."""
+    add_cache_options(sp, source=source_cache)
+    add_image_opts(sp)
+
+
+def check_cache_modes(args: argparse.Namespace) -> None:
+    """Refuse a -t / -T mode qemu-img does not know, with its message (UsageError)."""
+    for attr, what in (("cache", "cache"), ("src_cache", "source cache")):
+        mode = getattr(args, attr, None)
+        if mode is not None:
+            try:
+                parse_cache_mode(mode, what)
+            except CacheModeError as e:
+                raise UsageError(str(e)) from None
+
+
+def host_factory(path: str, mode: str | None = None) -> type[HostFile]:
+    """The host I/O class for the image `path`: the (checked) cache `mode`'s when given (O_DIRECT
+    for none and directsync), else O_DIRECT when its --image-opts said cache.direct=on."""
+    if mode is not None:
+        return host_class(mode)
+    spec = _IMAGE_OPTS.get(path)
+    return DirectHostFile if spec is not None and spec.cache_direct else HostFile
+
+
+def refuse_no_backing(path: str) -> None:
+    """Refuse `backing=` (no backing file) from --image-opts where the operation needs the chain."""
+    spec = _IMAGE_OPTS.get(path)
+    if spec is not None and spec.no_backing:
+        raise UsageError(f"Could not open '{spec.text}': qcowdisk does not support the option 'backing' here")
+
+
+def chain_operand(args: argparse.Namespace, verb: str) -> tuple[str, str | None]:
+    """(file name, format) of the qcow2 image commit or rebase (`verb`: "committed", "rebased")
+    works on: args.image with -f, or --image-opts; refuses what they cannot do, and a bad -t / -T."""
+    check_cache_modes(args)
+    path, fmt = image_source(args, args.image, args.format, writable=True)
+    refuse_no_backing(path)
+    if fmt not in (None, "qcow2"):
+        raise UsageError(f"Could not open '{shown(path)}': only qcow2 images can be {verb}")
+    return path, fmt
+
+
+def open_options(args: argparse.Namespace, path: str, readonly: bool = True) -> OpenOptions:
+    """How to open the image `path` for this command: --confine-to, -U, and what an --image-opts
+    string said (L2 cache sizes, `backing=` for none)."""
+    spec = _IMAGE_OPTS.get(path)
+    return OpenOptions(readonly=readonly, confine_to=confine_dir(args),
+                       force_share=getattr(args, "force_share", False),
+                       backing=spec is None or not spec.no_backing,
+                       l2_cache_size=spec.l2_cache_size if spec else None,
+                       l2_cache_entry_size=spec.l2_cache_entry_size if spec else None,
+                       host_factory=host_factory(path, getattr(args, "src_cache", None)))
 
 
 def confine_dir(args: argparse.Namespace) -> str | None:
@@ -185,9 +310,11 @@ def size_to_str(value: int) -> str:
 
 def open_image(path: str, args: argparse.Namespace) -> QcowFile | Qcow1File:
     """Open an image read-only (qcow2, or qcow v1) with the command's --confine-to and -U."""
-    confine_to = confine_dir(args)
+    o = open_options(args, path)
     with opening(path):
-        return QcowFile.open(path, readonly=True, confine_to=confine_to, force_share=args.force_share)
+        return QcowFile.open(path, readonly=True, confine_to=o.confine_to, force_share=o.force_share,
+                             backing=o.backing, l2_cache_size=o.l2_cache_size, host_factory=o.host_factory,
+                             l2_cache_entry_size=o.l2_cache_entry_size)
 
 
 def image_format(img: AnyImage) -> str:
@@ -198,11 +325,11 @@ def image_format(img: AnyImage) -> str:
 
 def open_any(path: str, fmt: str | None, args: argparse.Namespace) -> Image:
     """Open an image of any format read-only with its chain, as qemu-img's img_open (UsageError if not)."""
-    options = OpenOptions(readonly=True, confine_to=confine_dir(args), force_share=args.force_share)
+    options = open_options(args, path)
     with opening(path):
         fmt = fmt or probe_format(path)
         if fmt not in format_names():
-            raise UsageError(f"Could not open '{path}': Unknown driver '{fmt}'")
+            raise UsageError(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
         return formats.open_image(path, fmt, options)
 
 
@@ -210,8 +337,8 @@ def open_any(path: str, fmt: str | None, args: argparse.Namespace) -> Image:
 def open_failed(path: str, e: QcowError | OSError) -> UsageError:
     """qemu-img's message for an image it cannot open (an OS error names the file twice)."""
     if isinstance(e, OSError) and e.strerror:
-        return UsageError(f"Could not open '{path}': Could not open '{e.filename or path}': {e.strerror}")
-    return UsageError(f"Could not open '{path}': {e}")
+        return UsageError(f"Could not open '{shown(path)}': Could not open '{e.filename or path}': {e.strerror}")
+    return UsageError(f"Could not open '{shown(path)}': {e}")
 
 
 def check_chain(path: str) -> None:
@@ -222,9 +349,9 @@ def check_chain(path: str) -> None:
     except (QcowError, OSError) as e:
         raise open_failed(path, e) from e
     if name:
-        shown = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
-        if not os.path.exists(shown):
-            raise UsageError(f"Could not open '{path}': Could not open backing file: Could not open '{shown}': "
+        backing = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
+        if not os.path.exists(backing):
+            raise UsageError(f"Could not open '{shown(path)}': Could not open backing file: Could not open '{backing}': "
                              f"{os.strerror(2)}")
 
 

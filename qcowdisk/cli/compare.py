@@ -9,7 +9,19 @@ import sys
 from ..blockstatus import qemu_length
 from ..image import Image
 from ..ops import CompareError, compare
-from .common import USAGE_HINT, Parser, UsageError, add_confine, add_force_share, err, open_any
+from .common import (
+    USAGE_HINT,
+    Parser,
+    UsageError,
+    add_cache_options,
+    add_confine,
+    add_force_share,
+    add_image_opts,
+    check_cache_modes,
+    err,
+    image_source,
+    open_any,
+)
 from .progress import QemuProgress
 
 
@@ -19,6 +31,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     `-p` shows qemu-img's progress line when stdout is a terminal."""
     if len(args.image) != 2:
         return err("Expecting two image file names", hint=USAGE_HINT)
+    try:
+        check_cache_modes(args)
+    except UsageError as e:
+        return err(str(e), status=2)
     bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
     shown: list[str] = []
 
@@ -30,8 +46,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             images: list[Image] = []
-            for path, fmt in zip(args.image, (args.format, args.b_format), strict=True):
+            for name, given in zip(args.image, (args.format, args.b_format), strict=True):
                 try:
+                    path, fmt = image_source(args, name, given)
                     img = open_any(path, fmt, args)
                 except UsageError as e:
                     return err(str(e), status=2)
@@ -68,5 +85,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pcmp.add_argument("-p", dest="progress", action="store_true", help="show progress (on a terminal)")
     add_confine(pcmp, "either image")
     add_force_share(pcmp)
+    add_cache_options(pcmp, target=False, source=True)
+    add_image_opts(pcmp)
     pcmp.add_argument("image", metavar="IMAGE", nargs="*", help="the two images")
     pcmp.set_defaults(func=cmd_compare)

@@ -7,10 +7,12 @@ import os
 import sys
 import warnings
 
+from ..formats import probe_format
+from ..hostio import DirectHostFile, DirectIOUnsupportedError
 from ..ops import qemuopts
 from ..ops.bitmapcopy import BitmapSkippedWarning
 from ..ops.cachemode import DEFAULT_SOURCE_CACHE, DEFAULT_TARGET_CACHE
-from .common import PROG, Parser, UsageError, cvtnum
+from .common import PROG, Parser, UsageError, add_image_opts, cvtnum, host_factory, image_source, refuse_no_backing
 from .progress import QemuProgress
 
 
@@ -41,21 +43,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 1
     if args.skip_broken_bitmaps and not args.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
-    if not os.path.exists(args.src):
-        raise UsageError(f"Could not open '{args.src}': Could not open '{args.src}': No such file or directory")
+    if args.target_image_opts and not args.target_exists:
+        raise UsageError("--target-image-opts requires use of -n flag")
+    src, src_format = image_source(args, args.src, args.format)
+    refuse_no_backing(src)
+    src_cache = "none" if host_factory(src) is DirectHostFile and args.src_cache == DEFAULT_SOURCE_CACHE \
+        else args.src_cache  # cache.direct=on in the source's options
+    dst, out_format = args.dst, args.out_format
+    if args.target_image_opts:
+        dst, out_format = image_source(argparse.Namespace(), args.dst, args.out_format, writable=True, image_opts=True)
+        out_format = out_format or probe_format(dst)
+    if not os.path.exists(src):
+        raise UsageError(f"Could not open '{src}': Could not open '{src}': No such file or directory")
     bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BitmapSkippedWarning)
-            convert(args.src, args.dst, src_format=args.format, out_format=args.out_format,
+            convert(src, dst, src_format=src_format, out_format=out_format or "raw",
                     options=",".join(args.options) if args.options else None, compress=args.compress,
                     backing_file=args.backing, backing_format=args.backing_format, snapshot=snapshot,
                     sparse_size=sparse, target_exists=args.target_exists, threads=threads,
                     progress=bar.advance if bar is not None else None, out_of_order=args.unordered,
-                    target_is_zero=args.target_is_zero, cache=args.cache, src_cache=args.src_cache,
+                    target_is_zero=args.target_is_zero, cache=args.cache, src_cache=src_cache,
                     rate_limit=rate, force_share=args.force_share, bitmaps=args.bitmaps,
                     skip_broken_bitmaps=args.skip_broken_bitmaps)
+    except DirectIOUnsupportedError as e:  # qemu-img: the open's error, after img_open's prefix
+        raise UsageError(f"Could not open '{e.filename}': Could not open '{e.filename}': {e.strerror}") from None
     finally:
         if bar is not None:
             bar.end()
@@ -69,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     """Add this subcommand's parser to `sub`."""
     pcv = sub.add_parser("convert", help="copy a guest disk into a new qcow2 or raw image (like qemu-img convert)")
     pcv.add_argument("-f", dest="format", metavar="FMT", help="the source's format (probed if omitted)")
-    pcv.add_argument("-O", dest="out_format", default="raw", metavar="FMT", help="the output format: qcow2 or raw (raw)")
+    pcv.add_argument("-O", dest="out_format", metavar="FMT", help="the output format: qcow2 or raw (raw)")
     pcv.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help="the new image's options")
     pcv.add_argument("-c", dest="compress", action="store_true", help="write compressed clusters (qcow2)")
     pcv.add_argument("-B", dest="backing", metavar="BACKING", help="make the output an overlay of BACKING")
@@ -95,6 +109,9 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pcv.add_argument("--bitmaps", action="store_true", help="copy the source's persistent bitmaps (qcow2 to qcow2)")
     pcv.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true",
                      help="with --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing")
+    add_image_opts(pcv)
+    pcv.add_argument("--target-image-opts", dest="target_image_opts", action="store_true",
+                     help="DST is an option string (driver=qcow2,file.filename=PATH,...); needs -n")
     pcv.add_argument("src", metavar="SRC")
     pcv.add_argument("dst", metavar="DST")
     pcv.set_defaults(func=cmd_convert)

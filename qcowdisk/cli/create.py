@@ -10,7 +10,7 @@ from .. import formats
 from ..errors import QcowError
 from ..formats import OpenOptions, probe_format
 from ..qcow2.file import QcowFile
-from .common import Parser, UsageError, add_confine, combine_path, confine_dir, parse_size, why
+from .common import Parser, UsageError, add_confine, add_image_opts, combine_path, confine_dir, parse_size, why
 from .options import CreateKeywords, CreateOptions, create_options, split_options
 
 
@@ -103,6 +103,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                     help="comma-separated name=value creation options")
     pc.add_argument("-q", dest="quiet", action="store_true", help="do not print the Formatting line")
     add_confine(pc, "the new image")
+    add_image_opts(pc, image_opts=False)  # qemu-img create takes --object only
     pc.add_argument("image", metavar="IMAGE")
     pc.add_argument("size", metavar="SIZE", nargs="?", help="virtual size, e.g. 10G (optional with -b)")
     pc.set_defaults(func=cmd_create)

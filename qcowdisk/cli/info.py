@@ -5,16 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import Parser, add_confine, add_force_share, open_image
+from ..formats import probe_format
+from .common import Parser, UsageError, add_confine, add_force_share, add_image_opts, image_source, open_failed, open_image, shown
 from .infotext import ImageInfo, chain_info, format_human, image_info
 from .qemujson import qemu_json
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
-    img = open_image(args.image, args)
+    path, fmt = image_source(args, args.image, args.format, opens_backing=False)
     try:
-        infos = chain_info(img, args.image) if args.backing_chain else [image_info(img, args.image)]
+        probed = probe_format(path) if fmt is not None else None
+    except OSError as e:
+        raise open_failed(path, e) from e
+    if fmt is not None and fmt != probed:
+        raise UsageError(f"Could not open '{shown(path)}': qcowdisk info shows qcow2 and qcow images only, "
+                         f"as what they are, not as '{fmt}'")
+    img = open_image(path, args)
+    try:
+        infos = chain_info(img, path) if args.backing_chain else [image_info(img, path)]
     finally:
         img.close()
     if args.output == "json":
@@ -32,5 +41,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pi.add_argument("--backing-chain", action="store_true", help="also show every backing image")
     add_confine(pi)
     add_force_share(pi)
+    pi.add_argument("-f", dest="format", metavar="FMT", help="the image's format (qcow2 or qcow; probed if omitted)")
+    add_image_opts(pi)
     pi.add_argument("image", metavar="IMAGE")
     pi.set_defaults(func=cmd_info)

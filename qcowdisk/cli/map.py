@@ -9,9 +9,22 @@ from collections.abc import Iterator
 from .. import formats
 from ..blockstatus import qemu_length
 from ..errors import QcowError
-from ..formats import OpenOptions, format_names, probe_format
+from ..formats import format_names, probe_format
 from ..image import Extent
-from .common import INT64_MAX, USAGE_HINT, Parser, add_confine, add_force_share, confine_dir, cvtnum, err, opening
+from .common import (
+    INT64_MAX,
+    USAGE_HINT,
+    Parser,
+    add_confine,
+    add_force_share,
+    add_image_opts,
+    cvtnum,
+    err,
+    image_source,
+    open_options,
+    opening,
+    shown,
+)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -52,12 +65,12 @@ def cmd_map(args: argparse.Namespace) -> int:
         return err("--output must be used with human or json as argument.")
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=USAGE_HINT)
-    path = args.image[0]
-    options = OpenOptions(readonly=True, confine_to=confine_dir(args), force_share=args.force_share)
+    path, fmt = image_source(args, args.image[0], args.format)
+    options = open_options(args, path)
     with opening(path):
-        fmt = args.format or probe_format(path)
+        fmt = fmt or probe_format(path)
         if fmt not in format_names():
-            return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+            return err(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
         img = formats.open_image(path, fmt, options)
     out = sys.stdout
     try:
@@ -105,5 +118,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pm.add_argument("-f", dest="format", metavar="FMT", help="image format (qcow2, qcow, raw; probed if omitted)")
     add_confine(pm)
     add_force_share(pm)
+    add_image_opts(pm)
     pm.add_argument("image", metavar="IMAGE", nargs="*")
     pm.set_defaults(func=cmd_map)

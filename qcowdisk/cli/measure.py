@@ -10,7 +10,18 @@ import warnings
 from collections.abc import Sequence
 
 from ..ops import measure, qemuopts
-from .common import INT64_MAX, PROG, Parser, add_confine, add_force_share, err, open_any, print_warnings
+from .common import (
+    INT64_MAX,
+    PROG,
+    Parser,
+    add_confine,
+    add_force_share,
+    add_image_opts,
+    err,
+    image_source,
+    open_any,
+    print_warnings,
+)
 
 
 class _InOrder(argparse.Action):
@@ -51,7 +62,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if len(args.image) > 1:
         return err("At most one filename argument is allowed.")
     filename = args.image[0] if args.image else None
-    if filename is None and args.format:
+    if filename is None and (args.format or args.image_opts):
         return err("--image-opts, -f, and -l require a filename argument.")
     if filename is not None and size is not None:
         return err("--size N cannot be used together with a filename.")
@@ -60,7 +71,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         source = None
         if filename is not None:
-            source = open_any(filename, args.format, args)
+            path, fmt = image_source(args, filename, args.format)
+            source = open_any(path, fmt, args)
             stack.callback(source.close)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", qemuopts.SizeSuffixWarning)
@@ -95,5 +107,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     pme.add_argument("-f", dest="format", metavar="FMT", help="the source image's format (probed if omitted)")
     add_confine(pme, "the source image")
     add_force_share(pme)
+    add_image_opts(pme)
     pme.add_argument("image", metavar="SOURCE", nargs="*", help="the image to convert")
     pme.set_defaults(func=cmd_measure, ordered=None)

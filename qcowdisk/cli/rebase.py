@@ -12,7 +12,7 @@ from .. import formats
 from ..image import Image
 from ..ops import RebaseError, rebase
 from ..qcow2.file import QcowFile
-from .common import PROG, Parser, UsageError, check_chain, open_failed
+from .common import PROG, Parser, UsageError, add_chain_options, chain_operand, check_chain, host_factory, open_failed
 from .progress import QemuProgress, f32, progress_bar
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
@@ -133,18 +133,16 @@ class RebaseProgress:
 def cmd_rebase(args: argparse.Namespace) -> int:
     """`qcowdisk rebase`: qemu-img rebase, safe (copy what reads differently) or -u (the name
     only); -b '' makes the image standalone. Errors as qemu-img prints them (status 1)."""
-    path: str = args.image
     if args.backing is None and not args.unsafe:
         print(f"{PROG}: Must specify backing file (-b) or use unsafe mode (-u)\nTry '{PROG} --help' for more information",
               file=sys.stderr)
         return 1
-    if args.format not in (None, "qcow2"):
-        raise UsageError(f"Could not open '{path}': only qcow2 images can be rebased")
+    path, _ = chain_operand(args, "rebased")
     backing: str = args.backing or ""
     if backing and args.backing_format is None:  # QEMU 7.2 refuses to record a name without a format
-        shown = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
-        if not args.unsafe and not os.path.exists(shown):  # safe mode opens it first
-            raise UsageError(f"Could not open new backing file '{backing}': Could not open '{shown}': "
+        named = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
+        if not args.unsafe and not os.path.exists(named):  # safe mode opens it first
+            raise UsageError(f"Could not open new backing file '{backing}': Could not open '{named}': "
                              f"{os.strerror(2)}")
         raise UsageError(f"Could not change the backing file to '{backing}': backing format must be specified")
     if not os.path.exists(path):
@@ -159,7 +157,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
             if steps is None:
                 bar.print_delta(0.0, 100)
         rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,
-               progress=steps.advance if steps else None)
+               progress=steps.advance if steps else None, host_factory=host_factory(path, args.cache))
         if steps is not None:
             steps.finish()
         elif bar is not None:
@@ -181,5 +179,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     prb.add_argument("-u", dest="unsafe", action="store_true", help="only rewrite the name (copy nothing)")
     prb.add_argument("-p", dest="progress", action="store_true", help="show progress")
     prb.add_argument("-q", dest="quiet", action="store_true", help="print nothing")
+    add_chain_options(prb, source_cache=True)
     prb.add_argument("image", metavar="IMAGE")
     prb.set_defaults(func=cmd_rebase)

@@ -9,8 +9,9 @@ from ..errors import QcowError
 from ..formats import format_names, probe_format
 from ..ops import qemuopts
 from ..qcow2.file import QcowFile
-from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_own_parsing, err
+from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_own_parsing, err, host_factory, image_source, shown
 from .getoptlong import GetoptError, getopt_long
+from .objects import process_objects
 
 RESIZE_HELP = """usage: qcowdisk resize [--shrink] [-f FMT] [-q] [--confine-to DIR] IMAGE [+|-]SIZE
 
@@ -27,7 +28,7 @@ options:
   -h, --help        show this help
 """
 _RESIZE_SHORT = {"f": True, "h": False, "q": False}  # option letter -> takes an argument
-_RESIZE_LONG = {"help": False, "shrink": False, "confine-to": True}
+_RESIZE_LONG = {"help": False, "shrink": False, "confine-to": True, "image-opts": False, "object": True}
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
@@ -50,7 +51,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     except GetoptError as e:
         return err(str(e), hint=USAGE_HINT)
     fmt: str | None = None
-    quiet = shrink = False
+    quiet = shrink = image_opts = False
+    objects: list[str] = []
     confine_to: str | None = None
     for name, value in opts:
         if name in ("-h", "--help"):
@@ -62,11 +64,17 @@ def cmd_resize(args: argparse.Namespace) -> int:
             quiet = True
         elif name == "--shrink":
             shrink = True
+        elif name == "--image-opts":
+            image_opts = True
+        elif name == "--object":
+            objects.append(value)
         else:
             confine_to = value
     if len(operands) != 1:
         return err("Expecting image file name and size", hint=USAGE_HINT)
-    path = operands[0]
+    process_objects(objects)
+    path, fmt = image_source(argparse.Namespace(), operands[0], fmt, writable=True, image_opts=image_opts)
+    shown_as = shown(path)
 
     relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
     text = size_text[1:] if relative else size_text
@@ -84,16 +92,16 @@ def cmd_resize(args: argparse.Namespace) -> int:
         n -= 1 << 64
 
     if fmt is not None and fmt not in format_names():
-        return err(f"Could not open '{path}': Unknown driver '{fmt}'")
+        return err(f"Could not open '{shown_as}': Unknown driver '{fmt}'")
     try:
         probed = fmt or probe_format(path)
         if probed != "qcow2":
-            return err(f"Could not open '{path}': qcowdisk resizes qcow2 images only, not {probed}")
-        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to)
+            return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 images only, not {probed}")
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path))
     except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
-        return err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
+        return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:
-        return err(f"Could not open '{path}': {e}")
+        return err(f"Could not open '{shown_as}': {e}")
     status = 0
     try:
         current = disk.virtual_size

@@ -12,7 +12,7 @@ from ..qcow2.file import QcowFile
 from ..qcow2.format import (
     Snapshot,
 )
-from .common import USAGE_HINT, Parser, err, size_to_str
+from .common import USAGE_HINT, Parser, add_image_opts, err, host_factory, image_source, size_to_str
 
 
 def snapshot_list_text(snapshots: Sequence[Snapshot]) -> bytes:
@@ -54,10 +54,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return err("Cannot mix '-l', '-a', '-c', '-d'", hint=USAGE_HINT)
     if len(args.image) != 1:
         return err("Expecting one image file name", hint=USAGE_HINT)
-    path = args.image[0]
     action = given[0] if given else None
+    if args.force_share and action not in (None, "-l") and not args.image_opts:
+        return err(f"Could not open '{args.image[0]}': force-share=on can only be used with read-only images")
+    path, _ = image_source(args, args.image[0], None, writable=action not in (None, "-l"), opens_backing=False)
     if action in (None, "-l"):
-        img = QcowFile.open(path, readonly=True, force_share=args.force_share, confine_to=args.confine_to)
+        img = QcowFile.open(path, readonly=True, force_share=args.force_share, confine_to=args.confine_to,
+                            host_factory=host_factory(path))
         try:
             if action and isinstance(img, QcowFile) and not img.header.has_data_file:
                 out = snapshot_list_text(img.snapshots)
@@ -67,9 +70,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         finally:
             img.close()
         return 0
-    if args.force_share:
-        return err(f"Could not open '{path}': force-share=on can only be used with read-only images")
-    with QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to) as disk:
+    with QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to, host_factory=host_factory(path)) as disk:
         data_file = disk.header.has_data_file
         if action == "-c":
             name = args.create[0]
@@ -110,5 +111,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                     help="list without taking the image lock (read-only)")
     ps.add_argument("--confine-to", dest="confine_to", metavar="DIR",
                     help="refuse backing and data files outside DIR")
+    add_image_opts(ps)
     ps.add_argument("image", metavar="IMAGE", nargs="*")
     ps.set_defaults(func=cmd_snapshot)

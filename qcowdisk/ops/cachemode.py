@@ -1,4 +1,5 @@
-"""qemu-img's `-t CACHE` / `-T SRC_CACHE` modes and its `-r RATE` write throttle, for convert.
+"""qemu-img's `-t CACHE` / `-T SRC_CACHE` modes and its `-r RATE` write throttle (convert; the
+modes also for check, compare, commit, rebase and amend, through `host_class`).
 
 QEMU (bdrv_parse_cache_mode) knows five modes; here is what each means for qcowdisk:
 
@@ -10,20 +11,20 @@ QEMU (bdrv_parse_cache_mode) knows five modes; here is what each means for qcowd
   keeps its crash ordering (fsyncs between dependent writes) and the target is fsynced at the
   end, so it is durable when convert returns.
 - `writethrough`: as writeback, and the target is also fsynced after every write request.
-- `none` (`off`) and `directsync`: QEMU opens with O_DIRECT, bypassing the host page cache.
-  qcowdisk does not use O_DIRECT (its buffers and metadata writes are not aligned for it), so
-  these mean writeback and writethrough respectively: the same durability, through the page
-  cache.
+- `none` (`off`) and `directsync`: as writeback and writethrough respectively, with the file
+  opened O_DIRECT, bypassing the host page cache, as QEMU does (`hostio.DirectHostFile`: aligned
+  bounce buffers; a file system that refuses O_DIRECT fails the open with EINVAL, as QEMU's).
 
-For the source (`-T`, default writeback) every mode is accepted and reads go through the page
-cache whatever it says; a source is never written, so no mode changes what is read.
+For the source (`-T`, default writeback) `none` and `directsync` read it (and its backing files)
+with O_DIRECT too; the other modes read through the page cache (a source is never written, so
+no mode changes what is read).
 """
 
 from __future__ import annotations
 
 import time
 
-from ..hostio import HostFile
+from ..hostio import DirectHostFile, HostFile
 
 CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 DEFAULT_TARGET_CACHE = "unsafe"  # qemu-img convert's default for the target (-t)
@@ -48,6 +49,14 @@ class NoFlushHostFile(HostFile):
     def fsync(self) -> None:
         """Ignored, as QEMU ignores flushes with cache=unsafe."""
         self.unsynced = False
+
+
+def host_class(mode: str) -> type[HostFile]:
+    """The HostFile class a (valid) cache mode opens files with: O_DIRECT for none/off and
+    directsync, fsyncs ignored for unsafe, the page cache otherwise."""
+    if mode in ("none", "off", "directsync"):
+        return DirectHostFile
+    return NoFlushHostFile if mode == "unsafe" else HostFile
 
 
 class RateLimit:
@@ -76,4 +85,4 @@ class RateLimit:
 
 
 __all__ = ["CACHE_MODES", "DEFAULT_TARGET_CACHE", "DEFAULT_SOURCE_CACHE", "CacheModeError", "parse_cache_mode",
-           "NoFlushHostFile", "RateLimit"]
+           "NoFlushHostFile", "RateLimit", "host_class"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,7 +35,7 @@ from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
 from . import bitmapcopy
-from .cachemode import DEFAULT_SOURCE_CACHE, NoFlushHostFile, RateLimit, parse_cache_mode
+from .cachemode import DEFAULT_SOURCE_CACHE, RateLimit, host_class, parse_cache_mode
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
 from .zeroscan import SECTOR, data_runs, is_zero
@@ -114,7 +115,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     if threads is not None and threads < 1:
         raise ConvertError("Invalid number of threads (must be at least 1)")
     try:
-        flushes, flush_each = parse_cache_mode(cache)
+        _, flush_each = parse_cache_mode(cache)
         parse_cache_mode(src_cache, "source cache")
         limit = RateLimit(rate_limit)
     except ValueError as e:
@@ -133,7 +134,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         raise ConvertError("-B cannot be used with -n (the target exists)")
     dst_path = os.fspath(dst)
     with contextlib.ExitStack() as stack:
-        source = _open_source(os.fspath(src), src_format, snapshot, force_share)
+        source = _open_source(os.fspath(src), src_format, snapshot, force_share, host_class(src_cache))
         stack.callback(source.close)
         size = qemu_length(source)
         if snapshot is not None and isinstance(source, QcowFile):
@@ -144,11 +145,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
             found = _bitmap_step(lambda: bitmapcopy.check_source(source, skip_broken_bitmaps))
             if not target_exists:
                 _bitmap_step(lambda: bitmapcopy.refuse_target(out_format, 2 if _compat(opts) == "0.10" else 3))
-        host = HostFile if flushes else NoFlushHostFile
+        host = host_class(cache)
         if target_exists:
             target = _open_target(dst_path, out_format, size, host)
         else:
-            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host)
+            target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host, stack)
         stack.callback(target.close)
         editor = target.disk.edit_bitmaps() if isinstance(target, _QcowTarget) else None
         if editor is not None:
@@ -177,12 +178,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 # opening and creating
 # ------------------------------------------------------------------------------------------
 
-def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool) -> Image:
+def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool,
+                 host: type[HostFile]) -> Image:
     if snapshot is None:
-        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True, force_share=force_share))
+        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True, force_share=force_share,
+                                                                 host_factory=host))
     if fmt not in (None, "qcow2"):
         raise ConvertError(f"Failed to load snapshot: a '{fmt}' image has no internal snapshots")
-    return QcowFile.open(path, readonly=True, snapshot=snapshot, force_share=force_share)
+    return QcowFile.open(path, readonly=True, snapshot=snapshot, force_share=force_share, host_factory=host)
 
 
 def create_keywords(opts: QemuOpts) -> dict[str, Any]:
@@ -342,8 +345,11 @@ def _compat(opts: QemuOpts) -> str:
     return _COMPAT.get(opts.string("compat") or "1.1", "1.1")
 
 
-def _remove_existing(path: str) -> None:
-    """Remove the file a new target replaces, unless another process holds it (qemu-img's lock failure)."""
+def _remove_existing(path: str, stack: contextlib.ExitStack) -> None:
+    """Remove the file a new target replaces, unless another process holds it (qemu-img's lock
+    failure). Its name goes at once, but its blocks are freed by the last close (a large file's
+    take a good part of a copy's time: qemu-img's ftruncate pays it up front), so that close runs
+    in a thread of its own while the copy goes on, joined before convert returns."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -351,21 +357,25 @@ def _remove_existing(path: str) -> None:
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             lock_image(fd, path, write=True).release()  # ImageLockedError when in use
-    finally:
+        os.unlink(path)
+    except BaseException:
         os.close(fd)
-    os.unlink(path)
+        raise
+    closer = threading.Thread(target=os.close, args=(fd,), name="qcowdisk-free-old-target", daemon=True)
+    closer.start()
+    stack.callback(closer.join)
 
 
 def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backing_file: str | None,
-                   backing_format: str | None, host: type[HostFile]) -> _Target:
+                   backing_format: str | None, host: type[HostFile], stack: contextlib.ExitStack) -> _Target:
     if out_format == "raw":
         prealloc = opts.string("preallocation") or "off"
         if prealloc not in ("off", "falloc", "full"):
             raise ConvertError(f"Invalid parameter '{prealloc}'")
-        _remove_existing(path)
+        _remove_existing(path, stack)
         return _RawTarget(path, size, True, prealloc, host)
     kw = create_keywords(opts)
-    _remove_existing(path)
+    _remove_existing(path, stack)
     if backing_file is not None:
         return _QcowTarget(QcowFile.create_from_backing(path, backing_file, backing_format=backing_format,
                                                         size=size, host_factory=host, **kw))

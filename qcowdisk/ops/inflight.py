@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:  # (concurrent.futures, with logging, is imported when the threads start)
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 T = TypeVar("T")
 
@@ -32,6 +34,7 @@ class InFlight(Generic[T]):
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> InFlight[T]:
+        from concurrent.futures import ThreadPoolExecutor
         self._pool = ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="qcowdisk-copy")
         return self
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import threading
 import zlib
-
-import zstandard
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from ..hostio import Buffer
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+
+if TYPE_CHECKING:  # zstandard is imported where a zstd cluster is met: most runs meet none
+    import zstandard
 
 # zstd contexts may not be shared between threads: one decompressor and one compressor per
 # thread (attributes `zstd_d`, `zstd_c`). Making a compressor costs about as much as compressing
@@ -27,6 +29,7 @@ _local = threading.local()
 def _zstd() -> zstandard.ZstdDecompressor:
     d: zstandard.ZstdDecompressor | None = getattr(_local, "zstd_d", None)
     if d is None:
+        import zstandard
         d = _local.zstd_d = zstandard.ZstdDecompressor()
     return d
 
@@ -47,20 +50,28 @@ def decompress_into(payload: Buffer, out: memoryview, compression_type: int, whe
     CorruptImageError. zstd decodes straight into `out`; zlib's Python API has no such call, so
     its output (capped at one cluster) is copied once. Needs no lock."""
     cluster_size = len(out)
-    try:
-        if compression_type == COMPRESSION_ZLIB:
+    if compression_type == COMPRESSION_ZLIB:
+        try:
             data = zlib.decompressobj(-12).decompress(payload, cluster_size)
-            got = len(data)
-            out[:got] = data
-        elif compression_type == COMPRESSION_ZSTD:
+        except zlib.error as e:
+            raise _undecodable(where, e) from None
+        got = len(data)
+        out[:got] = data
+    elif compression_type == COMPRESSION_ZSTD:
+        import zstandard
+        try:
             got = _decompress_zstd(payload, out)
-        else:  # parse_header refuses unknown types; keep the guard for safety
-            raise CorruptImageError(f"unknown compression_type {compression_type}")
-    except (zlib.error, zstandard.ZstdError) as e:
-        raise CorruptImageError(f"compressed cluster ({where}) does not decompress: {e}") from None
+        except zstandard.ZstdError as e:
+            raise _undecodable(where, e) from None
+    else:  # parse_header refuses unknown types; keep the guard for safety
+        raise CorruptImageError(f"unknown compression_type {compression_type}")
     if got != cluster_size:
         raise CorruptImageError(
             f"compressed cluster ({where}) decompresses to {got} bytes, expected cluster size {cluster_size}")
+
+
+def _undecodable(where: str, e: Exception) -> CorruptImageError:
+    return CorruptImageError(f"compressed cluster ({where}) does not decompress: {e}")
 
 
 def _decompress_zstd(payload: Buffer, out: memoryview) -> int:
@@ -97,6 +108,7 @@ def compress_cluster(data: bytes, compression_type: int) -> bytes:
     if compression_type == COMPRESSION_ZSTD:
         cctx = getattr(_local, "zstd_c", None)
         if cctx is None:
+            import zstandard
             cctx = _local.zstd_c = zstandard.ZstdCompressor()
         return cctx.compress(data)
     raise ValueError(f"unknown compression_type {compression_type}")

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from ..hostio import HostFile
 from .compress import decompress_into
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
+
+if TYPE_CHECKING:  # (concurrent.futures, with logging, is imported with the first pool)
+    from concurrent.futures import ThreadPoolExecutor
 
 # One pread covers at most this many bytes of payloads (memory stays bounded per request).
 MAX_BATCH_BYTES = 8 << 20
@@ -54,6 +57,7 @@ os.register_at_fork(after_in_child=_pool.clear)
 def _decoder_pool() -> ThreadPoolExecutor:
     with _pool_lock:
         if not _pool:
+            from concurrent.futures import ThreadPoolExecutor
             _pool.append(ThreadPoolExecutor(MAX_DECODERS, thread_name_prefix="qcowdisk-decode"))
         return _pool[0]
 

@@ -32,7 +32,7 @@ import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
@@ -50,14 +50,11 @@ from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
-from . import amend as amending
-from . import bitmapedit, chain, compressed, ordering, reading, snapshot, status, writing
+from . import bitmapedit, chain, compressed, ordering, reading, status, writing
 from . import bitmaps as bitmapping
-from . import resize as resizing
 from . import zeroize as zeroizing
 from .cache import CachedTable
 from .chain import ChainMap
-from .check import CheckResult, Repair, check_image
 from .create import create_image, preallocate
 from .entries import (
     L1E_OFFSET_MASK,
@@ -83,8 +80,10 @@ from .format import (
 )
 from .overlap import collect_metadata
 from .refcount import Refcounts
-from .repair import rebuild_refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
+
+if TYPE_CHECKING:  # the rarer operations' modules are imported where used (start-up time)
+    from .check import CheckResult, Repair
 
 _T = TypeVar("_T")
 
@@ -272,6 +271,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._fast = None
+            from . import snapshot
             s.remap_epoch += 1
             self._snapshot = snapshot.load_for_reading(s, ref)
             self._fast = self._fast_path()
@@ -625,6 +625,7 @@ class QcowFile:
         """
         s = self._state
         with s.lock:
+            from . import snapshot
             return self._metadata_change(lambda: snapshot.create(s, name))
 
     def apply_snapshot(self, ref: str | Snapshot) -> Snapshot:
@@ -638,6 +639,7 @@ class QcowFile:
             if bitmapping.load_directory(s):
                 raise BitmapError("Device has active dirty bitmaps")
             self._check_writable()
+            from . import snapshot
             return self._guarded(lambda: snapshot.apply(s, ref))
 
     def delete_snapshot(self, ref: str | Snapshot) -> Snapshot:
@@ -646,6 +648,7 @@ class QcowFile:
         only). Returns the deleted snapshot. Durable when it returns."""
         s = self._state
         with s.lock:
+            from . import snapshot
             return self._metadata_change(lambda: snapshot.delete(s, ref))
 
     def find_snapshot(self, ref: str) -> Snapshot:
@@ -653,6 +656,7 @@ class QcowFile:
         s = self._state
         with s.lock:
             self._check_open()
+            from . import snapshot
             return s.snapshots[snapshot.find(s, ref)]
 
     @property
@@ -816,6 +820,7 @@ class QcowFile:
             new_size = operator.index(new_size)
         except TypeError:
             raise TypeError(f"new_size must be an integer, not {type(new_size).__name__}") from None
+        from . import resize as resizing
         with s.lock:
             self._check_metadata_writable()
             resizing.check(s, new_size, shrink)
@@ -834,6 +839,8 @@ class QcowFile:
         nothing is written (except, as QEMU, an upgrade that came before a refcount width that
         does not fit); so does what qcowdisk does not implement (amending LUKS options). See `qcowdisk.qcow2.amend`.
         """
+        from . import amend as amending
+        from . import resize as resizing
         s = self._state
         options = amending.AmendOptions(compat=compat, lazy_refcounts=lazy_refcounts, backing_file=backing_file,
                                         backing_fmt=backing_fmt, refcount_bits=refcount_bits, size=size,
@@ -1010,12 +1017,14 @@ class QcowFile:
                 self._check_writable()
             else:
                 self._check_healthy()
+            from .check import check_image
             return self._guarded(lambda: check_image(s, repair, report, progress))
 
     @classmethod
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
                        confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
-                       host_factory: HostFactory | None = None) -> QcowFile:
+                       host_factory: HostFactory | None = None, l2_cache_size: int | None = None,
+                       l2_cache_entry_size: int | None = None) -> QcowFile:
         """Open an image to check it, as qemu-img check opens it (BDRV_O_CHECK).
 
         With `repair`, the image opens read-write even with the corrupt bit set, and a dirty
@@ -1027,7 +1036,8 @@ class QcowFile:
             raise ValueError("force_share=True cannot be used to repair an image")
         options = formats.OpenOptions(readonly=not repair, host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share)
+                                      force_share=force_share, l2_cache_size=l2_cache_size,
+                                      l2_cache_entry_size=l2_cache_entry_size)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
@@ -1310,6 +1320,7 @@ def _prepare_for_writing(s: Qcow2State, for_check: bool = False) -> None:
     s.refcounts = rc
     ordering.declare_write_order(s, rc)
     if h.incompatible_features & INCOMPAT_DIRTY and not for_check:
+        from .repair import rebuild_refcounts
         rebuild_refcounts(s, rc)
         ordering.flush(s, final=True)
         ordering.switch_header(s, incompatible_features=h.incompatible_features & ~INCOMPAT_DIRTY,

@@ -1,0 +1,314 @@
+"""qemu-img's `--image-opts`: an image named by block-layer options instead of a file name.
+
+`driver=qcow2,file.driver=file,file.filename=/path/x.qcow2,l2-cache-size=1M` is read as QEMU 7.2
+reads it: QemuOpts syntax (`,,` is a literal comma; a first item without `=` is the implied
+`file=`, which names a block node and so can never be found here; any later bare `name` is
+`name=on`, with QEMU's deprecation warning), then the checks the block layer makes, in its
+order, with its messages:
+
+- the format (`driver`, probed when absent), the protocol child (`file.driver`, only `file` and
+  `host_device`; `file.filename` required) and the file's existence;
+- the values of every option QEMU's qcow2, raw, file-posix and generic block layer know;
+- QEMU's cache-size rules (`cache-size`, `l2-cache-size`, `refcount-cache-size`);
+- options nobody knows, the first in QDict order named (QEMU's QDict iterates hash buckets).
+
+What qcowdisk honours: the format, the file name, `force-share`, `read-only` (checked against
+what the command does), `l2-cache-size` and `l2-cache-entry-size` (qcowdisk.qcow2.cachesize),
+`backing=` (empty: open the image without its backing file, with QEMU's deprecation warning),
+`cache.direct=on` (O_DIRECT host I/O) and `file.locking=off` (read-only: no image lock, as
+force-share). Options that only tune QEMU's own
+machinery (aio, discard passing, overlap checks, cache cleaning, node names, detect-zeroes,
+`cache.*`) are checked and have no effect. Options that would change what is read or written
+and that qcowdisk does not implement (encryption secrets, an external data file node, raw's
+offset/size, a backing node by name) are refused with `ImageOptsError`, naming the option.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import qemuopts
+from .qemuopts import OptionError
+
+# QEMU 7.2's block drivers (qemu-img --help): a name outside this list is "Unknown driver".
+QEMU_DRIVERS = frozenset((
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write", "copy-on-read",
+    "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "iser",
+    "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed",
+    "quorum", "raw", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc",
+    "vvfat"))
+FORMATS = ("qcow2", "qcow", "raw")  # what qcowdisk opens
+PROTOCOLS = ("file", "host_device")
+
+_BOOL, _STR, _SIZE, _NUM = "bool", "str", "size", "num"
+_GENERIC = {"node-name": _STR, "driver": _STR, "read-only": _BOOL, "auto-read-only": _BOOL, "discard": _STR,
+            "cache.direct": _BOOL, "cache.no-flush": _BOOL, "detect-zeroes": _STR, "force-share": _BOOL}
+_OVERLAP = ("main-header", "active-l1", "active-l2", "refcount-table", "refcount-block", "snapshot-table",
+            "inactive-l1", "inactive-l2", "bitmap-directory")
+_QCOW2 = {"lazy-refcounts": _BOOL, "pass-discard-request": _BOOL, "pass-discard-snapshot": _BOOL,
+          "pass-discard-other": _BOOL, "overlap-check": _STR, "overlap-check.template": _STR,
+          **{f"overlap-check.{n}": _BOOL for n in _OVERLAP},
+          "cache-size": _SIZE, "l2-cache-size": _SIZE, "l2-cache-entry-size": _SIZE, "refcount-cache-size": _SIZE,
+          "cache-clean-interval": _NUM, "encrypt.format": _STR, "encrypt.key-secret": _STR}
+_FORMAT_OPTS = {"qcow2": _QCOW2, "raw": {"offset": _SIZE, "size": _SIZE}, "qcow": {"encrypt.key-secret": _STR}}
+_FILE = {"filename": _STR, "aio": _STR, "aio-max-batch": _NUM, "locking": _STR, "pr-manager": _STR,
+         "drop-cache": _BOOL, "x-check-cache-dropped": _BOOL}
+# Known to QEMU, and they change what is read or written: qcowdisk refuses them.
+_NOT_HONOURED = ("encrypt.format", "encrypt.key-secret", "offset", "size", "file.pr-manager")
+_CHILDREN = ("backing", "data-file")  # references to other nodes (and their dotted options)
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+class ImageOptsError(ValueError):
+    """An option string qemu-img refuses. `str(e)` is QEMU's message; `prefixed` tells whether
+    qemu-img reports it after "Could not open 'OPTIONS': " (False: on its own); `hint` is
+    QEMU's follow-up text (or "")."""
+
+    def __init__(self, message: str, *, prefixed: bool = True, hint: str = "") -> None:
+        super().__init__(message)
+        self.prefixed = prefixed
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class ImageOpts:
+    """An image named by `--image-opts`: what qcowdisk opens and how."""
+
+    text: str  # the option string as given: qemu-img names the image by it in its messages
+    filename: str
+    driver: str | None  # None: probe the format
+    force_share: bool = False
+    read_only: bool | None = None  # None: as the command needs
+    no_backing: bool = False  # backing= (empty): the image alone
+    l2_cache_size: int | None = None
+    l2_cache_entry_size: int | None = None
+    cache_direct: bool = False  # cache.direct=on: O_DIRECT (hostio.DirectHostFile)
+    warnings: tuple[str, ...] = field(default=())
+
+
+def qdict_order(keys: list[str]) -> list[str]:
+    """`keys` (in insertion order) in the order QEMU's QDict iterates them: by bucket of its
+    tdb_hash modulo 512, the latest inserted first within a bucket."""
+    def bucket(key: str) -> int:
+        raw = key.encode()
+        value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
+        for i, c in enumerate(raw):
+            value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+        return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+    indexed = list(enumerate(keys))
+    return [k for _, k in sorted(indexed, key=lambda ik: (bucket(ik[1]), -ik[0]))]
+
+
+def split(text: str, warnings: list[str]) -> dict[str, str]:
+    """QemuOpts' reading of an option string with the implied first name `file` (qemu-img's
+    "source" list): {name: last value given}, in first-insertion order."""
+    values: dict[str, str] = {}
+    first = True
+    pos = 0
+    while pos < len(text):
+        head = re.match(r"[^=,]*", text[pos:])
+        assert head is not None
+        if text[pos + head.end():pos + head.end() + 1] != "=":
+            if first:
+                name, (value, pos) = "file", _value(text, pos)
+            else:
+                name, pos = head.group(0), pos + head.end()
+                value = "on"
+                if name.startswith("no"):
+                    name, value = name[2:], "off"
+                if name != "help" and name != "?":
+                    shown = ("no" if value == "off" else "") + name
+                    warnings.append(f"short-form boolean option '{shown}' deprecated\n"
+                                    f"Please use {name}={value} instead")
+        else:
+            name = head.group(0)
+            value, pos = _value(text, pos + head.end() + 1)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        first = False
+        if name == "id" and not _ID.match(value):
+            raise ImageOptsError("Parameter 'id' expects an identifier", prefixed=False,
+                                 hint="Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n")
+        values[name] = value
+    return values
+
+
+def _value(text: str, pos: int) -> tuple[str, int]:
+    """A value from `pos` up to the next single comma (`,,` is a comma): (value, end)."""
+    out: list[str] = []
+    while pos < len(text):
+        c = text[pos]
+        if c == ",":
+            if text[pos + 1:pos + 2] != ",":
+                break
+            pos += 1
+        out.append(c)
+        pos += 1
+    return "".join(out), pos
+
+
+def _check_value(name: str, shown: str, kind: str, value: str) -> int | bool | str:
+    """An option's value parsed as QEMU parses its type (OptionError with QEMU's message)."""
+    if kind == _BOOL:
+        return qemuopts.parse_bool(shown, value)
+    if kind == _SIZE:
+        return qemuopts.parse_size(shown, value)
+    if kind == _NUM:
+        return qemuopts.parse_number(shown, value)
+    return value
+
+
+_ENUMS = {"discard": (("ignore", "off", "unmap", "on"), "Invalid discard option"),
+          "detect-zeroes": (("off", "on", "unmap"), None), "locking": (("on", "off", "auto"), None),
+          "aio": (("threads", "native", "io_uring"), None)}
+
+
+def _check_table(values: dict[str, str], table: dict[str, str], prefix: str) -> dict[str, int | bool | str]:
+    """Parse every option of `table` given in `values` (keys under `prefix`), in QDict order."""
+    parsed: dict[str, int | bool | str] = {}
+    for key in qdict_order([k for k in values if k.startswith(prefix) and k[len(prefix):] in table]):
+        name = key[len(prefix):]
+        value = _check_value(name, name, table[name], values[key])
+        if name in _ENUMS and value not in _ENUMS[name][0]:
+            raise OptionError(_ENUMS[name][1] or f"invalid parameter value: {value}")
+        if name == "node-name" and not _ID.match(str(value)):
+            raise OptionError(f"Invalid node-name: '{value}'")
+        if name == "overlap-check" and value not in ("none", "constant", "cached", "all"):
+            raise OptionError(f"Unsupported value '{value}' for qcow2 option 'overlap-check'. Allowed are any "
+                              f"of the following: none, constant, cached, all")
+        parsed[name] = value
+    return parsed
+
+
+def _cache_sizes(opts: dict[str, int | bool | str]) -> None:
+    """read_cache_sizes' refusals that do not depend on the image."""
+    combined, l2, refcount = (opts.get(n) for n in ("cache-size", "l2-cache-size", "refcount-cache-size"))
+    if combined is None:
+        return
+    if l2 is not None and refcount is not None:
+        raise OptionError("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time")
+    if l2 is not None and int(l2) > int(combined):
+        raise OptionError("l2-cache-size may not exceed cache-size")
+    if refcount is not None and int(refcount) > int(combined):
+        raise OptionError("refcount-cache-size may not exceed cache-size")
+
+
+def parse_image_opts(text: str, *, force_share: bool = False, writable: bool = False,
+                     opens_backing: bool = True, warn: Callable[[str], None] | None = None) -> ImageOpts:
+    """Read `text` as qemu-img reads an `--image-opts` image name (ImageOptsError if it refuses).
+
+    `force_share` is `-U` (qemu-img sets force-share=on, refusing a conflicting option),
+    `writable` whether the command opens the image read-write, `opens_backing` whether it opens
+    the backing chain (qemu-img info does not: a `backing` option is then left unused). `warn`
+    receives QEMU's deprecation warnings as they arise (also before a refusal).
+    """
+    warned = _Warnings(warn)
+    values = split(text, warned)
+    if force_share:
+        if values.get("force-share", "on") != "on":
+            raise ImageOptsError("--force-share/-U conflicts with image options", prefixed=False)
+        values["force-share"] = "on"
+    try:
+        return _resolve(text, values, warned, writable, opens_backing)
+    except OptionError as e:
+        raise ImageOptsError(str(e), hint=e.hint) from None
+
+
+class _Warnings(list[str]):
+    """Warnings kept for ImageOpts.warnings and passed on to a callback as they come."""
+
+    def __init__(self, callback: Callable[[str], None] | None) -> None:
+        super().__init__()
+        self.callback = callback
+
+    def append(self, line: str) -> None:
+        """Keep `line` and pass it on."""
+        super().append(line)
+        if self.callback is not None:
+            self.callback(line)
+
+
+def _resolve(text: str, values: dict[str, str], warned: list[str], writable: bool,
+             opens_backing: bool) -> ImageOpts:
+    driver = values.get("driver")
+    if driver is not None and driver not in QEMU_DRIVERS:
+        raise OptionError(f"Unknown driver '{driver}'")
+    if values.get("backing") == "":
+        warned.append('Use of "backing": "" is deprecated; use "backing": null instead')
+    if "file" in values:  # a node name: qemu-img has no nodes but the ones it opens
+        raise OptionError(f"Cannot find device='{values['file']}' nor node-name='{values['file']}'")
+    if driver is None and not any(k.startswith("file.") for k in values):
+        raise OptionError("Must specify either driver or file")
+    if driver is not None and driver not in FORMATS:
+        raise OptionError(f"qcowdisk opens qcow2, qcow and raw images only, not driver '{driver}'")
+    # the protocol child, opened first
+    proto = values.get("file.driver", "file")
+    if proto not in QEMU_DRIVERS:
+        raise OptionError(f"Unknown driver '{proto}'")
+    if proto not in PROTOCOLS:
+        raise OptionError(f"qcowdisk reads local files only, not protocol '{proto}'")
+    if "file.filename" not in values:
+        raise OptionError('A block device must be specified for "file"')
+    file_opts = _check_table(values, {**_GENERIC, **_FILE}, "file.")
+    filename = values["file.filename"]
+    try:
+        os.close(os.open(filename, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError as e:
+        raise OptionError(f"Could not open '{filename}': {e.strerror}") from None
+    if proto == "host_device" and not (stat.S_ISBLK(os.stat(filename).st_mode)
+                                       or stat.S_ISCHR(os.stat(filename).st_mode)):
+        raise OptionError(f"'host_device' driver requires '{filename}' to be either a character or block device")
+    _refuse_unknown([k[5:] for k in values if k.startswith("file.")], {**_GENERIC, **_FILE},
+                    f"Block protocol '{proto}' doesn't support the option '{{}}'")
+    # the format
+    fmt_table = _FORMAT_OPTS.get(driver or "qcow2", {})
+    top = _check_table(values, {**_GENERIC, **fmt_table}, "")
+    direct = bool(file_opts.get("cache.direct", top.get("cache.direct", False)))  # the child inherits it
+    if file_opts.get("aio") == "native" and not direct:
+        raise OptionError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
+    read_only = top.get("read-only")
+    force = bool(top.get("force-share", False))
+    if force and (read_only is False or (read_only is None and writable)):
+        raise OptionError("force-share=on can only be used with read-only images")
+    if writable and read_only is True:
+        raise OptionError("Block node is read-only")
+    _cache_sizes(top)
+    children = [k for k in values if k.split(".")[0] in _CHILDREN]
+    leftover = [k for k in values if not k.startswith("file.") and k not in children
+                and k not in _GENERIC and k not in fmt_table]
+    if not opens_backing:
+        leftover += [k for k in children if k.split(".")[0] == "backing" and not
+                     (k == "backing" and values[k] == "")]
+    _refuse_unknown(leftover, {}, f"Block format '{driver or 'qcow2'}' does not support the option '{{}}'")
+    for key in children:
+        if (key == "backing" and values[key] == "") or (key == "data-file" and not opens_backing):
+            continue  # (qemu-img info opens no data file node)
+        if key in ("backing", "data-file") and opens_backing:
+            what = "Could not open backing file: " if key == "backing" else ""
+            raise OptionError(f"{what}Cannot find device='{values[key]}' nor node-name='{values[key]}'")
+        raise OptionError(f"qcowdisk does not support the option '{key}'")
+    for key in _NOT_HONOURED:
+        if key in top or (key.startswith("file.") and key[5:] in file_opts):
+            raise OptionError(f"qcowdisk does not support the option '{key}'")
+    l2, entry = top.get("l2-cache-size"), top.get("l2-cache-entry-size")
+    return ImageOpts(text=text, filename=filename, driver=driver,
+                     force_share=force or (not writable and file_opts.get("locking") == "off"),
+                     read_only=read_only if isinstance(read_only, bool) else None,
+                     no_backing=values.get("backing") == "",
+                     l2_cache_size=l2 if isinstance(l2, int) else None,
+                     l2_cache_entry_size=entry if isinstance(entry, int) else None,
+                     cache_direct=direct, warnings=tuple(warned))
+
+
+def _refuse_unknown(names: list[str], table: dict[str, str], message: str) -> None:
+    """QEMU's refusal of options left over after opening: the first in QDict order."""
+    left = [n for n in names if n not in table]
+    if left:
+        raise OptionError(message.format(qdict_order(left)[0]))
+
+
+__all__ = ["ImageOpts", "ImageOptsError", "parse_image_opts", "qdict_order", "split", "QEMU_DRIVERS"]
