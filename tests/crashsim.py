@@ -857,11 +857,12 @@ def check_findings(r: dict[str, Any], *, repaired: bool = False, what: str = "qe
 
 
 def repair_on_open(path: str) -> list[Finding]:
-    """Open the image read-write and close it (qcowdisk rebuilds a dirty image's refcounts);
-    a failure, or a dirty bit still set afterwards, is a finding."""
+    """Open the image read-write and close it (qcowdisk rebuilds a dirty image's refcounts; an
+    image with persistent bitmaps opened as resize/amend open it); a failure, or a dirty bit
+    still set afterwards, is a finding."""
     from qcowdisk import QcowFile
     try:
-        QcowFile.open(path).close()
+        QcowFile.open_keeping_bitmaps(path).close()
     except Exception as e:  # noqa: BLE001 - any failure to repair a crash state is a finding
         return [Finding("REPAIR-FAILED", f"read-write open of the dirty image: {type(e).__name__}: {e}")]
     with open(path, "rb") as f:

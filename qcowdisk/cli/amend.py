@@ -117,7 +117,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     if probed != "qcow2":
         return err(f"Format driver '{probed}' does not support option amendment")
     try:
-        disk = QcowFile.open(path, confine_to=confine_to, host_factory=host_factory(path, cache))
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path, cache))
     except OSError as e:
         return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:

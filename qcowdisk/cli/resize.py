@@ -97,7 +97,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         probed = fmt or probe_format(path)
         if probed != "qcow2":
             return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 images only, not {probed}")
-        disk = QcowFile.open(path, confine_to=confine_to, host_factory=host_factory(path))
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path))
     except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
         return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:

@@ -70,7 +70,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         finally:
             img.close()
         return 0
-    with QcowFile.open(path, confine_to=args.confine_to, host_factory=host_factory(path)) as disk:
+    with QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to, host_factory=host_factory(path)) as disk:
         data_file = disk.header.has_data_file
         if action == "-c":
             name = args.create[0]
@@ -81,6 +81,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             ref = args.apply[0]
             if data_file:
                 return err(f"Could not apply snapshot '{ref}': Failed to load snapshot: Operation not supported")
+            if disk.bitmaps:  # QEMU's bdrv_snapshot_goto refuses first
+                return err(f"Could not apply snapshot '{ref}': Device has active dirty bitmaps")
             try:
                 found = disk.find_snapshot(ref)
             except SnapshotNotFoundError:

@@ -3,7 +3,9 @@
 
 **What is amended.** `compat` up (0.10 -> 1.1: a version 3 header with QEMU's feature table)
 and down (1.1 -> 0.10, as `qcow2_downgrade`: refcounts made consistent, zero clusters expanded,
-compatible and autoclear bits dropped, zstd switched back to zlib when no cluster is compressed);
+compatible and autoclear bits dropped, zstd switched back to zlib when no cluster is compressed;
+persistent bitmaps dropped by the version switch, as QEMU drops them, and their clusters freed
+after it, where QEMU leaves the extension in the v2 header and leaks them);
 `lazy_refcounts` on and off (off: the refcounts are flushed first); `size` (a resize to exactly
 that size, shrinking included, as amend passes exact=true). `backing_file`/`backing_fmt`,
 `data_file` and `data_file_raw` are accepted only with the values the image has, as QEMU 7.2
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AmendError
-from . import ordering, snapshot
+from . import bitmaps, ordering, snapshot
 from . import resize as resizing
 from .entries import (
     L1E_OFFSET_MASK,
@@ -48,10 +50,12 @@ from .entries import (
     decode_u64_table,
 )
 from .format import (
+    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZLIB,
     CRYPT_LUKS,
     CRYPT_NONE,
+    EXT_BITMAPS,
     EXT_FEATURE_TABLE,
     HEADER_V2_LENGTH,
     HEADER_V3_LENGTH,
@@ -279,11 +283,16 @@ def _downgrade(s: Qcow2State, status: Progress) -> None:
             status(visited, total)
     ordering.flush(s, final=True)
     h = s.header
-    exts = [e for e in h.extensions if e.ext_type != EXT_FEATURE_TABLE]
+    # Persistent bitmaps (v3 only): QEMU keeps the extension, ignored in v2, and leaks the
+    # bitmaps' clusters; qcowdisk drops the extension in the version switch and frees them.
+    freed = [c for bm in bitmaps.load_directory(s) for c in bitmaps.used_clusters(s, bm)]
+    exts = [e for e in h.extensions if e.ext_type not in (EXT_FEATURE_TABLE, EXT_BITMAPS)]
     _switch_version(s, version=2, header_length=HEADER_V2_LENGTH, incompatible_features=0,
                     compatible_features=0, autoclear_features=0, compression_type=COMPRESSION_ZLIB,
                     extra_header=b"", extensions=exts)
     s.v2 = True
+    if h.autoclear_features & AUTOCLEAR_BITMAPS:
+        bitmaps.free_after_switch(s, h, freed)
 
 
 def _refcount_walk_progress(s: Qcow2State, status: Progress, first: int, end: int) -> None:

@@ -135,6 +135,11 @@ class BitmapEditor:
             e.disk = None
         self._changed = True
 
+    @property
+    def pending(self) -> bool:
+        """Whether operations are waiting for `commit`."""
+        return self._changed
+
     # --- the operations ---------------------------------------------------------------------
     def names(self) -> list[str]:
         """The bitmaps' names as the directory will list them."""

@@ -7,7 +7,8 @@ data cluster. The serialized bitmap has one bit per `granularity` bytes of guest
 byte i // 8 at bit i % 8 (QEMU's little-endian longs), zero-padded to whole clusters. Bitmaps are
 valid only while autoclear bit 0 is set: a program that writes the image without updating them
 must clear it. qcowdisk keeps them true another way: it refuses read-write opens of an image
-with bitmaps (file.py) unless the writer records its writes in them (`QcowFile.open_for_bitmaps`),
+with bitmaps (file.py) unless the writer records its writes in them (`QcowFile.open_for_bitmaps`) or
+keeps them true itself (resize: bitmapresize.py; snapshot create/delete and amend leave them),
 and an image it adds bitmaps to turns read-only (`QcowFile.add_bitmaps`).
 
 **Reading** (`load_table`, `read_chunk`): what QEMU's check_dir_entry, load_bitmap_data and
@@ -64,6 +65,7 @@ from .format import (
     MAX_BITMAP_DIRECTORY_SIZE,
     MAX_BITMAPS,
     Bitmap,
+    Header,
     HeaderExtension,
     align_up,
     parse_bitmap_directory,
@@ -261,19 +263,22 @@ def _alloc(s: Qcow2State, length: int) -> int:
     return offset
 
 
-def store(s: Qcow2State, name: str, granularity: int, data: Iterable[Buffer] | None) -> tuple[int, int]:
+def store(s: Qcow2State, name: str, granularity: int, data: Iterable[Buffer] | None,
+          virtual_size: int | None = None) -> tuple[int, int]:
     """Write a bitmap's data clusters (those with both set and clear bits) and its table to new
-    clusters; returns (table offset, table size). `data` as `NewBitmap.data`."""
+    clusters; returns (table offset, table size). `data` as `NewBitmap.data`, for a disk of
+    `virtual_size` bytes (default: the image's)."""
     cs = s.cluster_size
-    total = bitmap_bytes(s.virtual_size, granularity)
+    size = s.virtual_size if virtual_size is None else virtual_size
+    total = bitmap_bytes(size, granularity)
     table = array("Q", bytes(8 * -(-total // cs)))
     zeros, ones = bytes(cs), b"\xff" * cs
     last = len(table) - 1
     for i, chunk in enumerate(rechunk(data, cs, total, name)):
-        piece = _clear_tail(chunk, s.virtual_size, granularity) if i == last else chunk
+        piece = _clear_tail(chunk, size, granularity) if i == last else chunk
         if i == last:
             zeros = bytes(len(piece))
-            ones = _clear_tail(b"\xff" * len(piece), s.virtual_size, granularity)
+            ones = _clear_tail(b"\xff" * len(piece), size, granularity)
         if piece == zeros:
             continue
         if piece == ones:
@@ -312,8 +317,16 @@ def switch_directory(s: Qcow2State, entries: list[bytes], freed: Iterable[int] =
     """Make `entries` the bitmap directory: written to new clusters, everything synced, then one
     header switch (no extension and autoclear bit 0 clear when `entries` is empty); afterwards
     the old directory and the host clusters `freed` are released. See the module docstring."""
-    h = s.header
-    old = next((e for e in h.extensions if e.ext_type == EXT_BITMAPS), None)
+    old_header = s.header
+    fields = write_directory(s, entries)
+    ordering.switch_header(s, **fields)
+    free_after_switch(s, old_header, freed)
+
+
+def write_directory(s: Qcow2State, entries: list[bytes]) -> dict[str, Any]:
+    """Steps 1-2 of a directory switch: `entries` written to new clusters, everything synced,
+    the new header's part past its first sector written where the old header does not use it.
+    Returns the header fields the switch sets (the caller may add its own, e.g. `size`)."""
     placeholder = HeaderExtension(EXT_BITMAPS, bytes(BITMAPS_EXT_STRUCT.size))
     _header_fields(s, placeholder if entries else None)  # a header too big is refused before any write
     directory = b"".join(entries)
@@ -324,14 +337,21 @@ def switch_directory(s: Qcow2State, entries: list[bytes], freed: Iterable[int] =
     ordering.flush(s, final=True)
     ext = HeaderExtension(EXT_BITMAPS, BITMAPS_EXT_STRUCT.pack(len(entries), 0, len(directory), dir_offset))
     fields, new_bytes = _header_fields(s, ext if entries else None)
+    h = s.header
     old_length = len(serialize_header(dataclasses.replace(h, extensions=list(h.extensions))))
     if old_length <= SECTOR < len(new_bytes):
         s.host.pwrite(new_bytes[SECTOR:], SECTOR)  # unused by the old header; synced by the switch
     # (a header shrinking into its first sector is one sector write: it cannot tear)
-    ordering.switch_header(s, **fields)
+    return fields
+
+
+def free_after_switch(s: Qcow2State, old_header: Header, freed: Iterable[int] = ()) -> None:
+    """After the header switch: release the directory `old_header` named and the clusters
+    `freed` (old tables and data), then flush."""
+    old = next((e for e in old_header.extensions if e.ext_type == EXT_BITMAPS), None)
     rc = s.refcounts
     assert rc is not None
-    if old is not None and h.autoclear_features & AUTOCLEAR_BITMAPS:
+    if old is not None and old_header.autoclear_features & AUTOCLEAR_BITMAPS:
         old_fields = parse_bitmaps_extension(old.data, s.cluster_size, max(s.host.size(), s.alloc_limit))
         rc.defer_free(old_fields.directory_offset >> s.cluster_bits, -(-old_fields.directory_size // s.cluster_size))
     for c in freed:
@@ -356,5 +376,5 @@ def _header_fields(s: Qcow2State, ext: HeaderExtension | None) -> tuple[dict[str
 
 
 __all__ = ["NewBitmap", "bitmap_bytes", "load_directory", "load_table", "read_chunk", "check_new", "store", "rechunk",
-           "encode_entry", "used_clusters", "switch_directory",
+           "encode_entry", "used_clusters", "switch_directory", "write_directory", "free_after_switch",
            "BME_MAX_PHYS_SIZE"]

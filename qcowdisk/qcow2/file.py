@@ -68,6 +68,7 @@ from .entries import (
 from .format import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     Bitmap,
@@ -158,6 +159,7 @@ class QcowFile:
         self._image_lock = image_lock
         self._snapshot: Snapshot | None = None
         self._editor: bitmapedit.BitmapEditor | None = None
+        self._bitmaps_readonly = False  # read-only for guest writes only because of its bitmaps
         # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
         # None once closed, and on a read-write image from the moment a write-side method
         # takes the lock until the next read rebuilds it (see `read_at`).
@@ -516,10 +518,57 @@ class QcowFile:
                 editor.track_writes()
             else:
                 img._state.readonly = True  # guest writes refused; the editor writes metadata only
+                img._bitmaps_readonly = True
         except BaseException:
             img.close()
             raise
         return img
+
+    @classmethod
+    def open_keeping_bitmaps(cls, path: str | os.PathLike[str], *,
+                             confine_to: str | os.PathLike[str] | None = None,
+                             host_factory: HostFactory | None = None) -> QcowFile:
+        """Open read-write for the operations that keep persistent bitmaps true (`resize`,
+        `create_snapshot`, `delete_snapshot`, `amend`), as qemu-img opens an image for them.
+        Without bitmaps this is `open`; with bitmaps, as `open_for_bitmaps` (with the backing
+        chain): guest writes and `apply_snapshot` are refused, those operations allowed."""
+        path = os.fspath(path)
+        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
+        s = img._state
+        if s.header.autoclear_features & AUTOCLEAR_BITMAPS and any(
+                e.ext_type == EXT_BITMAPS for e in s.header.extensions):
+            s.readonly = img._bitmaps_readonly = True
+        return img
+
+    def _check_metadata_writable(self) -> None:
+        """`_check_writable` for `_metadata_change`'s operations (before their own checks)."""
+        if not (self._state.readonly and self._bitmaps_readonly):
+            self._check_writable()
+        self._check_open()
+
+    def _metadata_change(self, operation: Callable[[], _T]) -> _T:
+        """Run an operation that changes no guest data and keeps the bitmaps true (resize,
+        snapshot create/delete, amend): allowed on an image read-only only because of its bitmaps
+        (made durable and clean at the end, as its close writes nothing). Holds the lock."""
+        s = self._state
+        lifted = s.readonly and self._bitmaps_readonly and not s.closed
+        if self._editor is not None and (self._editor.tracking or self._editor.pending):
+            raise ReadOnlyError(f"image {s.filename!r}: commit the bitmap edits first")
+        if lifted:
+            s.readonly = False
+        try:
+            self._check_writable()
+            out = self._guarded(operation)
+            if lifted:
+                self._guarded(self._close_cleanly)
+        finally:
+            if lifted:
+                s.readonly = True
+            if self._editor is not None and s.failure is None and not s.closed:
+                self._editor.reset()  # the directory may have moved
+        return out
 
     def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
         """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
@@ -542,6 +591,7 @@ class QcowFile:
 
                 def after_commit() -> None:
                     s.readonly = True  # see the docstring
+                    self._bitmaps_readonly = True
 
                 self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
             return self._editor
@@ -576,16 +626,19 @@ class QcowFile:
         """
         s = self._state
         with s.lock:
-            self._check_writable()
             from . import snapshot
-            return self._guarded(lambda: snapshot.create(s, name))
+            return self._metadata_change(lambda: snapshot.create(s, name))
 
     def apply_snapshot(self, ref: str | Snapshot) -> Snapshot:
         """Revert the disk to a snapshot (`qemu-img snapshot -a`), its size included; `ref` is an
         id or else a name (as qemu-img resolves it), or a `Snapshot` from `snapshots`. The
-        snapshot stays. Returns it. Raises SnapshotNotFoundError. Durable when it returns."""
+        snapshot stays. Returns it. Raises SnapshotNotFoundError, and on an image with persistent
+        bitmaps BitmapError (QEMU's "Device has active dirty bitmaps"). Durable when it returns."""
         s = self._state
         with s.lock:
+            self._check_open()
+            if bitmapping.load_directory(s):
+                raise BitmapError("Device has active dirty bitmaps")
             self._check_writable()
             from . import snapshot
             return self._guarded(lambda: snapshot.apply(s, ref))
@@ -596,9 +649,8 @@ class QcowFile:
         only). Returns the deleted snapshot. Durable when it returns."""
         s = self._state
         with s.lock:
-            self._check_writable()
             from . import snapshot
-            return self._guarded(lambda: snapshot.delete(s, ref))
+            return self._metadata_change(lambda: snapshot.delete(s, ref))
 
     def find_snapshot(self, ref: str) -> Snapshot:
         """The snapshot `ref` names: an id, else a name. Raises SnapshotNotFoundError."""
@@ -771,9 +823,9 @@ class QcowFile:
             raise TypeError(f"new_size must be an integer, not {type(new_size).__name__}") from None
         from . import resize as resizing
         with s.lock:
-            self._check_writable()
+            self._check_metadata_writable()
             resizing.check(s, new_size, shrink)
-            self._guarded(lambda: resizing.resize(s, new_size))
+            self._metadata_change(lambda: resizing.resize(s, new_size))
 
     # ------------------------------------------------------------------ amend (amend.py)
     def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,
@@ -795,11 +847,11 @@ class QcowFile:
                                         backing_fmt=backing_fmt, refcount_bits=refcount_bits, size=size,
                                         data_file=data_file, data_file_raw=data_file_raw, encrypt=encrypt)
         with s.lock:
-            self._check_writable()
+            self._check_metadata_writable()
             new_version = amending.check(s, options)
             if size:
                 resizing.check(s, size, True)
-            self._guarded(lambda: amending.amend(s, options, new_version, progress))
+            self._metadata_change(lambda: amending.amend(s, options, new_version, progress))
 
     # ------------------------------------------------------------------ writing
     def write_at(self, offset: int, data: Buffer) -> int:

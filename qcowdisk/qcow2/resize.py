@@ -42,6 +42,11 @@ way is switched as refcount.py switches it, torn-safe in its own way.)
   and the image file are cut. QEMU discards first and switches the size last, so a cut in
   between leaves the old size with part of its data gone: neither image.
 
+Persistent bitmaps (bitmapresize.py) are resized with the disk: their new tables and directory
+are written and synced before the size switch, and that same header write names them; the old
+ones are freed after it. Where the header fits in its first sector the write cannot tear; see
+bitmaps.py for a longer one.
+
 Every function here expects the caller to hold the image lock; `check` before `resize`.
 """
 
@@ -51,6 +56,7 @@ from array import array
 from itertools import compress
 
 from ..errors import ResizeError
+from . import bitmapresize
 from .entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK
 from .format import MAX_L1_BYTES, min_l1_size
 from .mapping import l2_table_offset
@@ -110,23 +116,29 @@ def _backing_reaches_past(s: Qcow2State, old_size: int) -> bool:
 def resize(s: Qcow2State, new_size: int) -> None:
     """Give the image the (checked) size `new_size`, durably; see the module docstring."""
     old = s.virtual_size
+    plan = bitmapresize.prepare(s, new_size) if new_size != old else None  # refusals before any write
     mark_dirty_before_lazy_update(s)
     flush(s)  # the old image durable: a cut from here on leaves it, or the new one
     if new_size >= old:
-        _grow(s, old, new_size)
+        _grow(s, old, new_size, plan)
     else:
-        _shrink(s, old, new_size)
+        _shrink(s, old, new_size, plan)
     s.metadata_preallocated = None
 
 
-def _switch_size(s: Qcow2State, new_size: int) -> None:
-    """The header's size field (bytes 24..31, one 8-byte word) to `new_size`."""
+def _switch_size(s: Qcow2State, new_size: int, plan: bitmapresize.Plan | None) -> None:
+    """The header's size field (bytes 24..31, one 8-byte word) to `new_size`; with persistent
+    bitmaps, their resized copies are written first and the same header write names them."""
     if s.header.size != new_size:
-        switch_header(s, size=new_size)
+        fields = bitmapresize.store(s, plan) if plan is not None else {}
+        switch_header(s, size=new_size, **fields)
+        if plan is not None:
+            bitmapresize.release(s, plan)
+            mark_dirty_before_lazy_update(s)  # the switch cleared it; a shrink goes on freeing
     s.virtual_size = new_size
 
 
-def _grow(s: Qcow2State, old: int, new: int) -> None:
+def _grow(s: Qcow2State, old: int, new: int, plan: bitmapresize.Plan | None) -> None:
     if s.has_data_file:
         # What lies past the old end of the data file is stale (a cut shrink, a foreign tool):
         # cut it off, then extend with zeros (QEMU truncates the data file to the new size).
@@ -144,7 +156,7 @@ def _grow(s: Qcow2State, old: int, new: int) -> None:
     elif not s.has_data_file:
         _scrub_past_end(s, old)
     flush(s)  # the new area reads as zeros before the size says it exists
-    _switch_size(s, new)
+    _switch_size(s, new, plan)
 
 
 def _grow_l1(s: Qcow2State, entry_count: int) -> None:
@@ -224,8 +236,8 @@ def _scrub_past_end(s: Qcow2State, old: int) -> None:
     _discard(s, tail, len(s.l1) * s.l2_span)
 
 
-def _shrink(s: Qcow2State, old: int, new: int) -> None:
-    _switch_size(s, new)  # first: from here on a cut leaves the new image
+def _shrink(s: Qcow2State, old: int, new: int, plan: bitmapresize.Plan | None) -> None:
+    _switch_size(s, new, plan)  # first: from here on a cut leaves the new image
     tail = _align_up(new, s.cluster_size)
     if not s.has_data_file and new < tail and _stale(s, new, tail):
         zero(s, new, tail - new, punch=False)  # past the end: invisible, but a later grow shows it
