@@ -79,6 +79,7 @@ from .format import (
     validate_snapshot_fields,
 )
 from .l1 import L1Table
+from .mapping import plain_host
 from .overlap import collect_metadata
 from .refcount import Refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
@@ -707,9 +708,25 @@ class QcowFile:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if not n:
                 return b""
-            plan = reading.plan_bytes(s, offset, n)
+            # A read inside one cluster of plain data (an L2 miss, say) needs no plan: its host
+            # offset, then one pread outside the lock, checked against the epoch as a plan is.
+            found = plain_host(s, offset) if (offset & s.cluster_mask) + n <= s.cluster_size else reading.NOT_LOOKED_UP
+            host = -1 if found is None else found
+            epoch = s.remap_epoch
+            plan = None if host >= 0 else reading.plan_bytes(s, offset, n, found)
         # The host reads and decoding run without the lock (see reading.ReadPlan).
-        got = reading.bytes_outside_lock(plan)
+        got: bytes | None = None
+        if plan is None:
+            try:
+                got = s.data_host.pread(n, host)
+            except OSError:
+                if s.remap_epoch == epoch:
+                    raise
+            if got is not None and len(got) == n and s.remap_epoch == epoch:
+                return got
+            got = None
+        else:
+            got = reading.bytes_outside_lock(plan)
         if got is None:
             buf = bytearray(n)
             self._read_locked(memoryview(buf), offset)

@@ -123,14 +123,20 @@ class ReadPlan:
         return self.compressed.run() if self.compressed is not None else []
 
 
-def _runs(s: Qcow2State, guest_offset: int, length: int) -> list[Run]:
+# `_runs`' host argument when plain_host has not been asked yet.
+NOT_LOOKED_UP = -2
+
+
+def _runs(s: Qcow2State, guest_offset: int, length: int, host: int | None = NOT_LOOKED_UP) -> list[Run]:
     """The runs of a request; a read inside one cluster of plain data or of nothing (the common
-    small read) skips the run translation, its L2 slice loaded on a miss (mapping.plain_host)."""
-    if (guest_offset & s.cluster_mask) + length <= s.cluster_size:
-        host = plain_host(s, guest_offset)
-        if host is not None:
-            gc = guest_offset >> s.cluster_bits
-            return [Run(RUN_DATA, length, host, gc) if host >= 0 else Run(RUN_BACKING, length, NO_HOST, gc)]
+    small read) skips the run translation, its L2 slice loaded on a miss (mapping.plain_host).
+    `host` is plain_host's answer when the caller already has it (asking twice would count as
+    two misses of the slice)."""
+    if host == NOT_LOOKED_UP:
+        host = plain_host(s, guest_offset) if (guest_offset & s.cluster_mask) + length <= s.cluster_size else None
+    if host is not None:
+        gc = guest_offset >> s.cluster_bits
+        return [Run(RUN_DATA, length, host, gc) if host >= 0 else Run(RUN_BACKING, length, NO_HOST, gc)]
     return get_host_runs(s, guest_offset, length)
 
 
@@ -163,9 +169,10 @@ def serve_outside_lock(plan: ReadPlan) -> bool:
 _NO_BUFFER = memoryview(b"")
 
 
-def plan_bytes(s: Qcow2State, guest_offset: int, length: int) -> ReadPlan:
-    """The plan of a read of [guest_offset, +length) (inside the disk) into new bytes; the caller holds the lock."""
-    runs = _runs(s, guest_offset, length)
+def plan_bytes(s: Qcow2State, guest_offset: int, length: int, host: int | None = NOT_LOOKED_UP) -> ReadPlan:
+    """The plan of a read of [guest_offset, +length) (inside the disk) into new bytes; the caller
+    holds the lock. `host`: plain_host's answer for a one-cluster read, when already asked."""
+    runs = _runs(s, guest_offset, length, host)
     single = len(runs) == 1 and runs[0].kind == RUN_DATA
     return ReadPlan(s, _NO_BUFFER if single else memoryview(bytearray(length)), guest_offset, runs)
 
