@@ -199,3 +199,31 @@ def test_power_cut_while_editing_bitmaps(tmp_path: Path, name: str) -> None:
 
     sweep(log, image, tmp_path, f"bitmap edit crash {name}", judge,
           subsets=["all", "none", ("random", 1), ("torn", 2), ("torn", 3)])
+
+
+def test_image_opts_and_objects_as_qemu_img(tmp_path: Path) -> None:
+    """--image-opts (the image operand as an option string; never the -b merge source) and
+    --object, with qemu-img's messages and exit codes, and the same bitmaps after."""
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "o.qcow2"
+    create(str(theirs), "64M")
+    qemu_img("bitmap", "--add", str(theirs), "s0")
+    shutil.copy(theirs, ours)
+    cases = [
+        ["--add", "--image-opts", "driver=qcow2,file.filename={img}", "b0"],
+        ["--add", "--image-opts", "-f", "qcow2", "{img}", "b1"],
+        ["--add", "--object", "secret,id=s0,data=x", "{img}", "b2"],
+        ["--add", "--object", "foo,id=x", "{img}", "b3"],
+        ["--add", "--object", "secret,data=x", "{img}", "b4"],
+        ["--add", "--image-opts", "driver=qcow2,file.filename={img},bogus=1", "b5"],
+        ["--merge", "s0", "--image-opts", "file.filename={img}", "b0"],
+        ["--remove", "--image-opts", "driver=raw,file.filename={img}", "b0"],
+    ]
+    for args in cases:
+        q = subprocess.run(["qemu-img", "bitmap", *(a.format(img=theirs) for a in args)], capture_output=True,
+                           text=True, check=False)
+        status, out, err = qcowdisk_in(tmp_path, "bitmap", [a.format(img=ours) for a in args])
+        assert (status, out) == (q.returncode, q.stdout), (args, q.stderr, err)
+        assert err.replace(str(ours), str(theirs)) == q.stderr.replace("qemu-img: ", "qcowdisk: "), args
+        assert bitmaps_of(ours) == bitmaps_of(theirs), args
+    assert [b["name"] for b in bitmaps_of(ours)] == ["s0", "b0", "b2"]
+    assert_clean(str(ours))

@@ -18,10 +18,12 @@ from ..formats import OpenOptions, format_names, open_image, probe_format
 from ..image import Image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err
+from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err, image_source
 from .getoptlong import GetoptError, getopt_long
+from .objects import process_objects
 
-BITMAP_HELP = """usage: qcowdisk bitmap [-f FMT] (--add [-g SIZE] | --remove | --clear | --enable | --disable | \
+BITMAP_HELP = """usage: qcowdisk bitmap [--object OBJECTDEF] [--image-opts | -f FMT] \
+(--add [-g SIZE] | --remove | --clear | --enable | --disable | \
 --merge SOURCE [-b SRC_FILE [-F SRC_FMT]])... FILE BITMAP
 
 Add, remove, clear, enable, disable or merge into the persistent bitmap BITMAP of FILE (like
@@ -29,7 +31,8 @@ qemu-img bitmap); the operations run in the order given.
 """
 _SHORT = {"h": False, "f": True, "g": True, "b": True, "F": True}
 _LONG = {"help": False, "format": True, "add": False, "granularity": True, "remove": False, "clear": False,
-         "enable": False, "disable": False, "merge": True, "source-file": True, "source-format": True}
+         "enable": False, "disable": False, "merge": True, "source-file": True, "source-format": True,
+         "image-opts": False, "object": True}
 _ACTIONS = {"--add": "add", "--remove": "remove", "--clear": "clear", "--enable": "enable", "--disable": "disable",
             "--merge": "merge"}
 
@@ -43,6 +46,8 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
     actions: list[tuple[str, str]] = []
     fmt = src_fmt = src_file = None
     granularity = 0
+    image_opts = False
+    objects: list[str] = []
     for name, value in opts:
         if name in ("-h", "--help"):
             sys.stdout.write(BITMAP_HELP)
@@ -59,6 +64,11 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
             src_file = value
         elif name in ("-F", "--source-format"):
             src_fmt = value
+        elif name == "--image-opts":
+            image_opts = True
+        elif name == "--object":
+            objects.append(value)
+    process_objects(objects)  # (qemu-img creates them while it parses, before the checks below)
     if not actions:
         return err("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
     if granularity and not any(a == "add" for a, _ in actions):
@@ -69,7 +79,9 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
         return err("Merge bitmap source file only supported with --merge")
     if len(operands) != 2:
         return err("Expecting filename and bitmap name")
-    path, bitmap = operands
+    name, bitmap = operands
+    # With --image-opts the image operand is an option string; a merge source (-b) never is.
+    path, fmt = image_source(argparse.Namespace(), name, fmt, writable=True, image_opts=image_opts)
     disk, status = _open(path, fmt)
     if disk is None:
         return status
