@@ -30,6 +30,8 @@ MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024
 MAX_SNAPSHOT_EXTRA = 1024
 MAX_HOST_OFFSET = 1 << 56
+INT64_MAX = (1 << 63) - 1
+BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)  # QEMU's limit on any image length and request end
 MAX_BACKING_FORMAT_LENGTH = 15
 
 CRYPT_NONE = 0
@@ -370,6 +372,12 @@ def _check_table_fields(h: Header, file_length: int, check_snapshots: bool) -> N
         validate_snapshot_fields(h)
 
 
+def snapshot_table_ends_past_int64(count: int, offset: int) -> bool:
+    """QEMU's qcow2_validate_table test: a table of `count` 40-byte entries at `offset` would end
+    past INT64_MAX (an offset no pread could even take)."""
+    return INT64_MAX - count * SNAPSHOT_HEADER_STRUCT.size < offset
+
+
 def validate_snapshot_fields(h: Header) -> None:
     """The header's snapshot table fields (count, offset) within QEMU's limits.
 
@@ -382,7 +390,7 @@ def validate_snapshot_fields(h: Header) -> None:
     if h.nb_snapshots:
         # QEMU's qcow2_validate_table: the table must end below INT64_MAX (a larger offset would
         # not even fit pread's off_t).
-        if (1 << 63) - 1 - h.nb_snapshots * SNAPSHOT_HEADER_STRUCT.size < h.snapshots_offset:
+        if snapshot_table_ends_past_int64(h.nb_snapshots, h.snapshots_offset):
             raise InvalidImageError(
                 f"Snapshot table offset invalid: snapshots_offset 0x{h.snapshots_offset:x} + "
                 f"{h.nb_snapshots} entries of {SNAPSHOT_HEADER_STRUCT.size} bytes ends past 0x7fffffffffffffff")

@@ -58,7 +58,7 @@ from itertools import compress
 from ..errors import ResizeError
 from . import bitmapresize
 from .entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK
-from .format import MAX_L1_BYTES, min_l1_size
+from .format import BDRV_MAX_LENGTH, MAX_L1_BYTES, min_l1_size
 from .mapping import l2_table_offset
 from .ordering import flush, mark_dirty_before_lazy_update, switch_header
 from .overlap import check_not_metadata
@@ -68,7 +68,6 @@ from .state import Qcow2State
 from .writing import free_entry, l2_for_write, write, zero, zero_in_table
 
 SECTOR = 512
-BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)  # QEMU's limit on any image length (offset(..) exceeds maximum(..))
 
 
 def _align_up(value: int, alignment: int) -> int:

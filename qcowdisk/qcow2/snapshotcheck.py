@@ -24,11 +24,13 @@ from . import ordering
 from .checkresult import FIX_ERRORS, CheckTally, Report, StepFailed
 from .diskrefs import metadata_overlap, signal_corruption
 from .format import (
+    BDRV_MAX_LENGTH,
     MAX_SNAPSHOT_EXTRA,
     MAX_SNAPSHOT_TABLE_BYTES,
     MAX_SNAPSHOTS,
     SNAPSHOT_HEADER_STRUCT,
     SnapshotEntry,
+    snapshot_table_ends_past_int64,
 )
 from .refwalk import SnapshotRef
 from .snapshot import as_rewritten, write_table
@@ -37,10 +39,6 @@ from .state import Qcow2State
 INT_MAX = (1 << 31) - 1
 SNAPSHOT_READ_AHEAD = 1 << 16  # bytes of a snapshot table read at once when its length is unknown
 V3_MIN_EXTRA = 16              # vm_state_size_large and disk_size: what every v3 entry must have
-
-
-# QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB; reads ending past it fail with EIO.
-BDRV_MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
 
 
 def _c_string(raw: bytes) -> bytes:
@@ -62,7 +60,7 @@ def read_snapshot_table(s: Qcow2State, report: Report, res: CheckTally, fix: int
         report("qcowdisk: ERROR snapshot table too large")
         report(f"You can force-remove all {count - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all")
         raise StepFailed(errno.EFBIG)
-    if (1 << 63) - 1 - count * 40 < offset or offset & (cs - 1):
+    if snapshot_table_ends_past_int64(count, offset) or offset & (cs - 1):
         res.check_errors += 1
         report("qcowdisk: ERROR snapshot table offset invalid")
         raise StepFailed(errno.EINVAL)
@@ -77,7 +75,7 @@ def read_snapshot_table(s: Qcow2State, report: Report, res: CheckTally, fix: int
     def take(pos: int, length: int) -> bytes:
         nonlocal window, window_start
         end = pos + length
-        if length and offset + end > BDRV_MAX_LENGTH:  # QEMU's block layer refuses the read
+        if length and offset + end > BDRV_MAX_LENGTH:  # QEMU's block layer refuses the read (EIO)
             res.check_errors += 1
             report("qcowdisk: ERROR failed to read the snapshot table: Failed to read snapshot table: "
                    "Input/output error")
