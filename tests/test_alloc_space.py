@@ -21,7 +21,7 @@ import pytest
 
 from qcowdisk import QcowFile
 from qcowdisk.hostio import HostFile, host_extent
-from qemutools import create, qemu_img, qemu_io, run
+from qemutools import assert_clean, create, qemu_img, qemu_io, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -82,6 +82,7 @@ def test_create_allocates_the_file_as_qemu_img(tmp_path: Path, opts: str, size: 
     run(sys.executable, "-m", "qcowdisk", "create", "-q", "-f", "qcow2", *o, ours, size)
     assert layout(ours) == layout(theirs)
     assert qemu_map(ours) == qemu_map(theirs)
+    assert_clean(ours)
     if opts not in _BYTES_DIFFER:
         assert Path(ours).read_bytes() == Path(theirs).read_bytes()
 
@@ -152,6 +153,8 @@ def test_allocating_writes_allocate_as_qemu_io(tmp_path: Path, opts: str, backin
     assert bool(WriteCounter.zeroed) == (backing != "raw"), WriteCounter.zeroed
     assert Path(ours).read_bytes() == Path(theirs).read_bytes()
     assert qemu_map(ours) == qemu_map(theirs)
+    assert_clean(ours)
+    qemu_img("compare", ours, theirs)
     (size_o, blocks_o, _), (size_t, blocks_t, _) = layout(ours), layout(theirs)
     assert size_o == size_t
     assert abs(blocks_o - blocks_t) <= FS_BLOCK_SECTORS, (blocks_o, blocks_t)

@@ -14,7 +14,7 @@ import pytest
 from imagefactory import make_image
 from qcowdisk import QcowFile
 from qcowdisk.qcow2 import chain
-from qemutools import qemu_img, to_raw
+from qemutools import assert_clean, qemu_img, to_raw
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -67,6 +67,9 @@ def test_writes_to_the_top_replace_the_map(tmp_path: Path) -> None:
         d.write_at(X + 4096, b"\x09" * 4096)
         assert _reads(d, X + 4096) == [b"\x09" * 4096] * 6
         assert _reads(d, X + 8192) == [b"\7" * 4096] * 6  # the rest of that cluster: copied from the base
+        view = d.read_at(0, len(d))
+    assert_clean(top)  # and QEMU reads the chain as qcowdisk last did
+    assert to_raw(top, str(tmp_path / "top.raw")) == view
 
 
 def test_new_backing_file_replaces_the_map(tmp_path: Path) -> None:
