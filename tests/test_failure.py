@@ -223,6 +223,21 @@ def test_data_write_eio(tmp_path: Path) -> None:
     assert_failed_state(disk, plan, ei.value, mirror, path, tmp_path, (0, 256 * 1024))
 
 
+def test_zero_alloc_eio_in_an_allocating_write(tmp_path: Path) -> None:
+    """The fallocate(ZERO_RANGE) that allocates a new cluster's copy-on-write parts (QEMU's
+    handle_alloc_space) fails with EIO: the caller gets it, then the failed state, as for any
+    host write."""
+    plan = FaultPlan()
+    path, disk, mirror = _setup_flushed(tmp_path, plan)
+    fault = plan.arm("zero", errno.EIO)
+    data = seeded(4096, 6)
+    mirror.write(12 * MiB + 8192, data)
+    with pytest.raises(OSError, match=EIO_RE) as ei:
+        disk.write_at(12 * MiB + 8192, data)  # 4 KiB into a new 64 KiB cluster
+    assert ei.value.errno == errno.EIO and fault.fired, repr(ei.value)
+    assert_failed_state(disk, plan, ei.value, mirror, path, tmp_path, (0, 256 * 1024))
+
+
 def test_metadata_write_eio(tmp_path: Path) -> None:
     """Bug: a metadata write (refcount block / L2 table, issued by flush) that failed with EIO was
     retried by the next flush() as if the host were fine. Now: EIO, then the failed state."""
