@@ -24,6 +24,10 @@ PROBE_BYTES = 512
 DEFAULT_MAX_NESTING_DEPTH = 64
 
 
+class OpenOptionError(ValueError):
+    """An opening option QEMU refuses for this image (a cache size, a raw window): its message."""
+
+
 @dataclass(frozen=True)
 class OpenOptions:
     """How to open an image and the files it names.
@@ -33,7 +37,12 @@ class OpenOptions:
     symlinks) inside that directory. `force_share` (read-only only) neither takes nor honours
     the image lock, as `qemu-img -U` does. `l2_cache_size` and `l2_cache_entry_size` are
     QEMU's `l2-cache-size` and `l2-cache-entry-size` (bytes; None: QEMU's default) for the
-    image itself, not its backing files (see qcowdisk.qcow2.cachesize).
+    image itself, not its backing files (see qcowdisk.qcow2.cachesize). `raw_offset` and
+    `raw_size` are QEMU's raw `offset` and `size` (a raw image itself only: the window of the
+    file that is the disk; see qcowdisk.raw.raw_window). `cache_size` and `refcount_cache_size`
+    are QEMU's `cache-size` and `refcount-cache-size` (shared with the L2 cache as QEMU shares
+    them). `backing_node` opens the backing file as QEMU's `backing.*` options say instead of
+    as the image names it.
     """
 
     readonly: bool = False
@@ -44,10 +53,39 @@ class OpenOptions:
     force_share: bool = False
     l2_cache_size: int | None = None
     l2_cache_entry_size: int | None = None
+    raw_offset: int = 0
+    raw_size: int | None = None
+    cache_size: int | None = None
+    refcount_cache_size: int | None = None
+    backing_node: BackingNode | None = None
 
     def for_backing(self) -> OpenOptions:
-        """The options a backing file is opened with: read-only, default caches, the rest inherited."""
-        return dataclasses.replace(self, readonly=True, l2_cache_size=None, l2_cache_entry_size=None)
+        """The options a backing file is opened with: read-only, its own `backing.*` options
+        (`backing_node`; default caches without), the rest inherited."""
+        node = self.backing_node or BackingNode()
+        return dataclasses.replace(self, readonly=True, l2_cache_size=node.l2_cache_size,
+                                   l2_cache_entry_size=node.l2_cache_entry_size, raw_offset=node.raw_offset,
+                                   raw_size=node.raw_size, cache_size=node.cache_size,
+                                   refcount_cache_size=node.refcount_cache_size, backing=node.backing,
+                                   backing_node=node.backing_node)
+
+
+@dataclass(frozen=True)
+class BackingNode:
+    """A backing file as QEMU's `backing.*` options open it: `filename` and `fmt` (None: the
+    name and format the image records, the format probed when it records none) and the
+    options of the same names as OpenOptions' for the backing file itself."""
+
+    filename: str | None = None
+    fmt: str | None = None
+    backing: bool = True
+    l2_cache_size: int | None = None
+    l2_cache_entry_size: int | None = None
+    cache_size: int | None = None
+    refcount_cache_size: int | None = None
+    raw_offset: int = 0
+    raw_size: int | None = None
+    backing_node: BackingNode | None = None
 
 
 def check_confined(path: str, options: OpenOptions, what: str, named_by: str, real: str | None = None) -> None:
@@ -160,9 +198,12 @@ def open_backing(parent_path: str, name: str, fmt: str | None, options: OpenOpti
 
     `chain` holds the real paths of every image above (the parent last); its length is the
     parent's depth. Raises BackingChainError for missing files, loops and chains deeper than
-    `options.max_nesting_depth`.
+    `options.max_nesting_depth`. `options.backing_node` may name another file and format.
     """
-    path = resolve_backing_path(parent_path, name)
+    node = options.backing_node
+    if node is not None and node.fmt is not None:
+        fmt = node.fmt
+    path = node.filename if node is not None and node.filename is not None else resolve_backing_path(parent_path, name)
     if len(chain) > options.max_nesting_depth:
         raise BackingChainError(
             f"backing chain of {parent_path!r} is too deep: more than max_nesting_depth "
@@ -175,6 +216,8 @@ def open_backing(parent_path: str, name: str, fmt: str | None, options: OpenOpti
         raise BackingChainError(f"backing chain loops: {parent_path!r} names {name!r}, which is already in the chain")
     try:
         return open_image(path, fmt or None, options.for_backing(), (*chain, real))
+    except OpenOptionError as e:  # (QEMU's words for an option of the backing node)
+        raise OpenOptionError(f"Could not open backing file: {e}") from None
     except OSError as e:
         raise BackingChainError(f"cannot open backing file {path!r} of {parent_path!r}: {e.strerror}") from None
     except RecursionError:  # pragma: no cover - depth is bounded above

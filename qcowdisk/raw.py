@@ -12,24 +12,52 @@ from .image import Extent, LayerExtent, fill_zeros
 from .locking import ImageLock, lock_image
 
 
+class RawWindowError(formats.OpenOptionError):
+    """A raw `offset`/`size` window QEMU's raw driver refuses (its message)."""
+
+
+def raw_window(file_size: int, offset: int, size: int | None) -> int:
+    """The length of the guest disk QEMU's raw driver (raw_apply_options) makes of the bytes
+    [offset, offset + size) of a file `file_size` long (`size` None: to the end of the file);
+    RawWindowError with QEMU's message for a window it refuses. QEMU measures the file in
+    whole 512-byte sectors (the tail of the last reads as zeros); the whole file is its own
+    length (qemu_length rounds it)."""
+    if offset == 0 and size is None:
+        return file_size
+    file_size = -(-file_size // 512) * 512
+    if offset > file_size:
+        raise RawWindowError(f"Offset ({offset}) cannot be greater than size of the containing file ({file_size})")
+    if size is None:
+        return file_size - offset
+    if file_size - offset < size:
+        raise RawWindowError(f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the "
+                             f" actual size of the containing file ({file_size})")  # (QEMU's two spaces)
+    if size % 512:
+        raise RawWindowError("Specified size is not multiple of 512")
+    return size
+
+
 class RawImage:
-    """A raw file opened read-only as a guest disk (implements `qcowdisk.image.Image`)."""
+    """A raw file opened read-only as a guest disk (implements `qcowdisk.image.Image`); with
+    `offset`/`size`, the window of the file QEMU's raw driver options make the disk."""
 
     format_name = "raw"
     backing: None = None
     backing_file: None = None
 
     def __init__(self, path: str, host_factory: HostFactory | None = None, *, host: HostFile | None = None,
-                 force_share: bool = False) -> None:
+                 force_share: bool = False, offset: int = 0, size: int | None = None) -> None:
         """Open `path` read-only (or take the already opened `host`), with QEMU's reader locks
-        unless `force_share`."""
+        unless `force_share`; the disk is the file's bytes from `offset`, `size` of them (None:
+        to the end), checked as QEMU checks them (RawWindowError)."""
         self.filename = path
         self.host = host if host is not None else (host_factory or HostFile)(path, False)
         self._image_lock: ImageLock | None = None
+        self.offset = offset
         try:
             if not force_share:
                 self._image_lock = lock_image(self.host.fd, path, write=False)
-            self.virtual_size = self.host.size()
+            self.virtual_size = raw_window(self.host.size(), offset, size)
         except BaseException:
             self.host.close()
             raise
@@ -42,7 +70,7 @@ class RawImage:
         n = max(0, min(len(mv), self.virtual_size - offset))
         if n == 0:
             return 0
-        got = self.host.preadv([mv[:n]], offset)
+        got = self.host.preadv([mv[:n]], self.offset + offset)
         if got < n:  # file shrank under us: the missing tail reads as zeros
             fill_zeros(mv, got, n)
         return n
@@ -79,16 +107,17 @@ class RawImage:
         Everything is allocated (a raw file has no backing file) and maps to the same host
         offset: data where the host file has data, zero where it has a hole or has ended
         (SEEK_DATA/SEEK_HOLE). The range may run to the end of the file's last 512-byte sector.
+        With an `offset` window, host offsets are the guest's plus it.
         """
         out: list[LayerExtent] = []
         pos, end = guest_offset, guest_offset + length
         while pos < end:
-            n, data = host_extent(self.host.fd, pos, end - pos)
+            n, data = host_extent(self.host.fd, self.offset + pos, end - pos)
             if out and out[-1].data == data:  # the system split an extent: one run
                 last = out.pop()
                 out.append(LayerExtent(last.length + n, True, not data, data, last.host_offset, False, self.filename))
             else:
-                out.append(LayerExtent(n, True, not data, data, pos, False, self.filename))
+                out.append(LayerExtent(n, True, not data, data, self.offset + pos, False, self.filename))
             pos += n
         return out
 
@@ -115,7 +144,8 @@ def _open_raw(path: str, options: formats.OpenOptions, chain: tuple[str, ...]) -
         host = formats.open_named_file(path, False, options, "backing file", chain[-2])
     else:
         host = options.host_factory(path, False)
-    return RawImage(path, host=host, force_share=options.force_share)
+    return RawImage(path, host=host, force_share=options.force_share, offset=options.raw_offset,
+                    size=options.raw_size)
 
 
 formats.register(formats.FormatDriver("raw", lambda head: 1, _open_raw))

@@ -63,7 +63,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         img = QcowFile.open_for_check(path, repair=args.repair is not None, confine_to=confine_to,
                                       backing=o.backing, force_share=args.force_share,
                                       l2_cache_size=o.l2_cache_size, l2_cache_entry_size=o.l2_cache_entry_size,
-                                      host_factory=o.host_factory)
+                                      host_factory=o.host_factory, tuning=o)
     try:
         try:
             result = img.check(args.repair, report=report)

@@ -10,7 +10,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from .. import formats
 from ..errors import QcowError
@@ -22,6 +22,7 @@ from ..ops.cachemode import CacheModeError, host_class, parse_cache_mode
 from ..ops.imageopts import ImageOpts, ImageOptsError, parse_image_opts
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
+from ..raw import RawWindowError, raw_window
 
 PROG = "qcowdisk"
 INT64_MAX = (1 << 63) - 1
@@ -233,14 +234,41 @@ def chain_operand(args: argparse.Namespace, verb: str) -> tuple[str, str | None]
 
 def open_options(args: argparse.Namespace, path: str, readonly: bool = True) -> OpenOptions:
     """How to open the image `path` for this command: --confine-to, -U, and what an --image-opts
-    string said (L2 cache sizes, `backing=` for none)."""
-    spec = _IMAGE_OPTS.get(path)
+    string said (see spec_options)."""
     return OpenOptions(readonly=readonly, confine_to=confine_dir(args),
                        force_share=getattr(args, "force_share", False),
-                       backing=spec is None or not spec.no_backing,
-                       l2_cache_size=spec.l2_cache_size if spec else None,
-                       l2_cache_entry_size=spec.l2_cache_entry_size if spec else None,
-                       host_factory=host_factory(path, getattr(args, "src_cache", None)))
+                       host_factory=host_factory(path, getattr(args, "src_cache", None)), **spec_options(path))
+
+
+def spec_options(path: str) -> dict[str, Any]:
+    """The OpenOptions keywords an --image-opts string gave the image `path` ({} if none):
+    `backing=` (none) and backing.*, cache sizes, raw's offset and size."""
+    spec = _IMAGE_OPTS.get(path)
+    if spec is None:
+        return {}
+    return {"backing": not spec.no_backing, "backing_node": spec.backing_node,
+            "l2_cache_size": spec.l2_cache_size, "l2_cache_entry_size": spec.l2_cache_entry_size,
+            "cache_size": spec.cache_size, "refcount_cache_size": spec.refcount_cache_size,
+            "raw_offset": spec.raw_offset, "raw_size": spec.raw_size}
+
+
+def check_window(path: str) -> None:
+    """Refuse the raw offset/size window an --image-opts string gave `path` where QEMU's raw
+    driver refuses it, as qemu-img reports it (for commands that open the image later)."""
+    spec = _IMAGE_OPTS.get(path)
+    if spec is None or (spec.raw_offset == 0 and spec.raw_size is None):
+        return
+    try:
+        raw_window(os.path.getsize(path), spec.raw_offset, spec.raw_size)
+    except (RawWindowError, OSError) as e:
+        raise UsageError(f"Could not open '{spec.text}': {why(e, path)}") from None
+
+
+def shown_as_info(path: str) -> str:
+    """The name qemu-img info gives the image `path`: a json: name for options that change what
+    is read (raw's offset and size), else as `shown`."""
+    spec = _IMAGE_OPTS.get(path)
+    return spec.shown if spec is not None and spec.shown else path
 
 
 def confine_dir(args: argparse.Namespace) -> str | None:
@@ -312,9 +340,9 @@ def open_image(path: str, args: argparse.Namespace) -> QcowFile | Qcow1File:
     """Open an image read-only (qcow2, or qcow v1) with the command's --confine-to and -U."""
     o = open_options(args, path)
     with opening(path):
-        return QcowFile.open(path, readonly=True, confine_to=o.confine_to, force_share=o.force_share,
-                             backing=o.backing, l2_cache_size=o.l2_cache_size, host_factory=o.host_factory,
-                             l2_cache_entry_size=o.l2_cache_entry_size)
+        img = formats.open_image(path, "qcow" if probe_format(path, o.host_factory) == "qcow" else "qcow2", o)
+        assert isinstance(img, (QcowFile, Qcow1File))  # (the qcow2 driver opens qcow v1 read-only)
+        return img
 
 
 def image_format(img: AnyImage) -> str:

@@ -7,12 +7,23 @@ import os
 import sys
 import warnings
 
-from ..formats import probe_format
+from ..formats import OpenOptions, probe_format
 from ..hostio import DirectHostFile, DirectIOUnsupportedError
 from ..ops import qemuopts
 from ..ops.bitmapcopy import BitmapSkippedWarning
 from ..ops.cachemode import DEFAULT_SOURCE_CACHE, DEFAULT_TARGET_CACHE
-from .common import PROG, Parser, UsageError, add_image_opts, cvtnum, host_factory, image_source, refuse_no_backing
+from .common import (
+    PROG,
+    Parser,
+    UsageError,
+    add_image_opts,
+    check_window,
+    cvtnum,
+    host_factory,
+    image_source,
+    shown,
+    spec_options,
+)
 from .progress import QemuProgress
 
 
@@ -20,7 +31,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """`qcowdisk convert`: qemu-img convert's copy (qcow2 or raw out), its -S sparseness, -c, -B, -n, -l,
     -m/-W, -t/-T cache modes (default -t unsafe: no fsync, as qemu-img), -U, -r, --target-is-zero,
     --bitmaps; `-p` shows qemu-img's progress line when stdout is a terminal."""
-    from ..ops.convert import convert
+    from ..ops.convert import OpenRefusedError, convert
     snapshot = args.snapshot
     if snapshot is not None:
         for prefix in ("snapshot.name=", "snapshot.id="):
@@ -46,13 +57,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.target_image_opts and not args.target_exists:
         raise UsageError("--target-image-opts requires use of -n flag")
     src, src_format = image_source(args, args.src, args.format)
-    refuse_no_backing(src)
+    check_window(src)
     src_cache = "none" if host_factory(src) is DirectHostFile and args.src_cache == DEFAULT_SOURCE_CACHE \
         else args.src_cache  # cache.direct=on in the source's options
     dst, out_format = args.dst, args.out_format
     if args.target_image_opts:
         dst, out_format = image_source(argparse.Namespace(), args.dst, args.out_format, writable=True, image_opts=True)
         out_format = out_format or probe_format(dst)
+        check_window(dst)
     if not os.path.exists(src):
         raise UsageError(f"Could not open '{src}': Could not open '{src}': No such file or directory")
     bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
@@ -67,7 +79,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     progress=bar.advance if bar is not None else None, out_of_order=args.unordered,
                     target_is_zero=args.target_is_zero, cache=args.cache, src_cache=src_cache,
                     rate_limit=rate, force_share=args.force_share, bitmaps=args.bitmaps,
-                    skip_broken_bitmaps=args.skip_broken_bitmaps)
+                    skip_broken_bitmaps=args.skip_broken_bitmaps, source_open=OpenOptions(**spec_options(src)),
+                    target_open=OpenOptions(**spec_options(dst)) if args.target_image_opts else None)
+    except OpenRefusedError as e:  # qemu-img names the image by its option string
+        raise UsageError(f"Could not open '{shown(e.path)}': {e.reason}") from None
     except DirectIOUnsupportedError as e:  # qemu-img: the open's error, after img_open's prefix
         raise UsageError(f"Could not open '{e.filename}': Could not open '{e.filename}': {e.strerror}") from None
     finally:

@@ -5,8 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import formats
 from ..formats import probe_format
-from .common import Parser, UsageError, add_confine, add_force_share, add_image_opts, image_source, open_failed, open_image, shown
+from .common import (
+    AnyImage,
+    Parser,
+    UsageError,
+    add_confine,
+    add_force_share,
+    add_image_opts,
+    image_source,
+    open_failed,
+    open_image,
+    open_options,
+    opening,
+    shown,
+    shown_as_info,
+)
 from .infotext import ImageInfo, chain_info, format_human, image_info
 from .qemujson import qemu_json
 
@@ -15,15 +30,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
     path, fmt = image_source(args, args.image, args.format, opens_backing=False)
     try:
-        probed = probe_format(path) if fmt is not None else None
+        probed = probe_format(path)
     except OSError as e:
         raise open_failed(path, e) from e
-    if fmt is not None and fmt != probed:
+    if fmt is not None and fmt not in (probed, "raw"):
         raise UsageError(f"Could not open '{shown(path)}': qcowdisk info shows qcow2 and qcow images only, "
                          f"as what they are, not as '{fmt}'")
-    img = open_image(path, args)
+    img: AnyImage
+    if (fmt or probed) == "raw":  # any file, as QEMU's raw driver shows it
+        with opening(path):
+            img = formats.open_image(path, "raw", open_options(args, path))
+    else:
+        img = open_image(path, args)
     try:
-        infos = chain_info(img, path) if args.backing_chain else [image_info(img, path)]
+        name = shown_as_info(path)
+        infos = chain_info(img, path, name) if args.backing_chain else [image_info(img, path, name)]
     finally:
         img.close()
     if args.output == "json":

@@ -103,8 +103,9 @@ def _qcow2_specific(header: Header, bitmaps: Sequence[Bitmap] = ()) -> Qcow2Spec
     return data
 
 
-def image_info(img: AnyImage, filename: str) -> ImageInfo:
-    """qemu-img info's JSON object for one opened image; `filename` is the name QEMU would show."""
+def image_info(img: AnyImage, filename: str, shown: str | None = None) -> ImageInfo:
+    """qemu-img info's JSON object for one opened image, the file `filename`, named `shown`
+    (default: `filename`) as QEMU names it."""
     fmt = image_format(img)
     header = img.header if isinstance(img, QcowFile) else None  # the qcow2 header; None otherwise
     # qcow2 keeps the names in its header; Qcow1File exposes them on the image itself.
@@ -121,8 +122,9 @@ def image_info(img: AnyImage, filename: str) -> ImageInfo:
         info["backing-filename-format"] = backing_fmt
     if snapshots:
         info["snapshots"] = [_snapshot_info(s) for s in snapshots]
-    info["virtual-size"] = img.virtual_size
-    info["filename"] = filename
+    # (QEMU counts a raw file in whole sectors)
+    info["virtual-size"] = -(-img.virtual_size // 512) * 512 if fmt == "raw" else img.virtual_size
+    info["filename"] = filename if shown is None else shown
     if isinstance(img, (QcowFile, Qcow1File)):
         info["cluster-size"] = img.cluster_size
     info["format"] = fmt
@@ -142,11 +144,12 @@ def image_info(img: AnyImage, filename: str) -> ImageInfo:
     return info
 
 
-def chain_info(img: AnyImage, filename: str) -> list[ImageInfo]:
-    """Info for the image and every image below it, top first (qemu-img info --backing-chain)."""
+def chain_info(img: AnyImage, filename: str, shown: str | None = None) -> list[ImageInfo]:
+    """Info for the image and every image below it, top first (qemu-img info --backing-chain);
+    `shown` names the top one as in `image_info`."""
     out: list[ImageInfo] = []
     while img is not None:
-        entry = image_info(img, filename)
+        entry = image_info(img, filename, shown if not out else None)
         out.append(entry)
         nxt = img.backing if isinstance(img, (QcowFile, Qcow1File)) else None  # a raw image has none
         if nxt is None or "full-backing-filename" not in entry:

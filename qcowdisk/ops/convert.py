@@ -18,11 +18,12 @@ through a fixed number of buffers; unallocated and zero ranges are never read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import formats
@@ -34,6 +35,7 @@ from ..locking import ImageLock, lock_image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
+from ..raw import raw_window
 from . import bitmapcopy
 from .cachemode import DEFAULT_SOURCE_CACHE, RateLimit, host_class, parse_cache_mode
 from .measure import Options, target_options
@@ -58,13 +60,33 @@ class ConvertError(ValueError):
     """A conversion qemu-img refuses before writing anything (bad options, sizes, snapshots)."""
 
 
+class OpenRefusedError(ConvertError):
+    """The source or target cannot be opened with the options given (`source_open`,
+    `target_open`): `path` names it, `reason` is QEMU's message."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"Could not open '{path}': {reason}")
+        self.path, self.reason = path, reason
+
+
+@contextlib.contextmanager
+def _opening(path: str) -> Iterator[None]:
+    """Turn an option refused at open into OpenRefusedError naming `path`."""
+    try:
+        yield
+    except formats.OpenOptionError as e:
+        raise OpenRefusedError(path, str(e)) from None
+
+
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str | None = None,
             out_format: str = "qcow2", options: Options = None, compress: bool = False,
             backing_file: str | None = None, backing_format: str | None = None, snapshot: str | None = None,
             sparse_size: int = 4096, target_exists: bool = False, progress: Progress | None = None,
             threads: int | None = None, out_of_order: bool = False, target_is_zero: bool = False,
             cache: str = "writeback", src_cache: str = DEFAULT_SOURCE_CACHE, rate_limit: int = 0,
-            force_share: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False) -> None:
+            force_share: bool = False, bitmaps: bool = False, skip_broken_bitmaps: bool = False,
+            source_open: formats.OpenOptions | None = None,
+            target_open: formats.OpenOptions | None = None) -> None:
     """Convert the guest disk `src` into `dst` as `qemu-img convert [-f SRC_FORMAT] -O OUT_FORMAT
     [-o OPTIONS] [-c] [-B BACKING_FILE [-F BACKING_FORMAT]] [-l SNAPSHOT] [-S SPARSE_SIZE] [-n]
     [-m THREADS] [-W] [--target-is-zero] [-t CACHE] [-T SRC_CACHE] [-r RATE] [-U] SRC DST` does.
@@ -94,6 +116,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     refuses (a source or target without bitmap support, an inconsistent bitmap unless
     `skip_broken_bitmaps`, which skips it with a `BitmapSkippedWarning`); see
     qcowdisk.ops.bitmapcopy. The target is read-only once its bitmaps are added.
+    `source_open` and `target_open` (from `--image-opts` / `--target-image-opts`) open
+    the source and the existing target (`target_exists`) as they say: cache sizes, backing
+    files (`backing`, `backing_node`), a raw image's `raw_offset`/`raw_size` window; the
+    access mode, lock sharing and host I/O class come from the other arguments.
     `progress(done_bytes, total_bytes)` is
     called as the conversion goes; an exception from it stops the conversion and propagates,
     with everything closed (the partly written target is left behind, as qemu-img leaves it).
@@ -134,7 +160,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
         raise ConvertError("-B cannot be used with -n (the target exists)")
     dst_path = os.fspath(dst)
     with contextlib.ExitStack() as stack:
-        source = _open_source(os.fspath(src), src_format, snapshot, force_share, host_class(src_cache))
+        with _opening(os.fspath(src)):
+            source = _open_source(os.fspath(src), src_format, snapshot, force_share, host_class(src_cache),
+                                  source_open or formats.OpenOptions())
         stack.callback(source.close)
         size = qemu_length(source)
         if snapshot is not None and isinstance(source, QcowFile):
@@ -147,7 +175,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
                 _bitmap_step(lambda: bitmapcopy.refuse_target(out_format, 2 if _compat(opts) == "0.10" else 3))
         host = host_class(cache)
         if target_exists:
-            target = _open_target(dst_path, out_format, size, host)
+            with _opening(dst_path):
+                target = _open_target(dst_path, out_format, size, host, target_open or formats.OpenOptions())
         else:
             target = _create_target(dst_path, out_format, opts, size, backing_file, backing_format, host, stack)
         stack.callback(target.close)
@@ -179,9 +208,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 # ------------------------------------------------------------------------------------------
 
 def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool,
-                 host: type[HostFile]) -> Image:
+                 host: type[HostFile], options: formats.OpenOptions) -> Image:
     if snapshot is None:
-        return formats.open_image(path, fmt, formats.OpenOptions(readonly=True, force_share=force_share,
+        return formats.open_image(path, fmt, dataclasses.replace(options, readonly=True, force_share=force_share,
                                                                  host_factory=host))
     if fmt not in (None, "qcow2"):
         raise ConvertError(f"Failed to load snapshot: a '{fmt}' image has no internal snapshots")
@@ -233,10 +262,11 @@ class _RawTarget(_Requests):
     stay holes, zeroed ranges are punched (file-posix's write_zeroes with MAY_UNMAP)."""
 
     def __init__(self, path: str, size: int, new: bool, preallocation: str,
-                 host: type[HostFile] = HostFile) -> None:
+                 host: type[HostFile] = HostFile, offset: int = 0) -> None:
         self.host = host.create(path) if new else host(path, True)
         self.fd = self.host.fd
         self.virtual_size = size
+        self.offset = offset  # an existing raw target's window (raw's offset= option)
         self.cluster_size = 0
         self.lock: ImageLock | None = None
         try:
@@ -255,12 +285,12 @@ class _RawTarget(_Requests):
             raise
 
     def write_at(self, offset: int, data: memoryview) -> None:
-        self.host.pwrite(data, offset)
+        self.host.pwrite(data, self.offset + offset)
         self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.written(length)
-        self.host.zero_range(offset, length)
+        self.host.zero_range(self.offset + offset, length)
 
 
     def flush(self) -> None:
@@ -382,19 +412,26 @@ def _create_target(path: str, out_format: str, opts: QemuOpts, size: int, backin
     return _QcowTarget(QcowFile.create(path, size, host_factory=host, **kw))
 
 
-def _open_target(path: str, out_format: str, size: int, host: type[HostFile]) -> _Target:
+def _open_target(path: str, out_format: str, size: int, host: type[HostFile],
+                 options: formats.OpenOptions) -> _Target:
     if out_format == "raw":
-        raw = _RawTarget(path, size, False, "off", host)
+        raw = _RawTarget(path, size, False, "off", host, options.raw_offset)
         target: _Target = raw
-        have = raw.host.size()
+        try:
+            have = raw_window(raw.host.size(), options.raw_offset, options.raw_size)
+        except BaseException:
+            raw.close()
+            raise
+        have = -(-have // SECTOR) * SECTOR  # (QEMU counts the disk in whole sectors)
     else:
         # (writes into an image with bitmaps are recorded in them, as QEMU records them)
-        img = QcowFile.open_for_bitmaps(path, track_writes=True, backing=True, host_factory=host)
+        img = QcowFile.open_for_bitmaps(path, track_writes=True, backing=options.backing, host_factory=host,
+                                        tuning=options)
         target = _QcowTarget(img)
         have = img.virtual_size
     if have < size:
         target.close()
-        raise ConvertError(f"Target image is smaller than the source ({have} < {size} bytes)")
+        raise ConvertError("output file is smaller than input file")
     return target
 
 

@@ -25,12 +25,16 @@ offset/size, a backing node by name) are refused with `ImageOptsError`, naming t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from .. import formats
+from ..errors import QcowError
 from . import qemuopts
 from .qemuopts import OptionError
 
@@ -58,7 +62,7 @@ _FORMAT_OPTS = {"qcow2": _QCOW2, "raw": {"offset": _SIZE, "size": _SIZE}, "qcow"
 _FILE = {"filename": _STR, "aio": _STR, "aio-max-batch": _NUM, "locking": _STR, "pr-manager": _STR,
          "drop-cache": _BOOL, "x-check-cache-dropped": _BOOL}
 # Known to QEMU, and they change what is read or written: qcowdisk refuses them.
-_NOT_HONOURED = ("encrypt.format", "encrypt.key-secret", "offset", "size", "file.pr-manager")
+_NOT_HONOURED = ("encrypt.format", "encrypt.key-secret", "file.pr-manager")
 _CHILDREN = ("backing", "data-file")  # references to other nodes (and their dotted options)
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
@@ -86,8 +90,14 @@ class ImageOpts:
     no_backing: bool = False  # backing= (empty): the image alone
     l2_cache_size: int | None = None
     l2_cache_entry_size: int | None = None
+    cache_size: int | None = None
+    refcount_cache_size: int | None = None
+    raw_offset: int = 0  # raw's offset= and size=: the window of the file that is the disk
+    raw_size: int | None = None
+    backing_node: formats.BackingNode | None = None  # backing.*: the backing file opened so
     cache_direct: bool = False  # cache.direct=on: O_DIRECT (hostio.DirectHostFile)
     warnings: tuple[str, ...] = field(default=())
+    shown: str = ""  # the name qemu-img info gives the image (a json: name for a raw window)
 
 
 def qdict_order(keys: list[str]) -> list[str]:
@@ -245,7 +255,57 @@ def _resolve(text: str, values: dict[str, str], warned: list[str], writable: boo
         raise OptionError("Must specify either driver or file")
     if driver is not None and driver not in FORMATS:
         raise OptionError(f"qcowdisk opens qcow2, qcow and raw images only, not driver '{driver}'")
-    # the protocol child, opened first
+    filename, file_opts = _protocol(values)
+    fmt = driver or _probe(filename)
+    # the format
+    fmt_table = _FORMAT_OPTS.get(fmt, {})
+    top = _check_table(values, {**_GENERIC, **fmt_table}, "")
+    direct = bool(file_opts.get("cache.direct", top.get("cache.direct", False)))  # the child inherits it
+    if file_opts.get("aio") == "native" and not direct:
+        raise OptionError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
+    read_only = top.get("read-only")
+    force = bool(top.get("force-share", False))
+    if force and (read_only is False or (read_only is None and writable)):
+        raise OptionError("force-share=on can only be used with read-only images")
+    if writable and read_only is True:
+        raise OptionError("Block node is read-only")
+    _cache_sizes(top)
+    no_backing = values.get("backing") == ""
+    children = [k for k in values if k.split(".")[0] in _CHILDREN]
+    leftover = [k for k in values if not k.startswith("file.") and k not in children
+                and k not in _GENERIC and k not in fmt_table]
+    backing_keys = [k for k in children if k.startswith("backing.")]
+    if not opens_backing or no_backing:
+        leftover += backing_keys + (["backing"] if "backing" in values and not no_backing else [])
+    elif fmt == "raw" and (backing_keys or "backing" in values):
+        raise OptionError("Driver doesn't support backing files")
+    node = None
+    if opens_backing and not no_backing and backing_keys:
+        try:
+            node = _backing_node({k[8:]: values[k] for k in backing_keys}, filename, fmt, warned, 1)
+        except OptionError as e:
+            raise OptionError(f"Could not open backing file: {e}", hint=e.hint) from None
+    _refuse_unknown(leftover, {}, f"Block format '{fmt}' does not support the option '{{}}'")
+    for key in children:
+        if (key == "backing" and values[key] == "") or key.startswith("backing.") or \
+                (key == "data-file" and not opens_backing):
+            continue  # (qemu-img info opens no data file node)
+        if key in ("backing", "data-file") and opens_backing:
+            what = "Could not open backing file: " if key == "backing" else ""
+            raise OptionError(f"{what}Cannot find device='{values[key]}' nor node-name='{values[key]}'")
+        raise OptionError(f"qcowdisk does not support the option '{key}'")
+    for key in _NOT_HONOURED:
+        if key in top or (key.startswith("file.") and key[5:] in file_opts):
+            raise OptionError(f"qcowdisk does not support the option '{key}'")
+    return ImageOpts(text=text, filename=filename, driver=driver,
+                     force_share=force or (not writable and file_opts.get("locking") == "off"),
+                     read_only=read_only if isinstance(read_only, bool) else None,
+                     no_backing=no_backing, **_sizes(top), backing_node=node,
+                     cache_direct=direct, warnings=tuple(warned), shown=_shown(values, fmt, filename))
+
+
+def _protocol(values: dict[str, str]) -> tuple[str, dict[str, int | bool | str]]:
+    """The protocol child (`file.*`), opened before the format: (file name, its options)."""
     proto = values.get("file.driver", "file")
     if proto not in QEMU_DRIVERS:
         raise OptionError(f"Unknown driver '{proto}'")
@@ -264,44 +324,112 @@ def _resolve(text: str, values: dict[str, str], warned: list[str], writable: boo
         raise OptionError(f"'host_device' driver requires '{filename}' to be either a character or block device")
     _refuse_unknown([k[5:] for k in values if k.startswith("file.")], {**_GENERIC, **_FILE},
                     f"Block protocol '{proto}' doesn't support the option '{{}}'")
-    # the format
-    fmt_table = _FORMAT_OPTS.get(driver or "qcow2", {})
-    top = _check_table(values, {**_GENERIC, **fmt_table}, "")
-    direct = bool(file_opts.get("cache.direct", top.get("cache.direct", False)))  # the child inherits it
-    if file_opts.get("aio") == "native" and not direct:
-        raise OptionError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
-    read_only = top.get("read-only")
-    force = bool(top.get("force-share", False))
-    if force and (read_only is False or (read_only is None and writable)):
-        raise OptionError("force-share=on can only be used with read-only images")
-    if writable and read_only is True:
-        raise OptionError("Block node is read-only")
-    _cache_sizes(top)
+    return filename, file_opts
+
+
+def _probe(filename: str) -> str:
+    """The format QEMU's probe finds (qcowdisk's formats; the file exists)."""
+    try:
+        return formats.probe_format(filename)
+    except OSError as e:
+        raise OptionError(f"Could not open '{filename}': {e.strerror}") from None
+
+
+def _sizes(opts: dict[str, int | bool | str]) -> dict[str, Any]:
+    """The size options qcowdisk honours, as ImageOpts / BackingNode keywords."""
+    def size(name: str) -> int | None:
+        value = opts.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return {"l2_cache_size": size("l2-cache-size"), "l2_cache_entry_size": size("l2-cache-entry-size"),
+            "cache_size": size("cache-size"), "refcount_cache_size": size("refcount-cache-size"),
+            "raw_offset": size("offset") or 0, "raw_size": size("size")}
+
+
+def _recorded_backing(path: str, fmt: str) -> tuple[str | None, str | None]:
+    """(backing file name resolved, its format) as the image at `path` records them."""
+    try:
+        img = formats.open_image(path, fmt, formats.OpenOptions(readonly=True, backing=False, force_share=True))
+    except (QcowError, OSError, ValueError):
+        return None, None  # (opening the image itself reports it)
+    try:
+        name = img.backing_file
+        header = getattr(img, "header", None)
+        recorded = getattr(header, "backing_format", None) if header is not None else None
+        return (formats.resolve_backing_path(path, name) if name else None), recorded
+    except QcowError:
+        return None, None
+    finally:
+        img.close()
+
+
+def _backing_node(values: dict[str, str], parent: str, parent_fmt: str, warned: list[str],
+                  depth: int) -> formats.BackingNode:
+    """The backing file of the image `parent` as its `backing.*` options (`values`, without
+    the prefix) open it, checked as QEMU's bdrv_open_backing_file checks them."""
+    if depth > formats.DEFAULT_MAX_NESTING_DEPTH:
+        raise OptionError("backing.* options nested too deep")
+    if values.get("backing") == "":
+        warned.append('Use of "backing": "" is deprecated; use "backing": null instead')
+    if "file" in values:
+        raise OptionError("Cannot reference an existing block device with additional options or a new filename")
+    driver = values.get("driver")
+    if driver is not None and driver not in QEMU_DRIVERS:
+        raise OptionError(f"Unknown driver '{driver}'")
+    recorded, recorded_fmt = _recorded_backing(parent, parent_fmt)
+    given = "file.filename" in values
+    if not given:
+        if recorded is None:
+            raise OptionError('A block device must be specified for "file"')
+        values = {**values, "file.filename": recorded}
+    if driver is not None and driver not in FORMATS:
+        raise OptionError(f"qcowdisk opens qcow2, qcow and raw images only, not driver '{driver}'")
+    filename, _ = _protocol(values)
+    fmt = driver or recorded_fmt or _probe(filename)
+    if fmt not in FORMATS:
+        raise OptionError(f"qcowdisk opens qcow2, qcow and raw images only, not driver '{fmt}'")
+    fmt_table = _FORMAT_OPTS.get(fmt, {})
+    opts = _check_table(values, {**_GENERIC, **fmt_table}, "")
+    _cache_sizes(opts)
+    no_backing = values.get("backing") == ""
     children = [k for k in values if k.split(".")[0] in _CHILDREN]
+    backing_keys = [k for k in children if k.startswith("backing.")]
     leftover = [k for k in values if not k.startswith("file.") and k not in children
                 and k not in _GENERIC and k not in fmt_table]
-    if not opens_backing:
-        leftover += [k for k in children if k.split(".")[0] == "backing" and not
-                     (k == "backing" and values[k] == "")]
-    _refuse_unknown(leftover, {}, f"Block format '{driver or 'qcow2'}' does not support the option '{{}}'")
+    if no_backing:
+        leftover += backing_keys
+    elif fmt == "raw" and (backing_keys or "backing" in values):
+        raise OptionError("Driver doesn't support backing files")
+    node = None
+    if backing_keys and not no_backing:
+        try:
+            node = _backing_node({k[8:]: values[k] for k in backing_keys}, filename, fmt, warned, depth + 1)
+        except OptionError as e:
+            raise OptionError(f"Could not open backing file: {e}", hint=e.hint) from None
+    _refuse_unknown(leftover, {}, f"Block format '{fmt}' does not support the option '{{}}'")
     for key in children:
-        if (key == "backing" and values[key] == "") or (key == "data-file" and not opens_backing):
-            continue  # (qemu-img info opens no data file node)
-        if key in ("backing", "data-file") and opens_backing:
-            what = "Could not open backing file: " if key == "backing" else ""
-            raise OptionError(f"{what}Cannot find device='{values[key]}' nor node-name='{values[key]}'")
-        raise OptionError(f"qcowdisk does not support the option '{key}'")
-    for key in _NOT_HONOURED:
-        if key in top or (key.startswith("file.") and key[5:] in file_opts):
+        if key == "backing" and values[key] != "":
+            raise OptionError(f"Could not open backing file: Cannot find device='{values[key]}' "
+                              f"nor node-name='{values[key]}'")
+        if key.split(".")[0] == "data-file":
             raise OptionError(f"qcowdisk does not support the option '{key}'")
-    l2, entry = top.get("l2-cache-size"), top.get("l2-cache-entry-size")
-    return ImageOpts(text=text, filename=filename, driver=driver,
-                     force_share=force or (not writable and file_opts.get("locking") == "off"),
-                     read_only=read_only if isinstance(read_only, bool) else None,
-                     no_backing=values.get("backing") == "",
-                     l2_cache_size=l2 if isinstance(l2, int) else None,
-                     l2_cache_entry_size=entry if isinstance(entry, int) else None,
-                     cache_direct=direct, warnings=tuple(warned))
+    for key in _NOT_HONOURED:
+        if key in opts:
+            raise OptionError(f"qcowdisk does not support the option '{key}'")
+    return formats.BackingNode(filename=filename if given else None, fmt=driver, backing=not no_backing,
+                               backing_node=node, **_sizes(opts))
+
+
+def _shown(values: dict[str, str], fmt: str, filename: str) -> str:
+    """The name QEMU gives the image (bdrv_refresh_filename): its file's, unless options that
+    change what it reads are set (raw's offset and size), when a json: name holds those, the
+    driver and the file's driver and name, in QDict order."""
+    strong = [k for k in ("offset", "size") if fmt == "raw" and k in values]
+    if not strong:
+        return filename
+    fields: dict[str, str] = {"driver": json.dumps(fmt), **{k: json.dumps(values[k]) for k in strong}}
+    child = {"driver": json.dumps(values.get("file.driver", "file")), "filename": json.dumps(filename)}
+    fields["file"] = "{" + ", ".join(f'"{k}": {child[k]}' for k in qdict_order(list(child))) + "}"
+    return "json:{" + ", ".join(f'"{k}": {fields[k]}' for k in qdict_order(list(fields))) + "}"
 
 
 def _refuse_unknown(names: list[str], table: dict[str, str], message: str) -> None:

@@ -24,6 +24,7 @@ refcount and ordering expect it held. This module also owns the image's health:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import mmap
 import operator
@@ -497,10 +498,12 @@ class QcowFile:
     @classmethod
     def open_for_bitmaps(cls, path: str | os.PathLike[str], *, track_writes: bool = False, backing: bool = False,
                          confine_to: str | os.PathLike[str] | None = None,
-                         host_factory: HostFactory | None = None) -> QcowFile:
+                         host_factory: HostFactory | None = None,
+                         tuning: formats.OpenOptions | None = None) -> QcowFile:
         """Open an image to edit its persistent bitmaps (`edit_bitmaps`), as `qemu-img bitmap`
         opens it: read-write under the write lock, even when it has bitmaps (which `open`
-        refuses read-write), without its backing chain unless `backing`.
+        refuses read-write), without its backing chain unless `backing`. `tuning` gives the
+        cache sizes and the backing file's options (`backing_node`).
 
         Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
         by itself. With `track_writes` they are allowed for a caller that reports each one to
@@ -510,8 +513,10 @@ class QcowFile:
         cleared; the image is read-only after that commit.
         """
         path = os.fspath(path)
-        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile, backing=backing,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=False,
+                                      host_factory=host_factory or HostFile, backing=backing,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to),
+                                      force_share=False, raw_offset=0, raw_size=None)
         img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
         try:
             editor = img.edit_bitmaps()
@@ -1068,8 +1073,10 @@ class QcowFile:
     def open_for_check(cls, path: str | os.PathLike[str], *, repair: bool = False, backing: bool = True,
                        confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
                        host_factory: HostFactory | None = None, l2_cache_size: int | None = None,
-                       l2_cache_entry_size: int | None = None) -> QcowFile:
-        """Open an image to check it, as qemu-img check opens it (BDRV_O_CHECK).
+                       l2_cache_entry_size: int | None = None,
+                       tuning: formats.OpenOptions | None = None) -> QcowFile:
+        """Open an image to check it, as qemu-img check opens it (BDRV_O_CHECK); `tuning`
+        gives the other cache sizes and the backing file's options (`backing_node`).
 
         With `repair`, the image opens read-write even with the corrupt bit set, and a dirty
         image is not rebuilt at open (the check reports and repairs it); a repair that leaves no
@@ -1078,10 +1085,11 @@ class QcowFile:
         path = os.fspath(path)
         if force_share and repair:
             raise ValueError("force_share=True cannot be used to repair an image")
-        options = formats.OpenOptions(readonly=not repair, host_factory=host_factory or HostFile, backing=backing,
+        options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=not repair,
+                                      host_factory=host_factory or HostFile, backing=backing,
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
                                       force_share=force_share, l2_cache_size=l2_cache_size,
-                                      l2_cache_entry_size=l2_cache_entry_size)
+                                      l2_cache_entry_size=l2_cache_entry_size, raw_offset=0, raw_size=None)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
@@ -1283,7 +1291,8 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
     if len(raw) < h.l1_size * 8:
         raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} runs past end of file")
     s = Qcow2State(path, options.readonly, host, options.host_factory, h, file_length, decode_u64_table(raw),
-                   l2_cache_size=options.l2_cache_size, l2_cache_entry_size=options.l2_cache_entry_size)
+                   l2_cache_size=options.l2_cache_size, l2_cache_entry_size=options.l2_cache_entry_size,
+                   cache_size=options.cache_size, refcount_cache_size=options.refcount_cache_size)
     if h.nb_snapshots:
         try:
             if for_check:

@@ -33,7 +33,8 @@ class Qcow2State:
 
     def __init__(self, filename: str, readonly: bool, host: HostFile, host_factory: HostFactory,
                  header: Header, file_length: int, l1_entries: array[int], *,
-                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> None:
+                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None,
+                 cache_size: int | None = None, refcount_cache_size: int | None = None) -> None:
         """State for `host` with a validated `header` and the decoded active L1 table; the L2
         cache sized by QEMU's options (see cachesize.py; ValueError for a refused value)."""
         # --- identity and host files -----------------------------------------------------
@@ -65,7 +66,8 @@ class Qcow2State:
         # --- tables ------------------------------------------------------------------------
         self.l1 = L1Table(host, header.l1_table_offset, l1_entries)
         cache_entries, entry_size = l2_cache_geometry(header.size, header.cluster_size, header.extended_l2,
-                                                      l2_cache_size, l2_cache_entry_size)
+                                                      l2_cache_size, l2_cache_entry_size, cache_size=cache_size,
+                                                      refcount_cache_size=refcount_cache_size)
         # Whole tables (writes, check, amend, snapshots all work on whole tables): as many as
         # the cache size holds.
         self.l2_cache = TableCache(host, TableCodec(64, header.cluster_size),
