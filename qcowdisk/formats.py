@@ -42,7 +42,8 @@ class OpenOptions:
     file that is the disk; see qcowdisk.raw.raw_window). `cache_size` and `refcount_cache_size`
     are QEMU's `cache-size` and `refcount-cache-size` (shared with the L2 cache as QEMU shares
     them). `backing_node` opens the backing file as QEMU's `backing.*` options say instead of
-    as the image names it.
+    as the image names it; `data_file` is the external data file to use in place of the one the
+    image names (QEMU's `data-file.*`; the image itself only).
     """
 
     readonly: bool = False
@@ -58,6 +59,7 @@ class OpenOptions:
     cache_size: int | None = None
     refcount_cache_size: int | None = None
     backing_node: BackingNode | None = None
+    data_file: str | None = None
 
     def for_backing(self) -> OpenOptions:
         """The options a backing file is opened with: read-only, its own `backing.*` options
@@ -67,7 +69,7 @@ class OpenOptions:
                                    l2_cache_entry_size=node.l2_cache_entry_size, raw_offset=node.raw_offset,
                                    raw_size=node.raw_size, cache_size=node.cache_size,
                                    refcount_cache_size=node.refcount_cache_size, backing=node.backing,
-                                   backing_node=node.backing_node)
+                                   backing_node=node.backing_node, data_file=None)
 
 
 @dataclass(frozen=True)

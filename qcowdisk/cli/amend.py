@@ -9,10 +9,21 @@ import sys
 import warnings
 
 from ..errors import AmendError, ImageLockedError, QcowError
-from ..formats import format_names, probe_format
+from ..formats import OpenOptionError, format_names, probe_format
 from ..ops import qemuopts
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_own_parsing, check_cache_modes, err, host_factory, image_source, print_warnings, shown
+from .common import (
+    USAGE_HINT,
+    Parser,
+    add_own_parsing,
+    check_cache_modes,
+    err,
+    host_factory,
+    image_source,
+    print_warnings,
+    shown,
+    tuning,
+)
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 from .progress import QemuProgress, f32
@@ -117,7 +128,10 @@ def cmd_amend(args: argparse.Namespace) -> int:
     if probed != "qcow2":
         return err(f"Format driver '{probed}' does not support option amendment")
     try:
-        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path, cache))
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path, cache),
+                                             tuning=tuning(path))
+    except OpenOptionError as e:
+        return err(f"Could not open '{shown_as}': {e}")
     except OSError as e:
         return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:

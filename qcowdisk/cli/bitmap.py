@@ -11,14 +11,15 @@ image is refused as QEMU refuses it, without its probing warning.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..errors import BitmapError, ImageLockedError, QcowError
-from ..formats import OpenOptions, format_names, open_image, probe_format
+from ..formats import OpenOptionError, format_names, open_image, probe_format
 from ..image import Image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err, image_source
+from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err, image_source, shown, tuning
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 
@@ -81,7 +82,8 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
         return err("Expecting filename and bitmap name")
     name, bitmap = operands
     # With --image-opts the image operand is an option string; a merge source (-b) never is.
-    path, fmt = image_source(argparse.Namespace(), name, fmt, writable=True, image_opts=image_opts)
+    path, fmt = image_source(argparse.Namespace(), name, fmt, writable=True, image_opts=image_opts,
+                             opens_backing=False)
     disk, status = _open(path, fmt)
     if disk is None:
         return status
@@ -150,9 +152,12 @@ def _open(path: str, fmt: str | None, *, readonly: bool = False) -> tuple[Image 
         return None, err(f"Could not open '{path}': Unknown driver '{fmt}'")
     try:
         probed = fmt or probe_format(path)
+        options = dataclasses.replace(tuning(path), backing=False, backing_node=None)  # (--image-opts)
         if probed == "qcow2" and not readonly:
-            return QcowFile.open_for_bitmaps(path), 0
-        return open_image(path, probed, OpenOptions(readonly=True, backing=False)), 0
+            return QcowFile.open_for_bitmaps(path, tuning=options), 0
+        return open_image(path, probed, dataclasses.replace(options, readonly=True)), 0
+    except OpenOptionError as e:
+        return None, err(f"Could not open '{shown(path)}': {e}")
     except OSError as e:
         return None, err(f"Could not open '{path}': Could not open '{path}': {e.strerror or e}")
     except ImageLockedError:

@@ -5,8 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..formats import OpenOptionError, OpenOptions
 from ..ops import CommitError, commit
-from .common import Parser, UsageError, add_chain_options, chain_operand, check_chain, host_factory, open_failed
+from .common import (
+    Parser,
+    UsageError,
+    add_chain_options,
+    chain_operand,
+    check_chain,
+    host_factory,
+    open_failed,
+    shown,
+    spec_options,
+)
 from .progress import progress_bar
 
 
@@ -20,9 +31,12 @@ def cmd_commit(args: argparse.Namespace) -> int:
     bar = progress_bar(args)
     try:
         commit(path, base=args.base, drop=args.drop or args.base is not None,
-               progress=bar.advance if bar else None, image_format=fmt, host_factory=host_factory(path, args.cache))
+               progress=bar.advance if bar else None, image_format=fmt, host_factory=host_factory(path, args.cache),
+               options=OpenOptions(**spec_options(path)))
     except CommitError as e:
         raise UsageError(str(e)) from e
+    except OpenOptionError as e:
+        raise UsageError(f"Could not open '{shown(path)}': {e}") from e
     finally:
         if bar is not None:
             bar.end()

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, Protocol
 
 from .. import formats
 from ..errors import QcowError
-from ..formats import OpenOptions, format_names, probe_format
+from ..formats import OpenOptionError, OpenOptions, format_names, probe_format
 from ..hostio import DirectHostFile, HostFile
 from ..image import Image
 from ..ops import qemuopts
@@ -133,6 +133,11 @@ def reset_image_opts() -> None:
     _IMAGE_OPTS.clear()
 
 
+def image_spec(path: str) -> ImageOpts | None:
+    """The --image-opts string that named the image `path` in this run, parsed (None if none)."""
+    return _IMAGE_OPTS.get(path)
+
+
 def shown(path: str) -> str:
     """How qemu-img names an image in its messages: the option string that named it with
     --image-opts, else its file name."""
@@ -214,19 +219,12 @@ def host_factory(path: str, mode: str | None = None) -> type[HostFile]:
     return DirectHostFile if spec is not None and spec.cache_direct else HostFile
 
 
-def refuse_no_backing(path: str) -> None:
-    """Refuse `backing=` (no backing file) from --image-opts where the operation needs the chain."""
-    spec = _IMAGE_OPTS.get(path)
-    if spec is not None and spec.no_backing:
-        raise UsageError(f"Could not open '{spec.text}': qcowdisk does not support the option 'backing' here")
-
-
-def chain_operand(args: argparse.Namespace, verb: str) -> tuple[str, str | None]:
+def chain_operand(args: argparse.Namespace, verb: str, opens_backing: bool = True) -> tuple[str, str | None]:
     """(file name, format) of the qcow2 image commit or rebase (`verb`: "committed", "rebased")
-    works on: args.image with -f, or --image-opts; refuses what they cannot do, and a bad -t / -T."""
+    works on: args.image with -f, or --image-opts (`opens_backing`: whether the command opens
+    its chain); refuses what they cannot do, and a bad -t / -T."""
     check_cache_modes(args)
-    path, fmt = image_source(args, args.image, args.format, writable=True)
-    refuse_no_backing(path)
+    path, fmt = image_source(args, args.image, args.format, writable=True, opens_backing=opens_backing)
     if fmt not in (None, "qcow2"):
         raise UsageError(f"Could not open '{shown(path)}': only qcow2 images can be {verb}")
     return path, fmt
@@ -242,14 +240,14 @@ def open_options(args: argparse.Namespace, path: str, readonly: bool = True) -> 
 
 def spec_options(path: str) -> dict[str, Any]:
     """The OpenOptions keywords an --image-opts string gave the image `path` ({} if none):
-    `backing=` (none) and backing.*, cache sizes, raw's offset and size."""
+    `backing=` (none) and backing.*, cache sizes, raw's offset and size, data-file.*."""
     spec = _IMAGE_OPTS.get(path)
     if spec is None:
         return {}
     return {"backing": not spec.no_backing, "backing_node": spec.backing_node,
             "l2_cache_size": spec.l2_cache_size, "l2_cache_entry_size": spec.l2_cache_entry_size,
             "cache_size": spec.cache_size, "refcount_cache_size": spec.refcount_cache_size,
-            "raw_offset": spec.raw_offset, "raw_size": spec.raw_size}
+            "raw_offset": spec.raw_offset, "raw_size": spec.raw_size, "data_file": spec.data_file}
 
 
 def check_window(path: str) -> None:
@@ -262,6 +260,21 @@ def check_window(path: str) -> None:
         raw_window(os.path.getsize(path), spec.raw_offset, spec.raw_size)
     except (RawWindowError, OSError) as e:
         raise UsageError(f"Could not open '{spec.text}': {why(e, path)}") from None
+
+
+@contextlib.contextmanager
+def refused_options(path: str) -> Iterator[None]:
+    """Report an option refused when the image `path` opens (a cache size, a raw window) as
+    qemu-img does: `Could not open 'OPTIONS': why`."""
+    try:
+        yield
+    except OpenOptionError as e:
+        raise UsageError(f"Could not open '{shown(path)}': {e}") from None
+
+
+def tuning(path: str) -> OpenOptions:
+    """OpenOptions carrying what an --image-opts string gave the image `path` (spec_options)."""
+    return OpenOptions(**spec_options(path))
 
 
 def shown_as_info(path: str) -> str:
@@ -370,7 +383,11 @@ def open_failed(path: str, e: QcowError | OSError) -> UsageError:
 
 
 def check_chain(path: str) -> None:
-    """Refuse an image whose backing file is missing as qemu-img does when opening it."""
+    """Refuse an image whose backing file is missing as qemu-img does when opening it (the one
+    it records: --image-opts backing options choose another, or none)."""
+    spec = _IMAGE_OPTS.get(path)
+    if spec is not None and (spec.no_backing or spec.backing_node is not None):
+        return
     try:
         with QcowFile.open(path, readonly=True, backing=False) as img:
             name = img.backing_file

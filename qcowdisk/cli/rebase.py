@@ -9,10 +9,24 @@ import sys
 from collections.abc import Iterator
 
 from .. import formats
+from ..formats import OpenOptions
 from ..image import Image
 from ..ops import RebaseError, rebase
+from ..ops.imageopts import overridden_name
 from ..qcow2.file import QcowFile
-from .common import PROG, Parser, UsageError, add_chain_options, chain_operand, check_chain, host_factory, open_failed
+from .common import (
+    PROG,
+    Parser,
+    UsageError,
+    add_chain_options,
+    chain_operand,
+    check_chain,
+    host_factory,
+    image_spec,
+    open_failed,
+    shown,
+    spec_options,
+)
 from .progress import QemuProgress, f32, progress_bar
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
@@ -130,6 +144,15 @@ class RebaseProgress:
         self.bar.print_delta(100.0, 0)
 
 
+def refuse_relative(path: str, backing: str) -> None:
+    """QEMU cannot resolve a relative new backing name against an image it names by a json:
+    name (its backing file replaced by --image-opts options): refuse as qemu-img does."""
+    spec = image_spec(path)
+    name = overridden_name(spec) if spec is not None and backing and not os.path.isabs(backing) else None
+    if name is not None:
+        raise UsageError(f"Could not resolve backing filename: Cannot use relative backing file names for '{name}'")
+
+
 def cmd_rebase(args: argparse.Namespace) -> int:
     """`qcowdisk rebase`: qemu-img rebase, safe (copy what reads differently) or -u (the name
     only); -b '' makes the image standalone. Errors as qemu-img prints them (status 1)."""
@@ -137,7 +160,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         print(f"{PROG}: Must specify backing file (-b) or use unsafe mode (-u)\nTry '{PROG} --help' for more information",
               file=sys.stderr)
         return 1
-    path, _ = chain_operand(args, "rebased")
+    path, _ = chain_operand(args, "rebased", opens_backing=not args.unsafe)
     backing: str = args.backing or ""
     if backing and args.backing_format is None:  # QEMU 7.2 refuses to record a name without a format
         named = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(path), backing)
@@ -149,6 +172,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise open_failed(path, FileNotFoundError(2, os.strerror(2), path))
     if not args.unsafe:
         check_chain(path)
+        refuse_relative(path, backing)
     bar = progress_bar(args)
     steps: RebaseProgress | None = None
     try:
@@ -157,13 +181,16 @@ def cmd_rebase(args: argparse.Namespace) -> int:
             if steps is None:
                 bar.print_delta(0.0, 100)
         rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,
-               progress=steps.advance if steps else None, host_factory=host_factory(path, args.cache))
+               progress=steps.advance if steps else None, host_factory=host_factory(path, args.cache),
+               options=OpenOptions(**spec_options(path)))
         if steps is not None:
             steps.finish()
         elif bar is not None:
             bar.print_delta(100.0, 0)
     except RebaseError as e:
         raise UsageError(str(e)) from e
+    except formats.OpenOptionError as e:
+        raise UsageError(f"Could not open '{shown(path)}': {e}") from e
     finally:
         if bar is not None:
             bar.end()

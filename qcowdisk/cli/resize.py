@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..errors import QcowError
-from ..formats import format_names, probe_format
+from ..formats import OpenOptionError, format_names, probe_format
 from ..ops import qemuopts
 from ..qcow2.file import QcowFile
-from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_own_parsing, err, host_factory, image_source, shown
+from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_own_parsing, err, host_factory, image_source, shown, tuning
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 
@@ -97,7 +97,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
         probed = fmt or probe_format(path)
         if probed != "qcow2":
             return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 images only, not {probed}")
-        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path))
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path),
+                                             tuning=tuning(path))
+    except OpenOptionError as e:
+        return err(f"Could not open '{shown_as}': {e}")
     except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
         return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 
+from .. import formats
 from ..errors import SnapshotNotFoundError
 from ..qcow2.file import QcowFile
 from ..qcow2.format import (
     Snapshot,
 )
-from .common import USAGE_HINT, Parser, add_image_opts, err, host_factory, image_source, size_to_str
+from .common import (
+    USAGE_HINT,
+    Parser,
+    add_image_opts,
+    err,
+    host_factory,
+    image_source,
+    refused_options,
+    size_to_str,
+    tuning,
+)
 
 
 def snapshot_list_text(snapshots: Sequence[Snapshot]) -> bytes:
@@ -57,10 +69,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     action = given[0] if given else None
     if args.force_share and action not in (None, "-l") and not args.image_opts:
         return err(f"Could not open '{args.image[0]}': force-share=on can only be used with read-only images")
-    path, _ = image_source(args, args.image[0], None, writable=action not in (None, "-l"), opens_backing=False)
+    path, _ = image_source(args, args.image[0], None, writable=action not in (None, "-l"))
     if action in (None, "-l"):
-        img = QcowFile.open(path, readonly=True, force_share=args.force_share, confine_to=args.confine_to,
-                            host_factory=host_factory(path))
+        options = dataclasses.replace(tuning(path), readonly=True, force_share=args.force_share,
+                                      confine_to=args.confine_to, host_factory=host_factory(path))
+        with refused_options(path):
+            img = formats.open_image(path, "qcow" if formats.probe_format(path) == "qcow" else "qcow2", options)
         try:
             if action and isinstance(img, QcowFile) and not img.header.has_data_file:
                 out = snapshot_list_text(img.snapshots)
@@ -70,7 +84,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         finally:
             img.close()
         return 0
-    with QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to, host_factory=host_factory(path)) as disk:
+    with refused_options(path):
+        disk = QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to, host_factory=host_factory(path),
+                                             tuning=tuning(path))
+    with disk:
         data_file = disk.header.has_data_file
         if action == "-c":
             name = args.create[0]

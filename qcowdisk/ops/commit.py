@@ -35,6 +35,7 @@ base already (as with qemu-img).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -138,7 +139,7 @@ class _RawTarget:
 
 def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None, drop: bool = False,
            progress: Progress | None = None, image_format: str | None = None,
-           host_factory: HostFactory | None = None) -> None:
+           host_factory: HostFactory | None = None, options: formats.OpenOptions | None = None) -> None:
     """Commit the qcow2 image at `image` into its backing file (or into the deeper layer of its
     backing chain that `base` names, by its name in the chain or its path), then empty the image
     unless `drop`, as `qemu-img commit [-d] [-b BASE] IMAGE` does.
@@ -149,14 +150,17 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
     the guest view of the image is unchanged). Raises CommitError with qemu-img's message when
     the image has no backing file or `base` is not in its chain; errors opening the images
     propagate as they are. `host_factory` is the host I/O seam (tests record every write there).
+    `options` open the image as `--image-opts` says: its cache sizes, and `backing`/`backing_node`
+    choose the chain (so the base) as QEMU's backing options do.
     """
     path = os.fspath(image)
     hf = host_factory or HostFile
+    given = options or formats.OpenOptions()
     if image_format not in (None, "qcow2"):
         raise CommitError(f"Cannot commit a {image_format} image: only qcow2 images can be emptied here")
     with contextlib.ExitStack() as stack:
         # The chain, opened read-only once to find the layers and the base's path and format.
-        chain_img = formats.open_image(path, image_format, formats.OpenOptions(readonly=True, host_factory=hf))
+        chain_img = formats.open_image(path, image_format, dataclasses.replace(given, readonly=True, host_factory=hf))
         try:
             layers: list[tuple[str, str, str | None]] = []  # (path, format, stored backing name)
             sizes: list[int] = []
@@ -175,7 +179,9 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             raise CommitError(f"Cannot commit into '{base_path}': qcowdisk cannot write {base_format} images")
         if base_format == "qcow" and sizes[depth] < sizes[0]:
             raise CommitError("Block job failed: Operation not supported")  # qemu-img's job cannot grow it
-        top = QcowFile.open(path, backing=False, host_factory=hf)
+        top = formats.open_image(path, "qcow2", dataclasses.replace(given, readonly=False, backing=False,
+                                                                    backing_node=None, host_factory=hf))
+        assert isinstance(top, QcowFile)
         stack.callback(top.close)
         above: list[Image] = [top]
         for lpath, lformat, _ in layers[1:depth]:

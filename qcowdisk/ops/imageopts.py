@@ -95,6 +95,7 @@ class ImageOpts:
     raw_offset: int = 0  # raw's offset= and size=: the window of the file that is the disk
     raw_size: int | None = None
     backing_node: formats.BackingNode | None = None  # backing.*: the backing file opened so
+    data_file: str | None = None  # data-file.*: the external data file in place of the one named
     cache_direct: bool = False  # cache.direct=on: O_DIRECT (hostio.DirectHostFile)
     warnings: tuple[str, ...] = field(default=())
     shown: str = ""  # the name qemu-img info gives the image (a json: name for a raw window)
@@ -275,6 +276,15 @@ def _resolve(text: str, values: dict[str, str], warned: list[str], writable: boo
     leftover = [k for k in values if not k.startswith("file.") and k not in children
                 and k not in _GENERIC and k not in fmt_table]
     backing_keys = [k for k in children if k.startswith("backing.")]
+    data_keys = [k for k in children if k.startswith("data-file.")]
+    if fmt != "qcow2":
+        leftover += data_keys
+    data_file = None
+    if opens_backing and fmt == "qcow2":  # (qemu-img info opens no data file node)
+        if "data-file" in values:
+            raise OptionError(f"Cannot find device='{values['data-file']}' nor node-name='{values['data-file']}'")
+        if data_keys:
+            data_file = _data_file({k[10:]: values[k] for k in data_keys}, filename)
     if not opens_backing or no_backing:
         leftover += backing_keys + (["backing"] if "backing" in values and not no_backing else [])
     elif fmt == "raw" and (backing_keys or "backing" in values):
@@ -286,21 +296,16 @@ def _resolve(text: str, values: dict[str, str], warned: list[str], writable: boo
         except OptionError as e:
             raise OptionError(f"Could not open backing file: {e}", hint=e.hint) from None
     _refuse_unknown(leftover, {}, f"Block format '{fmt}' does not support the option '{{}}'")
-    for key in children:
-        if (key == "backing" and values[key] == "") or key.startswith("backing.") or \
-                (key == "data-file" and not opens_backing):
-            continue  # (qemu-img info opens no data file node)
-        if key in ("backing", "data-file") and opens_backing:
-            what = "Could not open backing file: " if key == "backing" else ""
-            raise OptionError(f"{what}Cannot find device='{values[key]}' nor node-name='{values[key]}'")
-        raise OptionError(f"qcowdisk does not support the option '{key}'")
+    if opens_backing and values.get("backing", "") != "":
+        raise OptionError(f"Could not open backing file: Cannot find device='{values['backing']}' "
+                          f"nor node-name='{values['backing']}'")
     for key in _NOT_HONOURED:
         if key in top or (key.startswith("file.") and key[5:] in file_opts):
             raise OptionError(f"qcowdisk does not support the option '{key}'")
     return ImageOpts(text=text, filename=filename, driver=driver,
                      force_share=force or (not writable and file_opts.get("locking") == "off"),
                      read_only=read_only if isinstance(read_only, bool) else None,
-                     no_backing=no_backing, **_sizes(top), backing_node=node,
+                     no_backing=no_backing, **_sizes(top), backing_node=node, data_file=data_file,
                      cache_direct=direct, warnings=tuple(warned), shown=_shown(values, fmt, filename))
 
 
@@ -343,6 +348,54 @@ def _sizes(opts: dict[str, int | bool | str]) -> dict[str, Any]:
     return {"l2_cache_size": size("l2-cache-size"), "l2_cache_entry_size": size("l2-cache-entry-size"),
             "cache_size": size("cache-size"), "refcount_cache_size": size("refcount-cache-size"),
             "raw_offset": size("offset") or 0, "raw_size": size("size")}
+
+
+def _data_file(values: dict[str, str], image: str) -> str:
+    """The external data file `data-file.*` (`values`, without the prefix) names for the qcow2
+    image `image`, checked as QEMU opens its data-file child: a protocol node (`filename`,
+    `driver` file or host_device) or a raw format node over one (`file.*`)."""
+    driver = values.get("driver")
+    if driver is not None and driver not in QEMU_DRIVERS:
+        raise OptionError(f"Unknown driver '{driver}'")
+    has_child = any(k.startswith("file.") for k in values)
+    if driver is None and "filename" not in values:
+        raise OptionError("Must specify either driver or file")
+    if driver is not None and driver not in (*PROTOCOLS, *FORMATS):
+        raise OptionError(f"qcowdisk reads an external data file from a local file only, not driver '{driver}'")
+    if driver in (None, *PROTOCOLS) and not has_child:  # a protocol node
+        proto = driver or "file"
+        if "filename" not in values:
+            raise OptionError(f"The '{proto}' block driver requires a file name")
+        name, _ = _protocol({"file.driver": proto, **{f"file.{k}": v for k, v in values.items() if k != "driver"}})
+    else:  # a format node over its file
+        if "file" in values:
+            raise OptionError(f"Cannot find device='{values['file']}' nor node-name='{values['file']}'")
+        name, _ = _protocol(values)
+        fmt = driver or _probe(name)
+        if fmt != "raw":
+            raise OptionError(f"qcowdisk reads an external data file as raw only, not driver '{fmt}'")
+        opts = _check_table(values, {**_GENERIC, **_FORMAT_OPTS["raw"]}, "")
+        _refuse_unknown([k for k in values if not k.startswith("file.") and k not in _GENERIC
+                         and k not in _FORMAT_OPTS["raw"]], {}, "Block format 'raw' does not support the option '{}'")
+        for key in ("offset", "size"):
+            if key in opts:
+                raise OptionError(f"qcowdisk does not support the option 'data-file.{key}'")
+    if not _has_data_file(image):
+        raise OptionError("'data-file' can only be set for images with an external data file")
+    return name
+
+
+def _has_data_file(path: str) -> bool:
+    """Whether the qcow2 image at `path` says it has an external data file."""
+    try:
+        img = formats.open_image(path, "qcow2", formats.OpenOptions(readonly=True, backing=False, force_share=True))
+    except (QcowError, OSError, ValueError):
+        return True  # (opening the image itself reports it)
+    try:
+        header = getattr(img, "header", None)
+        return bool(getattr(header, "has_data_file", False))
+    finally:
+        img.close()
 
 
 def _recorded_backing(path: str, fmt: str) -> tuple[str | None, str | None]:
@@ -432,6 +485,29 @@ def _shown(values: dict[str, str], fmt: str, filename: str) -> str:
     return "json:{" + ", ".join(f'"{k}": {fields[k]}' for k in qdict_order(list(fields))) + "}"
 
 
+def json_name(tree: dict[str, object]) -> str:
+    """QEMU's json: name for a tree of options (None is null), keys in QDict order."""
+    def dump(value: object) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{json.dumps(k)}: {dump(value[k])}" for k in qdict_order(list(value))) + "}"
+        return json.dumps(value)
+    return "json:" + dump(tree)
+
+
+def overridden_name(spec: ImageOpts) -> str | None:
+    """The json: name QEMU gives a qcow2 image whose backing file its options replace (`backing=`,
+    or `backing.file.filename`), else None (its own file name)."""
+    node = spec.backing_node
+    if not spec.no_backing and (node is None or node.filename is None):
+        return None
+    backing: object = None
+    if node is not None and node.filename is not None:
+        fmt = node.fmt or _probe(node.filename)
+        backing = {"driver": fmt, "file": {"driver": "file", "filename": node.filename}}
+    return json_name({"backing": backing, "driver": spec.driver or "qcow2",
+                      "file": {"driver": "file", "filename": spec.filename}})
+
+
 def _refuse_unknown(names: list[str], table: dict[str, str], message: str) -> None:
     """QEMU's refusal of options left over after opening: the first in QDict order."""
     left = [n for n in names if n not in table]
@@ -439,4 +515,5 @@ def _refuse_unknown(names: list[str], table: dict[str, str], message: str) -> No
         raise OptionError(message.format(qdict_order(left)[0]))
 
 
-__all__ = ["ImageOpts", "ImageOptsError", "parse_image_opts", "qdict_order", "split", "QEMU_DRIVERS"]
+__all__ = ["ImageOpts", "ImageOptsError", "parse_image_opts", "qdict_order", "split", "QEMU_DRIVERS", "json_name",
+           "overridden_name"]

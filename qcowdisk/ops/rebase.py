@@ -19,6 +19,7 @@ one. Unsafe mode (`-u`, crosvm's set_backing_file) only rewrites the name and fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -43,7 +44,7 @@ class RebaseError(QcowError):
 
 def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] | None, *,
            backing_format: str | None = None, unsafe: bool = False, progress: Progress | None = None,
-           host_factory: HostFactory | None = None) -> None:
+           host_factory: HostFactory | None = None, options: formats.OpenOptions | None = None) -> None:
     """Make the qcow2 image at `image` name `backing_file` (None or "": no backing file, the
     image becomes standalone) with `backing_format`, as `qemu-img rebase [-u] -b BACKING [-F FMT]`.
 
@@ -54,18 +55,21 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
     is called with the guest offset reached and the disk size (safe mode); an exception from it
     stops the rebase and propagates, with every image closed and the header unchanged. Raises
     RebaseError with qemu-img's message when the new backing file cannot be opened.
-    `host_factory` is the host I/O seam (tests record every write there).
+    `host_factory` is the host I/O seam (tests record every write there). `options` open the
+    image as `--image-opts` says: its cache sizes, and in safe mode `backing`/`backing_node`
+    choose the old chain compared with (QEMU's backing options; `backing=False`: none).
     """
     hf = host_factory or HostFile
+    given = options or formats.OpenOptions()
     path = os.fspath(image)
     name = os.fspath(backing_file) if backing_file is not None else ""
     with contextlib.ExitStack() as stack:
         if unsafe:
-            img = QcowFile.open(path, backing=False, host_factory=hf)
+            img = _open(path, dataclasses.replace(given, backing=False, backing_node=None, host_factory=hf))
             stack.callback(img.close)
             img.set_backing_file(name or None, backing_format if name else None, open_backing=False)
             return
-        img = QcowFile.open(path, host_factory=hf)
+        img = _open(path, dataclasses.replace(given, host_factory=hf))
         stack.callback(img.close)
         new: Image | None = None
         if name:
@@ -82,6 +86,13 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
         _copy_differences(img, new, progress)
         img.flush()
         img.set_backing_file(name or None, backing_format if name else None, open_backing=False)
+
+
+def _open(path: str, options: formats.OpenOptions) -> QcowFile:
+    """The image, opened read-write with `options`."""
+    img = formats.open_image(path, "qcow2", dataclasses.replace(options, readonly=False))
+    assert isinstance(img, QcowFile)
+    return img
 
 
 def _zero_runs(image: Image | None, start: int, end: int) -> list[tuple[int, bool]]:
@@ -163,7 +174,10 @@ class _Differ:
             return
         if old_zero:  # nothing to compare: the new chain shows data where the old showed zeros
             self.steps.drain()  # a partial cluster may be shared with a step in flight
-            self.img.write_zeroes(start, end - start)
+            if self.old is None:  # (opened without its backing file: zeros must be stored to hide the new one)
+                self.img.zeroize(start, end - start)
+            else:
+                self.img.write_zeroes(start, end - start)
             return
         off = start
         while off < end:

@@ -533,14 +533,18 @@ class QcowFile:
     @classmethod
     def open_keeping_bitmaps(cls, path: str | os.PathLike[str], *,
                              confine_to: str | os.PathLike[str] | None = None,
-                             host_factory: HostFactory | None = None) -> QcowFile:
+                             host_factory: HostFactory | None = None,
+                             tuning: formats.OpenOptions | None = None) -> QcowFile:
         """Open read-write for the operations that keep persistent bitmaps true (`resize`,
         `create_snapshot`, `delete_snapshot`, `amend`), as qemu-img opens an image for them.
         Without bitmaps this is `open`; with bitmaps, as `open_for_bitmaps` (with the backing
-        chain): guest writes and `apply_snapshot` are refused, those operations allowed."""
+        chain): guest writes and `apply_snapshot` are refused, those operations allowed.
+        `tuning` gives the cache sizes and the backing file's options (`backing`, `backing_node`)."""
         path = os.fspath(path)
-        options = formats.OpenOptions(readonly=False, host_factory=host_factory or HostFile,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to))
+        options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=False,
+                                      host_factory=host_factory or HostFile, force_share=False,
+                                      confine_to=None if confine_to is None else os.fspath(confine_to),
+                                      raw_offset=0, raw_size=None)
         img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
         s = img._state
         if s.header.autoclear_features & AUTOCLEAR_BITMAPS and any(
@@ -1308,8 +1312,11 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
             s.snapshot_error = e
     _check_l1_tables_vs_refblocks(s)
     if h.has_data_file:
-        assert h.data_file is not None
-        dpath = formats.resolve_backing_path(path, h.data_file)
+        if options.data_file is not None:
+            dpath = options.data_file  # (QEMU's data-file.* options: another file)
+        else:
+            assert h.data_file is not None
+            dpath = formats.resolve_backing_path(path, h.data_file)
         try:
             s.data_host = formats.open_named_file(dpath, not options.readonly, options, "data file", path)
         except OSError as e:
