@@ -29,18 +29,18 @@ from .qemujson import qemu_json
 def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
     path, fmt = image_source(args, args.image, args.format, opens_backing=False)
-    try:
-        probed = probe_format(path)
-    except OSError as e:
-        raise open_failed(path, e) from e
-    if fmt is not None and fmt not in (probed, "raw"):
-        raise UsageError(f"Could not open '{shown(path)}': qcowdisk info shows qcow2 and qcow images only, "
-                         f"as what they are, not as '{fmt}'")
     img: AnyImage
-    if (fmt or probed) == "raw":  # any file, as QEMU's raw driver shows it
+    if fmt == "raw":  # told to: any file, as QEMU's raw driver shows it
         with opening(path):
             img = formats.open_image(path, "raw", open_options(args, path))
-    else:
+    else:  # (a file that is not a qcow image is refused, not shown as raw)
+        try:
+            probed = probe_format(path) if fmt is not None else None
+        except OSError as e:
+            raise open_failed(path, e) from e
+        if fmt is not None and fmt != probed:
+            raise UsageError(f"Could not open '{shown(path)}': qcowdisk info shows qcow2 and qcow images only, "
+                             f"as what they are, not as '{fmt}'")
         img = open_image(path, args)
     try:
         name = shown_as_info(path)
