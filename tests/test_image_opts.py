@@ -381,6 +381,10 @@ def test_data_file_needs_one(dd: Path, spec: str) -> None:
     ["convert", "-n", "--target-image-opts", "a.qcow2", f"{XOPTS},data-file.filename=d2.raw"],
     ["resize", "--image-opts", f"{XOPTS},data-file.filename=d2.raw", "2M"],
     ["check", "-r", "all", "--image-opts", f"{XOPTS},data-file.filename=d2.raw"],
+    *[[*cmd, "--image-opts", f"{XOPTS},{extra}", *rest]
+      for cmd, rest in ((["bitmap", "--add"], ["b0"]), (["snapshot", "-l"], []), (["rebase", "-u", "-b", ""], []),
+                        (["amend", "-o", "lazy_refcounts=on"], []))
+      for extra in ("data-file.filename=nope", "data-file.foo=1", "data-file.filename=d2.raw")],
 ])
 def test_data_file_writers(dd: Path, tmp_path: Path, args: list[str]) -> None:
     """Commands that write honour data-file.*: same output, and the same bytes in each file."""
@@ -395,3 +399,32 @@ def test_data_file_writers(dd: Path, tmp_path: Path, args: list[str]) -> None:
                                                 f"data-file.filename={tmp_path / side / 'd2.raw'}" for side in "qo"])
     if (tmp_path / "q" / "n.qcow2").exists():
         qemu_img("compare", "-q", str(tmp_path / "q" / "n.qcow2"), str(tmp_path / "o" / "n.qcow2"))
+
+
+def test_cache_size_shared_as_qemu_shares_it(tmp_path: Path) -> None:
+    """read_cache_sizes: cache-size goes to the L2 cache up to what maps the whole disk when the
+    refcount cache keeps its 4 clusters, else the refcount cache takes those first; what one
+    named share leaves goes to the other (uncapped); then the entry-size rule and INT_MAX."""
+    from qcowdisk import formats
+    from qcowdisk.qcow2.cachesize import l2_cache_geometry
+
+    whole = 128 * 1024  # 1 GiB disk, 64 KiB clusters: 16384 entries of 8 bytes
+    assert l2_cache_geometry(1 << 30, 65536, False, None, None, cache_size=1 << 20) == (whole // 65536, 65536)
+    # 300 KiB < whole + 256 KiB: 256 KiB refcount, 44 KiB of L2 in 4 KiB slices
+    assert l2_cache_geometry(1 << 30, 65536, False, None, None, cache_size=300 << 10) == (11, 4096)
+    assert l2_cache_geometry(1 << 30, 65536, False, None, None, cache_size=64 << 10) == (2, 4096)
+    assert l2_cache_geometry(1 << 30, 65536, False, None, None, cache_size=8 << 20,
+                             refcount_cache_size=0) == ((8 << 20) // 65536, 65536)
+    assert l2_cache_geometry(1 << 30, 65536, False, 32 << 10, None, cache_size=8 << 20) == (8, 4096)
+    with pytest.raises(ValueError, match=r"^L2 cache size too big$"):
+        l2_cache_geometry(1 << 30, 65536, False, None, None, cache_size=1 << 60, refcount_cache_size=0)
+    with pytest.raises(ValueError, match=r"^Refcount cache size too big$"):
+        l2_cache_geometry(1 << 30, 65536, False, None, None, refcount_cache_size=1 << 60)
+    # and an image opened so has that L2 cache
+    path = tmp_path / "g.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "1G")
+    img = formats.open_image(str(path), "qcow2", formats.OpenOptions(readonly=True, cache_size=300 << 10))
+    try:
+        assert img._state.l2_slices is not None and img._state.l2_slices.capacity == 11  # type: ignore[attr-defined]
+    finally:
+        img.close()

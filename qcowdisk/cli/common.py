@@ -155,11 +155,13 @@ def add_image_opts(sp: argparse.ArgumentParser, image_opts: bool = True) -> None
 
 
 def image_source(args: argparse.Namespace, name: str, fmt: str | None, *, writable: bool = False,
-                 opens_backing: bool = True, image_opts: bool | None = None) -> tuple[str, str | None]:
+                 opens_backing: bool = True, image_opts: bool | None = None,
+                 opens_data_file: bool = True) -> tuple[str, str | None]:
     """(file name, format) of an image operand: `name` itself and `fmt`, or with --image-opts
     (`image_opts`, default args.image_opts) what the option string `name` says, checked as
-    qemu-img checks it (UsageError with its message). An option string's force-share sets
-    args.force_share; its L2 cache sizes and `backing=` reach `open_options`."""
+    qemu-img checks it (UsageError with its message); `opens_backing` and `opens_data_file` say
+    whether the command opens those (see parse_image_opts). An option string's force-share sets
+    args.force_share; what else it says reaches `open_options` (spec_options)."""
     if not (getattr(args, "image_opts", False) if image_opts is None else image_opts):
         return name, fmt
     if fmt:
@@ -171,7 +173,7 @@ def image_source(args: argparse.Namespace, name: str, fmt: str | None, *, writab
         warnings.simplefilter("always", qemuopts.SizeSuffixWarning)
         try:
             spec = parse_image_opts(name, force_share=getattr(args, "force_share", False), writable=writable,
-                                    opens_backing=opens_backing, warn=warn)
+                                    opens_backing=opens_backing, opens_data_file=opens_data_file, warn=warn)
         except ImageOptsError as e:
             print_warnings(caught)
             message = f"Could not open '{name}': {e}" if e.prefixed else str(e)

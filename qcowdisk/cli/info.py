@@ -28,7 +28,7 @@ from .qemujson import qemu_json
 
 def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
-    path, fmt = image_source(args, args.image, args.format, opens_backing=False)
+    path, fmt = image_source(args, args.image, args.format, opens_backing=False, opens_data_file=False)
     img: AnyImage
     if fmt == "raw":  # told to: any file, as QEMU's raw driver shows it
         with opening(path):

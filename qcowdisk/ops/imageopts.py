@@ -13,14 +13,18 @@ order, with its messages:
 - options nobody knows, the first in QDict order named (QEMU's QDict iterates hash buckets).
 
 What qcowdisk honours: the format, the file name, `force-share`, `read-only` (checked against
-what the command does), `l2-cache-size` and `l2-cache-entry-size` (qcowdisk.qcow2.cachesize),
-`backing=` (empty: open the image without its backing file, with QEMU's deprecation warning),
+what the command does), `l2-cache-size`, `l2-cache-entry-size`, `cache-size` and
+`refcount-cache-size` (qcowdisk.qcow2.cachesize), raw's `offset` and `size` (a window on the
+file; qemu-img info names the image by QEMU's json: name), `backing=` (empty: open the image
+without its backing file, with QEMU's deprecation warning), `backing.*` (the backing file
+opened as those options say: formats.BackingNode, checked here as QEMU's
+bdrv_open_backing_file checks them, nested), `data-file.*` (another external data file),
 `cache.direct=on` (O_DIRECT host I/O) and `file.locking=off` (read-only: no image lock, as
-force-share). Options that only tune QEMU's own
-machinery (aio, discard passing, overlap checks, cache cleaning, node names, detect-zeroes,
-`cache.*`) are checked and have no effect. Options that would change what is read or written
-and that qcowdisk does not implement (encryption secrets, an external data file node, raw's
-offset/size, a backing node by name) are refused with `ImageOptsError`, naming the option.
+force-share). Options that only tune QEMU's own machinery (aio, discard passing, overlap
+checks, cache cleaning, node names, detect-zeroes, `cache.*`) are checked and have no effect.
+Options that would change what is read or written and that qcowdisk does not implement
+(encryption, a raw window on a data file, a backing node by name) are refused with
+`ImageOptsError`, naming the option.
 """
 
 from __future__ import annotations
@@ -209,13 +213,16 @@ def _cache_sizes(opts: dict[str, int | bool | str]) -> None:
 
 
 def parse_image_opts(text: str, *, force_share: bool = False, writable: bool = False,
-                     opens_backing: bool = True, warn: Callable[[str], None] | None = None) -> ImageOpts:
+                     opens_backing: bool = True, opens_data_file: bool = True,
+                     warn: Callable[[str], None] | None = None) -> ImageOpts:
     """Read `text` as qemu-img reads an `--image-opts` image name (ImageOptsError if it refuses).
 
     `force_share` is `-U` (qemu-img sets force-share=on, refusing a conflicting option),
     `writable` whether the command opens the image read-write, `opens_backing` whether it opens
-    the backing chain (qemu-img info does not: a `backing` option is then left unused). `warn`
-    receives QEMU's deprecation warnings as they arise (also before a refusal).
+    the backing chain (qemu-img info, bitmap and rebase -u do not: a `backing` option is then
+    left unused), `opens_data_file` whether it opens an external data file (qemu-img info does
+    not: `data-file.*` are then ignored, as QEMU ignores them). `warn` receives QEMU's
+    deprecation warnings as they arise (also before a refusal).
     """
     warned = _Warnings(warn)
     values = split(text, warned)
@@ -224,7 +231,7 @@ def parse_image_opts(text: str, *, force_share: bool = False, writable: bool = F
             raise ImageOptsError("--force-share/-U conflicts with image options", prefixed=False)
         values["force-share"] = "on"
     try:
-        return _resolve(text, values, warned, writable, opens_backing)
+        return _resolve(text, values, warned, writable, opens_backing, opens_data_file)
     except OptionError as e:
         raise ImageOptsError(str(e), hint=e.hint) from None
 
@@ -244,7 +251,7 @@ class _Warnings(list[str]):
 
 
 def _resolve(text: str, values: dict[str, str], warned: list[str], writable: bool,
-             opens_backing: bool) -> ImageOpts:
+             opens_backing: bool, opens_data_file: bool) -> ImageOpts:
     driver = values.get("driver")
     if driver is not None and driver not in QEMU_DRIVERS:
         raise OptionError(f"Unknown driver '{driver}'")
@@ -280,7 +287,7 @@ def _resolve(text: str, values: dict[str, str], warned: list[str], writable: boo
     if fmt != "qcow2":
         leftover += data_keys
     data_file = None
-    if opens_backing and fmt == "qcow2":  # (qemu-img info opens no data file node)
+    if opens_data_file and fmt == "qcow2":
         if "data-file" in values:
             raise OptionError(f"Cannot find device='{values['data-file']}' nor node-name='{values['data-file']}'")
         if data_keys:
