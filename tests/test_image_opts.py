@@ -428,3 +428,11 @@ def test_cache_size_shared_as_qemu_shares_it(tmp_path: Path) -> None:
         assert img._state.l2_slices is not None and img._state.l2_slices.capacity == 11  # type: ignore[attr-defined]
     finally:
         img.close()
+
+
+@pytest.mark.parametrize("spec", ["file.filename=sub", "driver=qcow2,file.filename=sub", "driver=raw,file.filename=sub"])
+def test_directory_refused(d: Path, spec: str) -> None:
+    """A directory behind the file driver (the format probed or named): QEMU's refusal."""
+    (d / "sub").mkdir(exist_ok=True)
+    for command in (["info"], ["map", "--output=json"]):
+        same_as_qemu_img(d, command[0], [*command[1:], "--image-opts", spec])

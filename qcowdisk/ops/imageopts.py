@@ -331,9 +331,11 @@ def _protocol(values: dict[str, str]) -> tuple[str, dict[str, int | bool | str]]
         os.close(os.open(filename, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
     except OSError as e:
         raise OptionError(f"Could not open '{filename}': {e.strerror}") from None
-    if proto == "host_device" and not (stat.S_ISBLK(os.stat(filename).st_mode)
-                                       or stat.S_ISCHR(os.stat(filename).st_mode)):
+    mode = os.stat(filename).st_mode
+    if proto == "host_device" and not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
         raise OptionError(f"'host_device' driver requires '{filename}' to be either a character or block device")
+    if proto == "file" and not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+        raise OptionError(f"'file' driver requires '{filename}' to be a regular file")
     _refuse_unknown([k[5:] for k in values if k.startswith("file.")], {**_GENERIC, **_FILE},
                     f"Block protocol '{proto}' doesn't support the option '{{}}'")
     return filename, file_opts
@@ -345,6 +347,8 @@ def _probe(filename: str) -> str:
         return formats.probe_format(filename)
     except OSError as e:
         raise OptionError(f"Could not open '{filename}': {e.strerror}") from None
+    except QcowError as e:  # (a file qcowdisk refuses to open: a character device)
+        raise OptionError(str(e)) from None
 
 
 def _sizes(opts: dict[str, int | bool | str]) -> dict[str, Any]:
