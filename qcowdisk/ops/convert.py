@@ -93,7 +93,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     contents) into the qcow2 target after the data, as qemu-img does, and refuses what it
     refuses (a source or target without bitmap support, an inconsistent bitmap unless
     `skip_broken_bitmaps`, which skips it with a `BitmapSkippedWarning`); see
-    qcowdisk.ops.bitmapcopy. The target is read-only once its bitmaps are added.
+    qcowdisk.ops.bitmapcopy.
     `progress(done_bytes, total_bytes)` is
     called as the conversion goes; an exception from it stops the conversion and propagates,
     with everything closed (the partly written target is left behind, as qemu-img leaves it).
@@ -275,25 +275,16 @@ class _RawTarget(_Requests):
 
 class _QcowTarget(_Requests):
     def __init__(self, disk: QcowFile) -> None:
-        self.disk = disk
+        self.disk = disk  # (an existing target's own bitmaps record what is written: QcowFile does it)
         self.cluster_size = disk.cluster_size
-        editor = disk.edit_bitmaps()
-        self.track = editor if editor.tracking else None  # the target's bitmaps record what is written
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.disk.write_at(offset, data)
-        self.mark(offset, len(data))
         self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing
-        self.mark(offset, length)
         self.written(length)
-
-    def mark(self, offset: int, length: int) -> None:
-        """Record a write in the target's own bitmaps (an existing target that has some)."""
-        if self.track is not None:
-            self.track.mark_written(offset, length)
 
 
     def flush(self) -> None:
@@ -389,7 +380,7 @@ def _open_target(path: str, out_format: str, size: int, host: type[HostFile]) ->
         have = raw.host.size()
     else:
         # (writes into an image with bitmaps are recorded in them, as QEMU records them)
-        img = QcowFile.open_for_bitmaps(path, track_writes=True, backing=True, host_factory=host)
+        img = QcowFile.open(path, host_factory=host)
         target = _QcowTarget(img)
         have = img.virtual_size
     if have < size:
@@ -466,7 +457,6 @@ class _Compressor:
             d = c + cs  # a run of clusters to write
             while d < n and not (skip_zeros and is_zero(data, d, min(cs, n - d))):
                 d += cs
-            self.target.mark(offset + c, min(d, n) - c)
             if self.out_of_order:
                 self.disk.write_compressed(offset + c, mv[c:min(d, n)])
             else:

@@ -6,10 +6,10 @@ entries, one per cluster of the serialized bitmap: 0 all clear, 1 all set, else 
 data cluster. The serialized bitmap has one bit per `granularity` bytes of guest disk, bit i in
 byte i // 8 at bit i % 8 (QEMU's little-endian longs), zero-padded to whole clusters. Bitmaps are
 valid only while autoclear bit 0 is set: a program that writes the image without updating them
-must clear it. qcowdisk keeps them true another way: it refuses read-write opens of an image
-with bitmaps (file.py) unless the writer records its writes in them (`QcowFile.open_for_bitmaps`) or
-keeps them true itself (resize: bitmapresize.py; snapshot create/delete and amend leave them),
-and an image it adds bitmaps to turns read-only (`QcowFile.add_bitmaps`).
+must clear it. qcowdisk keeps them true as QEMU does: a read-write open marks them in use and
+records every guest write in the enabled ones until the close stores them (bitmapedit.py,
+`BitmapEditor.track_writes`); resize keeps them true itself (bitmapresize.py), snapshot
+create/delete and amend leave them.
 
 **Reading** (`load_table`, `read_chunk`): what QEMU's check_dir_entry, load_bitmap_data and
 check_table_entry check, plus that each data cluster lies in the file past the header. The
