@@ -104,7 +104,7 @@ class BitmapEditor:
     def reset(self) -> None:
         """Forget the operations not committed yet (the bitmaps as the image has them)."""
         def run() -> None:
-            assert not self.tracking, "reset would lose the writes reported to mark_written"
+            assert not self.tracking, "reset would lose the writes the marker recorded"
             self._entries = [_Entry(b.name, b.flags, b.granularity_bits, b) for b in load_directory(self._s)]
             self._dropped: list[Bitmap] = []
             self._changed = False
