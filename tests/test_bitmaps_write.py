@@ -31,6 +31,7 @@ from qcowdisk import CorruptImageError, QcowFile
 from qcowdisk.qcow2.format import BME_FLAG_IN_USE
 from qemutools import assert_clean, compare, create, qemu_img, qemu_io, run
 from test_bitmaps import bitmap_map, bitmaps_of
+from test_nbd import needs_nbdkit, serving
 
 MiB = 1 << 20
 SIZE = 8 * MiB + 1536
@@ -307,3 +308,17 @@ def test_broken_table_refuses_read_write_open(tmp_path: Path) -> None:
     with pytest.raises(CorruptImageError, match="bitmap 'g512'"):
         QcowFile.open(p)
     assert p.read_bytes() == before
+
+
+@needs_nbdkit
+def test_writes_over_nbd(tmp_path: Path) -> None:
+    """`qcowdisk serve` an image with bitmaps: qemu-io's writes, zero writes and discards over
+    NBD set the bits qemu-io's same requests set on the twin's file; stored when the server stops."""
+    q, o = twins(tmp_path, lambda d: bitmapped(d / "img.qcow2"))
+    commands = ["write -P 5 8k 12k", "write -z 1M 128k", "write -z -u 2M 1M", "discard 5M 512k",
+                "write -P 6 7000 1000"]
+    qemu_io(str(q / "img.qcow2"), *commands)
+    with serving(o / "img.qcow2") as srv:
+        qemu_io(srv.url, *commands, fmt="raw")
+        assert srv.stop() == 0, srv.output()
+    same_bitmaps(q / "img.qcow2", o / "img.qcow2")
