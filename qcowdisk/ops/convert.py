@@ -4,7 +4,8 @@ QEMU's loop (img_convert, convert_iteration_sectors, convert_co_write), step by 
 source's block status splits the disk into runs that read as zeros, hold data, or (with a
 target backing file) come from that backing file. Zero runs are skipped on a new target (it
 reads as zeros already) and written as zeroes otherwise; backing-file runs are skipped; data
-runs are read at most `IO_BUF_SIZE` at a time into one reused buffer, and in each piece the
+runs are read at most `IO_BUF_SIZE` at a time (by two threads, each with reused buffers;
+the pieces are written in guest order: qcowdisk.ops.inorder), and in each piece the
 all-zero stretches of at least `sparse_size` bytes (qemu-img's `-S`, is_allocated_sectors_min,
 with its alignment rules) are treated as zero runs, the rest written. `sparse_size=0` (`-S 0`)
 writes every byte, zeros included, so the target is fully allocated. With `compress`, data is
@@ -91,9 +92,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     everything). `compress` writes compressed clusters (qcow2 only), compressing in `threads`
     worker threads (default: the CPU count, at most 8); the payloads are written in guest order
     unless `out_of_order` (-W: each worker writes its clusters as soon as they are compressed).
-    Uncompressed data is written by one thread in guest order whatever `out_of_order` says: the
-    copy is bound by reading and writing, which threads would not overlap better than the
-    kernel's own read-ahead and write-back. `target_is_zero` (with `target_exists` only, and
+    Uncompressed data is read and scanned for zeros by two threads (at most `threads`; one on
+    a one-CPU host), 2 MiB at a time, and written in guest order whatever `out_of_order` says,
+    so the target is byte for byte what a one-thread copy makes (qcowdisk.ops.inorder).
+    `target_is_zero` (with `target_exists` only, and
     a target without a backing file) takes the existing target to read as zeros already, so
     zero ranges are not written. `cache` and `src_cache` are qemu-img's -t and -T modes
     (see qcowdisk.ops.cachemode: "unsafe" never fsyncs, as qemu-img convert by default;
