@@ -296,11 +296,36 @@ def header_cluster_size(buf: bytes | bytearray) -> int:
     return 1 << min(bits, 21)
 
 
-def tear_state(base: bytes | bytearray, pending: Sequence[Op], i: int, seed: Any = 0) -> bytes | None:
-    """The file after every pending op landed, except the last pending write into cluster 0
-    (the header cluster), which lands as the i-th of `tear_patterns` over the sectors it changes
-    (compared with what the file held just before it). None when there is no such write or it
-    has fewer patterns (nothing new to try)."""
+@dataclass
+class Tear:
+    """The pending header write a ("tear", i) subset tears: the file just before it (earlier
+    pending ops landed), the write, the pieces it changes (per 512-byte sector), the pending ops
+    after it, and its tear patterns."""
+
+    before: bytearray
+    op: Op
+    pieces: list[tuple[int, int]]
+    later: Sequence[Op]
+    patterns: list[int]
+
+    def state(self, i: int) -> bytes | None:
+        """The file with pattern i of the write and every later op landed (None: no pattern i)."""
+        if i >= len(self.patterns):
+            return None
+        buf = bytearray(self.before)
+        for n, (a, b) in enumerate(self.pieces):
+            if self.patterns[i] >> n & 1:
+                if b > len(buf):
+                    buf.extend(bytes(b - len(buf)))
+                buf[a:b] = self.op.data[a - self.op.offset:b - self.op.offset]
+        for later in self.later:
+            apply_op(buf, later)
+        return bytes(buf)
+
+
+def find_tear(base: bytes | bytearray, pending: Sequence[Op], seed: Any = 0) -> Tear | None:
+    """The last pending write into cluster 0 (the header cluster) of a qcow2 file, if it changes
+    more than one sector (compared with what the file held just before it), as a `Tear`."""
     cs = header_cluster_size(base)
     last = max((n for n, op in enumerate(pending) if op.kind == "write" and op.offset < cs), default=-1)
     if last < 0:
@@ -313,17 +338,17 @@ def tear_state(base: bytes | bytearray, pending: Sequence[Op], i: int, seed: Any
     cuts = [op.offset, *range((op.offset // SECTOR + 1) * SECTOR, end, SECTOR), end]
     pieces = [(a, b) for a, b in itertools.pairwise(cuts)
               if bytes(buf[a:b]) != op.data[a - op.offset:b - op.offset]]
-    patterns = tear_patterns(len(pieces), seed=seed) if len(pieces) > 1 else []
-    if i >= len(patterns):
+    if len(pieces) < 2:
         return None
-    for n, (a, b) in enumerate(pieces):
-        if patterns[i] >> n & 1:
-            if b > len(buf):
-                buf.extend(bytes(b - len(buf)))
-            buf[a:b] = op.data[a - op.offset:b - op.offset]
-    for later in pending[last + 1:]:
-        apply_op(buf, later)
-    return bytes(buf)
+    return Tear(buf, op, pieces, pending[last + 1:], tear_patterns(len(pieces), seed=seed))
+
+
+def tear_state(base: bytes | bytearray, pending: Sequence[Op], i: int, seed: Any = 0) -> bytes | None:
+    """The file after every pending op landed, except the last pending write into cluster 0,
+    which lands as the i-th of `tear_patterns` over the sectors it changes. None when there is
+    no such write or it has fewer patterns (nothing new to try)."""
+    tear = find_tear(base, pending, seed)
+    return None if tear is None else tear.state(i)
 
 
 def durable_parts(initial: bytes, ops: Sequence[Op], path: str, cut: int) -> tuple[bytearray, list[Op]]:
@@ -373,6 +398,8 @@ class CutWalker:
                 self.base = bytearray(f.read())
         self.pending: list[Op] = []
         self.pos = 0
+        self._tear_at = -1
+        self._tear: Tear | None = None
 
     def advance(self, cut: int) -> None:
         """Move to cut point `cut` (must not go backwards)."""
@@ -401,8 +428,12 @@ class CutWalker:
         return bytes(buf)
 
     def tear(self, i: int) -> bytes | None:
-        """The ("tear", i) state at the current cut, or None if that pattern does not exist."""
-        return tear_state(self.base, self.pending, i, self.pos) if self.pending else None
+        """The ("tear", i) state at the current cut, or None if that pattern does not exist
+        (the write to tear is found once per cut)."""
+        if self._tear_at != self.pos:
+            self._tear_at = self.pos
+            self._tear = find_tear(self.base, self.pending, self.pos) if self.pending else None
+        return None if self._tear is None else self._tear.state(i)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1284,7 +1315,7 @@ def kill_guest_writer(argv: Sequence[str], ops: Sequence[GuestOp], target: int, 
 
 __all__ = ["Op", "CrashLog", "RecordingHost", "Subset", "apply_op", "surviving", "durable_parts",
            "materialise", "CutWalker", "TEAR_PATTERNS", "HEADER_TEARS", "tear_patterns",
-           "header_cluster_size", "tear_state", "GuestOp", "guest_data", "make_guest_ops", "run_guest_ops",
+           "header_cluster_size", "Tear", "find_tear", "tear_state", "GuestOp", "guest_data", "make_guest_ops", "run_guest_ops",
            "describe_guest_op", "GuestModel", "Finding", "check_chunk", "check_view", "CutContext",
            "cut_contexts", "header_reftable", "header_l1", "digest", "child_main", "CHUNK", "SECTOR",
            "describe_cut", "guest_context", "select_cuts", "CrashState", "SubsetsAt", "crash_states", "Tally",
