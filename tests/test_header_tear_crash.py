@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,17 +277,28 @@ def sweep(case: Case, tmp_path: Path, subsets: Callable[[int], list[cs.Subset]])
             found.append(f"VIEW the guest view is not the one that goes with the header's state {state}")
         return found
 
-    states = cs.crash_states(log, [str(live / name) for name in case.logged], range(n + 1), subsets,
-                             skip_unchanged=True)
+    torn = Counter[str]()
+
+    def note(st: cs.CrashState) -> cs.CrashState:
+        torn["states"] += isinstance(st.subset, tuple) and st.subset[0] == "tear"
+        return st
+    states = (note(st) for st in cs.crash_states(log, [str(live / name) for name in case.logged], range(n + 1),
+                                                 subsets, skip_unchanged=True))
     t = cs.judge_states(states, {}, examine, lambda found, st: [f[:300] for f in found],
-                        lambda st: f"{case.name} {cs.describe_cut(log, st.cut)} subset={st.subset}")
+                        lambda st: f"{case.name} {cs.describe_cut(log, st.cut)} subset={st.subset}", TOTALS)
     header_writes = sum(1 for op in log.ops if op.kind == "write" and op.offset < 4096)
     assert header_writes, "the operation did not rewrite the header"
-    tears = sum(1 for k in t.keys if k)  # distinct states (for the figures)
-    t.summary = (f"[header tears {case.name}] log={n} ops, header writes={header_writes}: "
-                 f"{t.counts()}")
+    TOTALS.update(cases=1, tear_states=torn["states"], header_writes=header_writes)
+    t.summary = (f"[header tears {case.name}] log={n} ops, header writes={header_writes}, "
+                 f"tear states={torn['states']}: {t.counts()}")
     print(t.summary)
-    return Swept(t, n, header_writes, tears)
+    return Swept(t, n, header_writes, torn["states"])
+
+
+TOTALS: Counter[str] = Counter()
+print_totals = cs.totals_fixture(TOTALS, lambda c: (
+    f"[header tears] {c['cases']} operations: cut points={c['cuts']} states={c['states']} "
+    f"(tear patterns {c['tear_states']}) distinct images={c['images']} header writes={c['header_writes']}"))
 
 
 def subsets_every_tear(cut: int) -> list[cs.Subset]:
