@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import tracemalloc
 import zlib
 from collections.abc import Iterable
@@ -632,6 +633,34 @@ def test_table_compressed_payload_bad(image, kind: str, damage: str) -> None:
     n = (new_host + len(payload) - 1 >> 9) - (new_host >> 9)
     ip.patch_u64(path, at, ip.make_compressed_entry(new_host, n, bits))
     expect_error(path, INVALID, ["compress"], None, read=(0, CS))
+
+
+@pytest.mark.parametrize("declared", [False, True])
+@pytest.mark.parametrize("kind", ["zlib", "zstd"])
+def test_table_compressed_payload_longer_than_a_cluster(image, tmp_path: Path, kind: str, declared: bool) -> None:
+    """A stream that decodes to two clusters: QEMU takes the first cluster of a deflate stream
+    (inflate stops with the output full) but fails a zstd frame not finished within the
+    cluster; qcowdisk does the same, whether or not the frame declares its size."""
+    path = image(kind)
+    at, _entry, bits = _compressed_entry(path)
+    data = pattern(1024, seed=3) * (2 * CS // 1024)  # (compressible: the payload fits a descriptor)
+    if kind == "zlib":
+        payload = _deflate(data)
+    else:
+        c = zstandard.ZstdCompressor(write_content_size=declared).compressobj(size=len(data) if declared else -1)
+        payload = c.compress(data) + c.flush()
+    host = ip.append_aligned(path, payload, 512)
+    ip.patch_u64(path, at, ip.make_compressed_entry(host, (host + len(payload) - 1 >> 9) - (host >> 9), bits))
+    out = tmp_path / "qemu.raw"
+    qemu = subprocess.run(["qemu-img", "convert", "-O", "raw", path, str(out)], capture_output=True, text=True,
+                          check=False)
+    if kind == "zlib":
+        assert qemu.returncode == 0, qemu.stderr
+        with QcowFile.open(path, readonly=True) as disk:
+            assert disk.read_at(0, CS) == data[:CS] == out.read_bytes()[:CS]
+    else:
+        assert qemu.returncode == 1 and "error while reading" in qemu.stderr, qemu.stderr
+        expect_error(path, INVALID, ["compress"], None, read=(0, CS))
 
 
 @pytest.mark.parametrize("kind", ["zlib", "zstd"])

@@ -548,3 +548,70 @@ def _power_cut_case(tmp_path: Path, subsets: list[cs.Subset], every: int, count:
         cuts.append(len(log.ops))
     assert _walk_cuts(log, image, ops, model, cuts, subsets, tmp_path) >= len(cuts)
     assert_clean(image)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path's memo of guest cluster -> host offset
+
+def test_memo_never_outlives_a_mapping_change(tmp_path: Path) -> None:
+    """Every read goes through the memo once it knows the cluster; each operation that moves,
+    frees or rewrites clusters must leave later reads seeing the new guest view (a bytearray
+    model), through read_at and readinto_at alike."""
+    import qcowdisk.qcow2.file as qfile
+    path = tmp_path / "m.qcow2"
+    size = 4 * MiB
+    rnd = random.Random(5)
+    disk = QcowFile.create(path, size)
+    model = bytearray(size)
+
+    def write(off: int, data: bytes) -> None:
+        disk.write_at(off, data)
+        model[off:off + len(data)] = data
+
+    def check_all() -> None:
+        for c in range(0, len(model), CS):  # twice: the second read of each cluster hits the memo
+            for _ in range(2):
+                off = c + rnd.randrange(0, CS - 4 * KiB)
+                assert disk.read_at(off, 4 * KiB) == model[off:off + 4 * KiB], hex(off)
+                buf = bytearray(512)
+                assert disk.readinto_at(buf, off) == 512 and buf == model[off:off + 512], hex(off)
+        fast = disk._fast
+        assert fast is not None and fast[17], "the memo was not used"
+
+    for c in range(0, size, CS):
+        write(c, rnd.randbytes(CS))
+    check_all()
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("overwrite in place", lambda: write(3 * CS + 100, b"\x11" * 5000)),
+        ("zeroize", lambda: (disk.zeroize(5 * CS, 2 * CS), model.__setitem__(slice(5 * CS, 7 * CS), bytes(2 * CS)))),
+        ("discard", lambda: (disk.discard(9 * CS, CS), model.__setitem__(slice(9 * CS, 10 * CS), bytes(CS)))),
+        ("snapshot then copy-on-write", lambda: (disk.create_snapshot("s1"), write(11 * CS + 7, b"\x22" * 9000))),
+        ("write into freed clusters", lambda: [write(c, rnd.randbytes(CS)) for c in (5 * CS, 9 * CS)]),
+        ("apply the snapshot", lambda: (disk.apply_snapshot("s1"), model.__setitem__(slice(0, size), saved))),
+    ]
+    saved = b""
+    for name, op in steps:
+        if name.startswith("snapshot"):
+            saved = bytes(model)
+        op()
+        check_all()
+    disk.resize(size - 2 * CS, shrink=True)
+    del model[size - 2 * CS:]
+    assert disk.read_at(size - 2 * CS - 4 * KiB, 8 * KiB) == model[-4 * KiB:]  # clipped at the new end
+    check_all()
+    disk.close()
+    assert_clean(str(path))
+    to = tmp_path / "m.raw"
+    to_raw(str(path), str(to))
+    assert to.read_bytes() == bytes(model)
+    # the memo is bounded
+    ro = QcowFile.open(path, readonly=True)
+    limit = qfile.FAST_MEMO_ENTRIES
+    qfile.FAST_MEMO_ENTRIES = 8
+    try:
+        for c in range(0, len(model), CS):
+            ro.read_at(c, 512)
+            assert ro._fast is not None and len(ro._fast[17]) <= 8
+    finally:
+        qfile.FAST_MEMO_ENTRIES = limit
+        ro.close()

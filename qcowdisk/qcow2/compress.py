@@ -1,9 +1,8 @@
 """Decoding compressed clusters (zlib raw deflate, zstd) with hard output bounds.
 
-Both codecs are C. zlib releases the GIL while it inflates; zstandard's C backend holds it in
-its per-frame calls (`stream_reader`, `decompress`), so zstd clusters decode one at a time
-whatever the threads (its `multi_decompress_to_buffer` releases it but spawns a thread per call
-and costs about 70% more CPU per cluster). Output is capped at one cluster, so a hostile
+Both codecs are C and release the GIL while they decode: zlib's inflate, and zstandard's
+one-shot `decompress` (used for a cluster stored as one frame, what QEMU writes); its
+`stream_reader`, needed only for a cluster of several frames, holds the GIL. Output is capped at one cluster, so a hostile
 payload can never make us allocate more than `cluster_size` bytes.
 """
 
@@ -79,8 +78,21 @@ def _decompress_zstd(payload: Buffer, out: memoryview) -> int:
     # the output of a frame at the room left in `out` (a bomb stops at one cluster); only when a
     # frame ends short do we need its compressed length, and then decompressobj's output is
     # already bounded by that short frame.
+    import zstandard
     zstd = _zstd()
-    got = 0
+    # One frame of the whole cluster (what QEMU writes): the one-shot call, which releases the
+    # GIL, so threads decode at once (stream_reader holds it). Its output is bounded by the
+    # cluster when the frame does not declare its size, and by the declared size, checked
+    # first, when it does; a frame that would run past the cluster is an error there (as in
+    # QEMU, which fails a frame not flushed within the cluster).
+    declared = zstandard.frame_content_size(payload)  # -1: not in the header
+    if declared > len(out):
+        raise zstandard.ZstdError(f"frame declares {declared} bytes of content, past the cluster's {len(out)}")
+    whole = zstd.decompress(payload, max_output_size=len(out))
+    if len(whole) == len(out):
+        out[:] = whole
+        return len(out)
+    got = 0  # several frames: decoded again frame by frame
     data: Buffer = payload
     while got < len(out) and len(memoryview(data)):
         reader = zstd.stream_reader(data, read_across_frames=False)

@@ -100,7 +100,12 @@ HEADER_PREFIX_BYTES = 4096
 # None without a backing file).
 _FastPath = tuple[int, int, int, int, int, "array[int]", "OrderedDict[int, CachedTable]", int, int,
                   Callable[[int, int], bytes], Callable[[list[Buffer], int], int], int, int, int, int, int,
-                  "ChainMap | None"]
+                  "ChainMap | None", dict[int, int]]
+# The fast path's memo (the tuple's last item): guest cluster number -> host offset of the plain
+# data clusters it found, so a repeated 4 KiB read skips the L1/L2 walk (a dict lookup where the
+# walk is ~25 bytecodes and a call). It lives and dies with the tuple, which every change of the
+# mapping replaces (see read_at), so it is never stale; this many entries (~100 bytes each) at most.
+FAST_MEMO_ENTRIES = 8192
 
 # Every open state, so a forked child can disown them (see the module docstring).
 _OPEN_STATES: weakref.WeakSet[Qcow2State] = weakref.WeakSet()
@@ -120,8 +125,9 @@ def _in_forked_child(s: Qcow2State) -> bool:
 
 def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     """The host offset of guest [offset, +length) when it lies in one plain data cluster (or in
-    allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path)."""
-    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _ = fast
+    allocated subclusters) whose L2 table (or slice) is cached; -1 for anything else (the checked path).
+    A plain data cluster found (without subclusters) is remembered in the tuple's memo."""
+    cbits, l1shift, l2mask, cmask, vsize, l1, tables, bad, limit, _, _, ext, sbits, sa, sb, sc, _, memo = fast
     inc = offset & cmask
     if inc + length <= cmask + 1 and offset + length <= vsize:
         l1e = l1[offset >> l1shift]
@@ -130,10 +136,15 @@ def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
             i = ((offset >> cbits) & l2mask) << ext
             e = t.entries[i]
             host = e & L2E_OFFSET_MASK
-            if host and not e & bad and host < limit and (
-                    not ext or t.entries[i + 1] == SUBCLUSTER_ALL or reading.subclusters_allocated(
-                        t.entries[i + 1], inc >> sbits, (inc + length - 1) >> sbits)):
-                return host + inc
+            if host and not e & bad and host < limit:
+                if not ext:
+                    if len(memo) >= FAST_MEMO_ENTRIES:
+                        memo.clear()  # a working set larger than the memo: start over
+                    memo[offset >> cbits] = host
+                    return host + inc
+                if t.entries[i + 1] == SUBCLUSTER_ALL or reading.subclusters_allocated(
+                        t.entries[i + 1], inc >> sbits, (inc + length - 1) >> sbits):
+                    return host + inc
     return -1
 
 
@@ -186,7 +197,7 @@ class QcowFile:
                 s.cluster_mask, s.virtual_size, s.l1.entries, cache.tables,
                 fast_read_reject_mask(s.cluster_size), s.alloc_limit, pread, preadv, int(s.extended_l2),
                 s.subcluster_bits, s.cluster_bits + sbits, (s.l2_entries - 1) >> sbits,
-                sbits + 3 + int(s.extended_l2), chain.new_map(s))
+                sbits + 3 + int(s.extended_l2), chain.new_map(s), {})
 
     # ------------------------------------------------------------------ opening
     @overload
@@ -680,7 +691,11 @@ class QcowFile:
         # the lock (where a closed image raises).
         fast = self._fast
         if fast is not None and type(offset) is int and type(length) is int and offset >= 0 and length > 0:
-            pos = _fast_lookup(fast, offset, length)
+            host = fast[17].get(offset >> fast[0])  # (the memo: see FAST_MEMO_ENTRIES)
+            if host is not None and (offset & fast[3]) + length <= fast[3] + 1 and offset + length <= fast[4]:
+                pos = host + (offset & fast[3])
+            else:
+                pos = _fast_lookup(fast, offset, length)
             if pos >= 0:
                 try:
                     data: bytes = fast[9](length, pos)
@@ -746,7 +761,11 @@ class QcowFile:
                 length = buffer.nbytes
             else:
                 length = 0
-            pos = _fast_lookup(fast, offset, length) if length else -1
+            host = fast[17].get(offset >> fast[0])  # (the memo: see FAST_MEMO_ENTRIES)
+            if host is not None and (offset & fast[3]) + length <= fast[3] + 1 and offset + length <= fast[4]:
+                pos = host + (offset & fast[3]) if length else -1
+            else:
+                pos = _fast_lookup(fast, offset, length) if length else -1
             if pos >= 0:
                 try:
                     got = fast[10]([buffer], pos)
