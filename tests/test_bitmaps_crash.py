@@ -58,7 +58,8 @@ def _view(path: str, out: str) -> bytes:
 
 
 def sweep(log: CrashLog, image: str, work: Path, label: str, judge: Callable[[str], list[str]], *,
-          start: int = 0, subsets: Sequence[cs.Subset] = ("all", "none", ("random", 1), ("torn", 2))) -> int:
+          start: int = 0, subsets: Sequence[cs.Subset] = ("all", "none", ("random", 1), ("torn", 2),
+                                                                *cs.HEADER_TEARS)) -> int:
     """Rebuild every crash state of `image` from cut `start` on into WORK/cut.qcow2, find what
     qemu-img check finds (a dirty lazy-refcount state repaired by a read-write open first, then
     entirely clean), then `judge(path)`'s problems; fail with them. Returns the distinct images."""
@@ -116,7 +117,7 @@ def test_power_cut_while_adding_bitmaps(tmp_path: Path, wl: Workload) -> None:
         return problems
 
     images = sweep(log, image, tmp_path, f"bitmaps crash {wl.name}", judge, start=start,
-                   subsets=["all", "none", ("random", 1), ("random", 2), ("torn", 2), ("torn", 3)])
+                   subsets=["all", "none", ("random", 1), ("random", 2), ("torn", 2), ("torn", 3), *cs.HEADER_TEARS])
     assert images >= 3  # the old image, the new one, and states between
 
 

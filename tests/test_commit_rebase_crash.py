@@ -112,7 +112,8 @@ def run_crash(tmp_path: Path, operation: Callable[[Path, CrashLog], None], max_c
             found.append(f"{base} reads neither as before nor as the committed data")
         return found or (judge(scratch) if judge is not None else [])
     states = cs.crash_states(log, [str(live / name) for name in files], cuts,
-                             lambda cut: [x if x in ("all", "none") else (x, cut) for x in subsets], skip_unchanged=False)
+                             lambda cut: [*(x if x in ("all", "none") else (x, cut) for x in subsets), *cs.HEADER_TEARS],
+                             skip_unchanged=False)
     t = cs.judge_states(states, {}, examine, lambda found, st: found, lambda st: f"cut {st.cut}/{n} {st.subset}")
     t.assert_none(f"{t.states} crash states, bad ones:", examples=5)
 
