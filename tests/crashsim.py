@@ -10,7 +10,11 @@ A *power cut at point k* is the state after the first k log entries were issued.
 what survives is the contents as of that file's last fsync before k, plus any subset of the
 writes issued since (applied in issue order). `materialise` and `CutWalker` build those states:
 subsets "all", "none", seeded random ones, and random ones whose writes are also torn into
-independently surviving 512-byte sectors (the atomic unit of a disk).
+independently surviving 512-byte sectors (the atomic unit of a disk). A `("tear", i)` subset
+is the systematic form for header writes: every unsynced op survives, except that the last
+unsynced write into cluster 0 of a qcow2 file lands as its i-th tear pattern over the sectors it
+changes (`tear_patterns`: every pattern for a few sectors, else the prefixes, the suffixes and a
+seeded sample), so a header rewrite spanning several sectors is tried torn every way.
 
 `GuestModel` is the oracle side: a sparse, chunked model of the guest disk with the history of
 every chunk, so a check can ask "what did this chunk hold when flush #F returned, and what
@@ -198,7 +202,8 @@ class RecordingHost(HostFile):
 # Materialising crash states
 
 Subset = str | tuple[str, int]
-""""all" | "none" | ("random", seed) | ("torn", seed): which unsynced ops survive the cut."""
+""""all" | "none" | ("random", seed) | ("torn", seed) | ("tear", i): which unsynced ops survive the
+cut ("tear": all of them, the last header write torn by pattern i, see `tear_state`)."""
 
 
 def apply_op(buf: bytearray, op: Op, keep_sectors: Callable[[int, int], bool] | None = None) -> None:
@@ -255,6 +260,97 @@ def surviving(pending: Sequence[Op], subset: Subset, cut: int) -> list[tuple[Op,
     return out
 
 
+TEAR_PATTERNS = 16
+"""Tear patterns tried per header write: all of them up to 4 changed sectors (2^4 - 1)."""
+
+HEADER_TEARS: list[Subset] = [("tear", i) for i in range(TEAR_PATTERNS)]
+"""The subsets that tear the pending header write every way `tear_patterns` gives."""
+
+
+def tear_patterns(k: int, limit: int = TEAR_PATTERNS, seed: Any = 0) -> list[int]:
+    """Bit masks over a write's k changed sectors (bit s set: sector s holds the new bytes), never
+    the full mask (that is the whole write). Every mask while 2^k - 1 <= limit; else the
+    prefixes and suffixes (the write torn at one sector boundary, either way round), then
+    seeded random masks, `limit` in all."""
+    full = (1 << k) - 1
+    if full <= limit:
+        return list(range(full))
+    out: list[int] = []
+    for j in range(k):  # prefixes: the first j sectors new; suffixes: the last k - j
+        for m in ((1 << j) - 1, full ^ ((1 << j) - 1)):
+            if m != full and m not in out:
+                out.append(m)
+    rng = random.Random(f"tear:{k}:{seed}")
+    while len(out) < min(limit, full):
+        m = rng.randrange(full)
+        if m not in out:
+            out.append(m)
+    return out[:limit]
+
+
+def header_cluster_size(buf: bytes | bytearray) -> int:
+    """The cluster size of a qcow2 file's bytes (its header cluster), 0 if it is no qcow2 file."""
+    if len(buf) < 24 or bytes(buf[:4]) != b"QFI\xfb":
+        return 0
+    bits: int = struct.unpack_from(">I", buf, 20)[0]
+    return 1 << min(bits, 21)
+
+
+@dataclass
+class Tear:
+    """The pending header write a ("tear", i) subset tears: the file just before it (earlier
+    pending ops landed), the write, the pieces it changes (per 512-byte sector), the pending ops
+    after it, and its tear patterns."""
+
+    before: bytearray
+    op: Op
+    pieces: list[tuple[int, int]]
+    later: Sequence[Op]
+    patterns: list[int]
+
+    def state(self, i: int) -> bytes | None:
+        """The file with pattern i of the write and every later op landed (None: no pattern i)."""
+        if i >= len(self.patterns):
+            return None
+        buf = bytearray(self.before)
+        for n, (a, b) in enumerate(self.pieces):
+            if self.patterns[i] >> n & 1:
+                if b > len(buf):
+                    buf.extend(bytes(b - len(buf)))
+                buf[a:b] = self.op.data[a - self.op.offset:b - self.op.offset]
+        for later in self.later:
+            apply_op(buf, later)
+        return bytes(buf)
+
+
+def find_tear(base: bytes | bytearray, pending: Sequence[Op], seed: Any = 0) -> Tear | None:
+    """The last pending write into cluster 0 (the header cluster) of a qcow2 file, if it changes
+    more than one sector (compared with what the file held just before it), as a `Tear`."""
+    cs = header_cluster_size(base)
+    last = max((n for n, op in enumerate(pending) if op.kind == "write" and op.offset < cs), default=-1)
+    if last < 0:
+        return None
+    buf = bytearray(base)
+    for op in pending[:last]:
+        apply_op(buf, op)
+    op = pending[last]
+    end = op.offset + len(op.data)
+    cuts = [op.offset, *range((op.offset // SECTOR + 1) * SECTOR, end, SECTOR), end]
+    pieces = [(a, b) for a, b in itertools.pairwise(cuts)
+              if bytes(buf[a:b]) != op.data[a - op.offset:b - op.offset]]
+    if len(pieces) < 2:
+        return None
+    return Tear(buf, op, pieces, pending[last + 1:], tear_patterns(len(pieces), seed=seed))
+
+
+def tear_state(base: bytes | bytearray, pending: Sequence[Op], i: int, seed: Any = 0) -> bytes | None:
+    """The file after every pending op landed, except the last pending write into cluster 0,
+    which lands as the i-th of `tear_patterns` over the sectors it changes. None when there is
+    no such write or it has fewer patterns (nothing new to try)."""
+    tear = find_tear(base, pending, seed)
+    return None if tear is None else tear.state(i)
+
+
 def durable_parts(initial: bytes, ops: Sequence[Op], path: str, cut: int) -> tuple[bytearray, list[Op]]:
     """(contents as of `path`'s last fsync before `cut`, unsynced ops on `path` issued since)."""
     key = os.path.abspath(path)
@@ -277,9 +373,12 @@ def materialise(initial: bytes, ops: Sequence[Op], path: str, cut: int, subset: 
     """The bytes of `path` after a power cut at log index `cut` where `subset` of the unsynced
     ops survived; written to `out_path` if given."""
     base, pending = durable_parts(initial, ops, path, cut)
-    for op, keep in surviving(pending, subset, cut):
-        apply_op(base, op, keep)
-    data = bytes(base)
+    if isinstance(subset, tuple) and subset[0] == "tear":
+        data = tear_state(base, pending, subset[1], cut) or bytes(base)
+    else:
+        for op, keep in surviving(pending, subset, cut):
+            apply_op(base, op, keep)
+        data = bytes(base)
     if out_path is not None:
         with open(out_path, "wb") as f:
             f.write(data)
@@ -299,6 +398,8 @@ class CutWalker:
                 self.base = bytearray(f.read())
         self.pending: list[Op] = []
         self.pos = 0
+        self._tear_at = -1
+        self._tear: Tear | None = None
 
     def advance(self, cut: int) -> None:
         """Move to cut point `cut` (must not go backwards)."""
@@ -315,13 +416,24 @@ class CutWalker:
         self.pos = cut
 
     def state(self, subset: Subset) -> bytes:
-        """File bytes at the current cut under `subset`."""
+        """File bytes at the current cut under `subset` (a tear pattern that does not exist at
+        this cut gives the "none" state; `tear` tells which exist)."""
+        if isinstance(subset, tuple) and subset[0] == "tear":
+            return self.tear(subset[1]) or bytes(self.base)
         if subset == "none" or not self.pending:
             return bytes(self.base)
         buf = bytearray(self.base)
         for op, keep in surviving(self.pending, subset, self.pos):
             apply_op(buf, op, keep)
         return bytes(buf)
+
+    def tear(self, i: int) -> bytes | None:
+        """The ("tear", i) state at the current cut, or None if that pattern does not exist
+        (the write to tear is found once per cut)."""
+        if self._tear_at != self.pos:
+            self._tear_at = self.pos
+            self._tear = find_tear(self.base, self.pending, self.pos) if self.pending else None
+        return None if self._tear is None else self._tear.state(i)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +815,8 @@ def crash_states(log: CrashLog, paths: Sequence[str], cuts: Iterable[int], subse
                  skip_unchanged: bool = True) -> Iterator[CrashState]:
     """Every (cut, subset) state of the files at `paths`, cuts in increasing order. With
     `skip_unchanged`, a random or torn subset is skipped where nothing is unsynced (it would be
-    the "none" state again)."""
+    the "none" state again). A ("tear", i) subset is skipped where no file has that pattern
+    (a file without one is taken with all its unsynced ops)."""
     walkers = {p: CutWalker(log, p) for p in paths}
     for cut in cuts:
         for w in walkers.values():
@@ -712,7 +825,13 @@ def crash_states(log: CrashLog, paths: Sequence[str], cuts: Iterable[int], subse
         for sub in subsets(cut) if callable(subsets) else subsets:
             if skip_unchanged and sub != "all" and sub != "none" and not pending:
                 continue
-            files = {p: w.state(sub) for p, w in walkers.items()}
+            if isinstance(sub, tuple) and sub[0] == "tear":
+                torn = {p: w.tear(sub[1]) for p, w in walkers.items()}
+                if all(t is None for t in torn.values()):
+                    continue  # no header write pending here, or fewer patterns: nothing new
+                files = {p: t if t is not None else walkers[p].state("all") for p, t in torn.items()}
+            else:
+                files = {p: w.state(sub) for p, w in walkers.items()}
             if len(files) == 1:
                 key = digest(next(iter(files.values())))
             else:
@@ -1195,7 +1314,8 @@ def kill_guest_writer(argv: Sequence[str], ops: Sequence[GuestOp], target: int, 
 
 
 __all__ = ["Op", "CrashLog", "RecordingHost", "Subset", "apply_op", "surviving", "durable_parts",
-           "materialise", "CutWalker", "GuestOp", "guest_data", "make_guest_ops", "run_guest_ops",
+           "materialise", "CutWalker", "TEAR_PATTERNS", "HEADER_TEARS", "tear_patterns",
+           "header_cluster_size", "Tear", "find_tear", "tear_state", "GuestOp", "guest_data", "make_guest_ops", "run_guest_ops",
            "describe_guest_op", "GuestModel", "Finding", "check_chunk", "check_view", "CutContext",
            "cut_contexts", "header_reftable", "header_l1", "digest", "child_main", "CHUNK", "SECTOR",
            "describe_cut", "guest_context", "select_cuts", "CrashState", "SubsetsAt", "crash_states", "Tally",

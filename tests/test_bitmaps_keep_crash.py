@@ -86,7 +86,7 @@ def test_power_cut_keeping_bitmaps(tmp_path: Path, op: str, options: str) -> Non
         return found or judge(cut_image)
 
     t = cs.judge_states(cs.crash_states(log, [image], range(len(log.ops) + 1),
-                                        ["all", "none", ("random", 1), ("torn", 2), ("torn", 3)]),
+                                        ["all", "none", ("random", 1), ("torn", 2), ("torn", 3), *cs.HEADER_TEARS]),
                         {}, examine, lambda problems, st: problems,
                         lambda st: f"cut {st.cut}/{len(log.ops)} subset={st.subset}")
     t.assert_none(f"[keep bitmaps {op} {options}]", examples=8)

@@ -34,7 +34,7 @@ from crashsim import CrashLog
 from qcowdisk import QcowFile
 from qemutools import check
 
-SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
+SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2), *cs.HEADER_TEARS]
 SLOW_SUBSETS: list[cs.Subset] = [*SUBSETS, ("random", 3), ("random", 5), ("torn", 4), ("torn", 6)]
 CASES = ["leak-many", "refcount-too-low", "refcount-zero", "copied-clear-l2", "leak-after-snapshot-delete",
          "dirty-lazy", "corrupt-bit", "l2-on-refblock",

@@ -72,10 +72,11 @@ def sectors_from(view: bytes, old: bytes, new: bytes) -> bool:
 
 def run_crash(tmp_path: Path, operation: Callable[[Path, CrashLog], None], max_cuts: int = 40,
               make: Callable[[Path], None] = build, files: tuple[str, ...] = FILES, base: str | None = None,
-              subsets: tuple[str, ...] = ("all", "none", "torn"), min_ops: int = 8) -> None:
+              subsets: tuple[str, ...] = ("all", "none", "torn"), min_ops: int = 8,
+              judge: Callable[[Path], list[str]] | None = None) -> None:
     """With `base` (a commit's target), that image must also read, sector by sector, as before
     or as the committed image: early data is allowed, anything else is not. The workload must
-    leave at least `min_ops` host ops at the seam."""
+    leave at least `min_ops` host ops at the seam. `judge(dir)`: more problems of the files there."""
     live = tmp_path / "live"
     live.mkdir()
     make(live)
@@ -109,9 +110,10 @@ def run_crash(tmp_path: Path, operation: Callable[[Path, CrashLog], None], max_c
             found.append("the guest view of top.qcow2 changed")
         if base and not sectors_from(guest_view(scratch / base, tmp_path / "cut.raw"), old_base, expected):
             found.append(f"{base} reads neither as before nor as the committed data")
-        return found
+        return found or (judge(scratch) if judge is not None else [])
     states = cs.crash_states(log, [str(live / name) for name in files], cuts,
-                             lambda cut: [x if x in ("all", "none") else (x, cut) for x in subsets], skip_unchanged=False)
+                             lambda cut: [*(x if x in ("all", "none") else (x, cut) for x in subsets), *cs.HEADER_TEARS],
+                             skip_unchanged=False)
     t = cs.judge_states(states, {}, examine, lambda found, st: found, lambda st: f"cut {st.cut}/{n} {st.subset}")
     t.assert_none(f"{t.states} crash states, bad ones:", examples=5)
 
@@ -146,6 +148,56 @@ def test_rebase_power_cut(tmp_path: Path, target: str) -> None:
                         host_factory=log.factory())
     run_crash(tmp_path, op)
 
+
+
+def _bitmap_bits(path: Path) -> dict[str, bytes | None]:
+    """Each bitmap's serialized bits (None: in use, inconsistent)."""
+    with qcowdisk.QcowFile.open(path, readonly=True, backing=False) as disk:
+        return {b.name: None if b.flags & 1 else b"".join(disk.read_bitmap(b.name)) for b in disk.bitmaps}
+
+
+@pytest.mark.parametrize("operation", ["commit", "rebase"])
+def test_power_cut_with_bitmaps(tmp_path: Path, operation: str) -> None:
+    """Base and overlay with bitmaps (an enabled and a disabled one each): at every cut each
+    image checks clean and each bitmap is in use (inconsistent, as QEMU leaves it after a crash),
+    or consistent with its bits from before while the image reads as before, or with its bits
+    from after while it reads as after; never stale and marked consistent."""
+    before: dict[str, tuple[dict[str, bytes | None], bytes]] = {}
+    after: dict[str, tuple[dict[str, bytes | None], bytes]] = {}
+
+    def make(d: Path) -> None:
+        build(d)
+        for name in ("base.qcow2", "top.qcow2"):
+            qemu_img("bitmap", "--add", "-g", "4k", str(d / name), "on")
+            qemu_img("bitmap", "--add", "--disable", str(d / name), "off")
+            before[name] = (_bitmap_bits(d / name), guest_view(d / name, tmp_path / "b.raw"))
+
+    def op(d: Path, log: CrashLog) -> None:
+        if operation == "commit":
+            qcowdisk.commit(d / "top.qcow2", host_factory=log.factory())
+        else:
+            qcowdisk.rebase(d / "top.qcow2", "new.qcow2", backing_format="qcow2", host_factory=log.factory())
+        for name in ("base.qcow2", "top.qcow2"):
+            after[name] = (_bitmap_bits(d / name), guest_view(d / name, tmp_path / "a.raw"))
+
+    def judge(d: Path) -> list[str]:
+        problems = []
+        for name in ("base.qcow2", "top.qcow2"):
+            got = _bitmap_bits(d / name)
+            view = guest_view(d / name, tmp_path / "j.raw")
+            for bm, bits in got.items():
+                if bits is None:
+                    continue
+                ok = [when for when, (maps, was) in (("before", before[name]), ("after", after[name]))
+                      if maps.get(bm) == bits and (view == was or bm == "off")]
+                if not ok:
+                    problems.append(f"{name}: bitmap {bm!r} consistent but stale")
+        return problems
+
+    run_crash(tmp_path, op, make=make, base="base.qcow2" if operation == "commit" else None, judge=judge,
+              max_cuts=60)
+    assert after["base.qcow2" if operation == "commit" else "top.qcow2"][0]["on"] != \
+        before["base.qcow2" if operation == "commit" else "top.qcow2"][0]["on"]
 
 
 def committed(make: Callable[[Path], None]) -> Callable[[Path], None]:

@@ -382,7 +382,7 @@ def test_power_cut_sampled(recorded, wl: Workload) -> None:  # type: ignore[no-u
     a random subset torn into sectors of the unsynced writes."""
     rec = recorded(wl)
     cuts = sample_cuts(rec, wl.max_cuts, zlib.crc32(wl.name.encode()) & 0xFFFF)
-    t = run_cuts(rec, cuts, ["all", "none", ("random", 1), ("torn", 2)], "sampled")
+    t = run_cuts(rec, cuts, ["all", "none", ("random", 1), ("torn", 2), *cs.HEADER_TEARS], "sampled")
     t.assert_none(examples=8)
 
 

@@ -44,7 +44,7 @@ from crashsim import CrashLog
 from qcowdisk import QcowFile
 from qemutools import assert_clean, create, qemu_img, qemu_io, write_raw
 
-SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2)]
+SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("torn", 2), *cs.HEADER_TEARS]
 SLOW_SUBSETS: list[cs.Subset] = ["all", "none", ("random", 1), ("random", 3), ("random", 5), ("torn", 2), ("torn", 4)]
 SECTOR = 512
 

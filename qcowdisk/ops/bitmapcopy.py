@@ -15,7 +15,7 @@ validates a whole table before its first chunk), and their contents stream one c
 time into the target's `BitmapEditor` at its commit (crash-safe: all bitmaps appear in one
 header write). An existing target (-n) with bitmaps of its own has them marked in use while
 the data is copied and the written ranges set in its enabled ones, as QEMU records the writes
-of a convert in them; the commit clears the marks. The target is read-only after that commit.
+of a convert in them (`QcowFile` does it for every writer); the commit clears the marks.
 """
 
 from __future__ import annotations

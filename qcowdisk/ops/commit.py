@@ -30,6 +30,10 @@ supported" before writing anything, as here.
 Order (crash safety): everything is written into the base and made durable (fsync) before the
 image is emptied, so a power cut leaves the image reading as before, its data possibly in the
 base already (as with qemu-img).
+Persistent bitmaps (QcowFile records every write in them): the base's enabled bitmaps get what
+qemu-img's mirror writes, whole chunks of the base's default bitmap granularity (`_chunk_marker`);
+the overlay's record nothing of its emptying (QEMU's bdrv_make_empty bypasses them). A base with
+an inconsistent bitmap cannot be grown: qemu-img's job fails with "Operation not supported".
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .. import formats
-from ..errors import QcowError
+from ..errors import QcowError, ResizeError
 from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Image, LayerExtent, fill_zeros
 from ..locking import ImageLock, lock_image
+from ..qcow2.bitmapedit import default_granularity
 from ..qcow2.file import QcowFile
 from .inflight import InFlight
 from .qcow1_target import Qcow1Target
@@ -208,6 +213,23 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             top.flush()
 
 
+def _chunk_marker(target: _Target) -> Callable[[int, int], None]:
+    """What a qcow2 base's persistent bitmaps must record besides the bytes written: qemu-img's
+    mirror copies whole chunks of the base's default bitmap granularity (its cluster size within
+    4..64 KiB) wherever a layer above allocates any byte of one, so its bitmaps get every granule
+    of those chunks (a bitmap finer than the chunk: more than the allocated bytes)."""
+    if not isinstance(target, QcowFile):
+        return lambda at, n: None
+    chunk = default_granularity(target.cluster_size)
+    size = target.virtual_size
+
+    def mark(at: int, n: int) -> None:
+        lo, hi = at // chunk * chunk, min(size, -(-(at + n) // chunk) * chunk)
+        if lo < at or hi > at + n:
+            target.mark_dirty(lo, hi - lo)
+    return mark
+
+
 def _find_base(layers: list[tuple[str, str, str | None]], base: str, image: str) -> int:
     """The depth of the layer `base` names (bdrv_find_backing_image: the stored name or the path)."""
     real = os.path.realpath(base)
@@ -286,17 +308,23 @@ def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None]
     with a step in flight."""
     size = layers[0].virtual_size
     if target.virtual_size < size:
-        target.resize(size)  # commit_run grows a shorter base first
+        try:
+            target.resize(size)  # commit_run grows a shorter base first
+        except ResizeError as e:  # (an inconsistent bitmap: qcow2_co_truncate's -ENOTSUP ends the job)
+            raise CommitError("Block job failed: Operation not supported") from e
 
     def report(done: int) -> None:
         if progress is not None:
             progress(done, size)
+
+    mark = _chunk_marker(target)
 
     def copy_step(depth: int, at: int, n: int, buf: memoryview) -> None:
         view = buf[:n]
         got = layers[depth].readinto_at(view, at)
         if got < n:
             fill_zeros(view, got, n)
+        mark(at, n)
         target.write_at(at, view)
 
     report(0)
@@ -312,6 +340,7 @@ def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None]
                 # then a step's partial-cluster write and the zeroing would race.
                 if grain is None or at // grain < -(-data_end // grain):
                     steps.drain()
+                mark(at, n)
                 zero(at, n)
             else:  # the end of a window: everything before it is done
                 steps.drain()

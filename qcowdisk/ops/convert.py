@@ -4,7 +4,8 @@ QEMU's loop (img_convert, convert_iteration_sectors, convert_co_write), step by 
 source's block status splits the disk into runs that read as zeros, hold data, or (with a
 target backing file) come from that backing file. Zero runs are skipped on a new target (it
 reads as zeros already) and written as zeroes otherwise; backing-file runs are skipped; data
-runs are read at most `IO_BUF_SIZE` at a time into one reused buffer, and in each piece the
+runs are read at most `IO_BUF_SIZE` at a time (by two threads, each with reused buffers;
+the pieces are written in guest order: qcowdisk.ops.inorder), and in each piece the
 all-zero stretches of at least `sparse_size` bytes (qemu-img's `-S`, is_allocated_sectors_min,
 with its alignment rules) are treated as zero runs, the rest written. `sparse_size=0` (`-S 0`)
 writes every byte, zeros included, so the target is fully allocated. With `compress`, data is
@@ -113,9 +114,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     everything). `compress` writes compressed clusters (qcow2 only), compressing in `threads`
     worker threads (default: the CPU count, at most 8); the payloads are written in guest order
     unless `out_of_order` (-W: each worker writes its clusters as soon as they are compressed).
-    Uncompressed data is written by one thread in guest order whatever `out_of_order` says: the
-    copy is bound by reading and writing, which threads would not overlap better than the
-    kernel's own read-ahead and write-back. `target_is_zero` (with `target_exists` only, and
+    Uncompressed data is read and scanned for zeros by two threads (at most `threads`; one on
+    a one-CPU host), 2 MiB at a time, and written in guest order whatever `out_of_order` says,
+    so the target is byte for byte what a one-thread copy makes (qcowdisk.ops.inorder).
+    `target_is_zero` (with `target_exists` only, and
     a target without a backing file) takes the existing target to read as zeros already, so
     zero ranges are not written. `cache` and `src_cache` are qemu-img's -t and -T modes
     (see qcowdisk.ops.cachemode: "unsafe" never fsyncs, as qemu-img convert by default;
@@ -126,11 +128,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
     contents) into the qcow2 target after the data, as qemu-img does, and refuses what it
     refuses (a source or target without bitmap support, an inconsistent bitmap unless
     `skip_broken_bitmaps`, which skips it with a `BitmapSkippedWarning`); see
-    qcowdisk.ops.bitmapcopy. The target is read-only once its bitmaps are added.
+    qcowdisk.ops.bitmapcopy.
     `source_open` and `target_open` (from `--image-opts` / `--target-image-opts`) open
     the source and the existing target (`target_exists`) as they say: cache sizes, backing
-    files (`backing`, `backing_node`), a raw image's `raw_offset`/`raw_size` window; the
-    access mode, lock sharing and host I/O class come from the other arguments.
+    files (`backing`, `backing_node`), a data file, a raw image's `raw_offset`/`raw_size`
+    window; the access mode, lock sharing and host I/O class come from the other arguments.
     `progress(done_bytes, total_bytes)` is
     called as the conversion goes; an exception from it stops the conversion and propagates,
     with everything closed (the partly written target is left behind, as qemu-img leaves it).
@@ -316,25 +318,16 @@ class _RawTarget(_Requests):
 
 class _QcowTarget(_Requests):
     def __init__(self, disk: QcowFile) -> None:
-        self.disk = disk
+        self.disk = disk  # (an existing target's own bitmaps record what is written: QcowFile does it)
         self.cluster_size = disk.cluster_size
-        editor = disk.edit_bitmaps()
-        self.track = editor if editor.tracking else None  # the target's bitmaps record what is written
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.disk.write_at(offset, data)
-        self.mark(offset, len(data))
         self.written(len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing
-        self.mark(offset, length)
         self.written(length)
-
-    def mark(self, offset: int, length: int) -> None:
-        """Record a write in the target's own bitmaps (an existing target that has some)."""
-        if self.track is not None:
-            self.track.mark_written(offset, length)
 
 
     def flush(self) -> None:
@@ -436,8 +429,9 @@ def _open_target(path: str, out_format: str, size: int, host: type[HostFile],
         have = -(-have // SECTOR) * SECTOR  # (QEMU counts the disk in whole sectors)
     else:
         # (writes into an image with bitmaps are recorded in them, as QEMU records them)
-        img = QcowFile.open_for_bitmaps(path, track_writes=True, backing=options.backing, host_factory=host,
-                                        tuning=options)
+        img = formats.open_image(path, "qcow2", dataclasses.replace(
+            options, readonly=False, force_share=False, host_factory=host, raw_offset=0, raw_size=None))
+        assert isinstance(img, QcowFile)  # (QcowFile.open read-write, with the options' caches and files)
         target = _QcowTarget(img)
         have = img.virtual_size
     if have < size:
@@ -514,7 +508,6 @@ class _Compressor:
             d = c + cs  # a run of clusters to write
             while d < n and not (skip_zeros and is_zero(data, d, min(cs, n - d))):
                 d += cs
-            self.target.mark(offset + c, min(d, n) - c)
             if self.out_of_order:
                 self.disk.write_compressed(offset + c, mv[c:min(d, n)])
             else:

@@ -14,6 +14,10 @@ become zero clusters: the same guest view, less space.) Then the header names th
 file and format, in one header switch after the copied data is durable,
 so a power cut leaves the old name (with data copied that reads the same through it) or the new
 one. Unsafe mode (`-u`, crosvm's set_backing_file) only rewrites the name and format.
+
+An image with enabled persistent bitmaps (QcowFile records every write in them) is rebased
+the way qemu-img writes, so that they get the same bits: every range is compared (no zeros
+shortcut) and runs of differing 512-byte sectors are written, not whole granules.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..qcow2.file import QcowFile
 from .inflight import InFlight
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
+SECTOR = 512  # qemu-img's compare_buffers unit
 WINDOW = 256 << 20
 IN_FLIGHT = 4  # compare steps at once (worker threads, each with two buffers)
 
@@ -149,6 +154,11 @@ class _Differ:
         self.old = img.backing
         self.new = new
         self.granule = _granule(img)
+        # With persistent bitmaps recording writes, write what qemu-img writes (runs of
+        # differing 512-byte sectors, none where the bytes are the same) so that they get the
+        # same bits: compare everything, sector by sector.
+        self.exact = img.tracks_writes
+        self.unit = SECTOR if self.exact else self.granule
         self.steps = steps
 
     def window(self, start: int, end: int) -> None:
@@ -172,7 +182,7 @@ class _Differ:
     def _range(self, start: int, end: int, old_zero: bool, new_zero: bool) -> None:
         if old_zero and new_zero:
             return
-        if old_zero:  # nothing to compare: the new chain shows data where the old showed zeros
+        if old_zero and not self.exact:  # nothing to compare: the new chain shows data where the old showed zeros
             self.steps.drain()  # a partial cluster may be shared with a step in flight
             if self.old is None:  # (opened without its backing file: zeros must be stored to hide the new one)
                 self.img.zeroize(start, end - start)
@@ -205,9 +215,9 @@ class _Differ:
         old, new = (old_buf, new_buf) if n == IO_BUF_SIZE else (old_buf[:n], new_buf[:n])
         if old == new:
             return
-        g = self.granule
+        g = self.unit
         # Granule boundaries in guest terms: whole granules are written where any byte differs,
-        # which allocates exactly what qemu-img's sector-wise writes allocate.
+        # which allocates exactly what qemu-img's sector-wise writes allocate (sectors: `exact`).
         i, run_from = 0, -1
         while i < n:
             j = min(n, (offset + i) // g * g + g - offset)

@@ -14,7 +14,7 @@ width (`qcow2_change_refcount_order`; refused as QEMU refuses it when a count do
 Encryption options are refused as QEMU refuses them on images without LUKS (and, on LUKS
 images, as not implemented).
 
-**Order.** Every header change is one `ordering.switch_header` (sync, one header write, fsync),
+**Order.** Every header change is one `ordering.switch_header` (sync, header write(s), fsync),
 in QEMU's order: upgrade, refcount width, lazy refcounts, size, downgrade last. A new refcount
 structure is written past the end of the file and synced before the one switch that names it.
 A downgrade first makes the refcounts durable and the zero clusters plain, in the active layer
@@ -30,11 +30,9 @@ options (refused with qcowdisk's message).
 
 from __future__ import annotations
 
-import dataclasses
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import AmendError
 from . import bitmaps, ordering, snapshot
@@ -63,7 +61,6 @@ from .format import (
     INCOMPAT_DIRTY,
     Snapshot,
     feature_table_extension,
-    serialize_header,
 )
 from .mapping import l2_table_offset
 from .refcount import Refcounts
@@ -224,8 +221,8 @@ def amend(s: Qcow2State, o: AmendOptions, new_version: int, progress: Progress |
         status(1, 2)
         header_length = HEADER_V3_LENGTH
         exts = [e for e in h.extensions if e.ext_type != EXT_FEATURE_TABLE] + [feature_table_extension()]
-        _switch_version(s, version=3, header_length=header_length, refcount_order=4,
-                        compression_type=COMPRESSION_ZLIB, extensions=exts)
+        ordering.switch_header(s, version=3, header_length=header_length, refcount_order=4,
+                               compression_type=COMPRESSION_ZLIB, extensions=exts)
         s.v2 = False
         status(2, 2)
     if o.refcount_bits is not None and o.refcount_bits != s.header.refcount_bits:
@@ -287,9 +284,9 @@ def _downgrade(s: Qcow2State, status: Progress) -> None:
     # bitmaps' clusters; qcowdisk drops the extension in the version switch and frees them.
     freed = [c for bm in bitmaps.load_directory(s) for c in bitmaps.used_clusters(s, bm)]
     exts = [e for e in h.extensions if e.ext_type not in (EXT_FEATURE_TABLE, EXT_BITMAPS)]
-    _switch_version(s, version=2, header_length=HEADER_V2_LENGTH, incompatible_features=0,
-                    compatible_features=0, autoclear_features=0, compression_type=COMPRESSION_ZLIB,
-                    extra_header=b"", extensions=exts)
+    ordering.switch_header(s, version=2, header_length=HEADER_V2_LENGTH, incompatible_features=0,
+                           compatible_features=0, autoclear_features=0, compression_type=COMPRESSION_ZLIB,
+                           extra_header=b"", extensions=exts)
     s.v2 = True
     if h.autoclear_features & AUTOCLEAR_BITMAPS:
         bitmaps.free_after_switch(s, h, freed)
@@ -368,26 +365,6 @@ def _runs(clusters: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((c, 1))
     return out
-
-
-def _switch_version(s: Qcow2State, **fields: Any) -> None:
-    """Switch the header to another version, then zero what the old header left past the new one
-    (QEMU rewrites all of cluster 0): bytes past the end-of-extensions mark, read by nobody.
-
-    A v3 header with the feature table and a backing name may pass the first sector where the v2
-    one did not; its part past the sector is written before the switch (unused by the old
-    header), so a tear between the sectors cannot cut the backing name or the extensions."""
-    old_length = len(serialize_header(dataclasses.replace(s.header, extensions=list(s.header.extensions))))
-    new_bytes = serialize_header(dataclasses.replace(s.header, **fields))
-    if old_length <= SECTOR < len(new_bytes):
-        # The new header spans sectors the old one does not use: write that part first (switch_header
-        # syncs it), so a header write torn at a sector leaves the old header or the whole new one.
-        s.host.pwrite(new_bytes[SECTOR:], SECTOR)
-    ordering.switch_header(s, **fields)
-    new_length = len(serialize_header(dataclasses.replace(s.header, extensions=list(s.header.extensions))))
-    if old_length > new_length:
-        s.host.pwrite(bytes(old_length - new_length), new_length)
-        s.host.fsync()
 
 
 def _expand_zero_clusters(s: Qcow2State, off: int) -> None:

@@ -10,11 +10,16 @@ bitmaps, the others' tables kept, what was dropped freed after the switch). So a
 leaves the bitmaps as they were or as the operations left them. As qemu-img, operations that
 succeeded before one that failed are stored too (`commit` is the caller's, in a `finally`).
 
-Guest writes while bitmaps are open (`track_writes`, what `convert -n` into an image with
-bitmaps needs): QEMU's protocol. Every consistent bitmap is marked in use on disk first (one
-directory switch), the writer reports each write to `mark_written`, which sets its bits in the
-enabled bitmaps, and `commit` stores them with the marks cleared. A crash in between leaves
-them in use: inconsistent, which QEMU and qcowdisk refuse to use, never stale and trusted.
+Guest writes while bitmaps are open (`track_writes`; `QcowFile` starts it at every read-write
+open of an image with bitmaps): QEMU 7.2's protocol (qcow2_load_dirty_bitmaps at open,
+qcow2_store_persistent_dirty_bitmaps at close). Every consistent bitmap, enabled or not, is
+marked in use on disk first (one directory switch), and the contents of the enabled ones are
+loaded into memory; the writer calls `marker()`'s function for each write, which sets the bits
+of the granules it touches in the enabled bitmaps; `commit` (at close) stores the bitmaps that
+changed, the others' tables kept, with the marks cleared. A crash in between leaves them in
+use: inconsistent, which QEMU and qcowdisk refuse to use, never stale and trusted. A bitmap
+already in use at open (a crash of the program that had it open) is left so, as QEMU leaves it.
+A bitmap added while tracking records writes from its commit on (then tracking starts again).
 
 Refusals are QEMU's, with its messages (BitmapError): an unknown name ("Dirty bitmap 'x' not
 found"), an inconsistent (in-use) bitmap for anything but --remove, bitmaps of different sizes
@@ -52,6 +57,8 @@ if TYPE_CHECKING:
     from .file import QcowFile
 
 _T = TypeVar("_T")
+Marker = Callable[[int, int], None]
+"""Records a guest write of (offset, length) in the tracked bitmaps (`BitmapEditor.marker`)."""
 _EMPTY: tuple[bytes, ...] = ()  # the contents of a new bitmap with every bit clear
 _RUNS = re.compile(rb"\xff+|[^\x00\xff]")  # whole set bytes as runs, mixed bytes one at a time
 
@@ -81,12 +88,15 @@ class BitmapEditor:
     method takes the image's lock. Nothing reaches the disk before `commit`."""
 
     def __init__(self, state: Qcow2State, check: Callable[[], None],
-                 after_commit: Callable[[], None] = lambda: None) -> None:
+                 after_commit: Callable[[], None] = lambda: None,
+                 on_marker: Callable[[Marker | None], None] = lambda marker: None) -> None:
         """Load the directory of `state`'s image; `check()` is called before every operation,
-        `after_commit()` after a commit that stored something."""
+        `after_commit()` after a commit that stored something, `on_marker(marker)` whenever the
+        function recording writes changes (`marker`)."""
         self._s = state
         self._check = check
         self._after_commit = after_commit
+        self._on_marker = on_marker
         self.tracking = False
         """Whether guest writes are being recorded (`track_writes` until `commit`)."""
         self.reset()
@@ -94,16 +104,22 @@ class BitmapEditor:
     def reset(self) -> None:
         """Forget the operations not committed yet (the bitmaps as the image has them)."""
         def run() -> None:
-            assert not self.tracking, "reset would lose the writes reported to mark_written"
+            assert not self.tracking, "reset would lose the writes the marker recorded"
             self._entries = [_Entry(b.name, b.flags, b.granularity_bits, b) for b in load_directory(self._s)]
             self._dropped: list[Bitmap] = []
             self._changed = False
         self._locked(run)
 
-    def _locked(self, op: Callable[[], _T]) -> _T:
+    def _locked(self, op: Callable[[], _T], remark: bool = False) -> _T:
+        """Run `op` under the image lock; `remark`: it may change which buffers the marker
+        sets bits in (tell `on_marker` of the new one)."""
         with self._s.lock:
             self._check()
-            return op()
+            try:
+                return op()
+            finally:
+                if remark and self.tracking:
+                    self._on_marker(self.marker())
 
     def _find(self, name: str) -> _Entry:
         for e in self._entries:
@@ -168,32 +184,54 @@ class BitmapEditor:
     def track_writes(self) -> None:
         """Before guest writes: mark every consistent bitmap in use on disk (one directory
         switch), as QEMU does while it has an image open, so that a crash leaves them
-        inconsistent rather than stale. Each write must then be reported to `mark_written`;
-        `commit` stores the bitmaps with those bits set and the marks cleared."""
+        inconsistent rather than stale; load the enabled ones (tables and contents checked, as
+        QEMU's load_bitmap checks them; the disabled ones' tables too). Each write must then be
+        reported to the `marker()` function; `commit` stores the bitmaps
+        with those bits set and the marks cleared."""
         def run() -> None:
             assert not self._changed and not self.tracking, "track_writes comes first"
             tracked = [e for e in self._entries if not e.flags & BME_FLAG_IN_USE]
             if not tracked:
                 return  # no bitmap to keep true: writes need not be reported
             for e in tracked:
+                assert e.disk is not None
+                if e.flags & BME_FLAG_AUTO:
+                    self._contents(e)
+                else:
+                    load_table(self._s, e.disk)
+            for e in tracked:
                 e.tracked = True
             self.tracking = True
             switch_directory(self._s, self._directory())
+            self._on_marker(self.marker())
         self._locked(run)
 
-    def mark_written(self, offset: int, length: int) -> None:
-        """Guest bytes [offset, offset+length) were written: set their bits in the enabled
-        bitmaps (`track_writes`)."""
-        if not length:
-            return
+    def marker(self) -> Marker | None:
+        """The function recording a guest write of [offset, offset+length) in the enabled
+        tracked bitmaps (None: there is none, writes need not be reported). Call it with the
+        image lock held. It changes with every operation (`on_marker` hears of it)."""
+        if not self.tracking:
+            return None
+        targets = [e for e in self._entries if e.tracked and e.flags & BME_FLAG_AUTO]
+        if not targets:
+            return None
+        bits = [(e.granularity, self._contents(e)) for e in targets]
+        fresh = [e for e in targets if e.disk is not None]  # stored again at the commit once written
+        size = self._s.virtual_size
 
-        def run() -> None:
-            for e in self._entries:
-                if e.tracked and e.flags & BME_FLAG_AUTO:
-                    g = e.granularity
-                    _set_bits(self._contents(e), offset // g, -(-min(offset + length, self._s.virtual_size) // g))
+        def mark(offset: int, length: int) -> None:
+            if fresh:
+                for e in fresh:
                     self._drop_disk(e)
-        self._locked(run)
+                fresh.clear()
+            end = min(offset + length, size)
+            for g, buf in bits:
+                lo, hi = offset // g, -(-end // g)
+                if hi - lo == 1:  # one granule: the common small write
+                    buf[lo >> 3] |= 1 << (lo & 7)
+                else:
+                    _set_bits(buf, lo, hi)
+        return mark
 
     def remove(self, name: str) -> None:
         """--remove (an inconsistent bitmap too)."""
@@ -203,7 +241,7 @@ class BitmapEditor:
                 used_clusters(self._s, e.disk)  # a table QEMU could not free is refused here too
             self._drop_disk(e)
             self._entries.remove(e)
-        self._locked(run)
+        self._locked(run, remark=True)
 
     def clear(self, name: str) -> None:
         """--clear: every bit clear."""
@@ -212,7 +250,7 @@ class BitmapEditor:
             self._usable(e)
             self._drop_disk(e)
             e.data = bytearray(bitmap_bytes(self._s.virtual_size, e.granularity))
-        self._locked(run)
+        self._locked(run, remark=True)
 
     def enable(self, name: str, enabled: bool = True) -> None:
         """--enable (or --disable with `enabled=False`): QEMU's auto flag."""
@@ -222,7 +260,7 @@ class BitmapEditor:
             flags = (e.flags | BME_FLAG_AUTO) if enabled else (e.flags & ~BME_FLAG_AUTO)
             self._changed = self._changed or flags != e.flags
             e.flags = flags
-        self._locked(run)
+        self._locked(run, remark=True)
 
     def merge(self, name: str, source_name: str, source: QcowFile | None = None) -> None:
         """--merge SOURCE [-b SRC_FILE]: set in bitmap `name` every bit the bitmap `source_name`
@@ -252,7 +290,7 @@ class BitmapEditor:
             _merge_into(dst, e.granularity, chunks, granularity, self._s.virtual_size)
             if dst != before:
                 self._drop_disk(e)
-        self._locked(run)
+        self._locked(run, remark=True)
 
     def commit(self) -> None:
         """Store the bitmaps as the operations left them (nothing when nothing changed), and
@@ -269,9 +307,11 @@ class BitmapEditor:
                     data = e.data
                     table_offset, table_size = store(s, e.name, e.granularity, [bytes(data)] if isinstance(
                         data, bytearray) else None if data is _EMPTY else data)
-                    e.disk, e.data = Bitmap(e.name, e.flags, e.granularity_bits, table_offset, table_size), None
+                    e.disk = Bitmap(e.name, e.flags, e.granularity_bits, table_offset, table_size)
+                e.data = None  # (read again from the disk when needed)
                 e.tracked = False
             self.tracking = False
+            self._on_marker(None)
             switch_directory(s, self._directory(), freed)
             self._dropped.clear()
             self._changed = False
@@ -329,4 +369,4 @@ def _set_bits(buf: bytearray, lo: int, hi: int) -> None:
         lo += 1
 
 
-__all__ = ["BitmapEditor", "default_granularity"]
+__all__ = ["BitmapEditor", "Marker", "default_granularity"]

@@ -6,10 +6,10 @@ entries, one per cluster of the serialized bitmap: 0 all clear, 1 all set, else 
 data cluster. The serialized bitmap has one bit per `granularity` bytes of guest disk, bit i in
 byte i // 8 at bit i % 8 (QEMU's little-endian longs), zero-padded to whole clusters. Bitmaps are
 valid only while autoclear bit 0 is set: a program that writes the image without updating them
-must clear it. qcowdisk keeps them true another way: it refuses read-write opens of an image
-with bitmaps (file.py) unless the writer records its writes in them (`QcowFile.open_for_bitmaps`) or
-keeps them true itself (resize: bitmapresize.py; snapshot create/delete and amend leave them),
-and an image it adds bitmaps to turns read-only (`QcowFile.add_bitmaps`).
+must clear it. qcowdisk keeps them true as QEMU does: a read-write open marks them in use and
+records every guest write in the enabled ones until the close stores them (bitmapedit.py,
+`BitmapEditor.track_writes`); resize keeps them true itself (bitmapresize.py), snapshot
+create/delete and amend leave them.
 
 **Reading** (`load_table`, `read_chunk`): what QEMU's check_dir_entry, load_bitmap_data and
 check_table_entry check, plus that each data cluster lies in the file past the header. The
@@ -27,14 +27,12 @@ and synced before the pointer to them):
 2. a final flush: their refcounts (lazy ones too) written, guest data and the file synced;
 3. one header switch (`ordering.switch_header`: sync, write, sync): the bitmaps extension naming
    the new directory, autoclear bit 0 set, the dirty bit clear (no extension and the bit clear
-   when no bitmap is left). When the new header passes its first sector and the old one did
-   not, the part past it is written first (the old header does not use it), so a header write
-   torn at the sector leaves the old header or the new one.
+   when no bitmap is left). A header spanning several sectors (a long backing file name behind
+   the feature table) is switched in steps that each end in one sector write (headerswitch.py),
+   so a header write torn at a sector leaves the old header or the new one.
 
 A cut before step 3 leaves the bitmaps as they were plus leaked clusters; after it, the new
-ones. The old directory and dropped tables are freed after the switch. An old header already
-longer than a sector (a long backing file name) is rewritten in one write, as every other
-header switch is (a write torn there is the one case not covered).
+ones. The old directory and dropped tables are freed after the switch.
 The caller holds the image lock.
 """
 
@@ -78,7 +76,6 @@ BME_MAX_PHYS_SIZE = 0x20000000  # QEMU's limit on a bitmap's serialized bytes (i
 BME_TABLE_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ALL_ONES = 1
-SECTOR = 512
 
 
 def bitmap_bytes(virtual_size: int, granularity: int) -> int:
@@ -324,8 +321,7 @@ def switch_directory(s: Qcow2State, entries: list[bytes], freed: Iterable[int] =
 
 
 def write_directory(s: Qcow2State, entries: list[bytes]) -> dict[str, Any]:
-    """Steps 1-2 of a directory switch: `entries` written to new clusters, everything synced,
-    the new header's part past its first sector written where the old header does not use it.
+    """Steps 1-2 of a directory switch: `entries` written to new clusters, everything synced.
     Returns the header fields the switch sets (the caller may add its own, e.g. `size`)."""
     placeholder = HeaderExtension(EXT_BITMAPS, bytes(BITMAPS_EXT_STRUCT.size))
     _header_fields(s, placeholder if entries else None)  # a header too big is refused before any write
@@ -336,13 +332,8 @@ def write_directory(s: Qcow2State, entries: list[bytes]) -> dict[str, Any]:
         s.host.pwrite(directory, dir_offset)
     ordering.flush(s, final=True)
     ext = HeaderExtension(EXT_BITMAPS, BITMAPS_EXT_STRUCT.pack(len(entries), 0, len(directory), dir_offset))
-    fields, new_bytes = _header_fields(s, ext if entries else None)
-    h = s.header
-    old_length = len(serialize_header(dataclasses.replace(h, extensions=list(h.extensions))))
-    if old_length <= SECTOR < len(new_bytes):
-        s.host.pwrite(new_bytes[SECTOR:], SECTOR)  # unused by the old header; synced by the switch
-    # (a header shrinking into its first sector is one sector write: it cannot tear)
-    return fields
+    fields, _ = _header_fields(s, ext if entries else None)
+    return fields  # (switch_header writes a header spanning several sectors tear-safely)
 
 
 def free_after_switch(s: Qcow2State, old_header: Header, freed: Iterable[int] = ()) -> None:

@@ -45,7 +45,6 @@ from ..errors import (
     QcowError,
     ReadOnlyError,
     SnapshotNotFoundError,
-    UnsupportedFeatureError,
 )
 from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
@@ -173,6 +172,12 @@ class QcowFile:
         self._snapshot: Snapshot | None = None
         self._editor: bitmapedit.BitmapEditor | None = None
         self._bitmaps_readonly = False  # read-only for guest writes only because of its bitmaps
+        # Records each guest write in the enabled persistent bitmaps (bitmapedit.BitmapEditor.marker);
+        # None without any: the write path's one test. `_writes_guest`: opened for guest writes,
+        # so tracking starts again after a bitmap commit; `_storing`: a final store (close).
+        self._dirty: bitmapedit.Marker | None = None
+        self._writes_guest = False
+        self._storing = False
         # The fast read path's constants in one tuple (every bytecode counts on a 4 KiB read);
         # None once closed, and on a read-write image from the moment a write-side method
         # takes the lock until the next read rebuilds it (see `read_at`).
@@ -233,6 +238,15 @@ class QcowFile:
              snapshot: str | Snapshot | None = None, l2_cache_size: int | None = None,
              l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File:
         """Open a qcow2 image. Read-write opens take QEMU's write lock and repair a dirty image first.
+
+        Persistent dirty bitmaps are kept as QEMU 7.2 keeps them: a read-write open marks every
+        consistent bitmap in use on disk (one crash-safe directory switch) and loads the
+        enabled ones; every write, write_zeroes, discard, zeroize, allocate and compressed write
+        sets the bits of the granules it touches in them (`make_empty` none, as QEMU's
+        bdrv_make_empty); `close` stores them and clears the marks (a flush does not, as QEMU's
+        does not). A crash in between leaves them in use, inconsistent, as QEMU leaves them;
+        such a bitmap is left as it is. A broken directory or table of a consistent bitmap
+        refuses the read-write open (InvalidImageError/CorruptImageError), as QEMU refuses it.
 
         A read-only open also opens a legacy qcow version 1 image, returning a
         `qcowdisk.qcow1.Qcow1File` with the same reading API (read_at, readinto_at, block_status,
@@ -315,7 +329,7 @@ class QcowFile:
                 raise _LegacyQcow()
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
-            state = _load_state(path, host, options, for_check, for_bitmaps)
+            state = _load_state(path, host, options, for_check)
             if state.header.backing_file and options.backing:
                 state.backing = formats.open_backing(path, state.header.backing_file, state.header.backing_format,
                                                      options, chain)
@@ -331,7 +345,62 @@ class QcowFile:
             if image_lock is not None:
                 image_lock.release()
             raise
-        return cls(state, image_lock)
+        img = cls(state, image_lock)
+        if not options.readonly and not for_check and not for_bitmaps:
+            try:
+                img._track_guest_writes()
+            except BaseException:
+                img._release()  # (nothing of the guest's written yet: the bitmaps stay as they were)
+                raise
+        return img
+
+    def _track_guest_writes(self) -> None:
+        """Opened for guest writes: with persistent bitmaps, QEMU's open (qcow2_load_dirty_bitmaps):
+        the consistent ones marked in use on disk, the enabled ones loaded to record every write
+        (`_dirty`), stored at close. Without bitmaps nothing happens (an `add_bitmaps` later starts it)."""
+        self._writes_guest = True
+        s = self._state
+        if s.header.autoclear_features & AUTOCLEAR_BITMAPS and any(
+                e.ext_type == EXT_BITMAPS for e in s.header.extensions):
+            self.edit_bitmaps().track_writes()
+
+    def _retrack(self, offset: int, length: int) -> None:
+        """The marker after a bitmap commit on an image open for guest writes: at its first
+        write, mark the bitmaps in use again (tracking), then record the write. Holds the lock."""
+        self._dirty = None
+        assert self._editor is not None
+        self._editor.track_writes()  # sets _dirty (None: no enabled consistent bitmap left)
+        if self._dirty is not None:
+            self._dirty(offset, length)
+
+    def _store_bitmaps(self) -> None:
+        """QEMU's store at close: the tracked bitmaps written with the recorded bits, their in-use
+        marks cleared; tracking does not start again. Holds the lock."""
+        editor = self._editor
+        if editor is not None and editor.tracking:
+            self._storing = True
+            try:
+                editor.commit()
+            finally:
+                self._storing = False
+        self._dirty = None
+
+    @property
+    def tracks_writes(self) -> bool:
+        """Whether guest writes are recorded in persistent bitmaps (enabled ones, or tracking
+        restarts at the next write after a bitmap commit)."""
+        return self._dirty is not None
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record guest bytes [offset, offset+length) as written in the enabled persistent
+        bitmaps without writing them: for a writer that writes less than QEMU's would (commit
+        marks the whole chunks qemu-img's mirror writes). Writes mark what they write by themselves."""
+        offset = self._check_range(offset, length)
+        with self._state.lock:
+            self._check_writable()
+            dirty = self._dirty
+            if dirty is not None and length:
+                self._guarded(lambda: dirty(offset, length), remaps=False)
 
     # ------------------------------------------------------------------ create
     @classmethod
@@ -491,9 +560,9 @@ class QcowFile:
 
         What QEMU refuses (a name in use, a granularity out of range, a version 2 image, ...)
         raises BitmapError with QEMU's message, and nothing is written. Contents of the wrong
-        length raise ValueError, leaving only leaked clusters behind. Once bitmaps are added the
-        image is read-only: qcowdisk does not record guest writes in bitmaps, so a write would
-        leave the enabled ones stale (reopening such an image read-write is refused as well).
+        length raise ValueError, leaving only leaked clusters behind. An image open for guest
+        writes stays so: from the next write on, the bitmaps are marked in use again and the
+        enabled ones record every write until the close stores them (see `open`).
         """
         new = list(new)
         editor = self.edit_bitmaps()
@@ -516,12 +585,10 @@ class QcowFile:
         refuses read-write), without its backing chain unless `backing`. `tuning` gives the
         cache sizes and the backing file's options (`backing_node`).
 
-        Guest writes are refused (ReadOnlyError): qcowdisk does not record writes in bitmaps
-        by itself. With `track_writes` they are allowed for a caller that reports each one to
-        the editor's `mark_written`: every consistent bitmap is marked in use on disk first (as
-        QEMU marks them while it has an image open, so a crash leaves them inconsistent, not
-        stale), and `edit_bitmaps().commit()` stores them with the written bits set, the marks
-        cleared; the image is read-only after that commit.
+        Guest writes are refused (ReadOnlyError), so the bitmaps are not marked in use. With
+        `track_writes` the image is open for guest writes as `open` opens it: every consistent
+        bitmap is marked in use on disk first, each write is recorded in the enabled ones, and
+        `edit_bitmaps().commit()` (or the close) stores them with the marks cleared.
         """
         path = os.fspath(path)
         options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=False,
@@ -530,9 +597,9 @@ class QcowFile:
                                       force_share=False, raw_offset=0, raw_size=None)
         img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
         try:
-            editor = img.edit_bitmaps()
+            img.edit_bitmaps()
             if track_writes:
-                editor.track_writes()
+                img._track_guest_writes()
             else:
                 img._state.readonly = True  # guest writes refused; the editor writes metadata only
                 img._bitmaps_readonly = True
@@ -575,7 +642,12 @@ class QcowFile:
         (made durable and clean at the end, as its close writes nothing). Holds the lock."""
         s = self._state
         lifted = s.readonly and self._bitmaps_readonly and not s.closed
-        if self._editor is not None and (self._editor.tracking or self._editor.pending):
+        if self._editor is not None and self._editor.tracking:
+            # the bitmaps stored first (these operations keep stored bitmaps true); tracking
+            # starts again at the next write
+            self._check_writable()
+            self._guarded(self._editor.commit)
+        elif self._editor is not None and self._editor.pending:
             raise ReadOnlyError(f"image {s.filename!r}: commit the bitmap edits first")
         if lifted:
             s.readonly = False
@@ -594,9 +666,10 @@ class QcowFile:
     def edit_bitmaps(self) -> bitmapedit.BitmapEditor:
         """The `BitmapEditor` of this image's persistent bitmaps: add, remove, clear, enable,
         disable, merge as `qemu-img bitmap` does, then `commit()` (crash-safe: the old bitmaps
-        or the new ones). An image with bitmaps needs `open_for_bitmaps`; one without may be
-        any read-write image, which turns read-only once a commit has stored bitmaps (guest
-        writes would leave them stale). The same editor every call. See
+        or the new ones), on any read-write image. On one open for guest writes (`open`), the
+        commit also stores the bits recorded so far and clears the in-use marks; tracking starts
+        again at the next write. An image from `open_for_bitmaps` (guest writes refused) turns
+        read-only once a commit has stored bitmaps. The same editor every call. See
         qcowdisk.qcow2.bitmapedit."""
         s = self._state
         with s.lock:
@@ -611,10 +684,17 @@ class QcowFile:
                         raise CorruptImageError(f"image {s.filename!r} was marked corrupt; writes are refused")
 
                 def after_commit() -> None:
-                    s.readonly = True  # see the docstring
-                    self._bitmaps_readonly = True
+                    if self._writes_guest:
+                        if not self._storing:
+                            self._dirty = self._retrack  # guest writes go on recorded (see the docstring)
+                    else:
+                        s.readonly = True  # see the docstring
+                        self._bitmaps_readonly = True
 
-                self._editor = bitmapedit.BitmapEditor(s, check, after_commit)
+                def on_marker(marker: bitmapedit.Marker | None) -> None:
+                    self._dirty = marker
+
+                self._editor = bitmapedit.BitmapEditor(s, check, after_commit, on_marker)
             return self._editor
 
     @property
@@ -915,6 +995,8 @@ class QcowFile:
                 self._check_writable()
             if n:
                 try:  # what _guarded does, inline
+                    if self._dirty is not None:  # persistent bitmaps record the write
+                        self._dirty(offset, n)
                     ordering.mark_dirty_before_lazy_update(s)
                     writing.write(s, offset, mv)
                     if s.refcounts is not None and s.refcounts.deferred_frees:  # usually empty
@@ -950,10 +1032,12 @@ class QcowFile:
     def _zero(self, offset: int, length: int, punch: bool) -> None:
         self._update_range(offset, length, lambda s, at, n: writing.zero(s, at, n, punch))
 
-    def _update_range(self, offset: int, length: int, update: Callable[[Qcow2State, int, int], None]) -> None:
+    def _update_range(self, offset: int, length: int, update: Callable[[Qcow2State, int, int], None],
+                      mark: bool = True) -> None:
         """Run a metadata update of [offset, +length) (zeroing, discard, allocation) the one
-        guarded way: dirty bit first for lazy refcounts, the failed state on error, and a flush
-        once the frees it queued pile up (copy-on-write and discards both queue them)."""
+        guarded way: recorded in the persistent bitmaps (unless not `mark`), dirty bit first for
+        lazy refcounts, the failed state on error, and a flush once the frees it queued pile up
+        (copy-on-write and discards both queue them)."""
         s = self._state
         offset = self._check_range(offset, length)
         length = as_index(length, "length")
@@ -961,6 +1045,8 @@ class QcowFile:
             self._check_writable()
             if length:
                 def run() -> None:
+                    if mark and self._dirty is not None:
+                        self._dirty(offset, length)
                     ordering.mark_dirty_before_lazy_update(s)
                     update(s, offset, length)
                     ordering.release_frees_if_piling(s)
@@ -984,7 +1070,8 @@ class QcowFile:
         with s.lock:
             self._check_writable()
             if not makeempty.can_empty_completely(s):
-                self._update_range(0, s.virtual_size, makeempty.discard_with_tables)
+                # (QEMU's bdrv_make_empty calls the driver directly: its bitmaps record nothing)
+                self._update_range(0, s.virtual_size, makeempty.discard_with_tables, mark=False)
                 return
 
             def run() -> None:
@@ -1028,6 +1115,8 @@ class QcowFile:
             detached = name is not None and new_backing is None
             try:
                 def run() -> None:
+                    if detached:
+                        self._store_bitmaps()  # read-only from here: stored now, as at close
                     ordering.flush(s, final=detached)
                     fields: dict[str, Any] = {"backing_file": name, "backing_format": backing_format}
                     if detached:
@@ -1166,6 +1255,8 @@ class QcowFile:
                 return
 
             def run() -> None:
+                if self._dirty is not None:
+                    self._dirty(offset, len(clusters.data))
                 ordering.mark_dirty_before_lazy_update(s)
                 compressed.write_compressed(s, offset, clusters.data, clusters.payloads)
             self._guarded(run)
@@ -1196,6 +1287,7 @@ class QcowFile:
 
     def _close_cleanly(self) -> None:
         s = self._state
+        self._store_bitmaps()
         ordering.flush(s, final=True)
         if s.header.incompatible_features & INCOMPAT_DIRTY:
             ordering.switch_header(s, incompatible_features=s.header.incompatible_features & ~INCOMPAT_DIRTY)
@@ -1295,8 +1387,7 @@ class QcowFile:
 
 
 # ---------------------------------------------------------------------- opening helpers
-def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False,
-                for_bitmaps: bool = False) -> Qcow2State:
+def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_check: bool = False) -> Qcow2State:
     """Read and validate the header and tables; the state of an image opened without its chain."""
     file_length = host.size()
     h = _read_header(host, file_length, check_snapshots=not for_check)
@@ -1304,12 +1395,6 @@ def _load_state(path: str, host: HostFile, options: formats.OpenOptions, for_che
         raise CorruptImageError(
             f"image {path!r} has the corrupt bit set (incompatible_features 0x{h.incompatible_features:x}); "
             f"it can only be opened read-only until repaired")
-    if not options.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS and not for_check and not for_bitmaps:
-        # (a repair changes no guest data, so the bitmaps stay true: it may open them read-write;
-        # so may open_for_bitmaps, which refuses guest writes)
-        raise UnsupportedFeatureError(
-            f"image {path!r} has persistent dirty bitmaps (autoclear_features 0x{h.autoclear_features:x}); "
-            f"qcowdisk does not maintain them, so it opens such images read-only only")
     raw = host.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
     if len(raw) < h.l1_size * 8:
         raise InvalidImageError(f"Active L1 table offset invalid: l1_table_offset 0x{h.l1_table_offset:x} runs past end of file")

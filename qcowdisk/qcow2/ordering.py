@@ -7,7 +7,8 @@ Every metadata change has one of three shapes (QEMU's crash-safe order):
 2. A new table written and synced before the pointer to it: L2 tables before L1 entries (the L1
    depends on the L2 cache); a new refcount block before its refcount-table entry and a new
    refcount table before the header switch (refcount.py); any header change through
-   `switch_header`, which syncs what came before it and then writes the header and syncs.
+   `switch_header`, which syncs what came before it and then writes the header and syncs (a
+   header longer than a sector in steps that each end in one sector write: headerswitch.py).
 3. A reference dropped on disk before the cluster is freed or reused: the refcount allocator's
    deferred frees depend on the L2 cache and the L1 table.
 
@@ -22,6 +23,7 @@ import dataclasses
 from typing import Any
 
 from .format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, serialize_header
+from .headerswitch import write_header
 from .refcount import Refcounts
 from .state import Qcow2State
 
@@ -70,8 +72,10 @@ def switch_header(state: Qcow2State, **fields: Any) -> None:
     """
     state.host.sync()
     new_header = dataclasses.replace(state.header, **fields)
-    state.host.pwrite(serialize_header(new_header), 0)
-    state.host.fsync()
+    # One sector write in the end, whatever the header's size (headerswitch: a torn write of a
+    # header spanning several sectors could mix the old and the new one).
+    write_header(state.host, state.cluster_size, state.header, new_header, serialize_header(new_header))
+    state.host.sync()
     state.header = new_header
 
 
