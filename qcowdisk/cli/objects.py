@@ -7,7 +7,7 @@ checked with QEMU's messages and exit status 1 (keyval syntax, the `qom-type` an
 parameters, the secret's members, its file, its base64, the key and IV of an encrypted one;
 the ciphertext itself is not decrypted, as that needs AES, so a wrong key is not detected).
 `help` lists the object types, `secret,help` a secret's properties, as qemu-img prints them.
-Other object types qemu-img knows are refused, naming the type; unknown ones get QEMU's words.
+
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import sys
 
 from ..ops.imageopts import qdict_order
+from . import objtypes
 from .common import UsageError
 
 # QEMU 7.2's ObjectType enum (qapi/qom.json): another name "does not accept value"
@@ -52,9 +53,10 @@ def _refuse(message: str) -> UsageError:
     return UsageError(message)
 
 
-def keyval(text: str) -> tuple[dict[str, str], set[str], bool]:
+def keyval(text: str, flat: dict[str, str] | None = None) -> tuple[dict[str, str], set[str], bool]:
     """QEMU's keyval_parse with the implied key `qom-type`: ({key: last value}, the prefixes of
-    dotted keys, whether `help` was asked for)."""
+    dotted keys, whether `help` was asked for). `flat`, if given, gets every key (dotted ones
+    whole) with its last value, in first-insertion order."""
     values: dict[str, str] = {}
     dotted: set[str] = set()
     wants_help = False
@@ -73,7 +75,7 @@ def keyval(text: str) -> tuple[dict[str, str], set[str], bool]:
             key = text[pos:pos + length]
             pos += length
             parts = key.split(".")
-            if not all(_KEY.match(p) for p in parts):
+            if not all(_KEY.match(p) or (i and p.isdigit() and p.isascii()) for i, p in enumerate(parts)):
                 raise _refuse(f"Invalid parameter '{key}'")
             if text[pos:pos + 1] != "=":
                 raise _refuse(f"Expected '=' after parameter '{key}'")
@@ -95,6 +97,8 @@ def keyval(text: str) -> tuple[dict[str, str], set[str], bool]:
             dotted.add(top)
         else:
             values[key] = "".join(out)
+        if flat is not None:
+            flat[key] = "".join(out)
     return values, dotted, wants_help
 
 
@@ -154,23 +158,31 @@ def process_objects(definitions: list[str]) -> dict[str, bytes]:
     """Check every --object as qemu-img creates them, in order: {secret id: value}.
     Raises UsageError with QEMU's message, or ObjectHelp after printing help."""
     secrets: dict[str, bytes] = {}
+    ids: set[str] = set()
+    objtypes.reset()
     for text in definitions:
-        props, dotted, wants_help = keyval(text)
+        flat: dict[str, str] = {}
+        props, dotted, wants_help = keyval(text, flat)
         qom_type = props.pop("qom-type", None)
-        if wants_help and qom_type is None:
-            sys.stdout.write("List of user creatable objects:\n" + "".join(f"  {t}\n" for t in QEMU_IMG_TYPES))
-            raise ObjectHelp()
-        if wants_help and qom_type == "secret":
-            sys.stdout.write(_SECRET_HELP)
+        if wants_help:  # a type qemu-img lacks (or none) gets the list of those it has
+            if qom_type == "secret":
+                sys.stdout.write(_SECRET_HELP)
+            elif qom_type in objtypes.HELP:
+                sys.stdout.write(objtypes.help_text(qom_type))
+            else:
+                sys.stdout.write("List of user creatable objects:\n" + "".join(f"  {t}\n" for t in QEMU_IMG_TYPES))
             raise ObjectHelp()
         if qom_type is None:
             raise _refuse("Parameter 'qom-type' is missing")
         if qom_type not in OBJECT_TYPES:
             raise _refuse(f"Parameter 'qom-type' does not accept value '{qom_type}'")
-        if qom_type != "secret":
-            raise _refuse(f"qcowdisk does not support objects of type '{qom_type}' (only 'secret')")
+        if qom_type != "secret" and qom_type not in objtypes.SCHEMAS:
+            raise _refuse(f"qcowdisk does not support objects of type '{qom_type}'")
         if "id" not in props:
             raise _refuse("Parameter 'id' is missing")
+        if qom_type != "secret":
+            _create(qom_type, flat, ids)
+            continue
         if props.get("format", "raw") not in ("raw", "base64"):
             raise _refuse(f"Parameter 'format' does not accept value '{props['format']}'")
         for key in qdict_order([*props, *dotted]):
@@ -179,14 +191,31 @@ def process_objects(definitions: list[str]) -> dict[str, bytes]:
             if key != "id" and key not in _SECRET_MEMBERS:
                 raise _refuse(f"Parameter '{key}' is unexpected")
         sid = props.pop("id")
-        if not _ID.match(sid):
-            raise _refuse(f"Parameter 'id' expects an identifier\n{_ID_HINT}")
+        _check_id(sid)
         if "loaded" in props:
             raise _refuse("Property 'secret.loaded' is not writable")
-        if sid in secrets:
-            raise _refuse(f"attempt to add duplicate property '{sid}' to object (type 'container')")
+        _register(sid, ids)
         secrets[sid] = _secret_value(props, secrets)
     return secrets
+
+
+def _check_id(oid: str) -> None:
+    if not _ID.match(oid):
+        raise _refuse(f"Parameter 'id' expects an identifier\n{_ID_HINT}")
+
+
+def _register(oid: str, ids: set[str]) -> None:
+    """Add the object under /objects: each id once, whatever the types."""
+    if oid in ids:
+        raise _refuse(f"attempt to add duplicate property '{oid}' to object (type 'container')")
+    ids.add(oid)
+
+
+def _create(qom_type: str, flat: dict[str, str], ids: set[str]) -> None:
+    """An object of another type qemu-img creates: checked, then ignored."""
+    oid = flat.pop("id")
+    flat.pop("qom-type", None)
+    objtypes.create(qom_type, flat, lambda: _check_id(oid), lambda: _register(oid, ids))
 
 
 __all__ = ["process_objects", "ObjectHelp", "keyval", "OBJECT_TYPES", "QEMU_IMG_TYPES"]
