@@ -77,7 +77,17 @@ OTHER = [
     "secret_keyring,id=s", "secret_keyring,id=s,serial=x", "secret_keyring,id=s,serial=99999999999",
     "secret_keyring,id=s,serial=1,foo=2", "secret_keyring,id=t,serial=1,loaded=on", "secret_keyring,id=s,serial=1,format=x",
     "pr-manager-helper,id=p", "pr-manager-helper,id=p,path=/nonexistent", "pr-manager-helper,id=p,path=a.qcow2",
-    "foo,help", "can-bus,help", "throttle-group,id=t,foo=1,help",
+    "foo,help", "can-bus,help", "throttle-group,id=t,foo=1,help", "pr-manager-helper,id=p,path=",
+    "pr-manager-helper,id=p,path=/tmp", "pr-manager-helper,id=p,path=" + "a" * 108,
+    "pr-manager-helper,id=p,path=" + "a" * 109,
+]
+# keyval's lists are made while parsing: a missing index is refused before anything else
+LISTS = [
+    "thread-context,cpu-affinity.0=0x10,node-affinity.1=off", "thread-context,id=c,cpu-affinity.1=1,help",
+    "foo,cpu-affinity.1=1", "thread-context,id=a,node-affinity.1=0,cpu-affinity.0=4294967296",
+    "authz-list,id=0a,rules.1.match=x,policy=.", "authz-list,id=a,rules.0.match=x,rules.0.policy=allow,rules.x=1",
+    "thread-context,id.x=1", "secret,id.x=1", "secret,id.0=1", "secret,id=s,a.0x=1", "secret,id=s,a.0=1",
+    "authz-simple,id=a,identity.0=x",
 ]
 HELP = [f"{t},help" for t in ("throttle-group", "main-loop", "thread-context", "authz-simple", "authz-list",
                                "authz-list-file", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
@@ -92,7 +102,7 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("objdef", THROTTLE + MAIN_LOOP + THREAD_CONTEXT + AUTHZ + TLS + OTHER + HELP)
+@pytest.mark.parametrize("objdef", THROTTLE + MAIN_LOOP + THREAD_CONTEXT + AUTHZ + TLS + OTHER + HELP + LISTS)
 def test_object_type(d: Path, objdef: str) -> None:
     """Each type's checks, messages and exit status as qemu-img's; an accepted object changes
     nothing in the output."""

@@ -163,6 +163,7 @@ def process_objects(definitions: list[str]) -> dict[str, bytes]:
     for text in definitions:
         flat: dict[str, str] = {}
         props, dotted, wants_help = keyval(text, flat)
+        tree = objtypes.nest(flat)
         qom_type = props.pop("qom-type", None)
         if wants_help:  # a type qemu-img lacks (or none) gets the list of those it has
             if qom_type == "secret":
@@ -179,9 +180,9 @@ def process_objects(definitions: list[str]) -> dict[str, bytes]:
         if qom_type != "secret" and qom_type not in objtypes.SCHEMAS:
             raise _refuse(f"qcowdisk does not support objects of type '{qom_type}'")
         if "id" not in props:
-            raise _refuse("Parameter 'id' is missing")
+            raise _refuse("Parameters 'id.*' are unexpected" if "id" in dotted else "Parameter 'id' is missing")
         if qom_type != "secret":
-            _create(qom_type, flat, ids)
+            _create(qom_type, tree, ids)
             continue
         if props.get("format", "raw") not in ("raw", "base64"):
             raise _refuse(f"Parameter 'format' does not accept value '{props['format']}'")
@@ -211,11 +212,12 @@ def _register(oid: str, ids: set[str]) -> None:
     ids.add(oid)
 
 
-def _create(qom_type: str, flat: dict[str, str], ids: set[str]) -> None:
+def _create(qom_type: str, tree: dict[str, object], ids: set[str]) -> None:
     """An object of another type qemu-img creates: checked, then ignored."""
-    oid = flat.pop("id")
-    flat.pop("qom-type", None)
-    objtypes.create(qom_type, flat, lambda: _check_id(oid), lambda: _register(oid, ids))
+    oid = tree.pop("id")
+    tree.pop("qom-type", None)
+    assert isinstance(oid, str)  # (a scalar: keyval refused 'id' used with dotted keys)
+    objtypes.create(qom_type, tree, lambda: _check_id(oid), lambda: _register(oid, ids))
 
 
 __all__ = ["process_objects", "ObjectHelp", "keyval", "OBJECT_TYPES", "QEMU_IMG_TYPES"]

@@ -61,6 +61,7 @@ HELP: dict[str, dict[str, str]] = {
 _UINT_MAX = 0xFFFFFFFF
 _INT64_MAX = (1 << 63) - 1
 _THROTTLE_VALUE_MAX = 1000000000000000
+_SUN_PATH = 108  # sizeof(struct sockaddr_un.sun_path)
 _RULE: dict[str, object] = {"match": _STR, "policy": _POLICY, "format": ("exact", "glob")}
 
 
@@ -89,9 +90,8 @@ def strtoi64(name: str, text: str) -> int:
 
 def _scalar(name: str, kind: object, text: object) -> object:
     """One scalar QAPI member from its keyval string."""
-    if isinstance(text, dict):
+    if not isinstance(text, str):
         raise UsageError(f"Parameters '{name}.*' are unexpected")
-    assert isinstance(text, str)
     if isinstance(kind, tuple):
         if text not in kind:
             raise UsageError(f"Parameter '{name.rsplit('.', 1)[-1]}' does not accept value '{text}'")
@@ -111,21 +111,30 @@ def _scalar(name: str, kind: object, text: object) -> object:
     return text
 
 
-def _as_list(name: str, tree: object) -> list[object]:
-    """keyval's list: a dict keyed 0..n-1, else QEMU's complaint."""
-    if not isinstance(tree, dict):
+def _listify(prefix: str, node: dict[str, object]) -> object:
+    """keyval_listify, as QEMU runs it while parsing: a dict keyed only by indexes becomes a list
+    (every index below the largest present), children first, in QDict order."""
+    for key in qdict_order(list(node)):
+        child = node[key]
+        if isinstance(child, dict):
+            node[key] = _listify(f"{prefix}{key}.", child)
+    indexes = [k.isdigit() and k.isascii() for k in node]
+    if not any(indexes):
+        return node
+    if not all(indexes):
+        raise UsageError(f"Parameters '{prefix[:-1]}.*' used inconsistently")
+    by_index = {int(k): v for k, v in node.items()}
+    for i in range(max(by_index) + 1):
+        if i not in by_index:
+            raise UsageError(f"Parameter '{prefix}{i}' missing")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def _as_list(name: str, value: object) -> list[object]:
+    """A QAPI list member."""
+    if not isinstance(value, list):
         raise UsageError(f"Invalid parameter type for '{name}', expected: array")
-    digits = [k.isdigit() for k in tree]
-    if not all(digits):
-        if any(digits):
-            raise UsageError(f"Parameters '{name}.*' used inconsistently")
-        raise UsageError(f"Invalid parameter type for '{name}', expected: array")
-    for i in range(len(tree) + 1):
-        if str(i) not in tree:
-            if i < len(tree):
-                raise UsageError(f"Parameter '{name}.{i}' missing")
-            break
-    return [tree[str(i)] for i in range(len(tree))]
+    return value
 
 
 def _struct(prefix: str, tree: dict[str, object], schema: dict[str, object],
@@ -154,9 +163,8 @@ def _struct(prefix: str, tree: dict[str, object], schema: dict[str, object],
             items = _as_list(name, value)
             numbers = []
             for i, item in enumerate(items):
-                if isinstance(item, dict):
+                if not isinstance(item, str):
                     raise UsageError(f"Parameters '{name}.{i}.*' are unexpected")
-                assert isinstance(item, str)
                 try:
                     number = strtou64(item)
                 except (ValueError, OverflowError):
@@ -325,11 +333,17 @@ def _pr_helper(qom_type: str, values: dict[str, object]) -> None:
     """pr-manager-helper: QEMU connects to the helper's socket when the object is created."""
     path = values["path"]
     assert isinstance(path, str)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError as e:
-            raise UsageError(f"Failed to connect to '{path}': {e.strerror}") from None
+    raw = os.fsencode(path)
+    if len(raw) > _SUN_PATH:
+        raise UsageError(f"UNIX socket path '{path}' is too long\nPath must be less than {_SUN_PATH} bytes")
+    try:
+        if len(raw) == _SUN_PATH:  # (QEMU fills sun_path without a NUL, which Python refuses)
+            os.stat(raw)
+        else:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(raw or b"\0" * _SUN_PATH)  # (QEMU gives the whole sun_path: '' is abstract)
+    except OSError as e:
+        raise UsageError(f"Failed to connect to '{path}': {e.strerror}") from None
     raise _unsupported(qom_type, "it would talk to the persistent reservation helper")
 
 
@@ -363,10 +377,19 @@ _SETTERS: dict[str, Callable[[dict[str, object], list[str]], None]] = {
     "throttle-group": _throttle, "main-loop": _main_loop, "thread-context": _thread_context}
 
 
-def create(qom_type: str, flat: dict[str, str], check_id: Callable[[], None], register: Callable[[], None]) -> None:
-    """Check an object of `qom_type` from its keyval pairs (without qom-type and id, dotted keys
-    whole): QAPI members, `check_id`, setters, `register` (the id), completion. Raises UsageError."""
-    values = _struct("", _tree(flat), SCHEMAS[qom_type], _REQUIRED.get(qom_type, ()))
+def nest(flat: dict[str, str]) -> dict[str, object]:
+    """The end of keyval_parse: dotted keys as nested dicts, those keyed by indexes as lists
+    (refusing a missing index or indexes mixed with names). Raises UsageError."""
+    tree = _listify("", _tree(flat))
+    assert isinstance(tree, dict)  # (top-level keys are names: keyval refuses an index there)
+    return tree
+
+
+def create(qom_type: str, tree: dict[str, object], check_id: Callable[[], None],
+           register: Callable[[], None]) -> None:
+    """Check an object of `qom_type` from its nested keyval pairs (without qom-type and id):
+    QAPI members, `check_id`, setters, `register` (the id), completion. Raises UsageError."""
+    values = _struct("", tree, SCHEMAS[qom_type], _REQUIRED.get(qom_type, ()))
     check_id()
     if qom_type == "authz-listfile":  # in QEMU's schema, not built into qemu-img
         raise UsageError(f"invalid object type: {qom_type}")
@@ -384,4 +407,4 @@ def reset() -> None:
     _State.main_loop = False
 
 
-__all__ = ["create", "help_text", "reset", "strtoi64", "SCHEMAS", "HELP"]
+__all__ = ["create", "nest", "help_text", "reset", "strtoi64", "SCHEMAS", "HELP"]
