@@ -136,3 +136,13 @@ def test_refused_types(d: Path, objdef: str) -> None:
         status, out, err = qcowdisk_in(d, "info", ["--object", objdef, "a.qcow2"])
     assert (status, out) == (1, "")
     assert err.startswith(f"qcowdisk: qcowdisk does not support objects of type '{objdef.split(',')[0]}'")
+
+
+@pytest.mark.parametrize("objdef", ["main-loop,id=m,thread-pool-max=4", "throttle-group,id=t,x-iops-total=-1"])
+def test_other_commands(d: Path, objdef: str) -> None:
+    """The commands that take --object themselves (resize, amend, bitmap) and compare (which
+    exits 2 on a bad one) treat these types as info does."""
+    for command, rest in (("compare", ["a.qcow2", "a.qcow2"]), ("resize", ["a.qcow2", "+0"]),
+                          ("amend", ["-o", "help", "a.qcow2"]), ("bitmap", ["--remove", "a.qcow2", "nob"]),
+                          ("check", ["a.qcow2"])):
+        same_as_qemu_img(d, command, ["--object", objdef, *rest])
