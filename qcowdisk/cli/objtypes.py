@@ -13,7 +13,6 @@ object is refused naming its type.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 
 from ..ops.imageopts import qdict_order
@@ -333,6 +332,8 @@ def _pr_helper(qom_type: str, values: dict[str, object]) -> None:
     """pr-manager-helper: QEMU connects to the helper's socket when the object is created."""
     path = values["path"]
     assert isinstance(path, str)
+    import socket  # (only here: every command line loads this module)
+
     raw = os.fsencode(path)
     if len(raw) > _SUN_PATH:
         raise UsageError(f"UNIX socket path '{path}' is too long\nPath must be less than {_SUN_PATH} bytes")
