@@ -20,6 +20,7 @@ import pytest
 
 import qcowdisk
 from qcowdisk import QcowFile
+from qcowdisk.cli import main as cli_main
 from qemutools import assert_clean, compare, create, info, qemu_img, qemu_io
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -454,3 +455,45 @@ def test_cli_missing_backing_file(tmp_path: Path) -> None:
         assert cli(o, *case) == oracle(q, *case), case
     status, out, err = oracle(tmp_path, "commit", "qemu/top.qcow2")  # names joined to the image's directory
     assert cli(tmp_path, "commit", "ours/top.qcow2") == (status, out, err.replace("qemu/", "ours/"))
+
+
+def _opened_direct(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Record, per file name, whether the kernel has O_DIRECT on each file os.open opens
+    (/proc/self/fdinfo's flags: what the open really did, as in test_convert)."""
+    seen: dict[str, bool] = {}
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: int, **kw: int) -> int:
+        fd = real_open(path, flags, *args, **kw)
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            got = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+        name = os.path.basename(path)
+        seen[name] = seen.get(name, False) or bool(got & os.O_DIRECT)
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    return seen
+
+
+# qemu-img 7.2 (strace): -t is the image's mode, inherited by its old backing chain; -T opens the
+# new backing file, unless it is already in the chain (then its chain node is reused, with -t's mode).
+@pytest.mark.parametrize("opts,target,direct", [
+    (["-T", "none"], "new.qcow2", {"top.qcow2": False, "mid.qcow2": False, "base.qcow2": False, "new.qcow2": True}),
+    (["-T", "directsync"], "new.qcow2", {"top.qcow2": False, "mid.qcow2": False, "new.qcow2": True}),
+    (["-t", "none"], "new.qcow2", {"top.qcow2": True, "mid.qcow2": True, "base.qcow2": True, "new.qcow2": False}),
+    (["-t", "directsync", "-T", "none"], "new.qcow2", {"top.qcow2": True, "base.qcow2": True, "new.qcow2": True}),
+    (["-T", "none"], "base.qcow2", {"top.qcow2": False, "mid.qcow2": False, "base.qcow2": False}),
+])
+def test_rebase_cache_modes_open_as_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opts: list[str],
+                                         target: str, direct: dict[str, bool]) -> None:
+    """rebase -T SRC_CACHE reads the new backing file with O_DIRECT for none/directsync, -t the
+    image and its old chain, as qemu-img opens them; the rebased images are qemu-img's."""
+    q, o = twins(tmp_path, "", depth=3)
+    seen = _opened_direct(monkeypatch)
+    rc = cli_main(["rebase", *opts, "-b", target, "-F", "qcow2", str(o / "top.qcow2")])
+    monkeypatch.undo()
+    assert rc == 0
+    assert {name: seen.get(name) for name in direct} == direct
+    qemu_img("rebase", *opts, "-b", target, "-F", "qcow2", str(q / "top.qcow2"))
+    same_images(q, o)
+    assert allocated_ranges(o / "top.qcow2") == allocated_ranges(q / "top.qcow2")
