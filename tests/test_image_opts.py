@@ -484,3 +484,35 @@ def test_read_only_off_takes_the_write_lock(held: Path, command: list[str], spec
     status, out, err = qemu_img_in(held, command[0], args)
     assert qcowdisk_in(held, command[0], args, as_qemu_img=True) == (status, out, err)
     assert ("read-only=off" in spec and "raw" not in spec) == ('"write" lock' in err), err
+
+
+@pytest.fixture(scope="module")
+def snapd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """top.qcow2 over base.qcow2 with internal snapshot s1 (id 1) taken when top held only its first
+    64 KiB, so the rest of s1's disk reads from the backing file; alt.qcow2 another backing file."""
+    d = tmp_path_factory.mktemp("snapopts")
+    for name, pattern in (("base.qcow2", 0x11), ("alt.qcow2", 0x22)):
+        qemu_img("create", "-q", "-f", "qcow2", str(d / name), "1M")
+        qemu_io(str(d / name), f"write -P {pattern} 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2"))
+    qemu_io(str(d / "top.qcow2"), "write -P 0x33 0 64k")
+    qemu_img("snapshot", "-c", "s1", str(d / "top.qcow2"))
+    qemu_io(str(d / "top.qcow2"), "write -P 0x44 64k 64k")
+    return d
+
+
+@pytest.mark.parametrize("snapshot", ["snapshot.name=s1", "snapshot.id=1", "s1"])
+@pytest.mark.parametrize("extra", ["", ",backing=", ",backing.driver=qcow2,backing.file.filename=alt.qcow2",
+                                   ",backing.driver=raw,backing.file.filename=nope", ",cache.direct=on",
+                                   ",l2-cache-size=1k"])
+def test_convert_snapshot_with_image_opts(snapd: Path, snapshot: str, extra: str) -> None:
+    """convert -l SNAPSHOT --image-opts: the snapshot's disk is read through the option string's
+    backing choice (none, another file) as qemu-img reads it: same output, same image."""
+    spec = f"driver=qcow2,file.filename=top.qcow2{extra}"
+    for name in ("q.raw", "o.raw"):
+        (snapd / name).unlink(missing_ok=True)
+    status, out, err = qemu_img_in(snapd, "convert", ["-l", snapshot, "-O", "raw", "--image-opts", spec, "q.raw"])
+    assert qcowdisk_in(snapd, "convert", ["-l", snapshot, "-O", "raw", "--image-opts", spec, "o.raw"],
+                       as_qemu_img=True) == (status, out, err)
+    if status == 0:
+        assert (snapd / "o.raw").read_bytes() == (snapd / "q.raw").read_bytes()
