@@ -9,6 +9,7 @@ messages and exit statuses are compared with qemu-img's on the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import qcowdisk
 from qcowdisk import QcowFile
 from qcowdisk.cli import main as cli_main
 from qemutools import assert_clean, compare, create, info, qemu_img, qemu_io
+from test_alloc_space import layout
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -497,3 +499,43 @@ def test_rebase_cache_modes_open_as_qemu(tmp_path: Path, monkeypatch: pytest.Mon
     qemu_img("rebase", *opts, "-b", target, "-F", "qcow2", str(q / "top.qcow2"))
     same_images(q, o)
     assert allocated_ranges(o / "top.qcow2") == allocated_ranges(q / "top.qcow2")
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096", "extended_l2=on"])
+def test_commit_punches_the_data_file_as_qemu(tmp_path: Path, opts: str) -> None:
+    """Committing an overlay with an external data file empties it as qemu-img 7.2 does: its
+    discards reach the data file, whose clusters become holes (du 0), offset 0 included; the
+    overlay, the data file and the base end byte for byte as qemu-img leaves them."""
+    q, o = tmp_path / "qemu", tmp_path / "ours"
+    q.mkdir()
+    with contextlib.chdir(q):  # (QEMU 7.2 creates and opens a relative data file name from the working directory)
+        create("base.qcow2", 4 * MiB)
+        qemu_io("base.qcow2", "write -P 0x11 0 4M")
+        create("top.qcow2", 4 * MiB, options=",".join(x for x in ("data_file=top.data", opts) if x),
+               backing="base.qcow2", backing_fmt="qcow2")
+        qemu_io("top.qcow2", "write -P 0x33 0 1M", "write -P 0x34 2M 512k", "write -z 3M 64k", "write -P 0x35 3900k 4k")
+    subprocess.run(["cp", "-a", "--sparse=always", str(q), str(o)], check=True)  # (copytree fills holes)
+    assert layout(str(o / "top.data")) == layout(str(q / "top.data"))
+    with contextlib.chdir(q):
+        qemu_img("commit", "top.qcow2")
+    assert cli_main(["commit", "-q", str(o / "top.qcow2")]) == 0
+    assert layout(str(o / "top.data")) == layout(str(q / "top.data"))  # (the same holes: du, SEEK_DATA)
+    for name in ("top.data", "top.qcow2"):
+        assert (o / name).read_bytes() == (q / name).read_bytes(), name
+    compare(str(q / "base.qcow2"), str(o / "base.qcow2"))
+    with contextlib.chdir(o):
+        assert_clean("top.qcow2")
+
+
+def test_discarded_data_file_cluster_written_again_keeps_the_data(tmp_path: Path) -> None:
+    """A data file cluster a discard queued for punching and a write then maps again (the same
+    host offset: guest == host in a data file) is punched before the write, never after it."""
+    with contextlib.chdir(tmp_path):
+        create("top.qcow2", 1 * MiB, options="data_file=top.data")
+        qemu_io("top.qcow2", "write -P 0x33 0 128k")
+    with QcowFile.open(tmp_path / "top.qcow2") as img:
+        img.make_empty()
+        img.write_at(0, b"\x77" * 4096)
+    with contextlib.chdir(tmp_path):
+        out = qemu_io("top.qcow2", "read -P 0x77 0 4k", "read -P 0 4k 124k")
+    assert "Pattern verification failed" not in out

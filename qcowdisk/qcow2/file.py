@@ -1073,8 +1073,10 @@ class QcowFile:
         (`make_completely_empty`: version 3, no snapshots, no external data file), so does this,
         through states that are each consistent on disk (see qcowdisk.qcow2.makeempty);
         elsewhere every cluster is discarded, as QEMU's fallback does (an L2 table for every L1
-        entry included). When rebuilt, unflushed writes are dropped and the truncation becomes
-        durable at the next flush or close."""
+        entry included; an external data file gets holes where the clusters were, punched
+        once the tables no longer name them, as QEMU passes the discards down). When rebuilt,
+        unflushed writes are dropped and the truncation becomes durable at the next flush or
+        close."""
         s = self._state
         with s.lock:
             self._check_writable()
