@@ -148,10 +148,13 @@ def test_slice_miss_reads_one_slice(tmp_path: Path, counting: list[tuple[str, in
 
 @pytest.mark.parametrize("extended_l2", [False, True])
 def test_thrashing_reads_read_one_entry(tmp_path: Path, counting: list[tuple[str, int, int]],
-                                        extended_l2: bool) -> None:
+                                        extended_l2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reads going round more slices than the cache and its window of recent misses hold each
     read one entry (16 bytes with extended L2) and the data, never a slice; the bytes are
-    what qemu-io wrote. Slices read again within the window are cached as before."""
+    what qemu-io wrote. Slices read again within the window are cached as before. (The fast
+    path's memo, off here, would remember the clusters: see the end.)"""
+    import qcowdisk.qcow2.file as qfile
+    monkeypatch.setattr(qfile, "FAST_MEMO_ENTRIES", 0)
     cs = 16384 if extended_l2 else 4096
     span = cs * cs // (16 if extended_l2 else 8)  # (one slice of each table is read)
     img = make_image(str(tmp_path / "t.qcow2"), 64 * span, f"cluster_size={cs}" + (",extended_l2=on" * extended_l2),
@@ -169,6 +172,13 @@ def test_thrashing_reads_read_one_entry(tmp_path: Path, counting: list[tuple[str
             assert d.read_at(span + cs, 4096) == b"\2" * 4096
             seen.append([n for _, n, _ in counting])
         assert seen == [[16 if extended_l2 else 8, 4096], [4096, 4096], [4096]]
+        monkeypatch.undo()  # the memo: after one more round, every read is the data alone
+        for rnd in range(3):
+            for t in range(64):
+                counting.clear()
+                assert d.read_at(t * span + t * cs, 4096) == bytes([t + 1]) * 4096
+                if rnd:
+                    assert [n for _, n, _ in counting] == [4096]
 
 
 def test_default_cache_maps_small_disks_whole(tmp_path: Path) -> None:
@@ -483,11 +493,15 @@ def test_single_entry_reads_refuse_what_the_slice_path_refuses(tmp_path: Path, e
 
 
 @pytest.mark.parametrize("extended_l2", [False, True])
-def test_fast_lookup_finds_the_slice_qemu_maps(tmp_path: Path, extended_l2: bool) -> None:
+def test_fast_lookup_finds_the_slice_qemu_maps(tmp_path: Path, extended_l2: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock-free lookup (speed10's `_fast_lookup`, also serving extended L2) keys slices as
     the checked path does: for clusters in several slices of one table, cached by a first read,
     it gives the host offset `qemu-img map` gives (a key off by the entry width would miss, or
-    hit a neighbouring slice)."""
+    hit a neighbouring slice). (The memo is off: it would serve the second read, and no slice
+    would be cached.)"""
+    import qcowdisk.qcow2.file as qfile
+    monkeypatch.setattr(qfile, "FAST_MEMO_ENTRIES", 0)
     cs = 65536
     per_slice = 4096 // (16 if extended_l2 else 8)
     clusters = [k * per_slice + 7 for k in (0, 1, 2, 3, 5)]

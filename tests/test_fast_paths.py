@@ -615,3 +615,28 @@ def test_memo_never_outlives_a_mapping_change(tmp_path: Path) -> None:
     finally:
         qfile.FAST_MEMO_ENTRIES = limit
         ro.close()
+
+
+def test_memo_remembers_what_an_l2_miss_found(tmp_path: Path) -> None:
+    """A read that misses the L2 cache reads the one entry, not the slice (cachesize.py); the
+    memo keeps what it found, so reading the cluster again is one pread, without the lock's
+    lookup, for read_at and readinto_at alike; the bytes are QEMU's."""
+    path = str(tmp_path / "miss.qcow2")
+    create(path, "64M", options="cluster_size=4096")
+    qemu_io(path, *(f"write -P {i + 1} {i * 2 * MiB} 4k" for i in range(32)))
+    want = to_raw(path, str(tmp_path / "miss.raw"))
+    CountingHost.reads[0] = 0
+    disk = QcowFile.open(path, readonly=True, l2_cache_size=4096, host_factory=CountingHost)
+    try:
+        for i in range(32):
+            off = i * 2 * MiB
+            before = CountingHost.reads[0]
+            assert disk.read_at(off + 512, 1024) == want[off + 512:off + 1536]
+            assert CountingHost.reads[0] - before == 2  # the L2 entry, then the data
+            buf = bytearray(4096)
+            before = CountingHost.reads[0]
+            assert disk.readinto_at(buf, off) == 4096 and buf == want[off:off + 4096]
+            assert disk.read_at(off + 100, 7) == want[off + 100:off + 107]
+            assert CountingHost.reads[0] - before == 2  # the data alone, twice
+    finally:
+        disk.close()

@@ -138,9 +138,10 @@ def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
             host = e & L2E_OFFSET_MASK
             if host and not e & bad and host < limit:
                 if not ext:
-                    if len(memo) >= FAST_MEMO_ENTRIES:
+                    if len(memo) < FAST_MEMO_ENTRIES:
+                        memo[offset >> cbits] = host
+                    else:
                         memo.clear()  # a working set larger than the memo: start over
-                    memo[offset >> cbits] = host
                     return host + inc
                 if t.entries[i + 1] == SUBCLUSTER_ALL or reading.subclusters_allocated(
                         t.entries[i + 1], inc >> sbits, (inc + length - 1) >> sbits):
@@ -825,6 +826,8 @@ class QcowFile:
             # offset, then one pread outside the lock, checked against the epoch as a plan is.
             found = plain_host(s, offset) if (offset & s.cluster_mask) + n <= s.cluster_size else reading.NOT_LOOKED_UP
             host = -1 if found is None else found
+            if host >= 0:
+                self._remember(offset, host)
             epoch = s.remap_epoch
             plan = None if host >= 0 else reading.plan_bytes(s, offset, n, found)
         # The host reads and decoding run without the lock (see reading.ReadPlan).
@@ -900,11 +903,27 @@ class QcowFile:
                 self._fast = self._fast_path()  # (under the lock: no writer is halfway through)
             if not n:
                 return 0
-            plan = reading.plan_read(s, mv[:n], offset)
+            found = plain_host(s, offset) if (offset & s.cluster_mask) + n <= s.cluster_size else reading.NOT_LOOKED_UP
+            if found is not None and found >= 0:
+                self._remember(offset, found)
+            plan = reading.plan_read(s, mv[:n], offset, found)
         # The host reads and decoding run without the lock (see reading.ReadPlan).
         if not reading.serve_outside_lock(plan):
             self._read_locked(plan.mv, offset)
         return n
+
+    def _remember(self, offset: int, host: int) -> None:
+        """Put the plain data cluster the slow path found (`host`: the host offset of guest
+        `offset`) in the fast path's memo, so the next read of it skips the lookup and the lock
+        (an L2 miss read one entry, not the slice: the memo is then all that remembers it).
+        The caller holds the lock, so the tuple is current: a writer replaces it first."""
+        fast = self._fast
+        if fast is not None:
+            memo = fast[17]
+            if len(memo) < FAST_MEMO_ENTRIES:
+                memo[offset >> fast[0]] = host - (offset & fast[3])
+            else:
+                memo.clear()  # a working set larger than the memo: start over
 
     def _read_locked(self, mv: memoryview, offset: int) -> None:
         """Read again under the lock after the mapping moved under a read done outside it; a

@@ -140,9 +140,10 @@ def _runs(s: Qcow2State, guest_offset: int, length: int, host: int | None = NOT_
     return get_host_runs(s, guest_offset, length)
 
 
-def plan_read(s: Qcow2State, mv: memoryview, guest_offset: int) -> ReadPlan:
-    """The plan of a read of all of `mv` (inside the disk) at `guest_offset`; the caller holds the lock."""
-    return ReadPlan(s, mv, guest_offset, _runs(s, guest_offset, len(mv)))
+def plan_read(s: Qcow2State, mv: memoryview, guest_offset: int, host: int | None = NOT_LOOKED_UP) -> ReadPlan:
+    """The plan of a read of all of `mv` (inside the disk) at `guest_offset`; the caller holds
+    the lock. `host`: plain_host's answer for a one-cluster read, when already asked."""
+    return ReadPlan(s, mv, guest_offset, _runs(s, guest_offset, len(mv), host))
 
 
 def serve_outside_lock(plan: ReadPlan) -> bool:
