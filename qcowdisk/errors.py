@@ -24,7 +24,19 @@ class BackingChainError(QcowError):
 
 
 class ImageLockedError(QcowError):
-    """Another process (or another QcowFile) holds the image's write lock."""
+    """Another process (or another QcowFile) holds the image's write lock. `qemu_reason` is
+    QEMU's words for the conflict (`Failed to get shared "write" lock`) and `path` the file
+    locked, when known (the command line prints them as qemu-img does)."""
+
+    qemu_reason: str
+    """QEMU's words for the conflict, e.g. `Failed to get "write" lock` ("" when unknown)."""
+    path: str
+    """The file whose lock conflicts, as it was opened ("" when unknown)."""
+
+    def __init__(self, message: str, qemu_reason: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.qemu_reason = qemu_reason
+        self.path = path
 
 
 class ReadOnlyError(QcowError):

@@ -43,7 +43,9 @@ class OpenOptions:
     are QEMU's `cache-size` and `refcount-cache-size` (shared with the L2 cache as QEMU shares
     them). `backing_node` opens the backing file as QEMU's `backing.*` options say instead of
     as the image names it; `data_file` is the external data file to use in place of the one the
-    image names (QEMU's `data-file.*`; the image itself only).
+    image names (QEMU's `data-file.*`; the image itself only). `write_lock` makes a read-only
+    open take the writer's image lock all the same (qemu-img's `read-only=off` on a command that
+    only reads an image qcowdisk opens read-only: qcow v1; the image itself only).
     """
 
     readonly: bool = False
@@ -60,6 +62,7 @@ class OpenOptions:
     refcount_cache_size: int | None = None
     backing_node: BackingNode | None = None
     data_file: str | None = None
+    write_lock: bool = False
 
     def for_backing(self) -> OpenOptions:
         """The options a backing file is opened with: read-only, its own `backing.*` options
@@ -69,7 +72,7 @@ class OpenOptions:
                                    l2_cache_entry_size=node.l2_cache_entry_size, raw_offset=node.raw_offset,
                                    raw_size=node.raw_size, cache_size=node.cache_size,
                                    refcount_cache_size=node.refcount_cache_size, backing=node.backing,
-                                   backing_node=node.backing_node, data_file=None)
+                                   backing_node=node.backing_node, data_file=None, write_lock=False)
 
 
 @dataclass(frozen=True)

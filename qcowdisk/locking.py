@@ -204,7 +204,7 @@ def _lock_ofd(fd: int, path: str, write: bool) -> ImageLock:
                     f"image '{path}' is locked: failed to get \"{PERM_NAMES[i]}\" lock "
                     f"(another open of the image does not share \"{PERM_NAMES[i]}\"; "
                     f"lock byte {LOCK_SHARED_BASE + i} is held). "
-                    f"Is another process using the image?")
+                    f"Is another process using the image?", f"Failed to get \"{PERM_NAMES[i]}\" lock", path)
         # ... nor hold what we refuse to share.
         for i in unshared:
             if _byte_locked(lock_fd, LOCK_PERM_BASE + i):
@@ -212,7 +212,7 @@ def _lock_ofd(fd: int, path: str, write: bool) -> ImageLock:
                     f"image '{path}' is locked: failed to get shared \"{PERM_NAMES[i]}\" lock "
                     f"(another open of the image holds \"{PERM_NAMES[i]}\"; "
                     f"lock byte {LOCK_PERM_BASE + i} is held). "
-                    f"Is another process using the image?")
+                    f"Is another process using the image?", f"Failed to get shared \"{PERM_NAMES[i]}\" lock", path)
     except BaseException:
         unlock()
         raise

@@ -197,7 +197,7 @@ class Qcow1File:
             self._host = options.host_factory(path, False)
         try:
             if not options.force_share:  # a reader's locks, as QEMU takes them for any image
-                self._image_lock = lock_image(self._host.fd, path, write=False)
+                self._image_lock = lock_image(self._host.fd, path, write=options.write_lock)
             self._load(path, options, chain)
         except BaseException:
             self.close()

@@ -9,6 +9,7 @@ messages and exit statuses are compared with qemu-img's on the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ import pytest
 
 import qcowdisk
 from qcowdisk import QcowFile
+from qcowdisk.cli import main as cli_main
 from qemutools import assert_clean, compare, create, info, qemu_img, qemu_io
+from test_alloc_space import layout
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -454,3 +457,85 @@ def test_cli_missing_backing_file(tmp_path: Path) -> None:
         assert cli(o, *case) == oracle(q, *case), case
     status, out, err = oracle(tmp_path, "commit", "qemu/top.qcow2")  # names joined to the image's directory
     assert cli(tmp_path, "commit", "ours/top.qcow2") == (status, out, err.replace("qemu/", "ours/"))
+
+
+def _opened_direct(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Record, per file name, whether the kernel has O_DIRECT on each file os.open opens
+    (/proc/self/fdinfo's flags: what the open really did, as in test_convert)."""
+    seen: dict[str, bool] = {}
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: int, **kw: int) -> int:
+        fd = real_open(path, flags, *args, **kw)
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            got = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+        name = os.path.basename(path)
+        seen[name] = seen.get(name, False) or bool(got & os.O_DIRECT)
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    return seen
+
+
+# qemu-img 7.2 (strace): -t is the image's mode, inherited by its old backing chain; -T opens the
+# new backing file, unless it is already in the chain (then its chain node is reused, with -t's mode).
+@pytest.mark.parametrize("opts,target,direct", [
+    (["-T", "none"], "new.qcow2", {"top.qcow2": False, "mid.qcow2": False, "base.qcow2": False, "new.qcow2": True}),
+    (["-T", "directsync"], "new.qcow2", {"top.qcow2": False, "mid.qcow2": False, "new.qcow2": True}),
+    (["-t", "none"], "new.qcow2", {"top.qcow2": True, "mid.qcow2": True, "base.qcow2": True, "new.qcow2": False}),
+    (["-t", "directsync", "-T", "none"], "new.qcow2", {"top.qcow2": True, "base.qcow2": True, "new.qcow2": True}),
+    (["-T", "none"], "base.qcow2", {"top.qcow2": False, "mid.qcow2": False, "base.qcow2": False}),
+])
+def test_rebase_cache_modes_open_as_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opts: list[str],
+                                         target: str, direct: dict[str, bool]) -> None:
+    """rebase -T SRC_CACHE reads the new backing file with O_DIRECT for none/directsync, -t the
+    image and its old chain, as qemu-img opens them; the rebased images are qemu-img's."""
+    q, o = twins(tmp_path, "", depth=3)
+    seen = _opened_direct(monkeypatch)
+    rc = cli_main(["rebase", *opts, "-b", target, "-F", "qcow2", str(o / "top.qcow2")])
+    monkeypatch.undo()
+    assert rc == 0
+    assert {name: seen.get(name) for name in direct} == direct
+    qemu_img("rebase", *opts, "-b", target, "-F", "qcow2", str(q / "top.qcow2"))
+    same_images(q, o)
+    assert allocated_ranges(o / "top.qcow2") == allocated_ranges(q / "top.qcow2")
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4096", "extended_l2=on"])
+def test_commit_punches_the_data_file_as_qemu(tmp_path: Path, opts: str) -> None:
+    """Committing an overlay with an external data file empties it as qemu-img 7.2 does: its
+    discards reach the data file, whose clusters become holes (du 0), offset 0 included; the
+    overlay, the data file and the base end byte for byte as qemu-img leaves them."""
+    q, o = tmp_path / "qemu", tmp_path / "ours"
+    q.mkdir()
+    with contextlib.chdir(q):  # (QEMU 7.2 creates and opens a relative data file name from the working directory)
+        create("base.qcow2", 4 * MiB)
+        qemu_io("base.qcow2", "write -P 0x11 0 4M")
+        create("top.qcow2", 4 * MiB, options=",".join(x for x in ("data_file=top.data", opts) if x),
+               backing="base.qcow2", backing_fmt="qcow2")
+        qemu_io("top.qcow2", "write -P 0x33 0 1M", "write -P 0x34 2M 512k", "write -z 3M 64k", "write -P 0x35 3900k 4k")
+    subprocess.run(["cp", "-a", "--sparse=always", str(q), str(o)], check=True)  # (copytree fills holes)
+    assert layout(str(o / "top.data")) == layout(str(q / "top.data"))
+    with contextlib.chdir(q):
+        qemu_img("commit", "top.qcow2")
+    assert cli_main(["commit", "-q", str(o / "top.qcow2")]) == 0
+    assert layout(str(o / "top.data")) == layout(str(q / "top.data"))  # (the same holes: du, SEEK_DATA)
+    for name in ("top.data", "top.qcow2"):
+        assert (o / name).read_bytes() == (q / name).read_bytes(), name
+    compare(str(q / "base.qcow2"), str(o / "base.qcow2"))
+    with contextlib.chdir(o):
+        assert_clean("top.qcow2")
+
+
+def test_discarded_data_file_cluster_written_again_keeps_the_data(tmp_path: Path) -> None:
+    """A data file cluster a discard queued for punching and a write then maps again (the same
+    host offset: guest == host in a data file) is punched before the write, never after it."""
+    with contextlib.chdir(tmp_path):
+        create("top.qcow2", 1 * MiB, options="data_file=top.data")
+        qemu_io("top.qcow2", "write -P 0x33 0 128k")
+    with QcowFile.open(tmp_path / "top.qcow2") as img:
+        img.make_empty()
+        img.write_at(0, b"\x77" * 4096)
+    with contextlib.chdir(tmp_path):
+        out = qemu_io("top.qcow2", "read -P 0x77 0 4k", "read -P 0 4k 124k")
+    assert "Pattern verification failed" not in out

@@ -7,6 +7,9 @@ exit status, stdout and stderr (and, for commands that write, the resulting imag
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +43,7 @@ READ_CASES = [
     f"{OPTS},l2-cache-size=4k,l2-cache-entry-size=1k", "driver=foo,file.filename=a.qcow2",
     "driver=qcow2,file.driver=nope,file.filename=a.qcow2", f"{OPTS},,x", f"{OPTS},,x=1", "driver=qcow2,file.filename=nope",
     f"{OPTS},backing=", f"{OPTS},backing=null", f"{OPTS},backing=foo", f"{OPTS},force-share", f"{OPTS},nofoo",
-    f"{OPTS},force-share=on,read-only=off", f"{OPTS},read-only=on", f"{OPTS},id=0x", f"{OPTS},id=foo",
+    f"{OPTS},force-share=on,read-only=off", f"{OPTS},read-only=on", f"{OPTS},read-only=off", f"{OPTS},id=0x", f"{OPTS},id=foo",
     f"{OPTS},file.locking=off", f"{OPTS},file.locking=xx", f"{OPTS},file.aio=threads,file.aio=xx", f"{OPTS},file.aio=native",
     f"{OPTS},file.aio=native,cache.direct=on", f"{OPTS},file.aio-max-batch=x", f"{OPTS},discard=xx", f"{OPTS},discard=unmap",
     f"{OPTS},detect-zeroes=xx", f"{OPTS},cache.direct=xx", f"{OPTS},cache.direct=on", f"{OPTS},overlap-check=xx",
@@ -436,3 +439,80 @@ def test_directory_refused(d: Path, spec: str) -> None:
     (d / "sub").mkdir(exist_ok=True)
     for command in (["info"], ["map", "--output=json"]):
         same_as_qemu_img(d, command[0], [*command[1:], "--image-opts", spec])
+
+
+@pytest.fixture
+def held(d: Path) -> Iterator[Path]:
+    """d with a.qcow2, v1.qcow and r.raw held open read-only by another process (qemu-io -r,
+    which unshares "write"), as long as the test runs."""
+    qemu_img("create", "-q", "-f", "qcow", str(d / "v1.qcow"), "1M")
+    procs = [subprocess.Popen(["qemu-io", "-r", "-f", fmt, str(d / name)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for fmt, name in (("qcow2", "a.qcow2"), ("qcow", "v1.qcow"), ("raw", "r.raw"))]
+    try:
+        for name in ("a.qcow2", "v1.qcow", "r.raw"):  # (each lock seen before the test starts)
+            _wait_locked(d / name)
+        yield d
+    finally:
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.close()
+            p.wait(timeout=30)
+
+
+def _wait_locked(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not Path("/proc/locks").read_text().count(f":{path.stat().st_ino} "):
+        assert time.monotonic() < deadline, f"qemu-io did not lock {path}"
+        time.sleep(0.05)
+
+
+RW_SPECS = [f"{OPTS},read-only=off", "driver=qcow,file.filename=v1.qcow,read-only=off",
+            "driver=raw,file.filename=r.raw,read-only=off", f"{OPTS},read-only=on", OPTS]
+
+
+@pytest.mark.parametrize("command", [["info"], ["map", "--output=json"], ["check"], ["measure", "-O", "qcow2"],
+                                     ["compare"]])
+@pytest.mark.parametrize("spec", RW_SPECS)
+def test_read_only_off_takes_the_write_lock(held: Path, command: list[str], spec: str) -> None:
+    """read-only=off on a command that only reads: qemu-img opens the image read-write and takes
+    the write lock, so a reader elsewhere makes it fail (status 1, 'Failed to get "write" lock'),
+    qcow v1 too (a raw image beside a reader opens: both tools); without it (or with read-only=on)
+    the command runs beside the reader."""
+    operands = [spec, OPTS] if command == ["compare"] else [spec]
+    args = [*command[1:], "--image-opts", *operands]
+    status, out, err = qemu_img_in(held, command[0], args)
+    assert qcowdisk_in(held, command[0], args, as_qemu_img=True) == (status, out, err)
+    assert ("read-only=off" in spec and "raw" not in spec) == ('"write" lock' in err), err
+
+
+@pytest.fixture(scope="module")
+def snapd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """top.qcow2 over base.qcow2 with internal snapshot s1 (id 1) taken when top held only its first
+    64 KiB, so the rest of s1's disk reads from the backing file; alt.qcow2 another backing file."""
+    d = tmp_path_factory.mktemp("snapopts")
+    for name, pattern in (("base.qcow2", 0x11), ("alt.qcow2", 0x22)):
+        qemu_img("create", "-q", "-f", "qcow2", str(d / name), "1M")
+        qemu_io(str(d / name), f"write -P {pattern} 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2"))
+    qemu_io(str(d / "top.qcow2"), "write -P 0x33 0 64k")
+    qemu_img("snapshot", "-c", "s1", str(d / "top.qcow2"))
+    qemu_io(str(d / "top.qcow2"), "write -P 0x44 64k 64k")
+    return d
+
+
+@pytest.mark.parametrize("snapshot", ["snapshot.name=s1", "snapshot.id=1", "s1"])
+@pytest.mark.parametrize("extra", ["", ",backing=", ",backing.driver=qcow2,backing.file.filename=alt.qcow2",
+                                   ",backing.driver=raw,backing.file.filename=nope", ",cache.direct=on",
+                                   ",l2-cache-size=1k"])
+def test_convert_snapshot_with_image_opts(snapd: Path, snapshot: str, extra: str) -> None:
+    """convert -l SNAPSHOT --image-opts: the snapshot's disk is read through the option string's
+    backing choice (none, another file) as qemu-img reads it: same output, same image."""
+    spec = f"driver=qcow2,file.filename=top.qcow2{extra}"
+    for name in ("q.raw", "o.raw"):
+        (snapd / name).unlink(missing_ok=True)
+    status, out, err = qemu_img_in(snapd, "convert", ["-l", snapshot, "-O", "raw", "--image-opts", spec, "q.raw"])
+    assert qcowdisk_in(snapd, "convert", ["-l", snapshot, "-O", "raw", "--image-opts", spec, "o.raw"],
+                       as_qemu_img=True) == (status, out, err)
+    if status == 0:
+        assert (snapd / "o.raw").read_bytes() == (snapd / "q.raw").read_bytes()

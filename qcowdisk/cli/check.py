@@ -20,6 +20,7 @@ from .common import (
     check_cache_modes,
     confine_dir,
     err,
+    for_format,
     image_source,
     open_options,
     opening,
@@ -55,12 +56,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         if fmt not in format_names():
             return err(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
         if fmt != "qcow2":
-            other = formats.open_image(path, fmt, open_options(args, path))
+            other = formats.open_image(path, fmt, for_format(open_options(args, path), fmt))
             other.close()
             err("This image format does not support checks")
             return 63
         o = open_options(args, path)
-        img = QcowFile.open_for_check(path, repair=args.repair is not None, confine_to=confine_to,
+        # read-only=off: read-write as with -r (BDRV_O_CHECK: a corrupt image opens, a dirty one is not rebuilt)
+        img = QcowFile.open_for_check(path, repair=args.repair is not None or not o.readonly, confine_to=confine_to,
                                       backing=o.backing, force_share=args.force_share,
                                       l2_cache_size=o.l2_cache_size, l2_cache_entry_size=o.l2_cache_entry_size,
                                       host_factory=o.host_factory, tuning=o)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
 from .. import formats
-from ..errors import QcowError
+from ..errors import ImageLockedError, QcowError
 from ..formats import OpenOptionError, OpenOptions, format_names, probe_format
 from ..hostio import DirectHostFile, HostFile
 from ..image import Image
@@ -107,7 +108,10 @@ CHUNK = 1 << 20  # read and write stream through buffers this large
 
 
 def why(e: QcowError | OSError | ValueError, path: str | None = None) -> str:
-    """The reason in an error: an OS error's strerror (with its file name unless that is `path`)."""
+    """The reason in an error: an OS error's strerror (with its file name unless that is `path`),
+    a lock conflict in qemu-img's words."""
+    if isinstance(e, ImageLockedError) and e.qemu_reason:
+        return f"{e.qemu_reason}\nIs another process using the image [{e.path}]?"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror if e.filename in (None, path) else f"{e.filename}: {e.strerror}"
     return str(e)
@@ -232,10 +236,25 @@ def chain_operand(args: argparse.Namespace, verb: str, opens_backing: bool = Tru
     return path, fmt
 
 
+def read_write_asked(path: str) -> bool:
+    """Whether the --image-opts string of `path` said read-only=off: qemu-img then opens the image
+    read-write (taking the write lock) even for a command that only reads it."""
+    spec = _IMAGE_OPTS.get(path)
+    return spec is not None and spec.read_only is False
+
+
+def for_format(options: OpenOptions, fmt: str) -> OpenOptions:
+    """`options` for an image of format `fmt`: a qcow v1 image asked to open read-write by a
+    command that only reads opens read-only with the writer's lock (qcowdisk never writes one)."""
+    if fmt == "qcow" and not options.readonly:
+        return dataclasses.replace(options, readonly=True, write_lock=True)
+    return options
+
+
 def open_options(args: argparse.Namespace, path: str, readonly: bool = True) -> OpenOptions:
     """How to open the image `path` for this command: --confine-to, -U, and what an --image-opts
-    string said (see spec_options)."""
-    return OpenOptions(readonly=readonly, confine_to=confine_dir(args),
+    string said (see spec_options; read-only=off opens it read-write)."""
+    return OpenOptions(readonly=readonly and not read_write_asked(path), confine_to=confine_dir(args),
                        force_share=getattr(args, "force_share", False),
                        host_factory=host_factory(path, getattr(args, "src_cache", None)), **spec_options(path))
 
@@ -355,7 +374,8 @@ def open_image(path: str, args: argparse.Namespace) -> QcowFile | Qcow1File:
     """Open an image read-only (qcow2, or qcow v1) with the command's --confine-to and -U."""
     o = open_options(args, path)
     with opening(path):
-        img = formats.open_image(path, "qcow" if probe_format(path, o.host_factory) == "qcow" else "qcow2", o)
+        fmt = "qcow" if probe_format(path, o.host_factory) == "qcow" else "qcow2"
+        img = formats.open_image(path, fmt, for_format(o, fmt))
         assert isinstance(img, (QcowFile, Qcow1File))  # (the qcow2 driver opens qcow v1 read-only)
         return img
 
@@ -373,7 +393,7 @@ def open_any(path: str, fmt: str | None, args: argparse.Namespace) -> Image:
         fmt = fmt or probe_format(path)
         if fmt not in format_names():
             raise UsageError(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
-        return formats.open_image(path, fmt, options)
+        return formats.open_image(path, fmt, for_format(options, fmt))
 
 
 

@@ -20,6 +20,7 @@ from .common import (
     add_image_opts,
     cvtnum,
     err,
+    for_format,
     image_source,
     open_options,
     opening,
@@ -71,7 +72,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         fmt = fmt or probe_format(path)
         if fmt not in format_names():
             return err(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
-        img = formats.open_image(path, fmt, options)
+        img = formats.open_image(path, fmt, for_format(options, fmt))
     out = sys.stdout
     try:
         human = args.output == "human"

@@ -12,6 +12,7 @@ from .. import formats
 from ..formats import OpenOptions
 from ..image import Image
 from ..ops import RebaseError, rebase
+from ..ops.cachemode import DEFAULT_SOURCE_CACHE, host_class
 from ..ops.imageopts import overridden_name
 from ..qcow2.file import QcowFile
 from .common import (
@@ -182,7 +183,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
                 bar.print_delta(0.0, 100)
         rebase(path, backing, backing_format=args.backing_format, unsafe=args.unsafe,
                progress=steps.advance if steps else None, host_factory=host_factory(path, args.cache),
-               options=OpenOptions(**spec_options(path)))
+               options=OpenOptions(**spec_options(path)),
+               backing_host_factory=host_class(args.src_cache or DEFAULT_SOURCE_CACHE))
         if steps is not None:
             steps.finish()
         elif bar is not None:

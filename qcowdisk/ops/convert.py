@@ -222,12 +222,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 
 def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool,
                  host: type[HostFile], options: formats.OpenOptions) -> Image:
+    opened = dataclasses.replace(options, readonly=True, force_share=force_share, host_factory=host)
     if snapshot is None:
-        return formats.open_image(path, fmt, dataclasses.replace(options, readonly=True, force_share=force_share,
-                                                                 host_factory=host))
+        return formats.open_image(path, fmt, opened)
     if fmt not in (None, "qcow2"):
         raise ConvertError(f"Failed to load snapshot: a '{fmt}' image has no internal snapshots")
-    return QcowFile.open(path, readonly=True, snapshot=snapshot, force_share=force_share, host_factory=host)
+    return QcowFile.open_snapshot(path, snapshot, opened)  # (the option string's backing and caches too)
 
 
 def create_keywords(opts: QemuOpts) -> dict[str, Any]:

@@ -13,10 +13,11 @@ order, with its messages:
 - options nobody knows, the first in QDict order named (QEMU's QDict iterates hash buckets).
 
 What qcowdisk honours: the format, the file name, `force-share`, `read-only` (checked against
-what the command does), `l2-cache-size`, `l2-cache-entry-size`, `cache-size` and
-`refcount-cache-size` (qcowdisk.qcow2.cachesize), raw's `offset` and `size` (a window on the
-file; qemu-img info names the image by QEMU's json: name), `backing=` (empty: open the image
-without its backing file, with QEMU's deprecation warning), `backing.*` (the backing file
+what the command does; `off` on a command that only reads opens the image read-write with the
+write lock, as QEMU does, a qcow v1 image read-only with the writer's lock), `l2-cache-size`,
+`l2-cache-entry-size`, `cache-size` and `refcount-cache-size` (qcowdisk.qcow2.cachesize), raw's
+`offset` and `size` (a window on the file; qemu-img info names the image by QEMU's json: name),
+`backing=` (empty: open the image without its backing file, with QEMU's deprecation warning), `backing.*` (the backing file
 opened as those options say: formats.BackingNode, checked here as QEMU's
 bdrv_open_backing_file checks them, nested), `data-file.*` (another external data file),
 `cache.direct=on` (O_DIRECT host I/O) and `file.locking=off` (read-only: no image lock, as

@@ -49,7 +49,8 @@ class RebaseError(QcowError):
 
 def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] | None, *,
            backing_format: str | None = None, unsafe: bool = False, progress: Progress | None = None,
-           host_factory: HostFactory | None = None, options: formats.OpenOptions | None = None) -> None:
+           host_factory: HostFactory | None = None, options: formats.OpenOptions | None = None,
+           backing_host_factory: HostFactory | None = None) -> None:
     """Make the qcow2 image at `image` name `backing_file` (None or "": no backing file, the
     image becomes standalone) with `backing_format`, as `qemu-img rebase [-u] -b BACKING [-F FMT]`.
 
@@ -60,7 +61,10 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
     is called with the guest offset reached and the disk size (safe mode); an exception from it
     stops the rebase and propagates, with every image closed and the header unchanged. Raises
     RebaseError with qemu-img's message when the new backing file cannot be opened.
-    `host_factory` is the host I/O seam (tests record every write there). `options` open the
+    `host_factory` is the host I/O seam (tests record every write there) for the image and its
+    old chain (qemu-img's -t); `backing_host_factory` (default HostFile) reads the new backing
+    file (qemu-img's -T), unless that file is already in the chain, whose node qemu-img reuses
+    with the chain's cache mode. `options` open the
     image as `--image-opts` says: its cache sizes, and in safe mode `backing`/`backing_node`
     choose the old chain compared with (QEMU's backing options; `backing=False`: none).
     """
@@ -82,7 +86,8 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
             try:
                 if backing_format is None:
                     backing_format = formats.probe_format(bpath, hf)
-                new = formats.open_image(bpath, backing_format, formats.OpenOptions(readonly=True, host_factory=hf))
+                bhf = hf if _in_chain(img, bpath) else backing_host_factory or HostFile
+                new = formats.open_image(bpath, backing_format, formats.OpenOptions(readonly=True, host_factory=bhf))
             except (QcowError, OSError) as e:
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 shown = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
@@ -91,6 +96,17 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
         _copy_differences(img, new, progress)
         img.flush()
         img.set_backing_file(name or None, backing_format if name else None, open_backing=False)
+
+
+def _in_chain(img: Image, path: str) -> bool:
+    """Whether the file `path` is one of `img`'s backing files (qemu-img's prefix chain)."""
+    real = os.path.realpath(path)
+    node = img.backing
+    while node is not None:
+        if os.path.realpath(node.filename) == real:
+            return True
+        node = node.backing
+    return False
 
 
 def _open(path: str, options: formats.OpenOptions) -> QcowFile:

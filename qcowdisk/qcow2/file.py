@@ -285,15 +285,24 @@ class QcowFile:
                                       confine_to=None if confine_to is None else os.fspath(confine_to),
                                       force_share=force_share, l2_cache_size=l2_cache_size,
                                       l2_cache_entry_size=l2_cache_entry_size)
-        img = cls._open_any(path, options, (os.path.realpath(path),))
         if snapshot is not None:
-            try:
-                if not isinstance(img, QcowFile):
-                    raise SnapshotNotFoundError(f"{path!r} is a qcow version 1 image: it has no internal snapshots")
-                img._show_snapshot(snapshot)
-            except BaseException:
-                img.close()
-                raise
+            return cls.open_snapshot(path, snapshot, options)
+        return cls._open_any(path, options, (os.path.realpath(path),))
+
+    @classmethod
+    def open_snapshot(cls, path: str | os.PathLike[str], snapshot: str | Snapshot,
+                      options: formats.OpenOptions) -> QcowFile:
+        """`open(path, readonly=True, snapshot=snapshot)` with every other choice from `options`
+        (an --image-opts string's caches, backing node, data file, host I/O): qemu-img convert -l."""
+        path = os.fspath(path)
+        img = cls._open_any(path, dataclasses.replace(options, readonly=True), (os.path.realpath(path),))
+        try:
+            if not isinstance(img, QcowFile):
+                raise SnapshotNotFoundError(f"{path!r} is a qcow version 1 image: it has no internal snapshots")
+            img._show_snapshot(snapshot)
+        except BaseException:
+            img.close()
+            raise
         return img
 
     def _show_snapshot(self, ref: str | Snapshot) -> None:
@@ -1083,8 +1092,10 @@ class QcowFile:
         (`make_completely_empty`: version 3, no snapshots, no external data file), so does this,
         through states that are each consistent on disk (see qcowdisk.qcow2.makeempty);
         elsewhere every cluster is discarded, as QEMU's fallback does (an L2 table for every L1
-        entry included). When rebuilt, unflushed writes are dropped and the truncation becomes
-        durable at the next flush or close."""
+        entry included; an external data file gets holes where the clusters were, punched
+        once the tables no longer name them, as QEMU passes the discards down). When rebuilt,
+        unflushed writes are dropped and the truncation becomes durable at the next flush or
+        close."""
         s = self._state
         with s.lock:
             self._check_writable()

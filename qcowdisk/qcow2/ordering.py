@@ -99,6 +99,7 @@ def flush(state: Qcow2State, *, final: bool = False) -> None:
     # L1 with nothing to write then costs no sync of its own.
     state.l2_cache.make_durable()
     state.l1.make_durable()
+    punch_discarded_data(state)
     state.data_host.sync()
     freed = rc.release_deferred()
     if freed:
@@ -122,12 +123,26 @@ def release_frees_if_piling(state: Qcow2State) -> None:
     """Free the dropped references once many are waiting (see FREE_PILE_*): the tables that
     dropped them are made durable first (`release_deferred` does it), the decremented counts
     are written later like any refcount change (lost, they would only leak)."""
+    if len(state.data_punches) >= FREE_PILE_MIN or sum(b - a for a, b in state.data_punches) >= FREE_PILE_BYTES:
+        punch_discarded_data(state)
     rc = state.refcounts
     if rc is not None and len(rc.deferred_frees) >= max(FREE_PILE_MIN, FREE_PILE_BYTES >> state.cluster_bits):
         freed = rc.release_deferred()
         if freed:
             state.remap_epoch += 1  # the allocator may reuse them now: reads in flight start over
             hand_back(state, freed)
+
+
+def punch_discarded_data(state: Qcow2State) -> None:
+    """Punch the external data file runs discards queued (state.data_punches), after the
+    tables that unmapped them are durable: until then a crash must find the data still there."""
+    if not state.data_punches:
+        return
+    state.l2_cache.make_durable()
+    state.l1.make_durable()
+    runs, state.data_punches = state.data_punches, []
+    for start, end in runs:
+        state.data_host.punch_hole(start, end - start)
 
 
 def hand_back(state: Qcow2State, freed: list[int]) -> None:

@@ -98,6 +98,9 @@ class Qcow2State:
         # --- writing (read-write opens only) -------------------------------------------------
         self.refcounts: Refcounts | None = None   # counts, allocation, deferred frees
         self.metadata: set[int] = set()           # host clusters holding metadata (overlap check)
+        # External data file runs [start, end) that discards unmapped in tables not yet durable:
+        # punched once the tables are (ordering.punch_discarded_data), as QEMU discards them.
+        self.data_punches: list[list[int]] = []
 
         # --- backing chain -------------------------------------------------------------------
         self.backing: Image | None = None

@@ -36,6 +36,7 @@ from .entries import (
     subcluster_range_mask,
 )
 from .mapping import bitmap_check, compressed_location, data_offset, l2_table_offset
+from .ordering import punch_discarded_data
 from .overlap import check_not_metadata
 from .reading import read_copy
 from .refcount import Refcounts
@@ -395,6 +396,8 @@ def _alloc_data_clusters(s: Qcow2State, plans: list[ClusterWrite], guest_offset:
     """Host offsets for the clusters of `plans` that need new clusters, in order."""
     cbits = s.cluster_bits
     if s.has_data_file:  # an external data file maps guest offset == host offset
+        if s.data_punches:  # (a discarded run here is punched before it is written again)
+            punch_discarded_data(s)
         base = (guest_offset >> cbits) // s.l2_entries * s.l2_entries
         return [(base + p.l2_index) << cbits for p in plans]
     out: list[int] = []
@@ -534,7 +537,29 @@ def discard(s: Qcow2State, guest_offset: int, length: int) -> None:
                     entries[l2i] = 0
                     table.mark(l2i)
                     free_entry(s, old, 0)
+            if s.has_data_file and _data_mapped(s, old):
+                _queue_data_punch(s, old & L2E_OFFSET_MASK)
         gc = chunk_last
+
+
+def _data_mapped(s: Qcow2State, e: int) -> bool:
+    """Whether a data-file image's entry maps a data cluster (QEMU's NORMAL or ZERO_ALLOC): an
+    offset, or offset 0 marked copied (0 is a valid data file offset); a zero flag without an
+    offset maps none."""
+    if e & OFLAG_ZERO and not s.extended_l2:
+        return bool(e & L2E_OFFSET_MASK)
+    return bool(e & (L2E_OFFSET_MASK | OFLAG_COPIED))
+
+
+def _queue_data_punch(s: Qcow2State, host: int) -> None:
+    """QEMU's qcow2_free_any_cluster with a data file: a discarded cluster (normal, or zero
+    with an allocation) is discarded in the data file too. Queued, as runs, until the tables
+    that unmapped it are durable: punched before, a crash could leave them naming zeros."""
+    runs = s.data_punches
+    if runs and runs[-1][1] == host:
+        runs[-1][1] = host + s.cluster_size
+    else:
+        runs.append([host, host + s.cluster_size])
 
 
 def _write_zero_bytes(s: Qcow2State, guest_offset: int, length: int) -> None:
