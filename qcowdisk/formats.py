@@ -11,14 +11,17 @@ recurses.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from .errors import BackingChainError, UnsafeFileError, UnsupportedFeatureError
 from .hostio import HostFactory, HostFile
-from .image import Image
+from .record import FrozenRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .image import Image
 
 PROBE_BYTES = 512
 DEFAULT_MAX_NESTING_DEPTH = 64
@@ -28,8 +31,7 @@ class OpenOptionError(ValueError):
     """An opening option QEMU refuses for this image (a cache size, a raw window): its message."""
 
 
-@dataclass(frozen=True)
-class OpenOptions:
+class OpenOptions(FrozenRecord):
     """How to open an image and the files it names.
 
     `backing=False` opens the image alone (unallocated ranges read as zeros, QEMU's
@@ -48,49 +50,117 @@ class OpenOptions:
     only reads an image qcowdisk opens read-only: qcow v1; the image itself only).
     """
 
-    readonly: bool = False
-    max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH
-    host_factory: HostFactory = HostFile
-    backing: bool = True
-    confine_to: str | None = None
-    force_share: bool = False
-    l2_cache_size: int | None = None
-    l2_cache_entry_size: int | None = None
-    raw_offset: int = 0
-    raw_size: int | None = None
-    cache_size: int | None = None
-    refcount_cache_size: int | None = None
-    backing_node: BackingNode | None = None
-    data_file: str | None = None
-    write_lock: bool = False
+    __slots__ = (
+        "backing",
+        "backing_node",
+        "cache_size",
+        "confine_to",
+        "data_file",
+        "force_share",
+        "host_factory",
+        "l2_cache_entry_size",
+        "l2_cache_size",
+        "max_nesting_depth",
+        "raw_offset",
+        "raw_size",
+        "readonly",
+        "refcount_cache_size",
+        "write_lock",
+    )
+    readonly: bool
+    max_nesting_depth: int
+    host_factory: HostFactory
+    backing: bool
+    confine_to: str | None
+    force_share: bool
+    l2_cache_size: int | None
+    l2_cache_entry_size: int | None
+    raw_offset: int
+    raw_size: int | None
+    cache_size: int | None
+    refcount_cache_size: int | None
+    backing_node: BackingNode | None
+    data_file: str | None
+    write_lock: bool
+
+    def __init__(self, readonly: bool = False, max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH,
+                 host_factory: HostFactory = HostFile, backing: bool = True, confine_to: str | None = None,
+                 force_share: bool = False, l2_cache_size: int | None = None,
+                 l2_cache_entry_size: int | None = None, raw_offset: int = 0, raw_size: int | None = None,
+                 cache_size: int | None = None, refcount_cache_size: int | None = None,
+                 backing_node: BackingNode | None = None, data_file: str | None = None,
+                 write_lock: bool = False) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "readonly", readonly)
+        setattr_(self, "max_nesting_depth", max_nesting_depth)
+        setattr_(self, "host_factory", host_factory)
+        setattr_(self, "backing", backing)
+        setattr_(self, "confine_to", confine_to)
+        setattr_(self, "force_share", force_share)
+        setattr_(self, "l2_cache_size", l2_cache_size)
+        setattr_(self, "l2_cache_entry_size", l2_cache_entry_size)
+        setattr_(self, "raw_offset", raw_offset)
+        setattr_(self, "raw_size", raw_size)
+        setattr_(self, "cache_size", cache_size)
+        setattr_(self, "refcount_cache_size", refcount_cache_size)
+        setattr_(self, "backing_node", backing_node)
+        setattr_(self, "data_file", data_file)
+        setattr_(self, "write_lock", write_lock)
 
     def for_backing(self) -> OpenOptions:
         """The options a backing file is opened with: read-only, its own `backing.*` options
         (`backing_node`; default caches without), the rest inherited."""
         node = self.backing_node or BackingNode()
-        return dataclasses.replace(self, readonly=True, l2_cache_size=node.l2_cache_size,
-                                   l2_cache_entry_size=node.l2_cache_entry_size, raw_offset=node.raw_offset,
-                                   raw_size=node.raw_size, cache_size=node.cache_size,
-                                   refcount_cache_size=node.refcount_cache_size, backing=node.backing,
-                                   backing_node=node.backing_node, data_file=None, write_lock=False)
+        return self.replace(readonly=True, l2_cache_size=node.l2_cache_size,
+                            l2_cache_entry_size=node.l2_cache_entry_size, raw_offset=node.raw_offset,
+                            raw_size=node.raw_size, cache_size=node.cache_size,
+                            refcount_cache_size=node.refcount_cache_size, backing=node.backing,
+                            backing_node=node.backing_node, data_file=None, write_lock=False)
 
 
-@dataclass(frozen=True)
-class BackingNode:
+class BackingNode(FrozenRecord):
     """A backing file as QEMU's `backing.*` options open it: `filename` and `fmt` (None: the
     name and format the image records, the format probed when it records none) and the
     options of the same names as OpenOptions' for the backing file itself."""
 
-    filename: str | None = None
-    fmt: str | None = None
-    backing: bool = True
-    l2_cache_size: int | None = None
-    l2_cache_entry_size: int | None = None
-    cache_size: int | None = None
-    refcount_cache_size: int | None = None
-    raw_offset: int = 0
-    raw_size: int | None = None
-    backing_node: BackingNode | None = None
+    __slots__ = (
+        "backing",
+        "backing_node",
+        "cache_size",
+        "filename",
+        "fmt",
+        "l2_cache_entry_size",
+        "l2_cache_size",
+        "raw_offset",
+        "raw_size",
+        "refcount_cache_size",
+    )
+    filename: str | None
+    fmt: str | None
+    backing: bool
+    l2_cache_size: int | None
+    l2_cache_entry_size: int | None
+    cache_size: int | None
+    refcount_cache_size: int | None
+    raw_offset: int
+    raw_size: int | None
+    backing_node: BackingNode | None
+
+    def __init__(self, filename: str | None = None, fmt: str | None = None, backing: bool = True,
+                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None,
+                 cache_size: int | None = None, refcount_cache_size: int | None = None, raw_offset: int = 0,
+                 raw_size: int | None = None, backing_node: BackingNode | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "filename", filename)
+        setattr_(self, "fmt", fmt)
+        setattr_(self, "backing", backing)
+        setattr_(self, "l2_cache_size", l2_cache_size)
+        setattr_(self, "l2_cache_entry_size", l2_cache_entry_size)
+        setattr_(self, "cache_size", cache_size)
+        setattr_(self, "refcount_cache_size", refcount_cache_size)
+        setattr_(self, "raw_offset", raw_offset)
+        setattr_(self, "raw_size", raw_size)
+        setattr_(self, "backing_node", backing_node)
 
 
 def check_confined(path: str, options: OpenOptions, what: str, named_by: str, real: str | None = None) -> None:
@@ -127,14 +197,20 @@ def open_named_file(path: str, writable: bool, options: OpenOptions, what: str, 
     return host
 
 
-@dataclass(frozen=True)
-class FormatDriver:
+class FormatDriver(FrozenRecord):
     """One format: its name as qemu-img spells it, a probe score for the file's first bytes
     (0 = not this format; the highest score wins) and its opener."""
 
+    __slots__ = ("name", "open", "probe")
     name: str
     probe: Callable[[bytes], int]
     open: Callable[[str, OpenOptions, tuple[str, ...]], Image]
+
+    def __init__(self, name: str, probe: Callable[[bytes], int],
+                 open: Callable[[str, OpenOptions, tuple[str, ...]], Image]) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "probe", probe)
+        object.__setattr__(self, "open", open)
 
 
 _DRIVERS: dict[str, FormatDriver] = {}
@@ -185,9 +261,11 @@ def resolve_backing_path(parent_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(parent_path)), name)
 
 
-def open_image(path: str, fmt: str | None = None, options: OpenOptions = OpenOptions(),
+def open_image(path: str, fmt: str | None = None, options: OpenOptions | None = None,
                chain: tuple[str, ...] = ()) -> Image:
-    """Open `path` as `fmt` (probed when None) with its backing chain."""
+    """Open `path` as `fmt` (probed when None) with its backing chain (default options: `OpenOptions()`)."""
+    if options is None:
+        options = OpenOptions()
     if not fmt:
         fmt = probe_format(path, options.host_factory)
     driver = _drivers().get(fmt)

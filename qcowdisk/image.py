@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .hostio import ZERO_BLOCK_LENGTH as ZERO_BLOCK_LENGTH
 from .hostio import Buffer
 from .hostio import zero_block as zero_block
+from .record import FrozenRecord
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(FrozenRecord):
     """One range of the guest disk and where its bytes come from (a `qemu-img map` entry).
 
     `start`/`length` are guest bytes. `depth` is the layer of the backing chain that answered
@@ -50,14 +49,28 @@ class Extent:
     """Whether the layer stores bytes for the range."""
     offset: int | None
     """Host offset of those bytes in `filename` when QEMU reports one, else None."""
-    compressed: bool = False
+    compressed: bool
     """Whether the bytes are stored in compressed clusters."""
-    filename: str | None = None
+    filename: str | None
     """The file holding the bytes, named as QEMU names it; set exactly when `offset` is."""
 
+    __slots__ = ("compressed", "data", "depth", "filename", "length", "offset", "present", "start", "zero")
 
-@dataclass(frozen=True, slots=True)
-class LayerExtent:
+    def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
+                 offset: int | None, compressed: bool = False, filename: str | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "start", start)
+        setattr_(self, "length", length)
+        setattr_(self, "depth", depth)
+        setattr_(self, "present", present)
+        setattr_(self, "zero", zero)
+        setattr_(self, "data", data)
+        setattr_(self, "offset", offset)
+        setattr_(self, "compressed", compressed)
+        setattr_(self, "filename", filename)
+
+
+class LayerExtent(FrozenRecord):
     """What ONE layer of a chain says about a range, before the chain is consulted.
 
     The per-format answer QEMU's drivers give (`bdrv_co_block_status` flags): `allocated`
@@ -70,13 +83,25 @@ class LayerExtent:
     holes (raw; a metadata-preallocated qcow2) reports them here already.
     """
 
+    __slots__ = ("allocated", "compressed", "data", "host_offset", "host_path", "length", "zero")
     length: int
     allocated: bool
     zero: bool
     data: bool
-    host_offset: int | None = None
-    compressed: bool = False
-    host_path: str | None = None
+    host_offset: int | None
+    compressed: bool
+    host_path: str | None
+
+    def __init__(self, length: int, allocated: bool, zero: bool, data: bool, host_offset: int | None = None,
+                 compressed: bool = False, host_path: str | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "length", length)
+        setattr_(self, "allocated", allocated)
+        setattr_(self, "zero", zero)
+        setattr_(self, "data", data)
+        setattr_(self, "host_offset", host_offset)
+        setattr_(self, "compressed", compressed)
+        setattr_(self, "host_path", host_path)
 
 
 @runtime_checkable

@@ -11,7 +11,6 @@ image is refused as QEMU refuses it, without its probing warning.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from ..errors import BitmapError, ImageLockedError, QcowError
@@ -152,10 +151,10 @@ def _open(path: str, fmt: str | None, *, readonly: bool = False) -> tuple[Image 
         return None, err(f"Could not open '{path}': Unknown driver '{fmt}'")
     try:
         probed = fmt or probe_format(path)
-        options = dataclasses.replace(tuning(path), backing=False, backing_node=None)  # (--image-opts)
+        options = tuning(path).replace(backing=False, backing_node=None)  # (--image-opts)
         if probed == "qcow2" and not readonly:
             return QcowFile.open_for_bitmaps(path, tuning=options), 0
-        return open_image(path, probed, dataclasses.replace(options, readonly=True)), 0
+        return open_image(path, probed, options.replace(readonly=True)), 0
     except OpenOptionError as e:
         return None, err(f"Could not open '{shown(path)}': {e}")
     except OSError as e:

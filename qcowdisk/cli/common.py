@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -247,7 +246,7 @@ def for_format(options: OpenOptions, fmt: str) -> OpenOptions:
     """`options` for an image of format `fmt`: a qcow v1 image asked to open read-write by a
     command that only reads opens read-only with the writer's lock (qcowdisk never writes one)."""
     if fmt == "qcow" and not options.readonly:
-        return dataclasses.replace(options, readonly=True, write_lock=True)
+        return options.replace(readonly=True, write_lock=True)
     return options
 
 

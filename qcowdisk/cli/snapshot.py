@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -71,8 +70,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return err(f"Could not open '{args.image[0]}': force-share=on can only be used with read-only images")
     path, _ = image_source(args, args.image[0], None, writable=action not in (None, "-l"))
     if action in (None, "-l"):
-        options = dataclasses.replace(tuning(path), readonly=True, force_share=args.force_share,
-                                      confine_to=args.confine_to, host_factory=host_factory(path))
+        options = tuning(path).replace(readonly=True, force_share=args.force_share,
+                                       confine_to=args.confine_to, host_factory=host_factory(path))
         with refused_options(path):
             img = formats.open_image(path, "qcow" if formats.probe_format(path) == "qcow" else "qcow2", options)
         try:

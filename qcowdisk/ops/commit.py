@@ -39,7 +39,6 @@ an inconsistent bitmap cannot be grown: qemu-img's job fails with "Operation not
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -165,7 +164,7 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         raise CommitError(f"Cannot commit a {image_format} image: only qcow2 images can be emptied here")
     with contextlib.ExitStack() as stack:
         # The chain, opened read-only once to find the layers and the base's path and format.
-        chain_img = formats.open_image(path, image_format, dataclasses.replace(given, readonly=True, host_factory=hf))
+        chain_img = formats.open_image(path, image_format, given.replace(readonly=True, host_factory=hf))
         try:
             layers: list[tuple[str, str, str | None]] = []  # (path, format, stored backing name)
             sizes: list[int] = []
@@ -184,8 +183,8 @@ def commit(image: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
             raise CommitError(f"Cannot commit into '{base_path}': qcowdisk cannot write {base_format} images")
         if base_format == "qcow" and sizes[depth] < sizes[0]:
             raise CommitError("Block job failed: Operation not supported")  # qemu-img's job cannot grow it
-        top = formats.open_image(path, "qcow2", dataclasses.replace(given, readonly=False, backing=False,
-                                                                    backing_node=None, host_factory=hf))
+        top = formats.open_image(path, "qcow2", given.replace(readonly=False, backing=False,
+                                                             backing_node=None, host_factory=hf))
         assert isinstance(top, QcowFile)
         stack.callback(top.close)
         above: list[Image] = [top]

@@ -19,7 +19,6 @@ through a fixed number of buffers; unallocated and zero ranges are never read.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import stat
 import threading
@@ -222,7 +221,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 
 def _open_source(path: str, fmt: str | None, snapshot: str | None, force_share: bool,
                  host: type[HostFile], options: formats.OpenOptions) -> Image:
-    opened = dataclasses.replace(options, readonly=True, force_share=force_share, host_factory=host)
+    opened = options.replace(readonly=True, force_share=force_share, host_factory=host)
     if snapshot is None:
         return formats.open_image(path, fmt, opened)
     if fmt not in (None, "qcow2"):
@@ -429,8 +428,8 @@ def _open_target(path: str, out_format: str, size: int, host: type[HostFile],
         have = -(-have // SECTOR) * SECTOR  # (QEMU counts the disk in whole sectors)
     else:
         # (writes into an image with bitmaps are recorded in them, as QEMU records them)
-        img = formats.open_image(path, "qcow2", dataclasses.replace(
-            options, readonly=False, force_share=False, host_factory=host, raw_offset=0, raw_size=None))
+        img = formats.open_image(path, "qcow2", options.replace(
+            readonly=False, force_share=False, host_factory=host, raw_offset=0, raw_size=None))
         assert isinstance(img, QcowFile)  # (QcowFile.open read-write, with the options' caches and files)
         target = _QcowTarget(img)
         have = img.virtual_size

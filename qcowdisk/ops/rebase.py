@@ -23,7 +23,6 @@ shortcut) and runs of differing 512-byte sectors are written, not whole granules
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -74,11 +73,11 @@ def rebase(image: str | os.PathLike[str], backing_file: str | os.PathLike[str] |
     name = os.fspath(backing_file) if backing_file is not None else ""
     with contextlib.ExitStack() as stack:
         if unsafe:
-            img = _open(path, dataclasses.replace(given, backing=False, backing_node=None, host_factory=hf))
+            img = _open(path, given.replace(backing=False, backing_node=None, host_factory=hf))
             stack.callback(img.close)
             img.set_backing_file(name or None, backing_format if name else None, open_backing=False)
             return
-        img = _open(path, dataclasses.replace(given, host_factory=hf))
+        img = _open(path, given.replace(host_factory=hf))
         stack.callback(img.close)
         new: Image | None = None
         if name:
@@ -111,7 +110,7 @@ def _in_chain(img: Image, path: str) -> bool:
 
 def _open(path: str, options: formats.OpenOptions) -> QcowFile:
     """The image, opened read-write with `options`."""
-    img = formats.open_image(path, "qcow2", dataclasses.replace(options, readonly=False))
+    img = formats.open_image(path, "qcow2", options.replace(readonly=False))
     assert isinstance(img, QcowFile)
     return img
 

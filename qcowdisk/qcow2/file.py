@@ -24,7 +24,6 @@ refcount and ordering expect it held. This module also owns the image's health:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import mmap
 import operator
@@ -282,8 +281,8 @@ class QcowFile:
             raise ValueError("snapshot= can only be used with readonly=True (apply_snapshot reverts the disk)")
         options = formats.OpenOptions(readonly=readonly, max_nesting_depth=max_nesting_depth,
                                       host_factory=host_factory or HostFile, backing=backing,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share, l2_cache_size=l2_cache_size,
+            confine_to=None if confine_to is None else os.fspath(confine_to),
+            force_share=force_share, l2_cache_size=l2_cache_size,
                                       l2_cache_entry_size=l2_cache_entry_size)
         if snapshot is not None:
             return cls.open_snapshot(path, snapshot, options)
@@ -295,7 +294,7 @@ class QcowFile:
         """`open(path, readonly=True, snapshot=snapshot)` with every other choice from `options`
         (an --image-opts string's caches, backing node, data file, host I/O): qemu-img convert -l."""
         path = os.fspath(path)
-        img = cls._open_any(path, dataclasses.replace(options, readonly=True), (os.path.realpath(path),))
+        img = cls._open_any(path, options.replace(readonly=True), (os.path.realpath(path),))
         try:
             if not isinstance(img, QcowFile):
                 raise SnapshotNotFoundError(f"{path!r} is a qcow version 1 image: it has no internal snapshots")
@@ -601,10 +600,10 @@ class QcowFile:
         `edit_bitmaps().commit()` (or the close) stores them with the marks cleared.
         """
         path = os.fspath(path)
-        options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=False,
-                                      host_factory=host_factory or HostFile, backing=backing,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=False, raw_offset=0, raw_size=None)
+        options = (tuning or formats.OpenOptions()).replace(
+            readonly=False, host_factory=host_factory or HostFile, backing=backing,
+            confine_to=None if confine_to is None else os.fspath(confine_to),
+            force_share=False, raw_offset=0, raw_size=None)
         img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
         try:
             img.edit_bitmaps()
@@ -629,10 +628,10 @@ class QcowFile:
         chain): guest writes and `apply_snapshot` are refused, those operations allowed.
         `tuning` gives the cache sizes and the backing file's options (`backing`, `backing_node`)."""
         path = os.fspath(path)
-        options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=False,
-                                      host_factory=host_factory or HostFile, force_share=False,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      raw_offset=0, raw_size=None)
+        options = (tuning or formats.OpenOptions()).replace(
+            readonly=False, host_factory=host_factory or HostFile, force_share=False,
+            confine_to=None if confine_to is None else os.fspath(confine_to),
+            raw_offset=0, raw_size=None)
         img = cls._open(path, options, (os.path.realpath(path),), for_bitmaps=True)
         s = img._state
         if s.header.autoclear_features & AUTOCLEAR_BITMAPS and any(
@@ -1227,11 +1226,11 @@ class QcowFile:
         path = os.fspath(path)
         if force_share and repair:
             raise ValueError("force_share=True cannot be used to repair an image")
-        options = dataclasses.replace(tuning or formats.OpenOptions(), readonly=not repair,
-                                      host_factory=host_factory or HostFile, backing=backing,
-                                      confine_to=None if confine_to is None else os.fspath(confine_to),
-                                      force_share=force_share, l2_cache_size=l2_cache_size,
-                                      l2_cache_entry_size=l2_cache_entry_size, raw_offset=0, raw_size=None)
+        options = (tuning or formats.OpenOptions()).replace(
+            readonly=not repair, host_factory=host_factory or HostFile, backing=backing,
+            confine_to=None if confine_to is None else os.fspath(confine_to),
+            force_share=force_share, l2_cache_size=l2_cache_size,
+            l2_cache_entry_size=l2_cache_entry_size, raw_offset=0, raw_size=None)
         return cls._open(path, options, (os.path.realpath(path),), for_check=True)
 
     # ------------------------------------------------------------------ compressed writes (compressed.py)
