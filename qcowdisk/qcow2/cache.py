@@ -15,18 +15,20 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
 
 from ..hostio import HostFile
 from .entries import TableCodec
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (a protocol for the type checker only: nothing tests it at run time)
+    from typing import Protocol
 
-class Durable(Protocol):
-    """Something whose pending writes can be made durable (a cache, the L1 table, guest data)."""
+    class Durable(Protocol):
+        """Something whose pending writes can be made durable (a cache, the L1 table, guest data)."""
 
-    def make_durable(self) -> None:
-        """Write whatever is pending and sync it."""
-        ...
+        def make_durable(self) -> None:
+            """Write whatever is pending and sync it."""
+            ...
 
 
 class CachedTable:

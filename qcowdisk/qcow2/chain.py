@@ -33,18 +33,21 @@ changes:
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..errors import QcowError
 from ..image import Image
 from .mapping import l2_slice, l2_table_offset, plain_host
 from .state import Qcow2State
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    # A map entry: (host offset - guest offset, owning QcowFile, its fast-path tuple when looked up).
+    ChainHit = tuple[int, Any, Any]
+
 _WALK_CLUSTERS = 32  # clusters of one request that owning_layer looks at in each layer
 CHAIN_MAP_LIMIT = 1 << 16  # granules remembered; the map starts afresh past this (bounded memory)
 
-# A map entry: (host offset - guest offset, owning QcowFile, its fast-path tuple when looked up).
-ChainHit = tuple[int, Any, Any]
 _UNSEEN: Any = object()
 
 

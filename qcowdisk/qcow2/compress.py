@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import threading
 import zlib
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from ..hostio import Buffer
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # zstandard is imported where a zstd cluster is met: most runs meet none
     import zstandard
 

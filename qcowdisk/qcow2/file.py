@@ -32,7 +32,6 @@ import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .. import formats
 from ..blockstatus import block_status, locked
@@ -83,10 +82,13 @@ from .overlap import collect_metadata
 from .refcount import Refcounts
 from .state import DEFAULT_REFBLOCK_CACHE_BYTES, Qcow2State
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the rarer operations' modules are imported where used (start-up time)
+    from typing import Any, Literal, TypeVar, overload
+
     from .check import CheckResult, Repair
 
-_T = TypeVar("_T")
+    _T = TypeVar("_T")
 
 # Bytes of cluster 0 read first at open (see `_read_header`).
 HEADER_PREFIX_BYTES = 4096
@@ -206,29 +208,30 @@ class QcowFile:
                 sbits + 3 + int(s.extended_l2), chain.new_map(s), {})
 
     # ------------------------------------------------------------------ opening
-    @overload
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: Literal[False] = False, backing: bool = True,
-             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
-             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: None = None,
-             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
+    if TYPE_CHECKING:  # (typing's overload: for the type checker only)
+        @overload
+        @classmethod
+        def open(cls, path: str | os.PathLike[str], *, readonly: Literal[False] = False, backing: bool = True,
+                 confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+                 max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+                 host_factory: HostFactory | None = None, snapshot: None = None,
+                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
 
-    @overload
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: Literal[True], backing: bool = True,
-             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
-             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: str | Snapshot,
-             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
+        @overload
+        @classmethod
+        def open(cls, path: str | os.PathLike[str], *, readonly: Literal[True], backing: bool = True,
+                 confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+                 max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+                 host_factory: HostFactory | None = None, snapshot: str | Snapshot,
+                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile: ...
 
-    @overload
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: bool, backing: bool = True,
-             confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
-             max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
-             host_factory: HostFactory | None = None, snapshot: None = None,
-             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File: ...
+        @overload
+        @classmethod
+        def open(cls, path: str | os.PathLike[str], *, readonly: bool, backing: bool = True,
+                 confine_to: str | os.PathLike[str] | None = None, force_share: bool = False,
+                 max_nesting_depth: int = formats.DEFAULT_MAX_NESTING_DEPTH,
+                 host_factory: HostFactory | None = None, snapshot: None = None,
+                 l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None) -> QcowFile | Qcow1File: ...
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,

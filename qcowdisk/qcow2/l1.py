@@ -31,8 +31,11 @@ from collections.abc import Callable
 from itertools import compress
 
 from ..hostio import HostFile
-from .cache import Durable
 from .entries import TableCodec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .cache import Durable
 
 
 class L1Table:

@@ -11,13 +11,16 @@ write on metadata"). The caller holds the image lock.
 from __future__ import annotations
 
 import contextlib
-from typing import NoReturn
 
 from ..errors import CorruptImageError
 from .entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK, decode_u64_table, nonzero_entries
 from .format import EXT_BITMAPS, INCOMPAT_CORRUPT
 from .ordering import switch_header
 from .state import Qcow2State
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 def collect_metadata(state: Qcow2State) -> None:

@@ -17,9 +17,13 @@ from collections.abc import Callable
 
 from ..errors import CorruptImageError, RefcountOverflowError
 from ..hostio import HostFile
-from .cache import CachedTable, Durable, TableCache
+from .cache import CachedTable, TableCache
 from .entries import REFT_OFFSET_MASK, REFT_RESERVED_MASK, TableCodec
 from .format import MAX_REFTABLE_BYTES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .cache import Durable
 
 
 class Refcounts:

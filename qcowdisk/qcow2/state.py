@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from array import array
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from ..errors import InvalidImageError
 from ..hostio import HostFactory, HostFile
@@ -20,6 +19,7 @@ from .entries import CompressedDescriptor, TableCodec
 from .format import INCOMPAT_DIRTY, Header, Snapshot
 from .l1 import L1Table
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..image import Image
     from .refcount import Refcounts
