@@ -83,3 +83,67 @@ def test_engine_records() -> None:
     e = Extent(0, 512, 0, True, False, True, 4096, filename="a")
     assert repr(e) == ("Extent(start=0, length=512, depth=0, present=True, zero=False, data=True, offset=4096, "
                        "compressed=False, filename='a')")
+
+
+# The public qcow2 records, against what their dataclasses gave (strings captured from the
+# dataclass versions).
+def test_snapshot_record_as_the_dataclass_was() -> None:
+    from datetime import UTC, datetime
+
+    from qcowdisk.qcow2.format import Snapshot, SnapshotEntry
+
+    date = datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    entry = SnapshotEntry(1, 2, b"1", b"n", 3, 4, 5, 6, b"x")
+    s = Snapshot("1", "n", date, 5, 6, 7, None, 65536, 2, entry)
+    assert repr(s) == ("Snapshot(id='1', name='n', date=datetime.datetime(2024, 1, 2, 3, 4, 5, 6, "
+                       "tzinfo=datetime.timezone.utc), vm_clock_ns=5, vm_state_size=6, disk_size=7, icount=None)")
+    assert repr(entry) == ("SnapshotEntry(l1_table_offset=1, l1_size=2, id_raw=b'1', name_raw=b'n', date_sec=3, "
+                           "date_nsec=4, vm_clock_ns=5, vm_state_size=6, extra=b'x')")
+    same = Snapshot("1", "n", date, 5, 6, 7, None, 65536, 2)  # `entry` is not compared
+    assert s == same and hash(s) == hash(same)
+    assert s != Snapshot("1", "n", date, 5, 6, 7, None, 65536, 3)  # l1_size is (repr=False, compared)
+    assert s.replace(name="m").name == "m" and s.replace(name="m").entry is entry
+    assert (s.l1_table_offset, s.l1_size, Snapshot("1", "n", date, 0, 0, None, None).entry) == (65536, 2, None)
+    with pytest.raises(AttributeError):
+        s.name = "m"
+
+
+def test_bitmap_records_as_the_dataclasses_were() -> None:
+    from qcowdisk.qcow2.bitmaps import NewBitmap
+    from qcowdisk.qcow2.format import Bitmap
+
+    b = Bitmap("b", 3, 16, 65536, 1)
+    assert repr(b) == "Bitmap(name='b', flags=3, granularity_bits=16, table_offset=65536, table_size=1)"
+    assert b == Bitmap("b", 3, 16, 65536, 1) and hash(b) == hash(Bitmap("b", 3, 16, 65536, 1))
+    assert b != Bitmap("b", 1, 16, 65536, 1) and b.replace(flags=1) == Bitmap("b", 1, 16, 65536, 1)
+    n = NewBitmap("b")
+    assert repr(n) == "NewBitmap(name='b', granularity=65536, enabled=True, data=None)"
+    assert n == NewBitmap(name="b", granularity=65536, enabled=True) and hash(n) == hash(NewBitmap("b"))
+    assert n.replace(enabled=False) == NewBitmap("b", enabled=False)
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(NewBitmap("b", data=[b"\0"]))  # as the frozen dataclass: hashes its fields
+    with pytest.raises(AttributeError):
+        n.granularity = 512
+
+
+def test_check_result_record_as_the_dataclass_was() -> None:
+    from qcowdisk.qcow2.checkresult import CheckResult
+
+    r = CheckResult(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, "f")
+    assert repr(r) == ("CheckResult(check_errors=0, corruptions=1, leaks=2, corruptions_fixed=3, leaks_fixed=4, "
+                       "image_end_offset=5, total_clusters=6, allocated_clusters=7, fragmented_clusters=8, "
+                       "compressed_clusters=9, filename='f', format='qcow2')")
+    assert r == CheckResult(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, "f", "qcow2") and r != r.replace(filename="g")
+    assert hash(r) == hash(CheckResult(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, "f"))
+    assert r.replace(filename="g").filename == "g" and r.replace(filename="g").leaks == 2
+
+
+def test_header_defaults_are_not_shared() -> None:
+    from qcowdisk.qcow2.format import Header
+
+    a = Header(3, 0, 0, 16, 1 << 20, 0, 2, 0x30000, 0x10000, 1, 0, 0)
+    b = Header(3, 0, 0, 16, 1 << 20, 0, 2, 0x30000, 0x10000, 1, 0, 0)
+    assert a.extensions == [] and a.extensions is not b.extensions and a.feature_names is not b.feature_names
+    assert a == b and a.replace(size=0) != a
+    assert repr(a).startswith("Header(version=3, backing_file_offset=0,") and repr(a).endswith(
+        "extra_header=b'', extensions=[], backing_file=None, backing_format=None, data_file=None, feature_names={})")

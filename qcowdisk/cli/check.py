@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from .. import formats
@@ -73,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return err(str(e))
     finally:
         img.close()
-    result = dataclasses.replace(result, filename=shown(path))
+    result = result.replace(filename=shown(path))
     if not args.quiet:
         if args.output == "json":
             sys.stdout.write(result.to_json() + "\n")

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import AmendError
+from ..record import Record
 from . import bitmaps, ordering, snapshot
 from . import resize as resizing
 from .entries import (
@@ -70,19 +70,33 @@ Progress = Callable[[int, int], None]
 SECTOR = 512  # the unit a header write may tear at
 
 
-@dataclass
-class AmendOptions:
+class AmendOptions(Record):
     """The options given (None: not given), already parsed to their QEMU types."""
 
-    compat: str | None = None
-    lazy_refcounts: bool | None = None
-    backing_file: str | None = None
-    backing_fmt: str | None = None
-    refcount_bits: int | None = None
-    size: int | None = None
-    data_file: str | None = None
-    data_file_raw: bool | None = None
-    encrypt: bool = False  # some encrypt.* option was given
+    __slots__ = ("backing_file", "backing_fmt", "compat", "data_file", "data_file_raw", "encrypt", "lazy_refcounts",
+                 "refcount_bits", "size")
+    compat: str | None
+    lazy_refcounts: bool | None
+    backing_file: str | None
+    backing_fmt: str | None
+    refcount_bits: int | None
+    size: int | None
+    data_file: str | None
+    data_file_raw: bool | None
+    encrypt: bool  # some encrypt.* option was given
+
+    def __init__(self, compat: str | None = None, lazy_refcounts: bool | None = None, backing_file: str | None = None,
+                 backing_fmt: str | None = None, refcount_bits: int | None = None, size: int | None = None,
+                 data_file: str | None = None, data_file_raw: bool | None = None, encrypt: bool = False) -> None:
+        self.compat = compat
+        self.lazy_refcounts = lazy_refcounts
+        self.backing_file = backing_file
+        self.backing_fmt = backing_fmt
+        self.refcount_bits = refcount_bits
+        self.size = size
+        self.data_file = data_file
+        self.data_file_raw = data_file_raw
+        self.encrypt = encrypt
 
 
 def check(s: Qcow2State, o: AmendOptions) -> int:

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import BitmapError
 from ..hostio import Buffer
+from ..record import Record
 from .bitmaps import (
     NewBitmap,
     bitmap_bytes,
@@ -53,25 +52,37 @@ from .bitmaps import (
 from .format import BME_FLAG_AUTO, BME_FLAG_IN_USE, Bitmap
 from .state import Qcow2State
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     from .file import QcowFile
 
-_T = TypeVar("_T")
+    _T = TypeVar("_T")
 Marker = Callable[[int, int], None]
 """Records a guest write of (offset, length) in the tracked bitmaps (`BitmapEditor.marker`)."""
 _EMPTY: tuple[bytes, ...] = ()  # the contents of a new bitmap with every bit clear
 _RUNS = re.compile(rb"\xff+|[^\x00\xff]")  # whole set bytes as runs, mixed bytes one at a time
 
 
-@dataclass
-class _Entry:
+class _Entry(Record):
+    __slots__ = ("data", "disk", "flags", "granularity_bits", "name", "tracked")
     name: str
     flags: int
     granularity_bits: int
     disk: Bitmap | None           # its entry on disk (the table it has), None for a new bitmap
-    data: bytearray | Iterable[Buffer] | None = None  # new contents (chunks, streamed by the
+    data: bytearray | Iterable[Buffer] | None  # new contents (chunks, streamed by the
     # commit unless an operation needs them in memory); None: the table on disk stands
-    tracked: bool = False          # marked in use on disk while guest writes may happen
+    tracked: bool          # marked in use on disk while guest writes may happen
+
+    def __init__(self, name: str, flags: int, granularity_bits: int, disk: Bitmap | None,
+                 data: bytearray | Iterable[Buffer] | None = None, tracked: bool = False) -> None:
+        self.name = name
+        self.flags = flags
+        self.granularity_bits = granularity_bits
+        self.disk = disk
+        self.data = data
+        self.tracked = tracked
 
     @property
     def granularity(self) -> int:

@@ -14,23 +14,32 @@ The caller holds the image lock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from ..errors import BitmapError, ResizeError
+from ..record import Record
 from . import bitmaps
 from .format import BME_FLAG_IN_USE, Bitmap, Header
 from .state import Qcow2State
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass
-class Plan:
+
+class Plan(Record):
     """The bitmaps of an image about to be resized, with their contents at the new size."""
 
+    __slots__ = ("contents", "freed", "new_size", "old_header")
     new_size: int
     contents: list[tuple[Bitmap, bytes]]
-    freed: list[int] = field(default_factory=list)
-    old_header: Header | None = None
+    freed: list[int]
+    old_header: Header | None
+
+    def __init__(self, new_size: int, contents: list[tuple[Bitmap, bytes]], freed: list[int] | None = None,
+                 old_header: Header | None = None) -> None:
+        self.new_size = new_size
+        self.contents = contents
+        self.freed = [] if freed is None else freed
+        self.old_header = old_header
 
 
 def prepare(s: Qcow2State, new_size: int) -> Plan | None:

@@ -38,14 +38,12 @@ The caller holds the image lock.
 
 from __future__ import annotations
 
-import dataclasses
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from ..errors import BitmapError, CorruptImageError, InvalidImageError
 from ..hostio import Buffer
+from ..record import FrozenRecord
 from . import ordering
 from .entries import decode_u64_table, encode_u64_entries
 from .format import (
@@ -72,6 +70,10 @@ from .format import (
 )
 from .state import Qcow2State
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 BME_MAX_PHYS_SIZE = 0x20000000  # QEMU's limit on a bitmap's serialized bytes (its RAM copy)
 BME_TABLE_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -84,8 +86,7 @@ def bitmap_bytes(virtual_size: int, granularity: int) -> int:
     return -(-bits // 8)
 
 
-@dataclass(frozen=True)
-class NewBitmap:
+class NewBitmap(FrozenRecord):
     """A bitmap to add (`QcowFile.add_bitmaps`).
 
     `granularity` is the bytes of guest disk one bit covers (a power of two, 512 to 2 GiB);
@@ -94,14 +95,22 @@ class NewBitmap:
     chunks of any sizes adding up to `bitmap_bytes(virtual_size, granularity)`; None: all clear.
     """
 
+    __slots__ = ("data", "enabled", "granularity", "name")
     name: str
     """The new bitmap's name (1 to 1023 bytes of UTF-8, not in use in the image)."""
-    granularity: int = 65536
+    granularity: int
     """Bytes of guest disk one bit covers."""
-    enabled: bool = True
+    enabled: bool
     """QEMU's auto flag."""
-    data: Iterable[Buffer] | None = None
+    data: Iterable[Buffer] | None
     """The serialized bits as chunks, or None for a bitmap with every bit clear."""
+
+    def __init__(self, name: str, granularity: int = 65536, enabled: bool = True,
+                 data: Iterable[Buffer] | None = None) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "granularity", granularity)
+        object.__setattr__(self, "enabled", enabled)
+        object.__setattr__(self, "data", data)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -359,7 +368,7 @@ def _header_fields(s: Qcow2State, ext: HeaderExtension | None) -> tuple[dict[str
         "autoclear_features": h.autoclear_features | AUTOCLEAR_BITMAPS if ext else
         h.autoclear_features & ~AUTOCLEAR_BITMAPS,
         "incompatible_features": h.incompatible_features & ~INCOMPAT_DIRTY}
-    new_bytes = serialize_header(dataclasses.replace(h, **fields))
+    new_bytes = serialize_header(h.replace(**fields))
     if len(new_bytes) > s.cluster_size:
         raise BitmapError(f"the header with the bitmaps extension would take {len(new_bytes)} bytes, "
                           f"more than cluster 0 ({s.cluster_size} bytes)")

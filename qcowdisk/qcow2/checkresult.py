@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import QcowError
+from ..record import FrozenRecord
 from .state import Qcow2State
 
 FIX_LEAKS = 1   # BDRV_FIX_LEAKS
@@ -28,14 +28,16 @@ class CheckFailedError(QcowError):
         self.strerror = strerror
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(FrozenRecord):
     """What `qemu-img check --output=json` reports, field for field (QAPI ImageCheck).
 
     `corruptions_fixed` and `leaks_fixed` are what a repair fixed; the other counts describe the
     image after it (qemu-img checks a repaired image again and reports that second check).
     """
 
+    __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
+                 "filename", "format", "fragmented_clusters", "image_end_offset", "leaks", "leaks_fixed",
+                 "total_clusters")
     check_errors: int
     corruptions: int
     leaks: int
@@ -47,7 +49,23 @@ class CheckResult:
     fragmented_clusters: int
     compressed_clusters: int
     filename: str
-    format: str = "qcow2"
+    format: str
+
+    def __init__(self, check_errors: int, corruptions: int, leaks: int, corruptions_fixed: int, leaks_fixed: int,
+                 image_end_offset: int, total_clusters: int, allocated_clusters: int, fragmented_clusters: int,
+                 compressed_clusters: int, filename: str, format: str = "qcow2") -> None:
+        object.__setattr__(self, "check_errors", check_errors)
+        object.__setattr__(self, "corruptions", corruptions)
+        object.__setattr__(self, "leaks", leaks)
+        object.__setattr__(self, "corruptions_fixed", corruptions_fixed)
+        object.__setattr__(self, "leaks_fixed", leaks_fixed)
+        object.__setattr__(self, "image_end_offset", image_end_offset)
+        object.__setattr__(self, "total_clusters", total_clusters)
+        object.__setattr__(self, "allocated_clusters", allocated_clusters)
+        object.__setattr__(self, "fragmented_clusters", fragmented_clusters)
+        object.__setattr__(self, "compressed_clusters", compressed_clusters)
+        object.__setattr__(self, "filename", filename)
+        object.__setattr__(self, "format", format)
 
     @property
     def exit_status(self) -> int:

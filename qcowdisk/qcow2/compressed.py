@@ -37,10 +37,10 @@ Compression runs without the image lock (zlib and zstandard release the GIL);
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 
 from ..errors import UnsupportedFeatureError
 from ..hostio import Buffer
+from ..record import FrozenRecord
 from .compress import compress_cluster
 from .entries import OFLAG_COMPRESSED
 from .mapping import compressed_location, data_offset
@@ -88,16 +88,24 @@ def compress_clusters(mv: memoryview, cluster_size: int, compression_type: int) 
     return out
 
 
-@dataclass(frozen=True)
-class CompressedClusters:
+class CompressedClusters(FrozenRecord):
     """Whole clusters of guest data compressed for one write (`QcowFile.compress_clusters`),
     waiting to be written by `QcowFile.write_compressed_clusters`."""
 
+    __slots__ = ("cluster_size", "compression_type", "data", "offset", "payloads")
     offset: int  # guest offset of the first cluster
     data: memoryview  # the clusters' data (for those stored uncompressed)
     payloads: list[bytes | None]  # cluster i compressed, or None: stored uncompressed
     cluster_size: int
     compression_type: int
+
+    def __init__(self, offset: int, data: memoryview, payloads: list[bytes | None], cluster_size: int,
+                 compression_type: int) -> None:
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "payloads", payloads)
+        object.__setattr__(self, "cluster_size", cluster_size)
+        object.__setattr__(self, "compression_type", compression_type)
 
 
 def check_prepared(s: Qcow2State, clusters: CompressedClusters) -> None:

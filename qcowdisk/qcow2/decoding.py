@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptImageError
 from ..hostio import HostFile
+from ..record import Record
 from .compress import decompress_into
 from .mapping import compressed_location
 from .state import COMPRESSED_CACHE_CLUSTERS, Qcow2State
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # (concurrent.futures, with logging, is imported with the first pool)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -62,16 +62,23 @@ def _decoder_pool() -> ThreadPoolExecutor:
         return _pool[0]
 
 
-@dataclass(slots=True)
-class Piece:
+class Piece(Record):
     """A compressed run of a request: `length` bytes at `pos` in the destination, from byte
     `inc` of the cluster that L2 entry `entry` describes (guest cluster `guest_cluster`)."""
 
+    __slots__ = ("entry", "guest_cluster", "inc", "length", "pos")
     pos: int
     length: int
     inc: int
     entry: int
     guest_cluster: int
+
+    def __init__(self, pos: int, length: int, inc: int, entry: int, guest_cluster: int) -> None:
+        self.pos = pos
+        self.length = length
+        self.inc = inc
+        self.entry = entry
+        self.guest_cluster = guest_cluster
 
 
 def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
@@ -81,17 +88,25 @@ def read_compressed(s: Qcow2State, mv: memoryview, pieces: list[Piece]) -> None:
         cache_clusters(s, work.run())
 
 
-@dataclass(slots=True)
-class CompressedWork:
+class CompressedWork(Record):
     """The compressed clusters a request still has to read and decode once the cached ones
     are copied and every location is validated (`plan_compressed`, under the lock). `run`
     needs no lock: it reads only the image file and these validated values."""
 
+    __slots__ = ("cluster_size", "compression_type", "host", "mv", "todo")
     host: HostFile
     compression_type: int
     cluster_size: int
     mv: memoryview
     todo: list[tuple[Piece, int, int]]  # (piece, host offset, payload bytes), validated
+
+    def __init__(self, host: HostFile, compression_type: int, cluster_size: int, mv: memoryview,
+                 todo: list[tuple[Piece, int, int]]) -> None:
+        self.host = host
+        self.compression_type = compression_type
+        self.cluster_size = cluster_size
+        self.mv = mv
+        self.todo = todo
 
     def run(self) -> list[tuple[int, bytes]]:
         """Read and decode the payloads into `mv`; returns the clusters decoded aside (read

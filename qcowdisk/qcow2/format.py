@@ -8,10 +8,13 @@ Names follow QEMU's docs/interop/qcow2.txt.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from ..errors import InvalidImageError, UnsupportedFeatureError
+from ..record import FrozenRecord, Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (datetime is imported where a snapshot's date is decoded)
+    from datetime import datetime
 
 QCOW_MAGIC = b"QFI\xfb"
 
@@ -91,18 +94,47 @@ def _pad8(length: int) -> int:
     return align_up(length, 8)
 
 
-@dataclass
-class HeaderExtension:
+class HeaderExtension(Record):
     """One header extension record, kept verbatim so unknown ones survive a rewrite."""
 
+    __slots__ = ("data", "ext_type")
     ext_type: int
     data: bytes
 
+    def __init__(self, ext_type: int, data: bytes) -> None:
+        self.ext_type = ext_type
+        self.data = data
 
-@dataclass
-class Header:
+
+class Header(Record):
     """The decoded qcow2 header plus its extensions. Every field has been range-checked."""
 
+    __slots__ = (
+        "autoclear_features",
+        "backing_file",
+        "backing_file_offset",
+        "backing_file_size",
+        "backing_format",
+        "cluster_bits",
+        "compatible_features",
+        "compression_type",
+        "crypt_method",
+        "data_file",
+        "extensions",
+        "extra_header",
+        "feature_names",
+        "header_length",
+        "incompatible_features",
+        "l1_size",
+        "l1_table_offset",
+        "nb_snapshots",
+        "refcount_order",
+        "refcount_table_clusters",
+        "refcount_table_offset",
+        "size",
+        "snapshots_offset",
+        "version",
+    )
     version: int
     backing_file_offset: int
     backing_file_size: int
@@ -115,18 +147,52 @@ class Header:
     refcount_table_clusters: int
     nb_snapshots: int
     snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = HEADER_V3_LENGTH
-    compression_type: int = COMPRESSION_ZLIB
-    extra_header: bytes = b""  # header fields beyond those known (bytes 112..header_length)
-    extensions: list[HeaderExtension] = field(default_factory=list)
-    backing_file: str | None = None
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    incompatible_features: int
+    compatible_features: int
+    autoclear_features: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
+    extra_header: bytes  # header fields beyond those known (bytes 112..header_length)
+    extensions: list[HeaderExtension]
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None
+    feature_names: dict[tuple[int, int], str]
+
+    def __init__(self, version: int, backing_file_offset: int, backing_file_size: int, cluster_bits: int,
+                 size: int, crypt_method: int, l1_size: int, l1_table_offset: int, refcount_table_offset: int,
+                 refcount_table_clusters: int, nb_snapshots: int, snapshots_offset: int,
+                 incompatible_features: int = 0, compatible_features: int = 0, autoclear_features: int = 0,
+                 refcount_order: int = 4, header_length: int = HEADER_V3_LENGTH,
+                 compression_type: int = COMPRESSION_ZLIB, extra_header: bytes = b"",
+                 extensions: list[HeaderExtension] | None = None, backing_file: str | None = None,
+                 backing_format: str | None = None, data_file: str | None = None,
+                 feature_names: dict[tuple[int, int], str] | None = None) -> None:
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        self.extra_header = extra_header
+        self.extensions = [] if extensions is None else extensions
+        self.backing_file = backing_file
+        self.backing_format = backing_format
+        self.data_file = data_file
+        self.feature_names = {} if feature_names is None else feature_names
 
     @property
     def cluster_size(self) -> int:
@@ -486,13 +552,14 @@ def feature_table_extension() -> HeaderExtension:
     return HeaderExtension(EXT_FEATURE_TABLE, data)
 
 
-@dataclass(frozen=True)
-class SnapshotEntry:
+class SnapshotEntry(FrozenRecord):
     """One snapshot table entry exactly as stored, so that rewriting the table keeps every byte
     of the entries it does not change (ids and names are bytes, dates keep their nanoseconds,
     unknown extra data stays).
     """
 
+    __slots__ = ("date_nsec", "date_sec", "extra", "id_raw", "l1_size", "l1_table_offset", "name_raw",
+                 "vm_clock_ns", "vm_state_size")
     l1_table_offset: int
     l1_size: int
     id_raw: bytes
@@ -502,6 +569,18 @@ class SnapshotEntry:
     vm_clock_ns: int
     vm_state_size: int  # the header's 32-bit field (the extra data may hold a larger one)
     extra: bytes        # extra data verbatim: vm_state_size_large, disk_size, icount, unknown
+
+    def __init__(self, l1_table_offset: int, l1_size: int, id_raw: bytes, name_raw: bytes, date_sec: int,
+                 date_nsec: int, vm_clock_ns: int, vm_state_size: int, extra: bytes) -> None:
+        object.__setattr__(self, "l1_table_offset", l1_table_offset)
+        object.__setattr__(self, "l1_size", l1_size)
+        object.__setattr__(self, "id_raw", id_raw)
+        object.__setattr__(self, "name_raw", name_raw)
+        object.__setattr__(self, "date_sec", date_sec)
+        object.__setattr__(self, "date_nsec", date_nsec)
+        object.__setattr__(self, "vm_clock_ns", vm_clock_ns)
+        object.__setattr__(self, "vm_state_size", vm_state_size)
+        object.__setattr__(self, "extra", extra)
 
     def encode(self) -> bytes:
         """The entry's bytes, padded to 8."""
@@ -522,10 +601,13 @@ class SnapshotEntry:
         return self.name_raw.split(b"\0", 1)[0]
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(FrozenRecord):
     """One internal snapshot, as listed in the snapshot table (table order)."""
 
+    __slots__ = ("date", "disk_size", "entry", "icount", "id", "l1_size", "l1_table_offset", "name",
+                 "vm_clock_ns", "vm_state_size")
+    _hidden = ("l1_table_offset", "l1_size", "entry")  # (left out of repr)
+    _uncompared = ("entry",)  # (ignored by == and hash)
     id: str
     """The snapshot's id (`qemu-img snapshot -l`'s ID column), unique in the table."""
     name: str
@@ -540,12 +622,26 @@ class Snapshot:
     """The virtual disk size at the snapshot, None when the entry's extra data does not record it."""
     icount: int | None
     """The guest's instruction count at the snapshot, None when the entry does not record it."""
-    l1_table_offset: int = field(default=0, repr=False)
+    l1_table_offset: int
     """Host offset of the snapshot's L1 table."""
-    l1_size: int = field(default=0, repr=False)
+    l1_size: int
     """Entries in the snapshot's L1 table."""
-    entry: SnapshotEntry | None = field(default=None, repr=False, compare=False)  # as stored
+    entry: SnapshotEntry | None  # as stored
     """The table entry as stored (raw fields and extra data, so a rewrite preserves them)."""
+
+    def __init__(self, id: str, name: str, date: datetime, vm_clock_ns: int, vm_state_size: int,
+                 disk_size: int | None, icount: int | None, l1_table_offset: int = 0, l1_size: int = 0,
+                 entry: SnapshotEntry | None = None) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "date", date)
+        object.__setattr__(self, "vm_clock_ns", vm_clock_ns)
+        object.__setattr__(self, "vm_state_size", vm_state_size)
+        object.__setattr__(self, "disk_size", disk_size)
+        object.__setattr__(self, "icount", icount)
+        object.__setattr__(self, "l1_table_offset", l1_table_offset)
+        object.__setattr__(self, "l1_size", l1_size)
+        object.__setattr__(self, "entry", entry)
 
 
 def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int,
@@ -554,6 +650,7 @@ def parse_snapshot_table(buf: bytes, count: int, version: int, cluster_size: int
 
     Each entry's L1 table is range-checked; every length comes from `buf` itself, never past it.
     """
+    from datetime import UTC, datetime  # (here: only an image with snapshots needs it)
     snaps: list[Snapshot] = []
     pos = 0
     def incomplete(i: int, need: int) -> InvalidImageError:
@@ -640,19 +737,24 @@ BME_MIN_GRANULARITY_BITS = 9
 BME_MAX_NAME_SIZE = 1023
 
 
-@dataclass(frozen=True)
-class BitmapsExtension:
+class BitmapsExtension(FrozenRecord):
     """The bitmaps header extension: how many bitmaps, where the directory is."""
 
+    __slots__ = ("directory_offset", "directory_size", "nb_bitmaps")
     nb_bitmaps: int
     directory_size: int
     directory_offset: int
 
+    def __init__(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
+        object.__setattr__(self, "nb_bitmaps", nb_bitmaps)
+        object.__setattr__(self, "directory_size", directory_size)
+        object.__setattr__(self, "directory_offset", directory_offset)
 
-@dataclass(frozen=True)
-class Bitmap:
+
+class Bitmap(FrozenRecord):
     """One entry of the bitmap directory."""
 
+    __slots__ = ("flags", "granularity_bits", "name", "table_offset", "table_size")
     name: str
     """The bitmap's name, unique in the image."""
     flags: int
@@ -663,6 +765,13 @@ class Bitmap:
     """Host offset of the bitmap table."""
     table_size: int
     """Entries in the bitmap table (one per cluster of serialized bits)."""
+
+    def __init__(self, name: str, flags: int, granularity_bits: int, table_offset: int, table_size: int) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "granularity_bits", granularity_bits)
+        object.__setattr__(self, "table_offset", table_offset)
+        object.__setattr__(self, "table_size", table_size)
 
     @property
     def granularity(self) -> int:

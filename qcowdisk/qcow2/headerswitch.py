@@ -37,7 +37,6 @@ one write may mix the two headers; it is the only window left, and QEMU has it f
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 from ..hostio import HostFile
@@ -148,7 +147,7 @@ def _moved_extensions(cur: bytes, cur_end: int, old: Header, new: Header, new_by
     fixed = HEADER_V3_LENGTH + len(base.extra_header)
     at = _round8(max(cur_end, len(new_bytes), fixed))
     filler = cur[fixed:at].ljust(at - fixed, b"\0")
-    h = dataclasses.replace(base, extensions=list(base.extensions), extra_header=base.extra_header + filler)
+    h = base.replace(extensions=list(base.extensions), extra_header=base.extra_header + filler)
     try:
         buf = serialize_header(h)
     except ValueError:
@@ -194,7 +193,7 @@ def _old_end(old: Header) -> int:
     """Where the old header's bytes end (its extensions or its name, whichever is later)."""
     name_end = old.backing_file_offset + old.backing_file_size if old.backing_file_offset else 0
     try:
-        return max(name_end, len(serialize_header(dataclasses.replace(old, extensions=list(old.extensions)))))
+        return max(name_end, len(serialize_header(old.replace(extensions=list(old.extensions)))))
     except ValueError:  # (an image read from disk always fits; this only keeps the switch going)
         return name_end
 

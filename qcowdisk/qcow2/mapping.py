@@ -10,9 +10,9 @@ image lock.
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
 
 from ..errors import CorruptImageError
+from ..record import Record
 from .entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -40,14 +40,20 @@ RUN_COMPRESSED = 3  # part of one compressed cluster; `host` is the L2 entry (th
 NO_HOST = -1
 
 
-@dataclass(slots=True)
-class Run:
+class Run(Record):
     """A guest range with one way of being read. Runs of a request are contiguous in guest space."""
 
+    __slots__ = ("guest_cluster", "host", "kind", "length")
     kind: int
     length: int
     host: int           # see the RUN_* kinds
     guest_cluster: int  # of the run's first byte (for messages and compressed decoding)
+
+    def __init__(self, kind: int, length: int, host: int, guest_cluster: int) -> None:
+        self.kind = kind
+        self.length = length
+        self.host = host
+        self.guest_cluster = guest_cluster
 
 
 def _add_run(runs: list[Run], last: Run | None, kind: int, length: int, host: int, guest_cluster: int) -> Run:

@@ -19,13 +19,14 @@ the image lock.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 from .format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, serialize_header
 from .headerswitch import write_header
 from .refcount import Refcounts
 from .state import Qcow2State
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class GuestData:
@@ -71,7 +72,7 @@ def switch_header(state: Qcow2State, **fields: Any) -> None:
     sync after makes the switch itself durable before anything relies on it (freeing the old).
     """
     state.host.sync()
-    new_header = dataclasses.replace(state.header, **fields)
+    new_header = state.header.replace(**fields)
     # One sector write in the end, whatever the header's size (headerswitch: a torn write of a
     # header spanning several sectors could mix the old and the new one).
     write_header(state.host, state.cluster_size, state.header, new_header, serialize_header(new_header))

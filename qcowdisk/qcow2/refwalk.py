@@ -16,11 +16,11 @@ import errno
 import operator
 import sys
 from array import array
-from dataclasses import dataclass, field
 from functools import cache, reduce
 from itertools import compress
 
 from ..errors import CorruptImageError
+from ..record import FrozenRecord
 from .checkresult import FIX_ERRORS, CheckProgress, CheckTally, Report, StepFailed, hx, no_report
 from .diskrefs import read_reftable, snapshot_table_size
 from .entries import (
@@ -520,13 +520,24 @@ def _progression_digits(n: int) -> tuple[int, int]:
             int.from_bytes(array("Q", range(n)), sys.byteorder))
 
 
-@dataclass(frozen=True)
-class SnapshotRef:
+class SnapshotRef(FrozenRecord):
     """What the check needs of one snapshot table entry (read as QEMU reads it in check mode)."""
 
+    __slots__ = ("entry", "extra_data_size", "id", "l1_size", "l1_table_offset", "name")
+    _hidden = ("entry",)
+    _uncompared = ("entry",)
     id: str
     name: str
     l1_table_offset: int
     l1_size: int
     extra_data_size: int
-    entry: SnapshotEntry | None = field(default=None, compare=False, repr=False)  # as a rewrite needs it
+    entry: SnapshotEntry | None  # as a rewrite needs it
+
+    def __init__(self, id: str, name: str, l1_table_offset: int, l1_size: int, extra_data_size: int,
+                 entry: SnapshotEntry | None = None) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "l1_table_offset", l1_table_offset)
+        object.__setattr__(self, "l1_size", l1_size)
+        object.__setattr__(self, "extra_data_size", extra_data_size)
+        object.__setattr__(self, "entry", entry)

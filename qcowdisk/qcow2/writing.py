@@ -18,10 +18,10 @@ deferred-free queue. Everything here expects the caller to hold the image lock.
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
 
 from ..hostio import Buffer
 from ..image import ZERO_BLOCK_LENGTH, zero_block
+from ..record import Record
 from .cache import CachedTable
 from .entries import (
     L2E_OFFSET_MASK,
@@ -46,8 +46,7 @@ from .state import Qcow2State
 _FAST_WRITE_BAD = OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED_MASK
 
 
-@dataclass(slots=True)
-class ClusterWrite:
+class ClusterWrite(Record):
     """How one guest cluster of a request is written.
 
     The caller's bytes cover [start, end) of the cluster; [region_start, region_end) is what is
@@ -55,15 +54,29 @@ class ClusterWrite:
     cluster's offset, or None until a new cluster is allocated.
     """
 
+    __slots__ = ("bitmap", "end", "host", "l2_index", "region_end", "region_start", "source", "start",
+                 "zero_beneath")
     l2_index: int
     start: int
     end: int
     region_start: int
     region_end: int
     host: int | None
-    bitmap: int = 0       # the new subcluster bitmap (extended L2)
-    source: int = 0       # offset of the caller's bytes for this cluster in the request
-    zero_beneath: bool = False  # a new cluster whose copy-on-write parts read as zeros
+    bitmap: int       # the new subcluster bitmap (extended L2)
+    source: int       # offset of the caller's bytes for this cluster in the request
+    zero_beneath: bool  # a new cluster whose copy-on-write parts read as zeros
+
+    def __init__(self, l2_index: int, start: int, end: int, region_start: int, region_end: int, host: int | None,
+                 bitmap: int = 0, source: int = 0, zero_beneath: bool = False) -> None:
+        self.l2_index = l2_index
+        self.start = start
+        self.end = end
+        self.region_start = region_start
+        self.region_end = region_end
+        self.host = host
+        self.bitmap = bitmap
+        self.source = source
+        self.zero_beneath = zero_beneath
 
 
 def _refcounts(s: Qcow2State) -> Refcounts:
