@@ -25,7 +25,6 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 from .. import formats
@@ -34,6 +33,7 @@ from ..errors import QcowError
 from ..image import Image, LayerExtent, fill_zeros, zero_block
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
+from ..record import FrozenRecord
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most compared in one step
 SECTOR = 512
@@ -50,8 +50,7 @@ Progress = Callable[[int, int], object]
 Reason = Literal["identical", "content", "block-status", "size"]
 
 
-@dataclass(frozen=True, slots=True)
-class CompareResult:
+class CompareResult(FrozenRecord):
     """The verdict of `compare`.
 
     `identical` is qemu-img's exit status 0 (1 otherwise). `reason` says why they differ:
@@ -63,6 +62,7 @@ class CompareResult:
     the lines `qemu-img compare` prints on stdout, in order.
     """
 
+    __slots__ = ("identical", "messages", "offset", "reason", "size_a", "size_b")
     identical: bool
     """Whether qemu-img compare would exit 0."""
     reason: Reason
@@ -75,6 +75,17 @@ class CompareResult:
     """The second disk's size as QEMU sees it."""
     messages: tuple[str, ...]
     """The lines `qemu-img compare` prints on stdout, in order."""
+
+    def __init__(self, identical: bool, reason: Reason, offset: int | None, size_a: int, size_b: int,
+                 messages: tuple[str, ...]) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "identical", identical)
+        setattr_(self, "reason", reason)
+        setattr_(self, "offset", offset)
+        setattr_(self, "size_a", size_a)
+        setattr_(self, "size_b", size_b)
+        setattr_(self, "messages", messages)
+
 
     @property
     def sizes_differ(self) -> bool:
