@@ -26,12 +26,17 @@ from collections.abc import Callable, Iterator
 from . import formats
 from .blockstatus import block_status, locked
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
-from .hostio import Buffer, HostFile
-from .image import Extent, Image, LayerExtent, as_index, fill_zeros
+from .hostio import HostFile
+from .image import Extent, LayerExtent, as_index, fill_zeros
 from .locking import ImageLock, lock_image
 from .qcow2.entries import TableCodec
 from .qcow2.format import Snapshot
 from .record import FrozenRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .hostio import Buffer
+    from .image import Image
 
 QCOW1_MAGIC = b"QFI\xfb"
 QCOW1_VERSION = 1

@@ -8,7 +8,6 @@ import sys
 from .. import formats
 from ..formats import probe_format
 from .common import (
-    AnyImage,
     Parser,
     UsageError,
     add_confine,
@@ -22,8 +21,13 @@ from .common import (
     shown,
     shown_as_info,
 )
-from .infotext import ImageInfo, chain_info, format_human, image_info
+from .infotext import chain_info, format_human, image_info
 from .qemujson import qemu_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .common import AnyImage
+    from .infotext import ImageInfo
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -25,15 +25,22 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Literal
 
 from .. import formats
 from ..blockstatus import qemu_length
 from ..errors import QcowError
-from ..image import Image, LayerExtent, fill_zeros, zero_block
+from ..image import LayerExtent, fill_zeros, zero_block
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
 from ..record import FrozenRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from ..image import Image
+
+    Reason = Literal["identical", "content", "block-status", "size"]
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most compared in one step
 SECTOR = 512
@@ -47,7 +54,9 @@ ALLOCATED = 0x10
 EOF = 0x20
 
 Progress = Callable[[int, int], object]
-Reason = Literal["identical", "content", "block-status", "size"]
+# what names an image rather than being one (an isinstance check on the Image protocol would
+# import typing, which a command's start-up does without)
+_PATH_TYPES = (str, bytes, os.PathLike)
 
 
 class CompareResult(FrozenRecord):
@@ -120,14 +129,14 @@ def compare(a: str | os.PathLike[str] | Image, b: str | os.PathLike[str] | Image
     with contextlib.ExitStack() as stack:
         img_a = _opened(a, a_format, force_share, stack)
         img_b = _opened(b, b_format, force_share, stack)
-        name_a = img_a.filename if isinstance(a, Image) else os.fspath(a)
-        name_b = img_b.filename if isinstance(b, Image) else os.fspath(b)
+        name_a = os.fspath(a) if isinstance(a, _PATH_TYPES) else img_a.filename
+        name_b = os.fspath(b) if isinstance(b, _PATH_TYPES) else img_b.filename
         return _Comparison(img_a, name_a, img_b, name_b, strict, progress).run()
 
 
 def _opened(src: str | os.PathLike[str] | Image, fmt: str | None, force_share: bool,
             stack: contextlib.ExitStack) -> Image:
-    if isinstance(src, Image):
+    if not isinstance(src, _PATH_TYPES):  # an opened image
         return src
     img = formats.open_image(os.fspath(src), fmt, formats.OpenOptions(readonly=True, force_share=force_share))
     stack.callback(img.close)

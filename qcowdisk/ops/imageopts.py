@@ -30,18 +30,20 @@ Options that would change what is read or written and that qcowdisk does not imp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 from collections.abc import Callable
-from typing import Any
 
 from .. import formats
 from ..errors import QcowError
 from ..record import FrozenRecord
 from . import qemuopts
 from .qemuopts import OptionError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # QEMU 7.2's block drivers (qemu-img --help): a name outside this list is "Unknown driver".
 QEMU_DRIVERS = frozenset((
@@ -518,6 +520,7 @@ def _shown(values: dict[str, str], fmt: str, filename: str) -> str:
     strong = [k for k in ("offset", "size") if fmt == "raw" and k in values]
     if not strong:
         return filename
+    import json  # (only here: a plain image name needs no json, and every command parses options)
     fields: dict[str, str] = {"driver": json.dumps(fmt), **{k: json.dumps(values[k]) for k in strong}}
     child = {"driver": json.dumps(values.get("file.driver", "file")), "filename": json.dumps(filename)}
     fields["file"] = "{" + ", ".join(f'"{k}": {child[k]}' for k in qdict_order(list(child))) + "}"
@@ -526,6 +529,8 @@ def _shown(values: dict[str, str], fmt: str, filename: str) -> str:
 
 def json_name(tree: dict[str, object]) -> str:
     """QEMU's json: name for a tree of options (None is null), keys in QDict order."""
+    import json
+
     def dump(value: object) -> str:
         if isinstance(value, dict):
             return "{" + ", ".join(f"{json.dumps(k)}: {dump(value[k])}" for k in qdict_order(list(value))) + "}"

@@ -22,11 +22,14 @@ from collections.abc import Mapping
 
 from .. import formats
 from ..blockstatus import qemu_length
-from ..image import Image
 from ..qcow2.file import QcowFile
 from ..qcow2.format import EXT_BITMAPS
 from ..record import FrozenRecord
 from .qemuopts import INT64_MAX, OptionError, OptType, OptValue, QemuOpts, split_option_list
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 S, B, N, Z = OptType.STRING, OptType.BOOL, OptType.NUMBER, OptType.SIZE
 
@@ -100,7 +103,7 @@ def measure(*, size: int | None = None, src: str | os.PathLike[str] | Image | No
         raise ValueError(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
     with contextlib.ExitStack() as stack:
         source: Image | None = None
-        if isinstance(src, Image):
+        if src is not None and not isinstance(src, (str, bytes, os.PathLike)):  # an opened image
             source = src
         elif src is not None:
             source = formats.open_image(os.fspath(src), src_format, formats.OpenOptions(
