@@ -22,7 +22,6 @@ from .common import (
     shown_as_info,
 )
 from .infotext import chain_info, format_human, image_info
-from .qemujson import qemu_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -52,6 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     finally:
         img.close()
     if args.output == "json":
+        from .qemujson import qemu_json  # (json only for JSON output: start-up time)
         payload: list[ImageInfo] | ImageInfo = infos if args.backing_chain else infos[0]
         sys.stdout.write(qemu_json(payload) + "\n")
     else:
