@@ -7,7 +7,7 @@ Images (built with qemu-img / qemu-io in a scratch directory):
   written-1G    1 GiB written by qemu-io in 1 MiB pieces, with a snapshot (shared clusters, two L1 tables)
   c512-64M      64 MiB with 512-byte clusters, fully written (131072 data clusters, 1024 L2 tables)
 
-For each: qemu-img check (process wall time), `python -m qcowdisk check` (process wall time,
+For each: qemu-img check (process wall time), the `qcowdisk check` command (process wall time, see cleanpython.py;
 interpreter start-up included), `QcowFile.open` + `check()` + close and `check()` alone in this
 process, the best of --repeat interleaved rounds each. Prints one table; asserts nothing.
 `check_rows()` returns the rows benchmarks/run_benchmarks.py prints.
@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qcowdisk import QcowFile  # noqa: E402 - after the path set-up above
+from cleanpython import CleanPython  # noqa: E402 - after the path set-up above
+from qcowdisk import QcowFile  # noqa: E402
 
 
 def run(*args: str) -> None:
@@ -66,16 +67,16 @@ def best(fn: Callable[[], object], repeat: int) -> float:
     return min(times)
 
 
-def measure(p: Path, repeat: int) -> dict[str, float | bool | int]:
-    """One image: the best of `repeat` interleaved rounds of qemu-img check (process), `python -m
-    qcowdisk check` (process), QcowFile open + check + close and check() alone (in-process)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def measure(p: Path, repeat: int, clean: CleanPython) -> dict[str, float | bool | int]:
+    """One image: the best of `repeat` interleaved rounds of qemu-img check (process), the
+    `qcowdisk check` command (process, see cleanpython.py), QcowFile open + check + close and
+    check() alone (in-process)."""
 
     def qemu() -> None:
         subprocess.run(["qemu-img", "check", str(p)], capture_output=True, check=False)
 
     def cli() -> None:
-        subprocess.run([sys.executable, "-m", "qcowdisk", "check", str(p)], capture_output=True, env=env, check=False)
+        subprocess.run([clean.qcowdisk, "check", str(p)], capture_output=True, env=clean.env, check=False)
 
     def whole() -> None:
         with QcowFile.open(p, readonly=True) as disk:
@@ -96,12 +97,13 @@ def check_rows(kinds: tuple[str, ...] = ("sparse-1T", "full-4G", "c512-64M"), re
                workdir: str | None = None) -> list[tuple[str, float, float, float]]:
     """(name, qcowdisk seconds, qemu-img seconds, ratio = qemu-img / qcowdisk time: above 1 means
     qcowdisk is faster) for each image: `check()` in-process against the qemu-img process, and
-    the `python -m qcowdisk check` process (interpreter start-up included) against it."""
+    the `qcowdisk check` process (interpreter start-up included, see cleanpython.py) against it."""
     d = Path(tempfile.mkdtemp(prefix="bench-check-", dir=workdir))
     rows = []
     try:
+        clean = CleanPython(d / "python")
         for kind in kinds:
-            m = measure(build(kind, d), repeat)
+            m = measure(build(kind, d), repeat, clean)
             qemu, api, cli = float(m["qemu"]), float(m["check"]), float(m["cli"])
             rows.append((f"check {kind}: QcowFile.check() in-process", api, qemu, qemu / api))
             rows.append((f"check {kind}: qcowdisk check process", cli, qemu, qemu / cli))

@@ -8,7 +8,7 @@ from files under /usr in its first half; top.qcow2 is an overlay of it whose 4 M
 data (/usr files, at a different place in them), zeros (`write -z`), unallocated, data, in turn;
 new.qcow2 is a base whose first quarter matches base.qcow2 and the rest holds other /usr data.
 
-Cases, each tool as a whole process (`python3 -m qcowdisk ...` and `qemu-img ...`) on a fresh
+Cases, each tool as a whole process (the `qcowdisk` command of a clean venv, see cleanpython.py, and `qemu-img ...`) on a fresh
 copy of the chain (the copy is not timed), page cache hot, best of --repeat, taken in turn;
 wall time, then the library call (`qcowdisk.commit` / `qcowdisk.rebase`) timed inside this
 interpreter against the same qemu-img process (as bench_check.py does for check), then CPU time
@@ -34,6 +34,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from cleanpython import CleanPython
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -166,10 +168,8 @@ def fresh(src: Path, dst: Path, names: list[str]) -> None:
     os.sync()
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, user + system CPU seconds) of one whole process."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as installed: .pyc kept
-    env["PYTHONPATH"] = str(REPO)
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(p.pid, 0)
@@ -192,6 +192,7 @@ def bench_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
         if not inputs:
             src.mkdir()
             build(src, size)
+        clean = CleanPython(t / "python")  # the qcowdisk command as installed (see cleanpython.py)
         for key, (name, args, chain, results) in CASES.items():
             if only and key != only:
                 continue
@@ -199,11 +200,11 @@ def bench_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 3,
                     "in-process": float("inf")}
             cpu = dict(wall)
             for _ in range(repeat):
-                w, c = timed([sys.executable, "-c", "import qcowdisk.cli"], t)
+                w, c = timed([clean.python, "-c", "import qcowdisk.cli"], t, clean.env)
                 wall["start-up"], cpu["start-up"] = min(wall["start-up"], w), min(cpu["start-up"], c)
-                for tool, cmd in (("qcowdisk", [sys.executable, "-m", "qcowdisk"]), ("qemu-img", ["qemu-img"])):
+                for tool, cmd, env in (("qcowdisk", [clean.qcowdisk], clean.env), ("qemu-img", ["qemu-img"], None)):
                     fresh(src, t / tool, chain)
-                    w, c = timed([*cmd, *args], t / tool)
+                    w, c = timed([*cmd, *args], t / tool, env)
                     wall[tool], cpu[tool] = min(wall[tool], w), min(cpu[tool], c)
                 fresh(src, t / "in-process", chain)
                 t0 = time.monotonic()

@@ -16,7 +16,8 @@ What each side syncs: `qemu-img convert` opens its target with cache=unsafe by d
 fsyncs it; qcowdisk's library default (cache="writeback") fsyncs the target before returning.
 `qcowdisk convert` takes qemu-img's -t with the same default (unsafe). So both sides get the same
 options: none ("no sync": neither fsyncs) or `-t writeback` ("synced": both fsync the target at
-the end). qcowdisk runs as `python3 -m qcowdisk convert ...`.
+the end). qcowdisk runs as the `qcowdisk` console script of a clean venv (benchmarks/cleanpython.py:
+the interpreter starts as an installed user's does, without this one's site-packages hooks).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from cleanpython import CleanPython
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -81,15 +84,6 @@ def make_source(path: Path, size: int) -> None:
             del pending[:n]
 
 
-def python_env(pycache: Path) -> dict[str, str]:
-    """The environment the qcowdisk side runs in: its source tree importable, and bytecode cached
-    (in `pycache`, not the tree) even if the caller's environment turns that off: an installed
-    package has its bytecode, and compiling every module at every start is not what users time."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(pycache)}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
-
-
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds: user + system) of one whole process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -100,9 +94,9 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def ours(opts: list[str], src: Path, dst: Path) -> list[str]:
-    """The `qcowdisk convert` command line."""
-    return [sys.executable, "-m", "qcowdisk", "convert", *opts, str(src), str(dst)]
+def ours(clean: CleanPython, opts: list[str], src: Path, dst: Path) -> list[str]:
+    """The `qcowdisk convert` command line (the console script of a clean venv, see cleanpython.py)."""
+    return [clean.qcowdisk, "convert", *opts, str(src), str(dst)]
 
 
 @dataclass
@@ -169,9 +163,8 @@ def convert_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 
         make_source(raw, size)
         qcow = tmp / "src.qcow2"
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
-        env = python_env(tmp / "pycache")
-        subprocess.run(ours(["-O", "qcow2"], raw, tmp / "warm.qcow2"), check=True, env=env)  # bytecode cached
-        (tmp / "warm.qcow2").unlink()
+        clean = CleanPython(tmp / "python")
+        env = clean.env
         for name, src, opts, ext in cases(raw, qcow):
             if only and only not in name:
                 continue
@@ -182,7 +175,7 @@ def convert_rows(size: int = 1 << 30, workdir: str | None = None, repeat: int = 
             if library:
                 in_process(opts, src, out_ours)  # imports and first-call costs: not what is timed
             for _ in range(repeat):
-                a.append(in_process(opts, src, out_ours) if library else timed(ours(opts, src, out_ours), env))
+                a.append(in_process(opts, src, out_ours) if library else timed(ours(clean, opts, src, out_ours), env))
                 b.append(timed(["qemu-img", "convert", *opts, str(src), str(out_qemu)]))
             same = subprocess.run(["qemu-img", "compare", "-q", str(out_ours), str(out_qemu)],
                                   check=False).returncode == 0

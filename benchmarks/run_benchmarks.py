@@ -25,7 +25,7 @@ NBD
   g) `nbdcopy` out of `qcowdisk serve --readonly` vs out of `qemu-nbd` serving the same image
      (benchmarks/bench_nbd.py: a mixed image of --size; to null: and to a file; best of --repeat)
 CHECK
-  h) `QcowFile.check()` in-process, and the `python -m qcowdisk check` process, vs the `qemu-img check`
+  h) `QcowFile.check()` in-process, and the `qcowdisk check` process (clean venv, cleanpython.py), vs the `qemu-img check`
      process, on a sparse 1 TiB, a fully allocated 4 GiB and a 64 MiB 512 B-cluster image (bench_check.py)
 CONVERT (benchmarks/bench_convert.py: half /usr files, half zeros, --size bytes; whole processes)
   i) raw -> qcow2, qcow2 -> raw, -c zlib and -c zstd with -m 8 -W, against `qemu-img convert`, like
@@ -807,7 +807,7 @@ def bench_commit_rebase(workdir: str, size: int, repeat: int, rows: list[Row]) -
 
 def bench_check(workdir: str, repeat: int, rows: list[Row]) -> None:
     """qcowdisk check against qemu-img check: in-process check() (target >= 1.0) and the whole
-    `python -m qcowdisk check` process (interpreter start-up included; for reference)."""
+    `qcowdisk check` process (interpreter start-up included; for reference)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_check import check_rows
     with guarded(rows, "h) check", "ms", "qemu-img check (process)"):

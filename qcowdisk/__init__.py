@@ -15,7 +15,7 @@ Layout (each layer imports only from the ones before it):
   the package's `pytest11` entry point; it needs pytest, nothing imports it otherwise).
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
 from .errors import (
     AmendError,
@@ -35,7 +35,10 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a short command's start-up)
 if TYPE_CHECKING:  # imported on first use (see __getattr__): a command needs a few of them only
+    from typing import Any
+
     from .image import Extent, Image
     from .ops.commit import commit  # qemu-img's operations over any image
     from .ops.compare import compare
@@ -48,9 +51,9 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__): a command needs a 
     from .stream import QcowIO, open  # qcowdisk.open, as gzip.open and tarfile.open
 
 # public name -> the module defining it, imported when the name is first looked up
-_LAZY = {"Extent": "image", "Image": "image", "commit": "ops", "compare": "ops", "convert": "ops",
-         "measure": "ops", "rebase": "ops", "QcowFile": "qcow2.file", "Snapshot": "qcow2.format",
-         "Bitmap": "qcow2.format", "NewBitmap": "qcow2.bitmaps",
+_LAZY = {"Extent": "image", "Image": "image", "commit": "ops.commit", "compare": "ops.compare",
+         "convert": "ops.convert", "measure": "ops.measure", "rebase": "ops.rebase", "QcowFile": "qcow2.file",
+         "Snapshot": "qcow2.format", "Bitmap": "qcow2.format", "NewBitmap": "qcow2.bitmaps",
          "QcowIO": "stream", "open": "stream"}
 
 __all__ = ["QcowError", "InvalidImageError", "CorruptImageError", "UnsupportedFeatureError", "UnsafeFileError",

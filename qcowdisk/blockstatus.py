@@ -30,10 +30,15 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from itertools import islice
-from typing import Any
 
 from .errors import QcowError
-from .image import Extent, Image, LayerExtent
+from .image import Extent, LayerExtent
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .image import Image
 
 SECTOR = 512
 # Runs one layer_status call may return at most, in units of the layer's smallest run: keeps

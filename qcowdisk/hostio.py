@@ -15,7 +15,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from .errors import UnsafeFileError
 
@@ -62,7 +61,14 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 # Linux caps one preadv/pwritev at IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
-Buffer = Any  # any object supporting the buffer protocol (collections.abc.Buffer from 3.12)
+# (typing is not imported at run time: it is a tenth of a short command's start-up)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    Buffer = Any  # any object supporting the buffer protocol (collections.abc.Buffer from 3.12)
+else:
+    Buffer = object
 
 
 def _file_kind(mode: int) -> str:

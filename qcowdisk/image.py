@@ -1,8 +1,8 @@
-"""The image protocol every format implements, and the records it speaks in.
+"""The records the image protocol speaks in, and helpers every format shares.
 
-`Image` is what an overlay needs of its backing file and what format-independent code
-(block status, the CLI, later convert/commit/compare) needs of any image: qcow2, legacy qcow
-version 1 and raw images all implement it. `Extent` is one range of a guest disk as
+`Image` (qcowdisk.imageprotocol, loaded from here on first use) is what an overlay needs of its
+backing file and what format-independent code (block status, the CLI, convert/commit/compare)
+needs of any image: qcow2, legacy qcow version 1 and raw images all implement it. `Extent` is one range of a guest disk as
 `qemu-img map --output=json` describes it; `LayerExtent` is what one layer of a backing chain
 says about a range (qcowdisk.blockstatus combines them into extents).
 """
@@ -10,13 +10,14 @@ says about a range (qcowdisk.blockstatus combines them into extents).
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
 
 from .hostio import ZERO_BLOCK_LENGTH as ZERO_BLOCK_LENGTH
-from .hostio import Buffer
 from .hostio import zero_block as zero_block
 from .record import FrozenRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .imageprotocol import Image as Image
 
 
 class Extent(FrozenRecord):
@@ -104,72 +105,6 @@ class LayerExtent(FrozenRecord):
         setattr_(self, "host_path", host_path)
 
 
-@runtime_checkable
-class Image(Protocol):
-    """A guest disk, whatever its format: byte ranges, their status, durability."""
-
-    @property
-    def virtual_size(self) -> int:
-        """The guest disk's size in bytes."""
-        ...
-
-    @property
-    def filename(self) -> str:
-        """The path the image was opened by."""
-        ...
-
-    @property
-    def format_name(self) -> str:
-        """The format's name as qemu-img spells it: "qcow2", "qcow", "raw"."""
-        ...
-
-    @property
-    def backing(self) -> Image | None:
-        """The opened backing image, or None."""
-        ...
-
-    @property
-    def backing_file(self) -> str | None:
-        """The backing file name as the image stores it, or None."""
-        ...
-
-    def readinto_at(self, buffer: Buffer, offset: int) -> int:
-        """Fill `buffer` from guest `offset`; returns the bytes read (short only at the end)."""
-        ...
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        """`length` guest bytes at `offset`, clipped at the end of the disk."""
-        ...
-
-    def write_at(self, offset: int, data: Buffer) -> int:
-        """Write `data` at guest `offset`; returns its length."""
-        ...
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make a range read as zeros."""
-        ...
-
-    def punch_hole(self, offset: int, length: int) -> None:
-        """Make a range read as zeros and give its host space back where possible."""
-        ...
-
-    def flush(self) -> None:
-        """Make everything written so far durable."""
-        ...
-
-    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        """The extents covering [offset, offset + length), in order, merged as `qemu-img map` merges."""
-        ...
-
-    def layer_status(self, guest_offset: int, length: int) -> list[LayerExtent]:
-        """What this layer alone says about [guest_offset, +length), in order, covering it exactly."""
-        ...
-
-    def close(self) -> None:
-        """Release the image and everything it opened."""
-        ...
-
-
 def fill_zeros(mv: memoryview, start: int, end: int) -> None:
     """Zero mv[start:end] at C speed from the shared zero block."""
     while start < end:
@@ -189,3 +124,12 @@ def as_index(value: object, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name} must not be negative, got {value}")
     return value
+
+
+def __getattr__(name: str) -> object:
+    """`Image` on first use: the protocol needs `typing`, which the engine does not import
+    otherwise (start-up time), so it lives in qcowdisk.imageprotocol."""
+    if name == "Image":
+        from .imageprotocol import Image
+        return Image
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

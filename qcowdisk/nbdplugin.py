@@ -58,7 +58,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -66,6 +65,7 @@ from qcowdisk.errors import QcowError, ReadOnlyError
 from qcowdisk.ops.qemuopts import parse_bool
 from qcowdisk.qcow1 import Qcow1File
 from qcowdisk.qcow2.file import QcowFile
+from qcowdisk.record import Record
 
 nbdkit: Any
 try:  # only nbdkit's embedded interpreter has it; the module imports anywhere (tests, mypy)
@@ -115,15 +115,23 @@ def _reporting(fn: Callable[..., _T]) -> Callable[..., _T]:
     return call
 
 
-@dataclass
-class Settings:
+class Settings(Record):
     """What the nbdkit command line configured (`key=value` after the plugin's path)."""
 
-    file: str | None = None
-    readonly: bool = False
-    confine_to: str | None = None
-    export: str | None = None  # None: any export name the client asks for
-    shutdown_fd: int | None = None  # read end of `qcowdisk serve`'s pipe: EOF means stop now
+    __slots__ = ("confine_to", "export", "file", "readonly", "shutdown_fd")
+    file: str | None
+    readonly: bool
+    confine_to: str | None
+    export: str | None  # None: any export name the client asks for
+    shutdown_fd: int | None  # read end of `qcowdisk serve`'s pipe: EOF means stop now
+
+    def __init__(self, file: str | None = None, readonly: bool = False, confine_to: str | None = None,
+                 export: str | None = None, shutdown_fd: int | None = None) -> None:
+        self.file = file
+        self.readonly = readonly
+        self.confine_to = confine_to
+        self.export = export
+        self.shutdown_fd = shutdown_fd
 
 
 class Export:
@@ -210,12 +218,16 @@ def open_export(settings: Settings) -> Export:
 
 
 # ---------------------------------------------------------------------- nbdkit's callbacks
-@dataclass
-class _Server:
+class _Server(Record):
     """This process's configuration and its one open export."""
 
+    __slots__ = ("export", "settings")
     settings: Settings
-    export: Export | None = None
+    export: Export | None
+
+    def __init__(self, settings: Settings, export: Export | None = None) -> None:
+        self.settings = settings
+        self.export = export
 
 
 _server = _Server(Settings())

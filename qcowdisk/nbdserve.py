@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from .record import FrozenRecord
 
 __all__ = ["ServeError", "ServeOptions", "plugin_path", "embedded_python", "python_path", "nbdkit_command", "check_nbdkit",
            "wait_ready", "serve"]
@@ -33,17 +34,28 @@ class ServeError(Exception):
     """The server cannot be started: nbdkit or its Python plugin is missing or incompatible."""
 
 
-@dataclass(frozen=True)
-class ServeOptions:
+class ServeOptions(FrozenRecord):
     """What `qcowdisk serve` takes: the image and where and how to export it."""
 
+    __slots__ = ("bind", "confine_to", "export_name", "image", "port", "readonly", "socket")
     image: str
-    readonly: bool = False
-    socket: str | None = None     # a Unix socket path; else TCP
-    port: int | None = None       # TCP port (nbdkit's default: 10809)
-    bind: str | None = None       # TCP address to listen on (default: all)
-    export_name: str | None = None  # the one export name served (default: any name)
-    confine_to: str | None = None  # backing and data files must resolve inside this directory
+    readonly: bool
+    socket: str | None     # a Unix socket path; else TCP
+    port: int | None       # TCP port (nbdkit's default: 10809)
+    bind: str | None       # TCP address to listen on (default: all)
+    export_name: str | None  # the one export name served (default: any name)
+    confine_to: str | None  # backing and data files must resolve inside this directory
+
+    def __init__(self, image: str, readonly: bool = False, socket: str | None = None, port: int | None = None,
+                 bind: str | None = None, export_name: str | None = None, confine_to: str | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "image", image)
+        setattr_(self, "readonly", readonly)
+        setattr_(self, "socket", socket)
+        setattr_(self, "port", port)
+        setattr_(self, "bind", bind)
+        setattr_(self, "export_name", export_name)
+        setattr_(self, "confine_to", confine_to)
 
 
 def plugin_path() -> str:

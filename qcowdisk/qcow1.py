@@ -22,16 +22,21 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from . import formats
 from .blockstatus import block_status, locked
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
-from .hostio import Buffer, HostFile
-from .image import Extent, Image, LayerExtent, as_index, fill_zeros
+from .hostio import HostFile
+from .image import Extent, LayerExtent, as_index, fill_zeros
 from .locking import ImageLock, lock_image
 from .qcow2.entries import TableCodec
 from .qcow2.format import Snapshot
+from .record import FrozenRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .hostio import Buffer
+    from .image import Image
 
 QCOW1_MAGIC = b"QFI\xfb"
 QCOW1_VERSION = 1
@@ -59,10 +64,11 @@ _UNALLOCATED = 0
 _DATA = 1
 
 
-@dataclass(frozen=True)
-class Qcow1Header:
+class Qcow1Header(FrozenRecord):
     """The parsed qcow v1 header (field names as in QEMU's QCowHeader)."""
 
+    __slots__ = ("backing_file_offset", "backing_file_size", "cluster_bits", "crypt_method", "l1_table_offset",
+                 "l2_bits", "mtime", "size", "version")
     version: int
     backing_file_offset: int
     backing_file_size: int
@@ -72,6 +78,20 @@ class Qcow1Header:
     l2_bits: int
     crypt_method: int
     l1_table_offset: int
+
+    def __init__(self, version: int, backing_file_offset: int, backing_file_size: int, mtime: int, size: int,
+                 cluster_bits: int, l2_bits: int, crypt_method: int, l1_table_offset: int) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "version", version)
+        setattr_(self, "backing_file_offset", backing_file_offset)
+        setattr_(self, "backing_file_size", backing_file_size)
+        setattr_(self, "mtime", mtime)
+        setattr_(self, "size", size)
+        setattr_(self, "cluster_bits", cluster_bits)
+        setattr_(self, "l2_bits", l2_bits)
+        setattr_(self, "crypt_method", crypt_method)
+        setattr_(self, "l1_table_offset", l1_table_offset)
+
 
     @property
     def cluster_size(self) -> int:

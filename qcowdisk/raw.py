@@ -7,9 +7,13 @@ from collections.abc import Iterator
 from . import formats
 from .blockstatus import block_status
 from .errors import ReadOnlyError
-from .hostio import Buffer, HostFactory, HostFile, host_extent
+from .hostio import HostFactory, HostFile, host_extent
 from .image import Extent, LayerExtent, fill_zeros
 from .locking import ImageLock, lock_image
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .hostio import Buffer
 
 
 class RawWindowError(formats.OpenOptionError):

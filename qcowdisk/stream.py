@@ -30,9 +30,12 @@ import os
 import warnings
 from typing import Any, Literal, overload
 
-from .hostio import Buffer
-from .image import Image
 from .qcow2.file import QcowFile
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .hostio import Buffer
+    from .image import Image
 
 # The buffer size of open(buffering=-1): 64 KiB, the default cluster size, rather than
 # io.DEFAULT_BUFFER_SIZE (8 KiB). Every raw call costs a pass through the engine (lock, L1/L2

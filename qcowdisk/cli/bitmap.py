@@ -15,12 +15,15 @@ import sys
 
 from ..errors import BitmapError, ImageLockedError, QcowError
 from ..formats import OpenOptionError, format_names, open_image, probe_format
-from ..image import Image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.file import QcowFile
 from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err, image_source, shown, tuning
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 BITMAP_HELP = """usage: qcowdisk bitmap [--object OBJECTDEF] [--image-opts | -f FMT] \
 (--add [-g SIZE] | --remove | --clear | --enable | --disable | \

@@ -10,19 +10,23 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, Protocol
 
 from .. import formats
 from ..errors import ImageLockedError, QcowError
 from ..formats import OpenOptionError, OpenOptions, format_names, probe_format
 from ..hostio import DirectHostFile, HostFile
-from ..image import Image
 from ..ops import qemuopts
 from ..ops.cachemode import CacheModeError, host_class, parse_cache_mode
 from ..ops.imageopts import ImageOpts, ImageOptsError, parse_image_opts
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
 from ..raw import RawWindowError, raw_window
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, Protocol
+
+    from ..image import Image
 
 PROG = "qcowdisk"
 INT64_MAX = (1 << 63) - 1
@@ -43,8 +47,37 @@ class ArgumentsError(UsageError):
     """argparse's usage error (unknown option, missing argument): also gets qemu-img's `Try ... --help` line."""
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns (COLUMNS, else the terminal's, else 80), without
+    importing shutil (with fnmatch, bz2 and lzma) at every start."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without shutil: argparse makes one for every argument it adds
+    (to check the metavar), so the default one imports shutil at every command's start."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors reported as qemu-img reports them (status 1, not argparse's 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ArgumentsError(message)
@@ -312,22 +345,23 @@ def confine_dir(args: argparse.Namespace) -> str | None:
     return path
 
 
-class AnyImage(Protocol):
-    """What the CLI needs of an opened image of any format: the part of `image.Image` it uses.
+if TYPE_CHECKING:  # a Protocol needs typing at run time
+    class AnyImage(Protocol):
+        """What the CLI needs of an opened image of any format: the part of `image.Image` it uses.
 
-    QcowFile, Qcow1File and backing.RawImage have it (as does every `Image`); format-specific
-    fields (header, backing, snapshots) are read after an isinstance check.
-    """
+        QcowFile, Qcow1File and backing.RawImage have it (as does every `Image`); format-specific
+        fields (header, backing, snapshots) are read after an isinstance check.
+        """
 
-    @property
-    def virtual_size(self) -> int: ...
+        @property
+        def virtual_size(self) -> int: ...
 
-    @property
-    def format_name(self) -> str: ...
+        @property
+        def format_name(self) -> str: ...
 
-    def read_at(self, offset: int, length: int) -> bytes: ...
+        def read_at(self, offset: int, length: int) -> bytes: ...
 
-    def close(self) -> None: ...
+        def close(self) -> None: ...
 
 
 def parse_size(text: str) -> int:
@@ -351,7 +385,6 @@ def parse_size(text: str) -> int:
     return value
 
 
-
 def combine_path(base: str, name: str) -> str:
     """Resolve a backing name against the naming image's path exactly as QEMU's path_combine does."""
     if os.path.isabs(name):
@@ -366,7 +399,6 @@ def size_to_str(value: int) -> str:
     i = max(0, (exp - 1) // 10)
     i = min(i, len(suffixes) - 1)
     return "%0.3g %sB" % (value / (1 << (i * 10)), suffixes[i])
-
 
 
 def open_image(path: str, args: argparse.Namespace) -> QcowFile | Qcow1File:
@@ -384,7 +416,6 @@ def image_format(img: AnyImage) -> str:
     return img.format_name  # "qcow2" (QcowFile), "qcow" (Qcow1File), "raw" (RawImage)
 
 
-
 def open_any(path: str, fmt: str | None, args: argparse.Namespace) -> Image:
     """Open an image of any format read-only with its chain, as qemu-img's img_open (UsageError if not)."""
     options = open_options(args, path)
@@ -393,7 +424,6 @@ def open_any(path: str, fmt: str | None, args: argparse.Namespace) -> Image:
         if fmt not in format_names():
             raise UsageError(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
         return formats.open_image(path, fmt, for_format(options, fmt))
-
 
 
 def open_failed(path: str, e: QcowError | OSError) -> UsageError:
@@ -419,7 +449,6 @@ def check_chain(path: str) -> None:
         if not os.path.exists(backing):
             raise UsageError(f"Could not open '{shown(path)}': Could not open backing file: Could not open '{backing}': "
                              f"{os.strerror(2)}")
-
 
 
 def print_warnings(caught: list[warnings.WarningMessage]) -> None:

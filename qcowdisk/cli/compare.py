@@ -7,7 +7,6 @@ import contextlib
 import sys
 
 from ..blockstatus import qemu_length
-from ..image import Image
 from ..ops import CompareError, compare
 from .common import (
     USAGE_HINT,
@@ -23,6 +22,10 @@ from .common import (
     open_any,
 )
 from .progress import QemuProgress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -11,7 +11,11 @@ from ..errors import QcowError
 from ..formats import OpenOptions, probe_format
 from ..qcow2.file import QcowFile
 from .common import Parser, UsageError, add_confine, add_image_opts, combine_path, confine_dir, parse_size, why
-from .options import CreateKeywords, CreateOptions, create_options, split_options
+from .options import create_options, split_options
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .options import CreateKeywords, CreateOptions
 
 
 def _formatting_line(image: str, size: int, kw: CreateOptions, given: list[tuple[str, str]]) -> str:

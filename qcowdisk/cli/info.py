@@ -8,7 +8,6 @@ import sys
 from .. import formats
 from ..formats import probe_format
 from .common import (
-    AnyImage,
     Parser,
     UsageError,
     add_confine,
@@ -22,8 +21,12 @@ from .common import (
     shown,
     shown_as_info,
 )
-from .infotext import ImageInfo, chain_info, format_human, image_info
-from .qemujson import qemu_json
+from .infotext import chain_info, format_human, image_info
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .common import AnyImage
+    from .infotext import ImageInfo
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -48,6 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     finally:
         img.close()
     if args.output == "json":
+        from .qemujson import qemu_json  # (json only for JSON output: start-up time)
         payload: list[ImageInfo] | ImageInfo = infos if args.backing_chain else infos[0]
         sys.stdout.write(qemu_json(payload) + "\n")
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import TypedDict
 
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
@@ -20,34 +19,39 @@ from ..qcow2.format import (
     Header,
     Snapshot,
 )
-from .common import AnyImage, combine_path, image_format, size_to_str
+from .common import combine_path, image_format, size_to_str
 
 # qemu-img info --output=json, as QEMU's QAPI types (SnapshotInfo, ImageInfoSpecificQCow2, ImageInfo)
 # spell their keys; a key is absent where QEMU leaves it out, and insertion order is QEMU's.
-SnapshotInfo = TypedDict("SnapshotInfo", {
-    "icount": int, "vm-clock-nsec": int, "name": str, "date-sec": int, "date-nsec": int,
-    "vm-clock-sec": int, "id": str, "vm-state-size": int}, total=False)
-class BitmapInfo(TypedDict):
-    flags: list[str]
-    name: str
-    granularity: int
-Qcow2SpecificInfo = TypedDict("Qcow2SpecificInfo", {
-    "compat": str, "compression-type": str, "lazy-refcounts": bool, "bitmaps": list[BitmapInfo], "refcount-bits": int,
-    "data-file": str, "data-file-raw": bool, "corrupt": bool, "extended-l2": bool}, total=False)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (TypedDicts need typing at run time)
+    from typing import TypedDict
+
+    from .common import AnyImage
+
+    SnapshotInfo = TypedDict("SnapshotInfo", {
+        "icount": int, "vm-clock-nsec": int, "name": str, "date-sec": int, "date-nsec": int,
+        "vm-clock-sec": int, "id": str, "vm-state-size": int}, total=False)
+    class BitmapInfo(TypedDict):
+        flags: list[str]
+        name: str
+        granularity: int
+    Qcow2SpecificInfo = TypedDict("Qcow2SpecificInfo", {
+        "compat": str, "compression-type": str, "lazy-refcounts": bool, "bitmaps": list[BitmapInfo], "refcount-bits": int,
+        "data-file": str, "data-file-raw": bool, "corrupt": bool, "extended-l2": bool}, total=False)
 
 
-class FormatSpecificInfo(TypedDict):
-    """ImageInfoSpecific: the format's name and its data (qcow2 is the only one shown)."""
+    class FormatSpecificInfo(TypedDict):
+        """ImageInfoSpecific: the format's name and its data (qcow2 is the only one shown)."""
 
-    type: str
-    data: Qcow2SpecificInfo
+        type: str
+        data: Qcow2SpecificInfo
 
 
-ImageInfo = TypedDict("ImageInfo", {
-    "backing-filename-format": str, "snapshots": list[SnapshotInfo], "virtual-size": int, "filename": str,
-    "cluster-size": int, "format": str, "actual-size": int, "format-specific": FormatSpecificInfo,
-    "full-backing-filename": str, "backing-filename": str, "dirty-flag": bool}, total=False)
-
+    ImageInfo = TypedDict("ImageInfo", {
+        "backing-filename-format": str, "snapshots": list[SnapshotInfo], "virtual-size": int, "filename": str,
+        "cluster-size": int, "format": str, "actual-size": int, "format-specific": FormatSpecificInfo,
+        "full-backing-filename": str, "backing-filename": str, "dirty-flag": bool}, total=False)
 
 
 def _actual_size(path: str) -> int | None:

@@ -12,8 +12,6 @@ the ciphertext itself is not decrypted, as that needs AES, so a wrong key is not
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 import sys
@@ -111,6 +109,8 @@ def _b64decode(text: str) -> bytes:
         raise _refuse("Base64 data contains invalid characters")
     chars = text.replace("\n", "")
     chars = chars[:len(chars) // 4 * 4]
+    import base64  # (here: every command line loads this module, few carry secrets)
+    import binascii
     try:
         return base64.b64decode(chars) if chars else b""
     except (binascii.Error, ValueError):

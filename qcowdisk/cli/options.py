@@ -3,36 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
 
 from ..qcow2.format import (
     COMPRESSION_NAMES,
 )
 from .common import parse_size
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (TypedDicts need typing at run time)
+    from typing import TypedDict
 
-class CreateKeywords(TypedDict, total=False):
-    """The `QcowFile.create` keywords that `-o` options set."""
+    class CreateKeywords(TypedDict, total=False):
+        """The `QcowFile.create` keywords that `-o` options set."""
 
-    cluster_size: int
-    refcount_bits: int
-    compat: str
-    lazy_refcounts: bool
-    extended_l2: bool
-    compression_type: str
-    preallocation: str
-    data_file: str
-    data_file_raw: bool
-
-
-class CreateOptions(CreateKeywords, total=False):
-    """Everything `-o` can set: the `QcowFile.create` keywords, the size and the backing file."""
-
-    size: int
-    backing_file: str
-    backing_format: str
+        cluster_size: int
+        refcount_bits: int
+        compat: str
+        lazy_refcounts: bool
+        extended_l2: bool
+        compression_type: str
+        preallocation: str
+        data_file: str
+        data_file_raw: bool
 
 
+    class CreateOptions(CreateKeywords, total=False):
+        """Everything `-o` can set: the `QcowFile.create` keywords, the size and the backing file."""
+
+        size: int
+        backing_file: str
+        backing_format: str
 
 
 def parse_bool(name: str, text: str) -> bool:

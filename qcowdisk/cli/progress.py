@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import struct
 import sys
-from typing import TextIO
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
 
 
 def f32(value: float) -> float:

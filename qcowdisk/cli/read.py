@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import BinaryIO
 
 from ..errors import QcowError
 from .common import CHUNK, Parser, UsageError, add_confine, add_force_share, open_image, parse_size, why
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 HEXDUMP_CHUNK = 16 << 10  # --hexdump's text is about 4.3 times the bytes: smaller steps
 _PRINTABLE = bytes(b if 32 <= b < 127 else ord(".") for b in range(256))  # hexdump's text column

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 from .. import formats
 from ..formats import OpenOptions
-from ..image import Image
 from ..ops import RebaseError, rebase
 from ..ops.cachemode import DEFAULT_SOURCE_CACHE, host_class
 from ..ops.imageopts import overridden_name
@@ -29,6 +28,10 @@ from .common import (
     spec_options,
 )
 from .progress import QemuProgress, f32, progress_bar
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
 WINDOW = 256 << 20  # block status asked for at a time

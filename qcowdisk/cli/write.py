@@ -8,11 +8,14 @@ import os
 import re
 import stat
 import sys
-from typing import BinaryIO
 
 from ..errors import QcowError
 from ..qcow2.file import QcowFile
 from .common import CHUNK, Parser, UsageError, add_confine, confine_dir, opening, parse_size, why
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 _PATTERN_RE = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 

@@ -16,11 +16,52 @@ never decrease; an exception raised by it stops the operation and propagates, wi
 the operation opened closed again.
 """
 
-from .commit import CommitError, commit
-from .compare import CompareError, CompareResult, compare
-from .convert import ConvertError, convert
-from .measure import MeasureResult, measure
-from .rebase import RebaseError, rebase
+from __future__ import annotations
+
+import sys
+import types
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imported on first use (see __getattr__): a command needs one operation
+    from .commit import CommitError, commit
+    from .compare import CompareError, CompareResult, compare
+    from .convert import ConvertError, convert
+    from .measure import MeasureResult, measure
+    from .rebase import RebaseError, rebase
+
+# public name -> the module of this package defining it
+_LAZY = {"convert": "convert", "ConvertError": "convert", "compare": "compare", "CompareResult": "compare",
+         "CompareError": "compare", "measure": "measure", "MeasureResult": "measure", "commit": "commit",
+         "CommitError": "commit", "rebase": "rebase", "RebaseError": "rebase"}
 
 __all__ = ["convert", "ConvertError", "compare", "CompareResult", "CompareError", "measure", "MeasureResult",
            "commit", "CommitError", "rebase", "RebaseError"]
+
+
+def __getattr__(name: str) -> object:
+    """The operations, imported on first use: importing one of them (or `qemuopts`, which every
+    command line parses with) does not import the others."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """This package's module type: five operations share their module's name (`compare` is both
+    qcowdisk.ops.compare and the function in it), and importing a submodule sets the package's
+    attribute of that name to the module. Binding the function instead keeps `ops.compare` the
+    function, whatever was imported first, as when this package imported every operation."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -24,11 +24,14 @@ import warnings
 from collections.abc import Iterator
 
 from ..errors import BitmapError
-from ..image import Image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.bitmaps import NewBitmap
 from ..qcow2.file import QcowFile
 from ..qcow2.format import BME_FLAG_AUTO, BME_FLAG_IN_USE, Bitmap
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 
 class BitmapSkippedWarning(UserWarning):

@@ -42,17 +42,23 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 from .. import formats
 from ..errors import QcowError, ResizeError
-from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Image, LayerExtent, fill_zeros
+from ..hostio import HostFactory, HostFile
+from ..image import LayerExtent, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow2.bitmapedit import default_granularity
 from ..qcow2.file import QcowFile
 from .inflight import InFlight
 from .qcow1_target import Qcow1Target
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from ..hostio import Buffer
+    from ..image import Image
 
 # The most copied in one step: the mirror job's chunk (16 MiB buffer / 16 in flight). Smaller
 # than qemu-img's 2 MiB IO_BUF_SIZE on purpose: a step's bytes are copied in (preadv) and out
@@ -69,33 +75,34 @@ class CommitError(QcowError):
     """The commit cannot be done; the message is qemu-img's (e.g. "Image does not have a backing file")."""
 
 
-class _Target(Protocol):
-    """What the commit writes into: the base, of whatever format."""
+if TYPE_CHECKING:  # a Protocol needs typing at run time
+    class _Target(Protocol):
+        """What the commit writes into: the base, of whatever format."""
 
-    @property
-    def virtual_size(self) -> int:
-        """The base's disk size."""
-        ...
+        @property
+        def virtual_size(self) -> int:
+            """The base's disk size."""
+            ...
 
-    def resize(self, new_size: int) -> None:
-        """Grow the base to `new_size` (commit_run grows a shorter base first)."""
-        ...
+        def resize(self, new_size: int) -> None:
+            """Grow the base to `new_size` (commit_run grows a shorter base first)."""
+            ...
 
-    def write_at(self, offset: int, data: Buffer) -> int:
-        """Write guest bytes."""
-        ...
+        def write_at(self, offset: int, data: Buffer) -> int:
+            """Write guest bytes."""
+            ...
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make a range read as zeros (unmapping where the format can, as qemu-img's commit does)."""
-        ...
+        def write_zeroes(self, offset: int, length: int) -> None:
+            """Make a range read as zeros (unmapping where the format can, as qemu-img's commit does)."""
+            ...
 
-    def flush(self) -> None:
-        """Make everything written durable."""
-        ...
+        def flush(self) -> None:
+            """Make everything written durable."""
+            ...
 
-    def close(self) -> None:
-        """Release the base."""
-        ...
+        def close(self) -> None:
+            """Release the base."""
+            ...
 
 
 class _RawTarget:

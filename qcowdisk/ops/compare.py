@@ -25,15 +25,22 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 from .. import formats
 from ..blockstatus import qemu_length
 from ..errors import QcowError
-from ..image import Image, LayerExtent, fill_zeros, zero_block
+from ..image import LayerExtent, fill_zeros, zero_block
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
+from ..record import FrozenRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from ..image import Image
+
+    Reason = Literal["identical", "content", "block-status", "size"]
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most compared in one step
 SECTOR = 512
@@ -47,11 +54,12 @@ ALLOCATED = 0x10
 EOF = 0x20
 
 Progress = Callable[[int, int], object]
-Reason = Literal["identical", "content", "block-status", "size"]
+# what names an image rather than being one (an isinstance check on the Image protocol would
+# import typing, which a command's start-up does without)
+_PATH_TYPES = (str, bytes, os.PathLike)
 
 
-@dataclass(frozen=True, slots=True)
-class CompareResult:
+class CompareResult(FrozenRecord):
     """The verdict of `compare`.
 
     `identical` is qemu-img's exit status 0 (1 otherwise). `reason` says why they differ:
@@ -63,6 +71,7 @@ class CompareResult:
     the lines `qemu-img compare` prints on stdout, in order.
     """
 
+    __slots__ = ("identical", "messages", "offset", "reason", "size_a", "size_b")
     identical: bool
     """Whether qemu-img compare would exit 0."""
     reason: Reason
@@ -75,6 +84,17 @@ class CompareResult:
     """The second disk's size as QEMU sees it."""
     messages: tuple[str, ...]
     """The lines `qemu-img compare` prints on stdout, in order."""
+
+    def __init__(self, identical: bool, reason: Reason, offset: int | None, size_a: int, size_b: int,
+                 messages: tuple[str, ...]) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "identical", identical)
+        setattr_(self, "reason", reason)
+        setattr_(self, "offset", offset)
+        setattr_(self, "size_a", size_a)
+        setattr_(self, "size_b", size_b)
+        setattr_(self, "messages", messages)
+
 
     @property
     def sizes_differ(self) -> bool:
@@ -109,14 +129,14 @@ def compare(a: str | os.PathLike[str] | Image, b: str | os.PathLike[str] | Image
     with contextlib.ExitStack() as stack:
         img_a = _opened(a, a_format, force_share, stack)
         img_b = _opened(b, b_format, force_share, stack)
-        name_a = img_a.filename if isinstance(a, Image) else os.fspath(a)
-        name_b = img_b.filename if isinstance(b, Image) else os.fspath(b)
+        name_a = os.fspath(a) if isinstance(a, _PATH_TYPES) else img_a.filename
+        name_b = os.fspath(b) if isinstance(b, _PATH_TYPES) else img_b.filename
         return _Comparison(img_a, name_a, img_b, name_b, strict, progress).run()
 
 
 def _opened(src: str | os.PathLike[str] | Image, fmt: str | None, force_share: bool,
             stack: contextlib.ExitStack) -> Image:
-    if isinstance(src, Image):
+    if not isinstance(src, _PATH_TYPES):  # an opened image
         return src
     img = formats.open_image(os.fspath(src), fmt, formats.OpenOptions(readonly=True, force_share=force_share))
     stack.callback(img.close)

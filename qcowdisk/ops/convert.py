@@ -24,13 +24,12 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import formats
 from ..blockstatus import qemu_length
 from ..errors import QcowError
 from ..hostio import HostFile
-from ..image import Image, zero_block
+from ..image import zero_block
 from ..locking import ImageLock, lock_image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
@@ -43,7 +42,13 @@ from .measure import Options, target_options
 from .qemuopts import QemuOpts
 from .zeroscan import SECTOR, data_runs, is_zero
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    from ..image import Image
+
+    _T = TypeVar("_T")
     from concurrent.futures import Future
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most read and written in one step
@@ -62,7 +67,6 @@ _Step = tuple[int, int, int]
 _Prepared = tuple[_Step, memoryview | None, list[tuple[bool, int, int]]]
 
 Progress = Callable[[int, int], object]
-_T = TypeVar("_T")
 
 _COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
 

@@ -30,18 +30,20 @@ Options that would change what is read or written and that qcowdisk does not imp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from .. import formats
 from ..errors import QcowError
+from ..record import FrozenRecord
 from . import qemuopts
 from .qemuopts import OptionError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # QEMU 7.2's block drivers (qemu-img --help): a name outside this list is "Unknown driver".
 QEMU_DRIVERS = frozenset((
@@ -83,27 +85,54 @@ class ImageOptsError(ValueError):
         self.hint = hint
 
 
-@dataclass(frozen=True)
-class ImageOpts:
+class ImageOpts(FrozenRecord):
     """An image named by `--image-opts`: what qcowdisk opens and how."""
 
+    __slots__ = ("backing_node", "cache_direct", "cache_size", "data_file", "driver", "filename", "force_share",
+                 "l2_cache_entry_size", "l2_cache_size", "no_backing", "raw_offset", "raw_size", "read_only",
+                 "refcount_cache_size", "shown", "text", "warnings")
     text: str  # the option string as given: qemu-img names the image by it in its messages
     filename: str
     driver: str | None  # None: probe the format
-    force_share: bool = False
-    read_only: bool | None = None  # None: as the command needs
-    no_backing: bool = False  # backing= (empty): the image alone
-    l2_cache_size: int | None = None
-    l2_cache_entry_size: int | None = None
-    cache_size: int | None = None
-    refcount_cache_size: int | None = None
-    raw_offset: int = 0  # raw's offset= and size=: the window of the file that is the disk
-    raw_size: int | None = None
-    backing_node: formats.BackingNode | None = None  # backing.*: the backing file opened so
-    data_file: str | None = None  # data-file.*: the external data file in place of the one named
-    cache_direct: bool = False  # cache.direct=on: O_DIRECT (hostio.DirectHostFile)
-    warnings: tuple[str, ...] = field(default=())
-    shown: str = ""  # the name qemu-img info gives the image (a json: name for a raw window)
+    force_share: bool
+    read_only: bool | None  # None: as the command needs
+    no_backing: bool  # backing= (empty): the image alone
+    l2_cache_size: int | None
+    l2_cache_entry_size: int | None
+    cache_size: int | None
+    refcount_cache_size: int | None
+    raw_offset: int  # raw's offset= and size=: the window of the file that is the disk
+    raw_size: int | None
+    backing_node: formats.BackingNode | None  # backing.*: the backing file opened so
+    data_file: str | None  # data-file.*: the external data file in place of the one named
+    cache_direct: bool  # cache.direct=on: O_DIRECT (hostio.DirectHostFile)
+    warnings: tuple[str, ...]
+    shown: str  # the name qemu-img info gives the image (a json: name for a raw window)
+
+    def __init__(self, text: str, filename: str, driver: str | None, force_share: bool = False,
+                 read_only: bool | None = None, no_backing: bool = False, l2_cache_size: int | None = None,
+                 l2_cache_entry_size: int | None = None, cache_size: int | None = None,
+                 refcount_cache_size: int | None = None, raw_offset: int = 0, raw_size: int | None = None,
+                 backing_node: formats.BackingNode | None = None, data_file: str | None = None,
+                 cache_direct: bool = False, warnings: tuple[str, ...] = (), shown: str = "") -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "text", text)
+        setattr_(self, "filename", filename)
+        setattr_(self, "driver", driver)
+        setattr_(self, "force_share", force_share)
+        setattr_(self, "read_only", read_only)
+        setattr_(self, "no_backing", no_backing)
+        setattr_(self, "l2_cache_size", l2_cache_size)
+        setattr_(self, "l2_cache_entry_size", l2_cache_entry_size)
+        setattr_(self, "cache_size", cache_size)
+        setattr_(self, "refcount_cache_size", refcount_cache_size)
+        setattr_(self, "raw_offset", raw_offset)
+        setattr_(self, "raw_size", raw_size)
+        setattr_(self, "backing_node", backing_node)
+        setattr_(self, "data_file", data_file)
+        setattr_(self, "cache_direct", cache_direct)
+        setattr_(self, "warnings", warnings)
+        setattr_(self, "shown", shown)
 
 
 def qdict_order(keys: list[str]) -> list[str]:
@@ -491,6 +520,7 @@ def _shown(values: dict[str, str], fmt: str, filename: str) -> str:
     strong = [k for k in ("offset", "size") if fmt == "raw" and k in values]
     if not strong:
         return filename
+    import json  # (only here: a plain image name needs no json, and every command parses options)
     fields: dict[str, str] = {"driver": json.dumps(fmt), **{k: json.dumps(values[k]) for k in strong}}
     child = {"driver": json.dumps(values.get("file.driver", "file")), "filename": json.dumps(filename)}
     fields["file"] = "{" + ", ".join(f'"{k}": {child[k]}' for k in qdict_order(list(child))) + "}"
@@ -499,6 +529,8 @@ def _shown(values: dict[str, str], fmt: str, filename: str) -> str:
 
 def json_name(tree: dict[str, object]) -> str:
     """QEMU's json: name for a tree of options (None is null), keys in QDict order."""
+    import json
+
     def dump(value: object) -> str:
         if isinstance(value, dict):
             return "{" + ", ".join(f"{json.dumps(k)}: {dump(value[k])}" for k in qdict_order(list(value))) + "}"

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
 
+from ..generic import Generic
+
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # (concurrent.futures, with logging, is imported when the threads start)
     from concurrent.futures import Future, ThreadPoolExecutor
+    from typing import TypeVar
 
-T = TypeVar("T")
+    T = TypeVar("T")
+else:
+    T = None  # (Generic[T] ignores its parameter at run time)
 
 
 class InFlight(Generic[T]):

@@ -22,10 +22,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
 
-S = TypeVar("S")
-P = TypeVar("P")
+from ..generic import Generic
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    S = TypeVar("S")
+    P = TypeVar("P")
+else:
+    S = P = None  # (Generic[S, P] ignores its parameters at run time)
 
 
 class InOrder(Generic[S, P]):

@@ -19,14 +19,17 @@ import contextlib
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from .. import formats
 from ..blockstatus import qemu_length
-from ..image import Image
 from ..qcow2.file import QcowFile
 from ..qcow2.format import EXT_BITMAPS
+from ..record import FrozenRecord
 from .qemuopts import INT64_MAX, OptionError, OptType, OptValue, QemuOpts, split_option_list
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 S, B, N, Z = OptType.STRING, OptType.BOOL, OptType.NUMBER, OptType.SIZE
 
@@ -60,19 +63,25 @@ AUTOCLEAR_BITMAPS = 1  # the bitmaps extension is valid only while this autoclea
 Options = str | Mapping[str, OptValue] | None
 
 
-@dataclass(frozen=True, slots=True)
-class MeasureResult:
+class MeasureResult(FrozenRecord):
     """What `qemu-img measure` reports: `required` bytes for the new image file as the source
     (or an empty disk) would fill it, `fully_allocated` bytes with every cluster allocated, and
     `bitmaps` bytes for the source's persistent bitmaps (None where qemu-img shows no bitmaps
     line: no qcow2 v3 source, or a target that cannot hold them)."""
 
+    __slots__ = ("bitmaps", "fully_allocated", "required")
     required: int
     """Bytes the new image file needs as the source (or an empty disk) would fill it."""
     fully_allocated: int
     """Bytes the new image file needs with every cluster allocated."""
-    bitmaps: int | None = None
+    bitmaps: int | None
     """Bytes for the source's persistent bitmaps, None where qemu-img prints no bitmaps line."""
+
+    def __init__(self, required: int, fully_allocated: int, bitmaps: int | None = None) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "required", required)
+        setattr_(self, "fully_allocated", fully_allocated)
+        setattr_(self, "bitmaps", bitmaps)
 
 
 def measure(*, size: int | None = None, src: str | os.PathLike[str] | Image | None = None,
@@ -94,7 +103,7 @@ def measure(*, size: int | None = None, src: str | os.PathLike[str] | Image | No
         raise ValueError(f"Invalid image size specified. Must be between 0 and {INT64_MAX}.")
     with contextlib.ExitStack() as stack:
         source: Image | None = None
-        if isinstance(src, Image):
+        if src is not None and not isinstance(src, (str, bytes, os.PathLike)):  # an opened image
             source = src
         elif src is not None:
             source = formats.open_image(os.fspath(src), src_format, formats.OpenOptions(

@@ -22,11 +22,15 @@ from array import array
 
 from .. import formats
 from ..errors import CorruptImageError
-from ..hostio import ZERO_BLOCK_LENGTH, Buffer, HostFactory, zero_block
-from ..image import Image
+from ..hostio import ZERO_BLOCK_LENGTH, HostFactory, zero_block
 from ..locking import ImageLock, lock_image
 from ..qcow1 import COMPRESSED_FLAG, HEADER_LENGTH, parse_header
 from ..qcow2.entries import TableCodec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..hostio import Buffer
+    from ..image import Image
 
 L2_TABLES_KEPT = 16  # L2 tables kept in memory (a commit walks the disk in order)
 

@@ -30,9 +30,13 @@ from collections.abc import Callable
 from .. import formats
 from ..errors import QcowError
 from ..hostio import HostFactory, HostFile
-from ..image import Image, fill_zeros
+from ..image import fill_zeros
 from ..qcow2.file import QcowFile
 from .inflight import InFlight
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 IO_BUF_SIZE = 2 << 20  # qemu-img rebase's step
 SECTOR = 512  # qemu-img's compare_buffers unit
