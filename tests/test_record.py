@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from qcowdisk.formats import OpenOptions
@@ -147,3 +152,17 @@ def test_header_defaults_are_not_shared() -> None:
     assert a == b and a.replace(size=0) != a
     assert repr(a).startswith("Header(version=3, backing_file_offset=0,") and repr(a).endswith(
         "extra_header=b'', extensions=[], backing_file=None, backing_format=None, data_file=None, feature_names={})")
+
+
+def test_qcow2_engine_imports_neither_dataclasses_nor_typing() -> None:
+    # (-S: the site hooks of some installs import typing themselves)
+    code = ("import sys\n"
+            "import qcowdisk.qcow2.file, qcowdisk.qcow2.check, qcowdisk.qcow2.amend, qcowdisk.qcow2.snapshot\n"
+            "print(sorted(m for m in ('dataclasses', 'inspect', 'typing', 'datetime') if m in sys.modules))\n"
+            "from typing import Literal\n"
+            "from qcowdisk.qcow2.check import Repair\n"
+            "print(Repair == (Literal['leaks', 'all'] | None))\n")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert out.splitlines() == ["[]", "True"]  # Repair (the check's public alias) still resolves

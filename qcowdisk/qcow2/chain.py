@@ -34,13 +34,14 @@ changes:
 from __future__ import annotations
 
 from ..errors import QcowError
-from ..image import Image
 from .mapping import l2_slice, l2_table_offset, plain_host
 from .state import Qcow2State
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from ..image import Image
 
     # A map entry: (host offset - guest offset, owning QcowFile, its fast-path tuple when looked up).
     ChainHit = tuple[int, Any, Any]

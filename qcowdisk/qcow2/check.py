@@ -53,7 +53,6 @@ from .checkresult import (
     CheckRun,
     CheckTally,
     Progress,
-    Repair,
     Report,
     StepFailed,
     add_counts,
@@ -69,6 +68,10 @@ from .refrepair import apply_refcount_fixes, preclear_copied, rebuild_refcount_s
 from .refwalk import RefcountWalk, SnapshotRef
 from .snapshotcheck import INT_MAX, fix_snapshot_table, read_snapshot_table
 from .state import Qcow2State
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .checkresult import Repair
 
 # ------------------------------------------------------------------------------------------------
 # qcow2_check_refcounts
@@ -290,6 +293,14 @@ def check_image(s: Qcow2State, repair: Repair = None, report: Report | None = No
     except StepFailed as e:
         raise CheckFailedError(os.strerror(e.err)) from None
     return res.result(s.filename)
+
+
+def __getattr__(name: str) -> object:
+    """`Repair` on first use (see qcowdisk.qcow2.checkresult: it needs `typing`)."""
+    if name == "Repair":
+        from . import checkresult
+        return checkresult.Repair
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["CheckFailedError", "CheckResult", "DiskRefcounts", "RefcountWalk", "check_image", "FIX_LEAKS",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Literal
 
 from ..errors import QcowError
 from ..record import FrozenRecord
@@ -15,7 +14,11 @@ from .state import Qcow2State
 
 FIX_LEAKS = 1   # BDRV_FIX_LEAKS
 FIX_ERRORS = 2  # BDRV_FIX_ERRORS
-Repair = Literal["leaks", "all"] | None
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Repair = Literal["leaks", "all"] | None
 REPAIR_MODES: dict[Repair, int] = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 Report = Callable[[str], None]
 
@@ -257,3 +260,12 @@ class CheckRun:
         """Progress: `steps` done (the callback may raise: call only between ordered steps)."""
         if self.progress is not None:
             self.progress.advance(steps)
+
+
+def __getattr__(name: str) -> object:
+    """`Repair` (the repair modes' type) on first use: it needs `typing`, which checking an
+    image does not import otherwise (start-up time)."""
+    if name == "Repair":
+        from typing import Literal
+        return Literal["leaks", "all"] | None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,7 +45,7 @@ from ..errors import (
     SnapshotNotFoundError,
 )
 from ..hostio import Buffer, HostFactory, HostFile
-from ..image import Extent, Image, LayerExtent, as_index, fill_zeros
+from ..image import Extent, LayerExtent, as_index, fill_zeros
 from ..locking import ImageLock, lock_image
 from ..qcow1 import Qcow1File
 from . import bitmapedit, chain, compressed, makeempty, ordering, reading, status, writing
@@ -86,6 +86,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # the rarer operations' modules are imported where used (start-up time)
     from typing import Any, Literal, TypeVar, overload
 
+    from ..image import Image
     from .check import CheckResult, Repair
 
     _T = TypeVar("_T")
