@@ -81,5 +81,13 @@ class FrozenRecord(Record):
     def __hash__(self) -> int:
         return hash(tuple(getattr(self, name) for name in self._compared))
 
+    def __setstate__(self, state: object) -> None:
+        """Restore the fields `copy` and `pickle` saved ((None, {slot: value}) for slots), which
+        they would otherwise set one by one through the refusing `__setattr__`."""
+        for part in state if isinstance(state, tuple) else (state,):
+            if isinstance(part, dict):
+                for name, value in part.items():
+                    object.__setattr__(self, name, value)
+
 
 __all__ = ["Record", "FrozenRecord"]

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,19 @@ def test_frozen_refuses_assignment_and_deletion() -> None:
     b = Box([1])
     b.items = [2]
     assert b.items == [2]
+
+
+@pytest.mark.parametrize("make", [lambda: Point(1, 2, "a"), lambda: Box([1, 2]), lambda: OpenOptions(readonly=True),
+                                  lambda: Extent(0, 512, 1, True, False, True, 4096, filename="a")])
+def test_copy_and_pickle(make: Callable[[], Record]) -> None:
+    """As with dataclasses: copies and pickles come back equal, frozen ones included."""
+    r = make()
+    for twin in (copy.copy(r), copy.deepcopy(r), pickle.loads(pickle.dumps(r))):
+        assert twin == r and twin is not r and type(twin) is type(r)
+        assert [getattr(twin, f) for f in r._fields] == [getattr(r, f) for f in r._fields]
+    if isinstance(r, FrozenRecord):
+        with pytest.raises(AttributeError):
+            copy.copy(r).x = 0
 
 
 def test_replace_copies_with_changes() -> None:
