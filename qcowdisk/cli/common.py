@@ -317,12 +317,16 @@ def check_window(path: str) -> None:
 
 @contextlib.contextmanager
 def refused_options(path: str) -> Iterator[None]:
-    """Report an option refused when the image `path` opens (a cache size, a raw window) as
-    qemu-img does: `Could not open 'OPTIONS': why`."""
+    """Report an option refused when the image `path` opens (a cache size, a raw window), or a
+    lock conflict, as qemu-img does: `Could not open 'OPTIONS': why`."""
     try:
         yield
     except OpenOptionError as e:
         raise UsageError(f"Could not open '{shown(path)}': {e}") from None
+    except ImageLockedError as e:
+        if not e.qemu_reason:
+            raise
+        raise UsageError(f"Could not open '{shown(path)}': {why(e, path)}") from None
 
 
 def tuning(path: str) -> OpenOptions:

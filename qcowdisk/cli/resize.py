@@ -9,7 +9,19 @@ from ..errors import QcowError
 from ..formats import OpenOptionError, format_names, probe_format
 from ..ops import qemuopts
 from ..qcow2.file import QcowFile
-from .common import INT64_MAX, PROG, USAGE_HINT, Parser, add_own_parsing, err, host_factory, image_source, shown, tuning
+from .common import (
+    INT64_MAX,
+    PROG,
+    USAGE_HINT,
+    Parser,
+    add_own_parsing,
+    err,
+    host_factory,
+    image_source,
+    shown,
+    tuning,
+    why,
+)
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 
@@ -104,7 +116,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
         return err(f"Could not open '{shown_as}': Could not open '{path}': {e.strerror or e}")
     except QcowError as e:
-        return err(f"Could not open '{shown_as}': {e}")
+        return err(f"Could not open '{shown_as}': {why(e, path)}")
     status = 0
     try:
         current = disk.virtual_size
