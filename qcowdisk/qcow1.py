@@ -117,9 +117,10 @@ def parse_header(data: bytes, file_size: int, filename: str = "<image>") -> Qcow
     (magic, version, backing_file_offset, backing_file_size, mtime, size, cluster_bits,
      l2_bits, _padding, crypt_method, l1_table_offset) = HEADER_STRUCT.unpack_from(data, 0)
     if magic != QCOW1_MAGIC:
-        raise InvalidImageError(f"{filename}: magic {magic!r} is not {QCOW1_MAGIC!r}: image not in qcow format")
+        raise InvalidImageError(f"Image not in qcow format ({filename}: magic {magic!r}, expected {QCOW1_MAGIC!r})")
     if version != QCOW1_VERSION:
-        raise InvalidImageError(f"{filename}: version {version} is not a qcow version (must be {QCOW1_VERSION})")
+        raise InvalidImageError(f"qcow (v1) does not support qcow version {version} ({filename}: must be "
+                                f"{QCOW1_VERSION}; try the qcow2 format)")
     if size < MIN_SIZE:
         raise InvalidImageError(f"{filename}: size {size} is too small (must be at least {MIN_SIZE} bytes)")
     if size > MAX_SIZE:

@@ -242,11 +242,6 @@ def test_raw_window(d: Path, command: list[str], spec: str) -> None:
     QEMU's checks of offset and size, with its messages."""
     operands = [spec, "driver=raw,offset=64k,size=512k,file.filename=r.raw"] if command == ["compare"] else [spec]
     args = [*command[1:], "--image-opts", *operands]
-    if command[0] == "info" and spec.startswith("offset=") and "r.raw" in spec:
-        # qcowdisk info shows a file as raw when told to only (-f raw, driver=raw), by design
-        status, out, err = qcowdisk_in(d, "info", args)
-        assert (status, out) == (1, "") and err.startswith(f"qcowdisk: Could not open '{spec}': ")
-        return
     same_as_qemu_img(d, command[0], args)
 
 

@@ -6,16 +6,19 @@ import argparse
 import sys
 
 from .. import formats
+from ..errors import QcowError
 from ..formats import probe_format
+from ..qcow1 import Qcow1File
+from ..qcow2.file import QcowFile
 from .common import (
     Parser,
     UsageError,
     add_confine,
     add_force_share,
     add_image_opts,
+    for_format,
     image_source,
     open_failed,
-    open_image,
     open_options,
     opening,
     shown,
@@ -33,18 +36,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     """`qcowdisk info`: print an image's (or its whole chain's) metadata."""
     path, fmt = image_source(args, args.image, args.format, opens_backing=False, opens_data_file=False)
     img: AnyImage
-    if fmt == "raw":  # told to: any file, as QEMU's raw driver shows it
+    if fmt is None:  # probed as qemu-img probes: a file no format claims is raw
+        try:
+            fmt = probe_format(path)
+        except (OSError, QcowError) as e:  # (QcowError: a FIFO, socket, directory or device)
+            raise open_failed(path, e) from e
+    if fmt == "raw":  # any file, as QEMU's raw driver shows it
         with opening(path):
             img = formats.open_image(path, "raw", open_options(args, path))
-    else:  # (a file that is not a qcow image is refused, not shown as raw)
-        try:
-            probed = probe_format(path) if fmt is not None else None
-        except OSError as e:
-            raise open_failed(path, e) from e
-        if fmt is not None and fmt != probed:
-            raise UsageError(f"Could not open '{shown(path)}': qcowdisk info shows qcow2 and qcow images only, "
-                             f"as what they are, not as '{fmt}'")
-        img = open_image(path, args)
+    elif fmt in ("qcow2", "qcow"):  # (a file of another format fails as that driver refuses it)
+        with opening(path):
+            opened = formats.open_image(path, fmt, for_format(open_options(args, path), fmt))
+        assert isinstance(opened, (QcowFile, Qcow1File))
+        img = opened
+    else:
+        raise UsageError(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
     try:
         name = shown_as_info(path)
         infos = chain_info(img, path, name) if args.backing_chain else [image_info(img, path, name)]

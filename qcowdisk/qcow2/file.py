@@ -43,6 +43,7 @@ from ..errors import (
     QcowError,
     ReadOnlyError,
     SnapshotNotFoundError,
+    UnsupportedFeatureError,
 )
 from ..hostio import Buffer, HostFactory, HostFile
 from ..image import Extent, LayerExtent, as_index, fill_zeros
@@ -151,8 +152,10 @@ def _fast_lookup(fast: _FastPath, offset: int, length: int) -> int:
     return -1
 
 
-class _LegacyQcow(Exception):
-    """The file is a qcow version 1 image (QcowFile.open hands it to the qcow v1 reader)."""
+class _LegacyQcow(UnsupportedFeatureError):
+    """The file is a qcow version 1 image: QcowFile.open hands it to the qcow v1 reader; where an
+    image is opened as qcow2 by name (qemu-img -f qcow2, a check) it fails as QEMU's qcow2 driver
+    fails it."""
 
 
 class QcowFile:
@@ -339,7 +342,8 @@ class QcowFile:
             if host.pread(8, 0) == b"QFI\xfb\0\0\0\1":
                 if not options.readonly:
                     raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
-                raise _LegacyQcow()
+                raise _LegacyQcow(f"Unsupported qcow2 version 1 ({path!r} is a legacy qcow image: "
+                                  "open it as format qcow)")
             if not options.force_share:
                 image_lock = lock_image(host.fd, path, write=not options.readonly)
             state = _load_state(path, host, options, for_check)
