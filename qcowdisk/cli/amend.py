@@ -21,6 +21,7 @@ from .common import (
     host_factory,
     image_source,
     print_warnings,
+    repair_if_dirty,
     shown,
     tuning,
 )
@@ -127,6 +128,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
         return err(f"Could not open '{shown_as}': {e}")
     if probed != "qcow2":
         return err(f"Format driver '{probed}' does not support option amendment")
+    repair_if_dirty(path, confine_to)
     try:
         disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path, cache),
                                              tuning=tuning(path))

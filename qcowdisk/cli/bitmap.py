@@ -17,7 +17,7 @@ from ..errors import BitmapError, ImageLockedError, QcowError
 from ..formats import OpenOptionError, format_names, open_image, probe_format
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.file import QcowFile
-from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err, image_source, shown, tuning
+from .common import USAGE_HINT, Parser, add_own_parsing, cvtnum, err, image_source, repair_if_dirty, shown, tuning
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 
@@ -156,6 +156,7 @@ def _open(path: str, fmt: str | None, *, readonly: bool = False) -> tuple[Image 
         probed = fmt or probe_format(path)
         options = tuning(path).replace(backing=False, backing_node=None)  # (--image-opts)
         if probed == "qcow2" and not readonly:
+            repair_if_dirty(path)
             return QcowFile.open_for_bitmaps(path, tuning=options), 0
         return open_image(path, probed, options.replace(readonly=True)), 0
     except OpenOptionError as e:

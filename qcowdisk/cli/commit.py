@@ -15,6 +15,7 @@ from .common import (
     check_chain,
     host_factory,
     open_failed,
+    repair_if_dirty,
     shown,
     spec_options,
 )
@@ -28,6 +29,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise open_failed(path, FileNotFoundError(2, os.strerror(2), path))
     check_chain(path)
+    repair_if_dirty(path)  # (the image opens read-write, as does the base; see README)
     bar = progress_bar(args)
     try:
         commit(path, base=args.base, drop=args.drop or args.base is not None,

@@ -461,3 +461,30 @@ def print_warnings(caught: list[warnings.WarningMessage]) -> None:
         if issubclass(w.category, qemuopts.SizeSuffixWarning):
             print(f"{PROG}: warning: {w.message}", file=sys.stderr)
 
+def repair_if_dirty(path: str, confine_to: str | None = None) -> None:
+    """Before a command opens the qcow2 image `path` read-write: if it is dirty (lazy refcounts,
+    not closed cleanly), check and repair it now, its check lines on stderr, as QEMU's open does
+    (qcow2_do_open runs the check with BDRV_FIX_ERRORS | BDRV_FIX_LEAKS, printing what
+    `qemu-img check -r all` prints on stderr). The engine's own open would repair it silently.
+    Anything that goes wrong here is left to the command's open to report."""
+    try:
+        host = HostFile(path, False)
+        try:
+            head = host.pread(80, 0)
+        finally:
+            host.close()
+    except (QcowError, OSError):
+        return
+    if len(head) < 80 or head[:4] != b"QFI\xfb" or int.from_bytes(head[4:8], "big") < 3 \
+            or not int.from_bytes(head[72:80], "big") & 1:  # incompatible_features bit 0: dirty
+        return
+
+    def report(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    try:
+        with QcowFile.open_for_check(path, repair=True, confine_to=confine_to) as img:
+            img.check("all", report=report)
+    except (QcowError, OSError):
+        return

@@ -24,6 +24,7 @@ from .common import (
     host_factory,
     image_spec,
     open_failed,
+    repair_if_dirty,
     shown,
     spec_options,
 )
@@ -177,6 +178,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
     if not args.unsafe:
         check_chain(path)
         refuse_relative(path, backing)
+    repair_if_dirty(path)  # (the image opens read-write; its old and new backing files read-only)
     bar = progress_bar(args)
     steps: RebaseProgress | None = None
     try:

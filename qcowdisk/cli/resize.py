@@ -18,6 +18,7 @@ from .common import (
     err,
     host_factory,
     image_source,
+    repair_if_dirty,
     shown,
     tuning,
     why,
@@ -109,6 +110,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         probed = fmt or probe_format(path)
         if probed != "qcow2":
             return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 images only, not {probed}")
+        repair_if_dirty(path, confine_to)
         disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path),
                                              tuning=tuning(path))
     except OpenOptionError as e:

@@ -21,6 +21,7 @@ from .common import (
     host_factory,
     image_source,
     refused_options,
+    repair_if_dirty,
     size_to_str,
     tuning,
 )
@@ -83,6 +84,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         finally:
             img.close()
         return 0
+    repair_if_dirty(path, args.confine_to)
     with refused_options(path):
         disk = QcowFile.open_keeping_bitmaps(path, confine_to=args.confine_to, host_factory=host_factory(path),
                                              tuning=tuning(path))

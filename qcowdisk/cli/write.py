@@ -11,7 +11,7 @@ import sys
 
 from ..errors import QcowError
 from ..qcow2.file import QcowFile
-from .common import CHUNK, Parser, UsageError, add_confine, confine_dir, opening, parse_size, why
+from .common import CHUNK, Parser, UsageError, add_confine, confine_dir, opening, parse_size, repair_if_dirty, why
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ def cmd_write(args: argparse.Namespace) -> int:
                 length = st.st_size if stat.S_ISREG(st.st_mode) else None
             except (OSError, ValueError):  # a stdin without a descriptor: its length is unknown
                 length = None
+        repair_if_dirty(args.image, confine_to)
         with opening(args.image):
             disk = stack.enter_context(QcowFile.open(args.image, confine_to=confine_to))
 
