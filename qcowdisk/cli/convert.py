@@ -21,6 +21,7 @@ from .common import (
     cvtnum,
     host_factory,
     image_source,
+    repair_if_dirty,
     shown,
     spec_options,
 )
@@ -67,6 +68,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         check_window(dst)
     if not os.path.exists(src):
         raise UsageError(f"Could not open '{src}': Could not open '{src}': No such file or directory")
+    if args.target_exists and out_format == "qcow2":
+        repair_if_dirty(dst)  # (an existing target opens read-write: a dirty one is checked first, as by QEMU)
     bar = QemuProgress(sys.stdout) if args.progress and not args.quiet and sys.stdout.isatty() else None
     caught: list[warnings.WarningMessage] = []
     try:
