@@ -11,6 +11,7 @@ import importlib.metadata
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -945,3 +946,18 @@ def test_a_format_the_file_is_not(mixed: Path, command: list[str], fmt: str, ima
     assert (ours[0], ours[1]) == (status, out) and status in (1, 2) and out == ""  # (compare fails with 2)
     assert ours[2].startswith(err.splitlines()[0]), (ours[2], err)
 
+
+
+@pytest.mark.parametrize("action", [["-l"], ["-c", "s"], ["-a", "s"], ["-d", "s"], []], ids=lambda a: a[0] if a else "none")
+@pytest.mark.parametrize("image", [["r.raw"], ["text.txt"], ["empty.img"], ["--image-opts", "driver=raw,file.filename=r.raw"]],
+                         ids=lambda i: i[-1])
+def test_snapshot_of_a_raw_image(mixed: Path, tmp_path: Path, action: list[str], image: list[str]) -> None:
+    """A raw image has no snapshots: -l lists none (status 0), -c/-a/-d fail with QEMU's raw-driver
+    messages, after QEMU's warning for a format only probed (twice for -a, as QEMU opens twice)."""
+    from clirun import qcowdisk_in, qemu_img_in
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for d in (ours, theirs):
+        shutil.copytree(mixed, d)
+    expected = qemu_img_in(theirs, "snapshot", [*action, *image])
+    assert qcowdisk_in(ours, "snapshot", [*action, *image], as_qemu_img=True) == expected
+    assert (ours / "r.raw").read_bytes() == (theirs / "r.raw").read_bytes()

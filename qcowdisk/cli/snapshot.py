@@ -52,6 +52,30 @@ def snapshot_list_text(snapshots: Sequence[Snapshot]) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
+# what QEMU prints when it opens for writing a file whose format it only probed as raw
+RAW_PROBE_WARNING = """WARNING: Image format was not specified for '{path}' and probing guessed raw.
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
+         Specify the 'raw' format explicitly to remove the restrictions."""
+
+
+def _raw(args: argparse.Namespace, path: str, action: str | None, probed: bool) -> int:
+    """A raw image has no snapshots: -l lists none; -c, -a and -d fail as QEMU's raw driver
+    makes them fail, after the open (and its warning for a raw format only probed)."""
+    readonly = action == "-l"  # (with no action qemu-img opens read-write, and does nothing)
+    if probed and not readonly:  # (-a: QEMU's snapshot_goto opens the file a second time)
+        print("\n".join([RAW_PROBE_WARNING.format(path=path)] * (2 if action == "-a" else 1)), file=sys.stderr)
+    options = tuning(path).replace(readonly=readonly, force_share=args.force_share and readonly,
+                                   confine_to=args.confine_to, host_factory=host_factory(path))
+    with refused_options(path):
+        formats.open_image(path, "raw", options).close()
+    if action in (None, "-l"):
+        return 0
+    ref = (args.create or args.apply or args.delete)[0]
+    return err({"-c": f"Could not create snapshot '{ref}': -95 (Operation not supported)",
+                "-a": f"Could not apply snapshot '{ref}': Block driver does not support snapshots",
+                "-d": f"Could not delete snapshot '{ref}': snapshot not found"}[action])
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """`qcowdisk snapshot [-l | -c NAME | -a REF | -d REF] IMAGE`, as `qemu-img snapshot` (7.2).
 
@@ -69,7 +93,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     action = given[0] if given else None
     if args.force_share and action not in (None, "-l") and not args.image_opts:
         return err(f"Could not open '{args.image[0]}': force-share=on can only be used with read-only images")
-    path, _ = image_source(args, args.image[0], None, writable=action not in (None, "-l"))
+    path, fmt = image_source(args, args.image[0], None, writable=action not in (None, "-l"))
+    if (fmt or formats.probe_format(path)) == "raw":
+        return _raw(args, path, action, probed=fmt is None)
     if action in (None, "-l"):
         options = tuning(path).replace(readonly=True, force_share=args.force_share,
                                        confine_to=args.confine_to, host_factory=host_factory(path))
