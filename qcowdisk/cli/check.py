@@ -23,6 +23,7 @@ from .common import (
     image_source,
     open_options,
     opening,
+    report_line,
     shown,
 )
 
@@ -35,10 +36,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed (or found
     internal errors), 63 a format without checks (raw, qcow).
     """
-    def report(line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
     if args.repair is not None and args.repair not in ("leaks", "all"):
         return err(f"Unknown option value for -r (expecting 'leaks' or 'all'): {args.repair}", hint=USAGE_HINT)
     if args.output not in ("human", "json"):
@@ -67,7 +64,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                       host_factory=o.host_factory, tuning=o)
     try:
         try:
-            result = img.check(args.repair, report=report)
+            result = img.check(args.repair, report=report_line)
         except CheckFailedError as e:
             return err(str(e))
     finally:

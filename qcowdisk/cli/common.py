@@ -20,6 +20,7 @@ from ..ops.cachemode import CacheModeError, host_class, parse_cache_mode
 from ..ops.imageopts import ImageOpts, ImageOptsError, parse_image_opts
 from ..qcow1 import Qcow1File
 from ..qcow2.file import QcowFile
+from ..qcow2.format import HEADER_V2_LENGTH, HEADER_V3_MIN_LENGTH, HEADER_V3_STRUCT, INCOMPAT_DIRTY, QCOW_MAGIC
 from ..raw import RawWindowError, raw_window
 
 TYPE_CHECKING = False
@@ -470,21 +471,22 @@ def repair_if_dirty(path: str, confine_to: str | None = None) -> None:
     try:
         host = HostFile(path, False)
         try:
-            head = host.pread(80, 0)
+            head = host.pread(HEADER_V3_MIN_LENGTH, 0)
         finally:
             host.close()
     except (QcowError, OSError):
         return
-    if len(head) < 80 or head[:4] != b"QFI\xfb" or int.from_bytes(head[4:8], "big") < 3 \
-            or not int.from_bytes(head[72:80], "big") & 1:  # incompatible_features bit 0: dirty
+    if len(head) < HEADER_V3_MIN_LENGTH or head[:4] != QCOW_MAGIC or int.from_bytes(head[4:8], "big") < 3:
         return
+    if HEADER_V3_STRUCT.unpack_from(head, HEADER_V2_LENGTH)[0] & INCOMPAT_DIRTY:  # incompatible_features
+        try:
+            with QcowFile.open_for_check(path, repair=True, confine_to=confine_to) as img:
+                img.check("all", report=report_line)
+        except (QcowError, OSError):
+            return
 
-    def report(line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
 
-    try:
-        with QcowFile.open_for_check(path, repair=True, confine_to=confine_to) as img:
-            img.check("all", report=report)
-    except (QcowError, OSError):
-        return
+def report_line(line: str) -> None:
+    """Print one of a check's per-cluster lines as qemu-img does: on stderr, at once."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

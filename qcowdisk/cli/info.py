@@ -5,23 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import formats
 from ..errors import QcowError
 from ..formats import probe_format
-from ..qcow1 import Qcow1File
-from ..qcow2.file import QcowFile
 from .common import (
     Parser,
-    UsageError,
     add_confine,
     add_force_share,
     add_image_opts,
-    for_format,
     image_source,
+    open_any,
     open_failed,
-    open_options,
-    opening,
-    shown,
     shown_as_info,
 )
 from .infotext import chain_info, format_human, image_info
@@ -41,16 +34,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             fmt = probe_format(path)
         except (OSError, QcowError) as e:  # (QcowError: a FIFO, socket, directory or device)
             raise open_failed(path, e) from e
-    if fmt == "raw":  # any file, as QEMU's raw driver shows it
-        with opening(path):
-            img = formats.open_image(path, "raw", open_options(args, path))
-    elif fmt in ("qcow2", "qcow"):  # (a file of another format fails as that driver refuses it)
-        with opening(path):
-            opened = formats.open_image(path, fmt, for_format(open_options(args, path), fmt))
-        assert isinstance(opened, (QcowFile, Qcow1File))
-        img = opened
-    else:
-        raise UsageError(f"Could not open '{shown(path)}': Unknown driver '{fmt}'")
+    img = open_any(path, fmt, args)  # (raw: any file, as QEMU's raw driver shows it)
     try:
         name = shown_as_info(path)
         infos = chain_info(img, path, name) if args.backing_chain else [image_info(img, path, name)]
