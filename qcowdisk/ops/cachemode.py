@@ -50,6 +50,9 @@ class NoFlushHostFile(HostFile):
         """Ignored, as QEMU ignores flushes with cache=unsafe."""
         self.unsynced = False
 
+    def start_writeback(self) -> None:
+        """Ignored too: with cache=unsafe nothing is written back on purpose."""
+
 
 def host_class(mode: str) -> type[HostFile]:
     """The HostFile class a (valid) cache mode opens files with: O_DIRECT for none/off and

@@ -52,6 +52,7 @@ from ..qcow2.bitmapedit import default_granularity
 from ..qcow2.file import QcowFile
 from .inflight import InFlight
 from .qcow1_target import Qcow1Target
+from .writeback import WritebackPacer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,6 +101,10 @@ if TYPE_CHECKING:  # a Protocol needs typing at run time
             """Make everything written durable."""
             ...
 
+        def start_writeback(self) -> None:
+            """Start writing what was written back to the disk, without waiting (a hint)."""
+            ...
+
         def close(self) -> None:
             """Release the base."""
             ...
@@ -139,6 +144,10 @@ class _RawTarget:
     def flush(self) -> None:
         """fsync the file."""
         self.host.fsync()
+
+    def start_writeback(self) -> None:
+        """Start writing what was written back to the disk, without waiting (a hint)."""
+        self.host.start_writeback()
 
     def close(self) -> None:
         """Release the lock and the file."""
@@ -335,11 +344,13 @@ def _copy(layers: list[Image], target: _Target, zero: Callable[[int, int], None]
 
     report(0)
     data_end = 0  # where the last data step submitted ends
+    writeback = WritebackPacer(target.start_writeback)  # (see ops.writeback)
     with InFlight(IN_FLIGHT, lambda: memoryview(bytearray(IO_BUF_SIZE)), report) as steps:
         for at, n, depth in _steps(layers, size):
             if depth >= 0:
                 steps.submit(functools.partial(copy_step, depth, at, n), at + n)
                 data_end = at + n
+                writeback.wrote(n)  # (counted when submitted: the steps in flight, at the next hint)
             elif depth == -1:
                 # Zeros go on while data steps are in flight (both update the base's tables
                 # under its lock), unless the zeros share a cluster with one of those steps:

@@ -40,6 +40,7 @@ from .cachemode import DEFAULT_SOURCE_CACHE, RateLimit, host_class, parse_cache_
 from .inorder import InOrder
 from .measure import Options, target_options
 from .qemuopts import QemuOpts
+from .writeback import WritebackPacer
 from .zeroscan import SECTOR, data_runs, is_zero
 
 TYPE_CHECKING = False
@@ -258,18 +259,23 @@ def create_keywords(opts: QemuOpts) -> dict[str, Any]:
 
 
 class _Requests:
-    """What every target does after a write request: flush it (writethrough), throttle (-r)."""
+    """What every target does after a write request: flush it (writethrough), throttle (-r),
+    and start the writeback of the data every few MiB (see ops.writeback: the flush at the end,
+    when the cache mode honours it, then waits less; cache=unsafe's host ignores the hint)."""
 
     limit = RateLimit(0)
     flush_each = False
+    writeback: WritebackPacer | None = None  # set by the target's constructor
 
     def flush(self) -> None:
         raise NotImplementedError
 
-    def written(self, n: int) -> None:
-        """Count a request of n guest bytes."""
+    def written(self, n: int, data: bool = False) -> None:
+        """Count a request of n guest bytes (`data`: bytes written, not zeroed)."""
         if self.flush_each:
             self.flush()
+        elif data and self.writeback is not None:
+            self.writeback.wrote(n)
         self.limit.account(n)
 
 
@@ -281,6 +287,7 @@ class _RawTarget(_Requests):
                  host: type[HostFile] = HostFile, offset: int = 0) -> None:
         self.host = host.create(path) if new else host(path, True)
         self.fd = self.host.fd
+        self.writeback = WritebackPacer(self.host.start_writeback)
         self.virtual_size = size
         self.offset = offset  # an existing raw target's window (raw's offset= option)
         self.cluster_size = 0
@@ -302,7 +309,7 @@ class _RawTarget(_Requests):
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.host.pwrite(data, self.offset + offset)
-        self.written(len(data))
+        self.written(len(data), data=True)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.written(length)
@@ -322,11 +329,12 @@ class _RawTarget(_Requests):
 class _QcowTarget(_Requests):
     def __init__(self, disk: QcowFile) -> None:
         self.disk = disk  # (an existing target's own bitmaps record what is written: QcowFile does it)
+        self.writeback = WritebackPacer(disk.start_writeback)
         self.cluster_size = disk.cluster_size
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.disk.write_at(offset, data)
-        self.written(len(data))
+        self.written(len(data), data=True)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.disk.zeroize(offset, length)  # zero clusters, as qemu-img's MAY_UNMAP zeroing

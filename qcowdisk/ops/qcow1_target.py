@@ -173,6 +173,10 @@ class Qcow1Target:
         """fsync the file."""
         self.host.fsync()
 
+    def start_writeback(self) -> None:
+        """Start writing what was written back to the disk, without waiting (a hint)."""
+        self.host.start_writeback()
+
     def close(self) -> None:
         """Release the reader, the lock and the file."""
         reader, self._reader = self._reader, None

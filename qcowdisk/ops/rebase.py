@@ -33,6 +33,7 @@ from ..hostio import HostFactory, HostFile
 from ..image import fill_zeros
 from ..qcow2.file import QcowFile
 from .inflight import InFlight
+from .writeback import WritebackPacer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ class _Differ:
         self.exact = img.tracks_writes
         self.unit = SECTOR if self.exact else self.granule
         self.steps = steps
+        self.writeback = WritebackPacer(img.start_writeback)  # the flush at the end waits less
 
     def window(self, start: int, end: int) -> None:
         """Handle the window [start, end): in the ranges the image does not allocate, skip what
@@ -244,11 +246,15 @@ class _Differ:
                 if run_from < 0:
                     run_from = i
             elif run_from >= 0:
-                self.img.write_at(offset + run_from, old_view[run_from:i])
+                self._write(offset + run_from, old_view[run_from:i])
                 run_from = -1
             i = j
         if run_from >= 0:
-            self.img.write_at(offset + run_from, old_view[run_from:n])
+            self._write(offset + run_from, old_view[run_from:n])
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        self.img.write_at(offset, data)
+        self.writeback.wrote(len(data))
 
 
 def _copy_differences(img: QcowFile, new: Image | None, progress: Progress | None) -> None:

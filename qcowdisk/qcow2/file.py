@@ -1190,6 +1190,24 @@ class QcowFile:
             self._check_healthy()
             self._guarded(lambda: ordering.flush(s), remaps=False)  # (it raises the epoch when it frees)
 
+    def start_writeback(self) -> None:
+        """Start writing the guest data written so far back to the disk, without waiting (see
+        `HostFile.start_writeback`): a hint for a bulk writer that flushes at its end, as
+        commit, rebase and a synced convert do every few MiB, so the final flush() has less
+        left to wait for. It makes nothing durable and orders nothing: only flush() does. A
+        host error puts the image in the failed state, as a failed write does."""
+        s = self._state
+        with s.lock:
+            self._check_writable()
+            host = s.data_host
+        try:  # (outside the lock: the writers go on while the kernel queues the writeback)
+            host.start_writeback()
+        except OSError as e:
+            with s.lock:
+                if s.failure is None:
+                    s.failure = e
+            raise
+
     def check(self, repair: Repair = None, *, report: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None) -> CheckResult:
         """Check the image's refcounts and tables as `qemu-img check` does; with `repair="leaks"`
