@@ -61,6 +61,9 @@ LOCK_SHARED_BASE = 200   # RAW_LOCK_SHARED_BASE
 # (permissions held, permissions not shared), as QEMU requests them for a plain qemu-io open.
 WRITER_PERMS = ((PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE), (PERM_WRITE, PERM_RESIZE))
 READER_PERMS = ((PERM_CONSISTENT_READ,), (PERM_WRITE, PERM_RESIZE))
+# qemu-img resize of a raw image: raw passes its BlockBackend's "share everything" down to the file
+# (no format metadata to protect), so it coexists with other raw writers and readers.
+RAW_RESIZER_PERMS = ((PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE), ())
 
 # Linux fcntl command numbers; the module names them from Python 3.9 on.
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
@@ -137,7 +140,8 @@ class _NoOfdLocks(Exception):
     """OFD locks are not supported for this file; use the fallback."""
 
 
-def lock_image(fd: int, path: str, *, write: bool) -> ImageLock:
+def lock_image(fd: int, path: str, *, write: bool,
+               perms: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> ImageLock:
     """Lock the image open on `fd` as QEMU would for a read-write (`write`) or read-only open.
 
     Raises ImageLockedError at once (never waits) when another open of the image -- in this
@@ -146,12 +150,13 @@ def lock_image(fd: int, path: str, *, write: bool) -> ImageLock:
     touches a descriptor number that has since been reused. Keep a reference to the result for
     as long as the image is open: a collected ImageLock releases itself. One lock per open
     file description (OFD locks are not counted, so a second lock on the same fd would be
-    undone by the first one's release).
+    undone by the first one's release). `perms` (held, not shared) replaces the permissions of
+    a plain read-write or read-only qemu-io open (e.g. RAW_RESIZER_PERMS).
     """
     path = os.fspath(path)
     if USE_OFD:
         try:
-            return _lock_ofd(fd, path, write)
+            return _lock_ofd(fd, path, write, perms)
         except _NoOfdLocks:
             pass
     return _lock_side_file(path, write)
@@ -168,8 +173,8 @@ def _flock_op(fd: int, cmd: int, lock_type: int, offset: int) -> int:
     return l_type
 
 
-def _lock_ofd(fd: int, path: str, write: bool) -> ImageLock:
-    perms, unshared = WRITER_PERMS if write else READER_PERMS
+def _lock_ofd(fd: int, path: str, write: bool, given: tuple[tuple[int, ...], tuple[int, ...]] | None) -> ImageLock:
+    perms, unshared = given or (WRITER_PERMS if write else READER_PERMS)
     wanted = [LOCK_PERM_BASE + i for i in perms] + [LOCK_SHARED_BASE + i for i in unshared]
     # Our own duplicate shares the open file description (so the locks are the image fd's)
     # but lets release() run safely even after the caller closed and reused `fd`.

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import QcowError
+from ..errors import QcowError, ResizeError
 from ..formats import OpenOptionError, format_names, probe_format
 from ..ops import qemuopts
+from ..ops.rawresize import PREALLOCATION_MODES, SHRINK_REFUSED, RawResizeTarget
 from ..qcow2.file import QcowFile
 from .common import (
     INT64_MAX,
@@ -18,6 +19,8 @@ from .common import (
     err,
     host_factory,
     image_source,
+    image_spec,
+    refused_options,
     repair_if_dirty,
     shown,
     tuning,
@@ -25,23 +28,28 @@ from .common import (
 )
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
+from .snapshot import RAW_PROBE_WARNING
 
-RESIZE_HELP = """usage: qcowdisk resize [--shrink] [-f FMT] [-q] [--confine-to DIR] IMAGE [+|-]SIZE
+RESIZE_HELP = """usage: qcowdisk resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] [--confine-to DIR] IMAGE [+|-]SIZE
 
-Change the virtual size of a qcow2 image to SIZE, or by +SIZE / -SIZE (like qemu-img resize).
-SIZE takes qemu-img's suffixes (k, M, G, T, P, E: powers of 1024) and must come last, so that
-a negative one is never read as an option; it is not rounded (qemu-img refuses a size that is
-not a multiple of 512, and so does this).
+Change the virtual size of a qcow2 or raw image to SIZE, or by +SIZE / -SIZE (like qemu-img
+resize). SIZE takes qemu-img's suffixes (k, M, G, T, P, E: powers of 1024) and must come last,
+so that a negative one is never read as an option; it is not rounded (qemu-img refuses a qcow2
+size that is not a multiple of 512, and so does this; a raw file takes any size).
 
 options:
   --shrink          allow making the image smaller (everything past the new end is discarded)
-  -f FMT            the image format: qcow2 (probed if omitted)
+  --preallocation=MODE
+                    how a raw image's new area is allocated: off (a hole), falloc, full
+                    (zeros written); qcowdisk grows qcow2 images with off only
+  -f FMT            the image format: qcow2 or raw (probed if omitted)
   -q                do not print 'Image resized.'
   --confine-to DIR  refuse backing and data files that resolve outside DIR
   -h, --help        show this help
 """
 _RESIZE_SHORT = {"f": True, "h": False, "q": False}  # option letter -> takes an argument
-_RESIZE_LONG = {"help": False, "shrink": False, "confine-to": True, "image-opts": False, "object": True}
+_RESIZE_LONG = {"help": False, "shrink": False, "confine-to": True, "image-opts": False, "object": True,
+                "preallocation": True}
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
@@ -67,6 +75,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     quiet = shrink = image_opts = False
     objects: list[str] = []
     confine_to: str | None = None
+    preallocation = "off"
     for name, value in opts:
         if name in ("-h", "--help"):
             sys.stdout.write(RESIZE_HELP)
@@ -81,6 +90,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
             image_opts = True
         elif name == "--object":
             objects.append(value)
+        elif name == "--preallocation":
+            if value not in PREALLOCATION_MODES:  # (qemu-img refuses it while parsing)
+                return err(f"Invalid preallocation mode '{value}'")
+            preallocation = value
         else:
             confine_to = value
     if len(operands) != 1:
@@ -108,8 +121,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
         return err(f"Could not open '{shown_as}': Unknown driver '{fmt}'")
     try:
         probed = fmt or probe_format(path)
+        if probed == "raw":
+            return _resize_raw(path, fmt is None, relative, n, shrink, preallocation, quiet)
         if probed != "qcow2":
-            return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 images only, not {probed}")
+            return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 and raw images only, not {probed}")
         repair_if_dirty(path, confine_to)
         disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path),
                                              tuning=tuning(path))
@@ -126,10 +141,13 @@ def cmd_resize(args: argparse.Namespace) -> int:
         total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # int64_t wraps
         if total <= 0:
             status = err("New image size must be positive")
+        elif total <= current and preallocation != "off":
+            status = err("Preallocation can only be used for growing images")
         elif total < current and not shrink:
-            status = err("Use the --shrink option to perform a shrink operation.",
-                         "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
-                         "Before performing such an operation, make sure there is no important data there.")
+            status = shrink_refused()
+        elif preallocation != "off":
+            status = err(f"qcowdisk cannot preallocate the new area of a qcow2 image (--preallocation={preallocation}); "
+                         "grow it with --preallocation=off")
         else:
             disk.resize(total, shrink=True)
     except OSError as e:
@@ -145,6 +163,44 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if not status and not quiet:
         print("Image resized.")
     return status
+
+
+def shrink_refused() -> int:
+    """qemu-img's refusal of a shrink without --shrink: an error, then a warning; status 1."""
+    return err(SHRINK_REFUSED,
+               "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+               "Before performing such an operation, make sure there is no important data there.")
+
+
+def _resize_raw(path: str, probed: bool, relative: int, n: int, shrink: bool, preallocation: str,
+                quiet: bool) -> int:
+    """qemu-img resize of a raw image: opened read-write (QEMU's warning first when the format
+    was only probed), the new size worked out from the current one, then RawResizeTarget."""
+    if probed:
+        print(RAW_PROBE_WARNING.format(path=path), file=sys.stderr)
+    spec = image_spec(path)
+    offset = spec.raw_offset or 0 if spec is not None else 0
+    window = spec.raw_size if spec is not None else None
+    try:
+        with refused_options(path):
+            target = RawResizeTarget(path, offset=offset, size=window, host_factory=host_factory(path))
+    except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
+        return err(f"Could not open '{shown(path)}': Could not open '{path}': {e.strerror or e}")
+    except QcowError as e:
+        return err(f"Could not open '{shown(path)}': {why(e, path)}")
+    with target:
+        current = target.virtual_size
+        total = current + relative * n if relative else n
+        total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # int64_t wraps
+        try:
+            target.resize(total, shrink=shrink, preallocation=preallocation)
+        except ResizeError as e:
+            return shrink_refused() if str(e) == SHRINK_REFUSED else err(str(e))
+        except OSError as e:
+            return err(e.strerror or str(e))
+    if not quiet:
+        print("Image resized.")
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
