@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from clirun import qcowdisk_in
+from clirun import qcowdisk_in, qemu_img_in
 from qcowdisk import ImageFailedError, QcowFile, ReadOnlyError, ResizeError
 from qcowdisk.hostio import HostFile
 from qemutools import assert_clean, check, create, info, pattern, qemu_img, qemu_io, write_raw
@@ -609,15 +609,16 @@ def test_cli_matches_qemu_img_resize(tmp_path: Path, args: list[str]) -> None:
     assert_clean(str(odir / "IMG"))
 
 
-def test_cli_help_and_refusals_of_other_formats(tmp_path: Path) -> None:
+def test_cli_help_raw_and_qcow_v1(tmp_path: Path) -> None:
     status, out, _ = qcowdisk_in(tmp_path, "resize", ["-h", "IMG", "1M"])
     assert status == 0 and out.startswith("usage: qcowdisk resize")
-    raw = write_raw(str(tmp_path / "disk.raw"), bytes(1 * MiB))
-    status, _, err = qcowdisk_in(tmp_path, "resize", [raw, "2M"])
-    assert status == 1 and "qcow2 images only" in err
-    assert os.path.getsize(raw) == 1 * MiB
-    status, _, err = qcowdisk_in(tmp_path, "resize", ["-f", "raw", raw, "2M"])
-    assert status == 1 and "qcow2 images only" in err
+    raw = write_raw(str(tmp_path / "disk.raw"), bytes(1 * MiB))  # (raw: see test_resize_raw.py)
+    status, out, _ = qcowdisk_in(tmp_path, "resize", ["-f", "raw", raw, "2M"])
+    assert (status, out) == (0, "Image resized.\n") and os.path.getsize(raw) == 2 * MiB
+    qemu_img("create", "-q", "-f", "qcow", str(tmp_path / "v1.qcow"), "1M")
+    assert qcowdisk_in(tmp_path, "resize", ["v1.qcow", "2M"], as_qemu_img=True) == \
+        qemu_img_in(tmp_path, "resize", ["v1.qcow", "2M"])
+    assert qemu_img_in(tmp_path, "resize", ["v1.qcow", "2M"])[0] == 1
 
 
 def test_cli_confine_to(tmp_path: Path) -> None:

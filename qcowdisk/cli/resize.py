@@ -123,6 +123,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
         probed = fmt or probe_format(path)
         if probed == "raw":
             return _resize_raw(path, fmt is None, relative, n, shrink, preallocation, quiet)
+        if probed == "qcow":  # (QEMU's qcow driver opens it, then has no truncate)
+            return err("Image format driver does not support resize")
         if probed != "qcow2":
             return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 and raw images only, not {probed}")
         repair_if_dirty(path, confine_to)
