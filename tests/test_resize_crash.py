@@ -11,12 +11,13 @@ flush, so while a resize is in flight exactly two images are acceptable: the sta
 and the state after it. While a write is in flight, the size is that of the last durable state
 and each byte is a version written since (or the durable one).
 
-Workloads cover: growth of the L1 table (512-byte clusters: the table moves, three header
-switches), growth without it, shrinking (partial last cluster, whole L2 tables dropped, the
-file cut), an overlay grown over a longer backing file (zero clusters written before the size
-switch), a raw external data file (cut and extended), lazy refcounts (repaired on open), and
-an image with an internal snapshot (shared L2 tables copied or dropped). Each judged image is
-checked by `qemu-img check`, read by `qemu-img convert` and by a read-only QcowFile.
+Workloads cover: growth with each preallocation mode (metadata, falloc, full), growth of the L1
+table (512-byte clusters: the table moves, three header switches), growth without it, shrinking
+(partial last cluster, whole L2 tables dropped, the file cut), an overlay grown over a longer
+backing file (zero clusters written before the size switch), a raw external data file (cut and
+extended), lazy refcounts (repaired on open), and an image with an internal snapshot (shared L2
+tables copied or dropped). Each judged image is checked by `qemu-img check`, read by `qemu-img
+convert` and by a read-only QcowFile.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ KiB, MiB = 1 << 10, 1 << 20
 SECTOR = 512
 
 Step = tuple[str, int, int]
-"""("write", offset, length) | ("flush", 0, 0) | ("resize", new_size, shrink)."""
+"""("write", offset, length) | ("flush", 0, 0) | ("resize", new_size, how): how is an index
+into HOW (grow, shrink, or grow with a preallocation mode)."""
+HOW = ("grow", "shrink", "grow-metadata", "grow-falloc", "grow-full")
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ def make_steps(wl: Workload) -> list[Step]:
             steps.append(("flush", 0, 0))
         else:
             steps.append(("flush", 0, 0))  # a resize never starts with unflushed writes in flight
-            steps.append(("resize", arg, int(kind == "shrink")))
+            steps.append(("resize", arg, HOW.index(kind)))
             size = arg
     return steps
 
@@ -121,7 +124,7 @@ def run_steps(disk: QcowFile, steps: list[Step], log: CrashLog | None = None,
             if kind == "flush":
                 disk.flush()
             else:
-                disk.resize(a, shrink=bool(b))
+                disk.resize(a, shrink=HOW[b] == "shrink", preallocation=HOW[b].partition("-")[2] or "off")
             if log is not None:
                 log.mark(("flushed", j))
             if report is not None:
@@ -148,6 +151,12 @@ WORKLOADS = [
     Workload("lazy", 1 * MiB, "cluster_size=4096,lazy_refcounts=on",
              (("write", 11), ("grow", 9 * MiB), ("write", 12), ("shrink", 2 * MiB + 512), ("grow", 3 * MiB)),
              lazy=True, max_cuts=60),
+    Workload("prealloc-c4k", 1 * MiB, "cluster_size=4096",
+             (("write", 17), ("grow-metadata", 5 * MiB + 512), ("write", 18), ("grow-falloc", 7 * MiB),
+              ("shrink", 3 * MiB), ("grow-full", 4 * MiB)), max_cuts=80),
+    Workload("prealloc-extl2-overlay", 1 * MiB, "extended_l2=on,cluster_size=65536",
+             (("write", 19), ("grow-metadata", 3 * MiB + 1024), ("write", 20), ("grow-full", 4 * MiB)),
+             backing=True, max_cuts=60),
     Workload("snapshot", 2 * MiB, "cluster_size=4096",
              (("write", 13), ("shrink", 1 * MiB + 1536), ("write", 14), ("grow", 5 * MiB)), snapshot=True),
 ]
@@ -406,7 +415,7 @@ def test_judge_has_teeth(recorded) -> None:  # type: ignore[no-untyped-def]
     bad = bytearray(rec.states[j + 1])
     bad[len(rec.states[j]) + 5] = 1  # the new area not zeroed
     assert judge_view(rec, bytes(bad), ctx, "t")
-    k = next(i for i, s in enumerate(rec.steps) if s[0] == "resize" and s[2])
+    k = next(i for i, s in enumerate(rec.steps) if s[0] == "resize" and HOW[s[2]] == "shrink")
     cut_old = bytearray(rec.states[k])
     cut_old[len(rec.states[k + 1]) + 7] ^= 0xFF  # old size, data past the new end damaged
     assert judge_view(rec, bytes(cut_old), cs.CutContext(k - 1, k), "t")

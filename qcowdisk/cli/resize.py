@@ -40,8 +40,8 @@ size that is not a multiple of 512, and so does this; a raw file takes any size)
 options:
   --shrink          allow making the image smaller (everything past the new end is discarded)
   --preallocation=MODE
-                    how a raw image's new area is allocated: off (a hole), falloc, full
-                    (zeros written); qcowdisk grows qcow2 images with off only
+                    how the new area is allocated: off, metadata (qcow2: clusters mapped,
+                    the file left sparse), falloc, full (zeros written)
   -f FMT            the image format: qcow2 or raw (probed if omitted)
   -q                do not print 'Image resized.'
   --confine-to DIR  refuse backing and data files that resolve outside DIR
@@ -147,11 +147,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
             status = err("Preallocation can only be used for growing images")
         elif total < current and not shrink:
             status = shrink_refused()
-        elif preallocation != "off":
-            status = err(f"qcowdisk cannot preallocate the new area of a qcow2 image (--preallocation={preallocation}); "
-                         "grow it with --preallocation=off")
         else:
-            disk.resize(total, shrink=True)
+            disk.resize(total, shrink=True, preallocation=preallocation)
     except OSError as e:
         status = err(e.strerror or str(e))
     except QcowError as e:

@@ -5,15 +5,13 @@ shares everything, so a raw writer such as qemu-io does not stop it; a qcow2 ope
 does). The guest disk is the file, measured in whole 512-byte sectors, or the part of it after
 raw's `offset` option; a `size` option fixes the disk's size, which QEMU then refuses to change.
 Growing extends the file: as a hole (`preallocation="off"`), allocated (`"falloc"`:
-posix_fallocate of the new range) or written with zeros (`"full"`); raw has no metadata to
+the new range allocated as zeros) or written with zeros (`"full"`); raw has no metadata to
 preallocate. Shrinking truncates. The refusals carry qemu-img's messages and come in its order:
 a size that is not positive, preallocation without growth, a shrink not asked for. The file is
 fsynced before `resize` returns.
 """
 
 from __future__ import annotations
-
-import os
 
 from ..errors import ResizeError
 from ..hostio import HostFactory, HostFile, zero_block
@@ -69,9 +67,9 @@ class RawResizeTarget:
         if preallocation == "metadata":
             raise ResizeError("Unsupported preallocation mode: metadata")
         old_end, new_end = self.host.size(), self.offset + new_size  # (file-posix: the file's own end)
-        if preallocation == "falloc":
-            os.posix_fallocate(self.host.fd, old_end, new_end - old_end)  # (it grows the file too)
-        elif preallocation == "full":
+        if preallocation == "falloc" and self.host.zero_alloc(old_end, new_end - old_end):
+            pass  # (allocated as zeros, the file grown: through the host I/O seam, as every change)
+        elif preallocation in ("falloc", "full"):  # (falloc where the file system cannot: zeros)
             pos = old_end
             while pos < new_end:
                 n = min(new_end - pos, 1 << 20)

@@ -966,12 +966,14 @@ class QcowFile:
             return status.layer_status(self._state, guest_offset, length)
 
     # ------------------------------------------------------------------ resize (resize.py)
-    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+    def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
         """Change the virtual size to `new_size` bytes, as `qemu-img resize` does; durable on return.
 
         Shrinking needs `shrink=True` (qemu-img's --shrink) and discards everything past the new
         end. The new area of a grown disk reads as zeros (also over a backing file that is
-        longer). Sizes are not rounded: what qemu-img refuses (not a multiple of 512, not
+        longer). `preallocation` ("off", "metadata", "falloc", "full": qemu-img's
+        --preallocation) gives every new cluster a host cluster, left sparse, allocated or
+        written with zeros. Sizes are not rounded: what qemu-img refuses (not a multiple of 512, not
         positive, too large, a v2 image with snapshots, ...) raises `ResizeError` with
         qemu-img's message, and nothing is written. A power cut during the resize leaves the
         old or the new image. See `qcowdisk.qcow2.resize`.
@@ -984,8 +986,8 @@ class QcowFile:
         from . import resize as resizing
         with s.lock:
             self._check_metadata_writable()
-            resizing.check(s, new_size, shrink)
-            self._metadata_change(lambda: resizing.resize(s, new_size))
+            resizing.check(s, new_size, shrink, preallocation)
+            self._metadata_change(lambda: resizing.resize(s, new_size, preallocation))
 
     # ------------------------------------------------------------------ amend (amend.py)
     def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,

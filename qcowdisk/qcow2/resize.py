@@ -53,11 +53,22 @@ Every function here expects the caller to hold the image lock; `check` before `r
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator
 from itertools import compress
 
 from ..errors import ResizeError
+from ..hostio import ZERO_BLOCK_LENGTH, zero_block
 from . import bitmapresize
-from .entries import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK
+from .cache import CachedTable
+from .entries import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    REFT_OFFSET_MASK,
+    SUBCLUSTER_ALL,
+)
 from .format import BDRV_MAX_LENGTH, MAX_L1_BYTES, min_l1_size
 from .mapping import l2_table_offset
 from .ordering import flush, mark_dirty_before_lazy_update, switch_header
@@ -81,11 +92,18 @@ def _refcounts(s: Qcow2State) -> Refcounts:
 
 
 # --- checks ----------------------------------------------------------------------------------
-def check(s: Qcow2State, new_size: int, shrink: bool) -> None:
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")  # QEMU's PreallocMode names
+
+
+def check(s: Qcow2State, new_size: int, shrink: bool, preallocation: str = "off") -> None:
     """Refuse what qemu-img resize refuses, in its order and words (ResizeError); writes nothing."""
     old = s.virtual_size
+    if preallocation not in PREALLOCATION_MODES:
+        raise ResizeError(f"Invalid preallocation mode '{preallocation}'")
     if new_size <= 0:
         raise ResizeError("New image size must be positive")
+    if new_size <= old and preallocation != "off":
+        raise ResizeError("Preallocation can only be used for growing images")
     if new_size < old and not shrink:
         raise ResizeError("Use the --shrink option to perform a shrink operation.")
     if new_size > BDRV_MAX_LENGTH:
@@ -112,14 +130,14 @@ def _backing_reaches_past(s: Qcow2State, old_size: int) -> bool:
 
 
 # --- resizing --------------------------------------------------------------------------------
-def resize(s: Qcow2State, new_size: int) -> None:
+def resize(s: Qcow2State, new_size: int, preallocation: str = "off") -> None:
     """Give the image the (checked) size `new_size`, durably; see the module docstring."""
     old = s.virtual_size
     plan = bitmapresize.prepare(s, new_size) if new_size != old else None  # refusals before any write
     mark_dirty_before_lazy_update(s)
     flush(s)  # the old image durable: a cut from here on leaves it, or the new one
     if new_size >= old:
-        _grow(s, old, new_size, plan)
+        _grow(s, old, new_size, plan, preallocation)
     else:
         _shrink(s, old, new_size, plan)
     s.metadata_preallocated = None
@@ -137,7 +155,7 @@ def _switch_size(s: Qcow2State, new_size: int, plan: bitmapresize.Plan | None) -
     s.virtual_size = new_size
 
 
-def _grow(s: Qcow2State, old: int, new: int, plan: bitmapresize.Plan | None) -> None:
+def _grow(s: Qcow2State, old: int, new: int, plan: bitmapresize.Plan | None, preallocation: str) -> None:
     if s.has_data_file:
         # What lies past the old end of the data file is stale (a cut shrink, a foreign tool):
         # cut it off, then extend with zeros (QEMU truncates the data file to the new size).
@@ -154,6 +172,8 @@ def _grow(s: Qcow2State, old: int, new: int, plan: bitmapresize.Plan | None) -> 
         _map_raw_data_file(s, old, new)
     elif not s.has_data_file:
         _scrub_past_end(s, old)
+    if preallocation != "off":
+        _preallocate(s, old, new, preallocation, zeroed=_backing_reaches_past(s, old))
     flush(s)  # the new area reads as zeros before the size says it exists
     _switch_size(s, new, plan)
 
@@ -204,15 +224,22 @@ def _zero_new_area(s: Qcow2State, old: int, new: int) -> None:
         pos = chunk_end
 
 
+def _tables_over(s: Qcow2State, old: int, new: int) -> Iterator[tuple[int, int, int, CachedTable]]:
+    """(L1 index, first entry, end entry, the L2 table made writable) for each table the
+    clusters of [old, new) lie in, in order."""
+    gc, end_gc = old >> s.cluster_bits, -(-new >> s.cluster_bits)
+    while gc < end_gc:
+        l1i, first = divmod(gc, s.l2_entries)
+        last = min(s.l2_entries, first + end_gc - gc)
+        yield l1i, first, last, l2_for_write(s, l1i)
+        gc += last - first
+
+
 def _map_raw_data_file(s: Qcow2State, old: int, new: int) -> None:
     """data_file_raw: map every new cluster onto the same offset of the data file (QEMU
     preallocates the metadata of the new area, so the image and its raw data file agree)."""
     cbits, step = s.cluster_bits, 2 if s.extended_l2 else 1
-    gc, end_gc = old >> cbits, -(-new >> cbits)
-    while gc < end_gc:
-        l1i, first = divmod(gc, s.l2_entries)
-        last = min(s.l2_entries, first + end_gc - gc)
-        table = l2_for_write(s, l1i)
+    for l1i, first, last, table in _tables_over(s, old, new):
         e = table.entries
         base = (l1i * s.l2_entries) << cbits
         mapped = range(base + (first << cbits), base + (last << cbits), 1 << cbits)
@@ -223,7 +250,74 @@ def _map_raw_data_file(s: Qcow2State, old: int, new: int) -> None:
                 if not e[i] & (L2E_OFFSET_MASK | OFLAG_COPIED):
                     e[i] = host | OFLAG_COPIED
         table.mark(first * step, last * step)  # the subcluster bitmaps stay, as QEMU's do
-        gc += last - first
+
+
+def _preallocate(s: Qcow2State, old: int, new: int, mode: str, zeroed: bool) -> None:
+    """`qemu-img resize --preallocation=MODE` (QEMU's qcow2_co_truncate): every cluster of the new
+    area without a host cluster gets one (in an external data file, the cluster at its guest
+    offset), reading as zeros: a hole for metadata (space handed back where a freed cluster is
+    reused), allocated for falloc, zeros written for full. The entries are what QEMU leaves
+    (checked with `qemu-img map`): plain data clusters, except after metadata preallocation of
+    an area `zeroed` over a longer backing file, which QEMU then zeroes (zero flag kept with the
+    host cluster); extended L2 entries have no subcluster allocated, or over such a backing
+    file all of them zero (metadata) or data; and the head of a partial first cluster gets the
+    zeros QEMU's copy-on-write writes.
+    It all lies past the old end until the size switch, so a cut before it leaves the old image
+    with allocated clusters past its end (no leak, no corruption)."""
+    target = s.data_host
+    if s.header.data_file_raw:  # mapped already (_map_raw_data_file): only the data file's new bytes
+        if mode == "full" or (mode == "falloc" and not target.zero_alloc(old, new - old)):
+            for pos in range(old, new, ZERO_BLOCK_LENGTH):
+                target.pwrite(zero_block(min(ZERO_BLOCK_LENGTH, new - pos)), pos)
+        return
+    rc = _refcounts(s)
+    cbits, step = s.cluster_bits, 2 if s.extended_l2 else 1
+    file_end = target.size()  # (clusters reused below it may hold stale bytes: zeroed first)
+    runs: list[tuple[int, int]] = []
+    head_host: int | None = None
+    for l1i, first, last, table in _tables_over(s, old, new):
+        e = table.entries
+        need = [i for i in range(first, last) if not e[i * step] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)]
+        if s.has_data_file:
+            base = l1i * s.l2_entries
+            hosts = [(base + i) << cbits for i in need]
+        else:
+            hosts = [(c + k) << cbits for c, n in rc.alloc_clusters(len(need)) for k in range(n)] if need else []
+        for i, host in zip(need, hosts, strict=True):
+            if l1i * s.l2_entries + i == old >> cbits and old & (s.cluster_size - 1):
+                head_host = host  # a partial first cluster, preallocated here
+            if s.extended_l2:
+                # no subcluster allocated (zeros: nothing shows through), or over a longer backing
+                # file all zero (metadata) / all data (the host cluster reads as zeros)
+                bits = 0 if not zeroed else SUBCLUSTER_ALL << 32 if mode == "metadata" else SUBCLUSTER_ALL
+                e[2 * i], e[2 * i + 1] = host | OFLAG_COPIED, bits
+            else:
+                e[i] = host | OFLAG_COPIED | (OFLAG_ZERO if zeroed and mode == "metadata" else 0)
+            if runs and runs[-1][0] + runs[-1][1] == host:
+                runs[-1] = (runs[-1][0], runs[-1][1] + s.cluster_size)
+            else:
+                runs.append((host, s.cluster_size))
+        if need:
+            table.mark(first * step, last * step)
+    end = file_end
+    for host, length in runs:
+        if not s.has_data_file:
+            check_not_metadata(s, host, length)
+        end = max(end, host + length)
+        if mode == "full" or (mode == "falloc" and not target.zero_alloc(host, length)):
+            for pos in range(host, host + length, ZERO_BLOCK_LENGTH):
+                target.pwrite(zero_block(min(ZERO_BLOCK_LENGTH, host + length - pos)), pos)
+        elif mode == "metadata" and host < file_end and not s.extended_l2 and \
+                not target.punch_hole(host, min(length, file_end - host)):
+            for pos in range(host, min(host + length, file_end), ZERO_BLOCK_LENGTH):
+                target.pwrite(zero_block(min(ZERO_BLOCK_LENGTH, min(host + length, file_end) - pos)), pos)
+    if not s.has_data_file:
+        s.grow_alloc_limit(end)
+    if target.size() < end:
+        target.truncate(end)
+    head = old & (s.cluster_size - 1)
+    if mode == "metadata" and head_host is not None and not s.extended_l2 and not zeroed:
+        target.pwrite(zero_block(head), head_host)  # (the part of the old disk in that cluster)
 
 
 def _scrub_past_end(s: Qcow2State, old: int) -> None:
