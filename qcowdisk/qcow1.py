@@ -111,7 +111,11 @@ def parse_header(data: bytes, file_size: int, filename: str = "<image>") -> Qcow
     Raises InvalidImageError / CorruptImageError / UnsupportedFeatureError naming the field,
     its value and the limit. Nothing here allocates on the word of a field.
     """
-    if len(data) < HEADER_LENGTH or file_size < HEADER_LENGTH:
+    short = len(data) < HEADER_LENGTH or file_size < HEADER_LENGTH
+    if short and data[:4] != QCOW1_MAGIC:  # (QEMU reads a short header as zero-padded: no magic)
+        raise InvalidImageError(f"Image not in qcow format ({filename}: file size {file_size} is shorter "
+                                f"than the {HEADER_LENGTH}-byte qcow header)")
+    if short:
         raise InvalidImageError(
             f"{filename}: file size {file_size} is shorter than the {HEADER_LENGTH}-byte qcow header")
     (magic, version, backing_file_offset, backing_file_size, mtime, size, cluster_bits,

@@ -3,7 +3,8 @@ stderr and status, and the same file afterwards (length, allocated blocks, bytes
 and named formats, relative and absolute sizes (the file measured in 512-byte sectors),
 --shrink, --preallocation (off, falloc, full; metadata and unknown modes refused), raw's offset
 and size options, and the locks (a raw writer does not stop it, a qcow2 holder does).
-`RawResizeTarget` refuses in qemu-img's order. qcow2 preallocation on growth is refused.
+`RawResizeTarget` refuses in qemu-img's order. A qcow v1 image gets qemu-img's refusals, then its
+driver's; a file that is not one, QEMU's first words.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def setup(d: Path) -> None:
         f.write(b"hello")
         f.truncate(ODD)
     qemu_img("create", "-q", "-f", "qcow2", str(d / "q.qcow2"), "3M")
+    qemu_img("create", "-q", "-f", "qcow", str(d / "v1.qcow"), "1M")
+    (d / "empty").write_bytes(b"")
 
 
 def state(d: Path) -> list[tuple[str, int, int, bytes]]:
@@ -53,6 +56,11 @@ CASES = [
     "--image-opts driver=raw,file.filename=a.raw,size=1048576 8M",
     "--image-opts driver=raw,file.filename=a.raw,offset=99999999 8M", "-f raw q.qcow2 +1M",
     "-f raw nonexist 1M", "--preallocation=falloc q.qcow2 2M",
+    # an empty file grows with its first block allocated, as file-posix grows it
+    "-f raw empty 2M", "empty 1M", "-f raw --preallocation=full empty 1M",
+    # qcow v1: qemu-img's own refusals, in order, then its driver's (no resize)
+    "v1.qcow 2M", "v1.qcow 512K", "--shrink v1.qcow 512K", "--preallocation=full v1.qcow 512K", "v1.qcow 0",
+    "-f qcow v1.qcow +1M", "-f qcow nonexist 1M",
 ]
 
 
@@ -124,3 +132,12 @@ def test_target_refuses_in_qemu_img_order(tmp_path: Path) -> None:
             pytest.raises(ResizeError, match="Cannot resize fixed-size raw disks"):
         t.resize(1024)
     assert os.path.getsize(path) == 512
+
+
+@pytest.mark.parametrize("name", ["a.raw", "empty"])
+def test_not_a_qcow_image_leads_with_qemu_words(tmp_path: Path, name: str) -> None:
+    setup(tmp_path / "d")
+    status, out, err = qcowdisk_in(tmp_path / "d", "resize", ["-f", "qcow", name, "2M"], as_qemu_img=True)
+    expected = qemu_img_in(tmp_path / "d", "resize", ["-f", "qcow", name, "2M"])
+    assert (status, out) == expected[:2] == (1, "")
+    assert err.startswith(expected[2].rstrip("\n")), (err, expected)  # (then qcowdisk's detail)

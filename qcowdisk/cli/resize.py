@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import formats
 from ..errors import QcowError, ResizeError
 from ..formats import OpenOptionError, format_names, probe_format
 from ..ops import qemuopts
-from ..ops.rawresize import PREALLOCATION_MODES, SHRINK_REFUSED, RawResizeTarget
+from ..ops.rawresize import RawResizeTarget
 from ..qcow2.file import QcowFile
+from ..resizecheck import PREALLOCATION_MODES, SHRINK_REFUSED, check_new_size
 from .common import (
     INT64_MAX,
     PROG,
@@ -20,7 +22,6 @@ from .common import (
     host_factory,
     image_source,
     image_spec,
-    refused_options,
     repair_if_dirty,
     shown,
     tuning,
@@ -29,6 +30,10 @@ from .common import (
 from .getoptlong import GetoptError, getopt_long
 from .objects import process_objects
 from .snapshot import RAW_PROBE_WARNING
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..image import Image
 
 RESIZE_HELP = """usage: qcowdisk resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] [--confine-to DIR] IMAGE [+|-]SIZE
 
@@ -121,15 +126,25 @@ def cmd_resize(args: argparse.Namespace) -> int:
         return err(f"Could not open '{shown_as}': Unknown driver '{fmt}'")
     try:
         probed = fmt or probe_format(path)
+        target: QcowFile | RawResizeTarget | Image
         if probed == "raw":
-            return _resize_raw(path, fmt is None, relative, n, shrink, preallocation, quiet)
-        if probed == "qcow":  # (QEMU's qcow driver opens it, then has no truncate)
-            return err("Image format driver does not support resize")
-        if probed != "qcow2":
+            if fmt is None:
+                print(RAW_PROBE_WARNING.format(path=path), file=sys.stderr)
+            spec = image_spec(path)
+            target = RawResizeTarget(path, offset=spec.raw_offset or 0 if spec is not None else 0,
+                                     size=spec.raw_size if spec is not None else None,
+                                     host_factory=host_factory(path))
+        elif probed == "qcow":  # opened as QEMU opens it (read-write: the writer's lock), then refused
+            target = formats.open_image(path, "qcow", tuning(path).replace(
+                readonly=True, write_lock=True, confine_to=confine_to, host_factory=host_factory(path)))
+        elif probed == "qcow2":
+            if fmt == "qcow2" and probe_format(path) == "qcow":  # (the qcow2 driver's refusal)
+                formats.open_image(path, "qcow2", formats.OpenOptions(readonly=True)).close()
+            repair_if_dirty(path, confine_to)
+            target = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path),
+                                                   tuning=tuning(path))
+        else:
             return err(f"Could not open '{shown_as}': qcowdisk resizes qcow2 and raw images only, not {probed}")
-        repair_if_dirty(path, confine_to)
-        disk = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path),
-                                             tuning=tuning(path))
     except OpenOptionError as e:
         return err(f"Could not open '{shown_as}': {e}")
     except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
@@ -138,24 +153,23 @@ def cmd_resize(args: argparse.Namespace) -> int:
         return err(f"Could not open '{shown_as}': {why(e, path)}")
     status = 0
     try:
-        current = disk.virtual_size
+        current = target.virtual_size
         total = current + relative * n if relative else n
         total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # int64_t wraps
-        if total <= 0:
-            status = err("New image size must be positive")
-        elif total <= current and preallocation != "off":
-            status = err("Preallocation can only be used for growing images")
-        elif total < current and not shrink:
-            status = shrink_refused()
-        else:
-            disk.resize(total, shrink=True, preallocation=preallocation)
+        if isinstance(target, (QcowFile, RawResizeTarget)):
+            target.resize(total, shrink=shrink, preallocation=preallocation)
+        else:  # qcow v1: qemu-img's own refusals first, then its driver's
+            check_new_size(current, total, shrink=shrink, preallocation=preallocation)
+            status = err("Image format driver does not support resize")
+    except ResizeError as e:
+        status = shrink_refused() if str(e) == SHRINK_REFUSED else err(str(e))
     except OSError as e:
         status = err(e.strerror or str(e))
     except QcowError as e:
         status = err(str(e))
     finally:
         try:
-            disk.close()
+            target.close()
         except (QcowError, OSError) as e:
             if not status:
                 status = err(str(e))
@@ -169,37 +183,6 @@ def shrink_refused() -> int:
     return err(SHRINK_REFUSED,
                "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
                "Before performing such an operation, make sure there is no important data there.")
-
-
-def _resize_raw(path: str, probed: bool, relative: int, n: int, shrink: bool, preallocation: str,
-                quiet: bool) -> int:
-    """qemu-img resize of a raw image: opened read-write (QEMU's warning first when the format
-    was only probed), the new size worked out from the current one, then RawResizeTarget."""
-    if probed:
-        print(RAW_PROBE_WARNING.format(path=path), file=sys.stderr)
-    spec = image_spec(path)
-    offset = spec.raw_offset or 0 if spec is not None else 0
-    window = spec.raw_size if spec is not None else None
-    try:
-        with refused_options(path):
-            target = RawResizeTarget(path, offset=offset, size=window, host_factory=host_factory(path))
-    except OSError as e:  # QEMU names the file twice: its format layer, then its file layer
-        return err(f"Could not open '{shown(path)}': Could not open '{path}': {e.strerror or e}")
-    except QcowError as e:
-        return err(f"Could not open '{shown(path)}': {why(e, path)}")
-    with target:
-        current = target.virtual_size
-        total = current + relative * n if relative else n
-        total = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # int64_t wraps
-        try:
-            target.resize(total, shrink=shrink, preallocation=preallocation)
-        except ResizeError as e:
-            return shrink_refused() if str(e) == SHRINK_REFUSED else err(str(e))
-        except OSError as e:
-            return err(e.strerror or str(e))
-    if not quiet:
-        print("Image resized.")
-    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:

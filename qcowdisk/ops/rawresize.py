@@ -17,9 +17,9 @@ from ..errors import ResizeError
 from ..hostio import HostFactory, HostFile, zero_block
 from ..locking import RAW_RESIZER_PERMS, ImageLock, lock_image
 from ..raw import raw_window
+from ..resizecheck import check_new_size
 
-PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")  # QEMU's PreallocMode names
-SHRINK_REFUSED = "Use the --shrink option to perform a shrink operation."  # qemu-img's words
+FIRST_BLOCK = 4096  # what file-posix writes when it grows an empty file (allocate_first_block)
 
 
 class RawResizeTarget:
@@ -53,15 +53,8 @@ class RawResizeTarget:
     def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
         """Make the disk `new_size` bytes, as `qemu-img resize [--shrink] [--preallocation=MODE]`
         does; ResizeError with qemu-img's message for what it refuses, before anything changes."""
-        if preallocation not in PREALLOCATION_MODES:
-            raise ResizeError(f"Invalid preallocation mode '{preallocation}'")
         current = self.virtual_size
-        if new_size <= 0:
-            raise ResizeError("New image size must be positive")
-        if new_size <= current and preallocation != "off":
-            raise ResizeError("Preallocation can only be used for growing images")
-        if new_size < current and not shrink:
-            raise ResizeError(SHRINK_REFUSED)
+        check_new_size(current, new_size, shrink=shrink, preallocation=preallocation)
         if self.fixed_size:
             raise ResizeError("Cannot resize fixed-size raw disks")
         if preallocation == "metadata":
@@ -77,6 +70,8 @@ class RawResizeTarget:
                 pos += n
         else:
             self.host.truncate(new_end)
+            if old_end == 0:  # as file-posix grows an empty file: its first block allocated
+                self.host.pwrite(zero_block(min(FIRST_BLOCK, new_end)), 0)
         self.host.fsync()
 
     def close(self) -> None:
@@ -95,4 +90,4 @@ class RawResizeTarget:
         self.close()
 
 
-__all__ = ["PREALLOCATION_MODES", "SHRINK_REFUSED", "RawResizeTarget"]
+__all__ = ["RawResizeTarget"]

@@ -58,6 +58,7 @@ from itertools import compress
 
 from ..errors import ResizeError
 from ..hostio import ZERO_BLOCK_LENGTH, zero_block
+from ..resizecheck import check_new_size
 from . import bitmapresize
 from .cache import CachedTable
 from .entries import (
@@ -92,20 +93,10 @@ def _refcounts(s: Qcow2State) -> Refcounts:
 
 
 # --- checks ----------------------------------------------------------------------------------
-PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")  # QEMU's PreallocMode names
-
-
 def check(s: Qcow2State, new_size: int, shrink: bool, preallocation: str = "off") -> None:
     """Refuse what qemu-img resize refuses, in its order and words (ResizeError); writes nothing."""
     old = s.virtual_size
-    if preallocation not in PREALLOCATION_MODES:
-        raise ResizeError(f"Invalid preallocation mode '{preallocation}'")
-    if new_size <= 0:
-        raise ResizeError("New image size must be positive")
-    if new_size <= old and preallocation != "off":
-        raise ResizeError("Preallocation can only be used for growing images")
-    if new_size < old and not shrink:
-        raise ResizeError("Use the --shrink option to perform a shrink operation.")
+    check_new_size(old, new_size, shrink=shrink, preallocation=preallocation)  # qemu-img's own refusals
     if new_size > BDRV_MAX_LENGTH:
         raise ResizeError(f"offset({new_size}) exceeds maximum({BDRV_MAX_LENGTH})")
     if new_size % SECTOR:
