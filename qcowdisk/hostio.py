@@ -309,6 +309,22 @@ class HostFile:
         self.can_zero_alloc = False
         return False
 
+    def allocate(self, offset: int, length: int) -> bool:
+        """Reserve the disk space of [offset, offset+length) without changing what it reads
+        (posix_fallocate: the bytes there stay, a file ending before grows with zeros): what
+        QEMU's falloc preallocation asks of file-posix. False where the file system cannot;
+        another error (ENOSPC: the space is not there) raises."""
+        if length <= 0:
+            return True
+        self.unsynced = True
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise
+        return True
+
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros: punch it (file-posix's write_zeroes with MAY_UNMAP), or
         write zeros where the file system cannot punch."""

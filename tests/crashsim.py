@@ -65,7 +65,7 @@ CHUNK = 64 * 1024  # granularity of the guest model and of view comparisons
 
 @dataclass(frozen=True)
 class Op:
-    """One log entry. kind: write | truncate | punch | zero | fsync | mark."""
+    """One log entry. kind: write | truncate | punch | zero | allocate | fsync | mark."""
 
     kind: str
     path: str = ""
@@ -79,7 +79,7 @@ class Op:
         name = os.path.basename(self.path)
         if self.kind == "write":
             return f"write({name}, off={self.offset:#x}, len={len(self.data)})"
-        if self.kind in ("punch", "zero"):
+        if self.kind in ("punch", "zero", "allocate"):
             return f"{self.kind}({name}, off={self.offset:#x}, len={self.length})"
         if self.kind == "truncate":
             return f"truncate({name}, {self.length:#x})"
@@ -192,6 +192,14 @@ class RecordingHost(HostFile):
             self._rec(Op("zero", self.key, offset, length=length))
         return ok
 
+    def allocate(self, offset: int, length: int) -> bool:
+        """Allocate for real; record only if it was done (it may have grown the file)."""
+        self._before()
+        ok = HostFile.allocate(self, offset, length)
+        if ok and length > 0:
+            self._rec(Op("allocate", self.key, offset, length=length))
+        return ok
+
     def fsync(self) -> None:
         """Sync for real, then record: only a completed fsync makes earlier ops durable."""
         HostFile.fsync(self)
@@ -230,6 +238,9 @@ def apply_op(buf: bytearray, op: Op, keep_sectors: Callable[[int, int], bool] | 
             del buf[op.length:]
         else:
             buf.extend(bytes(op.length - len(buf)))
+    elif op.kind == "allocate":  # (posix_fallocate: contents kept, the file grown to cover the range)
+        if op.offset + op.length > len(buf):
+            buf.extend(bytes(op.offset + op.length - len(buf)))
     elif op.kind == "punch":
         a, b = op.offset, min(op.offset + op.length, len(buf))  # KEEP_SIZE: never extends
         if b > a:

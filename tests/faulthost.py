@@ -24,14 +24,14 @@ from typing import Any
 
 from qcowdisk.hostio import HostFile
 
-MUTATING = ("write", "fsync", "truncate", "punch", "zero", "writeback")
+MUTATING = ("write", "fsync", "truncate", "punch", "zero", "allocate", "writeback")
 
 
 @dataclass
 class HostOp:
     """One mutating host op as the engine asked for it."""
 
-    kind: str                 # write | fsync | truncate | punch | zero (fallocate ZERO_RANGE) | writeback
+    kind: str                 # write | fsync | truncate | punch | zero (fallocate ZERO_RANGE) | allocate | writeback
     path: str
     offset: int = 0
     length: int = 0
@@ -196,6 +196,14 @@ class FaultHost(HostFile):
         if fault is not None:
             raise _fail(fault, op)
         HostFile.fsync(self)
+
+    def allocate(self, offset: int, length: int) -> bool:
+        """posix_fallocate for real unless planned to fail (ENOSPC: the space is not there)."""
+        op = HostOp("allocate", self.key, offset, length, pid=os.getpid())
+        fault, _ = self.plan._decide(op)
+        if fault is not None:
+            raise _fail(fault, op)
+        return HostFile.allocate(self, offset, length)
 
     def start_writeback(self) -> None:
         """Start the writeback for real unless planned to fail (sync_file_range's EIO)."""

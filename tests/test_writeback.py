@@ -1,4 +1,5 @@
-"""Writeback hints: bulk copies that flush at their end start the disk writes as they go.
+"""Writeback hints: bulk copies that flush at their end start the disk writes as they go (and
+falloc preallocation, the other host call that only reserves or schedules, through the seam).
 
 `HostFile.start_writeback` is sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): it waits for
 nothing and leaves writeback errors for the next fsync (no WAIT flag). commit, rebase and a
@@ -231,3 +232,21 @@ def test_convert_hints_unless_cache_unsafe(tmp_path: Path, recorder: SyncFileRan
     assert recorder.on(unsafe) == []
     for p in (synced, unsafe):
         assert view(p, out_format) == want
+
+
+def test_falloc_preallocation_goes_through_the_host_seam(tmp_path: Path) -> None:
+    """create's falloc preallocation is a host op (`HostFile.allocate`), so fault injection
+    reaches it: a file system without the space (ENOSPC) fails the create loudly, where the
+    direct posix_fallocate it replaced was silently skipped."""
+    plan = FaultPlan()
+    path = tmp_path / "ok.qcow2"
+    qcowdisk.QcowFile.create(path, 4 * MiB, preallocation="falloc", host_factory=plan.factory()).close()
+    assert plan.count("allocate") == 1
+    assert path.stat().st_blocks * 512 >= 4 * MiB
+    plan = FaultPlan()
+    plan.arm("allocate", errno.ENOSPC)
+    with pytest.raises(ImageFailedError) as e:  # (the image fails, as after a failed write)
+        qcowdisk.QcowFile.create(tmp_path / "full.qcow2", 4 * MiB, preallocation="falloc",
+                                 host_factory=plan.factory()).close()
+    cause = e.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC

@@ -299,7 +299,7 @@ class _RawTarget(_Requests):
                 if size:  # file-posix's allocate_first_block: QEMU's new files start with a block of zeros
                     self.host.pwrite(zero_block(min(size, FIRST_BLOCK)), 0)
                 if preallocation == "falloc" and size:
-                    os.posix_fallocate(self.fd, 0, size)
+                    self.host.allocate(0, size)
                 elif preallocation == "full":  # file-posix writes zeros: the file maps as data
                     for pos in range(FIRST_BLOCK, size, IO_BUF_SIZE):
                         self.host.pwrite(zero_block(min(IO_BUF_SIZE, size - pos)), pos)

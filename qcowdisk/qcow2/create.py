@@ -8,7 +8,6 @@ through the ordinary allocator of the opened image (`preallocate`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from .. import formats
@@ -247,6 +246,5 @@ def preallocate(s: Qcow2State, mode: str) -> None:
         target.truncate(end)
     if mode in ("falloc", "full") and first_data is not None:
         start = 0 if s.has_data_file else first_data
-        with contextlib.suppress(OSError):  # not every file system can; the space is mapped anyway
-            os.posix_fallocate(target.fd, start, end - start)
+        target.allocate(start, end - start)  # (False where the file system cannot: the space is mapped anyway)
     flush(s)
