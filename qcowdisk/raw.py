@@ -11,6 +11,10 @@ from .hostio import HostFactory, HostFile, host_extent
 from .image import Extent, LayerExtent, fill_zeros
 from .locking import ImageLock, lock_image
 
+# file-posix's allocate_first_block: the zeros QEMU writes at the start of a raw file it creates
+# or grows from empty, so that the file's first block is allocated
+FIRST_BLOCK = 4096
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .hostio import Buffer

@@ -58,14 +58,18 @@ _RESIZE_LONG = {"help": False, "shrink": False, "confine-to": True, "image-opts"
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    """`qcowdisk resize`: `qemu-img resize` (7.2) for qcow2 images: its syntax, output, messages
-    and exit status (1 on every failure, the program's name in front of each message).
+    """`qcowdisk resize`: `qemu-img resize` (7.2) for qcow2, raw and qcow v1 images: its syntax,
+    output, messages and exit status (1 on every failure, the program's name in front of each
+    message).
 
     The parser hands over the words after `resize` untouched: like qemu-img, the size is taken
     off the end first and the rest parsed as getopt_long would, so `-1G` needs no `--` (which
-    qemu-img accepts too). A relative size is applied to the current size with qemu-img's
-    64-bit arithmetic; then the image is opened read-write and `QcowFile.resize` does the rest,
-    its refusals (`ResizeError`) carrying qemu-img's messages. Other formats are refused.
+    qemu-img accepts too). The image is opened as QEMU opens it for resizing (a raw file with
+    QEMU's warning when its format was only probed; a qcow v1 image with the writer's lock), a
+    relative size is applied to the current size with qemu-img's 64-bit arithmetic, and
+    `QcowFile.resize` or `RawResizeTarget.resize` does the rest, their refusals (`ResizeError`)
+    carrying qemu-img's messages in its order; a qcow v1 image gets qemu-img's own refusals
+    (qcowdisk.resizecheck), then its driver's. Other formats are refused.
     """
     argv = list(args.argv)
 

@@ -34,7 +34,7 @@ from ..locking import ImageLock, lock_image
 from ..qcow2.bitmapedit import BitmapEditor
 from ..qcow2.compressed import CompressedClusters
 from ..qcow2.file import QcowFile
-from ..raw import raw_window
+from ..raw import FIRST_BLOCK, raw_window
 from . import bitmapcopy
 from .cachemode import DEFAULT_SOURCE_CACHE, RateLimit, host_class, parse_cache_mode
 from .inorder import InOrder
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's IO_BUF_SIZE: the most read and written in one step
 MAX_BUF_SECTORS = 32768  # the largest -S qemu-img takes, in sectors
-FIRST_BLOCK = 4096  # what file-posix writes at the start of a file it creates
 COMPRESS_BATCH = 1 << 20  # bytes of clusters handed to one compression worker at a time
 # Plain copies: two threads, each reading, scanning and (in its turn) writing its own 2 MiB
 # piece, keep two cores busy; a third measured no faster (qcowdisk.ops.inorder).

@@ -4,11 +4,11 @@ The file is opened read-write with the locks qemu-img takes for it (RAW_RESIZER_
 shares everything, so a raw writer such as qemu-io does not stop it; a qcow2 open of the file
 does). The guest disk is the file, measured in whole 512-byte sectors, or the part of it after
 raw's `offset` option; a `size` option fixes the disk's size, which QEMU then refuses to change.
-Growing extends the file: as a hole (`preallocation="off"`), allocated (`"falloc"`:
-the new range allocated as zeros) or written with zeros (`"full"`); raw has no metadata to
-preallocate. Shrinking truncates. The refusals carry qemu-img's messages and come in its order:
-a size that is not positive, preallocation without growth, a shrink not asked for. The file is
-fsynced before `resize` returns.
+Growing extends the file: as a hole (`preallocation="off"`; an empty file gets its first block
+written, as file-posix does), allocated (`"falloc"`) or written with zeros (`"full"`); raw has
+no metadata to preallocate. Shrinking truncates. The refusals carry qemu-img's messages and come
+in its order: a size that is not positive, preallocation without growth, a shrink not asked for.
+The file is fsynced before `resize` returns.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from __future__ import annotations
 from ..errors import ResizeError
 from ..hostio import HostFactory, HostFile, zero_block
 from ..locking import RAW_RESIZER_PERMS, ImageLock, lock_image
-from ..raw import raw_window
+from ..raw import FIRST_BLOCK, raw_window
 from ..resizecheck import check_new_size
-
-FIRST_BLOCK = 4096  # what file-posix writes when it grows an empty file (allocate_first_block)
 
 
 class RawResizeTarget:
@@ -60,8 +58,8 @@ class RawResizeTarget:
         if preallocation == "metadata":
             raise ResizeError("Unsupported preallocation mode: metadata")
         old_end, new_end = self.host.size(), self.offset + new_size  # (file-posix: the file's own end)
-        if preallocation == "falloc" and self.host.zero_alloc(old_end, new_end - old_end):
-            pass  # (allocated as zeros, the file grown: through the host I/O seam, as every change)
+        if preallocation == "falloc" and self.host.allocate(old_end, new_end - old_end):
+            pass  # (posix_fallocate, as file-posix: the file grown, its new range allocated)
         elif preallocation in ("falloc", "full"):  # (falloc where the file system cannot: zeros)
             pos = old_end
             while pos < new_end:
