@@ -328,8 +328,11 @@ class HostFile:
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros: punch it (file-posix's write_zeroes with MAY_UNMAP), or
         write zeros where the file system cannot punch."""
-        if self.punch_hole(offset, length):
-            return
+        if not self.punch_hole(offset, length):
+            self.write_zeros(offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Write explicit zero bytes over [offset, offset+length), a shared zero block at a time."""
         end = offset + length
         while offset < end:
             n = min(ZERO_BLOCK_LENGTH, end - offset)

@@ -141,3 +141,16 @@ def test_not_a_qcow_image_leads_with_qemu_words(tmp_path: Path, name: str) -> No
     expected = qemu_img_in(tmp_path / "d", "resize", ["-f", "qcow", name, "2M"])
     assert (status, out) == expected[:2] == (1, "")
     assert err.startswith(expected[2].rstrip("\n")), (err, expected)  # (then qcowdisk's detail)
+
+
+@pytest.mark.parametrize("argv", [["resize", "-f", "qcow2", "v1.qcow", "2M"],
+                                  ["amend", "-f", "qcow2", "-o", "lazy_refcounts=on", "v1.qcow"],
+                                  ["bitmap", "--add", "-f", "qcow2", "v1.qcow", "b0"]])
+def test_qcow_v1_opened_as_qcow2_for_writing_leads_with_qemu_words(tmp_path: Path, argv: list[str]) -> None:
+    """One refusal for every command that opens a qcow2 image read-write (QcowFile's open):
+    QEMU's qcow2 driver's words, then qcowdisk's detail."""
+    setup(tmp_path / "d")
+    status, out, err = qcowdisk_in(tmp_path / "d", argv[0], argv[1:], as_qemu_img=True)
+    expected = qemu_img_in(tmp_path / "d", argv[0], argv[1:])
+    assert (status, out) == expected[:2] == (1, "")
+    assert err.startswith(expected[2].rstrip("\n")), (err, expected)

@@ -142,8 +142,6 @@ def cmd_resize(args: argparse.Namespace) -> int:
             target = formats.open_image(path, "qcow", tuning(path).replace(
                 readonly=True, write_lock=True, confine_to=confine_to, host_factory=host_factory(path)))
         elif probed == "qcow2":
-            if fmt == "qcow2" and probe_format(path) == "qcow":  # (the qcow2 driver's refusal)
-                formats.open_image(path, "qcow2", formats.OpenOptions(readonly=True)).close()
             repair_if_dirty(path, confine_to)
             target = QcowFile.open_keeping_bitmaps(path, confine_to=confine_to, host_factory=host_factory(path),
                                                    tuning=tuning(path))

@@ -300,8 +300,7 @@ class _RawTarget(_Requests):
                 if preallocation == "falloc" and size:
                     self.host.allocate(0, size)
                 elif preallocation == "full":  # file-posix writes zeros: the file maps as data
-                    for pos in range(FIRST_BLOCK, size, IO_BUF_SIZE):
-                        self.host.pwrite(zero_block(min(IO_BUF_SIZE, size - pos)), pos)
+                    self.host.write_zeros(FIRST_BLOCK, size - FIRST_BLOCK)
         except BaseException:
             self.close()
             raise

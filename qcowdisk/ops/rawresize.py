@@ -61,11 +61,7 @@ class RawResizeTarget:
         if preallocation == "falloc" and self.host.allocate(old_end, new_end - old_end):
             pass  # (posix_fallocate, as file-posix: the file grown, its new range allocated)
         elif preallocation in ("falloc", "full"):  # (falloc where the file system cannot: zeros)
-            pos = old_end
-            while pos < new_end:
-                n = min(new_end - pos, 1 << 20)
-                self.host.pwrite(zero_block(n), pos)
-                pos += n
+            self.host.write_zeros(old_end, new_end - old_end)
         else:
             self.host.truncate(new_end)
             if old_end == 0:  # as file-posix grows an empty file: its first block allocated

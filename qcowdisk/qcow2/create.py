@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from .. import formats
-from ..hostio import ZERO_BLOCK_LENGTH, HostFactory, HostFile, zero_block
+from ..hostio import HostFactory, HostFile
 from .entries import OFLAG_COPIED, TableCodec
 from .format import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -186,11 +186,7 @@ def create_image(path: str, size: int, *, cluster_size: int, refcount_bits: int,
         host.pwritev(blocks, rb_first * cluster_size)
         if l1_size:  # written, not left a hole, as qcow2_grow_l1_table writes it: the file's
             # allocated blocks (QEMU's metadata preallocation heuristic counts them) match QEMU's
-            pos, l1_end = h.l1_table_offset, h.l1_table_offset + l1_size * 8
-            while pos < l1_end:
-                n = min(ZERO_BLOCK_LENGTH, l1_end - pos)
-                host.pwrite(zero_block(n), pos)
-                pos += n
+            host.write_zeros(h.l1_table_offset, l1_size * 8)
         else:
             host.truncate(total * cluster_size)
         host.fsync()

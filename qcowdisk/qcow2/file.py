@@ -340,8 +340,9 @@ class QcowFile:
         try:
             # QEMU's lock bytes: writers exclude everyone, readers exclude writers (both ways).
             if host.pread(8, 0) == b"QFI\xfb\0\0\0\1":
-                if not options.readonly:
-                    raise ReadOnlyError(f"qcow v1 image {path!r}: qcow v1 images are supported read-only")
+                if not options.readonly:  # (worded as QEMU's qcow2 driver refuses it, then why)
+                    raise ReadOnlyError(f"Unsupported qcow2 version 1 ({path!r} is a legacy qcow image: "
+                                        "qcow v1 images are supported read-only)")
                 raise _LegacyQcow(f"Unsupported qcow2 version 1 ({path!r} is a legacy qcow image: "
                                   "open it as format qcow)")
             if not options.force_share:

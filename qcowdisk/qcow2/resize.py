@@ -57,7 +57,7 @@ from collections.abc import Iterator
 from itertools import compress
 
 from ..errors import ResizeError
-from ..hostio import ZERO_BLOCK_LENGTH, zero_block
+from ..hostio import zero_block
 from ..resizecheck import check_new_size
 from . import bitmapresize
 from .cache import CachedTable
@@ -258,55 +258,72 @@ def _preallocate(s: Qcow2State, old: int, new: int, mode: str, zeroed: bool) -> 
     target = s.data_host
     if s.header.data_file_raw:  # mapped already (_map_raw_data_file): only the data file's new bytes
         if mode == "full" or (mode == "falloc" and not target.zero_alloc(old, new - old)):
-            for pos in range(old, new, ZERO_BLOCK_LENGTH):
-                target.pwrite(zero_block(min(ZERO_BLOCK_LENGTH, new - pos)), pos)
+            target.write_zeros(old, new - old)
         return
     rc = _refcounts(s)
     cbits, step = s.cluster_bits, 2 if s.extended_l2 else 1
     file_end = target.size()  # (clusters reused below it may hold stale bytes: zeroed first)
-    runs: list[tuple[int, int]] = []
+    cs = s.cluster_size
+    flag = OFLAG_COPIED | (OFLAG_ZERO if zeroed and mode == "metadata" and not s.extended_l2 else 0)
+    # extended L2: no subcluster allocated (zeros: nothing shows through), or over a longer
+    # backing file all zero (metadata) / all data (the host cluster reads as zeros)
+    bits = 0 if not zeroed else SUBCLUSTER_ALL << 32 if mode == "metadata" else SUBCLUSTER_ALL
+    runs: list[tuple[int, int]] = []  # the host ranges the new entries point at, merged
+
+    def add_run(host: int, length: int) -> None:
+        if runs and runs[-1][0] + runs[-1][1] == host:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length)
+        else:
+            runs.append((host, length))
+
     head_host: int | None = None
     for l1i, first, last, table in _tables_over(s, old, new):
         e = table.entries
-        need = [i for i in range(first, last) if not e[i * step] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)]
-        if s.has_data_file:
-            base = l1i * s.l2_entries
-            hosts = [(base + i) << cbits for i in need]
+        need: range | list[int] = range(first, last)
+        if any(e[first * step:last * step:step]):  # (usually every entry is new: no scan)
+            need = [i for i in need if not e[i * step] & (L2E_OFFSET_MASK | OFLAG_COMPRESSED)]
+        if not need:
+            continue
+        if s.has_data_file:  # the cluster at the guest offset
+            base = (l1i * s.l2_entries) << cbits
+            hosts = [base + (i << cbits) for i in need]
+            if isinstance(need, range):
+                add_run(hosts[0], len(need) << cbits)
+            else:
+                for h in hosts:
+                    add_run(h, cs)
         else:
-            hosts = [(c + k) << cbits for c, n in rc.alloc_clusters(len(need)) for k in range(n)] if need else []
-        for i, host in zip(need, hosts, strict=True):
-            if l1i * s.l2_entries + i == old >> cbits and old & (s.cluster_size - 1):
-                head_host = host  # a partial first cluster, preallocated here
+            allocated = rc.alloc_clusters(len(need))
+            hosts = [h for c, n in allocated for h in range(c << cbits, (c + n) << cbits, cs)]
+            for c, n in allocated:
+                add_run(c << cbits, n << cbits)
+        if old & (cs - 1) and l1i * s.l2_entries + need[0] == old >> cbits:
+            head_host = hosts[0]  # the partial first cluster, preallocated here
+        new_entries = array(e.typecode, [h | flag for h in hosts])
+        if isinstance(need, range):  # one slice assignment per table
+            e[first * step:last * step:step] = new_entries
             if s.extended_l2:
-                # no subcluster allocated (zeros: nothing shows through), or over a longer backing
-                # file all zero (metadata) / all data (the host cluster reads as zeros)
-                bits = 0 if not zeroed else SUBCLUSTER_ALL << 32 if mode == "metadata" else SUBCLUSTER_ALL
-                e[2 * i], e[2 * i + 1] = host | OFLAG_COPIED, bits
-            else:
-                e[i] = host | OFLAG_COPIED | (OFLAG_ZERO if zeroed and mode == "metadata" else 0)
-            if runs and runs[-1][0] + runs[-1][1] == host:
-                runs[-1] = (runs[-1][0], runs[-1][1] + s.cluster_size)
-            else:
-                runs.append((host, s.cluster_size))
-        if need:
-            table.mark(first * step, last * step)
+                e[first * 2 + 1:last * 2:2] = array(e.typecode, [bits]) * len(need)
+        else:
+            for i, entry in zip(need, new_entries, strict=True):
+                e[i * step] = entry
+                if s.extended_l2:
+                    e[i * 2 + 1] = bits
+        table.mark(first * step, last * step)
     end = file_end
     for host, length in runs:
         if not s.has_data_file:
             check_not_metadata(s, host, length)
         end = max(end, host + length)
         if mode == "full" or (mode == "falloc" and not target.zero_alloc(host, length)):
-            for pos in range(host, host + length, ZERO_BLOCK_LENGTH):
-                target.pwrite(zero_block(min(ZERO_BLOCK_LENGTH, host + length - pos)), pos)
-        elif mode == "metadata" and host < file_end and not s.extended_l2 and \
-                not target.punch_hole(host, min(length, file_end - host)):
-            for pos in range(host, min(host + length, file_end), ZERO_BLOCK_LENGTH):
-                target.pwrite(zero_block(min(ZERO_BLOCK_LENGTH, min(host + length, file_end) - pos)), pos)
+            target.write_zeros(host, length)
+        elif mode == "metadata" and host < file_end and not s.extended_l2:
+            target.zero_range(host, min(length, file_end - host))  # a reused cluster's stale bytes: a hole
     if not s.has_data_file:
         s.grow_alloc_limit(end)
     if target.size() < end:
         target.truncate(end)
-    head = old & (s.cluster_size - 1)
+    head = old & (cs - 1)
     if mode == "metadata" and head_host is not None and not s.extended_l2 and not zeroed:
         target.pwrite(zero_block(head), head_host)  # (the part of the old disk in that cluster)
 
