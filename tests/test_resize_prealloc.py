@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 from clirun import qcowdisk_in, qemu_img_in
+from faulthost import FaultPlan
+from qcowdisk import QcowFile
+from qcowdisk.errors import ImageFailedError, QcowError
 
 MODES = ["metadata", "falloc", "full"]
 # (name, create options, old size, new size, over a longer backing file)
@@ -100,3 +103,29 @@ def test_preallocation_refusals_as_qemu_img(tmp_path: Path) -> None:
     for argv in (["--preallocation=full", "d.qcow2", "1M"], ["--shrink", "--preallocation=falloc", "d.qcow2", "512K"],
                  ["--preallocation=sparse", "d.qcow2", "2M"], ["--preallocation=off", "d.qcow2", "2M"]):
         assert qcowdisk_in(ours, "resize", argv, as_qemu_img=True) == qemu_img_in(theirs, "resize", argv)
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("full", "write"), ("falloc", "zero"), ("metadata", "fsync")])
+def test_failed_host_op_during_preallocated_growth(tmp_path: Path, mode: str, kind: str) -> None:
+    """A host error while the new area is preallocated fails the image: the resize raises, later
+    writes and flushes are refused, and the file on disk is the old image (qemu-img check: no
+    corruption; the guest view and size unchanged)."""
+    make(tmp_path / "d", "cluster_size=65536", "1M", False)
+    path = tmp_path / "d" / "d.qcow2"
+    run(tmp_path / "d", "qemu-img", "convert", "-O", "raw", "d.qcow2", "before.raw")
+    plan = FaultPlan()
+    disk = QcowFile.open(path, host_factory=plan.factory())
+    plan.arm(kind, nth=1 if kind == "fsync" else 0)  # (the first fsync is the flush before the growth)
+    with pytest.raises((OSError, QcowError)):
+        disk.resize(5 << 20, preallocation=mode)
+    with pytest.raises(QcowError):
+        disk.write_at(0, b"x")
+    with pytest.raises(QcowError):
+        disk.flush()
+    with pytest.raises(ImageFailedError):
+        disk.close()
+    check = json.loads(subprocess.run(["qemu-img", "check", "--output=json", "d.qcow2"], cwd=tmp_path / "d",
+                                      check=False, capture_output=True, text=True).stdout)
+    assert check.get("corruptions", 0) == check.get("check-errors", 0) == 0, check
+    run(tmp_path / "d", "qemu-img", "convert", "-O", "raw", "d.qcow2", "after.raw")
+    assert (tmp_path / "d" / "after.raw").read_bytes() == (tmp_path / "d" / "before.raw").read_bytes()

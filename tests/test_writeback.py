@@ -232,6 +232,8 @@ def test_convert_hints_unless_cache_unsafe(tmp_path: Path, recorder: SyncFileRan
     assert recorder.on(unsafe) == []
     for p in (synced, unsafe):
         assert view(p, out_format) == want
+        if out_format == "qcow2":
+            assert_clean(str(p))
 
 
 def test_falloc_preallocation_goes_through_the_host_seam(tmp_path: Path) -> None:
@@ -243,6 +245,8 @@ def test_falloc_preallocation_goes_through_the_host_seam(tmp_path: Path) -> None
     qcowdisk.QcowFile.create(path, 4 * MiB, preallocation="falloc", host_factory=plan.factory()).close()
     assert plan.count("allocate") == 1
     assert path.stat().st_blocks * 512 >= 4 * MiB
+    assert_clean(str(path))
+    assert view(path) == bytes(4 * MiB)
     plan = FaultPlan()
     plan.arm("allocate", errno.ENOSPC)
     with pytest.raises(ImageFailedError) as e:  # (the image fails, as after a failed write)
